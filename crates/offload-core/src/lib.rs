@@ -1,0 +1,31 @@
+//! Offload's core: the task model, the state machine of SPEC §2, input
+//! validation and the [`Store`] interface every storage backend implements.
+//!
+//! This crate performs no I/O. It knows nothing of SQL, HTTP or files; the
+//! backends (`offload-sqlite`, later PostgreSQL) put its rules into effect, and
+//! the engine and server drive them. Keeping every rule here means every
+//! backend enforces the same contract, and the conformance suite in
+//! `offload-storetest` checks exactly that.
+
+mod error;
+mod hub;
+mod machine;
+mod new_task;
+mod store;
+mod task;
+mod time;
+
+pub use error::{Error, Result};
+pub use hub::{EventKind, Hub, TaskEvent};
+pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
+pub use new_task::{
+    Limits, NewTask, OnConflict, PriorityInput, Schedule, TaskSpec, check_json_size,
+    validate_name, validate_queue_name, validate_worker_id,
+};
+pub use store::{
+    Ack, AckOutcome, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
+    HeartbeatRequest, ListQuery, PromoteReport, ProgressUpdate, QueueInfo, QueuePatch, Retention,
+    Stats, Store, TaskPage, MAX_LIST_LIMIT, decode_cursor, encode_cursor,
+};
+pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -1,0 +1,460 @@
+//! Enqueue requests and their validation. A [`NewTask`] is what callers send;
+//! a [`TaskSpec`] is one that passed every rule of SPEC §1, and is the only
+//! form a store accepts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Error, Json, Result, Timestamp, json_null};
+
+/// Explicit bounds on what callers may send.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest serialized payload, result or progress data, in bytes.
+    pub max_payload_bytes: usize,
+    pub max_labels: usize,
+    pub max_depends_on: usize,
+    /// Largest batch accepted by enqueue and ack.
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1 << 20,
+            max_labels: 16,
+            max_depends_on: 100,
+            max_batch: 10_000,
+        }
+    }
+}
+
+pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_PRIORITY: u8 = 5;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
+const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
+
+/// `priority` as callers may give it: a number or a name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PriorityInput {
+    Number(i64),
+    Name(String),
+}
+
+/// What to do when an active task already holds the unique key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// Return the existing task (HTTP 200).
+    #[default]
+    Keep,
+    /// Cancel the existing task and create the new one.
+    Replace,
+}
+
+/// An enqueue request, field for field as SPEC §4 names them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    #[serde(rename = "type")]
+    pub task_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Json>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<PriorityInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_secs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_conflict: Option<OnConflict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depends_on: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl NewTask {
+    pub fn new(task_type: impl Into<String>) -> Self {
+        Self {
+            task_type: task_type.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the payload from any serializable value.
+    pub fn payload(mut self, payload: &impl Serialize) -> serde_json::Result<Self> {
+        self.payload = Some(serde_json::value::to_raw_value(payload)?);
+        Ok(self)
+    }
+
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    pub fn priority(mut self, priority: i64) -> Self {
+        self.priority = Some(PriorityInput::Number(priority));
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay_secs = Some(i64::try_from(delay.as_secs()).unwrap_or(i64::MAX));
+        self
+    }
+
+    pub fn max_attempts(mut self, n: i64) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    pub fn timeout_secs(mut self, secs: i64) -> Self {
+        self.timeout_secs = Some(secs);
+        self
+    }
+
+    pub fn unique_key(mut self, key: impl Into<String>, on_conflict: OnConflict) -> Self {
+        self.unique_key = Some(key.into());
+        self.on_conflict = Some(on_conflict);
+        self
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.into(), value.into());
+        self
+    }
+
+    pub fn depends_on(mut self, id: Uuid) -> Self {
+        self.depends_on
+            .get_or_insert_with(Vec::new)
+            .push(id.to_string());
+        self
+    }
+
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// Checks every rule of SPEC §1. `field_prefix` is prepended to field
+    /// names so that errors in a batch read `tasks[3].queue`.
+    pub fn validate(self, limits: &Limits, field_prefix: &str) -> Result<TaskSpec> {
+        let field = |name: &str| format!("{field_prefix}{name}");
+        validate_name(&field("type"), &self.task_type, 128, true)?;
+        let queue = self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
+        validate_queue_name(&field("queue"), &queue)?;
+
+        let priority = match self.priority {
+            None => DEFAULT_PRIORITY,
+            Some(PriorityInput::Number(n)) if (1..=10).contains(&n) => n as u8,
+            Some(PriorityInput::Name(name)) => match name.as_str() {
+                "low" => 2,
+                "normal" => 5,
+                "high" => 8,
+                _ => {
+                    return Err(Error::invalid(
+                        field("priority"),
+                        format!("must be 1 to 10 or one of \"low\", \"normal\", \"high\"; got {name:?}"),
+                    ));
+                }
+            },
+            Some(PriorityInput::Number(n)) => {
+                return Err(Error::invalid(
+                    field("priority"),
+                    format!("must be 1 to 10 or one of \"low\", \"normal\", \"high\"; got {n}"),
+                ));
+            }
+        };
+
+        let schedule = match (self.run_at, self.delay_secs) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    field("run_at"),
+                    "give either run_at or delay_secs, not both",
+                ));
+            }
+            (Some(text), None) => Schedule::At(Timestamp::parse(&text).map_err(|e| {
+                Error::invalid(field("run_at"), format!("must be an RFC 3339 timestamp ({e})"))
+            })?),
+            (None, Some(secs)) if (0..=MAX_DELAY_SECS).contains(&secs) => {
+                Schedule::After(Duration::from_secs(secs as u64))
+            }
+            (None, Some(secs)) => {
+                return Err(Error::invalid(
+                    field("delay_secs"),
+                    format!("must be 0 to {MAX_DELAY_SECS}; got {secs}"),
+                ));
+            }
+            (None, None) => Schedule::Now,
+        };
+
+        let max_attempts = bounded(&field("max_attempts"), self.max_attempts, 1, 1000)?
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let timeout_secs = bounded(&field("timeout_secs"), self.timeout_secs, 1, MAX_TIMEOUT_SECS)?
+            .unwrap_or(DEFAULT_TIMEOUT_SECS);
+
+        if let Some(key) = &self.unique_key
+            && (key.is_empty() || key.chars().count() > 256)
+        {
+            return Err(Error::invalid(field("unique_key"), "must be 1 to 256 characters"));
+        }
+        if self.on_conflict.is_some() && self.unique_key.is_none() {
+            return Err(Error::invalid(field("on_conflict"), "is only allowed with unique_key"));
+        }
+
+        let labels = self.labels.unwrap_or_default();
+        if labels.len() > limits.max_labels {
+            return Err(Error::invalid(
+                field("labels"),
+                format!("at most {} labels; got {}", limits.max_labels, labels.len()),
+            ));
+        }
+        for (key, value) in &labels {
+            if key.is_empty() || key.chars().count() > 64 || key.contains(':') {
+                return Err(Error::invalid(
+                    field("labels"),
+                    format!("keys must be 1 to 64 characters without ':'; got {key:?}"),
+                ));
+            }
+            if value.chars().count() > 256 {
+                return Err(Error::invalid(
+                    field(&format!("labels.{key}")),
+                    "must be at most 256 characters",
+                ));
+            }
+        }
+
+        let raw_deps = self.depends_on.unwrap_or_default();
+        if raw_deps.len() > limits.max_depends_on {
+            return Err(Error::invalid(
+                field("depends_on"),
+                format!("at most {} task ids; got {}", limits.max_depends_on, raw_deps.len()),
+            ));
+        }
+        let mut depends_on = Vec::with_capacity(raw_deps.len());
+        for (i, raw) in raw_deps.iter().enumerate() {
+            let id = Uuid::parse_str(raw).map_err(|_| {
+                Error::invalid(field(&format!("depends_on[{i}]")), format!("must be a task id; got {raw:?}"))
+            })?;
+            if !depends_on.contains(&id) {
+                depends_on.push(id);
+            }
+        }
+
+        if let Some(owner) = &self.owner
+            && (owner.is_empty() || owner.chars().count() > 128)
+        {
+            return Err(Error::invalid(field("owner"), "must be 1 to 128 characters"));
+        }
+
+        let payload = self.payload.unwrap_or_else(json_null);
+        check_json_size(&field("payload"), &payload, limits.max_payload_bytes)?;
+
+        Ok(TaskSpec {
+            task_type: self.task_type,
+            queue,
+            payload,
+            priority,
+            schedule,
+            max_attempts,
+            timeout_secs,
+            owner: self.owner,
+            labels,
+            unique_key: self.unique_key,
+            on_conflict: self.on_conflict.unwrap_or_default(),
+            depends_on,
+        })
+    }
+}
+
+/// When a new task may first run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    Now,
+    After(Duration),
+    At(Timestamp),
+}
+
+impl Schedule {
+    pub fn run_at(self, now: Timestamp) -> Timestamp {
+        match self {
+            Schedule::Now => now,
+            Schedule::After(d) => now.saturating_add(d),
+            Schedule::At(t) => t,
+        }
+    }
+}
+
+/// A validated enqueue request.
+#[derive(Clone, Debug)]
+pub struct TaskSpec {
+    pub task_type: String,
+    pub queue: String,
+    pub payload: Json,
+    pub priority: u8,
+    pub schedule: Schedule,
+    pub max_attempts: u32,
+    pub timeout_secs: u32,
+    pub owner: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub unique_key: Option<String>,
+    pub on_conflict: OnConflict,
+    pub depends_on: Vec<Uuid>,
+}
+
+fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option<u32>> {
+    match value {
+        None => Ok(None),
+        Some(v) if (min..=max).contains(&v) => Ok(Some(v as u32)),
+        Some(v) => Err(Error::invalid(field, format!("must be {min} to {max}; got {v}"))),
+    }
+}
+
+/// Names of task types: 1–`max` characters of `[A-Za-z0-9_.-]`, plus `:`
+/// where `allow_colon`.
+pub fn validate_name(field: &str, value: &str, max: usize, allow_colon: bool) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || (allow_colon && c == ':');
+    if value.is_empty() || value.len() > max || !value.chars().all(ok_char) {
+        let set = if allow_colon { "[A-Za-z0-9_.:-]" } else { "[A-Za-z0-9_.-]" };
+        return Err(Error::invalid(field, format!("must be 1 to {max} characters of {set}; got {value:?}")));
+    }
+    Ok(())
+}
+
+pub fn validate_queue_name(field: &str, value: &str) -> Result<()> {
+    validate_name(field, value, 64, false)
+}
+
+pub fn validate_worker_id(value: &str) -> Result<()> {
+    if value.is_empty() || value.chars().count() > 128 {
+        return Err(Error::invalid("worker_id", "must be 1 to 128 characters"));
+    }
+    Ok(())
+}
+
+/// Enforces the size limit on a JSON value the caller sent.
+pub fn check_json_size(field: &str, value: &Json, limit: usize) -> Result<()> {
+    let size = value.get().len();
+    if size > limit {
+        return Err(Error::PayloadTooLarge {
+            field: field.to_owned(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(task: NewTask) -> Result<TaskSpec> {
+        task.validate(&Limits::default(), "")
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::InvalidArgument { field, .. } => field,
+            Error::PayloadTooLarge { field, .. } => field,
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let spec = check(NewTask::new("email.send")).unwrap();
+        assert_eq!(spec.queue, "default");
+        assert_eq!(spec.priority, 5);
+        assert_eq!(spec.max_attempts, 4);
+        assert_eq!(spec.timeout_secs, 1800);
+        assert_eq!(spec.payload.get(), "null");
+        assert_eq!(spec.schedule, Schedule::Now);
+    }
+
+    #[test]
+    fn named_priorities_map_to_numbers() {
+        for (name, n) in [("low", 2), ("normal", 5), ("high", 8)] {
+            let mut t = NewTask::new("t");
+            t.priority = Some(PriorityInput::Name(name.into()));
+            assert_eq!(check(t).unwrap().priority, n);
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(NewTask, &str)> = vec![
+            (NewTask::new(""), "type"),
+            (NewTask::new("a b"), "type"),
+            (NewTask::new("x".repeat(129)), "type"),
+            (NewTask::new("t").queue("a:b"), "queue"),
+            (NewTask::new("t").priority(11), "priority"),
+            (NewTask::new("t").priority(0), "priority"),
+            (NewTask::new("t").max_attempts(0), "max_attempts"),
+            (NewTask::new("t").max_attempts(1001), "max_attempts"),
+            (NewTask::new("t").timeout_secs(0), "timeout_secs"),
+            (
+                NewTask {
+                    run_at: Some("soon".into()),
+                    ..NewTask::new("t")
+                },
+                "run_at",
+            ),
+            (
+                NewTask {
+                    delay_secs: Some(-1),
+                    ..NewTask::new("t")
+                },
+                "delay_secs",
+            ),
+            (
+                NewTask {
+                    depends_on: Some(vec!["nope".into()]),
+                    ..NewTask::new("t")
+                },
+                "depends_on[0]",
+            ),
+            (
+                NewTask {
+                    on_conflict: Some(OnConflict::Replace),
+                    ..NewTask::new("t")
+                },
+                "on_conflict",
+            ),
+        ];
+        for (task, field) in cases {
+            assert_eq!(field_of(check(task).unwrap_err()), field);
+        }
+        let many_labels = (0..17).fold(NewTask::new("t"), |t, i| t.label(format!("k{i}"), "v"));
+        assert_eq!(field_of(check(many_labels).unwrap_err()), "labels");
+    }
+
+    #[test]
+    fn payload_over_the_limit_is_refused() {
+        let limits = Limits {
+            max_payload_bytes: 10,
+            ..Limits::default()
+        };
+        let task = NewTask::new("t").payload(&"a string of more than ten bytes").unwrap();
+        let err = task.validate(&limits, "tasks[2].").unwrap_err();
+        assert!(matches!(err, Error::PayloadTooLarge { ref field, .. } if field == "tasks[2].payload"));
+    }
+}

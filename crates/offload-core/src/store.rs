@@ -1,0 +1,296 @@
+//! The storage interface: one trait that every backend implements and the
+//! conformance suite (`offload-storetest`) checks.
+//!
+//! It is shaped for batches: enqueue, claim and ack each take many tasks in
+//! one call, so a backend can turn a burst of work into one transaction and
+//! one fsync.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Error, Hub, Json, Result, State, Task, TaskSpec, Timestamp};
+
+/// A request to claim ready tasks.
+///
+/// Claiming happens in two steps in every backend: gather candidates in
+/// priority order, then admit them one by one against the limits in force
+/// (paused queues, queue concurrency). Per-owner running limits, fair turns
+/// between owners and rate limits are further admission rules, which is why
+/// the request carries no assumption that one query can answer it.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    /// Task types the worker handles; empty means any.
+    pub types: Vec<String>,
+    /// Queues the worker serves; empty means all.
+    pub queues: Vec<String>,
+    pub limit: usize,
+    pub lease: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressUpdate {
+    #[serde(default)]
+    pub percent: Option<f64>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub data: Option<Json>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HeartbeatRequest {
+    pub id: Uuid,
+    pub worker_id: String,
+    pub progress: Option<ProgressUpdate>,
+    pub lease: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub cancel_requested: bool,
+    pub lease_expires_at: Timestamp,
+}
+
+/// What kind of failure a worker reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    #[default]
+    Error,
+    /// The worker stopped the attempt because `timeout_secs` passed.
+    Timeout,
+}
+
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub message: String,
+    pub kind: FailureKind,
+    pub retry: Option<bool>,
+    pub retry_in: Option<Duration>,
+}
+
+/// One outcome a worker reports.
+#[derive(Clone, Debug)]
+pub enum Ack {
+    Complete { id: Uuid, result: Option<Json> },
+    Fail { id: Uuid, failure: Failure },
+}
+
+impl Ack {
+    pub fn id(&self) -> Uuid {
+        match self {
+            Ack::Complete { id, .. } | Ack::Fail { id, .. } => *id,
+        }
+    }
+}
+
+/// The answer to one [`Ack`]: the task as it now is, or why the ack was
+/// refused (typically [`Error::Conflict`]: the worker no longer holds it).
+pub type AckOutcome = Result<Task>;
+
+/// Filters for listing tasks, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub states: Vec<State>,
+    pub task_type: Option<String>,
+    pub queue: Option<String>,
+    pub owner: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub limit: usize,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    pub next_cursor: Option<String>,
+}
+
+/// Task counts by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub blocked: u64,
+    pub scheduled: u64,
+    pub pending: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl Counts {
+    pub fn get(&self, state: State) -> u64 {
+        match state {
+            State::Blocked => self.blocked,
+            State::Scheduled => self.scheduled,
+            State::Pending => self.pending,
+            State::Running => self.running,
+            State::Completed => self.completed,
+            State::Failed => self.failed,
+            State::Cancelled => self.cancelled,
+        }
+    }
+
+    pub fn slot(&mut self, state: State) -> &mut u64 {
+        match state {
+            State::Blocked => &mut self.blocked,
+            State::Scheduled => &mut self.scheduled,
+            State::Pending => &mut self.pending,
+            State::Running => &mut self.running,
+            State::Completed => &mut self.completed,
+            State::Failed => &mut self.failed,
+            State::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        State::ALL.iter().map(|s| self.get(*s)).sum()
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        for s in State::ALL {
+            *self.slot(s) += other.get(s);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub total: Counts,
+    pub queues: BTreeMap<String, Counts>,
+    pub types: BTreeMap<String, Counts>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    pub name: String,
+    pub paused: bool,
+    pub concurrency: Option<u32>,
+    pub counts: Counts,
+}
+
+/// A change to a queue's settings; `None` leaves a setting as it is.
+#[derive(Clone, Debug, Default)]
+pub struct QueuePatch {
+    pub paused: Option<bool>,
+    /// `Some(None)` removes the limit.
+    pub concurrency: Option<Option<u32>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClearRequest {
+    /// Finished states to clear; anything else is refused.
+    pub states: Vec<State>,
+    /// Only tasks finished at least this long ago.
+    pub older_than: Option<Duration>,
+}
+
+/// How long finished tasks are kept (SPEC §1.5).
+#[derive(Clone, Debug)]
+pub struct Retention {
+    pub completed: Duration,
+    pub failed: Duration,
+    pub cancelled: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            completed: Duration::from_secs(24 * 3600),
+            failed: Duration::from_secs(7 * 24 * 3600),
+            cancelled: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Retention {
+    pub fn for_state(&self, state: State) -> Option<Duration> {
+        match state {
+            State::Completed => Some(self.completed),
+            State::Failed => Some(self.failed),
+            State::Cancelled => Some(self.cancelled),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromoteReport {
+    pub promoted: u64,
+    /// The earliest `run_at` still waiting, if any.
+    pub next_due: Option<Timestamp>,
+}
+
+/// A task store. Every method is one durable transaction: when it returns
+/// `Ok`, the change survives a crash (unless the backend runs relaxed).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Enqueues all or nothing. Each answer says whether the task was created
+    /// (`true`) or an active task holding the unique key was returned.
+    async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>>;
+
+    /// Claims up to `limit` ready tasks, highest priority first, then oldest
+    /// `run_at`.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>>;
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck>;
+
+    /// Completes and fails many tasks in one transaction; one answer per ack,
+    /// in order. A refused ack does not affect the others.
+    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>>;
+
+    async fn cancel(&self, id: Uuid) -> Result<Task>;
+
+    async fn retry(&self, id: Uuid) -> Result<Task>;
+
+    async fn get(&self, id: Uuid) -> Result<Option<Task>>;
+
+    async fn list(&self, query: &ListQuery) -> Result<TaskPage>;
+
+    async fn stats(&self) -> Result<Stats>;
+
+    /// Deletes a finished task; an active one is a conflict.
+    async fn delete(&self, id: Uuid) -> Result<()>;
+
+    async fn clear(&self, request: &ClearRequest) -> Result<u64>;
+
+    async fn queues(&self) -> Result<Vec<QueueInfo>>;
+
+    /// Changes a queue's settings, creating the queue if it was never used.
+    async fn update_queue(&self, name: &str, patch: QueuePatch) -> Result<QueueInfo>;
+
+    /// Moves due `scheduled` tasks to `pending`.
+    async fn promote_due(&self) -> Result<PromoteReport>;
+
+    /// Fails running attempts whose lease expired or whose `timeout_secs`
+    /// passed, retrying them per SPEC §1.1.
+    async fn recover_expired(&self) -> Result<u64>;
+
+    /// Deletes up to `batch` finished tasks past their retention.
+    async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64>;
+
+    /// Change notifications for this store's tasks.
+    fn hub(&self) -> &Hub;
+}
+
+/// Parses the `cursor` of a [`ListQuery`] as the position it encodes.
+pub fn decode_cursor(cursor: &str) -> Result<i64> {
+    cursor
+        .strip_prefix('c')
+        .and_then(|n| n.parse::<i64>().ok())
+        .ok_or_else(|| Error::invalid("cursor", "must be a next_cursor returned by a previous page"))
+}
+
+pub fn encode_cursor(position: i64) -> String {
+    format!("c{position}")
+}
