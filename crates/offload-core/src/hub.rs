@@ -12,6 +12,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use uuid::Uuid;
+
 use crate::Task;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -35,6 +37,7 @@ pub struct Hub {
     events: broadcast::Sender<TaskEvent>,
     ready: watch::Sender<u64>,
     scheduled: watch::Sender<u64>,
+    cancels: broadcast::Sender<Uuid>,
 }
 
 impl Default for Hub {
@@ -49,6 +52,7 @@ impl Hub {
             events: broadcast::channel(4096).0,
             ready: watch::channel(0).0,
             scheduled: watch::channel(0).0,
+            cancels: broadcast::channel(1024).0,
         }
     }
 
@@ -82,5 +86,16 @@ impl Hub {
 
     pub fn watch_scheduled(&self) -> watch::Receiver<u64> {
         self.scheduled.subscribe()
+    }
+
+    /// Cancellation was requested for a running task. In-process workers
+    /// listen here so that a handler learns of it at once; remote workers
+    /// learn it from their next heartbeat.
+    pub fn notify_cancel(&self, id: Uuid) {
+        let _ = self.cancels.send(id);
+    }
+
+    pub fn subscribe_cancels(&self) -> broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
     }
 }

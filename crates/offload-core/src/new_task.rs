@@ -269,6 +269,7 @@ impl NewTask {
         check_json_size(&field("payload"), &payload, limits.max_payload_bytes)?;
 
         Ok(TaskSpec {
+            field_prefix: field_prefix.to_owned(),
             task_type: self.task_type,
             queue,
             payload,
@@ -306,6 +307,8 @@ impl Schedule {
 /// A validated enqueue request.
 #[derive(Clone, Debug)]
 pub struct TaskSpec {
+    /// Prepended to field names in errors the store finds (`tasks[3].`).
+    pub field_prefix: String,
     pub task_type: String,
     pub queue: String,
     pub payload: Json,

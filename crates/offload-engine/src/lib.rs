@@ -1,1 +1,219 @@
-//! placeholder
+//! Offload's engine: what turns a [`Store`] into a running system.
+//!
+//! It runs the background duties (promoting due tasks the moment they are
+//! due, recovering expired leases and timed-out attempts, deleting finished
+//! tasks past retention) and offers long-poll claiming: [`Engine::fetch`]
+//! waits for the store's ready signal instead of polling, so a task enqueued
+//! while workers idle starts at once. The server and the in-process worker
+//! both go through it; it knows no HTTP and no database.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use offload_core::{
+    Clock, ClaimRequest, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub limits: Limits,
+    pub retention: Retention,
+    /// How often expired leases and timeouts are looked for; SPEC §1.3 asks
+    /// for action within a second.
+    pub recovery_interval: Duration,
+    /// How often finished tasks past retention are deleted.
+    pub purge_interval: Duration,
+    /// Rows deleted per retention transaction.
+    pub purge_batch: usize,
+    /// Longest a waiting fetch goes without looking at the store, in case a
+    /// wake-up was lost (a backend whose notifications can drop).
+    pub fetch_fallback_poll: Duration,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            retention: Retention::default(),
+            recovery_interval: Duration::from_millis(250),
+            purge_interval: Duration::from_secs(1),
+            purge_batch: 1000,
+            fetch_fallback_poll: Duration::from_secs(1),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Longest the promoter sleeps when nothing is scheduled.
+const PROMOTER_IDLE: Duration = Duration::from_secs(1);
+/// Pause after a failed duty before trying again.
+const DUTY_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<dyn Store>,
+    config: EngineConfig,
+    stop: CancellationToken,
+    duties: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the background duties on the current Tokio runtime.
+    pub fn start(store: Arc<dyn Store>, config: EngineConfig) -> Arc<Self> {
+        let engine = Arc::new(Self {
+            store,
+            config,
+            stop: CancellationToken::new(),
+            duties: Mutex::new(Vec::new()),
+        });
+        let duties = vec![
+            tokio::spawn(promoter(Arc::clone(&engine))),
+            tokio::spawn(recoverer(Arc::clone(&engine))),
+            tokio::spawn(purger(Arc::clone(&engine))),
+        ];
+        *engine.duties.lock().unwrap_or_else(|p| p.into_inner()) = duties;
+        engine
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// Validates and enqueues one task; `true` when it was created, `false`
+    /// when an active task holding its unique key was returned instead.
+    pub async fn enqueue(&self, task: NewTask) -> Result<(Task, bool)> {
+        let spec = task.validate(&self.config.limits, "")?;
+        let mut answers = self.store.enqueue(vec![spec]).await?;
+        answers
+            .pop()
+            .ok_or_else(|| offload_core::Error::Storage("enqueue answered nothing".into()))
+    }
+
+    /// Validates and enqueues many tasks, all or nothing.
+    pub async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<(Task, bool)>> {
+        let max = self.config.limits.max_batch;
+        if tasks.len() > max {
+            return Err(offload_core::Error::invalid(
+                "tasks",
+                format!("at most {max} tasks per batch; got {}", tasks.len()),
+            ));
+        }
+        let specs = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.validate(&self.config.limits, &format!("tasks[{i}].")))
+            .collect::<Result<Vec<_>>>()?;
+        self.store.enqueue(specs).await
+    }
+
+    /// Claims ready tasks, waiting up to `wait` for some to become ready.
+    ///
+    /// `stop` ends the wait early (with nothing claimed); it never
+    /// interrupts a claim under way, so no claimed task is dropped.
+    pub async fn fetch(&self, request: &ClaimRequest, wait: Duration, stop: &CancellationToken) -> Result<Vec<Task>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut ready = self.store.hub().watch_ready();
+        loop {
+            // Marked seen before looking, so a task made ready while we look
+            // still wakes us.
+            ready.borrow_and_update();
+            let claimed = self.store.claim(request).await?;
+            if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(claimed);
+            }
+            let fallback = tokio::time::Instant::now() + self.config.fetch_fallback_poll;
+            tokio::select! {
+                _ = ready.changed() => {}
+                _ = tokio::time::sleep_until(deadline.min(fallback)) => {}
+                _ = stop.cancelled() => return Ok(Vec::new()),
+                _ = self.stop.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Stops the background duties and any waiting fetch.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let duties = std::mem::take(&mut *self.duties.lock().unwrap_or_else(|p| p.into_inner()));
+        for duty in duties {
+            let _ = duty.await;
+        }
+    }
+}
+
+/// Promotes scheduled tasks as they fall due, sleeping exactly until the
+/// next `run_at` (or until a new scheduled task may be earlier).
+async fn promoter(engine: Arc<Engine>) {
+    let mut scheduled = engine.store.hub().watch_scheduled();
+    while !engine.stop.is_cancelled() {
+        scheduled.borrow_and_update();
+        let pause = match engine.store.promote_due().await {
+            // More may be due than one pass takes.
+            Ok(report) if report.promoted > 0 => Duration::ZERO,
+            Ok(report) => report
+                .next_due
+                .map_or(PROMOTER_IDLE, |due| engine.config.clock.now().until(due).min(PROMOTER_IDLE)),
+            Err(e) => {
+                tracing::warn!(error = %e, "promoting due tasks failed");
+                DUTY_ERROR_PAUSE
+            }
+        };
+        if pause.is_zero() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = scheduled.changed() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = engine.stop.cancelled() => {}
+        }
+    }
+}
+
+async fn recoverer(engine: Arc<Engine>) {
+    every(&engine, engine.config.recovery_interval, "recovering expired tasks", |e| async move {
+        let n = e.store.recover_expired().await?;
+        if n > 0 {
+            tracing::info!(tasks = n, "failed attempts whose lease or timeout ran out");
+        }
+        Ok(n)
+    })
+    .await;
+}
+
+async fn purger(engine: Arc<Engine>) {
+    every(&engine, engine.config.purge_interval, "deleting finished tasks", |e| async move {
+        e.store.purge_finished(&e.config.retention, e.config.purge_batch).await
+    })
+    .await;
+}
+
+/// Runs `duty` every `interval` until the engine stops; a pass that did a
+/// full batch of work runs again at once.
+async fn every<F, Fut>(engine: &Arc<Engine>, interval: Duration, what: &str, duty: F)
+where
+    F: Fn(Arc<Engine>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    while !engine.stop.is_cancelled() {
+        let pause = match duty(Arc::clone(engine)).await {
+            Ok(n) if n >= engine.config.purge_batch as u64 => Duration::ZERO,
+            Ok(_) => interval,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed");
+                DUTY_ERROR_PAUSE
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = engine.stop.cancelled() => {}
+        }
+    }
+}

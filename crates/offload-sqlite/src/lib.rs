@@ -1,1 +1,344 @@
-//! placeholder
+//! Offload's embedded SQLite store, the default backend (`sqlite://PATH`).
+//!
+//! Shape: one writer thread owns the only write connection and group-commits
+//! (see [`writer`]); reads go to a small pool of read-only connections;
+//! task counts live in memory, loaded once at open and changed after each
+//! commit. A lock file keeps a second process from opening the same
+//! database, which the single-writer design relies on.
+//!
+//! Durability (SPEC §1.6): the database runs in WAL mode with
+//! `synchronous = FULL`, so each group's commit is fsynced before any of its
+//! callers is answered. [`Durability::Relaxed`] uses `synchronous = NORMAL`:
+//! a commit survives a crash of the process but not a power cut.
+
+mod ops;
+mod read;
+mod rows;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use offload_core::{
+    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
+    HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch, Result,
+    Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, validate_queue_name,
+    validate_worker_id,
+};
+use rusqlite::Connection;
+use uuid::Uuid;
+
+use crate::read::Readers;
+use crate::rows::storage_error;
+use crate::writer::{CountsMap, Shared, Writer};
+
+/// Versioned migrations; `PRAGMA user_version` records the last applied.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+/// Rows deleted per transaction by `clear`.
+const CLEAR_BATCH: usize = 5000;
+
+/// Whether a commit waits for fsync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync before answering: survives a power cut.
+    #[default]
+    Durable,
+    /// No fsync per commit: survives a crash of the process, not of the
+    /// machine.
+    Relaxed,
+}
+
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    pub durability: Durability,
+    pub limits: Limits,
+    pub backoff: Backoff,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Durable,
+            limits: Limits::default(),
+            backoff: Backoff::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writer: Writer,
+    readers: Arc<Readers>,
+    durability: Durability,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let lock = lock_database(&path)?;
+        let conn = Connection::open(&path).map_err(storage_error)?;
+        let synchronous = match options.durability {
+            Durability::Durable => "FULL",
+            Durability::Relaxed => "NORMAL",
+        };
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(storage_error)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Storage(format!("{} cannot use WAL mode (got {mode})", path.display())));
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000; \
+             PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
+        ))
+        .map_err(storage_error)?;
+        migrate(&conn)?;
+        let counts = load_counts(&conn)?;
+        let shared = Arc::new(Shared {
+            clock: options.clock,
+            hub: Hub::new(),
+            counts: Mutex::new(counts),
+            backoff: options.backoff,
+            limits: options.limits,
+        });
+        let writer = Writer::start(conn, lock, Arc::clone(&shared))
+            .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            shared,
+            writer,
+            readers: Readers::new(path),
+            durability: options.durability,
+        })
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The writer connection's `PRAGMA synchronous` (2 = FULL), read through
+    /// the writer itself; for health checks and tests of durability.
+    pub async fn synchronous_mode(&self) -> Result<i64> {
+        self.writer
+            .run(|ctx| {
+                ctx.conn
+                    .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                    .map_err(storage_error)
+            })
+            .await
+    }
+
+    /// Waits for queued writes, then closes the database and releases its
+    /// lock. Dropping the store does the same.
+    pub fn close(&self) {
+        self.writer.close();
+    }
+
+    /// Whether a claim could find anything, by the in-memory counts. Saves a
+    /// trip through the writer for every idle poll.
+    fn may_have_ready(&self, req: &ClaimRequest) -> bool {
+        self.shared.counts().iter().any(|((queue, task_type), counts)| {
+            counts.pending > 0
+                && (req.queues.is_empty() || req.queues.contains(queue))
+                && (req.types.is_empty() || req.types.contains(task_type))
+        })
+    }
+}
+
+fn lock_database(path: &Path) -> Result<std::fs::File> {
+    let mut lock_path: PathBuf = path.to_path_buf();
+    lock_path.as_mut_os_string().push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", lock_path.display())))?;
+    file.try_lock().map_err(|_| {
+        Error::Unavailable(format!(
+            "{} is in use by another Offload process (it holds {})",
+            path.display(),
+            lock_path.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(storage_error)?;
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > latest {
+        return Err(Error::Storage(format!(
+            "the database has schema version {current}, newer than this Offload knows ({latest})"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}\nPRAGMA user_version = {version}; COMMIT;"))
+            .map_err(|e| Error::Storage(format!("migration {version} failed: {e}")))?;
+    }
+    Ok(())
+}
+
+fn load_counts(conn: &Connection) -> Result<CountsMap> {
+    let mut counts = CountsMap::new();
+    let mut stmt = conn
+        .prepare("SELECT queue, type, state, COUNT(*) FROM tasks GROUP BY queue, type, state")
+        .map_err(storage_error)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))
+        .map_err(storage_error)?;
+    for row in rows {
+        let (queue, task_type, code, n) = row.map_err(storage_error)?;
+        let state = State::from_code(code).ok_or_else(|| Error::Storage(format!("unknown state code {code}")))?;
+        *counts.entry((queue, task_type)).or_default().slot(state) += n as u64;
+    }
+    Ok(counts)
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
+        let max = self.shared.limits.max_batch;
+        if tasks.len() > max {
+            return Err(Error::invalid("tasks", format!("at most {max} tasks per batch; got {}", tasks.len())));
+        }
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.writer.run(move |ctx| ctx.enqueue(tasks)).await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
+        validate_worker_id(&request.worker_id)?;
+        for (i, queue) in request.queues.iter().enumerate() {
+            validate_queue_name(&format!("queues[{i}]"), queue)?;
+        }
+        if !self.may_have_ready(request) {
+            return Ok(Vec::new());
+        }
+        let request = request.clone();
+        self.writer.run(move |ctx| ctx.claim(&request)).await
+    }
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
+        validate_worker_id(&request.worker_id)?;
+        self.writer.run(move |ctx| ctx.heartbeat(request)).await
+    }
+
+    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
+        validate_worker_id(worker_id)?;
+        let max = self.shared.limits.max_batch;
+        if acks.len() > max {
+            return Err(Error::invalid("acks", format!("at most {max} per call; got {}", acks.len())));
+        }
+        let worker_id = worker_id.to_owned();
+        self.writer.run(move |ctx| ctx.ack(&worker_id, acks)).await
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<Task> {
+        self.writer.run(move |ctx| ctx.cancel(id)).await
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Task> {
+        self.writer.run(move |ctx| ctx.retry(id)).await
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Task>> {
+        self.readers.run(move |conn| read::get(conn, id)).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
+        let query = query.clone();
+        self.readers.run(move |conn| read::list(conn, &query)).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for ((queue, task_type), counts) in self.shared.counts().iter() {
+            stats.total.add(counts);
+            stats.queues.entry(queue.clone()).or_default().add(counts);
+            stats.types.entry(task_type.clone()).or_default().add(counts);
+        }
+        Ok(stats)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<()> {
+        self.writer.run(move |ctx| ctx.delete(id)).await
+    }
+
+    async fn clear(&self, request: &ClearRequest) -> Result<u64> {
+        if request.states.is_empty() {
+            return Err(Error::invalid("state", "name at least one of completed, failed, cancelled"));
+        }
+        if let Some(active) = request.states.iter().find(|s| s.is_active()) {
+            return Err(Error::invalid(
+                "state",
+                format!("only finished states (completed, failed, cancelled) can be cleared; got {active}"),
+            ));
+        }
+        // Batches of their own transactions, so a large clear never holds
+        // the writer for long.
+        let mut total = 0;
+        loop {
+            let request = request.clone();
+            let deleted = self.writer.run(move |ctx| ctx.clear(&request, CLEAR_BATCH)).await?;
+            total += deleted;
+            if deleted == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueInfo>> {
+        let settings = self.readers.run(read::queue_settings).await?;
+        let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
+        for ((queue, _), c) in self.shared.counts().iter() {
+            counts.entry(queue.clone()).or_default().add(c);
+        }
+        Ok(settings
+            .into_iter()
+            .map(|(name, paused, concurrency)| QueueInfo {
+                counts: counts.get(&name).copied().unwrap_or_default(),
+                name,
+                paused,
+                concurrency,
+            })
+            .collect())
+    }
+
+    async fn update_queue(&self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
+        validate_queue_name("name", name)?;
+        let owned = name.to_owned();
+        let mut info = self.writer.run(move |ctx| ctx.update_queue(&owned, patch)).await?;
+        for ((queue, _), c) in self.shared.counts().iter() {
+            if queue == name {
+                info.counts.add(c);
+            }
+        }
+        Ok(info)
+    }
+
+    async fn promote_due(&self) -> Result<PromoteReport> {
+        self.writer.run(|ctx| ctx.promote_due()).await
+    }
+
+    async fn recover_expired(&self) -> Result<u64> {
+        self.writer.run(|ctx| ctx.recover_expired()).await
+    }
+
+    async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64> {
+        let retention = retention.clone();
+        self.writer.run(move |ctx| ctx.purge_finished(&retention, batch)).await
+    }
+
+    fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+}

@@ -1,0 +1,615 @@
+//! The write operations. Each runs on the writer thread inside a savepoint of
+//! the current group's transaction, reads the rows it needs, applies the
+//! state machine of `offload-core` and writes back what changed.
+
+use std::collections::HashSet;
+use offload_core::{
+    Ack, AckOutcome, AttemptFailure, CancelEffect, ClaimRequest, ClearRequest, Error, ErrorKind,
+    EventKind, FailureKind, HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch,
+    Result, Retention, State, Task, TaskSpec, check_json_size,
+};
+use rusqlite::{OptionalExtension, params};
+use uuid::Uuid;
+
+use crate::rows::{Id, StoredTask, TASK_COLUMNS, decode, json_text, opt_json_text, storage_error};
+use crate::writer::WriteCtx;
+
+/// Rows read per duty pass; bounds how long one pass holds the writer.
+const DUTY_BATCH: usize = 1000;
+/// Longest error message kept; longer ones are cut.
+const MAX_MESSAGE_CHARS: usize = 16 * 1024;
+
+type Sql<T> = rusqlite::Result<T>;
+
+impl WriteCtx<'_> {
+    // ---- reading and writing rows -------------------------------------
+
+    fn load_one(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_row(params, decode).optional())
+            .map_err(storage_error)
+    }
+
+    fn load_many(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredTask>> {
+        let run = || -> Sql<Vec<StoredTask>> {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params, decode)?;
+            rows.collect()
+        };
+        run().map_err(storage_error)
+    }
+
+    fn load(&self, id: Uuid) -> Result<StoredTask> {
+        self.load_one(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"), [Id(id)])?
+            .ok_or_else(|| Error::task_not_found(id))
+    }
+
+    /// Writes back every column the state machine may change.
+    fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
+        let t = &stored.task;
+        let run = || -> Result<usize> {
+            let progress = opt_json_text(t.progress.as_ref())?;
+            let error = opt_json_text(t.error.as_ref())?;
+            let errors = if t.errors.is_empty() { None } else { Some(json_text(&t.errors)?) };
+            self.conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = ?1, attempt = ?2, max_attempts = ?3, run_at = ?4, \
+                     progress = ?5, result = ?6, error = ?7, errors = ?8, cancel_requested = ?9, \
+                     updated_at = ?10, started_at = ?11, finished_at = ?12, lease_expires_at = ?13, \
+                     deadline_at = ?14, worker_id = ?15 WHERE seq = ?16",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        t.state.code(),
+                        t.attempt,
+                        t.max_attempts,
+                        t.run_at.as_millis(),
+                        progress,
+                        t.result.as_ref().map(|r| r.get()),
+                        error,
+                        errors,
+                        t.cancel_requested,
+                        t.updated_at.as_millis(),
+                        t.started_at.map(|x| x.as_millis()),
+                        t.finished_at.map(|x| x.as_millis()),
+                        t.lease_expires_at.map(|x| x.as_millis()),
+                        t.deadline().map(|x| x.as_millis()),
+                        t.worker_id,
+                        stored.seq,
+                    ])
+                })
+                .map_err(storage_error)
+        };
+        run()?;
+        Ok(())
+    }
+
+    /// Writes back a task the state machine changed from `before`, and
+    /// carries out what the change implies: counts, events, unblocking or
+    /// cancelling the tasks that depend on it.
+    fn save(&mut self, stored: &StoredTask, before: State) -> Result<()> {
+        let mut finished = Vec::new();
+        self.save_one(stored, before, &mut finished)?;
+        // Dependency cascades, breadth-first: a cancelled dependent may have
+        // dependents of its own.
+        while let Some((dep_id, dep_state)) = finished.pop() {
+            let dependents: Vec<i64> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT task_seq FROM task_deps WHERE dep_id = ?1")
+                    .map_err(storage_error)?;
+                let rows = stmt
+                    .query_map([Id(dep_id)], |r| r.get(0))
+                    .map_err(storage_error)?;
+                rows.collect::<Sql<_>>().map_err(storage_error)?
+            };
+            for seq in dependents {
+                let Some(mut dependent) = self.load_one(
+                    &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1 AND state = 0"),
+                    [seq],
+                )?
+                else {
+                    continue;
+                };
+                if dep_state == State::Completed {
+                    if self.unmet_dependencies(seq)? > 0 {
+                        continue;
+                    }
+                    dependent.task.unblock(self.now)?;
+                } else {
+                    dependent.task.fail_dependency(dep_id, dep_state, self.now)?;
+                }
+                self.save_one(&dependent, State::Blocked, &mut finished)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save_one(&mut self, stored: &StoredTask, before: State, finished: &mut Vec<(Uuid, State)>) -> Result<()> {
+        self.write_row(stored)?;
+        let after = stored.task.state;
+        if before != after {
+            self.count(&stored.task.queue, &stored.task.task_type, Some(before), Some(after));
+            if before == State::Blocked {
+                self.conn
+                    .prepare_cached("DELETE FROM task_deps WHERE task_seq = ?1")
+                    .and_then(|mut stmt| stmt.execute([stored.seq]))
+                    .map_err(storage_error)?;
+            }
+            if after.is_finished() {
+                finished.push((stored.task.id, after));
+            }
+        }
+        self.event(EventKind::State, &stored.task);
+        Ok(())
+    }
+
+    fn unmet_dependencies(&self, seq: i64) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
+                 WHERE d.task_seq = ?1 AND t.state <> 4",
+            )
+            .and_then(|mut stmt| stmt.query_row([seq], |r| r.get(0)))
+            .map_err(storage_error)
+    }
+
+    // ---- enqueue ------------------------------------------------------
+
+    pub fn enqueue(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
+        let mut answers = Vec::with_capacity(specs.len());
+        let mut known_queues = HashSet::new();
+        for spec in specs {
+            if known_queues.insert(spec.queue.clone()) {
+                self.ensure_queue(&spec.queue)?;
+            }
+            if let Some(key) = &spec.unique_key {
+                let holder = self.load_one(
+                    &format!(
+                        "SELECT {TASK_COLUMNS} FROM tasks WHERE queue = ?1 AND unique_key = ?2 \
+                         AND state <= 3 AND cancel_requested = 0"
+                    ),
+                    params![spec.queue, key],
+                )?;
+                if let Some(mut holder) = holder {
+                    match spec.on_conflict {
+                        offload_core::OnConflict::Keep => {
+                            answers.push((holder.task, false));
+                            continue;
+                        }
+                        offload_core::OnConflict::Replace => {
+                            let before = holder.task.state;
+                            if holder.task.cancel(self.now)? == CancelEffect::Requested {
+                                self.cancel_requested(holder.task.id);
+                            }
+                            self.save(&holder, before)?;
+                        }
+                    }
+                }
+            }
+            answers.push((self.insert(spec)?, true));
+        }
+        Ok(answers)
+    }
+
+    fn ensure_queue(&self, name: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO queues (name, created_at) VALUES (?1, ?2)")
+            .and_then(|mut stmt| stmt.execute(params![name, self.now.as_millis()]))
+            .map(drop)
+            .map_err(storage_error)
+    }
+
+    fn insert(&mut self, spec: TaskSpec) -> Result<Task> {
+        let now = self.now;
+        let mut unmet = Vec::new();
+        let mut broken = None;
+        for (i, dep) in spec.depends_on.iter().enumerate() {
+            let state: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+                .and_then(|mut stmt| stmt.query_row([Id(*dep)], |r| r.get(0)).optional())
+                .map_err(storage_error)?;
+            match state.and_then(State::from_code) {
+                None => {
+                    return Err(Error::invalid(
+                        format!("{}depends_on[{i}]", spec.field_prefix),
+                        format!("no task with id {dep}"),
+                    ));
+                }
+                Some(State::Completed) => {}
+                Some(s @ (State::Failed | State::Cancelled)) => broken = Some((*dep, s)),
+                Some(_) => unmet.push(*dep),
+            }
+        }
+        let run_at = spec.schedule.run_at(now);
+        let blocked = !unmet.is_empty() || broken.is_some();
+        let task = Task {
+            id: Uuid::now_v7(),
+            task_type: spec.task_type,
+            queue: spec.queue,
+            payload: spec.payload,
+            priority: spec.priority,
+            state: Task::initial_state(run_at, now, blocked),
+            attempt: 0,
+            max_attempts: spec.max_attempts,
+            timeout_secs: spec.timeout_secs,
+            run_at,
+            owner: spec.owner,
+            labels: spec.labels,
+            unique_key: spec.unique_key,
+            depends_on: spec.depends_on,
+            progress: None,
+            result: None,
+            error: None,
+            errors: Vec::new(),
+            cancel_requested: false,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            worker_id: None,
+        };
+        let labels = if task.labels.is_empty() { None } else { Some(json_text(&task.labels)?) };
+        let depends_on = if task.depends_on.is_empty() { None } else { Some(json_text(&task.depends_on)?) };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
+                 timeout_secs, run_at, owner, labels, unique_key, depends_on, cancel_requested, \
+                 created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    Id(task.id),
+                    task.task_type,
+                    task.queue,
+                    task.payload.get(),
+                    task.priority,
+                    task.state.code(),
+                    task.max_attempts,
+                    task.timeout_secs,
+                    task.run_at.as_millis(),
+                    task.owner,
+                    labels,
+                    task.unique_key,
+                    depends_on,
+                    now.as_millis(),
+                ])
+            })
+            .map_err(storage_error)?;
+        let seq = self.conn.last_insert_rowid();
+        for dep in &unmet {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)")
+                .and_then(|mut stmt| stmt.execute(params![Id(*dep), seq]))
+                .map_err(storage_error)?;
+        }
+        self.count(&task.queue, &task.task_type, None, Some(task.state));
+        self.event(EventKind::State, &task);
+        let mut stored = StoredTask { seq, task };
+        if let Some((dep, dep_state)) = broken {
+            stored.task.fail_dependency(dep, dep_state, now)?;
+            self.save(&stored, State::Blocked)?;
+        }
+        Ok(stored.task)
+    }
+
+    // ---- claiming -----------------------------------------------------
+
+    pub fn claim(&mut self, req: &ClaimRequest) -> Result<Vec<Task>> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let queues: Vec<(String, bool, Option<i64>)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT name, paused, concurrency FROM queues")
+                .map_err(storage_error)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(storage_error)?;
+            rows.collect::<Sql<_>>().map_err(storage_error)?
+        };
+        // Candidates from every eligible queue, each already in priority order.
+        let mut candidates: Vec<(StoredTask, usize)> = Vec::new();
+        let mut capacity: Vec<usize> = Vec::new();
+        for (name, paused, concurrency) in &queues {
+            if *paused || !(req.queues.is_empty() || req.queues.contains(name)) {
+                continue;
+            }
+            let room = match concurrency {
+                None => req.limit,
+                Some(limit) => {
+                    let running: i64 = self
+                        .conn
+                        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1")
+                        .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
+                        .map_err(storage_error)?;
+                    usize::try_from(limit.saturating_sub(running)).unwrap_or(0).min(req.limit)
+                }
+            };
+            if room == 0 {
+                continue;
+            }
+            let queue_index = capacity.len();
+            capacity.push(room);
+            let found = if req.types.is_empty() {
+                self.load_many(
+                    &format!(
+                        "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 2 AND queue = ?1 \
+                         ORDER BY priority DESC, run_at, seq LIMIT ?2"
+                    ),
+                    params![name, room as i64],
+                )?
+            } else {
+                let mut found = Vec::new();
+                for task_type in &req.types {
+                    found.extend(self.load_many(
+                        &format!(
+                            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 2 AND queue = ?1 \
+                             AND type = ?2 ORDER BY priority DESC, run_at, seq LIMIT ?3"
+                        ),
+                        params![name, task_type, room as i64],
+                    )?);
+                }
+                found
+            };
+            candidates.extend(found.into_iter().map(|t| (t, queue_index)));
+        }
+        candidates.sort_by(|(a, _), (b, _)| {
+            b.task
+                .priority
+                .cmp(&a.task.priority)
+                .then(a.task.run_at.cmp(&b.task.run_at))
+                .then(a.seq.cmp(&b.seq))
+        });
+        let mut claimed = Vec::with_capacity(req.limit.min(candidates.len()));
+        for (mut stored, queue_index) in candidates {
+            if claimed.len() == req.limit {
+                break;
+            }
+            if capacity[queue_index] == 0 {
+                continue;
+            }
+            capacity[queue_index] -= 1;
+            stored.task.claim(&req.worker_id, req.lease, self.now)?;
+            self.save(&stored, State::Pending)?;
+            claimed.push(stored.task);
+        }
+        Ok(claimed)
+    }
+
+    // ---- the worker's reports -----------------------------------------
+
+    pub fn heartbeat(&mut self, req: HeartbeatRequest) -> Result<HeartbeatAck> {
+        let mut stored = self.load(req.id)?;
+        let progress = match req.progress {
+            None => None,
+            Some(p) => {
+                if let Some(percent) = p.percent
+                    && !(0.0..=100.0).contains(&percent)
+                {
+                    return Err(Error::invalid("progress.percent", format!("must be 0 to 100; got {percent}")));
+                }
+                if let Some(data) = &p.data {
+                    check_json_size("progress.data", data, self.shared.limits.max_payload_bytes)?;
+                }
+                Some((p.percent, p.message.map(truncate), p.data))
+            }
+        };
+        let reported = progress.is_some();
+        stored.task.heartbeat(&req.worker_id, req.lease, progress, self.now)?;
+        self.write_row(&stored)?;
+        if reported {
+            self.event(EventKind::Progress, &stored.task);
+        }
+        Ok(HeartbeatAck {
+            cancel_requested: stored.task.cancel_requested,
+            lease_expires_at: stored.task.lease_expires_at.unwrap_or(self.now),
+        })
+    }
+
+    pub fn ack(&mut self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
+        let mut outcomes = Vec::with_capacity(acks.len());
+        for ack in acks {
+            outcomes.push(self.ack_one(worker_id, ack));
+        }
+        // A storage fault inside one ack poisons the transaction for all.
+        if let Some(Err(e @ (Error::Storage(_) | Error::Unavailable(_)))) =
+            outcomes.iter().find(|o| matches!(o, Err(Error::Storage(_) | Error::Unavailable(_))))
+        {
+            return Err(e.clone());
+        }
+        Ok(outcomes)
+    }
+
+    fn ack_one(&mut self, worker_id: &str, ack: Ack) -> AckOutcome {
+        let mut stored = self.load(ack.id())?;
+        let before = stored.task.state;
+        match ack {
+            Ack::Complete { result, .. } => {
+                if let Some(result) = &result {
+                    check_json_size("result", result, self.shared.limits.max_payload_bytes)?;
+                }
+                stored.task.complete(worker_id, result, self.now)?;
+            }
+            Ack::Fail { failure, .. } => {
+                let kind = match failure.kind {
+                    FailureKind::Error => ErrorKind::Error,
+                    FailureKind::Timeout => ErrorKind::Timeout,
+                };
+                let failure = AttemptFailure {
+                    kind,
+                    message: truncate(failure.message),
+                    retry: failure.retry,
+                    retry_in: failure.retry_in,
+                };
+                stored.task.fail(worker_id, failure, &self.shared.backoff, self.now)?;
+            }
+        }
+        self.save(&stored, before)?;
+        Ok(stored.task)
+    }
+
+    // ---- actions on one task ------------------------------------------
+
+    pub fn cancel(&mut self, id: Uuid) -> Result<Task> {
+        let mut stored = self.load(id)?;
+        let before = stored.task.state;
+        if stored.task.cancel(self.now)? == CancelEffect::Requested {
+            self.cancel_requested(id);
+        }
+        self.save(&stored, before)?;
+        Ok(stored.task)
+    }
+
+    pub fn retry(&mut self, id: Uuid) -> Result<Task> {
+        let mut stored = self.load(id)?;
+        let before = stored.task.state;
+        stored.task.manual_retry(self.now)?;
+        self.save(&stored, before)?;
+        Ok(stored.task)
+    }
+
+    pub fn delete(&mut self, id: Uuid) -> Result<()> {
+        let stored = self.load(id)?;
+        if stored.task.state.is_active() {
+            return Err(Error::Conflict(format!(
+                "task {id} is {}; only finished tasks can be deleted (cancel it first)",
+                stored.task.state
+            )));
+        }
+        self.conn
+            .prepare_cached("DELETE FROM tasks WHERE seq = ?1")
+            .and_then(|mut stmt| stmt.execute([stored.seq]))
+            .map_err(storage_error)?;
+        self.count(&stored.task.queue, &stored.task.task_type, Some(stored.task.state), None);
+        Ok(())
+    }
+
+    /// Deletes up to `batch` finished tasks in `state` that finished at or
+    /// before `finished_by`.
+    pub fn delete_finished(&mut self, state: State, finished_by: i64, batch: usize) -> Result<u64> {
+        debug_assert!(state.is_finished());
+        let removed: Vec<(String, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE state = ?1 \
+                     AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type",
+                )
+                .map_err(storage_error)?;
+            let rows = stmt
+                .query_map(params![state.code(), finished_by, batch as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(storage_error)?;
+            rows.collect::<Sql<_>>().map_err(storage_error)?
+        };
+        for (queue, task_type) in &removed {
+            self.count(queue, task_type, Some(state), None);
+        }
+        Ok(removed.len() as u64)
+    }
+
+    pub fn clear(&mut self, req: &ClearRequest, batch: usize) -> Result<u64> {
+        let cutoff = req
+            .older_than
+            .map_or(self.now.as_millis(), |d| self.now.saturating_sub(d).as_millis());
+        let mut total = 0;
+        for state in &req.states {
+            total += self.delete_finished(*state, cutoff, batch)?;
+        }
+        Ok(total)
+    }
+
+    // ---- queues -------------------------------------------------------
+
+    pub fn update_queue(&mut self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
+        self.ensure_queue(name)?;
+        if let Some(paused) = patch.paused {
+            self.conn
+                .prepare_cached("UPDATE queues SET paused = ?1 WHERE name = ?2")
+                .and_then(|mut stmt| stmt.execute(params![paused, name]))
+                .map_err(storage_error)?;
+        }
+        if let Some(concurrency) = patch.concurrency {
+            self.conn
+                .prepare_cached("UPDATE queues SET concurrency = ?1 WHERE name = ?2")
+                .and_then(|mut stmt| stmt.execute(params![concurrency, name]))
+                .map_err(storage_error)?;
+        }
+        // Resuming or raising a limit can make tasks claimable.
+        self.wake_workers();
+        let (paused, concurrency) = self
+            .conn
+            .prepare_cached("SELECT paused, concurrency FROM queues WHERE name = ?1")
+            .and_then(|mut stmt| stmt.query_row([name], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(storage_error)?;
+        Ok(QueueInfo {
+            name: name.to_owned(),
+            paused,
+            concurrency,
+            counts: Default::default(),
+        })
+    }
+
+    // ---- background duties --------------------------------------------
+
+    pub fn promote_due(&mut self) -> Result<PromoteReport> {
+        let due = self.load_many(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE state = 1 AND run_at <= ?1 ORDER BY run_at LIMIT ?2"),
+            params![self.now.as_millis(), DUTY_BATCH as i64],
+        )?;
+        let promoted = due.len() as u64;
+        for mut stored in due {
+            stored.task.promote(self.now)?;
+            self.save(&stored, State::Scheduled)?;
+        }
+        let next_due: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MIN(run_at) FROM tasks WHERE state = 1")
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+            .map_err(storage_error)?;
+        Ok(PromoteReport {
+            promoted,
+            next_due: next_due.map(offload_core::Timestamp::from_millis),
+        })
+    }
+
+    pub fn recover_expired(&mut self) -> Result<u64> {
+        let now = self.now.as_millis();
+        let mut recovered = 0;
+        for (column, kind) in [("lease_expires_at", ErrorKind::LeaseExpired), ("deadline_at", ErrorKind::Timeout)] {
+            let expired = self.load_many(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE state = 3 AND {column} <= ?1 LIMIT ?2"),
+                params![now, DUTY_BATCH as i64],
+            )?;
+            for mut stored in expired {
+                stored.task.expire(kind, &self.shared.backoff, self.now)?;
+                self.save(&stored, State::Running)?;
+                recovered += 1;
+            }
+        }
+        Ok(recovered)
+    }
+
+    pub fn purge_finished(&mut self, retention: &Retention, batch: usize) -> Result<u64> {
+        let mut purged = 0;
+        for state in State::FINISHED {
+            let Some(keep) = retention.for_state(state) else { continue };
+            let cutoff = self.now.saturating_sub(keep).as_millis();
+            purged += self.delete_finished(state, cutoff, batch)?;
+        }
+        Ok(purged)
+    }
+}
+
+fn truncate(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}

@@ -1,0 +1,148 @@
+//! Reads on their own connections, so that lists and lookups never wait for
+//! the writer (WAL lets readers see the last commit while a write goes on).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use offload_core::{Error, ListQuery, MAX_LIST_LIMIT, Result, Task, TaskPage, decode_cursor, encode_cursor};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use uuid::Uuid;
+
+use crate::rows::{Id, TASK_COLUMNS, decode, storage_error};
+
+/// Idle connections kept for reuse; more may be open during bursts.
+const IDLE_READERS: usize = 8;
+
+#[derive(Debug)]
+pub(crate) struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    pub fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            path,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn open(&self) -> Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(storage_error)?;
+        conn.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000; PRAGMA cache_size = -16384;")
+            .map_err(storage_error)?;
+        Ok(conn)
+    }
+
+    /// Runs `read` on an idle connection, on the blocking pool.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        read: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let reused = this.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match reused {
+                Some(conn) => conn,
+                None => this.open()?,
+            };
+            let outcome = read(&conn);
+            let mut idle = this.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            outcome
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("reader task failed: {e}")))?
+    }
+}
+
+pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
+    conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
+        .and_then(|mut stmt| stmt.query_row([Id(id)], decode).optional())
+        .map(|found| found.map(|s| s.task))
+        .map_err(storage_error)
+}
+
+pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
+    if query.limit == 0 || query.limit > MAX_LIST_LIMIT {
+        return Err(Error::invalid(
+            "limit",
+            format!("must be 1 to {MAX_LIST_LIMIT}; got {}", query.limit),
+        ));
+    }
+    let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    let mut bind = |sql: &mut String, clause: &str, value: Value| {
+        args.push(value);
+        sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(cursor) = &query.cursor {
+        bind(&mut sql, " AND seq < ?", Value::Integer(decode_cursor(cursor)?));
+    }
+    if !query.states.is_empty() {
+        let codes: Vec<String> = query.states.iter().map(|s| s.code().to_string()).collect();
+        sql.push_str(&format!(" AND state IN ({})", codes.join(",")));
+    }
+    if let Some(t) = &query.task_type {
+        bind(&mut sql, " AND type = ?", Value::Text(t.clone()));
+    }
+    if let Some(q) = &query.queue {
+        bind(&mut sql, " AND queue = ?", Value::Text(q.clone()));
+    }
+    if let Some(o) = &query.owner {
+        bind(&mut sql, " AND owner = ?", Value::Text(o.clone()));
+    }
+    for (key, value) in &query.labels {
+        args.push(Value::Text(key.clone()));
+        args.push(Value::Text(value.clone()));
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM json_each(tasks.labels) WHERE key = ?{} AND value = ?{})",
+            args.len() - 1,
+            args.len()
+        ));
+    }
+    if let Some(after) = query.created_after {
+        args.push(Value::Integer(after.as_millis()));
+        sql.push_str(&format!(" AND created_at > ?{}", args.len()));
+    }
+    if let Some(before) = query.created_before {
+        args.push(Value::Integer(before.as_millis()));
+        sql.push_str(&format!(" AND created_at < ?{}", args.len()));
+    }
+    // One row more than asked tells whether another page follows.
+    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
+
+    let mut rows = conn
+        .prepare(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(rusqlite::params_from_iter(args), decode)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(storage_error)?;
+    let next_cursor = if rows.len() > query.limit {
+        rows.truncate(query.limit);
+        rows.last().map(|last| encode_cursor(last.seq))
+    } else {
+        None
+    };
+    Ok(TaskPage {
+        tasks: rows.into_iter().map(|s| s.task).collect(),
+        next_cursor,
+    })
+}
+
+pub(crate) fn queue_settings(conn: &Connection) -> Result<Vec<(String, bool, Option<u32>)>> {
+    conn.prepare_cached("SELECT name, paused, concurrency FROM queues ORDER BY name")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(storage_error)
+}

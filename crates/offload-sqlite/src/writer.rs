@@ -1,0 +1,286 @@
+//! The single writer and its group commit.
+//!
+//! One thread owns the only write connection. Callers send it operations
+//! (closures) over a channel; it takes every operation waiting, runs each in
+//! its own savepoint inside one transaction, commits once (one fsync for the
+//! whole group), and only then answers each caller. An operation that fails
+//! rolls back its savepoint alone; a commit that fails answers every caller of
+//! the group with the error. Effects (count changes, events, wake-ups) are
+//! collected during the transaction and published only after the commit, so
+//! nobody ever observes a change that might still roll back.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use offload_core::{Backoff, Clock, Counts, Error, EventKind, Hub, Limits, Result, State, Task, TaskEvent, Timestamp};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::rows::storage_error;
+
+/// Operations committed together at most; bounds the latency of a group.
+const MAX_GROUP: usize = 512;
+
+/// Called with the commit's outcome once the group's transaction ended.
+type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Reply + Send>;
+
+/// Task counts by (queue, type), kept in memory and changed only after a
+/// commit. Stats and the claim pre-check read them without touching SQLite.
+pub(crate) type CountsMap = HashMap<(String, String), Counts>;
+
+/// What the writer shares with the rest of the store.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub clock: Arc<dyn Clock>,
+    pub hub: Hub,
+    pub counts: Mutex<CountsMap>,
+    pub backoff: Backoff,
+    pub limits: Limits,
+}
+
+impl Shared {
+    pub fn counts(&self) -> std::sync::MutexGuard<'_, CountsMap> {
+        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Effects of a group's operations, published after its commit.
+#[derive(Default)]
+pub(crate) struct Effects {
+    deltas: Vec<(String, String, State, i64)>,
+    events: Vec<TaskEvent>,
+    cancels: Vec<Uuid>,
+    ready: bool,
+    scheduled: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Mark {
+    deltas: usize,
+    events: usize,
+    cancels: usize,
+    ready: bool,
+    scheduled: bool,
+}
+
+impl Effects {
+    fn mark(&self) -> Mark {
+        Mark {
+            deltas: self.deltas.len(),
+            events: self.events.len(),
+            cancels: self.cancels.len(),
+            ready: self.ready,
+            scheduled: self.scheduled,
+        }
+    }
+
+    fn reset(&mut self, mark: Mark) {
+        self.deltas.truncate(mark.deltas);
+        self.events.truncate(mark.events);
+        self.cancels.truncate(mark.cancels);
+        self.ready = mark.ready;
+        self.scheduled = mark.scheduled;
+    }
+
+    fn publish(self, shared: &Shared) {
+        if !self.deltas.is_empty() {
+            let mut counts = shared.counts();
+            for (queue, task_type, state, delta) in self.deltas {
+                let entry = counts.entry((queue, task_type)).or_default();
+                let slot = entry.slot(state);
+                *slot = slot.saturating_add_signed(delta);
+            }
+            counts.retain(|_, c| c.total() > 0);
+        }
+        for event in self.events {
+            shared.hub.publish(event);
+        }
+        for id in self.cancels {
+            shared.hub.notify_cancel(id);
+        }
+        if self.scheduled {
+            shared.hub.notify_scheduled();
+        }
+        if self.ready {
+            shared.hub.notify_ready();
+        }
+    }
+}
+
+/// What an operation sees: the open transaction, the time it runs at, and
+/// the effects it accumulates.
+pub(crate) struct WriteCtx<'c> {
+    pub conn: &'c Connection,
+    pub now: Timestamp,
+    pub shared: &'c Shared,
+    effects: &'c mut Effects,
+}
+
+impl WriteCtx<'_> {
+    fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let mark = self.effects.mark();
+        self.exec("SAVEPOINT op")?;
+        let outcome = op(self);
+        if outcome.is_err() {
+            self.exec("ROLLBACK TO op")?;
+            self.effects.reset(mark);
+        }
+        self.exec("RELEASE op")?;
+        outcome
+    }
+
+    fn exec(&self, sql: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute([]))
+            .map(drop)
+            .map_err(storage_error)
+    }
+
+    /// Records that a task of (queue, type) left `from` and entered `to`;
+    /// `None` is outside the store (inserted or deleted).
+    pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
+        if let Some(from) = from {
+            self.effects.deltas.push((queue.to_owned(), task_type.to_owned(), from, -1));
+        }
+        if let Some(to) = to {
+            self.effects.deltas.push((queue.to_owned(), task_type.to_owned(), to, 1));
+        }
+        match to {
+            Some(State::Pending) => self.effects.ready = true,
+            Some(State::Scheduled) => self.effects.scheduled = true,
+            _ => {}
+        }
+        // A running task that ends frees a slot of its queue's concurrency.
+        if from == Some(State::Running) && to != Some(State::Running) {
+            self.effects.ready = true;
+        }
+    }
+
+    pub fn event(&mut self, kind: EventKind, task: &Task) {
+        if self.shared.hub.has_listeners() {
+            self.effects.events.push(TaskEvent {
+                kind,
+                task: Arc::new(task.clone()),
+            });
+        }
+    }
+
+    pub fn cancel_requested(&mut self, id: Uuid) {
+        self.effects.cancels.push(id);
+    }
+
+    /// Wakes waiting workers after commit, e.g. when a queue resumes.
+    pub fn wake_workers(&mut self) {
+        self.effects.ready = true;
+    }
+}
+
+/// The handle through which the store submits operations.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`. `lock` is held until the thread
+    /// ends, so no other process opens the database while this one writes.
+    pub fn start(conn: Connection, lock: std::fs::File, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("offload-sqlite-writer".into())
+            .spawn(move || {
+                run_writer(&conn, &rx, &shared);
+                drop(conn);
+                drop(lock);
+            })?;
+        Ok(Self {
+            jobs: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Runs `op` in the next group and answers once its commit is durable.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: Job = Box::new(move |ctx: &mut WriteCtx<'_>| -> Reply {
+            let outcome = ctx.in_savepoint(op);
+            Box::new(move |committed: Result<()>| {
+                let _ = reply_tx.send(committed.and(outcome));
+            })
+        });
+        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(jobs) => jobs.send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(Error::Unavailable("the store is closed".into()));
+        }
+        reply_rx
+            .await
+            .map_err(|_| Error::Storage("the SQLite writer could not run the operation; see the server log".into()))?
+    }
+
+    /// Lets queued operations finish, then stops the thread and closes the
+    /// database.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the group answers each caller that its operation did
+            // not run; the cause goes to the log.
+            tracing::error!(error = %storage_error(e), "cannot begin a write transaction");
+            drop(group);
+            continue;
+        }
+        let mut effects = Effects::default();
+        let mut replies = Vec::with_capacity(group.len());
+        for job in group {
+            let mut ctx = WriteCtx {
+                conn,
+                now: shared.clock.now(),
+                shared,
+                effects: &mut effects,
+            };
+            replies.push(job(&mut ctx));
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(storage_error);
+        match &committed {
+            Ok(()) => effects.publish(shared),
+            Err(err) => {
+                tracing::error!(error = %err, "group commit failed; its operations are rolled back");
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+        for reply in replies {
+            reply(committed.clone());
+        }
+    }
+}
