@@ -19,13 +19,13 @@ pub use error::{Error, Result};
 pub use hub::{EventKind, Hub, TaskEvent};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
 pub use new_task::{
-    Limits, NewTask, OnConflict, PriorityInput, Schedule, TaskSpec, check_json_size,
-    validate_name, validate_queue_name, validate_worker_id,
+    Limits, NewTask, OnConflict, PriorityInput, Schedule, TaskSpec, check_json_size, validate_name,
+    validate_queue_name, validate_worker_id,
 };
 pub use store::{
     Ack, AckOutcome, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
-    HeartbeatRequest, ListQuery, PromoteReport, ProgressUpdate, QueueInfo, QueuePatch, Retention,
-    Stats, Store, TaskPage, MAX_LIST_LIMIT, decode_cursor, encode_cursor,
+    HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, ProgressUpdate, PromoteReport, QueueInfo,
+    QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor, encode_cursor,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

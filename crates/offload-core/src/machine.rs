@@ -26,7 +26,9 @@ use std::time::Duration;
 use rand::Rng;
 use uuid::Uuid;
 
-use crate::{AttemptError, Error, ErrorKind, Json, Progress, Result, State, Task, TaskError, Timestamp};
+use crate::{
+    AttemptError, Error, ErrorKind, Json, Progress, Result, State, Task, TaskError, Timestamp,
+};
 
 /// Whether SPEC §2 allows a task to go from `from` to `to` in one step.
 pub fn transition_allowed(from: State, to: State) -> bool {
@@ -36,7 +38,10 @@ pub fn transition_allowed(from: State, to: State) -> bool {
         (Blocked, Pending | Scheduled | Cancelled)
             | (Scheduled, Pending | Cancelled)
             | (Pending, Running | Cancelled)
-            | (Running, Scheduled | Pending | Completed | Failed | Cancelled)
+            | (
+                Running,
+                Scheduled | Pending | Completed | Failed | Cancelled
+            )
             | (Failed | Cancelled, Pending)
     )
 }
@@ -100,7 +105,10 @@ impl Task {
     }
 
     fn wrong_state(&self, action: &str) -> Error {
-        Error::Conflict(format!("task {} is {}; cannot {action}", self.id, self.state))
+        Error::Conflict(format!(
+            "task {} is {}; cannot {action}",
+            self.id, self.state
+        ))
     }
 
     /// The state a task takes when it may run at `run_at`.
@@ -191,7 +199,12 @@ impl Task {
 
     /// `running → completed`. Completes even when cancellation was requested:
     /// the work is done.
-    pub fn complete(&mut self, worker_id: &str, result: Option<Json>, now: Timestamp) -> Result<()> {
+    pub fn complete(
+        &mut self,
+        worker_id: &str,
+        result: Option<Json>,
+        now: Timestamp,
+    ) -> Result<()> {
         self.ensure_held(worker_id)?;
         self.result = result;
         self.move_to(State::Completed, now);
@@ -218,7 +231,10 @@ impl Task {
             return Err(self.wrong_state("expire"));
         }
         let message = match kind {
-            ErrorKind::Timeout => format!("attempt ran longer than timeout_secs ({})", self.timeout_secs),
+            ErrorKind::Timeout => format!(
+                "attempt ran longer than timeout_secs ({})",
+                self.timeout_secs
+            ),
             _ => format!(
                 "lease of worker {:?} expired without a heartbeat",
                 self.worker_id.as_deref().unwrap_or("?")
@@ -313,7 +329,12 @@ impl Task {
     }
 
     /// `blocked → cancelled` because a dependency ended without completing.
-    pub fn fail_dependency(&mut self, dependency: Uuid, its_state: State, now: Timestamp) -> Result<()> {
+    pub fn fail_dependency(
+        &mut self,
+        dependency: Uuid,
+        its_state: State,
+        now: Timestamp,
+    ) -> Result<()> {
         if self.state != State::Blocked {
             return Err(self.wrong_state("fail a dependency"));
         }
@@ -398,13 +419,15 @@ mod tests {
         let now = Timestamp::from_millis(1_000_000);
         let mut t = task(State::Pending);
         t.claim("w", Duration::from_secs(30), now).unwrap();
-        t.fail("w", failure(None), &Backoff::default(), now).unwrap();
+        t.fail("w", failure(None), &Backoff::default(), now)
+            .unwrap();
         assert_eq!(t.state, State::Scheduled);
         let delay = now.until(t.run_at).as_millis();
         assert!((1600..=2400).contains(&delay), "delay {delay}");
         t.promote(now).unwrap();
         t.claim("w", Duration::from_secs(30), now).unwrap();
-        t.fail("w", failure(None), &Backoff::default(), now).unwrap();
+        t.fail("w", failure(None), &Backoff::default(), now)
+            .unwrap();
         assert_eq!(t.state, State::Failed);
         assert_eq!(t.errors.len(), 2);
         assert_eq!(t.finished_at, Some(now));
@@ -415,12 +438,14 @@ mod tests {
         let now = Timestamp::from_millis(1_000_000);
         let mut t = task(State::Pending);
         t.claim("w", Duration::from_secs(30), now).unwrap();
-        t.fail("w", failure(Some(false)), &Backoff::default(), now).unwrap();
+        t.fail("w", failure(Some(false)), &Backoff::default(), now)
+            .unwrap();
         assert_eq!(t.state, State::Failed);
         t.manual_retry(now).unwrap();
         assert_eq!((t.state, t.max_attempts), (State::Pending, 2));
         t.claim("w", Duration::from_secs(30), now).unwrap();
-        t.fail("w", failure(None), &Backoff::default(), now).unwrap();
+        t.fail("w", failure(None), &Backoff::default(), now)
+            .unwrap();
         assert_eq!(t.state, State::Failed);
         t.manual_retry(now).unwrap();
         assert_eq!(t.max_attempts, 3);
@@ -431,9 +456,15 @@ mod tests {
         let now = Timestamp::from_millis(0);
         let mut t = task(State::Pending);
         t.claim("a", Duration::from_secs(30), now).unwrap();
-        assert!(matches!(t.complete("b", None, now), Err(Error::Conflict(_))));
+        assert!(matches!(
+            t.complete("b", None, now),
+            Err(Error::Conflict(_))
+        ));
         t.complete("a", None, now).unwrap();
-        assert!(matches!(t.complete("a", None, now), Err(Error::Conflict(_))));
+        assert!(matches!(
+            t.complete("a", None, now),
+            Err(Error::Conflict(_))
+        ));
     }
 
     #[test]
@@ -443,7 +474,8 @@ mod tests {
         t.claim("a", Duration::from_secs(30), now).unwrap();
         assert_eq!(t.cancel(now).unwrap(), CancelEffect::Requested);
         assert_eq!(t.state, State::Running);
-        t.fail("a", failure(None), &Backoff::default(), now).unwrap();
+        t.fail("a", failure(None), &Backoff::default(), now)
+            .unwrap();
         assert_eq!(t.state, State::Cancelled);
         assert_eq!(t.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
         assert!(matches!(t.cancel(now), Err(Error::Conflict(_))));

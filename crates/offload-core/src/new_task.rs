@@ -172,7 +172,9 @@ impl NewTask {
                 _ => {
                     return Err(Error::invalid(
                         field("priority"),
-                        format!("must be 1 to 10 or one of \"low\", \"normal\", \"high\"; got {name:?}"),
+                        format!(
+                            "must be 1 to 10 or one of \"low\", \"normal\", \"high\"; got {name:?}"
+                        ),
                     ));
                 }
             },
@@ -192,7 +194,10 @@ impl NewTask {
                 ));
             }
             (Some(text), None) => Schedule::At(Timestamp::parse(&text).map_err(|e| {
-                Error::invalid(field("run_at"), format!("must be an RFC 3339 timestamp ({e})"))
+                Error::invalid(
+                    field("run_at"),
+                    format!("must be an RFC 3339 timestamp ({e})"),
+                )
             })?),
             (None, Some(secs)) if (0..=MAX_DELAY_SECS).contains(&secs) => {
                 Schedule::After(Duration::from_secs(secs as u64))
@@ -208,16 +213,27 @@ impl NewTask {
 
         let max_attempts = bounded(&field("max_attempts"), self.max_attempts, 1, 1000)?
             .unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        let timeout_secs = bounded(&field("timeout_secs"), self.timeout_secs, 1, MAX_TIMEOUT_SECS)?
-            .unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let timeout_secs = bounded(
+            &field("timeout_secs"),
+            self.timeout_secs,
+            1,
+            MAX_TIMEOUT_SECS,
+        )?
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
 
         if let Some(key) = &self.unique_key
             && (key.is_empty() || key.chars().count() > 256)
         {
-            return Err(Error::invalid(field("unique_key"), "must be 1 to 256 characters"));
+            return Err(Error::invalid(
+                field("unique_key"),
+                "must be 1 to 256 characters",
+            ));
         }
         if self.on_conflict.is_some() && self.unique_key.is_none() {
-            return Err(Error::invalid(field("on_conflict"), "is only allowed with unique_key"));
+            return Err(Error::invalid(
+                field("on_conflict"),
+                "is only allowed with unique_key",
+            ));
         }
 
         let labels = self.labels.unwrap_or_default();
@@ -246,13 +262,20 @@ impl NewTask {
         if raw_deps.len() > limits.max_depends_on {
             return Err(Error::invalid(
                 field("depends_on"),
-                format!("at most {} task ids; got {}", limits.max_depends_on, raw_deps.len()),
+                format!(
+                    "at most {} task ids; got {}",
+                    limits.max_depends_on,
+                    raw_deps.len()
+                ),
             ));
         }
         let mut depends_on = Vec::with_capacity(raw_deps.len());
         for (i, raw) in raw_deps.iter().enumerate() {
             let id = Uuid::parse_str(raw).map_err(|_| {
-                Error::invalid(field(&format!("depends_on[{i}]")), format!("must be a task id; got {raw:?}"))
+                Error::invalid(
+                    field(&format!("depends_on[{i}]")),
+                    format!("must be a task id; got {raw:?}"),
+                )
             })?;
             if !depends_on.contains(&id) {
                 depends_on.push(id);
@@ -262,7 +285,10 @@ impl NewTask {
         if let Some(owner) = &self.owner
             && (owner.is_empty() || owner.chars().count() > 128)
         {
-            return Err(Error::invalid(field("owner"), "must be 1 to 128 characters"));
+            return Err(Error::invalid(
+                field("owner"),
+                "must be 1 to 128 characters",
+            ));
         }
 
         let payload = self.payload.unwrap_or_else(json_null);
@@ -327,17 +353,29 @@ fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option
     match value {
         None => Ok(None),
         Some(v) if (min..=max).contains(&v) => Ok(Some(v as u32)),
-        Some(v) => Err(Error::invalid(field, format!("must be {min} to {max}; got {v}"))),
+        Some(v) => Err(Error::invalid(
+            field,
+            format!("must be {min} to {max}; got {v}"),
+        )),
     }
 }
 
 /// Names of task types: 1–`max` characters of `[A-Za-z0-9_.-]`, plus `:`
 /// where `allow_colon`.
 pub fn validate_name(field: &str, value: &str, max: usize, allow_colon: bool) -> Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || (allow_colon && c == ':');
+    let ok_char = |c: char| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || (allow_colon && c == ':')
+    };
     if value.is_empty() || value.len() > max || !value.chars().all(ok_char) {
-        let set = if allow_colon { "[A-Za-z0-9_.:-]" } else { "[A-Za-z0-9_.-]" };
-        return Err(Error::invalid(field, format!("must be 1 to {max} characters of {set}; got {value:?}")));
+        let set = if allow_colon {
+            "[A-Za-z0-9_.:-]"
+        } else {
+            "[A-Za-z0-9_.-]"
+        };
+        return Err(Error::invalid(
+            field,
+            format!("must be 1 to {max} characters of {set}; got {value:?}"),
+        ));
     }
     Ok(())
 }
@@ -456,8 +494,12 @@ mod tests {
             max_payload_bytes: 10,
             ..Limits::default()
         };
-        let task = NewTask::new("t").payload(&"a string of more than ten bytes").unwrap();
+        let task = NewTask::new("t")
+            .payload(&"a string of more than ten bytes")
+            .unwrap();
         let err = task.validate(&limits, "tasks[2].").unwrap_err();
-        assert!(matches!(err, Error::PayloadTooLarge { ref field, .. } if field == "tasks[2].payload"));
+        assert!(
+            matches!(err, Error::PayloadTooLarge { ref field, .. } if field == "tasks[2].payload")
+        );
     }
 }

@@ -288,7 +288,12 @@ pub fn decode_cursor(cursor: &str) -> Result<i64> {
     cursor
         .strip_prefix('c')
         .and_then(|n| n.parse::<i64>().ok())
-        .ok_or_else(|| Error::invalid("cursor", "must be a next_cursor returned by a previous page"))
+        .ok_or_else(|| {
+            Error::invalid(
+                "cursor",
+                "must be a next_cursor returned by a previous page",
+            )
+        })
 }
 
 pub fn encode_cursor(position: i64) -> String {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use offload_core::{
-    Clock, ClaimRequest, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
+    ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +117,12 @@ impl Engine {
     ///
     /// `stop` ends the wait early (with nothing claimed); it never
     /// interrupts a claim under way, so no claimed task is dropped.
-    pub async fn fetch(&self, request: &ClaimRequest, wait: Duration, stop: &CancellationToken) -> Result<Vec<Task>> {
+    pub async fn fetch(
+        &self,
+        request: &ClaimRequest,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Task>> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = self.store.hub().watch_ready();
         loop {
@@ -157,9 +162,9 @@ async fn promoter(engine: Arc<Engine>) {
         let pause = match engine.store.promote_due().await {
             // More may be due than one pass takes.
             Ok(report) if report.promoted > 0 => Duration::ZERO,
-            Ok(report) => report
-                .next_due
-                .map_or(PROMOTER_IDLE, |due| engine.config.clock.now().until(due).min(PROMOTER_IDLE)),
+            Ok(report) => report.next_due.map_or(PROMOTER_IDLE, |due| {
+                engine.config.clock.now().until(due).min(PROMOTER_IDLE)
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "promoting due tasks failed");
                 DUTY_ERROR_PAUSE
@@ -178,20 +183,32 @@ async fn promoter(engine: Arc<Engine>) {
 }
 
 async fn recoverer(engine: Arc<Engine>) {
-    every(&engine, engine.config.recovery_interval, "recovering expired tasks", |e| async move {
-        let n = e.store.recover_expired().await?;
-        if n > 0 {
-            tracing::info!(tasks = n, "failed attempts whose lease or timeout ran out");
-        }
-        Ok(n)
-    })
+    every(
+        &engine,
+        engine.config.recovery_interval,
+        "recovering expired tasks",
+        |e| async move {
+            let n = e.store.recover_expired().await?;
+            if n > 0 {
+                tracing::info!(tasks = n, "failed attempts whose lease or timeout ran out");
+            }
+            Ok(n)
+        },
+    )
     .await;
 }
 
 async fn purger(engine: Arc<Engine>) {
-    every(&engine, engine.config.purge_interval, "deleting finished tasks", |e| async move {
-        e.store.purge_finished(&e.config.retention, e.config.purge_batch).await
-    })
+    every(
+        &engine,
+        engine.config.purge_interval,
+        "deleting finished tasks",
+        |e| async move {
+            e.store
+                .purge_finished(&e.config.retention, e.config.purge_batch)
+                .await
+        },
+    )
     .await;
 }
 

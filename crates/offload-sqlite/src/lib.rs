@@ -91,7 +91,10 @@ impl SqliteStore {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(storage_error)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Storage(format!("{} cannot use WAL mode (got {mode})", path.display())));
+            return Err(Error::Storage(format!(
+                "{} cannot use WAL mode (got {mode})",
+                path.display()
+            )));
         }
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000; \
@@ -142,11 +145,14 @@ impl SqliteStore {
     /// Whether a claim could find anything, by the in-memory counts. Saves a
     /// trip through the writer for every idle poll.
     fn may_have_ready(&self, req: &ClaimRequest) -> bool {
-        self.shared.counts().iter().any(|((queue, task_type), counts)| {
-            counts.pending > 0
-                && (req.queues.is_empty() || req.queues.contains(queue))
-                && (req.types.is_empty() || req.types.contains(task_type))
-        })
+        self.shared
+            .counts()
+            .iter()
+            .any(|((queue, task_type), counts)| {
+                counts.pending > 0
+                    && (req.queues.is_empty() || req.queues.contains(queue))
+                    && (req.types.is_empty() || req.types.contains(task_type))
+            })
     }
 }
 
@@ -180,8 +186,10 @@ fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}\nPRAGMA user_version = {version}; COMMIT;"))
-            .map_err(|e| Error::Storage(format!("migration {version} failed: {e}")))?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}\nPRAGMA user_version = {version}; COMMIT;"
+        ))
+        .map_err(|e| Error::Storage(format!("migration {version} failed: {e}")))?;
     }
     Ok(())
 }
@@ -192,11 +200,19 @@ fn load_counts(conn: &Connection) -> Result<CountsMap> {
         .prepare("SELECT queue, type, state, COUNT(*) FROM tasks GROUP BY queue, type, state")
         .map_err(storage_error)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
         .map_err(storage_error)?;
     for row in rows {
         let (queue, task_type, code, n) = row.map_err(storage_error)?;
-        let state = State::from_code(code).ok_or_else(|| Error::Storage(format!("unknown state code {code}")))?;
+        let state = State::from_code(code)
+            .ok_or_else(|| Error::Storage(format!("unknown state code {code}")))?;
         *counts.entry((queue, task_type)).or_default().slot(state) += n as u64;
     }
     Ok(counts)
@@ -207,7 +223,10 @@ impl Store for SqliteStore {
     async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
         let max = self.shared.limits.max_batch;
         if tasks.len() > max {
-            return Err(Error::invalid("tasks", format!("at most {max} tasks per batch; got {}", tasks.len())));
+            return Err(Error::invalid(
+                "tasks",
+                format!("at most {max} tasks per batch; got {}", tasks.len()),
+            ));
         }
         if tasks.is_empty() {
             return Ok(Vec::new());
@@ -236,7 +255,10 @@ impl Store for SqliteStore {
         validate_worker_id(worker_id)?;
         let max = self.shared.limits.max_batch;
         if acks.len() > max {
-            return Err(Error::invalid("acks", format!("at most {max} per call; got {}", acks.len())));
+            return Err(Error::invalid(
+                "acks",
+                format!("at most {max} per call; got {}", acks.len()),
+            ));
         }
         let worker_id = worker_id.to_owned();
         self.writer.run(move |ctx| ctx.ack(&worker_id, acks)).await
@@ -264,7 +286,11 @@ impl Store for SqliteStore {
         for ((queue, task_type), counts) in self.shared.counts().iter() {
             stats.total.add(counts);
             stats.queues.entry(queue.clone()).or_default().add(counts);
-            stats.types.entry(task_type.clone()).or_default().add(counts);
+            stats
+                .types
+                .entry(task_type.clone())
+                .or_default()
+                .add(counts);
         }
         Ok(stats)
     }
@@ -275,12 +301,17 @@ impl Store for SqliteStore {
 
     async fn clear(&self, request: &ClearRequest) -> Result<u64> {
         if request.states.is_empty() {
-            return Err(Error::invalid("state", "name at least one of completed, failed, cancelled"));
+            return Err(Error::invalid(
+                "state",
+                "name at least one of completed, failed, cancelled",
+            ));
         }
         if let Some(active) = request.states.iter().find(|s| s.is_active()) {
             return Err(Error::invalid(
                 "state",
-                format!("only finished states (completed, failed, cancelled) can be cleared; got {active}"),
+                format!(
+                    "only finished states (completed, failed, cancelled) can be cleared; got {active}"
+                ),
             ));
         }
         // Batches of their own transactions, so a large clear never holds
@@ -288,7 +319,10 @@ impl Store for SqliteStore {
         let mut total = 0;
         loop {
             let request = request.clone();
-            let deleted = self.writer.run(move |ctx| ctx.clear(&request, CLEAR_BATCH)).await?;
+            let deleted = self
+                .writer
+                .run(move |ctx| ctx.clear(&request, CLEAR_BATCH))
+                .await?;
             total += deleted;
             if deleted == 0 {
                 return Ok(total);
@@ -316,7 +350,10 @@ impl Store for SqliteStore {
     async fn update_queue(&self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
         validate_queue_name("name", name)?;
         let owned = name.to_owned();
-        let mut info = self.writer.run(move |ctx| ctx.update_queue(&owned, patch)).await?;
+        let mut info = self
+            .writer
+            .run(move |ctx| ctx.update_queue(&owned, patch))
+            .await?;
         for ((queue, _), c) in self.shared.counts().iter() {
             if queue == name {
                 info.counts.add(c);
@@ -335,7 +372,9 @@ impl Store for SqliteStore {
 
     async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64> {
         let retention = retention.clone();
-        self.writer.run(move |ctx| ctx.purge_finished(&retention, batch)).await
+        self.writer
+            .run(move |ctx| ctx.purge_finished(&retention, batch))
+            .await
     }
 
     fn hub(&self) -> &Hub {

@@ -2,13 +2,13 @@
 //! the current group's transaction, reads the rows it needs, applies the
 //! state machine of `offload-core` and writes back what changed.
 
-use std::collections::HashSet;
 use offload_core::{
     Ack, AckOutcome, AttemptFailure, CancelEffect, ClaimRequest, ClearRequest, Error, ErrorKind,
     EventKind, FailureKind, HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch,
     Result, Retention, State, Task, TaskSpec, check_json_size,
 };
 use rusqlite::{OptionalExtension, params};
+use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::rows::{Id, StoredTask, TASK_COLUMNS, decode, json_text, opt_json_text, storage_error};
@@ -41,8 +41,11 @@ impl WriteCtx<'_> {
     }
 
     fn load(&self, id: Uuid) -> Result<StoredTask> {
-        self.load_one(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"), [Id(id)])?
-            .ok_or_else(|| Error::task_not_found(id))
+        self.load_one(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"),
+            [Id(id)],
+        )?
+        .ok_or_else(|| Error::task_not_found(id))
     }
 
     /// Writes back every column the state machine may change.
@@ -51,7 +54,11 @@ impl WriteCtx<'_> {
         let run = || -> Result<usize> {
             let progress = opt_json_text(t.progress.as_ref())?;
             let error = opt_json_text(t.error.as_ref())?;
-            let errors = if t.errors.is_empty() { None } else { Some(json_text(&t.errors)?) };
+            let errors = if t.errors.is_empty() {
+                None
+            } else {
+                Some(json_text(&t.errors)?)
+            };
             self.conn
                 .prepare_cached(
                     "UPDATE tasks SET state = ?1, attempt = ?2, max_attempts = ?3, run_at = ?4, \
@@ -118,7 +125,9 @@ impl WriteCtx<'_> {
                     }
                     dependent.task.unblock(self.now)?;
                 } else {
-                    dependent.task.fail_dependency(dep_id, dep_state, self.now)?;
+                    dependent
+                        .task
+                        .fail_dependency(dep_id, dep_state, self.now)?;
                 }
                 self.save_one(&dependent, State::Blocked, &mut finished)?;
             }
@@ -126,11 +135,21 @@ impl WriteCtx<'_> {
         Ok(())
     }
 
-    fn save_one(&mut self, stored: &StoredTask, before: State, finished: &mut Vec<(Uuid, State)>) -> Result<()> {
+    fn save_one(
+        &mut self,
+        stored: &StoredTask,
+        before: State,
+        finished: &mut Vec<(Uuid, State)>,
+    ) -> Result<()> {
         self.write_row(stored)?;
         let after = stored.task.state;
         if before != after {
-            self.count(&stored.task.queue, &stored.task.task_type, Some(before), Some(after));
+            self.count(
+                &stored.task.queue,
+                &stored.task.task_type,
+                Some(before),
+                Some(after),
+            );
             if before == State::Blocked {
                 self.conn
                     .prepare_cached("DELETE FROM task_deps WHERE task_seq = ?1")
@@ -165,14 +184,7 @@ impl WriteCtx<'_> {
                 self.ensure_queue(&spec.queue)?;
             }
             if let Some(key) = &spec.unique_key {
-                let holder = self.load_one(
-                    &format!(
-                        "SELECT {TASK_COLUMNS} FROM tasks WHERE queue = ?1 AND unique_key = ?2 \
-                         AND state <= 3 AND cancel_requested = 0"
-                    ),
-                    params![spec.queue, key],
-                )?;
-                if let Some(mut holder) = holder {
+                if let Some(mut holder) = self.unique_key_holder(&spec.queue, key)? {
                     match spec.on_conflict {
                         offload_core::OnConflict::Keep => {
                             answers.push((holder.task, false));
@@ -191,6 +203,17 @@ impl WriteCtx<'_> {
             answers.push((self.insert(spec)?, true));
         }
         Ok(answers)
+    }
+
+    /// The active task holding (queue, unique_key), per SPEC §1.2.
+    fn unique_key_holder(&self, queue: &str, key: &str) -> Result<Option<StoredTask>> {
+        self.load_one(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE queue = ?1 AND unique_key = ?2 \
+                 AND state <= 3 AND cancel_requested = 0"
+            ),
+            params![queue, key],
+        )
     }
 
     fn ensure_queue(&self, name: &str) -> Result<()> {
@@ -252,8 +275,16 @@ impl WriteCtx<'_> {
             lease_expires_at: None,
             worker_id: None,
         };
-        let labels = if task.labels.is_empty() { None } else { Some(json_text(&task.labels)?) };
-        let depends_on = if task.depends_on.is_empty() { None } else { Some(json_text(&task.depends_on)?) };
+        let labels = if task.labels.is_empty() {
+            None
+        } else {
+            Some(json_text(&task.labels)?)
+        };
+        let depends_on = if task.depends_on.is_empty() {
+            None
+        } else {
+            Some(json_text(&task.depends_on)?)
+        };
         self.conn
             .prepare_cached(
                 "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
@@ -283,7 +314,9 @@ impl WriteCtx<'_> {
         let seq = self.conn.last_insert_rowid();
         for dep in &unmet {
             self.conn
-                .prepare_cached("INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)")
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
+                )
                 .and_then(|mut stmt| stmt.execute(params![Id(*dep), seq]))
                 .map_err(storage_error)?;
         }
@@ -328,7 +361,9 @@ impl WriteCtx<'_> {
                         .prepare_cached("SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1")
                         .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
                         .map_err(storage_error)?;
-                    usize::try_from(limit.saturating_sub(running)).unwrap_or(0).min(req.limit)
+                    usize::try_from(limit.saturating_sub(running))
+                        .unwrap_or(0)
+                        .min(req.limit)
                 }
             };
             if room == 0 {
@@ -392,7 +427,10 @@ impl WriteCtx<'_> {
                 if let Some(percent) = p.percent
                     && !(0.0..=100.0).contains(&percent)
                 {
-                    return Err(Error::invalid("progress.percent", format!("must be 0 to 100; got {percent}")));
+                    return Err(Error::invalid(
+                        "progress.percent",
+                        format!("must be 0 to 100; got {percent}"),
+                    ));
                 }
                 if let Some(data) = &p.data {
                     check_json_size("progress.data", data, self.shared.limits.max_payload_bytes)?;
@@ -401,7 +439,9 @@ impl WriteCtx<'_> {
             }
         };
         let reported = progress.is_some();
-        stored.task.heartbeat(&req.worker_id, req.lease, progress, self.now)?;
+        stored
+            .task
+            .heartbeat(&req.worker_id, req.lease, progress, self.now)?;
         self.write_row(&stored)?;
         if reported {
             self.event(EventKind::Progress, &stored.task);
@@ -418,8 +458,9 @@ impl WriteCtx<'_> {
             outcomes.push(self.ack_one(worker_id, ack));
         }
         // A storage fault inside one ack poisons the transaction for all.
-        if let Some(Err(e @ (Error::Storage(_) | Error::Unavailable(_)))) =
-            outcomes.iter().find(|o| matches!(o, Err(Error::Storage(_) | Error::Unavailable(_))))
+        if let Some(Err(e @ (Error::Storage(_) | Error::Unavailable(_)))) = outcomes
+            .iter()
+            .find(|o| matches!(o, Err(Error::Storage(_) | Error::Unavailable(_))))
         {
             return Err(e.clone());
         }
@@ -447,7 +488,9 @@ impl WriteCtx<'_> {
                     retry: failure.retry,
                     retry_in: failure.retry_in,
                 };
-                stored.task.fail(worker_id, failure, &self.shared.backoff, self.now)?;
+                stored
+                    .task
+                    .fail(worker_id, failure, &self.shared.backoff, self.now)?;
             }
         }
         self.save(&stored, before)?;
@@ -470,6 +513,15 @@ impl WriteCtx<'_> {
         let mut stored = self.load(id)?;
         let before = stored.task.state;
         stored.task.manual_retry(self.now)?;
+        // Back in an active state the task would hold its key again.
+        if let Some(key) = &stored.task.unique_key
+            && let Some(holder) = self.unique_key_holder(&stored.task.queue, key)?
+        {
+            return Err(Error::Conflict(format!(
+                "task {} in queue {:?} already holds unique_key {key:?}; retry is refused while it is active",
+                holder.task.id, stored.task.queue
+            )));
+        }
         self.save(&stored, before)?;
         Ok(stored.task)
     }
@@ -486,7 +538,12 @@ impl WriteCtx<'_> {
             .prepare_cached("DELETE FROM tasks WHERE seq = ?1")
             .and_then(|mut stmt| stmt.execute([stored.seq]))
             .map_err(storage_error)?;
-        self.count(&stored.task.queue, &stored.task.task_type, Some(stored.task.state), None);
+        self.count(
+            &stored.task.queue,
+            &stored.task.task_type,
+            Some(stored.task.state),
+            None,
+        );
         Ok(())
     }
 
@@ -503,7 +560,9 @@ impl WriteCtx<'_> {
                 )
                 .map_err(storage_error)?;
             let rows = stmt
-                .query_map(params![state.code(), finished_by, batch as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_map(params![state.code(), finished_by, batch as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .map_err(storage_error)?;
             rows.collect::<Sql<_>>().map_err(storage_error)?
         };
@@ -514,9 +573,9 @@ impl WriteCtx<'_> {
     }
 
     pub fn clear(&mut self, req: &ClearRequest, batch: usize) -> Result<u64> {
-        let cutoff = req
-            .older_than
-            .map_or(self.now.as_millis(), |d| self.now.saturating_sub(d).as_millis());
+        let cutoff = req.older_than.map_or(self.now.as_millis(), |d| {
+            self.now.saturating_sub(d).as_millis()
+        });
         let mut total = 0;
         for state in &req.states {
             total += self.delete_finished(*state, cutoff, batch)?;
@@ -581,9 +640,14 @@ impl WriteCtx<'_> {
     pub fn recover_expired(&mut self) -> Result<u64> {
         let now = self.now.as_millis();
         let mut recovered = 0;
-        for (column, kind) in [("lease_expires_at", ErrorKind::LeaseExpired), ("deadline_at", ErrorKind::Timeout)] {
+        for (column, kind) in [
+            ("lease_expires_at", ErrorKind::LeaseExpired),
+            ("deadline_at", ErrorKind::Timeout),
+        ] {
             let expired = self.load_many(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE state = 3 AND {column} <= ?1 LIMIT ?2"),
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 3 AND {column} <= ?1 LIMIT ?2"
+                ),
                 params![now, DUTY_BATCH as i64],
             )?;
             for mut stored in expired {
@@ -598,7 +662,9 @@ impl WriteCtx<'_> {
     pub fn purge_finished(&mut self, retention: &Retention, batch: usize) -> Result<u64> {
         let mut purged = 0;
         for state in State::FINISHED {
-            let Some(keep) = retention.for_state(state) else { continue };
+            let Some(keep) = retention.for_state(state) else {
+                continue;
+            };
             let cutoff = self.now.saturating_sub(keep).as_millis();
             purged += self.delete_finished(state, cutoff, batch)?;
         }

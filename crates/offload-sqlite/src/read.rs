@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use offload_core::{Error, ListQuery, MAX_LIST_LIMIT, Result, Task, TaskPage, decode_cursor, encode_cursor};
+use offload_core::{
+    Error, ListQuery, MAX_LIST_LIMIT, Result, Task, TaskPage, decode_cursor, encode_cursor,
+};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
@@ -34,8 +36,10 @@ impl Readers {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(storage_error)?;
-        conn.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000; PRAGMA cache_size = -16384;")
-            .map_err(storage_error)?;
+        conn.execute_batch(
+            "PRAGMA query_only = ON; PRAGMA busy_timeout = 5000; PRAGMA cache_size = -16384;",
+        )
+        .map_err(storage_error)?;
         Ok(conn)
     }
 
@@ -84,7 +88,11 @@ pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
         sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
     };
     if let Some(cursor) = &query.cursor {
-        bind(&mut sql, " AND seq < ?", Value::Integer(decode_cursor(cursor)?));
+        bind(
+            &mut sql,
+            " AND seq < ?",
+            Value::Integer(decode_cursor(cursor)?),
+        );
     }
     if !query.states.is_empty() {
         let codes: Vec<String> = query.states.iter().map(|s| s.code().to_string()).collect();

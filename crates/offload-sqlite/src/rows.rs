@@ -67,7 +67,9 @@ fn ts(row: &Row<'_>, index: usize) -> rusqlite::Result<Timestamp> {
 }
 
 fn opt_ts(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Timestamp>> {
-    Ok(row.get::<_, Option<i64>>(index)?.map(Timestamp::from_millis))
+    Ok(row
+        .get::<_, Option<i64>>(index)?
+        .map(Timestamp::from_millis))
 }
 
 fn raw_json(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Json>> {

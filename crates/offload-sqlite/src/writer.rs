@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use offload_core::{Backoff, Clock, Counts, Error, EventKind, Hub, Limits, Result, State, Task, TaskEvent, Timestamp};
+use offload_core::{
+    Backoff, Clock, Counts, Error, EventKind, Hub, Limits, Result, State, Task, TaskEvent,
+    Timestamp,
+};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -43,7 +46,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn counts(&self) -> std::sync::MutexGuard<'_, CountsMap> {
-        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -144,10 +149,14 @@ impl WriteCtx<'_> {
     /// `None` is outside the store (inserted or deleted).
     pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
         if let Some(from) = from {
-            self.effects.deltas.push((queue.to_owned(), task_type.to_owned(), from, -1));
+            self.effects
+                .deltas
+                .push((queue.to_owned(), task_type.to_owned(), from, -1));
         }
         if let Some(to) = to {
-            self.effects.deltas.push((queue.to_owned(), task_type.to_owned(), to, 1));
+            self.effects
+                .deltas
+                .push((queue.to_owned(), task_type.to_owned(), to, 1));
         }
         match to {
             Some(State::Pending) => self.effects.ready = true,
@@ -189,7 +198,11 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the writer thread on `conn`. `lock` is held until the thread
     /// ends, so no other process opens the database while this one writes.
-    pub fn start(conn: Connection, lock: std::fs::File, shared: Arc<Shared>) -> std::io::Result<Self> {
+    pub fn start(
+        conn: Connection,
+        lock: std::fs::File,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
@@ -223,9 +236,11 @@ impl Writer {
         if !sent {
             return Err(Error::Unavailable("the store is closed".into()));
         }
-        reply_rx
-            .await
-            .map_err(|_| Error::Storage("the SQLite writer could not run the operation; see the server log".into()))?
+        reply_rx.await.map_err(|_| {
+            Error::Storage(
+                "the SQLite writer could not run the operation; see the server log".into(),
+            )
+        })?
     }
 
     /// Lets queued operations finish, then stops the thread and closes the

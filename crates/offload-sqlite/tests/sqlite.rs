@@ -1,1 +1,267 @@
+//! The SQLite store against the conformance suite and property test, plus
+//! what only this backend can show: reopening, the process lock, durability
+//! settings, and a crash test that `kill -9`s a real process mid-write.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use offload_core::{Ack, ClaimRequest, Error, Limits, ManualClock, NewTask, State, Store};
+use offload_sqlite::{Durability, SqliteOptions, SqliteStore};
+use offload_storetest::StoreFactory;
+use uuid::Uuid;
+
+/// Fresh databases in one temporary directory.
+struct TempStores {
+    dir: tempfile::TempDir,
+    next: AtomicUsize,
+}
+
+impl TempStores {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreFactory for TempStores {
+    async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn Store> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("store-{n}.db"));
+        // Relaxed: the suite checks rules, not fsync; durability has its own tests.
+        let options = SqliteOptions {
+            durability: Durability::Relaxed,
+            clock,
+            ..SqliteOptions::default()
+        };
+        Arc::new(SqliteStore::open(path, options).expect("open store"))
+    }
+}
+
+offload_storetest::conformance_tests!(crate::TempStores::new());
+
+#[test]
+fn property_invariants_hold() {
+    let cases = std::env::var("OFFLOAD_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
+    offload_storetest::property::check_invariants(Arc::new(TempStores::new()), cases);
+}
+
+#[tokio::test]
+async fn reopening_keeps_tasks_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let id = {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+        let task = store.enqueue(vec![spec.clone(), spec]).await.unwrap()[0]
+            .0
+            .clone();
+        store
+            .claim(&ClaimRequest {
+                worker_id: "w".into(),
+                types: vec![],
+                queues: vec![],
+                limit: 1,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .unwrap();
+        task.id
+    };
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(store.get(id).await.unwrap().unwrap().id, id);
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.total.running, stats.total.pending), (1, 1));
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_open_the_same_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let first = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let second = SqliteStore::open(&path, SqliteOptions::default());
+    assert!(
+        matches!(second, Err(Error::Unavailable(ref m)) if m.contains("in use")),
+        "{second:?}"
+    );
+    first.close();
+    drop(first);
+    SqliteStore::open(&path, SqliteOptions::default()).expect("the lock is released on close");
+}
+
+#[tokio::test]
+async fn durable_mode_fsyncs_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let durable = SqliteStore::open(dir.path().join("a.db"), SqliteOptions::default()).unwrap();
+    assert_eq!(
+        durable.synchronous_mode().await.unwrap(),
+        2,
+        "synchronous = FULL"
+    );
+    let relaxed = SqliteStore::open(
+        dir.path().join("b.db"),
+        SqliteOptions {
+            durability: Durability::Relaxed,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        relaxed.synchronous_mode().await.unwrap(),
+        1,
+        "synchronous = NORMAL"
+    );
+}
+
+// ---- crash test -------------------------------------------------------------
+
+const CHILD_ENV: &str = "OFFLOAD_CRASH_CHILD_DB";
+
+/// The parent half: runs this same test binary as a child that writes as
+/// fast as it can and prints each write it got acknowledged, kills it with
+/// SIGKILL mid-stream, reopens the database and finds every acknowledged
+/// write. The child half runs when `OFFLOAD_CRASH_CHILD_DB` is set.
+#[test]
+fn crash_keeps_every_acknowledged_write() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        crash_child(&path);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_keeps_every_acknowledged_write",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().unwrap();
+    let mut enqueued = Vec::new();
+    let mut completed = Vec::new();
+    let started = Instant::now();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(id) = line.strip_prefix("enqueued ") {
+            enqueued.push(Uuid::parse_str(id).unwrap());
+        } else if let Some(id) = line.strip_prefix("completed ") {
+            completed.push(Uuid::parse_str(id).unwrap());
+        }
+        // Kill in the middle of the stream, once there is plenty to check.
+        if completed.len() >= 300 || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    // SIGKILL: no destructor, no flush, no clean close.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        completed.len() >= 300,
+        "the child made too little progress: {} completions",
+        completed.len()
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store =
+            SqliteStore::open(&path, SqliteOptions::default()).expect("reopen after the crash");
+        for id in &enqueued {
+            assert!(
+                store.get(*id).await.unwrap().is_some(),
+                "acknowledged enqueue {id} was lost"
+            );
+        }
+        for id in &completed {
+            let task = store.get(*id).await.unwrap().unwrap();
+            assert_eq!(
+                task.state,
+                State::Completed,
+                "acknowledged completion of {id} was lost"
+            );
+        }
+        let stats = store.stats().await.unwrap();
+        assert!(stats.total.total() >= enqueued.len() as u64);
+    });
+    eprintln!(
+        "crash test: {} enqueues and {} completions survived kill -9",
+        enqueued.len(),
+        completed.len()
+    );
+}
+
+fn crash_child(path: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Arc::new(SqliteStore::open(path, SqliteOptions::default()).unwrap());
+        let (lines, mut printer) = tokio::sync::mpsc::unbounded_channel::<String>();
+        // Several producers and consumers at once, so commits are grouped.
+        for _ in 0..4 {
+            let store = Arc::clone(&store);
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                loop {
+                    let spec = NewTask::new("crash")
+                        .validate(&Limits::default(), "")
+                        .unwrap();
+                    let answers = store.enqueue(vec![spec]).await.unwrap();
+                    let _ = lines.send(format!("enqueued {}", answers[0].0.id));
+                }
+            });
+        }
+        for w in 0..4 {
+            let store = Arc::clone(&store);
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let worker_id = format!("w{w}");
+                loop {
+                    let claimed = store
+                        .claim(&ClaimRequest {
+                            worker_id: worker_id.clone(),
+                            types: vec![],
+                            queues: vec![],
+                            limit: 8,
+                            lease: Duration::from_secs(60),
+                        })
+                        .await
+                        .unwrap();
+                    if claimed.is_empty() {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    let acks = claimed
+                        .iter()
+                        .map(|t| Ack::Complete {
+                            id: t.id,
+                            result: None,
+                        })
+                        .collect();
+                    let outcomes = store.ack(&worker_id, acks).await.unwrap();
+                    for outcome in outcomes {
+                        let _ = lines.send(format!("completed {}", outcome.unwrap().id));
+                    }
+                }
+            });
+        }
+        drop(lines);
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        while let Some(line) = printer.recv().await {
+            // Printed only after the store answered, i.e. after the commit.
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    });
+}

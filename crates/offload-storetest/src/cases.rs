@@ -1,0 +1,1160 @@
+//! The conformance cases. Each opens a fresh store and checks one rule.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use offload_core::{
+    Ack, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
+    HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, ProgressUpdate,
+    QueuePatch, Retention, State, Store, Task, Timestamp,
+};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::{EPOCH, StoreFactory};
+
+// ---- helpers -------------------------------------------------------------
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    clock: Arc<ManualClock>,
+}
+
+async fn fixture(factory: &dyn StoreFactory) -> Fixture {
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let store = factory.open(Arc::clone(&clock)).await;
+    Fixture { store, clock }
+}
+
+impl Fixture {
+    fn now(&self) -> Timestamp {
+        offload_core::Clock::now(&*self.clock)
+    }
+
+    fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+
+    async fn try_enqueue(&self, task: NewTask) -> Result<(Task, bool), Error> {
+        let spec = task.validate(&Limits::default(), "")?;
+        let mut answers = self.store.enqueue(vec![spec]).await?;
+        Ok(answers.pop().expect("one answer per task"))
+    }
+
+    async fn enqueue(&self, task: NewTask) -> Task {
+        self.try_enqueue(task).await.expect("enqueue").0
+    }
+
+    async fn claim_from(
+        &self,
+        worker: &str,
+        limit: usize,
+        types: &[&str],
+        queues: &[&str],
+    ) -> Vec<Task> {
+        self.store
+            .claim(&ClaimRequest {
+                worker_id: worker.into(),
+                types: types.iter().map(|s| s.to_string()).collect(),
+                queues: queues.iter().map(|s| s.to_string()).collect(),
+                limit,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .expect("claim")
+    }
+
+    async fn claim(&self, worker: &str, limit: usize) -> Vec<Task> {
+        self.claim_from(worker, limit, &[], &[]).await
+    }
+
+    async fn claim_one(&self, worker: &str) -> Task {
+        let mut claimed = self.claim(worker, 1).await;
+        assert_eq!(claimed.len(), 1, "expected one claimable task");
+        claimed.remove(0)
+    }
+
+    async fn ack_one(&self, worker: &str, ack: Ack) -> Result<Task, Error> {
+        let mut outcomes = self.store.ack(worker, vec![ack]).await.expect("ack call");
+        outcomes.remove(0)
+    }
+
+    async fn complete(&self, worker: &str, id: Uuid, result: Option<&str>) -> Result<Task, Error> {
+        let result = result.map(|r| RawValue::from_string(r.to_owned()).expect("valid JSON"));
+        self.ack_one(worker, Ack::Complete { id, result }).await
+    }
+
+    async fn fail(
+        &self,
+        worker: &str,
+        id: Uuid,
+        retry: Option<bool>,
+        retry_in: Option<u64>,
+    ) -> Result<Task, Error> {
+        let failure = Failure {
+            message: "it broke".into(),
+            kind: FailureKind::Error,
+            retry,
+            retry_in: retry_in.map(Duration::from_secs),
+        };
+        self.ack_one(worker, Ack::Fail { id, failure }).await
+    }
+
+    async fn get(&self, id: Uuid) -> Task {
+        self.store.get(id).await.expect("get").expect("task exists")
+    }
+
+    async fn state(&self, id: Uuid) -> State {
+        self.get(id).await.state
+    }
+}
+
+fn assert_conflict<T: std::fmt::Debug>(outcome: Result<T, Error>) {
+    assert!(
+        matches!(outcome, Err(Error::Conflict(_))),
+        "expected a conflict, got {outcome:?}"
+    );
+}
+
+fn assert_invalid<T: std::fmt::Debug>(outcome: Result<T, Error>, expected_field: &str) {
+    match outcome {
+        Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, expected_field),
+        other => panic!("expected invalid_argument on {expected_field}, got {other:?}"),
+    }
+}
+
+fn ids(tasks: &[Task]) -> Vec<Uuid> {
+    tasks.iter().map(|t| t.id).collect()
+}
+
+// ---- enqueue ---------------------------------------------------------------
+
+pub async fn enqueue_applies_defaults(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let (task, created) = f
+        .try_enqueue(
+            NewTask::new("email.send")
+                .payload(&serde_json::json!({"to": "a@b.c"}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(task.id.get_version_num(), 7, "ids are UUIDv7");
+    assert_eq!(task.task_type, "email.send");
+    assert_eq!(task.queue, "default");
+    assert_eq!(task.priority, 5);
+    assert_eq!(task.state, State::Pending);
+    assert_eq!(
+        (task.attempt, task.max_attempts, task.timeout_secs),
+        (0, 4, 1800)
+    );
+    assert_eq!(task.run_at, f.now());
+    assert_eq!((task.created_at, task.updated_at), (f.now(), f.now()));
+    assert!(task.started_at.is_none() && task.finished_at.is_none() && task.worker_id.is_none());
+    let stored = f.get(task.id).await;
+    assert_eq!(
+        serde_json::to_value(&stored).unwrap(),
+        serde_json::to_value(&task).unwrap()
+    );
+    assert_eq!(stored.payload.get(), r#"{"to":"a@b.c"}"#);
+}
+
+pub async fn enqueue_batch_is_all_or_nothing(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let limits = Limits::default();
+    let good = NewTask::new("a").validate(&limits, "tasks[0].").unwrap();
+    let bad = NewTask::new("b")
+        .depends_on(Uuid::now_v7())
+        .validate(&limits, "tasks[1].")
+        .unwrap();
+    let outcome = f.store.enqueue(vec![good.clone(), bad]).await;
+    assert_invalid(outcome, "tasks[1].depends_on[0]");
+    assert_eq!(
+        f.store.stats().await.unwrap().total.total(),
+        0,
+        "nothing of the batch stays"
+    );
+    let page = f
+        .store
+        .list(&ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(page.tasks.is_empty());
+    let answers = f.store.enqueue(vec![good.clone(), good]).await.unwrap();
+    assert_eq!(answers.len(), 2);
+    assert_ne!(answers[0].0.id, answers[1].0.id);
+}
+
+// ---- claiming --------------------------------------------------------------
+
+pub async fn claim_orders_by_priority_then_run_at(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let a = f.enqueue(NewTask::new("t").priority(5)).await;
+    f.advance(1);
+    let b = f.enqueue(NewTask::new("t").priority(8)).await;
+    f.advance(1);
+    let c = f.enqueue(NewTask::new("t").priority(5)).await;
+    // Same priority but an earlier run_at than `a`: runs before it.
+    let d = f
+        .enqueue(NewTask {
+            run_at: Some(EPOCH.saturating_sub(Duration::from_secs(60)).to_string()),
+            ..NewTask::new("t").priority(5)
+        })
+        .await;
+    let e = f.enqueue(NewTask::new("t").priority(1)).await;
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        order.push(f.claim_one("w").await.id);
+    }
+    assert_eq!(order, vec![b.id, d.id, a.id, c.id, e.id]);
+    // A batch claim returns the same order.
+    let f = fixture(factory).await;
+    let low = f.enqueue(NewTask::new("t").priority(2)).await;
+    let high = f.enqueue(NewTask::new("t").priority(9)).await;
+    let mid = f.enqueue(NewTask::new("t")).await;
+    assert_eq!(ids(&f.claim("w", 10).await), vec![high.id, mid.id, low.id]);
+}
+
+pub async fn claim_respects_limit_types_and_queues(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    for _ in 0..3 {
+        f.enqueue(NewTask::new("a")).await;
+        f.enqueue(NewTask::new("b").queue("other")).await;
+    }
+    let c = f.enqueue(NewTask::new("c").queue("other")).await;
+    assert_eq!(f.claim("w", 2).await.len(), 2);
+    let only_b = f.claim_from("w", 10, &["b"], &[]).await;
+    assert!(!only_b.is_empty() && only_b.iter().all(|t| t.task_type == "b"));
+    let other = f.claim_from("w", 10, &[], &["other"]).await;
+    assert!(other.iter().all(|t| t.queue == "other"));
+    assert!(other.iter().any(|t| t.id == c.id));
+    let rest = f.claim("w", 10).await;
+    assert!(rest.iter().all(|t| t.task_type == "a"));
+    assert!(f.claim("w", 10).await.is_empty());
+    let claimed = f.get(c.id).await;
+    assert_eq!(claimed.state, State::Running);
+    assert_eq!(claimed.attempt, 1);
+    assert_eq!(claimed.worker_id.as_deref(), Some("w"));
+    assert_eq!(claimed.started_at, Some(f.now()));
+    assert_eq!(
+        claimed.lease_expires_at,
+        Some(f.now().saturating_add(Duration::from_secs(30)))
+    );
+}
+
+pub async fn claimed_task_is_not_handed_out_again(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    for _ in 0..20 {
+        f.enqueue(NewTask::new("t")).await;
+    }
+    // Concurrent claimers never share a task.
+    let mut handles = Vec::new();
+    for w in 0..4 {
+        let store = Arc::clone(&f.store);
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                let claimed = store
+                    .claim(&ClaimRequest {
+                        worker_id: format!("w{w}"),
+                        types: vec![],
+                        queues: vec![],
+                        limit: 2,
+                        lease: Duration::from_secs(30),
+                    })
+                    .await
+                    .unwrap();
+                got.extend(claimed.into_iter().map(|t| t.id));
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 20, "every task claimed");
+    assert_eq!(unique.len(), 20, "no task claimed twice");
+}
+
+pub async fn scheduled_task_waits_for_run_at(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let later = f
+        .enqueue(NewTask::new("t").delay(Duration::from_secs(10)))
+        .await;
+    assert_eq!(later.state, State::Scheduled);
+    assert_eq!(
+        later.run_at,
+        f.now().saturating_add(Duration::from_secs(10))
+    );
+    assert!(f.claim("w", 10).await.is_empty());
+    let report = f.store.promote_due().await.unwrap();
+    assert_eq!(report.promoted, 0);
+    assert_eq!(report.next_due, Some(later.run_at));
+    f.advance(10);
+    let report = f.store.promote_due().await.unwrap();
+    assert_eq!((report.promoted, report.next_due), (1, None));
+    assert_eq!(f.state(later.id).await, State::Pending);
+    assert_eq!(f.claim_one("w").await.id, later.id);
+}
+
+// ---- acks ------------------------------------------------------------------
+
+pub async fn complete_records_result_and_only_holder_may_ack(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w1").await;
+    assert_conflict(f.complete("w2", task.id, None).await);
+    f.advance(3);
+    let done = f
+        .complete("w1", task.id, Some(r#"{"ok":true}"#))
+        .await
+        .unwrap();
+    assert_eq!(done.state, State::Completed);
+    assert_eq!(done.result.as_ref().unwrap().get(), r#"{"ok":true}"#);
+    assert_eq!(done.finished_at, Some(f.now()));
+    assert!(done.lease_expires_at.is_none() && done.worker_id.is_none());
+    assert_conflict(f.complete("w1", task.id, None).await);
+    assert_conflict(f.fail("w1", task.id, None, None).await);
+    assert_eq!(f.get(task.id).await.result.unwrap().get(), r#"{"ok":true}"#);
+}
+
+pub async fn failure_retries_with_backoff_until_attempts_run_out(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t").max_attempts(3)).await;
+    for attempt in 1..=3u32 {
+        let claimed = f.claim_one("w").await;
+        assert_eq!(claimed.attempt, attempt);
+        let failed = f.fail("w", task.id, None, None).await.unwrap();
+        assert_eq!(failed.errors.len(), attempt as usize);
+        assert_eq!(failed.errors.last().unwrap().attempt, attempt);
+        assert_eq!(failed.error.as_ref().unwrap().kind, ErrorKind::Error);
+        assert_eq!(failed.error.as_ref().unwrap().message, "it broke");
+        if attempt < 3 {
+            assert_eq!(failed.state, State::Scheduled);
+            // min(2^attempt, 3600) seconds, ±20%.
+            let base = 1000 * 2u128.pow(attempt);
+            let delay = f.now().until(failed.run_at).as_millis();
+            assert!(
+                delay >= base * 8 / 10 && delay <= base * 12 / 10,
+                "attempt {attempt}: delay {delay} ms"
+            );
+            f.clock.advance(f.now().until(failed.run_at));
+            assert_eq!(f.store.promote_due().await.unwrap().promoted, 1);
+        } else {
+            assert_eq!(failed.state, State::Failed);
+            assert_eq!(failed.finished_at, Some(f.now()));
+        }
+    }
+    assert!(f.claim("w", 10).await.is_empty());
+}
+
+pub async fn retry_false_and_retry_in_are_honoured(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let a = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    let failed = f.fail("w", a.id, Some(false), None).await.unwrap();
+    assert_eq!(failed.state, State::Failed);
+    assert_eq!(failed.attempt, 1);
+
+    let b = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    let later = f.fail("w", b.id, None, Some(100)).await.unwrap();
+    assert_eq!(later.state, State::Scheduled);
+    assert_eq!(
+        later.run_at,
+        f.now().saturating_add(Duration::from_secs(100))
+    );
+
+    let c = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    let now = f.fail("w", c.id, None, Some(0)).await.unwrap();
+    assert_eq!(now.state, State::Pending, "a zero delay is ready at once");
+    assert_eq!(f.claim_one("w").await.id, c.id);
+}
+
+// ---- leases, heartbeats, timeouts -------------------------------------------
+
+pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("old").await;
+    f.advance(29);
+    assert_eq!(
+        f.store.recover_expired().await.unwrap(),
+        0,
+        "lease still valid"
+    );
+    f.advance(1);
+    assert_eq!(f.store.recover_expired().await.unwrap(), 1);
+    let recovered = f.get(task.id).await;
+    assert_eq!(recovered.state, State::Scheduled);
+    assert_eq!(
+        recovered.error.as_ref().unwrap().kind,
+        ErrorKind::LeaseExpired
+    );
+    assert_eq!(recovered.errors.len(), 1);
+    f.clock.advance(f.now().until(recovered.run_at));
+    f.store.promote_due().await.unwrap();
+    let again = f.claim_one("new").await;
+    assert_eq!((again.id, again.attempt), (task.id, 2));
+    assert_conflict(f.complete("old", task.id, None).await);
+    let hb = f
+        .store
+        .heartbeat(HeartbeatRequest {
+            id: task.id,
+            worker_id: "old".into(),
+            progress: None,
+            lease: Duration::from_secs(30),
+        })
+        .await;
+    assert_conflict(hb);
+    f.complete("new", task.id, None).await.unwrap();
+}
+
+pub async fn heartbeat_extends_lease_and_records_progress(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    f.advance(20);
+    let ack = f
+        .store
+        .heartbeat(HeartbeatRequest {
+            id: task.id,
+            worker_id: "w".into(),
+            progress: Some(ProgressUpdate {
+                percent: Some(40.0),
+                message: Some("halfway-ish".into()),
+                data: Some(RawValue::from_string(r#"{"rows":4}"#.into()).unwrap()),
+            }),
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert!(!ack.cancel_requested);
+    assert_eq!(
+        ack.lease_expires_at,
+        f.now().saturating_add(Duration::from_secs(30))
+    );
+    f.advance(20);
+    assert_eq!(
+        f.store.recover_expired().await.unwrap(),
+        0,
+        "the heartbeat extended the lease"
+    );
+    let running = f.get(task.id).await;
+    let progress = running.progress.expect("progress recorded");
+    assert_eq!(progress.percent, Some(40.0));
+    assert_eq!(progress.message.as_deref(), Some("halfway-ish"));
+    assert_eq!(progress.data.unwrap().get(), r#"{"rows":4}"#);
+    let bad = f
+        .store
+        .heartbeat(HeartbeatRequest {
+            id: task.id,
+            worker_id: "w".into(),
+            progress: Some(ProgressUpdate {
+                percent: Some(101.0),
+                ..Default::default()
+            }),
+            lease: Duration::from_secs(30),
+        })
+        .await;
+    assert_invalid(bad, "progress.percent");
+}
+
+pub async fn timeout_fails_the_attempt(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f
+        .enqueue(NewTask::new("t").timeout_secs(5).max_attempts(1))
+        .await;
+    f.claim_one("w").await;
+    f.advance(4);
+    assert_eq!(f.store.recover_expired().await.unwrap(), 0);
+    f.advance(1);
+    assert_eq!(f.store.recover_expired().await.unwrap(), 1);
+    let timed_out = f.get(task.id).await;
+    assert_eq!(timed_out.state, State::Failed);
+    assert_eq!(timed_out.error.unwrap().kind, ErrorKind::Timeout);
+    // A worker may also report the timeout itself.
+    let task = f.enqueue(NewTask::new("t").max_attempts(1)).await;
+    f.claim_one("w").await;
+    let failure = Failure {
+        message: "took too long".into(),
+        kind: FailureKind::Timeout,
+        retry: None,
+        retry_in: None,
+    };
+    let reported = f
+        .ack_one(
+            "w",
+            Ack::Fail {
+                id: task.id,
+                failure,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reported.error.unwrap().kind, ErrorKind::Timeout);
+}
+
+// ---- cancellation and manual retry -------------------------------------------
+
+pub async fn cancel_pending_and_running(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let pending = f.enqueue(NewTask::new("t")).await;
+    let scheduled = f
+        .enqueue(NewTask::new("t").delay(Duration::from_secs(60)))
+        .await;
+    for id in [pending.id, scheduled.id] {
+        let cancelled = f.store.cancel(id).await.unwrap();
+        assert_eq!(cancelled.state, State::Cancelled);
+        assert_eq!(cancelled.error.unwrap().kind, ErrorKind::Cancelled);
+        assert_eq!(cancelled.finished_at, Some(f.now()));
+    }
+    assert_conflict(f.store.cancel(pending.id).await);
+    assert!(f.claim("w", 10).await.is_empty());
+
+    let running = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    let asked = f.store.cancel(running.id).await.unwrap();
+    assert_eq!(
+        (asked.state, asked.cancel_requested),
+        (State::Running, true)
+    );
+    let hb = f
+        .store
+        .heartbeat(HeartbeatRequest {
+            id: running.id,
+            worker_id: "w".into(),
+            progress: None,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert!(hb.cancel_requested);
+    let stopped = f.fail("w", running.id, None, None).await.unwrap();
+    assert_eq!(stopped.state, State::Cancelled);
+    assert_eq!(stopped.error.unwrap().kind, ErrorKind::Cancelled);
+
+    // A completion that arrives before the worker noticed still completes.
+    let racing = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    f.store.cancel(racing.id).await.unwrap();
+    assert_eq!(
+        f.complete("w", racing.id, None).await.unwrap().state,
+        State::Completed
+    );
+    assert_conflict(f.store.cancel(racing.id).await);
+}
+
+pub async fn cancel_requested_then_lease_expiry_cancels(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    f.store.cancel(task.id).await.unwrap();
+    f.advance(31);
+    f.store.recover_expired().await.unwrap();
+    let ended = f.get(task.id).await;
+    assert_eq!(ended.state, State::Cancelled);
+    assert_eq!(ended.error.unwrap().kind, ErrorKind::Cancelled);
+}
+
+pub async fn manual_retry_grants_one_more_attempt(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let task = f.enqueue(NewTask::new("t").max_attempts(1)).await;
+    assert_conflict(f.store.retry(task.id).await);
+    f.claim_one("w").await;
+    assert_conflict(f.store.retry(task.id).await);
+    assert_eq!(
+        f.fail("w", task.id, None, None).await.unwrap().state,
+        State::Failed
+    );
+    f.advance(5);
+    let retried = f.store.retry(task.id).await.unwrap();
+    assert_eq!(retried.state, State::Pending);
+    assert_eq!((retried.attempt, retried.max_attempts), (1, 2));
+    assert_eq!(retried.errors.len(), 1, "history is kept");
+    assert!(retried.finished_at.is_none());
+    assert_eq!(retried.run_at, f.now());
+    let again = f.claim_one("w").await;
+    assert_eq!(again.attempt, 2);
+    f.complete("w", task.id, None).await.unwrap();
+    assert_conflict(f.store.retry(task.id).await);
+
+    let cancelled = f.enqueue(NewTask::new("t")).await;
+    f.store.cancel(cancelled.id).await.unwrap();
+    assert_eq!(
+        f.store.retry(cancelled.id).await.unwrap().state,
+        State::Pending
+    );
+}
+
+// ---- unique keys ----------------------------------------------------------------
+
+pub async fn unique_key_keep_returns_existing(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let (first, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await
+        .unwrap();
+    assert!(created);
+    let (again, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    let (elsewhere, created) = f
+        .try_enqueue(
+            NewTask::new("t")
+                .queue("other")
+                .unique_key("k", OnConflict::Keep),
+        )
+        .await
+        .unwrap();
+    assert!(created && elsewhere.id != first.id, "keys are per queue");
+    // Running tasks hold their key too; finished ones do not.
+    f.claim_from("w", 1, &[], &["default"]).await;
+    let (held, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await
+        .unwrap();
+    assert!(!created && held.id == first.id);
+    f.complete("w", first.id, None).await.unwrap();
+    let (fresh, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await
+        .unwrap();
+    assert!(created && fresh.id != first.id);
+}
+
+pub async fn unique_key_replace_cancels_existing(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let old = f
+        .enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await;
+    let (new, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Replace))
+        .await
+        .unwrap();
+    assert!(created && new.id != old.id);
+    assert_eq!(f.state(old.id).await, State::Cancelled);
+    // A running holder is asked to stop and gives up its key at once.
+    f.claim_one("w").await;
+    let (newer, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Replace))
+        .await
+        .unwrap();
+    assert!(created);
+    let running = f.get(new.id).await;
+    assert_eq!(
+        (running.state, running.cancel_requested),
+        (State::Running, true)
+    );
+    let (kept, created) = f
+        .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
+        .await
+        .unwrap();
+    assert!(!created && kept.id == newer.id);
+    // The replaced task cannot come back while its key is held.
+    assert_conflict(f.store.retry(old.id).await);
+    f.store.cancel(newer.id).await.unwrap();
+    assert_eq!(f.store.retry(old.id).await.unwrap().state, State::Pending);
+}
+
+// ---- dependencies ------------------------------------------------------------------
+
+pub async fn dependencies_block_until_completed(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let a = f.enqueue(NewTask::new("a")).await;
+    let b = f.enqueue(NewTask::new("b")).await;
+    let child = f
+        .enqueue(NewTask::new("child").depends_on(a.id).depends_on(b.id))
+        .await;
+    assert_eq!(child.state, State::Blocked);
+    assert_eq!(child.depends_on, vec![a.id, b.id]);
+    let claimed = f.claim("w", 10).await;
+    assert_eq!(claimed.len(), 2, "a blocked task is not claimable");
+    f.complete("w", a.id, None).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Blocked);
+    f.complete("w", b.id, None).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Pending);
+    assert_eq!(f.claim_one("w").await.id, child.id);
+    // Depending on a task that already completed does not block.
+    let free = f.enqueue(NewTask::new("free").depends_on(a.id)).await;
+    assert_eq!(free.state, State::Pending);
+    assert_invalid(
+        f.try_enqueue(NewTask::new("x").depends_on(Uuid::now_v7()))
+            .await,
+        "depends_on[0]",
+    );
+}
+
+pub async fn failed_dependency_cancels_dependents_transitively(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let root = f.enqueue(NewTask::new("root")).await;
+    let mid = f.enqueue(NewTask::new("mid").depends_on(root.id)).await;
+    let leaf = f.enqueue(NewTask::new("leaf").depends_on(mid.id)).await;
+    f.claim_one("w").await;
+    f.fail("w", root.id, Some(false), None).await.unwrap();
+    for id in [mid.id, leaf.id] {
+        let t = f.get(id).await;
+        assert_eq!(t.state, State::Cancelled);
+        assert_eq!(t.error.unwrap().kind, ErrorKind::DependencyFailed);
+    }
+    let late = f.enqueue(NewTask::new("late").depends_on(root.id)).await;
+    assert_eq!(
+        late.state,
+        State::Cancelled,
+        "a dependency that already failed cancels at once"
+    );
+    // Cancelling a dependency cancels its dependents too.
+    let other = f.enqueue(NewTask::new("other")).await;
+    let waiting = f
+        .enqueue(NewTask::new("waiting").depends_on(other.id))
+        .await;
+    f.store.cancel(other.id).await.unwrap();
+    assert_eq!(f.state(waiting.id).await, State::Cancelled);
+}
+
+// ---- queues ------------------------------------------------------------------------
+
+pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    for _ in 0..3 {
+        f.enqueue(NewTask::new("t").queue("q")).await;
+    }
+    let paused = f
+        .store
+        .update_queue(
+            "q",
+            QueuePatch {
+                paused: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(paused.paused);
+    assert_eq!(paused.counts.pending, 3);
+    assert!(f.claim("w", 10).await.is_empty());
+    f.store
+        .update_queue(
+            "q",
+            QueuePatch {
+                paused: Some(false),
+                concurrency: Some(Some(2)),
+            },
+        )
+        .await
+        .unwrap();
+    let first = f.claim("w", 10).await;
+    assert_eq!(first.len(), 2, "concurrency 2 admits two");
+    assert!(f.claim("w", 10).await.is_empty());
+    f.complete("w", first[0].id, None).await.unwrap();
+    assert_eq!(f.claim("w", 10).await.len(), 1);
+    let info = f
+        .store
+        .update_queue(
+            "q",
+            QueuePatch {
+                concurrency: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.concurrency, None);
+    // A queue can be configured before its first task.
+    let fresh = f
+        .store
+        .update_queue(
+            "fresh",
+            QueuePatch {
+                paused: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(fresh.paused);
+    assert!(
+        f.store
+            .queues()
+            .await
+            .unwrap()
+            .iter()
+            .any(|q| q.name == "fresh" && q.paused)
+    );
+    f.enqueue(NewTask::new("t").queue("fresh")).await;
+    assert!(f.claim("w", 10).await.is_empty());
+}
+
+// ---- listing and counting --------------------------------------------------------
+
+pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut made = Vec::new();
+    for i in 0..25 {
+        let task = NewTask::new(if i % 2 == 0 { "even" } else { "odd" })
+            .queue(if i < 10 { "first" } else { "second" })
+            .label("project_id", format!("p{}", i % 3))
+            .owner(if i % 5 == 0 { "alice" } else { "bob" });
+        made.push(f.enqueue(task).await);
+        f.clock.advance(Duration::from_millis(10));
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = f
+            .store
+            .list(&ListQuery {
+                limit: 10,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        seen.extend(ids(&page.tasks));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let newest_first: Vec<Uuid> = made.iter().rev().map(|t| t.id).collect();
+    assert_eq!(seen, newest_first, "every task once, newest first");
+
+    let count = |q: ListQuery| {
+        let store = Arc::clone(&f.store);
+        async move {
+            store
+                .list(&ListQuery { limit: 100, ..q })
+                .await
+                .unwrap()
+                .tasks
+                .len()
+        }
+    };
+    assert_eq!(
+        count(ListQuery {
+            task_type: Some("even".into()),
+            ..Default::default()
+        })
+        .await,
+        13
+    );
+    assert_eq!(
+        count(ListQuery {
+            queue: Some("first".into()),
+            ..Default::default()
+        })
+        .await,
+        10
+    );
+    assert_eq!(
+        count(ListQuery {
+            owner: Some("alice".into()),
+            ..Default::default()
+        })
+        .await,
+        5
+    );
+    assert_eq!(
+        count(ListQuery {
+            labels: vec![("project_id".into(), "p0".into())],
+            ..Default::default()
+        })
+        .await,
+        9
+    );
+    assert_eq!(
+        count(ListQuery {
+            created_after: Some(made[19].created_at),
+            ..Default::default()
+        })
+        .await,
+        5
+    );
+    assert_eq!(
+        count(ListQuery {
+            created_before: Some(made[3].created_at),
+            ..Default::default()
+        })
+        .await,
+        3
+    );
+    f.claim("w", 4).await;
+    assert_eq!(
+        count(ListQuery {
+            states: vec![State::Running],
+            ..Default::default()
+        })
+        .await,
+        4
+    );
+    assert_eq!(
+        count(ListQuery {
+            states: vec![State::Running, State::Pending],
+            ..Default::default()
+        })
+        .await,
+        25
+    );
+    assert_invalid(
+        f.store
+            .list(&ListQuery {
+                limit: 0,
+                ..Default::default()
+            })
+            .await,
+        "limit",
+    );
+    assert_invalid(
+        f.store
+            .list(&ListQuery {
+                limit: 1001,
+                ..Default::default()
+            })
+            .await,
+        "limit",
+    );
+    assert_invalid(
+        f.store
+            .list(&ListQuery {
+                limit: 10,
+                cursor: Some("garbage".into()),
+                ..Default::default()
+            })
+            .await,
+        "cursor",
+    );
+}
+
+pub async fn stats_and_queues_count_every_task(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    f.enqueue(NewTask::new("a")).await;
+    f.enqueue(NewTask::new("a").queue("q2")).await;
+    f.enqueue(NewTask::new("b").delay(Duration::from_secs(9)))
+        .await;
+    let done = f.enqueue(NewTask::new("b")).await;
+    f.claim_from("w", 1, &["b"], &[]).await;
+    f.complete("w", done.id, None).await.unwrap();
+    f.claim_from("w", 1, &["a"], &["q2"]).await;
+    let stats = f.store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.total.pending,
+            stats.total.scheduled,
+            stats.total.running,
+            stats.total.completed
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(stats.total.total(), 4);
+    assert_eq!(stats.types["a"].total(), 2);
+    assert_eq!(stats.types["b"].completed, 1);
+    assert_eq!(stats.queues["q2"].running, 1);
+    assert_eq!(stats.queues["default"].total(), 3);
+    let queues = f.store.queues().await.unwrap();
+    let names: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
+    assert_eq!(names, vec!["default", "q2"]);
+    assert_eq!(queues[0].counts, stats.queues["default"]);
+}
+
+pub async fn delete_and_clear_only_finished_tasks(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let active = f.enqueue(NewTask::new("t")).await;
+    assert_conflict(f.store.delete(active.id).await);
+    f.store.cancel(active.id).await.unwrap();
+    f.store.delete(active.id).await.unwrap();
+    assert!(f.store.get(active.id).await.unwrap().is_none());
+    assert!(matches!(
+        f.store.delete(active.id).await,
+        Err(Error::NotFound(_))
+    ));
+
+    let old = f.enqueue(NewTask::new("t")).await;
+    f.store.cancel(old.id).await.unwrap();
+    f.advance(100);
+    let recent = f.enqueue(NewTask::new("t")).await;
+    f.store.cancel(recent.id).await.unwrap();
+    let keep = f.enqueue(NewTask::new("t")).await;
+    let cleared = f
+        .store
+        .clear(&ClearRequest {
+            states: vec![State::Cancelled],
+            older_than: Some(Duration::from_secs(50)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(cleared, 1);
+    assert!(f.store.get(old.id).await.unwrap().is_none());
+    assert!(f.store.get(recent.id).await.unwrap().is_some());
+    let cleared = f
+        .store
+        .clear(&ClearRequest {
+            states: State::FINISHED.to_vec(),
+            older_than: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(cleared, 1);
+    assert_eq!(f.state(keep.id).await, State::Pending);
+    assert_invalid(
+        f.store
+            .clear(&ClearRequest {
+                states: vec![State::Pending],
+                older_than: None,
+            })
+            .await,
+        "state",
+    );
+    assert_eq!(f.store.stats().await.unwrap().total.total(), 1);
+}
+
+pub async fn retention_deletes_old_finished_tasks_in_batches(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut completed = Vec::new();
+    for _ in 0..5 {
+        let t = f.enqueue(NewTask::new("t")).await;
+        f.claim_one("w").await;
+        f.complete("w", t.id, None).await.unwrap();
+        completed.push(t.id);
+    }
+    let failed = f.enqueue(NewTask::new("t")).await;
+    f.claim_one("w").await;
+    f.fail("w", failed.id, Some(false), None).await.unwrap();
+    let retention = Retention::default();
+    assert_eq!(f.store.purge_finished(&retention, 100).await.unwrap(), 0);
+    f.advance(24 * 3600);
+    assert_eq!(
+        f.store.purge_finished(&retention, 2).await.unwrap(),
+        2,
+        "one batch at a time"
+    );
+    assert_eq!(f.store.purge_finished(&retention, 100).await.unwrap(), 3);
+    assert_eq!(
+        f.state(failed.id).await,
+        State::Failed,
+        "failed tasks are kept 7 days"
+    );
+    f.advance(6 * 24 * 3600);
+    assert_eq!(f.store.purge_finished(&retention, 100).await.unwrap(), 1);
+    assert_eq!(f.store.stats().await.unwrap().total.total(), 0);
+}
+
+pub async fn unknown_ids_are_not_found(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let id = Uuid::now_v7();
+    assert!(f.store.get(id).await.unwrap().is_none());
+    assert!(matches!(f.store.cancel(id).await, Err(Error::NotFound(_))));
+    assert!(matches!(f.store.retry(id).await, Err(Error::NotFound(_))));
+    assert!(matches!(f.store.delete(id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.complete("w", id, None).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+pub async fn changes_are_published_as_events(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut events = f.store.hub().subscribe();
+    let mut ready = f.store.hub().watch_ready();
+    ready.borrow_and_update();
+    let task = f.enqueue(NewTask::new("t")).await;
+    assert!(
+        ready.has_changed().unwrap(),
+        "a pending task signals readiness"
+    );
+    let created = events.recv().await.unwrap();
+    assert_eq!(
+        (created.kind, created.task.id, created.task.state),
+        (EventKind::State, task.id, State::Pending)
+    );
+    f.claim_one("w").await;
+    assert_eq!(events.recv().await.unwrap().task.state, State::Running);
+    f.store
+        .heartbeat(HeartbeatRequest {
+            id: task.id,
+            worker_id: "w".into(),
+            progress: Some(ProgressUpdate {
+                percent: Some(10.0),
+                ..Default::default()
+            }),
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let progress = events.recv().await.unwrap();
+    assert_eq!(progress.kind, EventKind::Progress);
+    assert_eq!(progress.task.progress.as_ref().unwrap().percent, Some(10.0));
+    let mut cancels = f.store.hub().subscribe_cancels();
+    f.store.cancel(task.id).await.unwrap();
+    assert_eq!(
+        cancels.recv().await.unwrap(),
+        task.id,
+        "running tasks' cancellation is signalled"
+    );
+    // A failed operation publishes nothing.
+    assert!(f.store.retry(task.id).await.is_err());
+    let next = events.recv().await.unwrap();
+    assert!(
+        next.task.cancel_requested,
+        "only the cancel request follows"
+    );
+    assert!(events.try_recv().is_err());
+}
+
+pub async fn ack_batch_answers_each_item(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(f.enqueue(NewTask::new("t")).await);
+    }
+    f.claim("w", 3).await;
+    let failure = Failure {
+        message: "no".into(),
+        kind: FailureKind::Error,
+        retry: Some(false),
+        retry_in: None,
+    };
+    let outcomes = f
+        .store
+        .ack(
+            "w",
+            vec![
+                Ack::Complete {
+                    id: tasks[0].id,
+                    result: None,
+                },
+                Ack::Fail {
+                    id: tasks[1].id,
+                    failure,
+                },
+                Ack::Complete {
+                    id: tasks[3].id,
+                    result: None,
+                },
+                Ack::Complete {
+                    id: tasks[2].id,
+                    result: None,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert_eq!(outcomes[0].as_ref().unwrap().state, State::Completed);
+    assert_eq!(outcomes[1].as_ref().unwrap().state, State::Failed);
+    assert!(
+        matches!(outcomes[2], Err(Error::Conflict(_))),
+        "task 3 was never claimed"
+    );
+    assert_eq!(outcomes[3].as_ref().unwrap().state, State::Completed);
+    assert_eq!(f.state(tasks[3].id).await, State::Pending);
+}
