@@ -1,1 +1,358 @@
+//! The worker runtime, in process, against a real SQLite store.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use offload_core::{ErrorKind, NewTask, State, Store, Task};
+use offload_engine::{Engine, EngineConfig};
+use offload_sqlite::{Durability, SqliteOptions, SqliteStore};
+use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        durability: Durability::Relaxed,
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(SqliteStore::open(dir.path().join("w.db"), options).unwrap());
+    let engine = Engine::start(store, EngineConfig::default());
+    Setup { _dir: dir, engine }
+}
+
+impl Setup {
+    fn store(&self) -> &Arc<dyn Store> {
+        self.engine.store()
+    }
+
+    async fn enqueue(&self, task: NewTask) -> Task {
+        self.engine.enqueue(task).await.unwrap().0
+    }
+
+    async fn get(&self, id: Uuid) -> Task {
+        self.store().get(id).await.unwrap().unwrap()
+    }
+
+    /// Waits for `id` to satisfy `done`; a bound, not a timing assertion.
+    async fn wait_for(&self, id: Uuid, what: &str, done: impl Fn(&Task) -> bool) -> Task {
+        for _ in 0..3000 {
+            let task = self.get(id).await;
+            if done(&task) {
+                return task;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("task {id} never became {what}: {:?}", self.get(id).await);
+    }
+
+    fn spawn(&self, worker: Worker) -> (CancellationToken, JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn({
+            let stop = stop.clone();
+            async move { worker.run(stop).await.unwrap() }
+        });
+        (stop, handle)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_handlers_and_stores_results() {
+    let s = setup();
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .concurrency(4)
+        .handle("double", |ctx: TaskContext| async move {
+            let n: u64 = ctx.payload()?;
+            Ok(serde_json::json!({ "doubled": n * 2 }))
+        })
+        .handle("nothing", |_ctx: TaskContext| async move { Ok(()) });
+    let (stop, handle) = s.spawn(worker);
+    let mut ids = Vec::new();
+    for n in 0..50u64 {
+        ids.push((
+            n,
+            s.enqueue(NewTask::new("double").payload(&n).unwrap())
+                .await
+                .id,
+        ));
+    }
+    let quiet = s.enqueue(NewTask::new("nothing")).await;
+    for (n, id) in ids {
+        let done = s
+            .wait_for(id, "completed", |t| t.state == State::Completed)
+            .await;
+        assert_eq!(
+            done.result.unwrap().get(),
+            format!(r#"{{"doubled":{}}}"#, n * 2)
+        );
+        assert_eq!(done.attempt, 1);
+    }
+    let quiet = s
+        .wait_for(quiet.id, "completed", |t| t.state == State::Completed)
+        .await;
+    assert!(quiet.result.is_none(), "a unit result stores none");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payload_fails_without_retrying_and_errors_retry() {
+    let s = setup();
+    let tries = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&tries);
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .handle("typed", |ctx: TaskContext| async move {
+            let _n: u64 = ctx.payload()?;
+            Ok(())
+        })
+        .handle("flaky", move |_ctx: TaskContext| {
+            let tries = Arc::clone(&counted);
+            async move {
+                if tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(TaskFailure::new("first try fails").retry_in(Duration::ZERO));
+                }
+                Ok("second try works")
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let typed = s
+        .enqueue(NewTask::new("typed").payload(&"not a number").unwrap())
+        .await;
+    let failed = s
+        .wait_for(typed.id, "failed", |t| t.state == State::Failed)
+        .await;
+    assert_eq!(
+        failed.attempt, 1,
+        "a payload that does not decode is not retried"
+    );
+    assert!(failed.error.unwrap().message.contains("payload"));
+    let flaky = s.enqueue(NewTask::new("flaky")).await;
+    let done = s
+        .wait_for(flaky.id, "completed", |t| t.state == State::Completed)
+        .await;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(done.errors[0].message, "first try fails");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_reaches_the_handler() {
+    let s = setup();
+    let seen: Arc<Mutex<Option<CancelReason>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let worker = Worker::new(Arc::clone(&s.engine)).handle("wait", move |ctx: TaskContext| {
+        let record = Arc::clone(&record);
+        async move {
+            ctx.cancellation().cancelled().await;
+            *record.lock().unwrap() = ctx.cancel_reason();
+            Err::<(), _>(TaskFailure::new("stopped as asked"))
+        }
+    });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("wait")).await;
+    s.wait_for(task.id, "running", |t| t.state == State::Running)
+        .await;
+    s.store().cancel(task.id).await.unwrap();
+    let ended = s
+        .wait_for(task.id, "cancelled", |t| t.state == State::Cancelled)
+        .await;
+    assert_eq!(ended.error.unwrap().kind, ErrorKind::Cancelled);
+    assert_eq!(*seen.lock().unwrap(), Some(CancelReason::Cancelled));
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_fires_the_token_and_fails_the_attempt() {
+    let s = setup();
+    let seen: Arc<Mutex<Option<CancelReason>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let worker = Worker::new(Arc::clone(&s.engine)).handle("slow", move |ctx: TaskContext| {
+        let record = Arc::clone(&record);
+        async move {
+            ctx.cancellation().cancelled().await;
+            *record.lock().unwrap() = ctx.cancel_reason();
+            Err::<(), _>(TaskFailure::new("gave up"))
+        }
+    });
+    let (stop, handle) = s.spawn(worker);
+    let task = s
+        .enqueue(NewTask::new("slow").timeout_secs(1).max_attempts(1))
+        .await;
+    let failed = s
+        .wait_for(task.id, "failed", |t| t.state == State::Failed)
+        .await;
+    assert_eq!(failed.error.unwrap().kind, ErrorKind::Timeout);
+    assert_eq!(*seen.lock().unwrap(), Some(CancelReason::Timeout));
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_task_not_the_worker() {
+    let s = setup();
+    let worker =
+        Worker::new(Arc::clone(&s.engine)).handle("maybe", |ctx: TaskContext| async move {
+            let explode: bool = ctx.payload()?;
+            if explode {
+                panic!("the handler blew up");
+            }
+            Ok("fine")
+        });
+    let (stop, handle) = s.spawn(worker);
+    let boom = s
+        .enqueue(
+            NewTask::new("maybe")
+                .payload(&true)
+                .unwrap()
+                .max_attempts(1),
+        )
+        .await;
+    let failed = s
+        .wait_for(boom.id, "failed", |t| t.state == State::Failed)
+        .await;
+    assert!(
+        failed
+            .error
+            .unwrap()
+            .message
+            .contains("the handler blew up")
+    );
+    for _ in 0..3 {
+        let fine = s
+            .enqueue(NewTask::new("maybe").payload(&false).unwrap())
+            .await;
+        s.wait_for(fine.id, "completed", |t| t.state == State::Completed)
+            .await;
+    }
+    assert!(!handle.is_finished(), "the worker keeps running");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_recorded_while_running() {
+    let s = setup();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::clone(&release);
+    let worker = Worker::new(Arc::clone(&s.engine)).handle("steps", move |ctx: TaskContext| {
+        let gate = Arc::clone(&gate);
+        async move {
+            ctx.progress(50.0, "half way").await?;
+            gate.notified().await;
+            Ok(())
+        }
+    });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("steps")).await;
+    let running = s
+        .wait_for(task.id, "reporting progress", |t| t.progress.is_some())
+        .await;
+    let progress = running.progress.unwrap();
+    assert_eq!(
+        (progress.percent, progress.message.as_deref()),
+        (Some(50.0), Some("half way"))
+    );
+    release.notify_one();
+    s.wait_for(task.id, "completed", |t| t.state == State::Completed)
+        .await;
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_in_flight_tasks_finish() {
+    let s = setup();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&started);
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .shutdown_grace(Duration::from_secs(20))
+        .handle("short", move |_ctx: TaskContext| {
+            let signal = Arc::clone(&signal);
+            async move {
+                signal.notify_one();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok("finished")
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("short")).await;
+    started.notified().await;
+    stop.cancel();
+    handle.await.unwrap();
+    // The worker returned only after the task completed and was acked.
+    assert_eq!(s.get(task.id).await.state, State::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_grace_hands_tasks_back_for_retry() {
+    let s = setup();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&started);
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .shutdown_grace(Duration::from_millis(200))
+        .handle("stuck", move |_ctx: TaskContext| {
+            let signal = Arc::clone(&signal);
+            async move {
+                signal.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("stuck")).await;
+    started.notified().await;
+    stop.cancel();
+    handle.await.unwrap();
+    let back = s.get(task.id).await;
+    assert_eq!(
+        back.state,
+        State::Pending,
+        "handed back at once for another worker"
+    );
+    assert!(back.error.unwrap().message.contains("shut down"));
+    assert!(back.worker_id.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_is_respected() {
+    let s = setup();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (Arc::clone(&running), Arc::clone(&peak));
+    let worker = Worker::new(Arc::clone(&s.engine)).concurrency(3).handle(
+        "busy",
+        move |_ctx: TaskContext| {
+            let (running, peak) = (Arc::clone(&r), Arc::clone(&p));
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        },
+    );
+    let (stop, handle) = s.spawn(worker);
+    let mut last = None;
+    for _ in 0..30 {
+        last = Some(s.enqueue(NewTask::new("busy")).await.id);
+    }
+    // FIFO within one priority: the last one done means all are.
+    s.wait_for(last.unwrap(), "completed", |t| t.state == State::Completed)
+        .await;
+    assert_eq!(s.store().stats().await.unwrap().total.completed, 30);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "{peak} handlers ran at once with concurrency 3");
+    assert!(peak >= 2, "the worker never ran tasks concurrently");
+    stop.cancel();
+    handle.await.unwrap();
+}

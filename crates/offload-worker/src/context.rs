@@ -1,0 +1,210 @@
+//! What a handler gets (its [`TaskContext`]) and gives back on failure
+//! ([`TaskFailure`]).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use offload_core::{Error, HeartbeatRequest, ProgressUpdate, Result, Task};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::Shared;
+
+/// Why a task's cancellation token fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelReason {
+    /// Someone cancelled the task.
+    Cancelled,
+    /// The worker no longer holds the task (its lease expired and it may be
+    /// running elsewhere); its result will be dropped.
+    LeaseLost,
+    /// The attempt ran past the task's `timeout_secs`.
+    Timeout,
+    /// The worker is shutting down and the grace period ran out.
+    Shutdown,
+}
+
+/// The cancellation state of one running task, shared by its context, the
+/// heartbeater and the runner.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Cancellation {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CancelReason>>,
+}
+
+impl Cancellation {
+    /// Fires the token; the first reason given is the one kept.
+    pub fn cancel(&self, reason: CancelReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<CancelReason> {
+        self.reason.get().copied()
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+/// A running task as its handler sees it.
+pub struct TaskContext {
+    task: Task,
+    cancellation: Cancellation,
+    shared: Arc<Shared>,
+    /// Held across a progress report so that reports arrive in order.
+    reporting: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.task.id)
+            .field("type", &self.task.task_type)
+            .field("attempt", &self.task.attempt)
+            .finish()
+    }
+}
+
+impl TaskContext {
+    pub(crate) fn new(task: Task, cancellation: Cancellation, shared: Arc<Shared>) -> Self {
+        Self {
+            task,
+            cancellation,
+            shared,
+            reporting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The task as it was claimed.
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    /// The payload decoded as `T`. A payload that does not decode fails the
+    /// task without retrying: it would not decode next time either.
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, TaskFailure> {
+        self.task.payload_as().map_err(|e| {
+            TaskFailure::permanent(format!(
+                "payload does not match what the handler expects: {e}"
+            ))
+        })
+    }
+
+    /// Fires when the task is cancelled, its lease is lost, its timeout
+    /// passes, or the worker shuts down; see [`Self::cancel_reason`].
+    pub fn cancellation(&self) -> &CancellationToken {
+        self.cancellation.token()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancellation.token().is_cancelled()
+    }
+
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        self.cancellation.reason()
+    }
+
+    /// Reports progress (0–100 and a message) at once; the answer also
+    /// tells whether cancellation was requested, which fires the token.
+    pub async fn progress(
+        &self,
+        percent: impl Into<Option<f64>>,
+        message: impl Into<Option<&str>>,
+    ) -> Result<()> {
+        self.report(ProgressUpdate {
+            percent: percent.into(),
+            message: message.into().map(str::to_owned),
+            data: None,
+        })
+        .await
+    }
+
+    /// Reports progress with structured data.
+    pub async fn report(&self, progress: ProgressUpdate) -> Result<()> {
+        let request = HeartbeatRequest {
+            id: self.task.id,
+            worker_id: self.shared.config.worker_id.clone(),
+            progress: Some(progress),
+            lease: self.shared.config.lease,
+        };
+        let answer = {
+            let _in_order = self.reporting.lock().await;
+            self.shared.source.heartbeat(request).await
+        };
+        match answer {
+            Ok(ack) => {
+                if ack.cancel_requested {
+                    self.cancellation.cancel(CancelReason::Cancelled);
+                }
+                Ok(())
+            }
+            Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => {
+                self.cancellation.cancel(CancelReason::LeaseLost);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A failed attempt, as a handler reports it.
+#[derive(Debug)]
+pub struct TaskFailure {
+    pub(crate) message: String,
+    pub(crate) retry: Option<bool>,
+    pub(crate) retry_in: Option<Duration>,
+}
+
+impl TaskFailure {
+    /// A failure retried per the task's attempts and backoff.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: None,
+            retry_in: None,
+        }
+    }
+
+    /// A failure that fails the task at once, whatever attempts are left.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            retry: Some(false),
+            ..Self::new(message)
+        }
+    }
+
+    /// Retries after `delay` instead of the backoff.
+    #[must_use]
+    pub fn retry_in(mut self, delay: Duration) -> Self {
+        self.retry_in = Some(delay);
+        self
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Any error converts, with its chain of causes in the message. (This is why
+/// `TaskFailure` itself is not a `std::error::Error`.)
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskFailure {
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::new(message)
+    }
+}

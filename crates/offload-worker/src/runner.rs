@@ -1,0 +1,417 @@
+//! The machinery behind [`crate::Worker::run`]: the fetch loop, one runner
+//! per task, the heartbeater, the cancellation listener and the acker.
+//!
+//! Concurrency is a semaphore: the fetch loop asks for as many tasks as
+//! there are free permits, and each task keeps its permit until its handler
+//! is done. Acknowledgements go through one channel to the acker, which
+//! sends whatever has accumulated in one call, so a busy worker acks in
+//! batches without waiting to fill them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use offload_core::{
+    Ack, ClaimRequest, Error, Failure, FailureKind, HeartbeatRequest, Result, Task,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::context::{CancelReason, Cancellation, TaskContext};
+use crate::{Handler, TaskSource, WorkerConfig};
+
+/// Tasks asked for in one fetch, at most.
+const MAX_FETCH: usize = 1000;
+/// Pause after a failed fetch.
+const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Tries to deliver one batch of acks before leaving it to lease expiry.
+const ACK_TRIES: u32 = 6;
+
+pub(crate) struct Shared {
+    pub source: Arc<dyn TaskSource>,
+    pub config: WorkerConfig,
+    in_flight: Mutex<HashMap<Uuid, Cancellation>>,
+    acks: mpsc::UnboundedSender<Ack>,
+}
+
+impl Shared {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Cancellation>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cancel(&self, id: Uuid, reason: CancelReason) {
+        if let Some(c) = self.in_flight().get(&id) {
+            c.cancel(reason);
+        }
+    }
+}
+
+pub(crate) async fn run(
+    source: Arc<dyn TaskSource>,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (acks, ack_queue) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        source,
+        config,
+        in_flight: Mutex::new(HashMap::new()),
+        acks,
+    });
+    let helpers_stop = CancellationToken::new();
+    let acker = tokio::spawn(acker(Arc::clone(&shared), ack_queue, helpers_stop.clone()));
+    let heartbeats = tokio::spawn(heartbeater(Arc::clone(&shared), helpers_stop.clone()));
+    let listener = tokio::spawn(cancellation_listener(
+        Arc::clone(&shared),
+        helpers_stop.clone(),
+    ));
+
+    let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let hard_stop = CancellationToken::new();
+    let mut types: Vec<String> = handlers.keys().cloned().collect();
+    types.sort();
+    let mut runners = JoinSet::new();
+
+    loop {
+        let first = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let mut free = vec![first];
+        while free.len() < MAX_FETCH {
+            match Arc::clone(&permits).try_acquire_owned() {
+                Ok(p) => free.push(p),
+                Err(_) => break,
+            }
+        }
+        let request = ClaimRequest {
+            worker_id: shared.config.worker_id.clone(),
+            types: types.clone(),
+            queues: shared.config.queues.clone(),
+            limit: free.len(),
+            lease: shared.config.lease,
+        };
+        let tasks = match shared
+            .source
+            .fetch(&request, shared.config.poll_wait, &shutdown)
+            .await
+        {
+            Ok(tasks) => tasks,
+            Err(e) => {
+                tracing::warn!(error = %e, "fetching tasks failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(FETCH_ERROR_PAUSE) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+        };
+        // Permits left over return to the semaphore when `free` drops.
+        for (task, permit) in tasks.into_iter().zip(free) {
+            match handlers.get(&task.task_type) {
+                Some(handler) => {
+                    runners.spawn(run_task(
+                        Arc::clone(&shared),
+                        Arc::clone(handler),
+                        task,
+                        hard_stop.clone(),
+                        permit,
+                    ));
+                }
+                None => {
+                    let message =
+                        format!("this worker has no handler for type {:?}", task.task_type);
+                    let _ = shared.acks.send(fail(
+                        task.id,
+                        message,
+                        FailureKind::Error,
+                        None,
+                        Some(Duration::ZERO),
+                    ));
+                }
+            }
+        }
+        while runners.try_join_next().is_some() {}
+    }
+
+    // Graceful shutdown: let in-flight tasks finish, then stop the rest.
+    let drained = tokio::time::timeout(shared.config.shutdown_grace, async {
+        while runners.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            tasks = runners.len(),
+            "shutdown grace ran out; handing tasks back for retry"
+        );
+        hard_stop.cancel();
+        while runners.join_next().await.is_some() {}
+    }
+    // Every runner has queued its ack; the acker sends them all, then stops.
+    helpers_stop.cancel();
+    let _ = heartbeats.await;
+    let _ = listener.await;
+    let _ = acker.await;
+    Ok(())
+}
+
+fn fail(
+    id: Uuid,
+    message: String,
+    kind: FailureKind,
+    retry: Option<bool>,
+    retry_in: Option<Duration>,
+) -> Ack {
+    Ack::Fail {
+        id,
+        failure: Failure {
+            message,
+            kind,
+            retry,
+            retry_in,
+        },
+    }
+}
+
+async fn run_task(
+    shared: Arc<Shared>,
+    handler: Arc<dyn Handler>,
+    task: Task,
+    hard_stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let id = task.id;
+    let timeout = Duration::from_secs(task.timeout_secs.into());
+    let cancellation = Cancellation::default();
+    shared.in_flight().insert(id, cancellation.clone());
+    if task.cancel_requested {
+        cancellation.cancel(CancelReason::Cancelled);
+    }
+    let ctx = TaskContext::new(task, cancellation.clone(), Arc::clone(&shared));
+    // A task of its own, so that a panic is caught as a JoinError and only
+    // fails this task.
+    let mut handling = tokio::spawn(handler.call(ctx));
+
+    let finished = tokio::select! {
+        outcome = &mut handling => Some(outcome),
+        _ = tokio::time::sleep(timeout) => {
+            cancellation.cancel(CancelReason::Timeout);
+            None
+        }
+        _ = cancellation.token().cancelled() => None,
+        _ = hard_stop.cancelled() => {
+            cancellation.cancel(CancelReason::Shutdown);
+            None
+        }
+    };
+    let outcome = match finished {
+        Some(outcome) => outcome,
+        None => {
+            // The token fired: give the handler time to wind down, except
+            // when the worker is past its shutdown grace.
+            let grace = if hard_stop.is_cancelled() {
+                Duration::ZERO
+            } else {
+                shared.config.cancel_grace
+            };
+            tokio::select! {
+                outcome = &mut handling => outcome,
+                _ = tokio::time::sleep(grace) => { handling.abort(); (&mut handling).await }
+                _ = hard_stop.cancelled() => {
+                    cancellation.cancel(CancelReason::Shutdown);
+                    handling.abort();
+                    (&mut handling).await
+                }
+            }
+        }
+    };
+    shared.in_flight().remove(&id);
+    if let Some(ack) = acknowledgement(id, outcome, cancellation.reason(), timeout) {
+        let _ = shared.acks.send(ack);
+    }
+}
+
+/// What to report for a finished handler.
+fn acknowledgement(
+    id: Uuid,
+    outcome: Result<Result<Option<offload_core::Json>, crate::TaskFailure>, JoinError>,
+    reason: Option<CancelReason>,
+    timeout: Duration,
+) -> Option<Ack> {
+    let shutdown_message = "the worker shut down before the task finished".to_owned();
+    let timeout_message = format!(
+        "the attempt ran longer than its timeout of {}s",
+        timeout.as_secs()
+    );
+    Some(match (outcome, reason) {
+        // Someone else may hold the task now; the newer attempt wins.
+        (_, Some(CancelReason::LeaseLost)) => return None,
+        // Work that finished counts, even if a stop was asked meanwhile.
+        (Ok(Ok(result)), _) => Ack::Complete { id, result },
+        (Ok(Err(failure)), Some(CancelReason::Timeout)) => fail(
+            id,
+            format!("{timeout_message}: {}", failure.message),
+            FailureKind::Timeout,
+            None,
+            None,
+        ),
+        (Ok(Err(_)) | Err(_), Some(CancelReason::Shutdown)) => fail(
+            id,
+            shutdown_message,
+            FailureKind::Error,
+            None,
+            Some(Duration::ZERO),
+        ),
+        (Ok(Err(failure)), _) => fail(
+            id,
+            failure.message,
+            FailureKind::Error,
+            failure.retry,
+            failure.retry_in,
+        ),
+        (Err(e), _) if e.is_panic() => {
+            let payload = e.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic".into());
+            fail(
+                id,
+                format!("the handler panicked: {text}"),
+                FailureKind::Error,
+                None,
+                None,
+            )
+        }
+        (Err(_), Some(CancelReason::Timeout)) => fail(
+            id,
+            format!("{timeout_message}; the handler did not stop and was aborted"),
+            FailureKind::Timeout,
+            None,
+            None,
+        ),
+        (Err(_), _) => fail(
+            id,
+            "cancelled; the handler did not stop in time and was aborted".into(),
+            FailureKind::Error,
+            None,
+            None,
+        ),
+    })
+}
+
+/// Sends queued acks in batches until `stop`, then sends what is left.
+async fn acker(
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<Ack>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            ack = queue.recv() => match ack {
+                Some(ack) => ack,
+                None => return,
+            },
+            _ = stop.cancelled() => match queue.try_recv() {
+                Ok(ack) => ack,
+                Err(_) => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < shared.config.max_ack_batch {
+            match queue.try_recv() {
+                Ok(ack) => batch.push(ack),
+                Err(_) => break,
+            }
+        }
+        send_acks(&shared, batch).await;
+    }
+}
+
+async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=ACK_TRIES {
+        match shared
+            .source
+            .ack(&shared.config.worker_id, batch.clone())
+            .await
+        {
+            Ok(outcomes) => {
+                for (ack, outcome) in batch.iter().zip(outcomes) {
+                    if let Err(e) = outcome {
+                        // Typically a lease that expired: the newer attempt wins.
+                        tracing::debug!(task = %ack.id(), error = %e, "acknowledgement refused");
+                    }
+                }
+                return;
+            }
+            Err(e) if attempt < ACK_TRIES => {
+                tracing::warn!(error = %e, attempt, "sending acknowledgements failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tasks = batch.len(), "giving up on acknowledgements; their leases will expire and the tasks run again");
+            }
+        }
+    }
+}
+
+/// Renews the lease of every running task, and learns of cancellations.
+async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(shared.config.heartbeat_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let running: Vec<Uuid> = shared.in_flight().keys().copied().collect();
+        let beats = running.into_iter().map(|id| {
+            let shared = Arc::clone(&shared);
+            async move {
+                let request = HeartbeatRequest {
+                    id,
+                    worker_id: shared.config.worker_id.clone(),
+                    progress: None,
+                    lease: shared.config.lease,
+                };
+                match shared.source.heartbeat(request).await {
+                    Ok(ack) if ack.cancel_requested => shared.cancel(id, CancelReason::Cancelled),
+                    Ok(_) => {}
+                    Err(Error::Conflict(_) | Error::NotFound(_)) => {
+                        shared.cancel(id, CancelReason::LeaseLost)
+                    }
+                    Err(e) => tracing::warn!(task = %id, error = %e, "heartbeat failed"),
+                }
+            }
+        });
+        futures::future::join_all(beats).await;
+    }
+}
+
+/// Fires the token of a running task the moment its cancellation is
+/// requested, where the source can say so.
+async fn cancellation_listener(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(mut cancels) = shared.source.cancellations() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            id = cancels.recv() => match id {
+                Ok(id) => shared.cancel(id, CancelReason::Cancelled),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = stop.cancelled() => return,
+        }
+    }
+}
