@@ -42,6 +42,7 @@ const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
 /// `priority` as callers may give it: a number or a name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PriorityInput {
     Number(i64),
     Name(String),
@@ -50,6 +51,7 @@ pub enum PriorityInput {
 /// What to do when an active task already holds the unique key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OnConflict {
     /// Return the existing task (HTTP 200).
     #[default]
@@ -61,10 +63,12 @@ pub enum OnConflict {
 /// An enqueue request, field for field as SPEC §4 names them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewTask {
     #[serde(rename = "type")]
     pub task_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub payload: Option<Json>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,

@@ -33,12 +33,14 @@ pub struct ClaimRequest {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressUpdate {
     #[serde(default)]
     pub percent: Option<f64>,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub data: Option<Json>,
 }
 
@@ -51,6 +53,7 @@ pub struct HeartbeatRequest {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatAck {
     pub cancel_requested: bool,
     pub lease_expires_at: Timestamp,
@@ -59,6 +62,7 @@ pub struct HeartbeatAck {
 /// What kind of failure a worker reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureKind {
     #[default]
     Error,
@@ -111,6 +115,7 @@ pub struct ListQuery {
 pub const MAX_LIST_LIMIT: usize = 1000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskPage {
     pub tasks: Vec<Task>,
     pub next_cursor: Option<String>,
@@ -118,6 +123,7 @@ pub struct TaskPage {
 
 /// Task counts by state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Counts {
     pub blocked: u64,
     pub scheduled: u64,
@@ -165,6 +171,7 @@ impl Counts {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     pub total: Counts,
     pub queues: BTreeMap<String, Counts>,
@@ -172,6 +179,7 @@ pub struct Stats {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueInfo {
     pub name: String,
     pub paused: bool,
@@ -278,6 +286,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes up to `batch` finished tasks past their retention.
     async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64>;
+
+    /// Running tasks whose lease expired at least `expired_for` ago: ones
+    /// recovery should already have retried. Also a cheap database ping.
+    async fn count_stuck(&self, expired_for: Duration) -> Result<u64>;
 
     /// Change notifications for this store's tasks.
     fn hub(&self) -> &Hub;

@@ -22,6 +22,7 @@ pub fn json_null() -> Json {
 /// SPEC §2. The discriminants are the stable codes backends store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum State {
     Blocked = 0,
     Scheduled = 1,
@@ -94,6 +95,7 @@ impl FromStr for State {
 /// Why an attempt or a task ended badly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorKind {
     Error,
     Timeout,
@@ -104,6 +106,7 @@ pub enum ErrorKind {
 
 /// The last error of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskError {
     pub kind: ErrorKind,
     pub message: String,
@@ -112,6 +115,7 @@ pub struct TaskError {
 
 /// One entry of a task's error history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttemptError {
     pub attempt: u32,
     pub kind: ErrorKind,
@@ -121,20 +125,24 @@ pub struct AttemptError {
 
 /// Progress as the worker last reported it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     pub percent: Option<f64>,
     pub message: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub data: Option<Json>,
     pub updated_at: Timestamp,
 }
 
 /// A task, as stored and as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Task {
     pub id: Uuid,
     #[serde(rename = "type")]
     pub task_type: String,
     pub queue: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Value))]
     pub payload: Json,
     pub priority: u8,
     pub state: State,
@@ -147,6 +155,7 @@ pub struct Task {
     pub unique_key: Option<String>,
     pub depends_on: Vec<Uuid>,
     pub progress: Option<Progress>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub result: Option<Json>,
     pub error: Option<TaskError>,
     pub errors: Vec<AttemptError>,

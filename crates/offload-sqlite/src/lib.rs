@@ -377,6 +377,25 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn count_stuck(&self, expired_for: std::time::Duration) -> Result<u64> {
+        let cutoff = self
+            .shared
+            .clock
+            .now()
+            .saturating_sub(expired_for)
+            .as_millis();
+        self.readers
+            .run(move |conn| {
+                conn.prepare_cached(
+                    "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1",
+                )
+                .and_then(|mut stmt| stmt.query_row([cutoff], |r| r.get::<_, i64>(0)))
+                .map(|n| n as u64)
+                .map_err(storage_error)
+            })
+            .await
+    }
+
     fn hub(&self) -> &Hub {
         &self.shared.hub
     }

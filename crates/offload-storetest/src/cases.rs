@@ -391,7 +391,17 @@ pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: 
         "lease still valid"
     );
     f.advance(1);
+    assert_eq!(
+        f.store.count_stuck(Duration::ZERO).await.unwrap(),
+        1,
+        "expired, not yet recovered"
+    );
+    assert_eq!(
+        f.store.count_stuck(Duration::from_secs(5)).await.unwrap(),
+        0
+    );
     assert_eq!(f.store.recover_expired().await.unwrap(), 1);
+    assert_eq!(f.store.count_stuck(Duration::ZERO).await.unwrap(), 0);
     let recovered = f.get(task.id).await;
     assert_eq!(recovered.state, State::Scheduled);
     assert_eq!(

@@ -25,6 +25,17 @@ pub enum CancelReason {
     Shutdown,
 }
 
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CancelReason::Cancelled => "the task was cancelled",
+            CancelReason::LeaseLost => "the worker lost the task's lease",
+            CancelReason::Timeout => "the attempt ran past its timeout",
+            CancelReason::Shutdown => "the worker is shutting down",
+        })
+    }
+}
+
 /// The cancellation state of one running task, shared by its context, the
 /// heartbeater and the runner.
 #[derive(Clone, Debug, Default)]

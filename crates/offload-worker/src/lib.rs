@@ -56,7 +56,9 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Lease taken on each claim and renewed by heartbeats.
     pub lease: Duration,
-    /// How often running tasks' leases are renewed.
+    /// How often running tasks' leases are renewed. A worker whose source
+    /// cannot announce cancellations (a remote one) renews at least every
+    /// 2 s, since the answer is how it learns of a cancel.
     pub heartbeat_interval: Duration,
     /// How long one fetch waits for work before asking again.
     pub poll_wait: Duration,

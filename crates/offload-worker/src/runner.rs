@@ -28,6 +28,9 @@ const MAX_FETCH: usize = 1000;
 const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Tries to deliver one batch of acks before leaving it to lease expiry.
 const ACK_TRIES: u32 = 6;
+/// Longest a worker without a cancellation feed (a remote one) goes without
+/// a heartbeat, since heartbeats are how it learns of a cancel.
+const CANCEL_CHECK: Duration = Duration::from_secs(2);
 
 pub(crate) struct Shared {
     pub source: Arc<dyn TaskSource>,
@@ -366,7 +369,12 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
 
 /// Renews the lease of every running task, and learns of cancellations.
 async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(shared.config.heartbeat_interval);
+    let interval = if shared.source.cancellations().is_some() {
+        shared.config.heartbeat_interval
+    } else {
+        shared.config.heartbeat_interval.min(CANCEL_CHECK)
+    };
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use offload_core::{Ack, AckOutcome, ClaimRequest, HeartbeatAck, HeartbeatRequest, Result, Task};
+use offload_core::{Ack, ClaimRequest, HeartbeatAck, HeartbeatRequest, Result, Task};
 use offload_engine::Engine;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,9 @@ pub trait TaskSource: Send + Sync + 'static {
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck>;
 
-    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>>;
+    /// Reports outcomes; one answer per ack, in order: taken, or why not
+    /// (typically a conflict: the worker no longer holds the task).
+    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<Result<()>>>;
 
     /// Ids of running tasks whose cancellation was just requested, where the
     /// source can tell at once; otherwise heartbeats tell.
@@ -47,8 +49,9 @@ impl TaskSource for Engine {
         self.store().heartbeat(request).await
     }
 
-    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
-        self.store().ack(worker_id, acks).await
+    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
+        let outcomes = self.store().ack(worker_id, acks).await?;
+        Ok(outcomes.into_iter().map(|o| o.map(drop)).collect())
     }
 
     fn cancellations(&self) -> Option<broadcast::Receiver<Uuid>> {

@@ -1,0 +1,199 @@
+//! The JSON bodies of Offload's HTTP API (SPEC §4) that are not the task
+//! model itself: requests of the worker protocol, batch envelopes, error
+//! bodies. The server parses and the client sends exactly these types, so
+//! the two cannot drift apart; each derives its OpenAPI schema.
+//!
+//! Request types reject unknown fields, as SPEC §4 requires.
+
+use offload_core::{Counts, FailureKind, Json, NewTask, ProgressUpdate, QueueInfo, Task};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// One of `invalid_json`, `invalid_argument`, `unauthenticated`,
+    /// `forbidden`, `not_found`, `conflict`, `payload_too_large`,
+    /// `rate_limited`, `unavailable`, `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+/// `POST /v1/tasks/batch`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEnqueue {
+    pub tasks: Vec<NewTask>,
+}
+
+/// The tasks of a batch enqueue, in request order.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
+}
+
+/// `DELETE /v1/tasks`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueueList {
+    pub queues: Vec<QueueInfo>,
+}
+
+/// `PATCH /v1/queues/{name}`. `concurrency: null` removes the limit; an
+/// absent field leaves it as it is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueueUpdate {
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u32>)]
+    pub concurrency: Option<Option<i64>>,
+}
+
+/// Distinguishes `"field": null` (Some(None)) from an absent field (None).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `POST /v1/fetch`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    pub worker_id: String,
+    /// Task types the worker handles; absent or empty means any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
+    /// Queues served; absent or empty means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<Vec<String>>,
+    /// 1–1000, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// 0–60000, default 0: how long to wait for a task if none is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<i64>,
+    /// 1–3600, default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<i64>,
+}
+
+/// `POST /v1/tasks/{id}/heartbeat`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatBody {
+    pub worker_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressUpdate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<i64>,
+}
+
+/// `POST /v1/tasks/{id}/complete`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBody {
+    pub worker_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Value>)]
+    pub result: Option<Json>,
+}
+
+/// What went wrong in an attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptErrorBody {
+    pub message: String,
+    /// `error` (default) or `timeout` when the worker stopped the attempt
+    /// because it ran past `timeout_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FailureKind>,
+}
+
+/// `POST /v1/tasks/{id}/fail`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailBody {
+    pub worker_id: String,
+    pub error: AttemptErrorBody,
+    /// `false` fails the task at once, whatever attempts are left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<bool>,
+    /// Retry after this many seconds instead of the backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_secs: Option<i64>,
+}
+
+/// `POST /v1/ack`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckBody {
+    pub worker_id: String,
+    #[serde(default)]
+    pub completed: Vec<AckCompleted>,
+    #[serde(default)]
+    pub failed: Vec<AckFailed>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckCompleted {
+    pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Value>)]
+    pub result: Option<Json>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckFailed {
+    pub id: Uuid,
+    pub error: AttemptErrorBody,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_secs: Option<i64>,
+}
+
+/// One answer per acknowledgement: completed ones first, then failed ones,
+/// each in request order.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AckResults {
+    pub results: Vec<AckResult>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AckResult {
+    pub id: Uuid,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// `GET /health`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` when the database cannot be reached.
+    pub status: String,
+    pub database: String,
+    /// `durable` or `relaxed` (SPEC §1.6).
+    pub durability: String,
+    pub counts: Counts,
+    /// Running tasks whose lease ran out over a few seconds ago and that
+    /// recovery has not yet retried; above zero only if something is wrong.
+    pub stuck: u64,
+}

@@ -1,0 +1,350 @@
+//! A Rust client for Offload's HTTP API (SPEC §4), and [`TaskSource`] for
+//! running the worker runtime against a remote server:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), offload_client::ClientError> {
+//! use offload_client::Client;
+//! use offload_core::NewTask;
+//!
+//! let client = Client::new("http://127.0.0.1:6490");
+//! let (task, _created) = client.enqueue(&NewTask::new("email.send")).await?;
+//! let finished = client.wait(task.id).await?;
+//! println!("{} ended {}", finished.id, finished.state);
+//! # Ok(()) }
+//! ```
+
+mod events;
+mod source;
+
+use std::time::Duration;
+
+use offload_api::{
+    AckBody, AckResults, BatchEnqueue, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest,
+    Health, HeartbeatBody, QueueList, QueueUpdate, TaskList,
+};
+use offload_core::{HeartbeatAck, NewTask, QueueInfo, State, Stats, Task, TaskPage, Timestamp};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+pub use events::{TaskEvent, TaskEvents};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached at all.
+    #[error("cannot reach the Offload server at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    /// The server answered with an error.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The server's answer made no sense to this client.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type ClientResult<T> = Result<T, ClientError>;
+
+/// Filters for [`Client::list`].
+#[derive(Clone, Debug, Default)]
+pub struct ListParams {
+    pub states: Vec<State>,
+    pub task_type: Option<String>,
+    pub queue: Option<String>,
+    pub owner: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+/// A handle on one Offload server; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(url: impl Into<String>) -> Self {
+        let base = url.into().trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            base,
+            token: None,
+        }
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    async fn send(&self, builder: RequestBuilder) -> ClientResult<reqwest::Response> {
+        let response = builder.send().await.map_err(|e| self.unreachable(&e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(ErrorBody { error }) => ClientError::Api {
+                status,
+                code: error.code,
+                message: error.message,
+            },
+            Err(_) => ClientError::Api {
+                status,
+                code: "http_error".into(),
+                message: String::from_utf8_lossy(&body).chars().take(300).collect(),
+            },
+        })
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> ClientError {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            message,
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> ClientResult<T> {
+        let response = self.send(builder).await?;
+        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> ClientResult<T> {
+        self.json(self.request(Method::POST, path).json(body)).await
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> ClientResult<T> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    /// Enqueues one task; `true` when created, `false` when an active task
+    /// holding its unique key was returned.
+    pub async fn enqueue(&self, task: &NewTask) -> ClientResult<(Task, bool)> {
+        let response = self
+            .send(self.request(Method::POST, "/v1/tasks").json(task))
+            .await?;
+        let created = response.status() == StatusCode::CREATED;
+        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        let task =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((task, created))
+    }
+
+    /// Enqueues up to 10,000 tasks, all or nothing.
+    pub async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> ClientResult<Vec<Task>> {
+        let list: TaskList = self
+            .post("/v1/tasks/batch", &BatchEnqueue { tasks })
+            .await?;
+        Ok(list.tasks)
+    }
+
+    pub async fn get(&self, id: Uuid) -> ClientResult<Task> {
+        self.get_json(&format!("/v1/tasks/{id}")).await
+    }
+
+    pub async fn list(&self, params: &ListParams) -> ClientResult<TaskPage> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if !params.states.is_empty() {
+            let states: Vec<&str> = params.states.iter().map(|s| s.as_str()).collect();
+            query.push(("state", states.join(",")));
+        }
+        let optional = [
+            ("type", &params.task_type),
+            ("queue", &params.queue),
+            ("owner", &params.owner),
+            ("cursor", &params.cursor),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                query.push((key, v.clone()));
+            }
+        }
+        for (k, v) in &params.labels {
+            query.push(("label", format!("{k}:{v}")));
+        }
+        if let Some(t) = params.created_after {
+            query.push(("created_after", t.to_string()));
+        }
+        if let Some(t) = params.created_before {
+            query.push(("created_before", t.to_string()));
+        }
+        if let Some(limit) = params.limit {
+            query.push(("limit", limit.to_string()));
+        }
+        self.json(self.request(Method::GET, "/v1/tasks").query(&query))
+            .await
+    }
+
+    pub async fn stats(&self) -> ClientResult<Stats> {
+        self.get_json("/v1/stats").await
+    }
+
+    pub async fn cancel(&self, id: Uuid) -> ClientResult<Task> {
+        self.json(self.request(Method::POST, &format!("/v1/tasks/{id}/cancel")))
+            .await
+    }
+
+    pub async fn retry(&self, id: Uuid) -> ClientResult<Task> {
+        self.json(self.request(Method::POST, &format!("/v1/tasks/{id}/retry")))
+            .await
+    }
+
+    pub async fn delete(&self, id: Uuid) -> ClientResult<()> {
+        self.send(self.request(Method::DELETE, &format!("/v1/tasks/{id}")))
+            .await
+            .map(drop)
+    }
+
+    /// Deletes finished tasks in `states` (all finished states if empty).
+    pub async fn clear(&self, states: &[State], older_than: Option<Duration>) -> ClientResult<u64> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if !states.is_empty() {
+            let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+            query.push(("state", states.join(",")));
+        }
+        if let Some(d) = older_than {
+            query.push(("older_than_secs", d.as_secs().to_string()));
+        }
+        let deleted: Deleted = self
+            .json(self.request(Method::DELETE, "/v1/tasks").query(&query))
+            .await?;
+        Ok(deleted.deleted)
+    }
+
+    pub async fn queues(&self) -> ClientResult<Vec<QueueInfo>> {
+        let list: QueueList = self.get_json("/v1/queues").await?;
+        Ok(list.queues)
+    }
+
+    pub async fn pause(&self, queue: &str) -> ClientResult<QueueInfo> {
+        self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/pause")))
+            .await
+    }
+
+    pub async fn resume(&self, queue: &str) -> ClientResult<QueueInfo> {
+        self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/resume")))
+            .await
+    }
+
+    /// Limits how many of the queue's tasks run at once (`None`: no limit).
+    pub async fn set_concurrency(
+        &self,
+        queue: &str,
+        limit: Option<u32>,
+    ) -> ClientResult<QueueInfo> {
+        let body = QueueUpdate {
+            concurrency: Some(limit.map(i64::from)),
+        };
+        self.json(
+            self.request(Method::PATCH, &format!("/v1/queues/{queue}"))
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn health(&self) -> ClientResult<Health> {
+        self.get_json("/health").await
+    }
+
+    // ---- the worker protocol ----------------------------------------------
+
+    pub async fn fetch(&self, request: &FetchRequest) -> ClientResult<Vec<Task>> {
+        let list: TaskList = self.post("/v1/fetch", request).await?;
+        Ok(list.tasks)
+    }
+
+    pub async fn heartbeat(&self, id: Uuid, body: &HeartbeatBody) -> ClientResult<HeartbeatAck> {
+        self.post(&format!("/v1/tasks/{id}/heartbeat"), body).await
+    }
+
+    pub async fn complete(&self, id: Uuid, body: &CompleteBody) -> ClientResult<Task> {
+        self.post(&format!("/v1/tasks/{id}/complete"), body).await
+    }
+
+    pub async fn fail(&self, id: Uuid, body: &FailBody) -> ClientResult<Task> {
+        self.post(&format!("/v1/tasks/{id}/fail"), body).await
+    }
+
+    pub async fn ack(&self, body: &AckBody) -> ClientResult<AckResults> {
+        self.post("/v1/ack", body).await
+    }
+
+    // ---- following tasks ------------------------------------------------------
+
+    /// The task's changes as server-sent events, starting with its current
+    /// state; ends after its terminal event.
+    pub async fn events(&self, id: Uuid) -> ClientResult<TaskEvents> {
+        let response = self
+            .send(self.request(Method::GET, &format!("/v1/tasks/{id}/events")))
+            .await?;
+        Ok(TaskEvents::new(response))
+    }
+
+    /// Waits until the task finishes and returns it. Follows the event
+    /// stream, reconnecting if it drops.
+    pub async fn wait(&self, id: Uuid) -> ClientResult<Task> {
+        loop {
+            let mut events = self.events(id).await?;
+            while let Some(event) = events.next().await? {
+                if event.task.state.is_finished() {
+                    return Ok(event.task);
+                }
+            }
+            // The stream ended without a terminal event (the server went
+            // away); look, then follow again.
+            let task = self.get(id).await?;
+            if task.state.is_finished() {
+                return Ok(task);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Server configuration: the optional `offload.toml`, onto which the binary
+//! lays `OFFLOAD_*` variables and flags (SPEC §3).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use offload_core::{Backoff, Limits, Retention};
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6490";
+pub const DEFAULT_DB: &str = "sqlite://offload.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything `offload serve` can be told. Every field has a default; the
+/// TOML file uses the same names.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (or a plain path) or `postgres://…`.
+    pub db: String,
+    /// `durable` (fsync before answering) or `relaxed`.
+    pub durability: String,
+    /// Largest payload, result or progress data, in bytes.
+    pub payload_limit_bytes: usize,
+    /// Largest request body of a batch enqueue or ack, in bytes.
+    pub batch_body_limit_bytes: usize,
+    /// Lease given when a fetch or heartbeat names none.
+    pub default_lease_secs: u32,
+    pub retention: RetentionConfig,
+    pub backoff: BackoffConfig,
+    /// Settings applied to queues at start, by queue name.
+    pub queues: BTreeMap<String, QueueConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
+            db: DEFAULT_DB.into(),
+            durability: "durable".into(),
+            payload_limit_bytes: Limits::default().max_payload_bytes,
+            batch_body_limit_bytes: 256 << 20,
+            default_lease_secs: 60,
+            retention: RetentionConfig::default(),
+            backoff: BackoffConfig::default(),
+            queues: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub completed_secs: u64,
+    pub failed_secs: u64,
+    pub cancelled_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let r = Retention::default();
+        Self {
+            completed_secs: r.completed.as_secs(),
+            failed_secs: r.failed.as_secs(),
+            cancelled_secs: r.cancelled.as_secs(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    pub max_secs: u64,
+    pub jitter: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        let b = Backoff::default();
+        Self {
+            max_secs: b.max_secs,
+            jitter: b.jitter,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub concurrency: Option<u32>,
+    pub paused: Option<bool>,
+}
+
+impl Config {
+    pub fn from_toml_file(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !matches!(self.durability.as_str(), "durable" | "relaxed") {
+            return invalid(format!(
+                "durability must be \"durable\" or \"relaxed\"; got {:?}",
+                self.durability
+            ));
+        }
+        if !(1..=3600).contains(&self.default_lease_secs) {
+            return invalid(format!(
+                "default_lease_secs must be 1 to 3600; got {}",
+                self.default_lease_secs
+            ));
+        }
+        if self.payload_limit_bytes == 0 {
+            return invalid("payload_limit_bytes must be above 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.backoff.jitter) {
+            return invalid(format!(
+                "backoff.jitter must be 0 to 1; got {}",
+                self.backoff.jitter
+            ));
+        }
+        for name in self.queues.keys() {
+            offload_core::validate_queue_name("queues", name)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_payload_bytes: self.payload_limit_bytes,
+            ..Limits::default()
+        }
+    }
+
+    pub fn retention(&self) -> Retention {
+        Retention {
+            completed: Duration::from_secs(self.retention.completed_secs),
+            failed: Duration::from_secs(self.retention.failed_secs),
+            cancelled: Duration::from_secs(self.retention.cancelled_secs),
+        }
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            max_secs: self.backoff.max_secs,
+            jitter: self.backoff.jitter,
+        }
+    }
+}

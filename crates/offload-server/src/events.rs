@@ -1,0 +1,141 @@
+//! Server-sent events (SPEC §4.2): one task's changes, or every change.
+//!
+//! A stream subscribes before it reads the task's current state, so no
+//! change can fall between the two. A per-task stream ends after the task's
+//! terminal event; every stream ends when the server stops, so that a
+//! graceful shutdown never waits on one.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use futures::StreamExt;
+use offload_core::{EventKind, Task, TaskEvent};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{query_pairs, task_id};
+
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+fn event(kind: EventKind, task: &Task) -> Event {
+    let name = match kind {
+        EventKind::State => "task.state",
+        EventKind::Progress => "task.progress",
+    };
+    Event::default()
+        .event(name)
+        .json_data(task)
+        .unwrap_or_else(|e| Event::default().comment(format!("could not encode the task: {e}")))
+}
+
+fn is_terminal(kind: EventKind, task: &Task) -> bool {
+    kind == EventKind::State && task.state.is_finished()
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "events", params(("id" = String, Path)),
+    responses((status = 200, description = "text/event-stream of `task.state` and `task.progress` events, each carrying the task; ends after the terminal event", content_type = "text/event-stream"),
+              (status = 404, body = offload_api::ErrorBody)))]
+pub async fn task_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let id = task_id(&id)?;
+    let mut changes = state.store().hub().subscribe();
+    let current = state
+        .store()
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+    let store = state.store().clone();
+    let stream = async_stream(move |tx| async move {
+        let done = current.state.is_finished();
+        if tx.send(event(EventKind::State, &current)).await.is_err() || done {
+            return;
+        }
+        loop {
+            let (kind, task) = match changes.recv().await {
+                Ok(TaskEvent { kind, task }) if task.id == id => (kind, (*task).clone()),
+                Ok(_) => continue,
+                // Missed events: the task as it is now stands in for them.
+                Err(RecvError::Lagged(_)) => match store.get(id).await {
+                    Ok(Some(task)) => (EventKind::State, task),
+                    _ => return,
+                },
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(event(kind, &task)).await.is_err() || is_terminal(kind, &task) {
+                return;
+            }
+        }
+    });
+    Ok(sse(stream, state.stop.clone()))
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(("queue" = Option<String>, Query), ("type" = Option<String>, Query), ("owner" = Option<String>, Query)),
+    responses((status = 200, description = "text/event-stream of every task change", content_type = "text/event-stream")))]
+pub async fn all_events(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let (mut queue, mut task_type, mut owner) = (None, None, None);
+    for (key, value) in query_pairs(raw.as_deref(), &["queue", "type", "owner"])? {
+        match key.as_str() {
+            "queue" => queue = Some(value),
+            "type" => task_type = Some(value),
+            _ => owner = Some(value),
+        }
+    }
+    let mut changes = state.store().hub().subscribe();
+    let stream = async_stream(move |tx| async move {
+        loop {
+            let next = match changes.recv().await {
+                Ok(TaskEvent { kind, task }) => {
+                    let wanted = queue.as_ref().is_none_or(|q| *q == task.queue)
+                        && task_type.as_ref().is_none_or(|t| *t == task.task_type)
+                        && owner
+                            .as_ref()
+                            .is_none_or(|o| task.owner.as_ref() == Some(o));
+                    if !wanted {
+                        continue;
+                    }
+                    event(kind, &task)
+                }
+                Err(RecvError::Lagged(n)) => {
+                    Event::default().comment(format!("{n} events were missed"))
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(next).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(sse(stream, state.stop.clone()))
+}
+
+fn sse(
+    stream: impl Stream<Item = Event> + Send + 'static,
+    stop: tokio_util::sync::CancellationToken,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = stream
+        .take_until(async move { stop.cancelled().await })
+        .map(Ok::<_, Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// A stream fed by a producer task through a small channel; the producer
+/// stops when the client goes away (its sends fail).
+fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Event> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,195 @@
+//! `/v1/tasks…` and `/v1/stats`: enqueue, read, act on and clear tasks.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use offload_api::{BatchEnqueue, Deleted, ErrorBody, TaskList};
+use offload_core::{
+    ClearRequest, ListQuery, MAX_LIST_LIMIT, NewTask, Stats, Task, TaskPage, Timestamp,
+};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{BatchBody, JsonBody, int_param, query_pairs, task_id};
+
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
+    responses(
+        (status = 201, description = "Created", body = Task),
+        (status = 200, description = "An active task already holds the unique key", body = Task),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn enqueue(
+    State(state): State<AppState>,
+    JsonBody(task): JsonBody<NewTask>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    let (task, created) = state.engine.enqueue(task).await?;
+    if created {
+        state.metrics.enqueued(&task);
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(task)))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchEnqueue,
+    responses((status = 201, body = TaskList), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn enqueue_batch(
+    State(state): State<AppState>,
+    BatchBody(batch): BatchBody<BatchEnqueue>,
+) -> ApiResult<(StatusCode, Json<TaskList>)> {
+    if batch.tasks.is_empty() {
+        return Err(ApiError::invalid(
+            "tasks",
+            "must hold 1 to 10000 tasks; got none",
+        ));
+    }
+    let answers = state.engine.enqueue_batch(batch.tasks).await?;
+    let tasks = answers
+        .into_iter()
+        .map(|(task, created)| {
+            if created {
+                state.metrics.enqueued(&task);
+            }
+            task
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(TaskList { tasks })))
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+    let id = task_id(&id)?;
+    match state.store().get(id).await? {
+        Some(task) => Ok(Json(task)),
+        None => Err(ApiError::not_found(format!("task {id} not found"))),
+    }
+}
+
+const LIST_PARAMS: &[&str] = &[
+    "state",
+    "type",
+    "queue",
+    "owner",
+    "label",
+    "created_after",
+    "created_before",
+    "limit",
+    "cursor",
+];
+
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("state" = Option<String>, Query, description = "Comma-separated states"),
+        ("type" = Option<String>, Query), ("queue" = Option<String>, Query), ("owner" = Option<String>, Query),
+        ("label" = Option<String>, Query, description = "key:value; may repeat"),
+        ("created_after" = Option<String>, Query, description = "RFC 3339"),
+        ("created_before" = Option<String>, Query, description = "RFC 3339"),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<TaskPage>> {
+    let mut query = ListQuery {
+        limit: 50,
+        ..ListQuery::default()
+    };
+    for (key, value) in query_pairs(raw.as_deref(), LIST_PARAMS)? {
+        match key.as_str() {
+            "state" => query.states.extend(parse_states("state", &value)?),
+            "type" => query.task_type = Some(value),
+            "queue" => query.queue = Some(value),
+            "owner" => query.owner = Some(value),
+            "label" => {
+                let (k, v) = value.split_once(':').ok_or_else(|| {
+                    ApiError::invalid("label", format!("must be key:value; got {value:?}"))
+                })?;
+                query.labels.push((k.to_owned(), v.to_owned()));
+            }
+            "created_after" => query.created_after = Some(parse_time("created_after", &value)?),
+            "created_before" => query.created_before = Some(parse_time("created_before", &value)?),
+            "limit" => query.limit = int_param("limit", &value, 1, MAX_LIST_LIMIT as i64)? as usize,
+            "cursor" => query.cursor = Some(value),
+            _ => unreachable!("query_pairs admits only LIST_PARAMS"),
+        }
+    }
+    Ok(Json(state.store().list(&query).await?))
+}
+
+fn parse_states(field: &str, value: &str) -> ApiResult<Vec<offload_core::State>> {
+    value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|e: String| ApiError::invalid(field, e)))
+        .collect()
+}
+
+fn parse_time(field: &str, value: &str) -> ApiResult<Timestamp> {
+    Timestamp::parse(value)
+        .map_err(|e| ApiError::invalid(field, format!("must be an RFC 3339 timestamp ({e})")))
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "tasks", responses((status = 200, body = Stats)))]
+pub async fn stats(State(state): State<AppState>) -> ApiResult<Json<Stats>> {
+    Ok(Json(state.store().stats().await?))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Task>> {
+    Ok(Json(state.store().cancel(task_id(&id)?).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled", body = ErrorBody)))]
+pub async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+    Ok(Json(state.store().retry(task_id(&id)?).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, description = "Still active", body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.store().delete(task_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("state" = Option<String>, Query, description = "Comma-separated finished states; default all three"),
+        ("older_than_secs" = Option<u64>, Query, description = "Only tasks finished at least this long ago")),
+    responses((status = 200, body = Deleted), (status = 400, body = ErrorBody)))]
+pub async fn clear(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Deleted>> {
+    let mut request = ClearRequest {
+        states: Vec::new(),
+        older_than: None,
+    };
+    for (key, value) in query_pairs(raw.as_deref(), &["state", "older_than_secs"])? {
+        match key.as_str() {
+            "state" => request.states.extend(parse_states("state", &value)?),
+            _ => {
+                let secs = int_param("older_than_secs", &value, 0, i64::MAX)?;
+                request.older_than = Some(Duration::from_secs(secs as u64));
+            }
+        }
+    }
+    if request.states.is_empty() {
+        request.states = offload_core::State::FINISHED.to_vec();
+    }
+    let deleted = state.store().clear(&request).await?;
+    Ok(Json(Deleted { deleted }))
+}

@@ -1,0 +1,122 @@
+//! Prometheus metrics: what happens to tasks through this server, queue
+//! depth, and HTTP latency.
+//!
+//! Task counters are recorded where the server sees the outcome (enqueue,
+//! fetch, ack); tasks handled by in-process workers of another program do not
+//! pass here. Queue depth is read from the store at scrape time.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use offload_core::{State, Task};
+
+use crate::AppState;
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0, 1800.0, 3600.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    handle: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("installed", &self.handle.is_some())
+            .finish()
+    }
+}
+
+impl Metrics {
+    /// Installs the process-wide recorder (once; later calls share it).
+    pub fn install() -> Self {
+        static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+        let handle = HANDLE.get_or_init(|| {
+            let built = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| b.install_recorder());
+            match built {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics are off: cannot install the recorder");
+                    None
+                }
+            }
+        });
+        Self {
+            handle: handle.clone(),
+        }
+    }
+
+    pub fn enqueued(&self, task: &Task) {
+        counter!("offload_tasks_enqueued_total", "queue" => task.queue.clone(), "type" => task.task_type.clone())
+            .increment(1);
+    }
+
+    /// Time from when a task could run to when a worker claimed it.
+    pub fn claimed(&self, task: &Task) {
+        if let Some(started) = task.started_at {
+            let waited = task.run_at.until(started).as_secs_f64();
+            histogram!("offload_task_pickup_seconds", "queue" => task.queue.clone()).record(waited);
+        }
+    }
+
+    pub fn acked(&self, task: &Task) {
+        let labels = [
+            ("queue", task.queue.clone()),
+            ("type", task.task_type.clone()),
+        ];
+        match task.state {
+            State::Completed => counter!("offload_tasks_completed_total", &labels).increment(1),
+            State::Failed => counter!("offload_tasks_failed_total", &labels).increment(1),
+            State::Cancelled => counter!("offload_tasks_cancelled_total", &labels).increment(1),
+            _ => counter!("offload_attempts_retried_total", &labels).increment(1),
+        }
+        if let (Some(started), Some(finished)) = (task.started_at, task.finished_at) {
+            histogram!("offload_task_duration_seconds", &labels)
+                .record(started.until(finished).as_secs_f64());
+        }
+    }
+
+    pub async fn render(&self, state: &AppState) -> String {
+        if let Ok(stats) = state.store().stats().await {
+            for (queue, counts) in &stats.queues {
+                for s in State::ALL {
+                    gauge!("offload_queue_tasks", "queue" => queue.clone(), "state" => s.as_str())
+                        .set(counts.get(s) as f64);
+                }
+            }
+        }
+        self.handle
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default()
+    }
+}
+
+/// Records every routed request's latency by method, route and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    histogram!(
+        "offload_http_request_duration_seconds",
+        "method" => method,
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}

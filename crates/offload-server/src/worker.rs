@@ -1,0 +1,199 @@
+//! The worker protocol of SPEC §4.1: long-poll fetch, heartbeat, complete,
+//! fail and batched ack.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use offload_api::{
+    AckBody, AckResult, AckResults, AttemptErrorBody, CompleteBody, ErrorBody, FailBody,
+    FetchRequest, HeartbeatBody, TaskList,
+};
+use offload_core::{
+    Ack, ClaimRequest, Failure, HeartbeatAck, HeartbeatRequest, Task, validate_name,
+    validate_queue_name, validate_worker_id,
+};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{BatchBody, JsonBody, task_id};
+
+const MAX_FETCH: i64 = 1000;
+const MAX_WAIT_MS: i64 = 60_000;
+const MAX_LEASE_SECS: i64 = 3600;
+const MAX_RETRY_IN_SECS: i64 = 366 * 24 * 3600;
+
+fn in_range(field: &str, value: Option<i64>, min: i64, max: i64, default: i64) -> ApiResult<i64> {
+    match value {
+        None => Ok(default),
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(ApiError::invalid(
+            field,
+            format!("must be {min} to {max}; got {v}"),
+        )),
+    }
+}
+
+fn lease(state: &AppState, lease_secs: Option<i64>) -> ApiResult<Duration> {
+    let default = state.default_lease.as_secs() as i64;
+    let secs = in_range("lease_secs", lease_secs, 1, MAX_LEASE_SECS, default)?;
+    Ok(Duration::from_secs(secs as u64))
+}
+
+#[utoipa::path(post, path = "/v1/fetch", tag = "workers", request_body = FetchRequest,
+    responses((status = 200, description = "Claimed tasks, each with its lease", body = TaskList), (status = 400, body = ErrorBody)))]
+pub async fn fetch(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<FetchRequest>,
+) -> ApiResult<Json<TaskList>> {
+    validate_worker_id(&body.worker_id)?;
+    let types = body.types.unwrap_or_default();
+    for (i, t) in types.iter().enumerate() {
+        validate_name(&format!("types[{i}]"), t, 128, true)?;
+    }
+    let queues = body.queues.unwrap_or_default();
+    for (i, q) in queues.iter().enumerate() {
+        validate_queue_name(&format!("queues[{i}]"), q)?;
+    }
+    let request = ClaimRequest {
+        worker_id: body.worker_id,
+        types,
+        queues,
+        limit: in_range("limit", body.limit, 1, MAX_FETCH, 1)? as usize,
+        lease: lease(&state, body.lease_secs)?,
+    };
+    let wait = Duration::from_millis(in_range("wait_ms", body.wait_ms, 0, MAX_WAIT_MS, 0)? as u64);
+    let tasks = state.engine.fetch(&request, wait, &state.stop).await?;
+    for task in &tasks {
+        state.metrics.claimed(task);
+    }
+    Ok(Json(TaskList { tasks }))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/heartbeat", tag = "workers", params(("id" = String, Path)), request_body = HeartbeatBody,
+    responses((status = 200, body = HeartbeatAck), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody)))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<HeartbeatBody>,
+) -> ApiResult<Json<HeartbeatAck>> {
+    let request = HeartbeatRequest {
+        id: task_id(&id)?,
+        worker_id: body.worker_id,
+        progress: body.progress,
+        lease: lease(&state, body.lease_secs)?,
+    };
+    Ok(Json(state.store().heartbeat(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/complete", tag = "workers", params(("id" = String, Path)), request_body = CompleteBody,
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<CompleteBody>,
+) -> ApiResult<Json<Task>> {
+    let ack = Ack::Complete {
+        id: task_id(&id)?,
+        result: body.result,
+    };
+    single_ack(&state, &body.worker_id, ack).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/fail", tag = "workers", params(("id" = String, Path)), request_body = FailBody,
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody)))]
+pub async fn fail(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<FailBody>,
+) -> ApiResult<Json<Task>> {
+    let failure = failure("", body.error, body.retry, body.retry_in_secs)?;
+    let ack = Ack::Fail {
+        id: task_id(&id)?,
+        failure,
+    };
+    single_ack(&state, &body.worker_id, ack).await.map(Json)
+}
+
+async fn single_ack(state: &AppState, worker_id: &str, ack: Ack) -> ApiResult<Task> {
+    let mut outcomes = state.store().ack(worker_id, vec![ack]).await?;
+    let task = outcomes.pop().ok_or_else(|| {
+        ApiError::from(offload_core::Error::Storage("ack answered nothing".into()))
+    })??;
+    state.metrics.acked(&task);
+    Ok(task)
+}
+
+fn failure(
+    prefix: &str,
+    error: AttemptErrorBody,
+    retry: Option<bool>,
+    retry_in_secs: Option<i64>,
+) -> ApiResult<Failure> {
+    let retry_in = match retry_in_secs {
+        None => None,
+        Some(s) if (0..=MAX_RETRY_IN_SECS).contains(&s) => Some(Duration::from_secs(s as u64)),
+        Some(s) => {
+            return Err(ApiError::invalid(
+                &format!("{prefix}retry_in_secs"),
+                format!("must be 0 to {MAX_RETRY_IN_SECS}; got {s}"),
+            ));
+        }
+    };
+    Ok(Failure {
+        message: error.message,
+        kind: error.kind.unwrap_or_default(),
+        retry,
+        retry_in,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/ack", tag = "workers", request_body = AckBody,
+    responses((status = 200, description = "One result per ack: completed ones, then failed ones", body = AckResults), (status = 400, body = ErrorBody)))]
+pub async fn ack(
+    State(state): State<AppState>,
+    BatchBody(body): BatchBody<AckBody>,
+) -> ApiResult<Json<AckResults>> {
+    let mut acks = Vec::with_capacity(body.completed.len() + body.failed.len());
+    for done in body.completed {
+        acks.push(Ack::Complete {
+            id: done.id,
+            result: done.result,
+        });
+    }
+    for (i, failed) in body.failed.into_iter().enumerate() {
+        let failure = failure(
+            &format!("failed[{i}]."),
+            failed.error,
+            failed.retry,
+            failed.retry_in_secs,
+        )?;
+        acks.push(Ack::Fail {
+            id: failed.id,
+            failure,
+        });
+    }
+    let ids: Vec<Uuid> = acks.iter().map(Ack::id).collect();
+    let outcomes = state.store().ack(&body.worker_id, acks).await?;
+    let results = ids
+        .into_iter()
+        .zip(outcomes)
+        .map(|(id, outcome)| match outcome {
+            Ok(task) => {
+                state.metrics.acked(&task);
+                AckResult {
+                    id,
+                    ok: true,
+                    error: None,
+                }
+            }
+            Err(e) => AckResult {
+                id,
+                ok: false,
+                error: Some(ApiError::from(e).detail()),
+            },
+        })
+        .collect();
+    Ok(Json(AckResults { results }))
+}

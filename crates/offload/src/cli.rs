@@ -1,0 +1,169 @@
+//! The command line of SPEC §5.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "offload",
+    version,
+    about = "Offload: background tasks, one binary."
+)]
+pub struct Cli {
+    /// The server to talk to (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "OFFLOAD_URL",
+        default_value = "http://127.0.0.1:6490"
+    )]
+    pub url: String,
+    /// Bearer token for the server.
+    #[arg(long, global = true, env = "OFFLOAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON for scripts instead of tables for people.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Enqueue a task and print its id.
+    Enqueue(EnqueueArgs),
+    /// Show one task.
+    Get { id: String },
+    /// List tasks, newest first.
+    List(ListArgs),
+    /// Cancel a task (a running one is asked to stop).
+    Cancel { id: String },
+    /// Put a failed or cancelled task back to pending with one more attempt.
+    Retry { id: String },
+    /// Delete a finished task.
+    Delete { id: String },
+    /// Delete finished tasks.
+    Clear {
+        /// completed, failed or cancelled; repeat or separate with commas. Default: all three.
+        #[arg(long = "state", value_delimiter = ',')]
+        states: Vec<String>,
+        /// Only tasks finished at least this many seconds ago.
+        #[arg(long = "older-than")]
+        older_than: Option<u64>,
+    },
+    /// Counts by state, overall, per queue and per type.
+    Stats,
+    /// Every queue with its settings and counts.
+    Queues,
+    /// Stop handing a queue's tasks to workers.
+    Pause { queue: String },
+    /// Start handing a queue's tasks to workers again.
+    Resume { queue: String },
+    /// Follow a task with a live progress bar until it finishes; exit 0
+    /// completed, 1 failed, 2 cancelled.
+    Watch { id: String },
+    /// Run a worker that runs COMMAND once per task.
+    Work(WorkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [env: OFFLOAD_LISTEN] [default: 127.0.0.1:6490]
+    #[arg(long, env = "OFFLOAD_LISTEN", hide_env = true)]
+    pub listen: Option<String>,
+    /// Database: sqlite://PATH [env: OFFLOAD_DB] [default: sqlite://offload.db]
+    #[arg(long, env = "OFFLOAD_DB", hide_env = true)]
+    pub db: Option<String>,
+    /// durable (fsync before answering) or relaxed [env: OFFLOAD_DURABILITY]
+    #[arg(long, env = "OFFLOAD_DURABILITY", hide_env = true)]
+    pub durability: Option<String>,
+    /// A TOML file with further settings; flags and OFFLOAD_* variables win over it.
+    #[arg(long, env = "OFFLOAD_CONFIG", hide_env = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// The task's type, e.g. email.send.
+    pub task_type: String,
+    /// The payload: JSON text, or @FILE to read it from a file.
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// 1–10, or low, normal, high.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Run no earlier than this many seconds from now.
+    #[arg(long, conflicts_with = "at")]
+    pub delay: Option<i64>,
+    /// Run no earlier than this RFC 3339 time.
+    #[arg(long)]
+    pub at: Option<String>,
+    #[arg(long = "max-attempts")]
+    pub max_attempts: Option<i64>,
+    /// Seconds an attempt may run.
+    #[arg(long)]
+    pub timeout: Option<i64>,
+    #[arg(long = "unique-key")]
+    pub unique_key: Option<String>,
+    /// With --unique-key: cancel the active holder instead of returning it.
+    #[arg(long, requires = "unique_key")]
+    pub replace: bool,
+    /// A label key=value; repeat for more.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Run only after this task completes; repeat for more.
+    #[arg(long = "after")]
+    pub after: Vec<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Filter by state; repeat or separate with commas.
+    #[arg(long = "state", value_delimiter = ',')]
+    pub states: Vec<String>,
+    #[arg(long = "type")]
+    pub task_type: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// key=value; repeat for more.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// 1–1000.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// The next_cursor of a previous page.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkArgs {
+    /// Task types to run; repeat for more.
+    #[arg(long = "type", required = true)]
+    pub types: Vec<String>,
+    /// Queues to serve; repeat for more. Default: all.
+    #[arg(long = "queue")]
+    pub queues: Vec<String>,
+    /// Commands running at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Seconds of lease per claim, renewed while the command runs.
+    #[arg(long = "lease", default_value_t = 60)]
+    pub lease_secs: u64,
+    /// On SIGINT/SIGTERM, seconds running commands may finish in before they
+    /// are killed and their tasks handed back.
+    #[arg(long = "grace", default_value_t = 30)]
+    pub grace_secs: u64,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,247 @@
+//! One function per command.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use offload_client::{Client, ListParams};
+use offload_core::{Limits, NewTask, OnConflict, PriorityInput, State};
+use offload_server::Config;
+use uuid::Uuid;
+
+use crate::cli::{Cli, Command, EnqueueArgs, ListArgs, ServeArgs};
+use crate::{output, usage, work};
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let mut client = Client::new(&cli.url);
+    if let Some(token) = &cli.token {
+        client = client.token(token);
+    }
+    let json = cli.json;
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Enqueue(args) => {
+            let task = new_task(args)?;
+            let (task, _created) = client.enqueue(&task).await?;
+            if json {
+                output::print_json(&task)?;
+            } else {
+                println!("{}", task.id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { id } => {
+            let task = client.get(parse_id(&id)?).await?;
+            output::task(&task, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List(args) => {
+            let page = client.list(&list_params(args)?).await?;
+            output::task_list(&page, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id } => {
+            let task = client.cancel(parse_id(&id)?).await?;
+            output::action(
+                &task,
+                if task.state == State::Cancelled {
+                    "cancelled"
+                } else {
+                    "cancellation requested"
+                },
+                json,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { id } => {
+            let task = client.retry(parse_id(&id)?).await?;
+            output::action(&task, "retried", json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete { id } => {
+            let id = parse_id(&id)?;
+            client.delete(id).await?;
+            if json {
+                output::print_json(&serde_json::json!({ "deleted": 1 }))?;
+            } else {
+                println!("deleted {id}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clear { states, older_than } => {
+            let states = parse_states(&states)?;
+            let deleted = client
+                .clear(&states, older_than.map(Duration::from_secs))
+                .await?;
+            if json {
+                output::print_json(&offload_api::Deleted { deleted })?;
+            } else {
+                println!("deleted {deleted} tasks");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats => {
+            output::stats(&client.stats().await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Queues => {
+            output::queues(&client.queues().await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { queue } => {
+            output::queue(&client.pause(&queue).await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { queue } => {
+            output::queue(&client.resume(&queue).await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { id } => output::watch(&client, parse_id(&id)?, json).await,
+        Command::Work(args) => work::run(client, args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_toml_file(&path.to_string_lossy())?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen.parse().map_err(|e| {
+            usage(format!(
+                "--listen: {listen:?} is not an address like 127.0.0.1:6490 ({e})"
+            ))
+        })?;
+    }
+    if let Some(db) = args.db {
+        config.db = db;
+    }
+    if let Some(durability) = args.durability {
+        config.durability = durability;
+    }
+    config.validate().map_err(|e| usage(e.to_string()))?;
+    offload_server::serve(config, shutdown_signal(), |address| {
+        // On stdout, for people and for scripts that started it on port 0.
+        println!("offload listening on http://{address}");
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+pub fn parse_id(raw: &str) -> Result<Uuid> {
+    Uuid::parse_str(raw).map_err(|_| usage(format!("{raw:?} is not a task id")))
+}
+
+fn parse_states(raw: &[String]) -> Result<Vec<State>> {
+    raw.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<State>()
+                .map_err(|e| usage(format!("--state: {e}")))
+        })
+        .collect()
+}
+
+fn key_values(flag: &str, raw: &[String]) -> Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| usage(format!("{flag}: expected key=value; got {kv:?}")))
+        })
+        .collect()
+}
+
+fn new_task(args: EnqueueArgs) -> Result<NewTask> {
+    let payload = match args.payload {
+        None => None,
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the payload from {path}"))?,
+                None => text,
+            };
+            let raw = serde_json::value::RawValue::from_string(text.trim().to_owned())
+                .map_err(|e| usage(format!("--payload: not valid JSON ({e})")))?;
+            Some(raw)
+        }
+    };
+    let priority = args.priority.map(|p| match p.parse::<i64>() {
+        Ok(n) => PriorityInput::Number(n),
+        Err(_) => PriorityInput::Name(p),
+    });
+    let labels = key_values("--label", &args.labels)?;
+    let task = NewTask {
+        task_type: args.task_type,
+        payload,
+        queue: args.queue,
+        priority,
+        run_at: args.at,
+        delay_secs: args.delay,
+        max_attempts: args.max_attempts,
+        timeout_secs: args.timeout,
+        on_conflict: args.unique_key.as_ref().map(|_| {
+            if args.replace {
+                OnConflict::Replace
+            } else {
+                OnConflict::Keep
+            }
+        }),
+        unique_key: args.unique_key,
+        labels: (!labels.is_empty()).then(|| labels.into_iter().collect::<BTreeMap<_, _>>()),
+        depends_on: (!args.after.is_empty()).then_some(args.after),
+        owner: args.owner,
+    };
+    // Check here what can be checked here, so a mistake is a usage error;
+    // the payload size limit is the server's to enforce.
+    let lenient = Limits {
+        max_payload_bytes: usize::MAX,
+        ..Limits::default()
+    };
+    task.clone()
+        .validate(&lenient, "")
+        .map_err(|e| usage(e.to_string()))?;
+    Ok(task)
+}
+
+fn list_params(args: ListArgs) -> Result<ListParams> {
+    if !(1..=1000).contains(&args.limit) {
+        return Err(usage(format!(
+            "--limit: must be 1 to 1000; got {}",
+            args.limit
+        )));
+    }
+    Ok(ListParams {
+        states: parse_states(&args.states)?,
+        task_type: args.task_type,
+        queue: args.queue,
+        owner: args.owner,
+        labels: key_values("--label", &args.labels)?,
+        limit: Some(args.limit),
+        cursor: args.cursor,
+        ..ListParams::default()
+    })
+}

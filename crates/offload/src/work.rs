@@ -1,0 +1,191 @@
+//! `offload work -- COMMAND`: the worker runtime over HTTP, with a handler
+//! that runs COMMAND once per task (SPEC §5):
+//!
+//! - the payload JSON goes to its stdin; `OFFLOAD_TASK_ID` and
+//!   `OFFLOAD_ATTEMPT` are in its environment;
+//! - stdout lines `progress: PERCENT [MESSAGE]` report progress;
+//! - exit 0 completes the task, with the last stdout line as the result if
+//!   it is JSON; any other exit fails the attempt with stderr's tail;
+//! - on cancel or timeout its whole process group is killed.
+
+use std::collections::VecDeque;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use offload_client::Client;
+use offload_worker::{TaskContext, TaskFailure, Worker};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::WorkArgs;
+use crate::usage;
+
+/// Bytes of stderr kept for the failure message.
+const STDERR_TAIL: usize = 4096;
+
+pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
+    if args.concurrency == 0 {
+        return Err(usage("--concurrency: must be at least 1"));
+    }
+    if !(1..=3600).contains(&args.lease_secs) {
+        return Err(usage("--lease: must be 1 to 3600 seconds"));
+    }
+    for t in &args.types {
+        offload_core::validate_name("--type", t, 128, true).map_err(|e| usage(e.to_string()))?;
+    }
+    // Fail fast, with exit code 3, if the server is not there.
+    client.health().await?;
+    let command = Arc::new(args.command);
+    let mut worker = Worker::new(Arc::new(client))
+        .concurrency(args.concurrency)
+        .queues(args.queues)
+        .lease(Duration::from_secs(args.lease_secs))
+        .shutdown_grace(Duration::from_secs(args.grace_secs))
+        // The handler kills the process group itself as soon as the token
+        // fires; this is only a backstop.
+        .cancel_grace(Duration::from_secs(5));
+    for task_type in &args.types {
+        let command = Arc::clone(&command);
+        worker = worker.handle(task_type.clone(), move |ctx: TaskContext| {
+            let command = Arc::clone(&command);
+            async move { run_command(&ctx, &command).await }
+        });
+    }
+    tracing::info!(types = ?args.types, command = ?command, "worker started");
+    let stop = CancellationToken::new();
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        crate::commands::shutdown_signal().await;
+        tracing::info!("stopping: letting running commands finish");
+        stopping.cancel();
+    });
+    worker.run(stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_command(
+    ctx: &TaskContext,
+    command: &[String],
+) -> Result<Option<Box<serde_json::value::RawValue>>, TaskFailure> {
+    let task = ctx.task();
+    let mut child = Command::new(&command[0])
+        .args(&command[1..])
+        .env("OFFLOAD_TASK_ID", task.id.to_string())
+        .env("OFFLOAD_ATTEMPT", task.attempt.to_string())
+        .env("OFFLOAD_TASK_TYPE", &task.task_type)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that everything it starts dies with it.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| TaskFailure::new(format!("cannot start {:?}: {e}", command[0])))?;
+    let group = child.id().map(|pid| Pid::from_raw(pid as i32));
+
+    let payload = task.payload.get().as_bytes().to_vec();
+    let mut stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(stdin) = stdin.as_mut() {
+            // A command that does not read its stdin is not an error.
+            let _ = stdin.write_all(&payload).await;
+            let _ = stdin.shutdown().await;
+        }
+        drop(stdin);
+    };
+    let stdout = child.stdout.take();
+    let read_stdout = async {
+        let mut last_line = None;
+        if let Some(stdout) = stdout {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(report) = line.strip_prefix("progress:") {
+                    let (percent, message) = parse_progress(report);
+                    // A report that fails (the lease is gone) fires the token.
+                    let _ = ctx.progress(percent, message.as_deref()).await;
+                } else if !line.trim().is_empty() {
+                    last_line = Some(line);
+                }
+            }
+        }
+        last_line
+    };
+    let stderr = child.stderr.take();
+    let read_stderr = async {
+        let mut tail: VecDeque<u8> = VecDeque::new();
+        if let Some(mut stderr) = stderr {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend(&chunk[..n]);
+                let excess = tail.len().saturating_sub(STDERR_TAIL);
+                tail.drain(..excess);
+            }
+        }
+        String::from_utf8_lossy(tail.make_contiguous())
+            .trim()
+            .to_owned()
+    };
+    let finish = async { tokio::join!(feed, read_stdout, read_stderr, child.wait()) };
+
+    tokio::select! {
+        (_, last_line, stderr_tail, status) = finish => {
+            let status = status.map_err(|e| TaskFailure::new(format!("waiting for the command: {e}")))?;
+            if status.success() {
+                // Kept as the command wrote it, not re-encoded.
+                Ok(last_line.and_then(|line| serde_json::from_str(&line).ok()))
+            } else {
+                let tail = if stderr_tail.is_empty() { "(no stderr)".to_owned() } else { stderr_tail };
+                Err(TaskFailure::new(format!("the command exited with {status}: {tail}")))
+            }
+        }
+        _ = ctx.cancellation().cancelled() => {
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            let why = ctx.cancel_reason().map_or("it was stopped".to_owned(), |r| r.to_string());
+            Err(TaskFailure::new(format!("the command's process group was killed: {why}")))
+        }
+    }
+}
+
+/// `PERCENT [MESSAGE]` from the text after `progress:`.
+fn parse_progress(report: &str) -> (Option<f64>, Option<String>) {
+    let report = report.trim();
+    let (first, rest) = report
+        .split_once(char::is_whitespace)
+        .unwrap_or((report, ""));
+    match first.trim_end_matches('%').parse::<f64>() {
+        Ok(p) => (
+            Some(p.clamp(0.0, 100.0)),
+            Some(rest.trim().to_owned()).filter(|m| !m.is_empty()),
+        ),
+        Err(_) => (None, Some(report.to_owned()).filter(|m| !m.is_empty())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_progress;
+
+    #[test]
+    fn progress_lines_parse() {
+        assert_eq!(
+            parse_progress(" 40 halfway there"),
+            (Some(40.0), Some("halfway there".into()))
+        );
+        assert_eq!(parse_progress("75%"), (Some(75.0), None));
+        assert_eq!(parse_progress("250"), (Some(100.0), None));
+        assert_eq!(
+            parse_progress("warming up"),
+            (None, Some("warming up".into()))
+        );
+    }
+}
