@@ -53,10 +53,19 @@ async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError
 /// Parses JSON, telling broken JSON (`invalid_json`) from JSON of the wrong
 /// shape (`invalid_argument`, naming the field).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid_json(
-            "the request body is empty; expected a JSON object",
-        ));
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::invalid_json(
+                "the request body is empty; expected a JSON object",
+            ));
+        }
+        // Every body of this API is an object; serde would also take an
+        // array for a struct, and then name its fields by position.
+        Some(b'{') => {}
+        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() => {
+            return Err(ApiError::invalid("body", "must be a JSON object"));
+        }
+        Some(_) => {}
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -183,20 +183,20 @@ impl WriteCtx<'_> {
             if known_queues.insert(spec.queue.clone()) {
                 self.ensure_queue(&spec.queue)?;
             }
-            if let Some(key) = &spec.unique_key {
-                if let Some(mut holder) = self.unique_key_holder(&spec.queue, key)? {
-                    match spec.on_conflict {
-                        offload_core::OnConflict::Keep => {
-                            answers.push((holder.task, false));
-                            continue;
+            if let Some(key) = &spec.unique_key
+                && let Some(mut holder) = self.unique_key_holder(&spec.queue, key)?
+            {
+                match spec.on_conflict {
+                    offload_core::OnConflict::Keep => {
+                        answers.push((holder.task, false));
+                        continue;
+                    }
+                    offload_core::OnConflict::Replace => {
+                        let before = holder.task.state;
+                        if holder.task.cancel(self.now)? == CancelEffect::Requested {
+                            self.cancel_requested(holder.task.id);
                         }
-                        offload_core::OnConflict::Replace => {
-                            let before = holder.task.state;
-                            if holder.task.cancel(self.now)? == CancelEffect::Requested {
-                                self.cancel_requested(holder.task.id);
-                            }
-                            self.save(&holder, before)?;
-                        }
+                        self.save(&holder, before)?;
                     }
                 }
             }

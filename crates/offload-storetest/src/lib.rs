@@ -5,7 +5,7 @@
 //!
 //! A backend runs it from its own integration tests:
 //!
-//! ```ignore
+//! ```text
 //! offload_storetest::conformance_tests!(crate::MyFactory::new());
 //! ```
 //!

@@ -1,1 +1,10 @@
+//! Black-box tests of the `offload` binary: each starts a real server on a
+//! free port (SQLite in a temporary directory) and talks to it over HTTP or
+//! through the command line, as users and scripts do.
 
+mod support;
+
+mod cli;
+mod http;
+mod lifecycle;
+mod worker_protocol;

@@ -1,0 +1,307 @@
+//! The command line of SPEC §5: output, exit codes, `watch` and `work`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{BIN, Server, stdout};
+
+fn json_of(output: &std::process::Output) -> Value {
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {output:?}"))
+}
+
+#[test]
+fn commands_print_for_people_and_for_scripts() {
+    let server = Server::start();
+    let enqueued = server.cli(&[
+        "enqueue",
+        "report.build",
+        "--payload",
+        r#"{"month": 5}"#,
+        "--queue",
+        "reports",
+        "--priority",
+        "high",
+        "--label",
+        "project_id=p1",
+        "--max-attempts",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    assert!(enqueued.status.success(), "{enqueued:?}");
+    let id = stdout(&enqueued);
+    assert_eq!(
+        uuid::Uuid::parse_str(&id).unwrap().get_version_num(),
+        7,
+        "prints the new id alone"
+    );
+
+    let task = json_of(&server.cli(&["get", &id, "--json"]));
+    assert_eq!(task["payload"], json!({"month": 5}));
+    assert_eq!(
+        (task["queue"].clone(), task["priority"].clone()),
+        (json!("reports"), json!(8))
+    );
+    assert_eq!(task["labels"], json!({"project_id": "p1"}));
+    assert_eq!(
+        (task["max_attempts"].clone(), task["timeout_secs"].clone()),
+        (json!(2), json!(60))
+    );
+
+    let people = stdout(&server.cli(&["get", &id]));
+    assert!(
+        people.contains("report.build") && people.contains("pending"),
+        "{people}"
+    );
+    let table = stdout(&server.cli(&["list", "--queue", "reports"]));
+    assert!(table.starts_with("ID") && table.contains(&id), "{table}");
+    let listed = json_of(&server.cli(&["list", "--label", "project_id=p1", "--json"]));
+    assert_eq!(listed["tasks"][0]["id"], id.as_str());
+    assert_eq!(listed["next_cursor"], Value::Null);
+    let stats = json_of(&server.cli(&["stats", "--json"]));
+    assert_eq!(stats["queues"]["reports"]["pending"], 1);
+    assert!(stdout(&server.cli(&["stats"])).contains("PENDING"));
+
+    let paused = json_of(&server.cli(&["pause", "reports", "--json"]));
+    assert_eq!(paused["paused"], true);
+    let queues = json_of(&server.cli(&["queues", "--json"]));
+    assert_eq!(queues["queues"][0]["paused"], true);
+    assert!(stdout(&server.cli(&["resume", "reports"])).contains("active"));
+
+    let after = server.cli(&[
+        "enqueue",
+        "publish",
+        "--after",
+        &id,
+        "--delay",
+        "5",
+        "--unique-key",
+        "pub-1",
+    ]);
+    let child = json_of(&server.cli(&["get", &stdout(&after), "--json"]));
+    assert_eq!(child["state"], "blocked");
+    assert_eq!(child["depends_on"], json!([id]));
+
+    assert!(server.cli(&["cancel", &id]).status.success());
+    assert_eq!(
+        json_of(&server.cli(&["retry", &id, "--json"]))["state"],
+        "pending"
+    );
+    server.cli(&["cancel", &id]);
+    assert!(server.cli(&["delete", &id]).status.success());
+    let cleared = json_of(&server.cli(&["clear", "--state", "cancelled", "--json"]));
+    assert_eq!(
+        cleared["deleted"], 1,
+        "the blocked child was cancelled with its dependency"
+    );
+}
+
+#[test]
+fn exit_codes_say_what_went_wrong() {
+    let server = Server::start();
+    let code = |args: &[&str]| server.cli(args).status.code().unwrap();
+    // 2: bad usage, caught before anything is sent.
+    assert_eq!(code(&["get", "not-an-id"]), 2);
+    assert_eq!(code(&["enqueue", "t", "--priority", "11"]), 2);
+    assert_eq!(code(&["enqueue", "t", "--payload", "{broken"]), 2);
+    assert_eq!(code(&["list", "--limit", "5000"]), 2);
+    assert_eq!(code(&["list", "--state", "sleeping"]), 2);
+    assert_eq!(code(&["frobnicate"]), 2);
+    assert_eq!(code(&["enqueue"]), 2);
+    // 1: the server said no.
+    let id = stdout(&server.cli(&["enqueue", "t"]));
+    assert_eq!(code(&["retry", &id]), 1);
+    assert_eq!(code(&["delete", &id]), 1);
+    assert_eq!(code(&["get", "01a2041e-d5a1-730d-971c-a89e0eec346a"]), 1);
+    // 3: no server there.
+    let unreachable = Command::new(BIN)
+        .args(["stats"])
+        .env("OFFLOAD_URL", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(3));
+    let message = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(
+        message.trim().lines().count(),
+        1,
+        "one clear line: {message}"
+    );
+    assert!(message.contains("cannot reach"), "{message}");
+    // And 0 for success.
+    assert_eq!(code(&["get", &id]), 0);
+}
+
+/// Runs `offload watch ID` in the background; its exit code when done.
+fn watch(server: &Server, id: &str) -> std::thread::JoinHandle<i32> {
+    let mut child = Command::new(BIN)
+        .args(["watch", id])
+        .env("OFFLOAD_URL", &server.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::spawn(move || child.wait().unwrap().code().unwrap())
+}
+
+#[test]
+fn watch_follows_a_task_and_exits_by_its_outcome() {
+    let server = Server::start();
+    let http = server.http();
+    let outcomes = [("complete", 0), ("fail", 1), ("cancel", 2)];
+    for (outcome, expected) in outcomes {
+        let id = http.enqueue(json!({"type": "t", "max_attempts": 1}))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let watcher = watch(&server, &id);
+        std::thread::sleep(Duration::from_millis(300));
+        http.fetch("w", json!({}));
+        http.post(
+            &format!("/v1/tasks/{id}/heartbeat"),
+            json!({"worker_id": "w", "progress": {"percent": 60}}),
+        );
+        match outcome {
+            "complete" => http.post(
+                &format!("/v1/tasks/{id}/complete"),
+                json!({"worker_id": "w"}),
+            ),
+            "fail" => http.post(
+                &format!("/v1/tasks/{id}/fail"),
+                json!({"worker_id": "w", "error": {"message": "x"}}),
+            ),
+            _ => {
+                http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
+                http.post(
+                    &format!("/v1/tasks/{id}/fail"),
+                    json!({"worker_id": "w", "error": {"message": "stopped"}}),
+                )
+            }
+        };
+        assert_eq!(
+            watcher.join().unwrap(),
+            expected,
+            "watch of a task that ended by {outcome}"
+        );
+    }
+}
+
+/// A running `offload work`, killed when dropped.
+struct WorkProcess(std::process::Child);
+
+impl Drop for WorkProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn work(server: &Server, task_type: &str, script: &str) -> WorkProcess {
+    let child = Command::new(BIN)
+        .args([
+            "work",
+            "--type",
+            task_type,
+            "--concurrency",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("OFFLOAD_URL", &server.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    WorkProcess(child)
+}
+
+#[test]
+fn work_runs_a_command_per_task() {
+    let server = Server::start();
+    let http = server.http();
+    let script = r#"payload=$(cat)
+echo "progress: 25 started"
+echo "payload was $payload and attempt $OFFLOAD_ATTEMPT" >&2
+case "$payload" in
+  *fail*) echo "it went wrong for $OFFLOAD_TASK_ID" >&2; exit 3 ;;
+esac
+echo "progress: 90 nearly"
+echo "{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": $payload}""#;
+    let _worker = work(&server, "shell", script);
+
+    let ok = http.enqueue(json!({"type": "shell", "payload": {"n": 7}}));
+    let id = ok["id"].as_str().unwrap();
+    let done = http.wait_for(id, "completed", |t| t["state"] == "completed");
+    assert_eq!(
+        done["result"],
+        json!({"task": id, "attempt": 1, "got": {"n": 7}})
+    );
+    assert_eq!(done["progress"]["percent"], 90.0);
+    assert_eq!(done["progress"]["message"], "nearly");
+
+    let bad = http.enqueue(json!({"type": "shell", "payload": "fail", "max_attempts": 1}));
+    let id = bad["id"].as_str().unwrap();
+    let failed = http.wait_for(id, "failed", |t| t["state"] == "failed");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(message.contains("exit status: 3"), "{message}");
+    assert!(
+        message.contains(&format!("it went wrong for {id}")),
+        "stderr's tail: {message}"
+    );
+}
+
+#[test]
+fn work_kills_the_process_group_on_cancel() {
+    let server = Server::start();
+    let http = server.http();
+    let pid_file = server.dir.join("child.pid");
+    // The command starts a grandchild; both must die with the group.
+    let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
+    let _worker = work(&server, "long", &script);
+    let id = http.enqueue(json!({"type": "long"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http.wait_for(&id, "running", |t| t["state"] == "running");
+    let started = Instant::now();
+    let grandchild = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(std::path::Path::new(&format!("/proc/{grandchild}")).exists());
+    http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
+    let cancelled = http.wait_for(&id, "cancelled", |t| t["state"] == "cancelled");
+    assert_eq!(cancelled["error"]["kind"], "cancelled");
+    let started = Instant::now();
+    while is_alive(grandchild) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the grandchild {grandchild} outlived the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process exists and is not a zombie awaiting its parent.
+fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .split_whitespace()
+            .nth(2)
+            .is_none_or(|state| state != "Z"),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,571 @@
+//! The HTTP API of SPEC §4, route by route, with its errors.
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, assert_error};
+
+#[test]
+fn enqueue_answers_the_task_with_spec_defaults() {
+    let server = Server::start();
+    let http = server.http();
+    let task = http.enqueue(
+        json!({"type": "email.send", "payload": {"to": "a@b.c"}, "labels": {"project_id": "p1"}}),
+    );
+    for field in [
+        "id",
+        "type",
+        "queue",
+        "payload",
+        "priority",
+        "state",
+        "attempt",
+        "max_attempts",
+        "timeout_secs",
+        "run_at",
+        "owner",
+        "labels",
+        "unique_key",
+        "depends_on",
+        "progress",
+        "result",
+        "error",
+        "errors",
+        "cancel_requested",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "lease_expires_at",
+        "worker_id",
+    ] {
+        assert!(
+            task.get(field).is_some(),
+            "field {field} missing from {task}"
+        );
+    }
+    assert_eq!(task["queue"], "default");
+    assert_eq!(task["priority"], 5);
+    assert_eq!(task["state"], "pending");
+    assert_eq!(task["max_attempts"], 4);
+    assert_eq!(task["timeout_secs"], 1800);
+    assert_eq!(task["payload"], json!({"to": "a@b.c"}));
+    let created = task["created_at"].as_str().unwrap();
+    assert!(
+        created.ends_with('Z') && created.len() == 24,
+        "RFC 3339 UTC with milliseconds: {created}"
+    );
+    assert_eq!(http.task(task["id"].as_str().unwrap()), task);
+
+    let named = http.enqueue(json!({"type": "t", "priority": "high", "delay_secs": 60}));
+    assert_eq!(
+        (named["priority"].clone(), named["state"].clone()),
+        (json!(8), json!("scheduled"))
+    );
+}
+
+#[test]
+fn unique_key_returns_the_existing_task_with_200() {
+    let server = Server::start();
+    let http = server.http();
+    let first = http.enqueue(json!({"type": "t", "unique_key": "k"}));
+    let (status, again) = http.post("/v1/tasks", json!({"type": "t", "unique_key": "k"}));
+    assert_eq!(status, 200);
+    assert_eq!(again["id"], first["id"]);
+    let (status, replaced) = http.post(
+        "/v1/tasks",
+        json!({"type": "t", "unique_key": "k", "on_conflict": "replace"}),
+    );
+    assert_eq!(status, 201);
+    assert_ne!(replaced["id"], first["id"]);
+    assert_eq!(
+        http.task(first["id"].as_str().unwrap())["state"],
+        "cancelled"
+    );
+}
+
+#[test]
+fn batch_enqueue_is_all_or_nothing() {
+    let server = Server::start();
+    let http = server.http();
+    let (status, answer) = http.post(
+        "/v1/tasks/batch",
+        json!({"tasks": [{"type": "a"}, {"type": "b", "priority": 3}]}),
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["tasks"].as_array().unwrap().len(), 2);
+    assert_eq!(answer["tasks"][1]["priority"], 3);
+    assert_error(
+        http.post(
+            "/v1/tasks/batch",
+            json!({"tasks": [{"type": "ok"}, {"type": "bad name"}]}),
+        ),
+        400,
+        "invalid_argument",
+        "tasks[1].type",
+    );
+    let (_, stats) = http.get("/v1/stats");
+    assert_eq!(
+        stats["total"]["pending"], 2,
+        "the refused batch left nothing: {stats}"
+    );
+    let too_many: Vec<Value> = (0..10_001).map(|_| json!({"type": "t"})).collect();
+    assert_error(
+        http.post("/v1/tasks/batch", json!({ "tasks": too_many })),
+        400,
+        "invalid_argument",
+        "10000",
+    );
+    assert_error(
+        http.post("/v1/tasks/batch", json!({"tasks": []})),
+        400,
+        "invalid_argument",
+        "tasks",
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_400_never_a_500() {
+    let server = Server::start();
+    let http = server.http();
+    assert_error(
+        http.post_raw("/v1/tasks", "{\"type\":"),
+        400,
+        "invalid_json",
+        "JSON",
+    );
+    assert_error(http.post_raw("/v1/tasks", ""), 400, "invalid_json", "empty");
+    assert_error(
+        http.post_raw("/v1/tasks", "[1,2]"),
+        400,
+        "invalid_argument",
+        "body",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "bogus": 1})),
+        400,
+        "invalid_argument",
+        "bogus",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"payload": 1})),
+        400,
+        "invalid_argument",
+        "type",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "priority": 11})),
+        400,
+        "invalid_argument",
+        "priority",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "priority": "urgent"})),
+        400,
+        "invalid_argument",
+        "priority",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "max_attempts": 0})),
+        400,
+        "invalid_argument",
+        "max_attempts",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "max_attempts": "x"})),
+        400,
+        "invalid_argument",
+        "max_attempts",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "queue": "no/slash"})),
+        400,
+        "invalid_argument",
+        "queue",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "run_at": "tomorrow"})),
+        400,
+        "invalid_argument",
+        "run_at",
+    );
+    assert_error(
+        http.post(
+            "/v1/tasks",
+            json!({"type": "t", "run_at": "2030-01-01T00:00:00Z", "delay_secs": 5}),
+        ),
+        400,
+        "invalid_argument",
+        "run_at",
+    );
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "depends_on": ["x"]})),
+        400,
+        "invalid_argument",
+        "depends_on[0]",
+    );
+    assert_error(
+        http.post(
+            "/v1/tasks",
+            json!({"type": "t", "depends_on": ["01a2041e-d5a1-730d-971c-a89e0eec346a"]}),
+        ),
+        400,
+        "invalid_argument",
+        "depends_on[0]",
+    );
+    assert_error(
+        http.get("/v1/tasks/not-a-uuid"),
+        400,
+        "invalid_argument",
+        "id",
+    );
+    assert_error(
+        http.get("/v1/tasks/01a2041e-d5a1-730d-971c-a89e0eec346a"),
+        404,
+        "not_found",
+        "not found",
+    );
+    assert_error(
+        http.get("/v1/tasks?limit=1001"),
+        400,
+        "invalid_argument",
+        "limit",
+    );
+    assert_error(
+        http.get("/v1/tasks?limit=0"),
+        400,
+        "invalid_argument",
+        "limit",
+    );
+    assert_error(
+        http.get("/v1/tasks?colour=red"),
+        400,
+        "invalid_argument",
+        "colour",
+    );
+    assert_error(
+        http.get("/v1/tasks?state=sleeping"),
+        400,
+        "invalid_argument",
+        "state",
+    );
+    assert_error(
+        http.get("/v1/tasks?cursor=zzz"),
+        400,
+        "invalid_argument",
+        "cursor",
+    );
+    assert_error(
+        http.get("/v1/tasks?created_after=nope"),
+        400,
+        "invalid_argument",
+        "created_after",
+    );
+    assert_error(http.get("/v1/nowhere"), 404, "not_found", "route");
+    assert_error(
+        http.post("/v1/fetch", json!({"worker_id": "w", "limit": 1001})),
+        400,
+        "invalid_argument",
+        "limit",
+    );
+    assert_error(
+        http.post("/v1/fetch", json!({"worker_id": "w", "wait_ms": 60001})),
+        400,
+        "invalid_argument",
+        "wait_ms",
+    );
+    assert_error(
+        http.post("/v1/fetch", json!({"worker_id": "w", "lease_secs": 0})),
+        400,
+        "invalid_argument",
+        "lease_secs",
+    );
+    assert_error(
+        http.post("/v1/fetch", json!({"worker_id": ""})),
+        400,
+        "invalid_argument",
+        "worker_id",
+    );
+    assert_error(
+        http.patch("/v1/queues/q", json!({"concurrency": 0})),
+        400,
+        "invalid_argument",
+        "concurrency",
+    );
+    assert_error(
+        http.patch("/v1/queues/q", json!({"paused": true})),
+        400,
+        "invalid_argument",
+        "paused",
+    );
+    assert_error(
+        http.delete("/v1/tasks?state=pending"),
+        400,
+        "invalid_argument",
+        "state",
+    );
+}
+
+#[test]
+fn a_payload_over_the_limit_is_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("offload.toml");
+    std::fs::write(&config, "payload_limit_bytes = 1000\n").unwrap();
+    let server = Server::start_with(&["--config", config.to_str().unwrap()]);
+    let http = server.http();
+    let big = "x".repeat(2000);
+    assert_error(
+        http.post("/v1/tasks", json!({"type": "t", "payload": big})),
+        413,
+        "payload_too_large",
+        "payload",
+    );
+    // A body far over the limit is refused before it is parsed.
+    let huge = format!(
+        "{{\"type\": \"t\", \"payload\": \"{}\"}}",
+        "y".repeat(200_000)
+    );
+    assert_error(
+        http.post_raw("/v1/tasks", huge),
+        413,
+        "payload_too_large",
+        "limit",
+    );
+    http.enqueue(json!({"type": "t", "payload": "small"}));
+}
+
+#[test]
+fn list_filters_paginates_and_counts() {
+    let server = Server::start();
+    let http = server.http();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let task = http.enqueue(json!({
+            "type": if i % 2 == 0 { "even" } else { "odd" },
+            "queue": if i < 3 { "first" } else { "second" },
+            "labels": {"project_id": format!("p{}", i % 2)},
+        }));
+        ids.push(task["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/tasks?limit=3".to_owned();
+    loop {
+        let (status, page) = http.get(&path);
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/tasks?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each once");
+    let count = |query: &str| {
+        http.get(&format!("/v1/tasks?{query}")).1["tasks"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count("type=even"), 4);
+    assert_eq!(count("queue=first"), 3);
+    assert_eq!(count("label=project_id:p1"), 3);
+    assert_eq!(count("state=pending,running"), 7);
+    assert_eq!(count("state=completed"), 0);
+    let (_, stats) = http.get("/v1/stats");
+    assert_eq!(stats["total"]["pending"], 7);
+    assert_eq!(stats["queues"]["second"]["pending"], 4);
+    assert_eq!(stats["types"]["odd"]["pending"], 3);
+    for state in [
+        "blocked",
+        "scheduled",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+    ] {
+        assert_eq!(stats["total"][state], 0, "every state is counted: {stats}");
+    }
+}
+
+#[test]
+fn cancel_retry_delete_and_clear() {
+    let server = Server::start();
+    let http = server.http();
+    let id = http.enqueue(json!({"type": "t"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_error(
+        http.delete(&format!("/v1/tasks/{id}")),
+        409,
+        "conflict",
+        "finished",
+    );
+    assert_error(
+        http.post(&format!("/v1/tasks/{id}/retry"), json!(null)),
+        409,
+        "conflict",
+        "retr",
+    );
+    let (status, cancelled) = http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
+    assert_eq!(
+        (status, cancelled["state"].clone()),
+        (200, json!("cancelled"))
+    );
+    assert_error(
+        http.post(&format!("/v1/tasks/{id}/cancel"), json!(null)),
+        409,
+        "conflict",
+        "cancelled",
+    );
+    let (status, retried) = http.post(&format!("/v1/tasks/{id}/retry"), json!(null));
+    assert_eq!((status, retried["state"].clone()), (200, json!("pending")));
+    http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
+    let (status, body) = http.delete(&format!("/v1/tasks/{id}"));
+    assert_eq!((status, body), (204, Value::Null));
+    assert_error(http.get(&format!("/v1/tasks/{id}")), 404, "not_found", &id);
+    for _ in 0..3 {
+        let other = http.enqueue(json!({"type": "t"}))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        http.post(&format!("/v1/tasks/{other}/cancel"), json!(null));
+    }
+    let (status, cleared) = http.delete("/v1/tasks?state=completed,cancelled&older_than_secs=0");
+    assert_eq!((status, cleared), (200, json!({"deleted": 3})));
+}
+
+#[test]
+fn queues_pause_resume_and_limit_concurrency() {
+    let server = Server::start();
+    let http = server.http();
+    for _ in 0..4 {
+        http.enqueue(json!({"type": "t", "queue": "mail"}));
+    }
+    let (status, paused) = http.post("/v1/queues/mail/pause", json!(null));
+    assert_eq!(status, 200);
+    assert_eq!(
+        (paused["name"].clone(), paused["paused"].clone()),
+        (json!("mail"), json!(true))
+    );
+    assert!(
+        http.fetch("w", json!({"limit": 10})).is_empty(),
+        "a paused queue hands out nothing"
+    );
+    let (_, queues) = http.get("/v1/queues");
+    let mail = &queues["queues"][0];
+    assert_eq!(
+        (
+            mail["name"].clone(),
+            mail["paused"].clone(),
+            mail["counts"]["pending"].clone()
+        ),
+        (json!("mail"), json!(true), json!(4))
+    );
+    http.post("/v1/queues/mail/resume", json!(null));
+    let (status, limited) = http.patch("/v1/queues/mail", json!({"concurrency": 1}));
+    assert_eq!((status, limited["concurrency"].clone()), (200, json!(1)));
+    assert_eq!(http.fetch("w", json!({"limit": 10})).len(), 1);
+    assert!(http.fetch("w", json!({"limit": 10})).is_empty());
+    let (_, unlimited) = http.patch("/v1/queues/mail", json!({"concurrency": null}));
+    assert_eq!(unlimited["concurrency"], Value::Null);
+    assert_eq!(http.fetch("w", json!({"limit": 10})).len(), 3);
+}
+
+#[test]
+fn health_metrics_and_openapi() {
+    let server = Server::start();
+    let http = server.http();
+    let task = http.enqueue(json!({"type": "report.build", "queue": "reports"}));
+    let claimed = http.fetch("w", json!({}));
+    assert_eq!(claimed.len(), 1);
+    let (status, _) = http.post(
+        &format!("/v1/tasks/{}/complete", task["id"].as_str().unwrap()),
+        json!({"worker_id": "w"}),
+    );
+    assert_eq!(status, 200);
+
+    let (status, health) = http.get("/health");
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            health["status"].clone(),
+            health["database"].clone(),
+            health["stuck"].clone()
+        ),
+        (json!("ok"), json!("ok"), json!(0))
+    );
+    assert_eq!(health["durability"], "durable");
+    assert_eq!(health["counts"]["completed"], 1);
+
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
+        .unwrap()
+        .text()
+        .unwrap();
+    for needle in [
+        "offload_tasks_enqueued_total{queue=\"reports\",type=\"report.build\"} 1",
+        "offload_tasks_completed_total{queue=\"reports\",type=\"report.build\"} 1",
+        "offload_task_duration_seconds_bucket",
+        "offload_task_pickup_seconds_bucket",
+        "offload_http_request_duration_seconds_bucket",
+        "offload_queue_tasks{queue=\"reports\",state=\"completed\"} 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
+    }
+
+    let (status, doc) = http.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/v1/tasks",
+        "/v1/tasks/batch",
+        "/v1/tasks/{id}",
+        "/v1/tasks/{id}/cancel",
+        "/v1/tasks/{id}/retry",
+        "/v1/tasks/{id}/heartbeat",
+        "/v1/tasks/{id}/complete",
+        "/v1/tasks/{id}/fail",
+        "/v1/tasks/{id}/events",
+        "/v1/events",
+        "/v1/stats",
+        "/v1/fetch",
+        "/v1/ack",
+        "/v1/queues",
+        "/v1/queues/{name}",
+        "/v1/queues/{name}/pause",
+        "/v1/queues/{name}/resume",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(path), "/openapi.json lacks {path}");
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "Task",
+        "NewTask",
+        "ErrorBody",
+        "FetchRequest",
+        "AckBody",
+        "Stats",
+        "QueueInfo",
+    ] {
+        assert!(
+            schemas.contains_key(schema),
+            "/openapi.json lacks the {schema} schema"
+        );
+    }
+}

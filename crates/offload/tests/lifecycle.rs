@@ -1,0 +1,136 @@
+//! Running a node: durability across `kill -9`, graceful shutdown, bad
+//! configuration.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+use crate::support::{BIN, Server};
+
+#[test]
+fn kill_9_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &[]);
+    let http = server.http();
+    let mut enqueued = Vec::new();
+    for i in 0..200 {
+        enqueued.push(
+            http.enqueue(json!({"type": "t", "payload": i}))["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let claimed = http.fetch("w", json!({"limit": 50}));
+    let mut completed = Vec::new();
+    for task in &claimed {
+        let id = task["id"].as_str().unwrap();
+        let (status, _) = http.post(
+            &format!("/v1/tasks/{id}/complete"),
+            json!({"worker_id": "w"}),
+        );
+        assert_eq!(status, 200);
+        completed.push(id.to_owned());
+    }
+    server.kill9();
+
+    let restarted = Server::start_in(dir.path(), &[]);
+    let http = restarted.http();
+    for id in &enqueued {
+        let task = http.task(id);
+        let expected = if completed.contains(id) {
+            "completed"
+        } else {
+            "pending"
+        };
+        assert_eq!(task["state"], expected, "task {id} after kill -9");
+    }
+    let (_, stats) = http.get("/v1/stats");
+    assert_eq!(
+        (
+            stats["total"]["completed"].clone(),
+            stats["total"]["pending"].clone()
+        ),
+        (json!(50), json!(150))
+    );
+}
+
+#[test]
+fn sigterm_stops_gracefully_with_exit_code_0() {
+    let mut server = Server::start();
+    let http = server.http();
+    http.enqueue(json!({"type": "t"}));
+    // A long poll in flight must not hold the shutdown up.
+    let url = server.url.clone();
+    let poll = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/fetch"))
+            .json(&json!({"worker_id": "w", "types": ["other"], "wait_ms": 60000}))
+            .timeout(Duration::from_secs(90))
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        poll.join().unwrap().ok(),
+        Some(200),
+        "the waiting fetch was answered"
+    );
+}
+
+#[test]
+fn serve_refuses_bad_settings_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("x.db").display());
+    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let bad_listen = run(&["serve", "--listen", "nowhere", "--db", &db]);
+    assert_eq!(bad_listen.status.code(), Some(2), "{bad_listen:?}");
+    assert!(String::from_utf8_lossy(&bad_listen.stderr).contains("--listen"));
+    let bad_durability = run(&[
+        "serve",
+        "--durability",
+        "sometimes",
+        "--db",
+        &db,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(bad_durability.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_durability.stderr).contains("durability"));
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nunknown_setting = 1\n").unwrap();
+    let bad_config = run(&["serve", "--config", config.to_str().unwrap(), "--db", &db]);
+    assert_ne!(bad_config.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bad_config.stderr).contains("unknown_setting"));
+}
+
+#[test]
+fn a_second_node_on_the_same_sqlite_file_is_refused() {
+    let first = Server::start();
+    let db = format!("sqlite://{}", first.dir.join("offload.db").display());
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{second:?}"
+    );
+}

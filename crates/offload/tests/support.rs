@@ -1,0 +1,211 @@
+//! Starting servers and talking to them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_offload");
+
+/// A running `offload serve`, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut server = Self::start_in(&dir, extra);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on the database in `dir`, on a free port.
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        let db = format!("sqlite://{}", dir.join("offload.db").display());
+        let log = std::fs::File::create(dir.join(format!("serve-{}.log", std::process::id())))
+            .expect("log file");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+            .args(extra)
+            .env("OFFLOAD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start offload serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines
+            .next()
+            .expect("a line from the server")
+            .expect("readable");
+        let url = first
+            .strip_prefix("offload listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_owned();
+        Self {
+            child,
+            url,
+            dir: dir.to_path_buf(),
+            _temp: None,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn http(&self) -> Http {
+        Http {
+            base: self.url.clone(),
+            client: reqwest::blocking::Client::new(),
+        }
+    }
+
+    /// Runs the command line against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("OFFLOAD_URL", &self.url)
+            .output()
+            .expect("run offload")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Http {
+    pub base: String,
+    pub client: reqwest::blocking::Client,
+}
+
+impl Http {
+    fn answer(response: reqwest::blocking::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        let text = response.text().expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, body)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        Self::answer(
+            self.client
+                .get(format!("{}{path}", self.base))
+                .send()
+                .expect("GET"),
+        )
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::answer(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .json(&body)
+                .send()
+                .expect("POST"),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
+        let request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        Self::answer(request.send().expect("POST"))
+    }
+
+    pub fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::answer(
+            self.client
+                .patch(format!("{}{path}", self.base))
+                .json(&body)
+                .send()
+                .expect("PATCH"),
+        )
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        Self::answer(
+            self.client
+                .delete(format!("{}{path}", self.base))
+                .send()
+                .expect("DELETE"),
+        )
+    }
+
+    /// Enqueues and returns the created task.
+    pub fn enqueue(&self, body: Value) -> Value {
+        let (status, task) = self.post("/v1/tasks", body);
+        assert_eq!(status, 201, "{task}");
+        task
+    }
+
+    pub fn fetch(&self, worker: &str, extra: Value) -> Vec<Value> {
+        let mut body = json!({ "worker_id": worker });
+        if let Value::Object(more) = extra {
+            body.as_object_mut().expect("object").extend(more);
+        }
+        let (status, answer) = self.post("/v1/fetch", body);
+        assert_eq!(status, 200, "{answer}");
+        answer["tasks"].as_array().expect("tasks").clone()
+    }
+
+    pub fn task(&self, id: &str) -> Value {
+        let (status, task) = self.get(&format!("/v1/tasks/{id}"));
+        assert_eq!(status, 200, "{task}");
+        task
+    }
+
+    /// Waits until the task satisfies `done`; a bound, not a timing assertion.
+    pub fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            let task = self.task(id);
+            if done(&task) {
+                return task;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "task never became {what}: {task}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Asserts an error answer: its status and code, and that the message
+/// mentions `needle` (the field, typically).
+pub fn assert_error(answer: (u16, Value), status: u16, code: &str, needle: &str) {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains(needle),
+        "message {message:?} should mention {needle:?}"
+    );
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
