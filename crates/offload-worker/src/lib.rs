@@ -233,3 +233,8 @@ impl Worker {
         runner::run(self.source, self.handlers, self.config, shutdown).await
     }
 }
+
+/// The README's Rust example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;
