@@ -328,6 +328,24 @@ impl Client {
         Ok(TaskEvents::new(response))
     }
 
+    /// Every task change (optionally only of one queue, type or owner) as
+    /// server-sent events; runs until the server stops.
+    pub async fn all_events(
+        &self,
+        queue: Option<&str>,
+        task_type: Option<&str>,
+        owner: Option<&str>,
+    ) -> ClientResult<TaskEvents> {
+        let query: Vec<(&str, &str)> = [("queue", queue), ("type", task_type), ("owner", owner)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        let response = self
+            .send(self.request(Method::GET, "/v1/events").query(&query))
+            .await?;
+        Ok(TaskEvents::new(response))
+    }
+
     /// Waits until the task finishes and returns it. Follows the event
     /// stream, reconnecting if it drops.
     pub async fn wait(&self, id: Uuid) -> ClientResult<Task> {

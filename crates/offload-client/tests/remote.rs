@@ -1,0 +1,177 @@
+//! The client and the worker runtime against a real server on a real port,
+//! started in this process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use offload_client::{Client, ClientError, ListParams};
+use offload_core::{NewTask, State};
+use offload_server::Config;
+use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    client: Client,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn server() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db: format!("sqlite://{}", dir.path().join("remote.db").display()),
+        ..Config::default()
+    };
+    let stop = CancellationToken::new();
+    let (address_tx, address_rx) = tokio::sync::oneshot::channel();
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        offload_server::serve(
+            config,
+            async move { stopping.cancelled().await },
+            |address| {
+                let _ = address_tx.send(address);
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let address = address_rx.await.unwrap();
+    Running {
+        client: Client::new(format!("http://{address}")),
+        stop,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runtime_runs_unchanged_against_a_remote_server() {
+    let server = server().await;
+    let client = server.client.clone();
+    let worker = Worker::new(Arc::new(client.clone()))
+        .concurrency(4)
+        .handle("square", |ctx: TaskContext| async move {
+            let n: u64 = ctx.payload()?;
+            ctx.progress(50.0, "squaring").await?;
+            Ok(n * n)
+        })
+        .handle("wait", |ctx: TaskContext| async move {
+            ctx.cancellation().cancelled().await;
+            assert_eq!(ctx.cancel_reason(), Some(CancelReason::Cancelled));
+            Err::<(), _>(TaskFailure::new("stopped on request"))
+        });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+
+    let mut ids = Vec::new();
+    for n in 0..20u64 {
+        let (task, created) = client
+            .enqueue(&NewTask::new("square").payload(&n).unwrap())
+            .await
+            .unwrap();
+        assert!(created);
+        ids.push((n, task.id));
+    }
+    for (n, id) in ids {
+        let done = client.wait(id).await.unwrap();
+        assert_eq!(done.state, State::Completed);
+        assert_eq!(done.result.unwrap().get(), (n * n).to_string());
+        assert_eq!(done.progress.unwrap().message.as_deref(), Some("squaring"));
+    }
+
+    // Cancellation reaches a remote handler through its heartbeat.
+    let (waiting, _) = client.enqueue(&NewTask::new("wait")).await.unwrap();
+    for _ in 0..500 {
+        if client.get(waiting.id).await.unwrap().state == State::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.cancel(waiting.id).await.unwrap();
+    let cancelled = client.wait(waiting.id).await.unwrap();
+    assert_eq!(cancelled.state, State::Cancelled);
+    assert_eq!(cancelled.error.unwrap().message, "stopped on request");
+
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_covers_the_routes_and_reports_errors() {
+    let server = server().await;
+    let client = &server.client;
+    let mut feed = client.all_events(Some("other"), None, None).await.unwrap();
+    let tasks = client
+        .enqueue_batch(vec![NewTask::new("a"), NewTask::new("b").queue("other")])
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 2);
+    let first = feed.next().await.unwrap().unwrap();
+    assert_eq!(
+        first.task.id, tasks[1].id,
+        "only the other queue's task is streamed"
+    );
+    let page = client
+        .list(&ListParams {
+            queue: Some("other".into()),
+            ..ListParams::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.tasks[0].id, tasks[1].id);
+    assert_eq!(client.stats().await.unwrap().total.pending, 2);
+    assert!(client.pause("other").await.unwrap().paused);
+    assert_eq!(
+        client
+            .set_concurrency("other", Some(3))
+            .await
+            .unwrap()
+            .concurrency,
+        Some(3)
+    );
+    assert!(!client.resume("other").await.unwrap().paused);
+    assert_eq!(client.queues().await.unwrap().len(), 2);
+    assert_eq!(
+        client.cancel(tasks[0].id).await.unwrap().state,
+        State::Cancelled
+    );
+    assert_eq!(
+        client.retry(tasks[0].id).await.unwrap().state,
+        State::Pending
+    );
+    client.cancel(tasks[0].id).await.unwrap();
+    client.delete(tasks[0].id).await.unwrap();
+    client.cancel(tasks[1].id).await.unwrap();
+    assert_eq!(client.clear(&[], None).await.unwrap(), 1);
+    assert_eq!(client.health().await.unwrap().status, "ok");
+
+    match client.get(tasks[0].id).await {
+        Err(ClientError::Api {
+            status: 404, code, ..
+        }) => assert_eq!(code, "not_found"),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    match client.enqueue(&NewTask::new("bad type")).await {
+        Err(ClientError::Api {
+            status: 400,
+            code,
+            message,
+        }) => {
+            assert_eq!(code, "invalid_argument");
+            assert!(message.starts_with("type:"), "{message}");
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+    let nowhere = Client::new("http://127.0.0.1:1");
+    assert!(matches!(
+        nowhere.stats().await,
+        Err(ClientError::Unreachable { .. })
+    ));
+}
