@@ -126,6 +126,8 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
     let store = factory.open(Arc::clone(&clock)).await;
     let mut known: Vec<Uuid> = Vec::new();
     let mut before: HashMap<Uuid, Task> = HashMap::new();
+    // Queue settings as the test set them: (paused, concurrency).
+    let mut queues: HashMap<String, (bool, Option<u32>)> = HashMap::new();
     let pick = |known: &Vec<Uuid>, i: usize| (!known.is_empty()).then(|| known[i % known.len()]);
 
     for (step, op) in ops.into_iter().enumerate() {
@@ -197,6 +199,23 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                     claimed.len() <= limit.into(),
                     "{context}: claimed over the limit"
                 );
+                for (queue, (paused, concurrency)) in &queues {
+                    let taken = claimed.iter().filter(|t| &t.queue == queue).count();
+                    if *paused {
+                        assert_eq!(taken, 0, "{context}: claimed from paused queue {queue}");
+                    }
+                    if let Some(limit) = concurrency {
+                        let running = before
+                            .values()
+                            .filter(|t| &t.queue == queue && t.state == State::Running)
+                            .count();
+                        let room = (*limit as usize).saturating_sub(running);
+                        assert!(
+                            taken <= room,
+                            "{context}: {taken} claimed from {queue} with room for {room}"
+                        );
+                    }
+                }
                 for task in &claimed {
                     let prior = before.get(&task.id).map(|t| t.state);
                     assert_eq!(
@@ -319,6 +338,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                 paused,
                 concurrency,
             } => {
+                queues.insert(queue_name(queue), (paused, concurrency.map(u32::from)));
                 store
                     .update_queue(
                         &queue_name(queue),
