@@ -27,7 +27,8 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::{
-    AttemptError, Error, ErrorKind, Json, Progress, Result, State, Task, TaskError, Timestamp,
+    AttemptError, Error, ErrorKind, Json, Progress, Result, State, Task, TaskError, TaskSpec,
+    Timestamp,
 };
 
 /// Whether SPEC §2 allows a task to go from `from` to `to` in one step.
@@ -120,14 +121,44 @@ impl Task {
         }
     }
 
-    /// The state a new task starts in.
-    pub fn initial_state(run_at: Timestamp, now: Timestamp, blocked: bool) -> State {
-        if blocked {
+    /// A new task as enqueue creates it from a validated spec: `blocked`
+    /// while dependencies are unmet, else `scheduled` or `pending` by
+    /// `run_at`.
+    pub fn new_from_spec(id: Uuid, spec: TaskSpec, now: Timestamp, blocked: bool) -> Task {
+        let run_at = spec.schedule.run_at(now);
+        let state = if blocked {
             State::Blocked
         } else if run_at > now {
             State::Scheduled
         } else {
             State::Pending
+        };
+        Task {
+            id,
+            task_type: spec.task_type,
+            queue: spec.queue,
+            payload: spec.payload,
+            priority: spec.priority,
+            state,
+            attempt: 0,
+            max_attempts: spec.max_attempts,
+            timeout_secs: spec.timeout_secs,
+            run_at,
+            owner: spec.owner,
+            labels: spec.labels,
+            unique_key: spec.unique_key,
+            depends_on: spec.depends_on,
+            progress: None,
+            result: None,
+            error: None,
+            errors: Vec::new(),
+            cancel_requested: false,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            worker_id: None,
         }
     }
 
@@ -362,37 +393,16 @@ pub struct AttemptFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json_null;
 
     fn task(state: State) -> Task {
         let now = Timestamp::from_millis(1_000_000);
-        Task {
-            id: Uuid::now_v7(),
-            task_type: "t".into(),
-            queue: "default".into(),
-            payload: json_null(),
-            priority: 5,
-            state,
-            attempt: 0,
-            max_attempts: 2,
-            timeout_secs: 60,
-            run_at: now,
-            owner: None,
-            labels: Default::default(),
-            unique_key: None,
-            depends_on: vec![],
-            progress: None,
-            result: None,
-            error: None,
-            errors: vec![],
-            cancel_requested: false,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            finished_at: None,
-            lease_expires_at: None,
-            worker_id: None,
-        }
+        let spec = crate::NewTask::new("t")
+            .max_attempts(2)
+            .validate(&crate::Limits::default(), "")
+            .unwrap();
+        let mut task = Task::new_from_spec(Uuid::now_v7(), spec, now, false);
+        task.state = state;
+        task
     }
 
     fn failure(retry: Option<bool>) -> AttemptFailure {

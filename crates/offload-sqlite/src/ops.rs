@@ -246,35 +246,8 @@ impl WriteCtx<'_> {
                 Some(_) => unmet.push(*dep),
             }
         }
-        let run_at = spec.schedule.run_at(now);
         let blocked = !unmet.is_empty() || broken.is_some();
-        let task = Task {
-            id: Uuid::now_v7(),
-            task_type: spec.task_type,
-            queue: spec.queue,
-            payload: spec.payload,
-            priority: spec.priority,
-            state: Task::initial_state(run_at, now, blocked),
-            attempt: 0,
-            max_attempts: spec.max_attempts,
-            timeout_secs: spec.timeout_secs,
-            run_at,
-            owner: spec.owner,
-            labels: spec.labels,
-            unique_key: spec.unique_key,
-            depends_on: spec.depends_on,
-            progress: None,
-            result: None,
-            error: None,
-            errors: Vec::new(),
-            cancel_requested: false,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            finished_at: None,
-            lease_expires_at: None,
-            worker_id: None,
-        };
+        let task = Task::new_from_spec(Uuid::now_v7(), spec, now, blocked);
         let labels = if task.labels.is_empty() {
             None
         } else {
