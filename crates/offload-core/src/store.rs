@@ -114,6 +114,19 @@ pub struct ListQuery {
 
 pub const MAX_LIST_LIMIT: usize = 1000;
 
+impl ListQuery {
+    /// `limit` must be 1 to [`MAX_LIST_LIMIT`].
+    pub fn check_limit(&self) -> Result<()> {
+        if self.limit == 0 || self.limit > MAX_LIST_LIMIT {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be 1 to {MAX_LIST_LIMIT}; got {}", self.limit),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskPage {
@@ -203,6 +216,27 @@ pub struct ClearRequest {
     pub older_than: Option<Duration>,
 }
 
+impl ClearRequest {
+    /// At least one state, and only finished ones.
+    pub fn check_states(&self) -> Result<()> {
+        if self.states.is_empty() {
+            return Err(Error::invalid(
+                "state",
+                "name at least one of completed, failed, cancelled",
+            ));
+        }
+        if let Some(active) = self.states.iter().find(|s| s.is_active()) {
+            return Err(Error::invalid(
+                "state",
+                format!(
+                    "only finished states (completed, failed, cancelled) can be cleared; got {active}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How long finished tasks are kept (SPEC §1.5).
 #[derive(Clone, Debug)]
 pub struct Retention {
@@ -290,6 +324,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Running tasks whose lease expired at least `expired_for` ago: ones
     /// recovery should already have retried. Also a cheap database ping.
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64>;
+
+    /// Whether this node should run the background duties (promotion,
+    /// recovery, retention). A store shared by several nodes elects one; a
+    /// store only one process can open always leads.
+    fn is_leader(&self) -> bool {
+        true
+    }
 
     /// Change notifications for this store's tasks.
     fn hub(&self) -> &Hub;

@@ -300,20 +300,7 @@ impl Store for SqliteStore {
     }
 
     async fn clear(&self, request: &ClearRequest) -> Result<u64> {
-        if request.states.is_empty() {
-            return Err(Error::invalid(
-                "state",
-                "name at least one of completed, failed, cancelled",
-            ));
-        }
-        if let Some(active) = request.states.iter().find(|s| s.is_active()) {
-            return Err(Error::invalid(
-                "state",
-                format!(
-                    "only finished states (completed, failed, cancelled) can be cleared; got {active}"
-                ),
-            ));
-        }
+        request.check_states()?;
         // Batches of their own transactions, so a large clear never holds
         // the writer for long.
         let mut total = 0;

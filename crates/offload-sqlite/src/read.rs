@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use offload_core::{
-    Error, ListQuery, MAX_LIST_LIMIT, Result, Task, TaskPage, decode_cursor, encode_cursor,
-};
+use offload_core::{Error, ListQuery, Result, Task, TaskPage, decode_cursor, encode_cursor};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
@@ -75,12 +73,7 @@ pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
 }
 
 pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
-    if query.limit == 0 || query.limit > MAX_LIST_LIMIT {
-        return Err(Error::invalid(
-            "limit",
-            format!("must be 1 to {MAX_LIST_LIMIT}; got {}", query.limit),
-        ));
-    }
+    query.check_limit()?;
     let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
     let mut args: Vec<Value> = Vec::new();
     let mut bind = |sql: &mut String, clause: &str, value: Value| {

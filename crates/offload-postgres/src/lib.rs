@@ -1,0 +1,548 @@
+//! Offload's PostgreSQL store (`postgres://…`): several `offload serve`
+//! nodes share one database, and any node serves any request.
+//!
+//! - Operations are transactions over a connection pool; claims take rows
+//!   with `FOR UPDATE SKIP LOCKED`, so nodes never wait on each other's
+//!   claims, and batches are read and written in one statement each.
+//! - Each node LISTENs on one channel: commits that make tasks ready, that
+//!   schedule, cancel or change tasks NOTIFY it, so a long poll on one node
+//!   wakes for a task enqueued on another.
+//! - One node at a time holds a session advisory lock and is the leader,
+//!   which runs the background duties; when it dies its session ends, the
+//!   lock with it, and another node takes over within a second.
+//!
+//! The schema and the reasons for its shape are in `migrations/`.
+
+mod notify;
+mod ops;
+mod rows;
+mod tx;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use offload_core::{
+    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
+    HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch, Result,
+    Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
+    encode_cursor, validate_queue_name, validate_worker_id,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{QueryBuilder, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::rows::{PgError, TASK_COLUMNS, decode, storage_error};
+use crate::tx::{Effects, Tx};
+
+/// Versioned migrations, recorded in `offload_schema_migrations`.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+/// Attempts at an operation that keeps meeting serialization failures.
+const MAX_TRIES: u32 = 5;
+/// Rows deleted per transaction by `clear`.
+const CLEAR_BATCH: i64 = 5000;
+
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// The schema Offload's tables live in; several Offload installations
+    /// may share a database in different schemas.
+    pub schema: String,
+    pub max_connections: u32,
+    pub limits: Limits,
+    pub backoff: Backoff,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            schema: "public".into(),
+            max_connections: 16,
+            limits: Limits::default(),
+            backoff: Backoff::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// What the store's parts share.
+#[derive(Debug)]
+pub(crate) struct Node {
+    /// Tells this node's notifications from the others'.
+    pub id: String,
+    pub channel: String,
+    pub lock_key: i64,
+    pub clock: Arc<dyn Clock>,
+    pub hub: Hub,
+    pub limits: Limits,
+    pub backoff: Backoff,
+    pub leader: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    node: Arc<Node>,
+    stop: CancellationToken,
+}
+
+/// A stable 64-bit key for advisory locks, from a name.
+fn lock_key(name: &str) -> i64 {
+    // FNV-1a: stable across builds, unlike the std hasher.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash as i64
+}
+
+impl PgStore {
+    /// Connects, migrates the schema (one node at a time) and starts
+    /// listening and competing for leadership.
+    pub async fn open(url: &str, options: PgOptions) -> Result<Arc<Self>> {
+        let schema = options.schema.clone();
+        if schema.is_empty()
+            || !schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(Error::invalid(
+                "schema",
+                "must be lowercase letters, digits and _",
+            ));
+        }
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))?
+            .application_name("offload")
+            .options([("search_path", schema.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect.clone())
+            .await
+            .map_err(storage_error)?;
+        migrate(pool.clone(), schema.clone()).await?;
+        let unique = Uuid::now_v7().simple().to_string();
+        let node = Arc::new(Node {
+            id: unique[unique.len() - 12..].to_owned(),
+            channel: format!("offload_{schema}"),
+            lock_key: lock_key(&format!("offload-leader:{schema}")),
+            clock: options.clock,
+            hub: Hub::new(),
+            limits: options.limits,
+            backoff: options.backoff,
+            leader: AtomicBool::new(false),
+        });
+        let stop = CancellationToken::new();
+        let store = Arc::new(Self {
+            pool: pool.clone(),
+            node: Arc::clone(&node),
+            stop: stop.clone(),
+        });
+        tokio::spawn(notify::listen(
+            Arc::clone(&node),
+            Arc::downgrade(&store),
+            pool,
+            stop.clone(),
+        ));
+        tokio::spawn(notify::lead(node, connect, stop));
+        Ok(store)
+    }
+
+    async fn begin(&self) -> Result<Tx, PgError> {
+        let conn = self.pool.begin().await?;
+        Ok(Tx::new(conn, Arc::clone(&self.node)))
+    }
+
+    fn publish(&self, effects: Effects) {
+        let hub = &self.node.hub;
+        for event in effects.events {
+            hub.publish(event);
+        }
+        for id in effects.cancels {
+            hub.notify_cancel(id);
+        }
+        if effects.scheduled {
+            hub.notify_scheduled();
+        }
+        if effects.ready {
+            hub.notify_ready();
+        }
+    }
+
+    /// Stops listening and leading; the pool closes when the store drops.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn migrate(pool: PgPool, schema: String) -> Result<()> {
+    let fail = |e: sqlx::Error| Error::Storage(format!("migrating the PostgreSQL schema: {e}"));
+    let mut lock = pool.acquire().await.map_err(storage_error)?;
+    let key = lock_key(&format!("offload-migrate:{schema}"));
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(&mut *lock)
+        .await
+        .map_err(fail)?;
+    // One node migrates at a time; the others wait, then find it done.
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *lock)
+        .await
+        .map_err(fail)?;
+    let outcome = apply_migrations(pool.clone()).await.map_err(fail);
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *lock)
+        .await;
+    let current = outcome?;
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > latest {
+        return Err(Error::Storage(format!(
+            "the database has schema version {current}, newer than this Offload knows ({latest})"
+        )));
+    }
+    Ok(())
+}
+
+/// Applies the migrations the database lacks, each in its own transaction;
+/// answers the version found before.
+async fn apply_migrations(pool: PgPool) -> Result<i32, sqlx::Error> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS offload_schema_migrations \
+         (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&pool)
+    .await?;
+    let current: Option<i32> =
+        sqlx::query_scalar("SELECT MAX(version) FROM offload_schema_migrations")
+            .fetch_one(&pool)
+            .await?;
+    let current = current.unwrap_or(0);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let mut tx = pool.begin().await?;
+        // Several statements: the simple query protocol runs them all.
+        sqlx::Executor::execute(&mut *tx, *sql).await?;
+        sqlx::query("INSERT INTO offload_schema_migrations (version) VALUES ($1)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(current)
+}
+
+/// Runs `$body` (which uses `$tx`) in a transaction, commits, announces the
+/// effects, and runs it again in a fresh transaction when it met a
+/// serialization failure, a deadlock or a unique-key race.
+macro_rules! in_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {{
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let outcome = async {
+                let mut $tx = $store.begin().await?;
+                let value = $body;
+                let effects = $tx.commit().await?;
+                Ok::<_, PgError>((value, effects))
+            }
+            .await;
+            match outcome {
+                Ok((value, effects)) => {
+                    $store.publish(effects);
+                    break Ok(value);
+                }
+                Err(PgError::Retry(_)) if tries < MAX_TRIES => continue,
+                Err(PgError::Retry(reason)) => {
+                    break Err(Error::Unavailable(format!(
+                        "too much contention, try again: {reason}"
+                    )));
+                }
+                Err(PgError::Core(e)) => break Err(e),
+            }
+        }
+    }};
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
+        let max = self.node.limits.max_batch;
+        if tasks.len() > max {
+            return Err(Error::invalid(
+                "tasks",
+                format!("at most {max} tasks per batch; got {}", tasks.len()),
+            ));
+        }
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        in_tx!(self, |tx| ops::enqueue(&mut tx, tasks.clone()).await?)
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
+        validate_worker_id(&request.worker_id)?;
+        for (i, queue) in request.queues.iter().enumerate() {
+            validate_queue_name(&format!("queues[{i}]"), queue)?;
+        }
+        in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
+    }
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
+        validate_worker_id(&request.worker_id)?;
+        in_tx!(self, |tx| ops::heartbeat(&mut tx, request.clone()).await?)
+    }
+
+    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
+        validate_worker_id(worker_id)?;
+        let max = self.node.limits.max_batch;
+        if acks.len() > max {
+            return Err(Error::invalid(
+                "acks",
+                format!("at most {max} per call; got {}", acks.len()),
+            ));
+        }
+        in_tx!(self, |tx| ops::ack(&mut tx, worker_id, acks.clone())
+            .await?)
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<Task> {
+        in_tx!(self, |tx| ops::cancel(&mut tx, id).await?)
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Task> {
+        in_tx!(self, |tx| ops::retry(&mut tx, id).await?)
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Task>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(storage_error)?;
+        row.as_ref().map(|r| decode(r).map(|s| s.task)).transpose()
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
+        query.check_limit()?;
+        let mut sql = QueryBuilder::new(format!(
+            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE true"
+        ));
+        if let Some(cursor) = &query.cursor {
+            sql.push(" AND seq < ").push_bind(decode_cursor(cursor)?);
+        }
+        if !query.states.is_empty() {
+            let codes: Vec<i16> = query.states.iter().map(|s| s.code() as i16).collect();
+            sql.push(" AND state = ANY(").push_bind(codes).push(")");
+        }
+        if let Some(t) = &query.task_type {
+            sql.push(" AND type = ").push_bind(t.clone());
+        }
+        if let Some(q) = &query.queue {
+            sql.push(" AND queue = ").push_bind(q.clone());
+        }
+        if let Some(o) = &query.owner {
+            sql.push(" AND owner = ").push_bind(o.clone());
+        }
+        for (key, value) in &query.labels {
+            let wanted = serde_json::json!({ key: value });
+            sql.push(" AND labels @> ")
+                .push_bind(wanted)
+                .push("::jsonb");
+        }
+        if let Some(after) = query.created_after {
+            sql.push(" AND created_at > ").push_bind(after.as_millis());
+        }
+        if let Some(before) = query.created_before {
+            sql.push(" AND created_at < ").push_bind(before.as_millis());
+        }
+        sql.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(query.limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage_error)?;
+        let mut tasks = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if tasks.len() > query.limit {
+            tasks.truncate(query.limit);
+            tasks.last().map(|last| encode_cursor(last.seq))
+        } else {
+            None
+        };
+        Ok(TaskPage {
+            tasks: tasks.into_iter().map(|s| s.task).collect(),
+            next_cursor,
+        })
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let rows = sqlx::query(
+            "SELECT queue, type, state, SUM(delta)::bigint AS n FROM offload_counts \
+             GROUP BY queue, type, state HAVING SUM(delta) <> 0",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(storage_error)?;
+        let mut stats = Stats::default();
+        for row in &rows {
+            let queue: String = row.try_get("queue").map_err(storage_error)?;
+            let task_type: String = row.try_get("type").map_err(storage_error)?;
+            let code: i16 = row.try_get("state").map_err(storage_error)?;
+            let n: i64 = row.try_get("n").map_err(storage_error)?;
+            let state = State::from_code(code.into())
+                .ok_or_else(|| Error::Storage(format!("state code {code}")))?;
+            let n = n.max(0) as u64;
+            *stats.total.slot(state) += n;
+            *stats.queues.entry(queue).or_default().slot(state) += n;
+            *stats.types.entry(task_type).or_default().slot(state) += n;
+        }
+        Ok(stats)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<()> {
+        in_tx!(self, |tx| ops::delete(&mut tx, id).await?)
+    }
+
+    async fn clear(&self, request: &ClearRequest) -> Result<u64> {
+        request.check_states()?;
+        let cutoff = {
+            let now = self.node.clock.now();
+            request.older_than.map_or(now, |d| now.saturating_sub(d))
+        };
+        let mut total = 0;
+        for state in &request.states {
+            loop {
+                let deleted = in_tx!(self, |tx| ops::delete_finished(
+                    &mut tx,
+                    *state,
+                    cutoff,
+                    CLEAR_BATCH
+                )
+                .await?)?;
+                total += deleted;
+                if deleted < CLEAR_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueInfo>> {
+        let rows =
+            sqlx::query("SELECT name, paused, concurrency FROM offload_queues ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(storage_error)?;
+        let stats = self.stats().await?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get("name").map_err(storage_error)?;
+                let concurrency: Option<i32> = row.try_get("concurrency").map_err(storage_error)?;
+                Ok(QueueInfo {
+                    counts: stats.queues.get(&name).copied().unwrap_or_default(),
+                    paused: row.try_get("paused").map_err(storage_error)?,
+                    concurrency: concurrency.map(|c| c as u32),
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    async fn update_queue(&self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
+        validate_queue_name("name", name)?;
+        let mut info = in_tx!(self, |tx| ops::update_queue(&mut tx, name, patch.clone())
+            .await?)?;
+        info.counts = self
+            .stats()
+            .await?
+            .queues
+            .get(name)
+            .copied()
+            .unwrap_or_default();
+        Ok(info)
+    }
+
+    async fn promote_due(&self) -> Result<PromoteReport> {
+        in_tx!(self, |tx| ops::promote_due(&mut tx).await?)
+    }
+
+    async fn recover_expired(&self) -> Result<u64> {
+        in_tx!(self, |tx| ops::recover_expired(&mut tx).await?)
+    }
+
+    async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64> {
+        let mut purged = 0;
+        for state in State::FINISHED {
+            let Some(keep) = retention.for_state(state) else {
+                continue;
+            };
+            let cutoff = self.node.clock.now().saturating_sub(keep);
+            purged += in_tx!(self, |tx| ops::delete_finished(
+                &mut tx,
+                state,
+                cutoff,
+                batch as i64
+            )
+            .await?)?;
+        }
+        self.compact_counts().await?;
+        Ok(purged)
+    }
+
+    async fn count_stuck(&self, expired_for: Duration) -> Result<u64> {
+        let cutoff = self
+            .node
+            .clock
+            .now()
+            .saturating_sub(expired_for)
+            .as_millis();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND lease_expires_at <= $1",
+        )
+        .bind(cutoff)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(storage_error)?;
+        Ok(n as u64)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.leader.load(Ordering::SeqCst)
+    }
+
+    fn hub(&self) -> &Hub {
+        &self.node.hub
+    }
+}
+
+impl PgStore {
+    /// Folds the counts ledger into one row per (queue, type, state). Rows
+    /// committed meanwhile are not touched and stay to be folded next time.
+    async fn compact_counts(&self) -> Result<()> {
+        sqlx::query(
+            "WITH folded AS (DELETE FROM offload_counts RETURNING queue, type, state, delta) \
+             INSERT INTO offload_counts (queue, type, state, delta) \
+             SELECT queue, type, state, SUM(delta) FROM folded GROUP BY queue, type, state HAVING SUM(delta) <> 0",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(storage_error)?;
+        Ok(())
+    }
+
+    /// Counts by state, straight from the ledger.
+    pub async fn counts(&self) -> Result<Counts> {
+        Ok(self.stats().await?.total)
+    }
+}

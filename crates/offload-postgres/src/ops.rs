@@ -1,0 +1,670 @@
+//! The write operations, each inside one transaction ([`Tx`]). They follow
+//! the SQLite store's operations step for step; the conformance suite holds
+//! the two to the same behaviour.
+
+use std::collections::HashMap;
+
+use offload_core::{
+    Ack, AckOutcome, AttemptFailure, CancelEffect, ClaimRequest, Error, ErrorKind, EventKind,
+    FailureKind, HeartbeatAck, HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch,
+    State, Task, TaskSpec, Timestamp, check_json_size,
+};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+use crate::tx::Tx;
+
+/// Rows a duty handles per transaction.
+const DUTY_BATCH: i64 = 1000;
+/// Longest error message kept; longer ones are cut.
+const MAX_MESSAGE_CHARS: usize = 16 * 1024;
+
+fn truncate(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
+async fn load_one(tx: &mut Tx, id: Uuid) -> PgResult<StoredTask> {
+    tx.load_for_update(&[id])
+        .await?
+        .remove(&id)
+        .ok_or_else(|| Error::task_not_found(id).into())
+}
+
+async fn unique_key_holder(tx: &mut Tx, queue: &str, key: &str) -> PgResult<Option<StoredTask>> {
+    let row = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE queue = $1 AND unique_key = $2 \
+         AND state <= 3 AND NOT cancel_requested FOR UPDATE"
+    ))
+    .bind(queue)
+    .bind(key)
+    .fetch_optional(&mut *tx.conn)
+    .await?;
+    Ok(row.as_ref().map(decode).transpose()?)
+}
+
+// ---- enqueue ---------------------------------------------------------------
+
+enum Answer {
+    Existing(Task),
+    Fresh(usize, bool),
+}
+
+struct Fresh {
+    task: Task,
+    unmet: Vec<Uuid>,
+    broken: Option<(Uuid, State)>,
+}
+
+pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(Task, bool)>> {
+    let mut queue_names: Vec<String> = specs.iter().map(|s| s.queue.clone()).collect();
+    queue_names.sort();
+    queue_names.dedup();
+    sqlx::query(
+        "INSERT INTO offload_queues (name, created_at) SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
+    )
+    .bind(&queue_names)
+    .bind(tx.now.as_millis())
+    .execute(&mut *tx.conn)
+    .await?;
+
+    let mut fresh: Vec<Fresh> = Vec::with_capacity(specs.len());
+    let mut answers = Vec::with_capacity(specs.len());
+    // Keys taken by tasks earlier in this batch.
+    let mut batch_keys: HashMap<(String, String), usize> = HashMap::new();
+    for spec in specs {
+        if let Some(key) = &spec.unique_key {
+            let slot = (spec.queue.clone(), key.clone());
+            if let Some(&i) = batch_keys.get(&slot) {
+                match spec.on_conflict {
+                    OnConflict::Keep => {
+                        answers.push(Answer::Fresh(i, false));
+                        continue;
+                    }
+                    OnConflict::Replace => {
+                        fresh[i].task.cancel(tx.now)?;
+                    }
+                }
+            } else if let Some(mut holder) = unique_key_holder(tx, &spec.queue, key).await? {
+                match spec.on_conflict {
+                    OnConflict::Keep => {
+                        answers.push(Answer::Existing(holder.task));
+                        continue;
+                    }
+                    OnConflict::Replace => {
+                        let before = holder.task.state;
+                        if holder.task.cancel(tx.now)? == CancelEffect::Requested {
+                            tx.cancel_requested(holder.task.id);
+                        }
+                        tx.save(vec![(holder, before)]).await?;
+                    }
+                }
+            }
+            batch_keys.insert(slot, fresh.len());
+        }
+        let (unmet, broken) = dependencies(tx, &spec).await?;
+        let blocked = !unmet.is_empty() || broken.is_some();
+        let task = Task::new_from_spec(Uuid::now_v7(), spec, tx.now, blocked);
+        answers.push(Answer::Fresh(fresh.len(), true));
+        fresh.push(Fresh {
+            task,
+            unmet,
+            broken,
+        });
+    }
+
+    let seqs = insert(tx, &fresh).await?;
+    let mut deps_dep = Vec::new();
+    let mut deps_task = Vec::new();
+    let mut broken = Vec::new();
+    for (item, seq) in fresh.iter().zip(&seqs) {
+        tx.count(
+            &item.task.queue,
+            &item.task.task_type,
+            None,
+            Some(item.task.state),
+        );
+        tx.event(EventKind::State, &item.task);
+        for dep in &item.unmet {
+            deps_dep.push(*dep);
+            deps_task.push(*seq);
+        }
+        if let Some((dep, dep_state)) = item.broken {
+            let mut stored = StoredTask {
+                seq: *seq,
+                task: item.task.clone(),
+            };
+            stored.task.fail_dependency(dep, dep_state, tx.now)?;
+            broken.push((stored, State::Blocked));
+        }
+    }
+    if !deps_dep.is_empty() {
+        sqlx::query(
+            "INSERT INTO offload_task_deps (dep_id, task_seq) SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&deps_dep)
+        .bind(&deps_task)
+        .execute(&mut *tx.conn)
+        .await?;
+    }
+    for (stored, _) in &broken {
+        if let Some(item) = fresh.iter_mut().find(|f| f.task.id == stored.task.id) {
+            item.task = stored.task.clone();
+        }
+    }
+    tx.save(broken).await?;
+    Ok(answers
+        .into_iter()
+        .map(|answer| match answer {
+            Answer::Existing(task) => (task, false),
+            Answer::Fresh(i, created) => (fresh[i].task.clone(), created),
+        })
+        .collect())
+}
+
+/// Unmet dependencies, and one that already ended badly if any. Locks the
+/// dependencies' rows so that none can finish unseen while this enqueue
+/// records that it waits for them.
+async fn dependencies(
+    tx: &mut Tx,
+    spec: &TaskSpec,
+) -> PgResult<(Vec<Uuid>, Option<(Uuid, State)>)> {
+    if spec.depends_on.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let rows = sqlx::query("SELECT id, state FROM offload_tasks WHERE id = ANY($1) FOR SHARE")
+        .bind(&spec.depends_on)
+        .fetch_all(&mut *tx.conn)
+        .await?;
+    let mut states = HashMap::new();
+    for row in &rows {
+        states.insert(
+            row.try_get::<Uuid, _>("id")?,
+            row.try_get::<i16, _>("state")?,
+        );
+    }
+    let mut unmet = Vec::new();
+    let mut broken = None;
+    for (i, dep) in spec.depends_on.iter().enumerate() {
+        match states
+            .get(dep)
+            .and_then(|code| State::from_code((*code).into()))
+        {
+            None => {
+                return Err(Error::invalid(
+                    format!("{}depends_on[{i}]", spec.field_prefix),
+                    format!("no task with id {dep}"),
+                )
+                .into());
+            }
+            Some(State::Completed) => {}
+            Some(s @ (State::Failed | State::Cancelled)) => broken = Some((*dep, s)),
+            Some(_) => unmet.push(*dep),
+        }
+    }
+    Ok((unmet, broken))
+}
+
+async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<Vec<i64>> {
+    if fresh.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = fresh.len();
+    let mut id = Vec::with_capacity(n);
+    let mut task_type = Vec::with_capacity(n);
+    let mut queue = Vec::with_capacity(n);
+    let mut payload = Vec::with_capacity(n);
+    let mut priority = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut timeout_secs = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut owner = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut unique_key = Vec::with_capacity(n);
+    let mut depends_on = Vec::with_capacity(n);
+    let mut error = Vec::with_capacity(n);
+    let mut finished_at = Vec::with_capacity(n);
+    for item in fresh {
+        let t = &item.task;
+        id.push(t.id);
+        task_type.push(t.task_type.clone());
+        queue.push(t.queue.clone());
+        payload.push(t.payload.get().to_owned());
+        priority.push(t.priority as i16);
+        state.push(t.state.code() as i16);
+        max_attempts.push(t.max_attempts as i32);
+        timeout_secs.push(t.timeout_secs as i32);
+        run_at.push(t.run_at.as_millis());
+        owner.push(t.owner.clone());
+        labels.push(if t.labels.is_empty() {
+            None
+        } else {
+            Some(encode_json(&t.labels)?)
+        });
+        unique_key.push(t.unique_key.clone());
+        // Arrays of arrays do not unnest; the ids go as JSON text.
+        depends_on.push(if t.depends_on.is_empty() {
+            None
+        } else {
+            Some(encode_json(&t.depends_on)?)
+        });
+        error.push(t.error.as_ref().map(encode_json).transpose()?);
+        finished_at.push(t.finished_at.map(|f| f.as_millis()));
+    }
+    let rows = sqlx::query(
+        "INSERT INTO offload_tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
+         timeout_secs, run_at, owner, labels, unique_key, depends_on, error, finished_at, created_at, updated_at) \
+         SELECT u.id, u.type, u.queue, u.payload, u.priority, u.state, 0, u.max_attempts, u.timeout_secs, \
+                u.run_at, u.owner, u.labels::jsonb, u.unique_key, \
+                ARRAY(SELECT jsonb_array_elements_text(u.depends_on::jsonb)::uuid), u.error, u.finished_at, $16, $16 \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::smallint[], \
+                     $7::int[], $8::int[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], \
+                     $14::text[], $15::bigint[]) WITH ORDINALITY \
+           AS u(id, type, queue, payload, priority, state, max_attempts, timeout_secs, run_at, owner, labels, \
+                unique_key, depends_on, error, finished_at, ord) \
+         ORDER BY u.ord \
+         RETURNING id, seq",
+    )
+    .bind(&id)
+    .bind(task_type)
+    .bind(queue)
+    .bind(payload)
+    .bind(priority)
+    .bind(state)
+    .bind(max_attempts)
+    .bind(timeout_secs)
+    .bind(run_at)
+    .bind(owner)
+    .bind(labels)
+    .bind(unique_key)
+    .bind(depends_on)
+    .bind(error)
+    .bind(finished_at)
+    .bind(tx.now.as_millis())
+    .fetch_all(&mut *tx.conn)
+    .await?;
+    let mut seq_of = HashMap::with_capacity(n);
+    for row in &rows {
+        seq_of.insert(row.try_get::<Uuid, _>("id")?, row.try_get::<i64, _>("seq")?);
+    }
+    id.iter()
+        .map(|i| {
+            seq_of
+                .get(i)
+                .copied()
+                .ok_or_else(|| Error::Storage(format!("insert of {i} returned no row")).into())
+        })
+        .collect()
+}
+
+// ---- claiming ---------------------------------------------------------------
+
+pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>> {
+    if req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let queues = sqlx::query("SELECT name, paused, concurrency FROM offload_queues ORDER BY name")
+        .fetch_all(&mut *tx.conn)
+        .await?;
+    let mut candidates: Vec<(StoredTask, usize)> = Vec::new();
+    let mut capacity: Vec<usize> = Vec::new();
+    for row in &queues {
+        let name: String = row.try_get("name")?;
+        let paused: bool = row.try_get("paused")?;
+        let concurrency: Option<i32> = row.try_get("concurrency")?;
+        if paused || !(req.queues.is_empty() || req.queues.contains(&name)) {
+            continue;
+        }
+        let room = match concurrency {
+            None => req.limit,
+            Some(limit) => {
+                // Claims on a limited queue take turns, so two nodes cannot
+                // both see the last free slot.
+                sqlx::query("SELECT 1 FROM offload_queues WHERE name = $1 FOR UPDATE")
+                    .bind(&name)
+                    .execute(&mut *tx.conn)
+                    .await?;
+                let running: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = $1",
+                )
+                .bind(&name)
+                .fetch_one(&mut *tx.conn)
+                .await?;
+                usize::try_from(i64::from(limit) - running)
+                    .unwrap_or(0)
+                    .min(req.limit)
+            }
+        };
+        if room == 0 {
+            continue;
+        }
+        let queue_index = capacity.len();
+        capacity.push(room);
+        let rows = if req.types.is_empty() {
+            sqlx::query(&format!(
+                "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 \
+                 ORDER BY priority DESC, run_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(&name)
+            .bind(room as i64)
+            .fetch_all(&mut *tx.conn)
+            .await?
+        } else {
+            let mut rows = Vec::new();
+            for task_type in &req.types {
+                rows.extend(
+                    sqlx::query(&format!(
+                        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+                         ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+                    ))
+                    .bind(&name)
+                    .bind(task_type)
+                    .bind(room as i64)
+                    .fetch_all(&mut *tx.conn)
+                    .await?,
+                );
+            }
+            rows
+        };
+        for row in &rows {
+            candidates.push((decode(row)?, queue_index));
+        }
+    }
+    candidates.sort_by(|(a, _), (b, _)| {
+        b.task
+            .priority
+            .cmp(&a.task.priority)
+            .then(a.task.run_at.cmp(&b.task.run_at))
+            .then(a.seq.cmp(&b.seq))
+    });
+    let mut claimed = Vec::new();
+    for (mut stored, queue_index) in candidates {
+        if claimed.len() == req.limit {
+            break;
+        }
+        if capacity[queue_index] == 0 {
+            continue;
+        }
+        capacity[queue_index] -= 1;
+        stored.task.claim(&req.worker_id, req.lease, tx.now)?;
+        claimed.push((stored, State::Pending));
+    }
+    let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
+    tx.save(claimed).await?;
+    Ok(tasks)
+}
+
+// ---- the worker's reports ---------------------------------------------------
+
+pub(crate) async fn heartbeat(tx: &mut Tx, req: HeartbeatRequest) -> PgResult<HeartbeatAck> {
+    let mut stored = load_one(tx, req.id).await?;
+    let progress = match req.progress {
+        None => None,
+        Some(p) => {
+            if let Some(percent) = p.percent
+                && !(0.0..=100.0).contains(&percent)
+            {
+                return Err(Error::invalid(
+                    "progress.percent",
+                    format!("must be 0 to 100; got {percent}"),
+                )
+                .into());
+            }
+            if let Some(data) = &p.data {
+                check_json_size("progress.data", data, tx.node.limits.max_payload_bytes)?;
+            }
+            Some((p.percent, p.message.map(truncate), p.data))
+        }
+    };
+    let reported = progress.is_some();
+    stored
+        .task
+        .heartbeat(&req.worker_id, req.lease, progress, tx.now)?;
+    tx.write_rows(&[&stored]).await?;
+    if reported {
+        tx.event(EventKind::Progress, &stored.task);
+    }
+    Ok(HeartbeatAck {
+        cancel_requested: stored.task.cancel_requested,
+        lease_expires_at: stored.task.lease_expires_at.unwrap_or(tx.now),
+    })
+}
+
+pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResult<Vec<AckOutcome>> {
+    let ids: Vec<Uuid> = acks.iter().map(Ack::id).collect();
+    let mut loaded = tx.load_for_update(&ids).await?;
+    let mut outcomes = Vec::with_capacity(acks.len());
+    let mut changed: Vec<Uuid> = Vec::new();
+    let mut before: HashMap<Uuid, State> = HashMap::new();
+    for ack in acks {
+        let id = ack.id();
+        let Some(stored) = loaded.get_mut(&id) else {
+            outcomes.push(Err(Error::task_not_found(id)));
+            continue;
+        };
+        let state = stored.task.state;
+        let outcome = match ack {
+            Ack::Complete { result, .. } => result
+                .as_ref()
+                .map_or(Ok(()), |r| {
+                    check_json_size("result", r, tx.node.limits.max_payload_bytes)
+                })
+                .and_then(|()| stored.task.complete(worker_id, result, tx.now)),
+            Ack::Fail { failure, .. } => {
+                let kind = match failure.kind {
+                    FailureKind::Error => ErrorKind::Error,
+                    FailureKind::Timeout => ErrorKind::Timeout,
+                };
+                let failure = AttemptFailure {
+                    kind,
+                    message: truncate(failure.message),
+                    retry: failure.retry,
+                    retry_in: failure.retry_in,
+                };
+                stored
+                    .task
+                    .fail(worker_id, failure, &tx.node.backoff, tx.now)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                before.entry(id).or_insert(state);
+                if !changed.contains(&id) {
+                    changed.push(id);
+                }
+                outcomes.push(Ok(stored.task.clone()));
+            }
+            Err(e) => outcomes.push(Err(e)),
+        }
+    }
+    let to_save = changed
+        .into_iter()
+        .filter_map(|id| loaded.remove(&id).map(|s| (s, before[&id])))
+        .collect();
+    tx.save(to_save).await?;
+    Ok(outcomes)
+}
+
+// ---- actions on one task -----------------------------------------------------
+
+pub(crate) async fn cancel(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
+    let mut stored = load_one(tx, id).await?;
+    let before = stored.task.state;
+    if stored.task.cancel(tx.now)? == CancelEffect::Requested {
+        tx.cancel_requested(id);
+    }
+    let task = stored.task.clone();
+    tx.save(vec![(stored, before)]).await?;
+    Ok(task)
+}
+
+pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
+    let mut stored = load_one(tx, id).await?;
+    let before = stored.task.state;
+    stored.task.manual_retry(tx.now)?;
+    if let Some(key) = stored.task.unique_key.clone()
+        && let Some(holder) = unique_key_holder(tx, &stored.task.queue, &key).await?
+    {
+        return Err(Error::Conflict(format!(
+            "task {} in queue {:?} already holds unique_key {key:?}; retry is refused while it is active",
+            holder.task.id, stored.task.queue
+        ))
+        .into());
+    }
+    let task = stored.task.clone();
+    tx.save(vec![(stored, before)]).await?;
+    Ok(task)
+}
+
+pub(crate) async fn delete(tx: &mut Tx, id: Uuid) -> PgResult<()> {
+    let stored = load_one(tx, id).await?;
+    if stored.task.state.is_active() {
+        return Err(Error::Conflict(format!(
+            "task {id} is {}; only finished tasks can be deleted (cancel it first)",
+            stored.task.state
+        ))
+        .into());
+    }
+    sqlx::query("DELETE FROM offload_tasks WHERE seq = $1")
+        .bind(stored.seq)
+        .execute(&mut *tx.conn)
+        .await?;
+    tx.count(
+        &stored.task.queue,
+        &stored.task.task_type,
+        Some(stored.task.state),
+        None,
+    );
+    Ok(())
+}
+
+/// Deletes up to `batch` tasks in finished `state` that finished at or
+/// before `cutoff`.
+pub(crate) async fn delete_finished(
+    tx: &mut Tx,
+    state: State,
+    cutoff: Timestamp,
+    batch: i64,
+) -> PgResult<u64> {
+    let rows = sqlx::query(
+        "DELETE FROM offload_tasks WHERE seq IN (SELECT seq FROM offload_tasks WHERE state = $1 \
+         AND finished_at <= $2 LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING queue, type",
+    )
+    .bind(state.code() as i16)
+    .bind(cutoff.as_millis())
+    .bind(batch)
+    .fetch_all(&mut *tx.conn)
+    .await?;
+    for row in &rows {
+        let queue: String = row.try_get("queue")?;
+        let task_type: String = row.try_get("type")?;
+        tx.count(&queue, &task_type, Some(state), None);
+    }
+    Ok(rows.len() as u64)
+}
+
+// ---- queues -------------------------------------------------------------------
+
+pub(crate) async fn update_queue(
+    tx: &mut Tx,
+    name: &str,
+    patch: QueuePatch,
+) -> PgResult<QueueInfo> {
+    sqlx::query(
+        "INSERT INTO offload_queues (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .bind(tx.now.as_millis())
+    .execute(&mut *tx.conn)
+    .await?;
+    if let Some(paused) = patch.paused {
+        sqlx::query("UPDATE offload_queues SET paused = $1 WHERE name = $2")
+            .bind(paused)
+            .bind(name)
+            .execute(&mut *tx.conn)
+            .await?;
+    }
+    if let Some(concurrency) = patch.concurrency {
+        sqlx::query("UPDATE offload_queues SET concurrency = $1 WHERE name = $2")
+            .bind(concurrency.map(|c| c as i32))
+            .bind(name)
+            .execute(&mut *tx.conn)
+            .await?;
+    }
+    tx.wake_workers();
+    let row = sqlx::query("SELECT paused, concurrency FROM offload_queues WHERE name = $1")
+        .bind(name)
+        .fetch_one(&mut *tx.conn)
+        .await?;
+    let concurrency: Option<i32> = row.try_get("concurrency")?;
+    Ok(QueueInfo {
+        name: name.to_owned(),
+        paused: row.try_get("paused")?,
+        concurrency: concurrency.map(|c| c as u32),
+        counts: Default::default(),
+    })
+}
+
+// ---- background duties ------------------------------------------------------------
+
+pub(crate) async fn promote_due(tx: &mut Tx) -> PgResult<PromoteReport> {
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 1 AND run_at <= $1 \
+         ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(tx.now.as_millis())
+    .bind(DUTY_BATCH)
+    .fetch_all(&mut *tx.conn)
+    .await?;
+    let mut due = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut stored = decode(row)?;
+        stored.task.promote(tx.now)?;
+        due.push((stored, State::Scheduled));
+    }
+    let promoted = due.len() as u64;
+    tx.save(due).await?;
+    let next_due: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(run_at) FROM offload_tasks WHERE state = 1")
+            .fetch_one(&mut *tx.conn)
+            .await?;
+    Ok(PromoteReport {
+        promoted,
+        next_due: next_due.map(Timestamp::from_millis),
+    })
+}
+
+pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<u64> {
+    let now = tx.now.as_millis();
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS}, deadline_at FROM offload_tasks WHERE state = 3 \
+         AND (lease_expires_at <= $1 OR deadline_at <= $1) LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(now)
+    .bind(DUTY_BATCH)
+    .fetch_all(&mut *tx.conn)
+    .await?;
+    let mut expired = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let deadline: Option<i64> = row.try_get("deadline_at")?;
+        let lease: Option<i64> = row.try_get("lease_expires_at")?;
+        let mut stored = decode(row)?;
+        // The lease is checked first, as the SQLite store does.
+        let kind = if lease.is_some_and(|l| l <= now) || deadline.is_none_or(|d| d > now) {
+            ErrorKind::LeaseExpired
+        } else {
+            ErrorKind::Timeout
+        };
+        stored.task.expire(kind, &tx.node.backoff, tx.now)?;
+        expired.push((stored, State::Running));
+    }
+    let recovered = expired.len() as u64;
+    tx.save(expired).await?;
+    Ok(recovered)
+}

@@ -1,0 +1,151 @@
+//! Mapping between `offload_tasks` rows and [`Task`]s, and between
+//! PostgreSQL's errors and the store's.
+
+use offload_core::{Error, Json, State, Task, Timestamp};
+use serde::de::DeserializeOwned;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+/// Every column a task is read from.
+pub(crate) const TASK_COLUMNS: &str = "seq, id, type, queue, payload, priority, state, attempt, \
+     max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, progress, result, \
+     error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
+     lease_expires_at, worker_id";
+
+/// A task with its row position, which orders lists and breaks FIFO ties.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredTask {
+    pub seq: i64,
+    pub task: Task,
+}
+
+/// Errors inside the store: those worth a fresh transaction, and the rest.
+#[derive(Debug)]
+pub(crate) enum PgError {
+    /// A serialization failure, deadlock or unique-key race: running the
+    /// operation again in a new transaction will see the winner's commit.
+    Retry(String),
+    Core(Error),
+}
+
+impl From<Error> for PgError {
+    fn from(e: Error) -> Self {
+        PgError::Core(e)
+    }
+}
+
+impl From<sqlx::Error> for PgError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e
+            && let Some(code) = db.code()
+            && matches!(code.as_ref(), "40001" | "40P01" | "23505")
+        {
+            return PgError::Retry(e.to_string());
+        }
+        PgError::Core(storage_error(e))
+    }
+}
+
+pub(crate) type PgResult<T> = Result<T, PgError>;
+
+/// A database that cannot be reached now is `Unavailable` (HTTP 503, worth
+/// retrying); anything else is a storage fault.
+pub(crate) fn storage_error(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => Error::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // Class 08: connection exceptions; 57P0x: the server is shutting
+            // down or starting; 53300: too many connections.
+            if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                Error::Unavailable(e.to_string())
+            } else {
+                Error::Storage(e.to_string())
+            }
+        }
+        _ => Error::Storage(e.to_string()),
+    }
+}
+
+fn column<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
+    row: &'r PgRow,
+    name: &str,
+) -> Result<T, Error> {
+    row.try_get(name)
+        .map_err(|e| Error::Storage(format!("reading column {name}: {e}")))
+}
+
+fn raw_json(text: Option<String>, name: &str) -> Result<Option<Json>, Error> {
+    text.map(|t| {
+        serde_json::value::RawValue::from_string(t)
+            .map_err(|e| Error::Storage(format!("column {name} is not JSON: {e}")))
+    })
+    .transpose()
+}
+
+fn json_text<T: DeserializeOwned>(text: Option<String>, name: &str) -> Result<Option<T>, Error> {
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| Error::Storage(format!("column {name} is not valid: {e}")))
+    })
+    .transpose()
+}
+
+fn ts(ms: Option<i64>) -> Option<Timestamp> {
+    ms.map(Timestamp::from_millis)
+}
+
+pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
+    let state_code: i16 = column(row, "state")?;
+    let state = State::from_code(state_code.into())
+        .ok_or_else(|| Error::Storage(format!("unknown state code {state_code}")))?;
+    let labels: Option<serde_json::Value> = column(row, "labels")?;
+    let labels = match labels {
+        None => Default::default(),
+        Some(v) => serde_json::from_value(v).map_err(|e| Error::Storage(format!("labels: {e}")))?,
+    };
+    let attempt: i32 = column(row, "attempt")?;
+    let max_attempts: i32 = column(row, "max_attempts")?;
+    let timeout_secs: i32 = column(row, "timeout_secs")?;
+    let priority: i16 = column(row, "priority")?;
+    Ok(StoredTask {
+        seq: column(row, "seq")?,
+        task: Task {
+            id: column::<Uuid>(row, "id")?,
+            task_type: column(row, "type")?,
+            queue: column(row, "queue")?,
+            payload: raw_json(Some(column(row, "payload")?), "payload")?
+                .unwrap_or_else(offload_core::json_null),
+            priority: priority as u8,
+            state,
+            attempt: attempt as u32,
+            max_attempts: max_attempts as u32,
+            timeout_secs: timeout_secs as u32,
+            run_at: Timestamp::from_millis(column(row, "run_at")?),
+            owner: column(row, "owner")?,
+            labels,
+            unique_key: column(row, "unique_key")?,
+            depends_on: column::<Option<Vec<Uuid>>>(row, "depends_on")?.unwrap_or_default(),
+            progress: json_text(column(row, "progress")?, "progress")?,
+            result: raw_json(column(row, "result")?, "result")?,
+            error: json_text(column(row, "error")?, "error")?,
+            errors: json_text(column(row, "errors")?, "errors")?.unwrap_or_default(),
+            cancel_requested: column(row, "cancel_requested")?,
+            created_at: Timestamp::from_millis(column(row, "created_at")?),
+            updated_at: Timestamp::from_millis(column(row, "updated_at")?),
+            started_at: ts(column(row, "started_at")?),
+            finished_at: ts(column(row, "finished_at")?),
+            lease_expires_at: ts(column(row, "lease_expires_at")?),
+            worker_id: column(row, "worker_id")?,
+        },
+    })
+}
+
+pub(crate) fn encode_json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
+    serde_json::to_string(value).map_err(|e| Error::Storage(format!("encoding JSON: {e}")))
+}

@@ -1,0 +1,354 @@
+//! One store operation's transaction, and what it changes besides rows.
+//!
+//! As in the SQLite store, an operation loads tasks, applies the core's
+//! state machine and writes back what changed; counts, events and wake-ups
+//! are gathered here and take effect only with the commit. Writes go out in
+//! bulk (`UPDATE … FROM UNNEST(…)`): one round trip for a whole batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use offload_core::{EventKind, State, Task, TaskEvent};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::Node;
+use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+
+/// PostgreSQL's limit on a NOTIFY payload is 8000 bytes; stay well below.
+const NOTIFY_CHUNK: usize = 7000;
+
+/// What a committed transaction announces in this process.
+#[derive(Default)]
+pub(crate) struct Effects {
+    pub events: Vec<TaskEvent>,
+    pub cancels: Vec<Uuid>,
+    pub ready: bool,
+    pub scheduled: bool,
+}
+
+pub(crate) struct Tx {
+    pub conn: Transaction<'static, Postgres>,
+    pub now: offload_core::Timestamp,
+    pub node: Arc<Node>,
+    deltas: HashMap<(String, String, i16), i64>,
+    effects: Effects,
+    /// (kind, id) of changed tasks, announced to the other nodes.
+    changed: Vec<(char, Uuid)>,
+}
+
+impl Tx {
+    pub fn new(conn: Transaction<'static, Postgres>, node: Arc<Node>) -> Self {
+        Self {
+            conn,
+            now: node.clock.now(),
+            node,
+            deltas: HashMap::new(),
+            effects: Effects::default(),
+            changed: Vec::new(),
+        }
+    }
+
+    /// Records that a task of (queue, type) left `from` and entered `to`.
+    pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
+        for (state, delta) in [(from, -1), (to, 1)] {
+            if let Some(state) = state {
+                *self
+                    .deltas
+                    .entry((queue.to_owned(), task_type.to_owned(), state.code() as i16))
+                    .or_default() += delta;
+            }
+        }
+        match to {
+            Some(State::Pending) => self.effects.ready = true,
+            Some(State::Scheduled) => self.effects.scheduled = true,
+            _ => {}
+        }
+        if from == Some(State::Running) && to != Some(State::Running) {
+            self.effects.ready = true;
+        }
+    }
+
+    pub fn event(&mut self, kind: EventKind, task: &Task) {
+        self.changed.push((
+            if kind == EventKind::Progress {
+                'p'
+            } else {
+                's'
+            },
+            task.id,
+        ));
+        if self.node.hub.has_listeners() {
+            self.effects.events.push(TaskEvent {
+                kind,
+                task: Arc::new(task.clone()),
+            });
+        }
+    }
+
+    pub fn cancel_requested(&mut self, id: Uuid) {
+        self.effects.cancels.push(id);
+    }
+
+    pub fn wake_workers(&mut self) {
+        self.effects.ready = true;
+    }
+
+    /// Loads tasks by id, locked for update, in no particular order.
+    pub async fn load_for_update(&mut self, ids: &[Uuid]) -> PgResult<HashMap<Uuid, StoredTask>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE id = ANY($1) FOR UPDATE"
+        ))
+        .bind(ids)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let stored = decode(row)?;
+            found.insert(stored.task.id, stored);
+        }
+        Ok(found)
+    }
+
+    /// Writes back every column the state machine may change, for all of
+    /// `tasks` in one statement.
+    pub async fn write_rows(&mut self, tasks: &[&StoredTask]) -> PgResult<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let n = tasks.len();
+        let mut seq = Vec::with_capacity(n);
+        let mut state = Vec::with_capacity(n);
+        let mut attempt = Vec::with_capacity(n);
+        let mut max_attempts = Vec::with_capacity(n);
+        let mut run_at = Vec::with_capacity(n);
+        let mut progress = Vec::with_capacity(n);
+        let mut result = Vec::with_capacity(n);
+        let mut error = Vec::with_capacity(n);
+        let mut errors = Vec::with_capacity(n);
+        let mut cancel_requested = Vec::with_capacity(n);
+        let mut updated_at = Vec::with_capacity(n);
+        let mut started_at = Vec::with_capacity(n);
+        let mut finished_at = Vec::with_capacity(n);
+        let mut lease_expires_at = Vec::with_capacity(n);
+        let mut deadline_at = Vec::with_capacity(n);
+        let mut worker_id = Vec::with_capacity(n);
+        for stored in tasks {
+            let t = &stored.task;
+            seq.push(stored.seq);
+            state.push(t.state.code() as i16);
+            attempt.push(t.attempt as i32);
+            max_attempts.push(t.max_attempts as i32);
+            run_at.push(t.run_at.as_millis());
+            progress.push(t.progress.as_ref().map(encode_json).transpose()?);
+            result.push(t.result.as_ref().map(|r| r.get().to_owned()));
+            error.push(t.error.as_ref().map(encode_json).transpose()?);
+            errors.push(if t.errors.is_empty() {
+                None
+            } else {
+                Some(encode_json(&t.errors)?)
+            });
+            cancel_requested.push(t.cancel_requested);
+            updated_at.push(t.updated_at.as_millis());
+            started_at.push(t.started_at.map(|x| x.as_millis()));
+            finished_at.push(t.finished_at.map(|x| x.as_millis()));
+            lease_expires_at.push(t.lease_expires_at.map(|x| x.as_millis()));
+            deadline_at.push(t.deadline().map(|x| x.as_millis()));
+            worker_id.push(t.worker_id.clone());
+        }
+        sqlx::query(
+            "UPDATE offload_tasks AS t SET state = u.state, attempt = u.attempt, max_attempts = u.max_attempts, \
+             run_at = u.run_at, progress = u.progress, result = u.result, error = u.error, errors = u.errors, \
+             cancel_requested = u.cancel_requested, updated_at = u.updated_at, started_at = u.started_at, \
+             finished_at = u.finished_at, lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, \
+             worker_id = u.worker_id \
+             FROM UNNEST($1::bigint[], $2::smallint[], $3::int[], $4::int[], $5::bigint[], $6::text[], \
+                         $7::text[], $8::text[], $9::text[], $10::bool[], $11::bigint[], $12::bigint[], \
+                         $13::bigint[], $14::bigint[], $15::bigint[], $16::text[]) \
+               AS u(seq, state, attempt, max_attempts, run_at, progress, result, error, errors, \
+                    cancel_requested, updated_at, started_at, finished_at, lease_expires_at, deadline_at, worker_id) \
+             WHERE t.seq = u.seq",
+        )
+        .bind(seq)
+        .bind(state)
+        .bind(attempt)
+        .bind(max_attempts)
+        .bind(run_at)
+        .bind(progress)
+        .bind(result)
+        .bind(error)
+        .bind(errors)
+        .bind(cancel_requested)
+        .bind(updated_at)
+        .bind(started_at)
+        .bind(finished_at)
+        .bind(lease_expires_at)
+        .bind(deadline_at)
+        .bind(worker_id)
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes back tasks the state machine changed (each with the state it
+    /// had before), and carries out what the changes imply: counts, events,
+    /// unblocking or cancelling the tasks that depend on them.
+    pub async fn save(&mut self, changed: Vec<(StoredTask, State)>) -> PgResult<()> {
+        let mut pending = changed;
+        while !pending.is_empty() {
+            self.write_rows(&pending.iter().map(|(s, _)| s).collect::<Vec<_>>())
+                .await?;
+            let mut left_blocked = Vec::new();
+            let mut finished = Vec::new();
+            for (stored, before) in &pending {
+                let after = stored.task.state;
+                if *before != after {
+                    self.count(
+                        &stored.task.queue,
+                        &stored.task.task_type,
+                        Some(*before),
+                        Some(after),
+                    );
+                    if *before == State::Blocked {
+                        left_blocked.push(stored.seq);
+                    }
+                    if after.is_finished() {
+                        finished.push((stored.task.id, after));
+                    }
+                }
+                self.event(EventKind::State, &stored.task);
+            }
+            if !left_blocked.is_empty() {
+                sqlx::query("DELETE FROM offload_task_deps WHERE task_seq = ANY($1)")
+                    .bind(&left_blocked)
+                    .execute(&mut *self.conn)
+                    .await?;
+            }
+            pending = self.resolve_dependents(&finished).await?;
+        }
+        Ok(())
+    }
+
+    /// The blocked dependents of tasks that just finished, moved on: unblocked
+    /// when every dependency completed, cancelled when one did not.
+    async fn resolve_dependents(
+        &mut self,
+        finished: &[(Uuid, State)],
+    ) -> PgResult<Vec<(StoredTask, State)>> {
+        if finished.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dep_ids: Vec<Uuid> = finished.iter().map(|(id, _)| *id).collect();
+        let rows = sqlx::query(&format!(
+            "SELECT d.dep_id, {TASK_COLUMNS} FROM offload_task_deps d JOIN offload_tasks t ON t.seq = d.task_seq \
+             WHERE d.dep_id = ANY($1) AND t.state = 0 ORDER BY t.seq FOR UPDATE OF t"
+        ))
+        .bind(&dep_ids)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let mut moved: HashMap<i64, StoredTask> = HashMap::new();
+        let mut order = Vec::new();
+        for row in &rows {
+            let dep_id: Uuid = sqlx::Row::try_get(row, "dep_id")?;
+            let dep_state = finished
+                .iter()
+                .find(|(id, _)| *id == dep_id)
+                .map_or(State::Completed, |(_, s)| *s);
+            let stored = decode(row)?;
+            let seq = stored.seq;
+            let entry = moved.entry(seq).or_insert_with(|| {
+                order.push(seq);
+                stored
+            });
+            if entry.task.state != State::Blocked {
+                continue;
+            }
+            if dep_state == State::Completed {
+                let unmet: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM offload_task_deps d JOIN offload_tasks t ON t.id = d.dep_id \
+                     WHERE d.task_seq = $1 AND t.state <> 4",
+                )
+                .bind(seq)
+                .fetch_one(&mut *self.conn)
+                .await?;
+                if unmet == 0 {
+                    entry.task.unblock(self.now)?;
+                }
+            } else {
+                entry.task.fail_dependency(dep_id, dep_state, self.now)?;
+            }
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|seq| moved.remove(&seq))
+            .filter(|s| s.task.state != State::Blocked)
+            .map(|s| (s, State::Blocked))
+            .collect())
+    }
+
+    /// Records the counts and notifications, commits, and hands back what to
+    /// announce in this process.
+    pub async fn commit(mut self) -> PgResult<Effects> {
+        let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
+        if !deltas.is_empty() {
+            let (mut queues, mut types, mut states, mut values) = (vec![], vec![], vec![], vec![]);
+            for ((queue, task_type, state), delta) in deltas {
+                queues.push(queue);
+                types.push(task_type);
+                states.push(state);
+                values.push(delta);
+            }
+            sqlx::query(
+                "INSERT INTO offload_counts (queue, type, state, delta) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::bigint[])",
+            )
+            .bind(queues)
+            .bind(types)
+            .bind(states)
+            .bind(values)
+            .execute(&mut *self.conn)
+            .await?;
+        }
+        for payload in self.notifications() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.node.channel)
+                .bind(payload)
+                .execute(&mut *self.conn)
+                .await?;
+        }
+        self.conn.commit().await?;
+        Ok(self.effects)
+    }
+
+    /// Notifications for every node (this one ignores its own events, which
+    /// it announces directly): `r` ready, `s` scheduled, `c<id>` cancel,
+    /// `e<node>|<kind><id>,…` changed tasks.
+    fn notifications(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.effects.ready {
+            out.push("r".to_owned());
+        }
+        if self.effects.scheduled {
+            out.push("s".to_owned());
+        }
+        for id in &self.effects.cancels {
+            out.push(format!("c{id}"));
+        }
+        let prefix = format!("e{}|", self.node.id);
+        let mut current = prefix.clone();
+        for (kind, id) in &self.changed {
+            if current.len() + 38 > NOTIFY_CHUNK {
+                out.push(std::mem::replace(&mut current, prefix.clone()));
+            }
+            if current.len() > prefix.len() {
+                current.push(',');
+            }
+            current.push(*kind);
+            current.push_str(&id.to_string());
+        }
+        if current.len() > prefix.len() {
+            out.push(current);
+        }
+        out
+    }
+}

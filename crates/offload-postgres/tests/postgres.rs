@@ -1,0 +1,193 @@
+//! The PostgreSQL store against the conformance suite and property test,
+//! plus what only this backend has: several stores (nodes) on one database.
+//!
+//! The database comes from `OFFLOAD_TEST_PG_URL` (scripts/test sets it, and
+//! starts a throwaway cluster if it must). Without it these tests skip,
+//! except under `CI=true`, where a missing PostgreSQL is a failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use offload_core::{ClaimRequest, Limits, ManualClock, NewTask, State, Store, SystemClock};
+use offload_postgres::{PgOptions, PgStore};
+use offload_storetest::StoreFactory;
+
+fn database_url() -> Option<String> {
+    match std::env::var("OFFLOAD_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and OFFLOAD_TEST_PG_URL is not set: the PostgreSQL tests may not be skipped in CI"
+            );
+            eprintln!("skipped: OFFLOAD_TEST_PG_URL is not set");
+            None
+        }
+    }
+}
+
+fn available() -> bool {
+    database_url().is_some()
+}
+
+fn fresh_schema() -> String {
+    format!("t_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Each store in a schema of its own, so tests never see each other's tasks.
+struct FreshSchemas;
+
+#[async_trait::async_trait]
+impl StoreFactory for FreshSchemas {
+    async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn Store> {
+        let url = database_url().expect("checked by the test");
+        let options = PgOptions {
+            schema: fresh_schema(),
+            max_connections: 4,
+            clock,
+            ..PgOptions::default()
+        };
+        PgStore::open(&url, options).await.expect("open the store")
+    }
+}
+
+offload_storetest::conformance_tests!(crate::FreshSchemas, if crate::available());
+
+#[test]
+fn property_invariants_hold() {
+    if !available() {
+        return;
+    }
+    let cases = std::env::var("OFFLOAD_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48);
+    offload_storetest::property::check_invariants(Arc::new(FreshSchemas), cases);
+}
+
+async fn node(schema: &str) -> Arc<PgStore> {
+    let options = PgOptions {
+        schema: schema.to_owned(),
+        max_connections: 4,
+        clock: Arc::new(SystemClock),
+        ..PgOptions::default()
+    };
+    PgStore::open(&database_url().expect("checked"), options)
+        .await
+        .expect("open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_and_failover_when_it_goes() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let first = node(&schema).await;
+    let second = node(&schema).await;
+    let leaders = |nodes: &[&Arc<PgStore>]| nodes.iter().filter(|n| n.is_leader()).count();
+    for _ in 0..100 {
+        if leaders(&[&first, &second]) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leaders(&[&first, &second]), 1, "exactly one leader");
+    let (leader, follower) = if first.is_leader() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    leader.close();
+    drop(leader);
+    for _ in 0..100 {
+        if follower.is_leader() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(follower.is_leader(), "the other node took over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let a = node(&schema).await;
+    let b = node(&schema).await;
+    let mut ready = b.hub().watch_ready();
+    ready.borrow_and_update();
+    let mut events = b.hub().subscribe();
+    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let task = a.enqueue(vec![spec]).await.unwrap().remove(0).0;
+    tokio::time::timeout(Duration::from_secs(10), ready.changed())
+        .await
+        .expect("node b heard of the task")
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("node b streams node a's changes")
+        .unwrap();
+    assert_eq!(event.task.id, task.id);
+    let claimed = b
+        .claim(&ClaimRequest {
+            worker_id: "w".into(),
+            types: vec![],
+            queues: vec![],
+            limit: 10,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].id, task.id);
+    assert_eq!(a.get(task.id).await.unwrap().unwrap().state, State::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_from_several_nodes_never_share_a_task() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let nodes = [
+        node(&schema).await,
+        node(&schema).await,
+        node(&schema).await,
+    ];
+    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    nodes[0].enqueue(vec![spec; 300]).await.unwrap();
+    let mut handles = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for w in 0..3 {
+            let store = Arc::clone(n);
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let claimed = store
+                        .claim(&ClaimRequest {
+                            worker_id: format!("n{i}w{w}"),
+                            types: vec![],
+                            queues: vec![],
+                            limit: 7,
+                            lease: Duration::from_secs(30),
+                        })
+                        .await
+                        .unwrap();
+                    if claimed.is_empty() {
+                        return got;
+                    }
+                    got.extend(claimed.into_iter().map(|t| t.id));
+                }
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 300);
+    assert_eq!(unique.len(), 300, "no task claimed twice");
+}
