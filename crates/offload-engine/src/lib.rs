@@ -2,7 +2,7 @@
 //!
 //! It runs the background duties (promoting due tasks the moment they are
 //! due, recovering expired leases and timed-out attempts, deleting finished
-//! tasks past retention) and offers long-poll claiming: [`Engine::fetch`]
+//! tasks past retention) while its store says this node leads, and offers long-poll claiming: [`Engine::fetch`]
 //! waits for the store's ready signal instead of polling, so a task enqueued
 //! while workers idle starts at once. The server and the in-process worker
 //! both go through it; it knows no HTTP and no database.
@@ -49,6 +49,8 @@ impl Default for EngineConfig {
 
 /// Longest the promoter sleeps when nothing is scheduled.
 const PROMOTER_IDLE: Duration = Duration::from_secs(1);
+/// How often a node that does not lead checks whether it has become leader.
+const FOLLOWER_PAUSE: Duration = Duration::from_millis(250);
 /// Pause after a failed duty before trying again.
 const DUTY_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -159,6 +161,13 @@ async fn promoter(engine: Arc<Engine>) {
     let mut scheduled = engine.store.hub().watch_scheduled();
     while !engine.stop.is_cancelled() {
         scheduled.borrow_and_update();
+        if !engine.store.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOWER_PAUSE) => {}
+                _ = engine.stop.cancelled() => {}
+            }
+            continue;
+        }
         let pause = match engine.store.promote_due().await {
             // More may be due than one pass takes.
             Ok(report) if report.promoted > 0 => Duration::ZERO,
@@ -220,6 +229,13 @@ where
     Fut: std::future::Future<Output = Result<u64>>,
 {
     while !engine.stop.is_cancelled() {
+        if !engine.store.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOWER_PAUSE) => {}
+                _ = engine.stop.cancelled() => {}
+            }
+            continue;
+        }
         let pause = match duty(Arc::clone(engine)).await {
             Ok(n) if n >= engine.config.purge_batch as u64 => Duration::ZERO,
             Ok(_) => interval,

@@ -30,8 +30,11 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// `sqlite://PATH` (or a plain path) or `postgres://…`.
+    /// `sqlite://PATH` (or a plain path) or `postgres://…`; a PostgreSQL URL
+    /// may name the schema to use with `?schema=NAME` (default `public`).
     pub db: String,
+    /// Connections each node keeps to PostgreSQL, at most.
+    pub db_pool_size: u32,
     /// `durable` (fsync before answering) or `relaxed`.
     pub durability: String,
     /// Largest payload, result or progress data, in bytes.
@@ -51,6 +54,7 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
             db: DEFAULT_DB.into(),
+            db_pool_size: 16,
             durability: "durable".into(),
             payload_limit_bytes: Limits::default().max_payload_bytes,
             batch_body_limit_bytes: 256 << 20,
@@ -129,6 +133,12 @@ impl Config {
             return invalid(format!(
                 "default_lease_secs must be 1 to 3600; got {}",
                 self.default_lease_secs
+            ));
+        }
+        if !(2..=1000).contains(&self.db_pool_size) {
+            return invalid(format!(
+                "db_pool_size must be 2 to 1000; got {}",
+                self.db_pool_size
             ));
         }
         if self.payload_limit_bytes == 0 {

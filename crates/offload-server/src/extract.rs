@@ -4,12 +4,16 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::ApiError;
+
+/// Past this many bytes an oversized body is no longer read; the
+/// connection is closed instead.
+const DRAIN_LIMIT: usize = 64 << 20;
 
 /// A JSON body of at most the single-request limit (payload limit plus room
 /// for the other fields).
@@ -38,16 +42,32 @@ impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
     }
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(
-            format!("the request body is over the limit of {limit} bytes"),
-        )),
-        Err(e) => Err(ApiError::invalid_json(format!(
-            "the request body could not be read: {e}"
-        ))),
+/// Reads a body of at most `limit` bytes. A longer one is read to its end
+/// (up to [`DRAIN_LIMIT`]) and dropped before the 413 goes out: a client
+/// still sending when the server closes would never see the answer.
+async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let mut collected = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::invalid_json(format!("the request body could not be read: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            collected.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
     }
+    if seen > limit {
+        return Err(ApiError::too_large(format!(
+            "the request body is over the limit of {limit} bytes"
+        )));
+    }
+    Ok(collected.freeze())
 }
 
 /// Parses JSON, telling broken JSON (`invalid_json`) from JSON of the wrong

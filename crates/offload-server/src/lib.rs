@@ -26,6 +26,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use offload_core::{Error, Store};
 use offload_engine::{Engine, EngineConfig};
+use offload_postgres::{PgOptions, PgStore};
 use offload_sqlite::{Durability, SqliteOptions, SqliteStore};
 use tokio_util::sync::CancellationToken;
 
@@ -73,16 +74,25 @@ impl AppState {
 }
 
 /// Opens the store a `--db` URL names.
-pub fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (url, schema) = split_schema(url);
+        let options = PgOptions {
+            schema: schema.unwrap_or_else(|| "public".into()),
+            max_connections: config.db_pool_size,
+            limits: config.limits(),
+            backoff: config.backoff(),
+            ..PgOptions::default()
+        };
+        let store = PgStore::open(&url, options)
+            .await
+            .map_err(ServerError::Store)?;
+        return Ok(store);
+    }
     let durability = match config.durability.as_str() {
         "relaxed" => Durability::Relaxed,
         _ => Durability::Durable,
     };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(ServerError::Config(ConfigError::Invalid(
-            "PostgreSQL is not supported by this build yet; use sqlite://PATH".into(),
-        )));
-    }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     if path.is_empty() {
         return Err(ServerError::Config(ConfigError::Invalid(format!(
@@ -99,6 +109,30 @@ pub fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, ServerEr
     Ok(Arc::new(store))
 }
 
+/// Takes Offload's own `schema` parameter out of a PostgreSQL URL.
+fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("schema=") {
+            Some(name) => {
+                schema = Some(name.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, schema)
+}
+
 /// Runs a node until `shutdown` completes, then stops taking work, lets
 /// in-flight requests finish and returns. `on_listening` is told the bound
 /// address (useful with port 0).
@@ -108,7 +142,7 @@ pub async fn serve(
     on_listening: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServerError> {
     config.validate()?;
-    let store = open_store(&config.db, &config)?;
+    let store = open_store(&config.db, &config).await?;
     let engine = Engine::start(
         store,
         EngineConfig {
@@ -164,6 +198,28 @@ pub async fn serve(
         .map_err(ServerError::Serve)?;
     engine.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_schema_parameter_is_offloads_own() {
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?schema=s1&sslmode=disable"),
+            (
+                "postgres://u@h/db?sslmode=disable".to_owned(),
+                Some("s1".to_owned())
+            )
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db"),
+            ("postgres://u@h/db".to_owned(), None)
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?schema=x"),
+            ("postgres://u@h/db".to_owned(), Some("x".to_owned()))
+        );
+    }
 }
 
 pub(crate) fn router(state: AppState) -> Router {

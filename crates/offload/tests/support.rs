@@ -9,6 +9,28 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_offload");
 
+/// Whether this run of the suite uses PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("OFFLOAD_TEST_BACKEND").as_deref() == Ok("postgres")
+}
+
+/// The `--db` URL for the database that belongs to `dir`.
+pub fn database_for(dir: &Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("offload.db").display());
+    }
+    let base = std::env::var("OFFLOAD_TEST_PG_URL")
+        .expect("OFFLOAD_TEST_PG_URL with OFFLOAD_TEST_BACKEND=postgres");
+    let name: String = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{base}?schema=bb_{name}_{}", std::process::id())
+}
+
 /// A running `offload serve`, killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -30,9 +52,11 @@ impl Server {
         server
     }
 
-    /// Starts a server on the database in `dir`, on a free port.
+    /// Starts a server on the database of `dir`, on a free port: SQLite in
+    /// `dir`, or with `OFFLOAD_TEST_BACKEND=postgres` a PostgreSQL schema
+    /// named after `dir`.
     pub fn start_in(dir: &Path, extra: &[&str]) -> Self {
-        let db = format!("sqlite://{}", dir.join("offload.db").display());
+        let db = database_for(dir);
         let log = std::fs::File::create(dir.join(format!("serve-{}.log", std::process::id())))
             .expect("log file");
         let mut child = Command::new(BIN)
