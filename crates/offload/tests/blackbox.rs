@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod cluster;
 mod http;
 mod lifecycle;
 mod worker_protocol;

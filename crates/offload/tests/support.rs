@@ -56,11 +56,15 @@ impl Server {
     /// `dir`, or with `OFFLOAD_TEST_BACKEND=postgres` a PostgreSQL schema
     /// named after `dir`.
     pub fn start_in(dir: &Path, extra: &[&str]) -> Self {
-        let db = database_for(dir);
-        let log = std::fs::File::create(dir.join(format!("serve-{}.log", std::process::id())))
-            .expect("log file");
+        Self::start_on(&database_for(dir), dir, extra)
+    }
+
+    /// Starts a server on database `db`, writing its log into `dir`.
+    pub fn start_on(db: &str, dir: &Path, extra: &[&str]) -> Self {
+        let log_name = format!("serve-{}.log", uuid::Uuid::now_v7().simple());
+        let log = std::fs::File::create(dir.join(log_name)).expect("log file");
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+            .args(["serve", "--listen", "127.0.0.1:0", "--db", db])
             .args(extra)
             .env("OFFLOAD_LOG", "info")
             .stdout(Stdio::piped())
