@@ -249,9 +249,20 @@ macro_rules! in_tx {
             tries += 1;
             let outcome = async {
                 let mut $tx = $store.begin().await?;
-                let value = $body;
-                let effects = $tx.commit().await?;
-                Ok::<_, PgError>((value, effects))
+                let done = async { Ok::<_, PgError>($body) }.await;
+                match done {
+                    Ok(value) => {
+                        let effects = $tx.commit().await?;
+                        Ok::<_, PgError>((value, effects))
+                    }
+                    Err(e) => {
+                        // Dropping the transaction would only queue its
+                        // rollback, and its row locks would outlive this
+                        // answer: a claim right after would skip them.
+                        $tx.rollback().await;
+                        Err(e)
+                    }
+                }
             }
             .await;
             match outcome {

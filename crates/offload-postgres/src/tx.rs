@@ -286,6 +286,14 @@ impl Tx {
             .collect())
     }
 
+    /// Ends the transaction without effect, now. A failed rollback leaves
+    /// the connection to the pool, which closes broken connections.
+    pub async fn rollback(self) {
+        if let Err(e) = self.conn.rollback().await {
+            tracing::warn!(error = %e, "rollback failed");
+        }
+    }
+
     /// Records the counts and notifications, commits, and hands back what to
     /// announce in this process.
     pub async fn commit(mut self) -> PgResult<Effects> {

@@ -200,28 +200,6 @@ pub async fn serve(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_schema_parameter_is_offloads_own() {
-        assert_eq!(
-            super::split_schema("postgres://u@h/db?schema=s1&sslmode=disable"),
-            (
-                "postgres://u@h/db?sslmode=disable".to_owned(),
-                Some("s1".to_owned())
-            )
-        );
-        assert_eq!(
-            super::split_schema("postgres://u@h/db"),
-            ("postgres://u@h/db".to_owned(), None)
-        );
-        assert_eq!(
-            super::split_schema("postgres://u@h/db?schema=x"),
-            ("postgres://u@h/db".to_owned(), Some("x".to_owned()))
-        );
-    }
-}
-
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route(
@@ -251,4 +229,26 @@ pub(crate) fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(system::method_not_allowed)
         .route_layer(axum::middleware::from_fn(telemetry::track_http))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_schema_parameter_is_offloads_own() {
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?schema=s1&sslmode=disable"),
+            (
+                "postgres://u@h/db?sslmode=disable".to_owned(),
+                Some("s1".to_owned())
+            )
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db"),
+            ("postgres://u@h/db".to_owned(), None)
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?schema=x"),
+            ("postgres://u@h/db".to_owned(), Some("x".to_owned()))
+        );
+    }
 }
