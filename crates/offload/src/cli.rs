@@ -74,7 +74,8 @@ pub struct ServeArgs {
     /// Address to listen on [env: OFFLOAD_LISTEN] [default: 127.0.0.1:6490]
     #[arg(long, env = "OFFLOAD_LISTEN", hide_env = true)]
     pub listen: Option<String>,
-    /// Database: sqlite://PATH [env: OFFLOAD_DB] [default: sqlite://offload.db]
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB[?schema=NAME]
+    /// [env: OFFLOAD_DB] [default: sqlite://offload.db]
     #[arg(long, env = "OFFLOAD_DB", hide_env = true)]
     pub db: Option<String>,
     /// durable (fsync before answering) or relaxed [env: OFFLOAD_DURABILITY]
