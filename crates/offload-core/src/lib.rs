@@ -24,8 +24,9 @@ pub use new_task::{
 };
 pub use store::{
     Ack, AckOutcome, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
-    HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, ProgressUpdate, PromoteReport, QueueInfo,
-    QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor, encode_cursor,
+    HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS, ProgressUpdate, PromoteReport,
+    QueueInfo, QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor, encode_cursor,
+    truncate_message,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -32,6 +32,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// A batch (enqueue, ack) holds at most `max_batch` items.
+    pub fn check_batch(&self, field: &str, len: usize) -> Result<()> {
+        if len > self.max_batch {
+            return Err(Error::invalid(
+                field,
+                format!("at most {} per batch; got {len}", self.max_batch),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub const DEFAULT_QUEUE: &str = "default";
 pub const DEFAULT_PRIORITY: u8 = 5;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Error, Hub, Json, Result, State, Task, TaskSpec, Timestamp};
+use crate::{Error, Hub, Json, Limits, Result, State, Task, TaskSpec, Timestamp};
 
 /// A request to claim ready tasks.
 ///
@@ -76,6 +76,52 @@ pub struct Failure {
     pub kind: FailureKind,
     pub retry: Option<bool>,
     pub retry_in: Option<Duration>,
+}
+
+/// Longest error or progress message kept; longer ones are cut.
+pub const MAX_MESSAGE_CHARS: usize = 16 * 1024;
+
+/// Cuts `message` to [`MAX_MESSAGE_CHARS`], marking the cut.
+pub fn truncate_message(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
+impl Failure {
+    /// The attempt failure this report stands for.
+    pub fn into_attempt_failure(self) -> crate::AttemptFailure {
+        crate::AttemptFailure {
+            kind: match self.kind {
+                FailureKind::Error => crate::ErrorKind::Error,
+                FailureKind::Timeout => crate::ErrorKind::Timeout,
+            },
+            message: truncate_message(self.message),
+            retry: self.retry,
+            retry_in: self.retry_in,
+        }
+    }
+}
+
+impl ProgressUpdate {
+    /// Checks the report (percent 0–100, data within the size limit) and
+    /// returns it as the state machine takes it.
+    pub fn checked(self, limits: &Limits) -> Result<(Option<f64>, Option<String>, Option<Json>)> {
+        if let Some(percent) = self.percent
+            && !(0.0..=100.0).contains(&percent)
+        {
+            return Err(Error::invalid(
+                "progress.percent",
+                format!("must be 0 to 100; got {percent}"),
+            ));
+        }
+        if let Some(data) = &self.data {
+            crate::check_json_size("progress.data", data, limits.max_payload_bytes)?;
+        }
+        Ok((self.percent, self.message.map(truncate_message), self.data))
+    }
 }
 
 /// One outcome a worker reports.

@@ -100,13 +100,7 @@ impl Engine {
 
     /// Validates and enqueues many tasks, all or nothing.
     pub async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<(Task, bool)>> {
-        let max = self.config.limits.max_batch;
-        if tasks.len() > max {
-            return Err(offload_core::Error::invalid(
-                "tasks",
-                format!("at most {max} tasks per batch; got {}", tasks.len()),
-            ));
-        }
+        self.config.limits.check_batch("tasks", tasks.len())?;
         let specs = tasks
             .into_iter()
             .enumerate()

@@ -285,13 +285,7 @@ macro_rules! in_tx {
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
-        let max = self.node.limits.max_batch;
-        if tasks.len() > max {
-            return Err(Error::invalid(
-                "tasks",
-                format!("at most {max} tasks per batch; got {}", tasks.len()),
-            ));
-        }
+        self.node.limits.check_batch("tasks", tasks.len())?;
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
@@ -313,13 +307,7 @@ impl Store for PgStore {
 
     async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
         validate_worker_id(worker_id)?;
-        let max = self.node.limits.max_batch;
-        if acks.len() > max {
-            return Err(Error::invalid(
-                "acks",
-                format!("at most {max} per call; got {}", acks.len()),
-            ));
-        }
+        self.node.limits.check_batch("acks", acks.len())?;
         in_tx!(self, |tx| ops::ack(&mut tx, worker_id, acks.clone())
             .await?)
     }

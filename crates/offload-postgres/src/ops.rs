@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use offload_core::{
-    Ack, AckOutcome, AttemptFailure, CancelEffect, ClaimRequest, Error, ErrorKind, EventKind,
-    FailureKind, HeartbeatAck, HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch,
-    State, Task, TaskSpec, Timestamp, check_json_size,
+    Ack, AckOutcome, CancelEffect, ClaimRequest, Error, ErrorKind, EventKind, HeartbeatAck,
+    HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
+    Timestamp, check_json_size,
 };
 use sqlx::Row;
 use uuid::Uuid;
@@ -17,16 +17,6 @@ use crate::tx::Tx;
 
 /// Rows a duty handles per transaction.
 const DUTY_BATCH: i64 = 1000;
-/// Longest error message kept; longer ones are cut.
-const MAX_MESSAGE_CHARS: usize = 16 * 1024;
-
-fn truncate(mut message: String) -> String {
-    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        message.truncate(cut);
-        message.push('…');
-    }
-    message
-}
 
 async fn load_one(tx: &mut Tx, id: Uuid) -> PgResult<StoredTask> {
     tx.load_for_update(&[id])
@@ -404,24 +394,10 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
 
 pub(crate) async fn heartbeat(tx: &mut Tx, req: HeartbeatRequest) -> PgResult<HeartbeatAck> {
     let mut stored = load_one(tx, req.id).await?;
-    let progress = match req.progress {
-        None => None,
-        Some(p) => {
-            if let Some(percent) = p.percent
-                && !(0.0..=100.0).contains(&percent)
-            {
-                return Err(Error::invalid(
-                    "progress.percent",
-                    format!("must be 0 to 100; got {percent}"),
-                )
-                .into());
-            }
-            if let Some(data) = &p.data {
-                check_json_size("progress.data", data, tx.node.limits.max_payload_bytes)?;
-            }
-            Some((p.percent, p.message.map(truncate), p.data))
-        }
-    };
+    let progress = req
+        .progress
+        .map(|p| p.checked(&tx.node.limits))
+        .transpose()?;
     let reported = progress.is_some();
     stored
         .task
@@ -457,16 +433,7 @@ pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResul
                 })
                 .and_then(|()| stored.task.complete(worker_id, result, tx.now)),
             Ack::Fail { failure, .. } => {
-                let kind = match failure.kind {
-                    FailureKind::Error => ErrorKind::Error,
-                    FailureKind::Timeout => ErrorKind::Timeout,
-                };
-                let failure = AttemptFailure {
-                    kind,
-                    message: truncate(failure.message),
-                    retry: failure.retry,
-                    retry_in: failure.retry_in,
-                };
+                let failure = failure.into_attempt_failure();
                 stored
                     .task
                     .fail(worker_id, failure, &tx.node.backoff, tx.now)

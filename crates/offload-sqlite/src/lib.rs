@@ -221,13 +221,7 @@ fn load_counts(conn: &Connection) -> Result<CountsMap> {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
-        let max = self.shared.limits.max_batch;
-        if tasks.len() > max {
-            return Err(Error::invalid(
-                "tasks",
-                format!("at most {max} tasks per batch; got {}", tasks.len()),
-            ));
-        }
+        self.shared.limits.check_batch("tasks", tasks.len())?;
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
@@ -253,13 +247,7 @@ impl Store for SqliteStore {
 
     async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
         validate_worker_id(worker_id)?;
-        let max = self.shared.limits.max_batch;
-        if acks.len() > max {
-            return Err(Error::invalid(
-                "acks",
-                format!("at most {max} per call; got {}", acks.len()),
-            ));
-        }
+        self.shared.limits.check_batch("acks", acks.len())?;
         let worker_id = worker_id.to_owned();
         self.writer.run(move |ctx| ctx.ack(&worker_id, acks)).await
     }

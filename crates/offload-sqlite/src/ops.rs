@@ -3,9 +3,9 @@
 //! state machine of `offload-core` and writes back what changed.
 
 use offload_core::{
-    Ack, AckOutcome, AttemptFailure, CancelEffect, ClaimRequest, ClearRequest, Error, ErrorKind,
-    EventKind, FailureKind, HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch,
-    Result, Retention, State, Task, TaskSpec, check_json_size,
+    Ack, AckOutcome, CancelEffect, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind,
+    HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
+    Task, TaskSpec, check_json_size,
 };
 use rusqlite::{OptionalExtension, params};
 use std::collections::HashSet;
@@ -16,8 +16,6 @@ use crate::writer::WriteCtx;
 
 /// Rows read per duty pass; bounds how long one pass holds the writer.
 const DUTY_BATCH: usize = 1000;
-/// Longest error message kept; longer ones are cut.
-const MAX_MESSAGE_CHARS: usize = 16 * 1024;
 
 type Sql<T> = rusqlite::Result<T>;
 
@@ -394,23 +392,10 @@ impl WriteCtx<'_> {
 
     pub fn heartbeat(&mut self, req: HeartbeatRequest) -> Result<HeartbeatAck> {
         let mut stored = self.load(req.id)?;
-        let progress = match req.progress {
-            None => None,
-            Some(p) => {
-                if let Some(percent) = p.percent
-                    && !(0.0..=100.0).contains(&percent)
-                {
-                    return Err(Error::invalid(
-                        "progress.percent",
-                        format!("must be 0 to 100; got {percent}"),
-                    ));
-                }
-                if let Some(data) = &p.data {
-                    check_json_size("progress.data", data, self.shared.limits.max_payload_bytes)?;
-                }
-                Some((p.percent, p.message.map(truncate), p.data))
-            }
-        };
+        let progress = req
+            .progress
+            .map(|p| p.checked(&self.shared.limits))
+            .transpose()?;
         let reported = progress.is_some();
         stored
             .task
@@ -451,16 +436,7 @@ impl WriteCtx<'_> {
                 stored.task.complete(worker_id, result, self.now)?;
             }
             Ack::Fail { failure, .. } => {
-                let kind = match failure.kind {
-                    FailureKind::Error => ErrorKind::Error,
-                    FailureKind::Timeout => ErrorKind::Timeout,
-                };
-                let failure = AttemptFailure {
-                    kind,
-                    message: truncate(failure.message),
-                    retry: failure.retry,
-                    retry_in: failure.retry_in,
-                };
+                let failure = failure.into_attempt_failure();
                 stored
                     .task
                     .fail(worker_id, failure, &self.shared.backoff, self.now)?;
@@ -643,12 +619,4 @@ impl WriteCtx<'_> {
         }
         Ok(purged)
     }
-}
-
-fn truncate(mut message: String) -> String {
-    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        message.truncate(cut);
-        message.push('…');
-    }
-    message
 }
