@@ -11,14 +11,10 @@ use clap::{Args, Parser, Subcommand};
     about = "Offload: background tasks, one binary."
 )]
 pub struct Cli {
-    /// The server to talk to (client commands).
-    #[arg(
-        long,
-        global = true,
-        env = "OFFLOAD_URL",
-        default_value = "http://127.0.0.1:6490"
-    )]
-    pub url: String,
+    /// The server to talk to [default: http://127.0.0.1:6490]. For `bench`,
+    /// the server to measure instead of starting one.
+    #[arg(long, global = true, env = "OFFLOAD_URL")]
+    pub url: Option<String>,
     /// Bearer token for the server.
     #[arg(long, global = true, env = "OFFLOAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -67,6 +63,26 @@ pub enum Command {
     Watch { id: String },
     /// Run a worker that runs COMMAND once per task.
     Work(WorkArgs),
+    /// Measure this machine: enqueue, processing, pickup latency, claim
+    /// scaling and server memory, against a server it starts (or --url).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Database for the server it starts: sqlite://PATH or postgres://…
+    /// [default: SQLite in a temporary directory]
+    #[arg(long)]
+    pub db: Option<String>,
+    /// Tasks per throughput phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// Tasks stored for the claim-scaling and memory phase.
+    #[arg(long = "stored", default_value_t = 1_000_000)]
+    pub stored: usize,
+    /// durable or relaxed, for the server it starts.
+    #[arg(long, default_value = "durable")]
+    pub durability: String,
 }
 
 #[derive(Debug, Args)]

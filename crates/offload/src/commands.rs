@@ -13,8 +13,10 @@ use uuid::Uuid;
 use crate::cli::{Cli, Command, EnqueueArgs, ListArgs, ServeArgs};
 use crate::{output, usage, work};
 
+pub const DEFAULT_URL: &str = "http://127.0.0.1:6490";
+
 pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let mut client = Client::new(&cli.url);
+    let mut client = Client::new(cli.url.as_deref().unwrap_or(DEFAULT_URL));
     if let Some(token) = &cli.token {
         client = client.token(token);
     }
@@ -99,6 +101,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Watch { id } => output::watch(&client, parse_id(&id)?, json).await,
         Command::Work(args) => work::run(client, args).await,
+        Command::Bench(args) => crate::bench::run(args, cli.url, json).await,
     }
 }
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 the operation failed (the server said no),
 //! 2 bad usage, 3 cannot reach the server.
 
+mod bench;
 mod cli;
 mod commands;
 mod output;

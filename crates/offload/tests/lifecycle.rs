@@ -137,3 +137,51 @@ fn a_second_node_on_the_same_sqlite_file_is_refused() {
         "{second:?}"
     );
 }
+
+#[test]
+fn bench_runs_and_prints_every_key() {
+    let mut command = Command::new(BIN);
+    command.args(["bench", "--tasks", "2000", "--json"]);
+    if crate::support::on_postgres() {
+        let url = std::env::var("OFFLOAD_TEST_PG_URL").unwrap();
+        command.args(["--db", &url, "--stored", "20000"]);
+    }
+    let output = command.env_remove("OFFLOAD_URL").output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for key in [
+        "enqueue_single_per_sec",
+        "enqueue_batch_per_sec",
+        "process_http_per_sec",
+        "process_embedded_per_sec",
+        "claim_scaling",
+        "server_rss_mb",
+        "cores",
+        "tasks",
+    ] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} in {report}"
+        );
+    }
+    assert!(
+        report["pickup_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    assert!(
+        report["pickup_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    let backend = if crate::support::on_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(report["backend"], backend);
+    assert_eq!(report["durability"], "durable");
+    assert_eq!(report["tasks"], 2000);
+}

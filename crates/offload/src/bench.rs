@@ -1,0 +1,468 @@
+//! `offload bench`: what this machine does with Offload, like `pgbench` or
+//! `redis-benchmark`. It starts its own server as a child process on a free
+//! port (so the server's memory is its own), or measures `--url`, and runs:
+//!
+//! - `enqueue_single_per_sec`: one client, one task per request, in turn;
+//! - `enqueue_batch_per_sec`: batches of 1,000 over HTTP;
+//! - `process_http_per_sec`: remote Rust workers burning down the tasks the
+//!   two phases above left (batched fetch and ack);
+//! - `process_embedded_per_sec`: the same with the in-process worker, no HTTP;
+//! - `pickup_ms`: an idle server, tasks one after another, from the enqueue
+//!   request leaving the client to the handler starting;
+//! - `claim_scaling`: processing rate with `--stored` tasks stored divided by
+//!   the rate with 10,000 stored;
+//! - `server_rss_mb`: the server's peak resident memory.
+//!
+//! Tasks are no-ops with a small JSON payload. Nothing here asserts a
+//! speed: it measures.
+
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use offload_client::Client;
+use offload_core::{Limits, NewTask, Store};
+use offload_engine::{Engine, EngineConfig};
+use offload_worker::{TaskContext, Worker};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::BenchArgs;
+use crate::usage;
+
+const TASK_TYPE: &str = "bench.noop";
+const BATCH: usize = 1000;
+/// Tasks processed for each half of the claim-scaling ratio.
+const SCALING_SAMPLE: usize = 10_000;
+/// Remote workers and the concurrency of each.
+const HTTP_WORKERS: usize = 4;
+const HTTP_CONCURRENCY: usize = 500;
+const EMBEDDED_CONCURRENCY: usize = 512;
+const PICKUP_SAMPLES: usize = 1000;
+
+#[derive(Debug, Serialize)]
+struct Pickup {
+    p50: f64,
+    p99: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    backend: String,
+    tasks: usize,
+    durability: String,
+    cores: usize,
+    enqueue_single_per_sec: f64,
+    enqueue_batch_per_sec: f64,
+    process_http_per_sec: f64,
+    process_embedded_per_sec: Option<f64>,
+    pickup_ms: Pickup,
+    claim_scaling: f64,
+    server_rss_mb: Option<f64>,
+}
+
+fn task() -> NewTask {
+    NewTask::new(TASK_TYPE)
+        .payload(&serde_json::json!({"user_id": 42, "template": "welcome", "locale": "en"}))
+        .expect("a JSON payload")
+}
+
+/// The server under test: a child process this run started, or one given.
+struct Target {
+    client: Client,
+    child: Option<tokio::process::Child>,
+    backend: String,
+    durability: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    fn rss_peak_mb(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+}
+
+fn backend_of(db: &str) -> &'static str {
+    if db.starts_with("postgres") {
+        "postgres"
+    } else {
+        "sqlite"
+    }
+}
+
+/// A PostgreSQL URL with a schema of this run's own.
+fn fresh_schema(db: &str, label: &str) -> String {
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let schema = format!("bench_{label}_{}", &unique[unique.len() - 10..]);
+    let joiner = if db.contains('?') { '&' } else { '?' };
+    format!("{db}{joiner}schema={schema}")
+}
+
+async fn start_server(args: &BenchArgs) -> Result<Target> {
+    let dir = tempfile::tempdir().context("a temporary directory")?;
+    let db = match &args.db {
+        Some(db) if backend_of(db) == "postgres" => fresh_schema(db, "http"),
+        Some(db) => db.clone(),
+        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+    };
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--durability",
+            &args.durability,
+        ])
+        .env("OFFLOAD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the server")?;
+    let stdout = child.stdout.take().context("the server's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .context("the server did not start in a minute")??
+        .context("the server exited before listening")?;
+    let url = first
+        .strip_prefix("offload listening on ")
+        .with_context(|| format!("unexpected first line from the server: {first}"))?
+        .to_owned();
+    Ok(Target {
+        client: Client::new(url),
+        child: Some(child),
+        backend: backend_of(&db).into(),
+        durability: args.durability.clone(),
+        _dir: Some(dir),
+    })
+}
+
+fn bar(len: usize, phase: &str, quiet: bool) -> ProgressBar {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len as u64)
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix:>26} {bar:30} {pos}/{len} {per_sec} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_prefix(phase.to_owned());
+    bar
+}
+
+pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<ExitCode> {
+    if args.tasks == 0 {
+        return Err(usage("--tasks: must be at least 1"));
+    }
+    if !matches!(args.durability.as_str(), "durable" | "relaxed") {
+        return Err(usage("--durability: must be durable or relaxed"));
+    }
+    let mut target = match url {
+        Some(url) => {
+            let client = Client::new(url);
+            let health = client.health().await?;
+            Target {
+                client,
+                child: None,
+                backend: "remote".into(),
+                durability: health.durability,
+                _dir: None,
+            }
+        }
+        None => start_server(&args).await?,
+    };
+    let quiet = json;
+    let n = args.tasks;
+    let client = target.client.clone();
+
+    let enqueue_single_per_sec = enqueue_single(&client, n, quiet).await?;
+    let enqueue_batch_per_sec = enqueue_batch(&client, n, quiet).await?;
+    let process_http_per_sec = process_http(&client, 2 * n, quiet, "process over HTTP").await?;
+    let process_embedded_per_sec = match &target.child {
+        Some(_) => Some(process_embedded(&args, n, quiet).await?),
+        None => None,
+    };
+    let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
+    let small = SCALING_SAMPLE;
+    enqueue_quietly(&client, small).await?;
+    let rate_small = process_http(&client, small, quiet, "claim, 10,000 stored").await?;
+    let stored = args.stored.max(small);
+    let fill = bar(stored, "store for scaling", quiet);
+    enqueue_counted(&client, stored, &fill).await?;
+    fill.finish();
+    let rate_large = process_http(&client, small, quiet, "claim, many stored").await?;
+    let claim_scaling = rate_large / rate_small;
+    let server_rss_mb = target.rss_peak_mb();
+
+    let report = Report {
+        backend: target.backend.clone(),
+        tasks: n,
+        durability: target.durability.clone(),
+        cores: std::thread::available_parallelism().map_or(1, |c| c.get()),
+        enqueue_single_per_sec,
+        enqueue_batch_per_sec,
+        process_http_per_sec,
+        process_embedded_per_sec,
+        pickup_ms,
+        claim_scaling,
+        server_rss_mb,
+    };
+    if let Some(child) = target.child.as_mut() {
+        let _ = child.kill().await;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report, stored);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &Report, stored: usize) {
+    println!();
+    println!(
+        "backend {} ({}), {} cores, {} tasks per phase",
+        r.backend, r.durability, r.cores, r.tasks
+    );
+    println!(
+        "  enqueue, one per request    {:>12.0} tasks/s",
+        r.enqueue_single_per_sec
+    );
+    println!(
+        "  enqueue, batches of 1000    {:>12.0} tasks/s",
+        r.enqueue_batch_per_sec
+    );
+    println!(
+        "  process over HTTP           {:>12.0} tasks/s",
+        r.process_http_per_sec
+    );
+    match r.process_embedded_per_sec {
+        Some(rate) => println!("  process in process          {rate:>12.0} tasks/s"),
+        None => println!("  process in process                   n/a (remote server)"),
+    }
+    println!(
+        "  pickup p50 / p99            {:>8.2} / {:.2} ms",
+        r.pickup_ms.p50, r.pickup_ms.p99
+    );
+    println!(
+        "  claim scaling ({stored} stored vs 10000) {:.2}",
+        r.claim_scaling
+    );
+    match r.server_rss_mb {
+        Some(mb) => println!("  server peak memory          {mb:>12.1} MB"),
+        None => println!("  server peak memory                   n/a (remote server)"),
+    }
+}
+
+async fn enqueue_single(client: &Client, n: usize, quiet: bool) -> Result<f64> {
+    let progress = bar(n, "enqueue, one per request", quiet);
+    let task = task();
+    let started = Instant::now();
+    for _ in 0..n {
+        client.enqueue(&task).await?;
+        progress.inc(1);
+    }
+    progress.finish();
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn enqueue_counted(client: &Client, n: usize, progress: &ProgressBar) -> Result<f64> {
+    let started = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let size = left.min(BATCH);
+        client.enqueue_batch(vec![task(); size]).await?;
+        left -= size;
+        progress.inc(size as u64);
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn enqueue_batch(client: &Client, n: usize, quiet: bool) -> Result<f64> {
+    let progress = bar(n, "enqueue, batches of 1000", quiet);
+    let rate = enqueue_counted(client, n, &progress).await?;
+    progress.finish();
+    Ok(rate)
+}
+
+async fn enqueue_quietly(client: &Client, n: usize) -> Result<()> {
+    enqueue_counted(client, n, &ProgressBar::hidden())
+        .await
+        .map(drop)
+}
+
+/// Runs `workers` until `target` handlers have run; the rate is measured
+/// from start to the last handler.
+async fn burn(
+    workers: Vec<Worker>,
+    target: usize,
+    count: Arc<AtomicUsize>,
+    progress: &ProgressBar,
+) -> Result<f64> {
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let running: Vec<_> = workers
+        .into_iter()
+        .map(|w| tokio::spawn(w.run(stop.clone())))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let done = count.load(Ordering::Relaxed);
+        progress.set_position(done as u64);
+        if done >= target {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {target} tasks ran within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    for r in running {
+        r.await??;
+    }
+    progress.finish();
+    Ok(target as f64 / elapsed.as_secs_f64())
+}
+
+fn counting_handler(
+    count: &Arc<AtomicUsize>,
+) -> impl Fn(TaskContext) -> std::future::Ready<Result<(), offload_worker::TaskFailure>>
++ Send
++ Sync
++ 'static {
+    let count = Arc::clone(count);
+    move |_ctx: TaskContext| {
+        count.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok(()))
+    }
+}
+
+async fn process_http(client: &Client, n: usize, quiet: bool, phase: &str) -> Result<f64> {
+    let progress = bar(n, phase, quiet);
+    let count = Arc::new(AtomicUsize::new(0));
+    let workers = (0..HTTP_WORKERS)
+        .map(|i| {
+            Worker::new(Arc::new(client.clone()))
+                .worker_id(format!("bench-http-{i}-{}", std::process::id()))
+                .concurrency(HTTP_CONCURRENCY)
+                .handle(TASK_TYPE, counting_handler(&count))
+        })
+        .collect();
+    burn(workers, n, count, &progress).await
+}
+
+async fn open_embedded(args: &BenchArgs, dir: &std::path::Path) -> Result<Arc<dyn Store>> {
+    match &args.db {
+        Some(db) if backend_of(db) == "postgres" => {
+            let url = fresh_schema(db, "embedded");
+            let config = offload_server::Config {
+                db: url.clone(),
+                durability: args.durability.clone(),
+                ..offload_server::Config::default()
+            };
+            Ok(offload_server::open_store(&url, &config).await?)
+        }
+        _ => {
+            let durability = if args.durability == "relaxed" {
+                offload_sqlite::Durability::Relaxed
+            } else {
+                offload_sqlite::Durability::Durable
+            };
+            let options = offload_sqlite::SqliteOptions {
+                durability,
+                ..offload_sqlite::SqliteOptions::default()
+            };
+            Ok(Arc::new(offload_sqlite::SqliteStore::open(
+                dir.join("embedded.db"),
+                options,
+            )?))
+        }
+    }
+}
+
+async fn process_embedded(args: &BenchArgs, n: usize, quiet: bool) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let store = open_embedded(args, dir.path()).await?;
+    let spec = task().validate(&Limits::default(), "")?;
+    let mut left = n;
+    while left > 0 {
+        let size = left.min(BATCH);
+        store.enqueue(vec![spec.clone(); size]).await?;
+        left -= size;
+    }
+    let engine = Engine::start(Arc::clone(&store), EngineConfig::default());
+    let progress = bar(n, "process in process", quiet);
+    let count = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(Arc::clone(&engine))
+        .worker_id(format!("bench-embedded-{}", std::process::id()))
+        .concurrency(EMBEDDED_CONCURRENCY)
+        .handle(TASK_TYPE, counting_handler(&count));
+    let rate = burn(vec![worker], n, count, &progress).await?;
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// An idle server, a waiting worker, and tasks one after another: from just
+/// before each enqueue request to its handler starting.
+async fn pickup(client: &Client, samples: usize, quiet: bool) -> Result<Pickup> {
+    let progress = bar(samples, "pickup latency", quiet);
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let worker = Worker::new(Arc::new(client.clone()))
+        .worker_id(format!("bench-pickup-{}", std::process::id()))
+        .concurrency(4)
+        .handle("bench.pickup", move |_ctx: TaskContext| {
+            let _ = started_tx.send(Instant::now());
+            std::future::ready(Ok::<(), offload_worker::TaskFailure>(()))
+        });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    // Let the worker's first long poll reach the server.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let task = NewTask::new("bench.pickup").payload(&serde_json::json!({"n": 1}))?;
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let sent = Instant::now();
+        client.enqueue(&task).await?;
+        let began = tokio::time::timeout(Duration::from_secs(30), started_rx.recv())
+            .await
+            .context("a task was not picked up within 30 s")?
+            .context("the pickup worker stopped")?;
+        latencies.push(began.duration_since(sent).as_secs_f64() * 1000.0);
+        progress.inc(1);
+        // Let the worker settle back into its wait, as on an idle server.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.cancel();
+    running.await??;
+    progress.finish();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    Ok(Pickup {
+        p50: at(0.50),
+        p99: at(0.99),
+    })
+}
