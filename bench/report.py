@@ -1,0 +1,90 @@
+"""Turns bench/results/*.json into bench/RESULTS.md: one table, a row per
+system, the ratios to the best peer, the targets, and how it was measured."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+results = sys.argv[1]
+load = lambda name: json.load(open(os.path.join(results, f"{name}.json")))
+sqlite, postgres = load("offload-sqlite"), load("offload-postgres")
+peers = [load("bullmq"), load("graphile-worker"), load("celery")]
+
+
+def cpu():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def fsync_ms():
+    """Average fsync of a small write on the disk the benchmark used."""
+    import time
+    path = os.path.join(results, "fsync.probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    started = time.perf_counter()
+    for _ in range(500):
+        os.write(fd, b"x" * 128)
+        os.fsync(fd)
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    os.unlink(path)
+    return elapsed / 500 * 1000
+
+
+fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
+ms = lambda p: f"{p['p50']:.2f} / {p['p99']:.2f}"
+rows = [
+    ("Offload (SQLite)", sqlite["enqueue_single_per_sec"], sqlite["enqueue_batch_per_sec"],
+     sqlite["process_http_per_sec"], sqlite["process_embedded_per_sec"], sqlite["pickup_ms"],
+     f"{sqlite['claim_scaling']:.2f}", f"{sqlite['server_rss_mb']:.0f}", f"SQLite WAL, synchronous=FULL ({sqlite['durability']})"),
+    ("Offload (PostgreSQL)", postgres["enqueue_single_per_sec"], postgres["enqueue_batch_per_sec"],
+     postgres["process_http_per_sec"], postgres["process_embedded_per_sec"], postgres["pickup_ms"],
+     f"{postgres['claim_scaling']:.2f}", f"{postgres['server_rss_mb']:.0f}", "PostgreSQL, synchronous_commit=on"),
+]
+for p in peers:
+    rows.append((f"{p['system']} {p['version']}", p["enqueue_single_per_sec"], p["enqueue_batch_per_sec"],
+                 p["process_per_sec"], None, p["pickup_ms"], "", "", p["durability"]))
+
+print("# Benchmark results\n")
+print(f"Written by `bench/run` (TASKS={sqlite['tasks']} per phase). Machine: {sqlite['cores']} cores, {cpu()}, "
+      f"Linux {platform.release()}; fsync of a small write here: {fsync_ms():.3f} ms on average. Server, database "
+      "and load generator share the machine. Figures are tasks per second unless marked.\n")
+print("| system | enqueue, one per request | enqueue, batch | process (HTTP for Offload) | process in process | pickup p50 / p99 ms | claim scaling | server peak MB | durability |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for r in rows:
+    print(f"| {r[0]} | {fmt(r[1])} | {fmt(r[2])} | {fmt(r[3])} | {fmt(r[4])} | {ms(r[5])} | {r[6]} | {r[7]} | {r[8]} |")
+
+best = lambda key: max(peers, key=lambda p: p[key])
+best_single, best_batch, best_process = best("enqueue_single_per_sec"), best("enqueue_batch_per_sec"), best("process_per_sec")
+best_pickup = min(peers, key=lambda p: p["pickup_ms"]["p50"])
+graphile = next(p for p in peers if p["system"] == "graphile-worker")
+
+def target(name, value, goal, ok):
+    print(f"| {name} | {value} | {goal} | {'met' if ok else '**missed**'} |")
+
+print("\n## Offload against the best peer, and the targets\n")
+print("| figure | Offload | target | |")
+print("|---|---|---|---|")
+r = sqlite["process_http_per_sec"] / best_process["process_per_sec"]
+target("process over HTTP vs best peer", f"{r:.2f}× {best_process['system']}", "≥ 5×", r >= 5)
+r = sqlite["enqueue_batch_per_sec"] / best_batch["enqueue_batch_per_sec"]
+target("batch enqueue vs best peer", f"{r:.2f}× {best_batch['system']}", "≥ 5×", r >= 5)
+r = sqlite["enqueue_single_per_sec"] / best_single["enqueue_single_per_sec"]
+target("single enqueue vs best peer", f"{r:.2f}× {best_single['system']}", "≥ 2×", r >= 2)
+p = sqlite["pickup_ms"]
+target("pickup p50 vs best peer's p50", f"{p['p50']:.2f} ms vs {best_pickup['pickup_ms']['p50']:.2f} ms ({best_pickup['system']})",
+       "below", p["p50"] < best_pickup["pickup_ms"]["p50"])
+target("pickup p99", f"{p['p99']:.2f} ms", "≤ 5 ms", p["p99"] <= 5)
+target("claim scaling", f"{sqlite['claim_scaling']:.2f}", "≥ 0.8", sqlite["claim_scaling"] >= 0.8)
+target("server peak memory, 1M stored", f"{sqlite['server_rss_mb']:.0f} MB", "≤ 200 MB", sqlite["server_rss_mb"] <= 200)
+r = postgres["process_http_per_sec"] / graphile["process_per_sec"]
+target("PostgreSQL: process vs graphile-worker", f"{r:.2f}×", "≥ 3×", r >= 3)
+
+analysis = os.path.join(os.path.dirname(__file__), "analysis.md")
+if os.path.exists(analysis):
+    print()
+    print(open(analysis).read().rstrip())
