@@ -30,6 +30,8 @@ def worker():
          f"--concurrency={os.cpu_count()}", "-O", "fair", "--without-heartbeat",
          "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
         cwd=os.path.dirname(os.path.abspath(__file__)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
