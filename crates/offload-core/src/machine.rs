@@ -255,6 +255,22 @@ impl Task {
         Ok(())
     }
 
+    /// Why a running attempt must end now, if it must: its lease ran out
+    /// (checked first: a silent worker is presumed gone) or its
+    /// `timeout_secs` passed.
+    pub fn expired(&self, now: Timestamp) -> Option<ErrorKind> {
+        if self.state != State::Running {
+            return None;
+        }
+        if self.lease_expires_at.is_some_and(|lease| lease <= now) {
+            Some(ErrorKind::LeaseExpired)
+        } else if self.deadline().is_some_and(|deadline| deadline <= now) {
+            Some(ErrorKind::Timeout)
+        } else {
+            None
+        }
+    }
+
     /// The server ends an attempt whose lease ran out or whose
     /// `timeout_secs` passed; the worker is presumed gone.
     pub fn expire(&mut self, kind: ErrorKind, backoff: &Backoff, now: Timestamp) -> Result<()> {

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use offload_core::{
-    Ack, AckOutcome, CancelEffect, ClaimRequest, Error, ErrorKind, EventKind, HeartbeatAck,
-    HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
-    Timestamp, check_json_size,
+    Ack, AckOutcome, CancelEffect, ClaimRequest, Error, EventKind, HeartbeatAck, HeartbeatRequest,
+    OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec, Timestamp,
+    check_json_size,
 };
 use sqlx::Row;
 use uuid::Uuid;
@@ -610,7 +610,7 @@ pub(crate) async fn promote_due(tx: &mut Tx) -> PgResult<PromoteReport> {
 pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<u64> {
     let now = tx.now.as_millis();
     let rows = sqlx::query(&format!(
-        "SELECT {TASK_COLUMNS}, deadline_at FROM offload_tasks WHERE state = 3 \
+        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 3 \
          AND (lease_expires_at <= $1 OR deadline_at <= $1) LIMIT $2 FOR UPDATE SKIP LOCKED"
     ))
     .bind(now)
@@ -619,14 +619,9 @@ pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<u64> {
     .await?;
     let mut expired = Vec::with_capacity(rows.len());
     for row in &rows {
-        let deadline: Option<i64> = row.try_get("deadline_at")?;
-        let lease: Option<i64> = row.try_get("lease_expires_at")?;
         let mut stored = decode(row)?;
-        // The lease is checked first, as the SQLite store does.
-        let kind = if lease.is_some_and(|l| l <= now) || deadline.is_none_or(|d| d > now) {
-            ErrorKind::LeaseExpired
-        } else {
-            ErrorKind::Timeout
+        let Some(kind) = stored.task.expired(tx.now) else {
+            continue;
         };
         stored.task.expire(kind, &tx.node.backoff, tx.now)?;
         expired.push((stored, State::Running));

@@ -43,9 +43,10 @@ CREATE INDEX tasks_ready ON tasks (queue, priority DESC, run_at, seq) WHERE stat
 CREATE INDEX tasks_ready_by_type ON tasks (queue, type, priority DESC, run_at, seq) WHERE state = 2;
 -- Promotion of due scheduled tasks.
 CREATE INDEX tasks_due ON tasks (run_at) WHERE state = 1;
--- Recovery of running tasks, and queue concurrency counts.
-CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE state = 3;
-CREATE INDEX tasks_deadline ON tasks (deadline_at) WHERE state = 3;
+-- Running tasks, for queue concurrency counts and for recovery, which looks
+-- at every running task (their number is bounded by the workers'
+-- concurrency). Deliberately not on lease_expires_at or deadline_at: an index
+-- there would cost every claim, completion and heartbeat an index write.
 CREATE INDEX tasks_running ON tasks (queue) WHERE state = 3;
 -- Retention and clearing.
 CREATE INDEX tasks_finished ON tasks (state, finished_at) WHERE state >= 4;

@@ -82,7 +82,15 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let lock = lock_database(&path)?;
-        let conn = Connection::open(&path).map_err(storage_error)?;
+        // Only the writer thread ever uses this connection, so SQLite's own
+        // per-call locking is pure cost.
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(storage_error)?;
         let synchronous = match options.durability {
             Durability::Durable => "FULL",
             Durability::Relaxed => "NORMAL",

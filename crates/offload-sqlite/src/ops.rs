@@ -3,15 +3,15 @@
 //! state machine of `offload-core` and writes back what changed.
 
 use offload_core::{
-    Ack, AckOutcome, CancelEffect, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind,
-    HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
-    Task, TaskSpec, check_json_size,
+    Ack, AckOutcome, CancelEffect, ClaimRequest, ClearRequest, Error, EventKind, HeartbeatAck,
+    HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State, Task,
+    TaskSpec, check_json_size,
 };
 use rusqlite::{OptionalExtension, params};
 use std::collections::HashSet;
 use uuid::Uuid;
 
-use crate::rows::{Id, StoredTask, TASK_COLUMNS, decode, json_text, opt_json_text, storage_error};
+use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
 use crate::writer::WriteCtx;
 
 /// Rows read per duty pass; bounds how long one pass holds the writer.
@@ -40,7 +40,7 @@ impl WriteCtx<'_> {
 
     fn load(&self, id: Uuid) -> Result<StoredTask> {
         self.load_one(
-            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"),
+            concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = ?1"),
             [Id(id)],
         )?
         .ok_or_else(|| Error::task_not_found(id))
@@ -111,7 +111,11 @@ impl WriteCtx<'_> {
             };
             for seq in dependents {
                 let Some(mut dependent) = self.load_one(
-                    &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1 AND state = 0"),
+                    concat!(
+                        "SELECT ",
+                        task_columns!(),
+                        " FROM tasks WHERE seq = ?1 AND state = 0"
+                    ),
                     [seq],
                 )?
                 else {
@@ -206,9 +210,10 @@ impl WriteCtx<'_> {
     /// The active task holding (queue, unique_key), per SPEC §1.2.
     fn unique_key_holder(&self, queue: &str, key: &str) -> Result<Option<StoredTask>> {
         self.load_one(
-            &format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE queue = ?1 AND unique_key = ?2 \
-                 AND state <= 3 AND cancel_requested = 0"
+            concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE queue = ?1 AND unique_key = ?2 AND state <= 3 AND cancel_requested = 0"
             ),
             params![queue, key],
         )
@@ -344,9 +349,10 @@ impl WriteCtx<'_> {
             capacity.push(room);
             let found = if req.types.is_empty() {
                 self.load_many(
-                    &format!(
-                        "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 2 AND queue = ?1 \
-                         ORDER BY priority DESC, run_at, seq LIMIT ?2"
+                    concat!(
+                        "SELECT ",
+                        task_columns!(),
+                        " FROM tasks WHERE state = 2 AND queue = ?1 ORDER BY priority DESC, run_at, seq LIMIT ?2"
                     ),
                     params![name, room as i64],
                 )?
@@ -354,9 +360,11 @@ impl WriteCtx<'_> {
                 let mut found = Vec::new();
                 for task_type in &req.types {
                     found.extend(self.load_many(
-                        &format!(
-                            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 2 AND queue = ?1 \
-                             AND type = ?2 ORDER BY priority DESC, run_at, seq LIMIT ?3"
+                        concat!(
+                            "SELECT ",
+                            task_columns!(),
+                            " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
+                             ORDER BY priority DESC, run_at, seq LIMIT ?3"
                         ),
                         params![name, task_type, room as i64],
                     )?);
@@ -567,7 +575,11 @@ impl WriteCtx<'_> {
 
     pub fn promote_due(&mut self) -> Result<PromoteReport> {
         let due = self.load_many(
-            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE state = 1 AND run_at <= ?1 ORDER BY run_at LIMIT ?2"),
+            concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = 1 AND run_at <= ?1 ORDER BY run_at LIMIT ?2"
+            ),
             params![self.now.as_millis(), DUTY_BATCH as i64],
         )?;
         let promoted = due.len() as u64;
@@ -587,23 +599,22 @@ impl WriteCtx<'_> {
     }
 
     pub fn recover_expired(&mut self) -> Result<u64> {
-        let now = self.now.as_millis();
+        let running = self.load_many(
+            concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = 3 AND (lease_expires_at <= ?1 OR deadline_at <= ?1) LIMIT ?2"
+            ),
+            params![self.now.as_millis(), DUTY_BATCH as i64],
+        )?;
         let mut recovered = 0;
-        for (column, kind) in [
-            ("lease_expires_at", ErrorKind::LeaseExpired),
-            ("deadline_at", ErrorKind::Timeout),
-        ] {
-            let expired = self.load_many(
-                &format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 3 AND {column} <= ?1 LIMIT ?2"
-                ),
-                params![now, DUTY_BATCH as i64],
-            )?;
-            for mut stored in expired {
-                stored.task.expire(kind, &self.shared.backoff, self.now)?;
-                self.save(&stored, State::Running)?;
-                recovered += 1;
-            }
+        for mut stored in running {
+            let Some(kind) = stored.task.expired(self.now) else {
+                continue;
+            };
+            stored.task.expire(kind, &self.shared.backoff, self.now)?;
+            self.save(&stored, State::Running)?;
+            recovered += 1;
         }
         Ok(recovered)
     }

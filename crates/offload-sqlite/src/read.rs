@@ -9,7 +9,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
 
-use crate::rows::{Id, TASK_COLUMNS, decode, storage_error};
+use crate::rows::{Id, TASK_COLUMNS, decode, storage_error, task_columns};
 
 /// Idle connections kept for reuse; more may be open during bursts.
 const IDLE_READERS: usize = 8;
@@ -66,10 +66,14 @@ impl Readers {
 }
 
 pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
-    conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
-        .and_then(|mut stmt| stmt.query_row([Id(id)], decode).optional())
-        .map(|found| found.map(|s| s.task))
-        .map_err(storage_error)
+    conn.prepare_cached(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE id = ?1"
+    ))
+    .and_then(|mut stmt| stmt.query_row([Id(id)], decode).optional())
+    .map(|found| found.map(|s| s.task))
+    .map_err(storage_error)
 }
 
 pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {

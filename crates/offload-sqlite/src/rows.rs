@@ -9,11 +9,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-/// Every column a [`Task`] is read from, in the order [`decode`] expects.
-pub(crate) const TASK_COLUMNS: &str = "seq, id, type, queue, payload, priority, state, attempt, \
-     max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, progress, result, \
-     error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
-     lease_expires_at, worker_id";
+/// Every column a [`Task`] is read from, in the order [`decode`] expects; a
+/// macro so that statements are whole `&'static str`s made at compile time
+/// (`concat!`), not strings built and hashed on every call.
+macro_rules! task_columns {
+    () => {
+        "seq, id, type, queue, payload, priority, state, attempt, max_attempts, timeout_secs, \
+         run_at, owner, labels, unique_key, depends_on, progress, result, error, errors, \
+         cancel_requested, created_at, updated_at, started_at, finished_at, lease_expires_at, \
+         worker_id"
+    };
+}
+pub(crate) use task_columns;
+
+pub(crate) const TASK_COLUMNS: &str = task_columns!();
 
 /// A task with its row position, which orders lists and breaks FIFO ties.
 #[derive(Debug)]
