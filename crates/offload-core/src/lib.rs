@@ -7,6 +7,7 @@
 //! backend enforces the same contract, and the conformance suite in
 //! `offload-storetest` checks exactly that.
 
+mod claim;
 mod error;
 mod hub;
 mod machine;
@@ -15,6 +16,7 @@ mod store;
 mod task;
 mod time;
 
+pub use claim::{Candidate, admit};
 pub use error::{Error, Result};
 pub use hub::{EventKind, Hub, TaskEvent};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};

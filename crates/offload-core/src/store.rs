@@ -15,11 +15,12 @@ use crate::{Error, Hub, Json, Limits, Result, State, Task, TaskSpec, Timestamp};
 
 /// A request to claim ready tasks.
 ///
-/// Claiming happens in two steps in every backend: gather candidates in
-/// priority order, then admit them one by one against the limits in force
-/// (paused queues, queue concurrency). Per-owner running limits, fair turns
-/// between owners and rate limits are further admission rules, which is why
-/// the request carries no assumption that one query can answer it.
+/// Claiming happens in two steps in every backend: the store gathers
+/// candidates per queue (skipping paused queues, no more than a queue's
+/// concurrency leaves room for), then [`crate::admit`] decides which to take.
+/// Per-owner running limits, fair turns between owners and rate limits are
+/// further admission rules and go there, which is why the request carries no
+/// assumption that one query can answer it.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest {
     pub worker_id: String,

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use offload_core::{
-    Ack, AckOutcome, CancelEffect, ClaimRequest, Error, EventKind, HeartbeatAck, HeartbeatRequest,
-    OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec, Timestamp,
-    check_json_size,
+    Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, Error, EventKind, HeartbeatAck,
+    HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
+    Timestamp, admit, check_json_size,
 };
 use sqlx::Row;
 use uuid::Uuid;
@@ -302,7 +302,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     let queues = sqlx::query("SELECT name, paused, concurrency FROM offload_queues ORDER BY name")
         .fetch_all(&mut *tx.conn)
         .await?;
-    let mut candidates: Vec<(StoredTask, usize)> = Vec::new();
+    let mut candidates = Vec::new();
     let mut capacity: Vec<usize> = Vec::new();
     for row in &queues {
         let name: String = row.try_get("name")?;
@@ -363,25 +363,18 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
             rows
         };
         for row in &rows {
-            candidates.push((decode(row)?, queue_index));
+            let stored = decode(row)?;
+            candidates.push(Candidate {
+                queue: queue_index,
+                priority: stored.task.priority,
+                run_at: stored.task.run_at,
+                position: stored.seq,
+                item: stored,
+            });
         }
     }
-    candidates.sort_by(|(a, _), (b, _)| {
-        b.task
-            .priority
-            .cmp(&a.task.priority)
-            .then(a.task.run_at.cmp(&b.task.run_at))
-            .then(a.seq.cmp(&b.seq))
-    });
     let mut claimed = Vec::new();
-    for (mut stored, queue_index) in candidates {
-        if claimed.len() == req.limit {
-            break;
-        }
-        if capacity[queue_index] == 0 {
-            continue;
-        }
-        capacity[queue_index] -= 1;
+    for mut stored in admit(candidates, capacity, req.limit) {
         stored.task.claim(&req.worker_id, req.lease, tx.now)?;
         claimed.push((stored, State::Pending));
     }

@@ -3,9 +3,9 @@
 //! state machine of `offload-core` and writes back what changed.
 
 use offload_core::{
-    Ack, AckOutcome, CancelEffect, ClaimRequest, ClearRequest, Error, EventKind, HeartbeatAck,
-    HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State, Task,
-    TaskSpec, check_json_size,
+    Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, ClearRequest, Error, EventKind,
+    HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
+    Task, TaskSpec, admit, check_json_size,
 };
 use rusqlite::{OptionalExtension, params};
 use std::collections::HashSet;
@@ -323,7 +323,7 @@ impl WriteCtx<'_> {
             rows.collect::<Sql<_>>().map_err(storage_error)?
         };
         // Candidates from every eligible queue, each already in priority order.
-        let mut candidates: Vec<(StoredTask, usize)> = Vec::new();
+        let mut candidates = Vec::new();
         let mut capacity: Vec<usize> = Vec::new();
         for (name, paused, concurrency) in &queues {
             if *paused || !(req.queues.is_empty() || req.queues.contains(name)) {
@@ -371,24 +371,16 @@ impl WriteCtx<'_> {
                 }
                 found
             };
-            candidates.extend(found.into_iter().map(|t| (t, queue_index)));
+            candidates.extend(found.into_iter().map(|t| Candidate {
+                queue: queue_index,
+                priority: t.task.priority,
+                run_at: t.task.run_at,
+                position: t.seq,
+                item: t,
+            }));
         }
-        candidates.sort_by(|(a, _), (b, _)| {
-            b.task
-                .priority
-                .cmp(&a.task.priority)
-                .then(a.task.run_at.cmp(&b.task.run_at))
-                .then(a.seq.cmp(&b.seq))
-        });
-        let mut claimed = Vec::with_capacity(req.limit.min(candidates.len()));
-        for (mut stored, queue_index) in candidates {
-            if claimed.len() == req.limit {
-                break;
-            }
-            if capacity[queue_index] == 0 {
-                continue;
-            }
-            capacity[queue_index] -= 1;
+        let mut claimed = Vec::new();
+        for mut stored in admit(candidates, capacity, req.limit) {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
             self.save(&stored, State::Pending)?;
             claimed.push(stored.task);
