@@ -57,7 +57,12 @@ pub async fn task_events(
             return;
         }
         loop {
-            let (kind, task) = match changes.recv().await {
+            let received = tokio::select! {
+                received = changes.recv() => received,
+                // The client left: stop now, not at the next change.
+                _ = tx.closed() => return,
+            };
+            let (kind, task) = match received {
                 Ok(TaskEvent { kind, task }) if task.id == id => (kind, (*task).clone()),
                 Ok(_) => continue,
                 // Missed events: the task as it is now stands in for them.
@@ -93,7 +98,11 @@ pub async fn all_events(
     let mut changes = state.store().hub().subscribe();
     let stream = async_stream(move |tx| async move {
         loop {
-            let next = match changes.recv().await {
+            let received = tokio::select! {
+                received = changes.recv() => received,
+                _ = tx.closed() => return,
+            };
+            let next = match received {
                 Ok(TaskEvent { kind, task }) => {
                     let wanted = queue.as_ref().is_none_or(|q| *q == task.queue)
                         && task_type.as_ref().is_none_or(|t| *t == task.task_type)
