@@ -53,12 +53,45 @@ const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
 const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
 
 /// `priority` as callers may give it: a number or a name.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PriorityInput {
     Number(i64),
     Name(String),
+}
+
+/// By hand, so that a value of the wrong kind is told what it must be
+/// rather than that it matched no variant.
+impl<'de> Deserialize<'de> for PriorityInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PriorityInput;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("1 to 10 or one of \"low\", \"normal\", \"high\"")
+            }
+            fn visit_i64<E: serde::de::Error>(
+                self,
+                n: i64,
+            ) -> std::result::Result<PriorityInput, E> {
+                Ok(PriorityInput::Number(n))
+            }
+            fn visit_u64<E: serde::de::Error>(
+                self,
+                n: u64,
+            ) -> std::result::Result<PriorityInput, E> {
+                Ok(PriorityInput::Number(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                s: &str,
+            ) -> std::result::Result<PriorityInput, E> {
+                Ok(PriorityInput::Name(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// What to do when an active task already holds the unique key.
@@ -503,6 +536,16 @@ mod tests {
         }
         let many_labels = (0..17).fold(NewTask::new("t"), |t, i| t.label(format!("k{i}"), "v"));
         assert_eq!(field_of(check(many_labels).unwrap_err()), "labels");
+    }
+
+    #[test]
+    fn a_priority_of_the_wrong_kind_says_what_it_must_be() {
+        let err = serde_json::from_str::<NewTask>(r#"{"type": "t", "priority": 2.5}"#).unwrap_err();
+        assert!(err.to_string().contains("1 to 10"), "{err}");
+        let named: NewTask = serde_json::from_str(r#"{"type": "t", "priority": "high"}"#).unwrap();
+        assert_eq!(named.priority, Some(PriorityInput::Name("high".into())));
+        let number: NewTask = serde_json::from_str(r#"{"type": "t", "priority": 7}"#).unwrap();
+        assert_eq!(number.priority, Some(PriorityInput::Number(7)));
     }
 
     #[test]
