@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use offload_core::{
-    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
+    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Error, HeartbeatAck,
     HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch, Result,
     Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
     encode_cursor, validate_queue_name, validate_worker_id,
@@ -538,10 +538,5 @@ impl PgStore {
         .await
         .map_err(storage_error)?;
         Ok(())
-    }
-
-    /// Counts by state, straight from the ledger.
-    pub async fn counts(&self) -> Result<Counts> {
-        Ok(self.stats().await?.total)
     }
 }

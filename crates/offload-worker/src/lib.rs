@@ -211,10 +211,6 @@ impl Worker {
         self
     }
 
-    pub fn config_ref(&self) -> &WorkerConfig {
-        &self.config
-    }
-
     /// Runs until `shutdown` fires, then shuts down gracefully: no new
     /// claims, in-flight tasks get `shutdown_grace` to finish, the rest are
     /// stopped and failed back for retry, and every acknowledgement is sent
