@@ -12,6 +12,7 @@ mod error;
 mod hub;
 mod machine;
 mod new_task;
+mod park;
 mod store;
 mod task;
 mod time;
@@ -24,8 +25,9 @@ pub use new_task::{
     Limits, NewTask, OnConflict, PriorityInput, Schedule, TaskSpec, check_json_size, validate_name,
     validate_queue_name, validate_worker_id,
 };
+pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use store::{
-    Ack, AckOutcome, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
+    Ack, AckOutcome, Claim, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
     HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS, ProgressUpdate, PromoteReport,
     QueueInfo, QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor, encode_cursor,
     truncate_message,

@@ -320,6 +320,15 @@ pub struct PromoteReport {
     pub next_due: Option<Timestamp>,
 }
 
+/// What [`Store::claim_or_park`] did.
+#[derive(Debug)]
+pub enum Claim {
+    /// Claimed these tasks (perhaps none) at once.
+    Now(Vec<Task>),
+    /// Found nothing and parked the claim; the ticket brings the answer.
+    Parked(crate::ClaimTicket),
+}
+
 /// A task store. Every method is one durable transaction: when it returns
 /// `Ok`, the change survives a crash (unless the backend runs relaxed).
 #[async_trait::async_trait]
@@ -331,6 +340,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Claims up to `limit` ready tasks, highest priority first, then oldest
     /// `run_at`.
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>>;
+
+    /// Claims like [`Store::claim`]; when nothing can be claimed, a store
+    /// that supports it parks the request (see [`crate::park`]) so that the
+    /// write which next makes tasks ready claims for it in the same commit.
+    /// Stores without parking answer at once; the caller then waits for the
+    /// hub's ready signal.
+    async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
+        self.claim(request).await.map(Claim::Now)
+    }
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck>;
 

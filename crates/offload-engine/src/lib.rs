@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use offload_core::{
-    ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
+    Claim, ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -111,8 +111,13 @@ impl Engine {
 
     /// Claims ready tasks, waiting up to `wait` for some to become ready.
     ///
-    /// `stop` ends the wait early (with nothing claimed); it never
-    /// interrupts a claim under way, so no claimed task is dropped.
+    /// When nothing is ready the claim is parked with the store, which then
+    /// claims for it inside the commit that makes tasks ready (one durable
+    /// commit from enqueue to pickup, not two).
+    ///
+    /// `stop` ends the wait early; it never interrupts a claim under way, so
+    /// no claimed task is dropped: tasks claimed just as it stopped are
+    /// returned.
     pub async fn fetch(
         &self,
         request: &ClaimRequest,
@@ -125,16 +130,43 @@ impl Engine {
             // Marked seen before looking, so a task made ready while we look
             // still wakes us.
             ready.borrow_and_update();
-            let claimed = self.store.claim(request).await?;
-            if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(claimed);
-            }
+            let ticket = match self.store.claim_or_park(request).await? {
+                Claim::Now(claimed) => {
+                    if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+                        return Ok(claimed);
+                    }
+                    None
+                }
+                Claim::Parked(ticket) => Some(ticket),
+            };
             let fallback = tokio::time::Instant::now() + self.config.fetch_fallback_poll;
-            tokio::select! {
-                _ = ready.changed() => {}
-                _ = tokio::time::sleep_until(deadline.min(fallback)) => {}
-                _ = stop.cancelled() => return Ok(Vec::new()),
-                _ = self.stop.cancelled() => return Ok(Vec::new()),
+            let Some(mut ticket) = ticket else {
+                tokio::select! {
+                    _ = ready.changed() => {}
+                    _ = tokio::time::sleep_until(deadline.min(fallback)) => {}
+                    _ = stop.cancelled() => return Ok(Vec::new()),
+                    _ = self.stop.cancelled() => return Ok(Vec::new()),
+                }
+                continue;
+            };
+            let answered = tokio::select! {
+                answer = ticket.answered() => Some(answer),
+                // The ready signal covers a task made ready just before the
+                // claim was parked, which the store could not claim for it.
+                _ = ready.changed() => None,
+                _ = tokio::time::sleep_until(deadline.min(fallback)) => None,
+                _ = stop.cancelled() => None,
+                _ = self.stop.cancelled() => None,
+            };
+            // Withdrawing a claim the store already took waits for its
+            // answer, so tasks claimed for it are returned, never dropped.
+            let claimed = match answered {
+                Some(answer) => answer?,
+                None => ticket.withdraw().await?,
+            };
+            let stopping = stop.is_cancelled() || self.stop.is_cancelled();
+            if !claimed.is_empty() || stopping || tokio::time::Instant::now() >= deadline {
+                return Ok(claimed);
             }
         }
     }

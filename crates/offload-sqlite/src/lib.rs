@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use offload_core::{
-    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
-    HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch, Result,
-    Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, validate_queue_name,
-    validate_worker_id,
+    Ack, AckOutcome, Backoff, Claim, ClaimRequest, ClearRequest, Clock, Counts, Error,
+    HeartbeatAck, HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch,
+    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec,
+    validate_queue_name, validate_worker_id,
 };
 use rusqlite::Connection;
 use uuid::Uuid;
@@ -117,6 +117,7 @@ impl SqliteStore {
             counts: Mutex::new(counts),
             backoff: options.backoff,
             limits: options.limits,
+            parked: Mutex::new(Vec::new()),
         });
         let writer = Writer::start(conn, lock, Arc::clone(&shared))
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
@@ -246,6 +247,36 @@ impl Store for SqliteStore {
         }
         let request = request.clone();
         self.writer.run(move |ctx| ctx.claim(&request)).await
+    }
+
+    async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
+        validate_worker_id(&request.worker_id)?;
+        for (i, queue) in request.queues.iter().enumerate() {
+            validate_queue_name(&format!("queues[{i}]"), queue)?;
+        }
+        if request.limit == 0 {
+            return Ok(Claim::Now(Vec::new()));
+        }
+        if !self.may_have_ready(request) {
+            // Parked without a trip to the writer. A group that made tasks
+            // ready but has not yet published its counts may miss this
+            // claim; its ready signal, published after, wakes the waiter.
+            let (parked, ticket) = offload_core::park(request.clone());
+            self.shared.park(parked);
+            return Ok(Claim::Parked(ticket));
+        }
+        let request = request.clone();
+        self.writer
+            .run(move |ctx| {
+                let claimed = ctx.claim(&request)?;
+                if !claimed.is_empty() {
+                    return Ok(Claim::Now(claimed));
+                }
+                let (parked, ticket) = offload_core::park(request);
+                ctx.shared.park(parked);
+                Ok(Claim::Parked(ticket))
+            })
+            .await
     }
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {

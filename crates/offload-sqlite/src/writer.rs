@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use offload_core::{
-    Backoff, Clock, Counts, Error, EventKind, Hub, Limits, Result, State, Task, TaskEvent,
-    Timestamp,
+    Backoff, Clock, Counts, Error, EventKind, Hub, Limits, ParkedClaim, Result, State, TakenClaim,
+    Task, TaskEvent, Timestamp,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -42,9 +42,23 @@ pub(crate) struct Shared {
     pub counts: Mutex<CountsMap>,
     pub backoff: Backoff,
     pub limits: Limits,
+    /// Claims of waiting workers, run at the end of the next group that
+    /// makes tasks ready, inside its transaction.
+    pub parked: Mutex<Vec<ParkedClaim>>,
 }
 
 impl Shared {
+    /// Leaves a claim for the writer to run when tasks become ready.
+    pub fn park(&self, claim: ParkedClaim) {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.retain(|p| !p.is_withdrawn());
+        parked.push(claim);
+    }
+
+    fn take_parked(&self) -> Vec<ParkedClaim> {
+        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn counts(&self) -> std::sync::MutexGuard<'_, CountsMap> {
         self.counts
             .lock()
@@ -286,6 +300,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
             };
             replies.push(job(&mut ctx));
         }
+        let parked_claims = claim_for_parked(conn, shared, &mut effects);
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
         match &committed {
             Ok(()) => effects.publish(shared),
@@ -294,8 +309,41 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
                 let _ = conn.execute_batch("ROLLBACK");
             }
         }
+        // Waiting workers first: their answer is the pickup latency.
+        for (claim, outcome) in parked_claims {
+            claim.answer(committed.clone().and(outcome));
+        }
         for reply in replies {
             reply(committed.clone());
         }
     }
+}
+
+/// When the group made tasks ready, claims for the parked claims of waiting
+/// workers inside the same transaction, so their tasks reach them with this
+/// commit instead of after a second one. Each taken claim is answered after
+/// the commit, with nothing if it found nothing (its waiter parks again).
+fn claim_for_parked(
+    conn: &Connection,
+    shared: &Shared,
+    effects: &mut Effects,
+) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
+    if !effects.ready {
+        return Vec::new();
+    }
+    let mut outcomes = Vec::new();
+    for parked in shared.take_parked() {
+        let Some(claim) = parked.take() else {
+            continue;
+        };
+        let mut ctx = WriteCtx {
+            conn,
+            now: shared.clock.now(),
+            shared,
+            effects,
+        };
+        let outcome = ctx.in_savepoint(|ctx| ctx.claim(&claim.request));
+        outcomes.push((claim, outcome));
+    }
+    outcomes
 }

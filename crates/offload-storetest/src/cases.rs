@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
+    Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
     HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, ProgressUpdate,
     QueuePatch, Retention, State, Store, Task, Timestamp,
 };
@@ -280,6 +280,54 @@ pub async fn claimed_task_is_not_handed_out_again(factory: &dyn StoreFactory) {
     let unique: std::collections::HashSet<_> = all.iter().collect();
     assert_eq!(all.len(), 20, "every task claimed");
     assert_eq!(unique.len(), 20, "no task claimed twice");
+}
+
+/// A claim parked while nothing is ready is answered by the write that makes
+/// a task ready, with the task claimed in that same commit; a withdrawn claim
+/// takes nothing. Stores that do not park answer at once, which the suite
+/// accepts (their waiters use the hub's ready signal instead).
+pub async fn parked_claim_is_answered_by_the_next_ready_task(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let request = |worker: &str, types: &[&str]| ClaimRequest {
+        worker_id: worker.into(),
+        types: types.iter().map(|s| s.to_string()).collect(),
+        queues: vec![],
+        limit: 5,
+        lease: Duration::from_secs(30),
+    };
+    let Claim::Parked(mut waiting) = f.store.claim_or_park(&request("w1", &["t"])).await.unwrap()
+    else {
+        return;
+    };
+    // A task of another type wakes the claim but cannot be claimed by it.
+    let other = f.enqueue(NewTask::new("other")).await;
+    assert!(waiting.answered().await.unwrap().is_empty());
+    assert_eq!(f.get(other.id).await.state, State::Pending);
+
+    let Claim::Parked(withdrawn) = f.store.claim_or_park(&request("w2", &["t"])).await.unwrap()
+    else {
+        panic!("a store that parked once parks again when nothing is ready");
+    };
+    assert!(withdrawn.withdraw().await.unwrap().is_empty());
+    let Claim::Parked(mut waiting) = f.store.claim_or_park(&request("w1", &["t"])).await.unwrap()
+    else {
+        panic!("a store that parked once parks again when nothing is ready");
+    };
+    let task = f.enqueue(NewTask::new("t")).await;
+    let claimed = waiting.answered().await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, task.id);
+    let stored = f.get(task.id).await;
+    assert_eq!(stored.state, State::Running);
+    assert_eq!(stored.worker_id.as_deref(), Some("w1"));
+    assert_eq!(stored.attempt, 1);
+    assert_eq!(f.store.stats().await.unwrap().total.running, 1);
+    // With something ready, the claim is answered at once.
+    let second = f.enqueue(NewTask::new("t")).await;
+    match f.store.claim_or_park(&request("w2", &["t"])).await.unwrap() {
+        Claim::Now(claimed) => assert_eq!(claimed[0].id, second.id),
+        Claim::Parked(_) => panic!("a ready task must be claimed at once"),
+    }
 }
 
 pub async fn scheduled_task_waits_for_run_at(factory: &dyn StoreFactory) {

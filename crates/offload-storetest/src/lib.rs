@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             claim_orders_by_priority_then_run_at,
             claim_respects_limit_types_and_queues,
             claimed_task_is_not_handed_out_again,
+            parked_claim_is_answered_by_the_next_ready_task,
             scheduled_task_waits_for_run_at,
             complete_records_result_and_only_holder_may_ack,
             failure_retries_with_backoff_until_attempts_run_out,
