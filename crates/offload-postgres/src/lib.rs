@@ -112,10 +112,13 @@ impl PgStore {
                 "must be lowercase letters, digits and _",
             ));
         }
-        let connect = PgConnectOptions::from_str(url)
+        let mut connect = PgConnectOptions::from_str(url)
             .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))?
-            .application_name("offload")
             .options([("search_path", schema.as_str())]);
+        // An application_name in the URL tells nodes apart in pg_stat_activity.
+        if connect.get_application_name().is_none() {
+            connect = connect.application_name("offload");
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
@@ -151,7 +154,18 @@ impl PgStore {
     }
 
     async fn begin(&self) -> Result<Tx, PgError> {
-        let conn = self.pool.begin().await?;
+        // sqlx's `Pool::begin` is not cancel-safe on PostgreSQL: dropped
+        // during BEGIN's round trip, it returns its connection to the pool
+        // inside an open transaction, and the next operation on that
+        // connection runs inside it. On a task of its own the BEGIN always
+        // completes; if our caller went away meanwhile, the transaction is
+        // dropped there, which rolls it back properly.
+        let pool = self.pool.clone();
+        let conn = tokio::spawn(async move { pool.begin().await })
+            .await
+            .map_err(|e| {
+                PgError::Core(Error::Storage(format!("beginning a transaction: {e}")))
+            })??;
         Ok(Tx::new(conn, Arc::clone(&self.node)))
     }
 

@@ -191,3 +191,78 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(all.len(), 300);
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
+
+/// A caller may go away at any point of an operation (a worker's connection
+/// drops during a claim, a timeout fires). Whatever the point, the
+/// connection must go back to the pool outside any transaction: one left
+/// inside would run the next operation in a stale transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_dropped_midway_leave_no_transaction_open() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let app = format!("offload_dropped_{}", uuid::Uuid::now_v7().simple());
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let tagged = format!("{url}{separator}application_name={app}");
+    let options = PgOptions {
+        schema: fresh_schema(),
+        max_connections: 2,
+        clock: Arc::new(SystemClock),
+        ..PgOptions::default()
+    };
+    let store = PgStore::open(&tagged, options).await.expect("open");
+    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let checker = sqlx::PgPool::connect(&url).await.expect("connect");
+    let open_transactions = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(&app)
+        .fetch_one(&checker)
+        .await
+        .expect("query pg_stat_activity")
+    };
+    let connected: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&app)
+            .fetch_one(&checker)
+            .await
+            .expect("query pg_stat_activity");
+    assert!(
+        connected > 0,
+        "the store's connections carry application_name {app}"
+    );
+    let mut dropped = 0;
+    for i in 0..300u64 {
+        // Deadlines from 10 µs to 1 ms: some fall inside BEGIN's round
+        // trip, some inside the body, some inside COMMIT.
+        let deadline = Duration::from_micros(10 + (i % 50) * 20);
+        // tokio's timers tick in milliseconds; this deadline is exact.
+        let expired = async {
+            let until = std::time::Instant::now() + deadline;
+            while std::time::Instant::now() < until {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::select! {
+            _ = store.enqueue(vec![spec.clone()]) => continue,
+            () = expired => {}
+        }
+        dropped += 1;
+        // Before any other operation could end a stale transaction for it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            open_transactions().await,
+            0,
+            "a connection was left inside a transaction after drop {dropped} (attempt {i})"
+        );
+    }
+    assert!(
+        dropped > 0,
+        "no operation was dropped midway; the test proved nothing"
+    );
+    for _ in 0..4 {
+        store.enqueue(vec![spec.clone()]).await.expect("enqueue");
+    }
+}
