@@ -34,7 +34,10 @@ use crate::rows::storage_error;
 use crate::writer::{CountsMap, Shared, Writer};
 
 /// Versioned migrations; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
+];
 
 /// Rows deleted per transaction by `clear`.
 const CLEAR_BATCH: usize = 5000;

@@ -347,30 +347,23 @@ impl WriteCtx<'_> {
             }
             let queue_index = capacity.len();
             capacity.push(room);
-            let found = if req.types.is_empty() {
-                self.load_many(
+            let types = if req.types.is_empty() {
+                self.pending_types(name)?
+            } else {
+                req.types.clone()
+            };
+            let mut found = Vec::new();
+            for task_type in &types {
+                found.extend(self.load_many(
                     concat!(
                         "SELECT ",
                         task_columns!(),
-                        " FROM tasks WHERE state = 2 AND queue = ?1 ORDER BY priority DESC, run_at, seq LIMIT ?2"
+                        " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
+                         ORDER BY priority DESC, run_at, seq LIMIT ?3"
                     ),
-                    params![name, room as i64],
-                )?
-            } else {
-                let mut found = Vec::new();
-                for task_type in &req.types {
-                    found.extend(self.load_many(
-                        concat!(
-                            "SELECT ",
-                            task_columns!(),
-                            " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
-                             ORDER BY priority DESC, run_at, seq LIMIT ?3"
-                        ),
-                        params![name, task_type, room as i64],
-                    )?);
-                }
-                found
-            };
+                    params![name, task_type, room as i64],
+                )?);
+            }
             candidates.extend(found.into_iter().map(|t| Candidate {
                 queue: queue_index,
                 priority: t.task.priority,
@@ -386,6 +379,28 @@ impl WriteCtx<'_> {
             claimed.push(stored.task);
         }
         Ok(claimed)
+    }
+
+    /// The types with pending tasks in `queue`, one short walk of
+    /// tasks_ready_by_type per type (a skip scan) rather than a visit of
+    /// every pending task.
+    fn pending_types(&self, queue: &str) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "WITH RECURSIVE pending(type) AS ( \
+                   SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
+                   UNION ALL \
+                   SELECT (SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
+                           AND type > pending.type) \
+                   FROM pending WHERE pending.type IS NOT NULL \
+                 ) SELECT type FROM pending WHERE type IS NOT NULL",
+            )
+            .map_err(storage_error)?;
+        let rows = stmt
+            .query_map([queue], |r| r.get(0))
+            .map_err(storage_error)?;
+        rows.collect::<Sql<_>>().map_err(storage_error)
     }
 
     // ---- the worker's reports -----------------------------------------
