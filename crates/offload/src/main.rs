@@ -36,10 +36,19 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let serving = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Work(_));
     init_logging(if serving { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if matches!(cli.command, cli::Command::Serve(_))
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
+        // One core is the store's: the SQLite writer thread (or, beside
+        // PostgreSQL, the database). Measured on 2 cores, one request thread
+        // instead of two gave ~20% more throughput and ~15% faster pickup,
+        // from fewer wake-ups between threads.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(cores.saturating_sub(1).max(1));
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("offload: cannot start the runtime: {e}");
