@@ -99,6 +99,9 @@ impl WriteCtx<'_> {
         // Dependency cascades, breadth-first: a cancelled dependent may have
         // dependents of its own.
         while let Some((dep_id, dep_state)) = finished.pop() {
+            if !self.dependencies_stored()? {
+                break;
+            }
             let dependents: Vec<i64> = {
                 let mut stmt = self
                     .conn
@@ -164,6 +167,19 @@ impl WriteCtx<'_> {
         }
         self.event(EventKind::State, &stored.task);
         Ok(())
+    }
+
+    fn dependencies_stored(&mut self) -> Result<bool> {
+        if let Some(known) = self.effects().dependencies_stored {
+            return Ok(known);
+        }
+        let stored = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM task_deps)")
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+            .map_err(storage_error)?;
+        self.effects().dependencies_stored = Some(stored);
+        Ok(stored)
     }
 
     fn unmet_dependencies(&self, seq: i64) -> Result<i64> {
@@ -288,6 +304,9 @@ impl WriteCtx<'_> {
             })
             .map_err(storage_error)?;
         let seq = self.conn.last_insert_rowid();
+        if !unmet.is_empty() {
+            self.effects().dependencies_stored = Some(true);
+        }
         for dep in &unmet {
             self.conn
                 .prepare_cached(

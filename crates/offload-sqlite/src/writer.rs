@@ -74,6 +74,11 @@ pub(crate) struct Effects {
     cancels: Vec<Uuid>,
     ready: bool,
     scheduled: bool,
+    /// Whether task_deps may hold rows, looked up once per group: most
+    /// groups have no blocked tasks, and then a finished task has no
+    /// dependents to look for. Only ever turns from false to true within a
+    /// group, so a rolled-back savepoint cannot make it wrong, only careful.
+    pub(crate) dependencies_stored: Option<bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -190,6 +195,10 @@ impl WriteCtx<'_> {
                 task: Arc::new(task.clone()),
             });
         }
+    }
+
+    pub(crate) fn effects(&mut self) -> &mut Effects {
+        self.effects
     }
 
     pub fn cancel_requested(&mut self, id: Uuid) {
