@@ -434,8 +434,9 @@ pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResul
         };
         match outcome {
             Ok(()) => {
-                before.entry(id).or_insert(state);
-                if !changed.contains(&id) {
+                // The first ack of an id in the batch records where it came from.
+                if let std::collections::hash_map::Entry::Vacant(first) = before.entry(id) {
+                    first.insert(state);
                     changed.push(id);
                 }
                 outcomes.push(Ok(stored.task.clone()));
