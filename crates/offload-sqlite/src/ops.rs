@@ -38,7 +38,10 @@ impl WriteCtx<'_> {
         run().map_err(storage_error)
     }
 
-    fn load(&self, id: Uuid) -> Result<StoredTask> {
+    fn load(&mut self, id: Uuid) -> Result<StoredTask> {
+        if let Some(stored) = self.running.take(id) {
+            return Ok(stored);
+        }
         self.load_one(
             concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = ?1"),
             [Id(id)],
@@ -48,6 +51,7 @@ impl WriteCtx<'_> {
 
     /// Writes back every column the state machine may change.
     fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
+        self.running.forget(stored.task.id);
         let t = &stored.task;
         let run = || -> Result<usize> {
             let progress = opt_json_text(t.progress.as_ref())?;
@@ -395,6 +399,7 @@ impl WriteCtx<'_> {
         for mut stored in admit(candidates, capacity, req.limit) {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
             self.save(&stored, State::Pending)?;
+            self.running.remember(&stored);
             claimed.push(stored.task);
         }
         Ok(claimed)

@@ -21,7 +21,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::rows::storage_error;
+use crate::rows::{StoredTask, storage_error};
 
 /// Operations committed together at most; bounds the latency of a group.
 const MAX_GROUP: usize = 512;
@@ -134,12 +134,53 @@ impl Effects {
     }
 }
 
+/// Running tasks at most kept in [`RunningRows`].
+const MAX_RUNNING_ROWS: usize = 100_000;
+
+/// The rows of tasks this writer claimed and that are still running as it
+/// left them, so that completing one need not read it back. Every write of
+/// a task row passes through the writer: a write forgets the row (the next
+/// reader of it loads it again), a rolled-back savepoint or commit forgets
+/// them all.
+#[derive(Default)]
+pub(crate) struct RunningRows {
+    rows: HashMap<Uuid, StoredTask>,
+}
+
+impl RunningRows {
+    pub fn take(&mut self, id: Uuid) -> Option<StoredTask> {
+        self.rows.remove(&id)
+    }
+
+    /// Keeps a task just claimed and written.
+    pub fn remember(&mut self, stored: &StoredTask) {
+        if stored.task.state == State::Running && self.rows.len() < MAX_RUNNING_ROWS {
+            self.rows.insert(
+                stored.task.id,
+                StoredTask {
+                    seq: stored.seq,
+                    task: stored.task.clone(),
+                },
+            );
+        }
+    }
+
+    pub fn forget(&mut self, id: Uuid) {
+        self.rows.remove(&id);
+    }
+
+    fn forget_all(&mut self) {
+        self.rows.clear();
+    }
+}
+
 /// What an operation sees: the open transaction, the time it runs at, and
 /// the effects it accumulates.
 pub(crate) struct WriteCtx<'c> {
     pub conn: &'c Connection,
     pub now: Timestamp,
     pub shared: &'c Shared,
+    pub running: &'c mut RunningRows,
     effects: &'c mut Effects,
 }
 
@@ -151,6 +192,7 @@ impl WriteCtx<'_> {
         if outcome.is_err() {
             self.exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
+            self.running.forget_all();
         }
         self.exec("RELEASE op")?;
         outcome
@@ -283,6 +325,7 @@ impl Drop for Writer {
 }
 
 fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
+    let mut running = RunningRows::default();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -305,17 +348,19 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
                 conn,
                 now: shared.clock.now(),
                 shared,
+                running: &mut running,
                 effects: &mut effects,
             };
             replies.push(job(&mut ctx));
         }
-        let parked_claims = claim_for_parked(conn, shared, &mut effects);
+        let parked_claims = claim_for_parked(conn, shared, &mut running, &mut effects);
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
         match &committed {
             Ok(()) => effects.publish(shared),
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
+                running.forget_all();
             }
         }
         // Waiting workers first: their answer is the pickup latency.
@@ -335,6 +380,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
 fn claim_for_parked(
     conn: &Connection,
     shared: &Shared,
+    running: &mut RunningRows,
     effects: &mut Effects,
 ) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
     if !effects.ready {
@@ -349,6 +395,7 @@ fn claim_for_parked(
             conn,
             now: shared.clock.now(),
             shared,
+            running,
             effects,
         };
         let outcome = ctx.in_savepoint(|ctx| ctx.claim(&claim.request));

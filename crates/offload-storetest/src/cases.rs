@@ -457,6 +457,9 @@ pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: 
         ErrorKind::LeaseExpired
     );
     assert_eq!(recovered.errors.len(), 1);
+    // Fenced at once, before anyone claims the task again.
+    assert_conflict(f.complete("old", task.id, None).await);
+    assert_eq!(f.get(task.id).await.state, State::Scheduled);
     f.clock.advance(f.now().until(recovered.run_at));
     f.store.promote_due().await.unwrap();
     let again = f.claim_one("new").await;
