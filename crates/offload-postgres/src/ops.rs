@@ -336,32 +336,25 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         }
         let queue_index = capacity.len();
         capacity.push(room);
-        let rows = if req.types.is_empty() {
-            sqlx::query(&format!(
-                "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 \
-                 ORDER BY priority DESC, run_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED"
-            ))
-            .bind(&name)
-            .bind(room as i64)
-            .fetch_all(&mut *tx.conn)
-            .await?
+        let types = if req.types.is_empty() {
+            pending_types(tx, &name).await?
         } else {
-            let mut rows = Vec::new();
-            for task_type in &req.types {
-                rows.extend(
-                    sqlx::query(&format!(
-                        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
-                         ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
-                    ))
-                    .bind(&name)
-                    .bind(task_type)
-                    .bind(room as i64)
-                    .fetch_all(&mut *tx.conn)
-                    .await?,
-                );
-            }
-            rows
+            req.types.clone()
         };
+        let mut rows = Vec::new();
+        for task_type in &types {
+            rows.extend(
+                sqlx::query(&format!(
+                    "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+                     ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+                ))
+                .bind(&name)
+                .bind(task_type)
+                .bind(room as i64)
+                .fetch_all(&mut *tx.conn)
+                .await?,
+            );
+        }
         for row in &rows {
             let stored = decode(row)?;
             candidates.push(Candidate {
@@ -381,6 +374,24 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
     tx.save(claimed).await?;
     Ok(tasks)
+}
+
+/// The types with pending tasks in `queue`: one short walk of
+/// offload_tasks_ready_by_type per type (a loose index scan) rather than a
+/// visit of every pending task.
+async fn pending_types(tx: &mut Tx, queue: &str) -> PgResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "WITH RECURSIVE pending(type) AS ( \
+           (SELECT type FROM offload_tasks WHERE state = 2 AND queue = $1 ORDER BY type LIMIT 1) \
+           UNION ALL \
+           SELECT (SELECT t.type FROM offload_tasks t WHERE t.state = 2 AND t.queue = $1 \
+                   AND t.type > pending.type ORDER BY t.type LIMIT 1) \
+           FROM pending WHERE pending.type IS NOT NULL \
+         ) SELECT type FROM pending WHERE type IS NOT NULL",
+    )
+    .bind(queue)
+    .fetch_all(&mut *tx.conn)
+    .await?)
 }
 
 // ---- the worker's reports ---------------------------------------------------
