@@ -38,7 +38,11 @@ pub fn park(request: ClaimRequest) -> (ParkedClaim, ClaimTicket) {
             state: Arc::clone(&state),
             answer,
         },
-        ClaimTicket { state, answered },
+        ClaimTicket {
+            state,
+            answered,
+            spent: false,
+        },
     )
 }
 
@@ -90,15 +94,23 @@ impl TakenClaim {
 pub struct ClaimTicket {
     state: Arc<AtomicU8>,
     answered: oneshot::Receiver<Answer>,
+    /// The answer was received; the ticket holds nothing more.
+    spent: bool,
 }
 
 impl ClaimTicket {
     /// Waits for the store's answer: claimed tasks, or none when the store
     /// tried and found nothing it could claim after all.
+    /// Once answered, the ticket is spent and answers nothing more.
     pub async fn answered(&mut self) -> Answer {
-        (&mut self.answered)
+        if self.spent {
+            return Ok(Vec::new());
+        }
+        let answer = (&mut self.answered)
             .await
-            .unwrap_or_else(|_| Err(Error::Unavailable("the store is closed".into())))
+            .unwrap_or_else(|_| Err(Error::Unavailable("the store is closed".into())));
+        self.spent = true;
+        answer
     }
 
     /// Withdraws the claim: nothing is claimed for it from now on. If the
@@ -158,6 +170,18 @@ mod tests {
             withdrawing.await.unwrap(),
             Err(Error::Conflict(m)) if m == "answered"
         ));
+    }
+
+    #[tokio::test]
+    async fn a_spent_ticket_answers_nothing_more() {
+        let (parked, mut ticket) = park(request());
+        parked
+            .take()
+            .expect("not withdrawn")
+            .answer(Err(Error::Conflict("answered".into())));
+        assert!(ticket.answered().await.is_err());
+        assert!(ticket.answered().await.unwrap().is_empty());
+        assert!(ticket.withdraw().await.unwrap().is_empty());
     }
 
     #[tokio::test]

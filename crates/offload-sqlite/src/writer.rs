@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use offload_core::{
-    Backoff, Clock, Counts, Error, EventKind, Hub, Limits, ParkedClaim, Result, State, TakenClaim,
-    Task, TaskEvent, Timestamp,
+    Backoff, ClaimRequest, Clock, Counts, Error, EventKind, Hub, Limits, ParkedClaim, Result,
+    State, TakenClaim, Task, TaskEvent, Timestamp,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -73,6 +73,9 @@ pub(crate) struct Effects {
     events: Vec<TaskEvent>,
     cancels: Vec<Uuid>,
     ready: bool,
+    /// A change that may make any claim succeed (a queue resumed or its
+    /// concurrency raised), beyond what the count changes tell.
+    woke_all: bool,
     scheduled: bool,
     /// Whether task_deps may hold rows, looked up once per group: most
     /// groups have no blocked tasks, and then a finished task has no
@@ -87,16 +90,36 @@ struct Mark {
     events: usize,
     cancels: usize,
     ready: bool,
+    woke_all: bool,
     scheduled: bool,
 }
 
 impl Effects {
+    /// Whether this group's changes may let `request` claim something: a
+    /// task of its queues and types became pending, or a running task of
+    /// its queues ended (freeing a slot of a limited queue).
+    fn may_satisfy(&self, request: &ClaimRequest) -> bool {
+        self.woke_all
+            || self.deltas.iter().any(|(queue, task_type, state, delta)| {
+                let queue_served = request.queues.is_empty() || request.queues.contains(queue);
+                match (state, delta.signum()) {
+                    (State::Pending, 1) => {
+                        queue_served
+                            && (request.types.is_empty() || request.types.contains(task_type))
+                    }
+                    (State::Running, -1) => queue_served,
+                    _ => false,
+                }
+            })
+    }
+
     fn mark(&self) -> Mark {
         Mark {
             deltas: self.deltas.len(),
             events: self.events.len(),
             cancels: self.cancels.len(),
             ready: self.ready,
+            woke_all: self.woke_all,
             scheduled: self.scheduled,
         }
     }
@@ -106,6 +129,7 @@ impl Effects {
         self.events.truncate(mark.events);
         self.cancels.truncate(mark.cancels);
         self.ready = mark.ready;
+        self.woke_all = mark.woke_all;
         self.scheduled = mark.scheduled;
     }
 
@@ -250,6 +274,7 @@ impl WriteCtx<'_> {
     /// Wakes waiting workers after commit, e.g. when a queue resumes.
     pub fn wake_workers(&mut self) {
         self.effects.ready = true;
+        self.effects.woke_all = true;
     }
 }
 
@@ -387,7 +412,13 @@ fn claim_for_parked(
         return Vec::new();
     }
     let mut outcomes = Vec::new();
+    let mut untouched = Vec::new();
     for parked in shared.take_parked() {
+        // Left parked, without a wake-up, when nothing here concerns it.
+        if !parked.is_withdrawn() && !effects.may_satisfy(&parked.request) {
+            untouched.push(parked);
+            continue;
+        }
         let Some(claim) = parked.take() else {
             continue;
         };
@@ -400,6 +431,10 @@ fn claim_for_parked(
         };
         let outcome = ctx.in_savepoint(|ctx| ctx.claim(&claim.request));
         outcomes.push((claim, outcome));
+    }
+    if !untouched.is_empty() {
+        let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.extend(untouched);
     }
     outcomes
 }
