@@ -168,6 +168,14 @@ impl SqliteStore {
     }
 }
 
+fn validate_claim(request: &ClaimRequest) -> Result<()> {
+    validate_worker_id(&request.worker_id)?;
+    for (i, queue) in request.queues.iter().enumerate() {
+        validate_queue_name(&format!("queues[{i}]"), queue)?;
+    }
+    Ok(())
+}
+
 fn lock_database(path: &Path) -> Result<std::fs::File> {
     let mut lock_path: PathBuf = path.to_path_buf();
     lock_path.as_mut_os_string().push(".lock");
@@ -241,10 +249,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
-        validate_worker_id(&request.worker_id)?;
-        for (i, queue) in request.queues.iter().enumerate() {
-            validate_queue_name(&format!("queues[{i}]"), queue)?;
-        }
+        validate_claim(request)?;
         if !self.may_have_ready(request) {
             return Ok(Vec::new());
         }
@@ -253,10 +258,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
-        validate_worker_id(&request.worker_id)?;
-        for (i, queue) in request.queues.iter().enumerate() {
-            validate_queue_name(&format!("queues[{i}]"), queue)?;
-        }
+        validate_claim(request)?;
         if request.limit == 0 {
             return Ok(Claim::Now(Vec::new()));
         }
