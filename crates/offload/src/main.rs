@@ -37,7 +37,15 @@ fn main() -> ExitCode {
     let serving = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Work(_));
     init_logging(if serving { "info" } else { "warn" });
     let runtime_threads = match std::env::var("TOKIO_WORKER_THREADS") {
-        Ok(n) => n.parse::<usize>().ok(),
+        Ok(n) => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!(
+                    "offload: TOKIO_WORKER_THREADS must be a whole number above 0; got {n:?}"
+                );
+                return ExitCode::from(2);
+            }
+        },
         // One core is the store's: the SQLite writer thread (or, beside
         // PostgreSQL, the database). On 2 cores a single request thread
         // measured faster than two: fewer wake-ups between threads.
