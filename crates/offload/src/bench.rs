@@ -10,7 +10,7 @@
 //! - `pickup_ms`: an idle server, tasks one after another, from the enqueue
 //!   request leaving the client to the handler starting;
 //! - `claim_scaling`: processing rate with `--stored` tasks stored divided by
-//!   the rate with 10,000 stored;
+//!   the rate with 10,000 stored (each the median of three rounds);
 //! - `server_rss_mb`: the server's peak resident memory.
 //!
 //! Tasks are no-ops with a small JSON payload. Nothing here asserts a
@@ -38,6 +38,10 @@ const TASK_TYPE: &str = "bench.noop";
 const BATCH: usize = 1000;
 /// Tasks processed for each half of the claim-scaling ratio.
 const SCALING_SAMPLE: usize = 10_000;
+/// Each half of the claim-scaling ratio is the median of this many rounds:
+/// one round lasts a fraction of a second, where a noisy machine's hiccup
+/// would otherwise decide the ratio.
+const SCALING_ROUNDS: usize = 3;
 /// Remote workers and the concurrency of each.
 const HTTP_WORKERS: usize = 4;
 const HTTP_CONCURRENCY: usize = 500;
@@ -204,14 +208,23 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     };
     let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
     let small = SCALING_SAMPLE;
-    enqueue_quietly(&client, small).await?;
-    let rate_small = process_http(&client, small, quiet, "claim, 10,000 stored").await?;
+    let mut rates_small = Vec::with_capacity(SCALING_ROUNDS);
+    for _ in 0..SCALING_ROUNDS {
+        enqueue_quietly(&client, small).await?;
+        rates_small.push(process_http(&client, small, quiet, "claim, 10,000 stored").await?);
+    }
     let stored = args.stored.max(small);
-    let fill = bar(stored, "store for scaling", quiet);
-    enqueue_counted(&client, stored, &fill).await?;
+    // Each round consumes its sample and a little more (tasks fetched before
+    // the workers stop still run): the rounds must never run dry.
+    let to_store = stored + 2 * small * SCALING_ROUNDS;
+    let fill = bar(to_store, "store for scaling", quiet);
+    enqueue_counted(&client, to_store, &fill).await?;
     fill.finish();
-    let rate_large = process_http(&client, small, quiet, "claim, many stored").await?;
-    let claim_scaling = rate_large / rate_small;
+    let mut rates_large = Vec::with_capacity(SCALING_ROUNDS);
+    for _ in 0..SCALING_ROUNDS {
+        rates_large.push(process_http(&client, small, quiet, "claim, many stored").await?);
+    }
+    let claim_scaling = median(rates_large) / median(rates_small);
     let server_rss_mb = target.rss_peak_mb();
 
     let report = Report {
@@ -272,6 +285,11 @@ fn print_report(r: &Report, stored: usize) {
         Some(mb) => println!("  server peak memory          {mb:>12.1} MB"),
         None => println!("  server peak memory                   n/a (remote server)"),
     }
+}
+
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
 }
 
 async fn enqueue_single(client: &Client, n: usize, quiet: bool) -> Result<f64> {
