@@ -69,7 +69,11 @@ impl Shared {
 /// Effects of a group's operations, published after its commit.
 #[derive(Default)]
 pub(crate) struct Effects {
-    deltas: Vec<(String, String, State, i64)>,
+    /// The (queue, type) pairs this group touched; `deltas` points into it,
+    /// so a group of thousands of changes to one pair allocates its names
+    /// once instead of per change.
+    pairs: Vec<(String, String)>,
+    deltas: Vec<Delta>,
     events: Vec<TaskEvent>,
     cancels: Vec<Uuid>,
     ready: bool,
@@ -84,8 +88,17 @@ pub(crate) struct Effects {
     pub(crate) dependencies_stored: Option<bool>,
 }
 
+/// One task entering (+1) or leaving (-1) `state` in `pairs[pair]`.
+#[derive(Clone, Copy)]
+struct Delta {
+    pair: usize,
+    state: State,
+    change: i64,
+}
+
 #[derive(Clone, Copy)]
 struct Mark {
+    pairs: usize,
     deltas: usize,
     events: usize,
     cancels: usize,
@@ -100,9 +113,10 @@ impl Effects {
     /// its queues ended (freeing a slot of a limited queue).
     fn may_satisfy(&self, request: &ClaimRequest) -> bool {
         self.woke_all
-            || self.deltas.iter().any(|(queue, task_type, state, delta)| {
+            || self.deltas.iter().any(|delta| {
+                let (queue, task_type) = &self.pairs[delta.pair];
                 let queue_served = request.queues.is_empty() || request.queues.contains(queue);
-                match (state, delta.signum()) {
+                match (delta.state, delta.change.signum()) {
                     (State::Pending, 1) => {
                         queue_served
                             && (request.types.is_empty() || request.types.contains(task_type))
@@ -115,6 +129,7 @@ impl Effects {
 
     fn mark(&self) -> Mark {
         Mark {
+            pairs: self.pairs.len(),
             deltas: self.deltas.len(),
             events: self.events.len(),
             cancels: self.cancels.len(),
@@ -125,6 +140,7 @@ impl Effects {
     }
 
     fn reset(&mut self, mark: Mark) {
+        self.pairs.truncate(mark.pairs);
         self.deltas.truncate(mark.deltas);
         self.events.truncate(mark.events);
         self.cancels.truncate(mark.cancels);
@@ -135,11 +151,17 @@ impl Effects {
 
     fn publish(self, shared: &Shared) {
         if !self.deltas.is_empty() {
+            let mut by_pair = vec![[0i64; State::ALL.len()]; self.pairs.len()];
+            for delta in &self.deltas {
+                by_pair[delta.pair][delta.state as usize] += delta.change;
+            }
             let mut counts = shared.counts();
-            for (queue, task_type, state, delta) in self.deltas {
-                let entry = counts.entry((queue, task_type)).or_default();
-                let slot = entry.slot(state);
-                *slot = slot.saturating_add_signed(delta);
+            for (pair, changes) in self.pairs.into_iter().zip(by_pair) {
+                let entry = counts.entry(pair).or_default();
+                for state in State::ALL {
+                    let slot = entry.slot(state);
+                    *slot = slot.saturating_add_signed(changes[state as usize]);
+                }
             }
             counts.retain(|_, c| c.total() > 0);
         }
@@ -168,7 +190,9 @@ const MAX_RUNNING_ROWS: usize = 100_000;
 /// them all.
 #[derive(Default)]
 pub(crate) struct RunningRows {
-    rows: HashMap<Uuid, StoredTask>,
+    /// Keyed by ids this store generated (v7: 62 random bits), so a fast
+    /// hash without DoS resistance is safe here.
+    rows: rustc_hash::FxHashMap<Uuid, StoredTask>,
 }
 
 impl RunningRows {
@@ -233,15 +257,27 @@ impl WriteCtx<'_> {
     /// Records that a task of (queue, type) left `from` and entered `to`;
     /// `None` is outside the store (inserted or deleted).
     pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
-        if let Some(from) = from {
-            self.effects
-                .deltas
-                .push((queue.to_owned(), task_type.to_owned(), from, -1));
-        }
-        if let Some(to) = to {
-            self.effects
-                .deltas
-                .push((queue.to_owned(), task_type.to_owned(), to, 1));
+        let effects = &mut *self.effects;
+        // Groups touch few pairs, and the latest is the likeliest again.
+        let pair = match effects
+            .pairs
+            .iter()
+            .rposition(|(q, t)| q == queue && t == task_type)
+        {
+            Some(pair) => pair,
+            None => {
+                effects.pairs.push((queue.to_owned(), task_type.to_owned()));
+                effects.pairs.len() - 1
+            }
+        };
+        for (state, change) in [(from, -1), (to, 1)] {
+            if let Some(state) = state {
+                effects.deltas.push(Delta {
+                    pair,
+                    state,
+                    change,
+                });
+            }
         }
         match to {
             Some(State::Pending) => self.effects.ready = true,
