@@ -525,7 +525,7 @@ pub(crate) async fn delete_finished(
     batch: i64,
 ) -> PgResult<u64> {
     let rows = sqlx::query(
-        "DELETE FROM offload_tasks WHERE seq IN (SELECT seq FROM offload_tasks WHERE state = $1 \
+        "DELETE FROM offload_tasks WHERE seq IN (SELECT seq FROM offload_tasks WHERE state = $1 AND state >= 4 \
          AND finished_at <= $2 LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING queue, type",
     )
     .bind(state.code() as i16)

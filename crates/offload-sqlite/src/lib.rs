@@ -14,6 +14,7 @@
 mod ops;
 mod read;
 mod rows;
+pub mod sql;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -405,12 +406,10 @@ impl Store for SqliteStore {
             .as_millis();
         self.readers
             .run(move |conn| {
-                conn.prepare_cached(
-                    "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1",
-                )
-                .and_then(|mut stmt| stmt.query_row([cutoff], |r| r.get::<_, i64>(0)))
-                .map(|n| n as u64)
-                .map_err(storage_error)
+                conn.prepare_cached(sql::STUCK)
+                    .and_then(|mut stmt| stmt.query_row([cutoff], |r| r.get::<_, i64>(0)))
+                    .map(|n| n as u64)
+                    .map_err(storage_error)
             })
             .await
     }

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
+use crate::sql;
 use crate::writer::WriteCtx;
 
 /// Rows read per duty pass; bounds how long one pass holds the writer.
@@ -357,7 +358,7 @@ impl WriteCtx<'_> {
                 Some(limit) => {
                     let running: i64 = self
                         .conn
-                        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1")
+                        .prepare_cached(sql::RUNNING_IN_QUEUE)
                         .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
                         .map_err(storage_error)?;
                     usize::try_from(limit.saturating_sub(running))
@@ -377,15 +378,9 @@ impl WriteCtx<'_> {
             };
             let mut found = Vec::new();
             for task_type in &types {
-                found.extend(self.load_many(
-                    concat!(
-                        "SELECT ",
-                        task_columns!(),
-                        " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
-                         ORDER BY priority DESC, run_at, seq LIMIT ?3"
-                    ),
-                    params![name, task_type, room as i64],
-                )?);
+                found.extend(
+                    self.load_many(sql::CLAIM_CANDIDATES, params![name, task_type, room as i64])?,
+                );
             }
             candidates.extend(found.into_iter().map(|t| Candidate {
                 queue: queue_index,
@@ -405,21 +400,10 @@ impl WriteCtx<'_> {
         Ok(claimed)
     }
 
-    /// The types with pending tasks in `queue`, one short walk of
-    /// tasks_ready_by_type per type (a skip scan) rather than a visit of
-    /// every pending task.
     fn pending_types(&self, queue: &str) -> Result<Vec<String>> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "WITH RECURSIVE pending(type) AS ( \
-                   SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
-                   UNION ALL \
-                   SELECT (SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
-                           AND type > pending.type) \
-                   FROM pending WHERE pending.type IS NOT NULL \
-                 ) SELECT type FROM pending WHERE type IS NOT NULL",
-            )
+            .prepare_cached(sql::PENDING_TYPES)
             .map_err(storage_error)?;
         let rows = stmt
             .query_map([queue], |r| r.get(0))
@@ -542,10 +526,7 @@ impl WriteCtx<'_> {
         let removed: Vec<(String, String)> = {
             let mut stmt = self
                 .conn
-                .prepare_cached(
-                    "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE state = ?1 \
-                     AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type",
-                )
+                .prepare_cached(sql::DELETE_FINISHED)
                 .map_err(storage_error)?;
             let rows = stmt
                 .query_map(params![state.code(), finished_by, batch as i64], |r| {
@@ -605,14 +586,7 @@ impl WriteCtx<'_> {
     // ---- background duties --------------------------------------------
 
     pub fn promote_due(&mut self) -> Result<PromoteReport> {
-        let due = self.load_many(
-            concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE state = 1 AND run_at <= ?1 ORDER BY run_at LIMIT ?2"
-            ),
-            params![self.now.as_millis(), DUTY_BATCH as i64],
-        )?;
+        let due = self.load_many(sql::DUE, params![self.now.as_millis(), DUTY_BATCH as i64])?;
         let promoted = due.len() as u64;
         for mut stored in due {
             stored.task.promote(self.now)?;
@@ -620,7 +594,7 @@ impl WriteCtx<'_> {
         }
         let next_due: Option<i64> = self
             .conn
-            .prepare_cached("SELECT MIN(run_at) FROM tasks WHERE state = 1")
+            .prepare_cached(sql::NEXT_DUE)
             .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
             .map_err(storage_error)?;
         Ok(PromoteReport {
@@ -631,11 +605,7 @@ impl WriteCtx<'_> {
 
     pub fn recover_expired(&mut self) -> Result<u64> {
         let running = self.load_many(
-            concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE state = 3 AND (lease_expires_at <= ?1 OR deadline_at <= ?1) LIMIT ?2"
-            ),
+            sql::EXPIRED,
             params![self.now.as_millis(), DUTY_BATCH as i64],
         )?;
         let mut recovered = 0;

@@ -54,6 +54,40 @@ fn property_invariants_hold() {
     offload_storetest::property::check_invariants(Arc::new(TempStores::new()), cases);
 }
 
+/// Each statement that must scale reaches `tasks` through an index: a plan
+/// that scans the table would make background duties and claims cost
+/// O(stored tasks) (the retention pass once did, every second).
+#[tokio::test]
+async fn hot_statements_never_scan_the_tasks_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    store
+        .enqueue(vec![
+            NewTask::new("t").validate(&Limits::default(), "").unwrap(),
+        ])
+        .await
+        .unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for (name, sql) in offload_sqlite::sql::PLANNED {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let params = vec![0i64; stmt.parameter_count()];
+        let plan: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !plan.iter().any(|step| step == "SCAN tasks"),
+            "{name} scans the whole tasks table: {plan:?}"
+        );
+        assert!(
+            plan.iter().any(|step| step.contains("USING")),
+            "{name} uses no index: {plan:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn reopening_keeps_tasks_and_counts() {
     let dir = tempfile::tempdir().unwrap();

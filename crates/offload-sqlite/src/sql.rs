@@ -1,0 +1,71 @@
+//! The statements whose query plans decide how the store scales: each must
+//! reach `tasks` through an index, never by scanning the table. Public so
+//! the test suite can check their plans (`EXPLAIN QUERY PLAN`) against the
+//! real schema.
+//!
+//! SQLite uses a partial index only when a query's WHERE clause names the
+//! index's own condition: `state = ?1` does not let it prove `state >= 4`,
+//! however `?1` is bound, so statements that take the state as a parameter
+//! repeat the index's condition literally.
+
+use crate::rows::task_columns;
+
+/// Finished tasks of one state (`?1`) finished by `?2`, at most `?3` of them,
+/// deleted; through `tasks_finished`.
+pub const DELETE_FINISHED: &str = "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
+     WHERE state = ?1 AND state >= 4 AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type";
+
+/// Claim candidates of one queue and type, best first.
+pub const CLAIM_CANDIDATES: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
+     ORDER BY priority DESC, run_at, seq LIMIT ?3"
+);
+
+/// The types with pending tasks in a queue: one short walk of
+/// tasks_ready_by_type per type (a skip scan) rather than a visit of every
+/// pending task.
+pub const PENDING_TYPES: &str = "WITH RECURSIVE pending(type) AS ( \
+       SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
+       UNION ALL \
+       SELECT (SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
+               AND type > pending.type) \
+       FROM pending WHERE pending.type IS NOT NULL \
+     ) SELECT type FROM pending WHERE type IS NOT NULL";
+
+/// Running tasks of a queue, for its concurrency limit.
+pub const RUNNING_IN_QUEUE: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1";
+
+/// Scheduled tasks whose time has come, earliest first.
+pub const DUE: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE state = 1 AND run_at <= ?1 ORDER BY run_at LIMIT ?2"
+);
+
+/// When the next scheduled task comes due.
+pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
+
+/// Running tasks whose lease or timeout ran out (a walk of the running
+/// tasks only).
+pub const EXPIRED: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE state = 3 AND (lease_expires_at <= ?1 OR deadline_at <= ?1) LIMIT ?2"
+);
+
+/// Running tasks whose lease ran out `?1` or longer ago.
+pub const STUCK: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1";
+
+/// Every statement above, named, for the plan check.
+pub const PLANNED: &[(&str, &str)] = &[
+    ("DELETE_FINISHED", DELETE_FINISHED),
+    ("CLAIM_CANDIDATES", CLAIM_CANDIDATES),
+    ("PENDING_TYPES", PENDING_TYPES),
+    ("RUNNING_IN_QUEUE", RUNNING_IN_QUEUE),
+    ("DUE", DUE),
+    ("NEXT_DUE", NEXT_DUE),
+    ("EXPIRED", EXPIRED),
+    ("STUCK", STUCK),
+];
