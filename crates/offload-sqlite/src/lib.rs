@@ -34,6 +34,9 @@ use crate::read::Readers;
 use crate::rows::storage_error;
 use crate::writer::{CountsMap, Shared, Writer};
 
+/// The writer connection's page cache, in KiB (see where it is set).
+const WRITER_CACHE_KIB: u32 = 8 * 1024;
+
 /// Versioned migrations; `PRAGMA user_version` records the last applied.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
@@ -108,9 +111,17 @@ impl SqliteStore {
                 path.display()
             )));
         }
+        // The writer's page cache is kept small on purpose. When a B-tree
+        // page splits, SQLite parks a page under the lock-byte page number
+        // (262,145) for a moment, and the commit that follows then walks the
+        // whole cache to drop pages past the end of the database: the cost
+        // of every such commit grows with the cache. With 64 MiB (16k pages)
+        // that walk took 0.4–1 ms per commit once a million tasks were
+        // stored; 8 MiB keeps it small, and pages it misses come from the OS
+        // page cache (bench/analysis.md).
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000; \
-             PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
+             PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA temp_store = MEMORY;"
         ))
         .map_err(storage_error)?;
         migrate(&conn)?;
