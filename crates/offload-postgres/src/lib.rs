@@ -16,6 +16,7 @@
 mod notify;
 mod ops;
 mod rows;
+pub mod sql;
 mod tx;
 
 use std::str::FromStr;

@@ -524,15 +524,12 @@ pub(crate) async fn delete_finished(
     cutoff: Timestamp,
     batch: i64,
 ) -> PgResult<u64> {
-    let rows = sqlx::query(
-        "DELETE FROM offload_tasks WHERE seq IN (SELECT seq FROM offload_tasks WHERE state = $1 AND state >= 4 \
-         AND finished_at <= $2 LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING queue, type",
-    )
-    .bind(state.code() as i16)
-    .bind(cutoff.as_millis())
-    .bind(batch)
-    .fetch_all(&mut *tx.conn)
-    .await?;
+    let rows = sqlx::query(crate::sql::DELETE_FINISHED)
+        .bind(state.code() as i16)
+        .bind(cutoff.as_millis())
+        .bind(batch)
+        .fetch_all(&mut *tx.conn)
+        .await?;
     for row in &rows {
         let queue: String = row.try_get("queue")?;
         let task_type: String = row.try_get("type")?;

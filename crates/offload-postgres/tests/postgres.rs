@@ -11,6 +11,7 @@ use std::time::Duration;
 use offload_core::{ClaimRequest, Limits, ManualClock, NewTask, State, Store, SystemClock};
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
+use sqlx::Connection;
 
 fn database_url() -> Option<String> {
     match std::env::var("OFFLOAD_TEST_PG_URL") {
@@ -190,6 +191,46 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     let unique: std::collections::HashSet<_> = all.iter().collect();
     assert_eq!(all.len(), 300);
     assert_eq!(unique.len(), 300, "no task claimed twice");
+}
+
+/// The retention pass must reach finished tasks through a partial index on
+/// their state under a generic plan too (what a prepared statement gets
+/// after a few runs). Sequential scans are priced out, so a plan that cannot
+/// use such an index shows as a scan without a state condition.
+#[tokio::test]
+async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let _store = node(&schema).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    for setting in [
+        format!("SET search_path = {schema}"),
+        "SET plan_cache_mode = force_generic_plan".to_owned(),
+        "SET enable_seqscan = off".to_owned(),
+        format!(
+            "PREPARE purge (smallint, bigint, bigint) AS {}",
+            offload_postgres::sql::DELETE_FINISHED
+        ),
+    ] {
+        sqlx::query(&setting)
+            .execute(&mut conn)
+            .await
+            .expect(&setting);
+    }
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE purge (4, 0, 1000)")
+        .fetch_all(&mut conn)
+        .await
+        .expect("explain");
+    let bounded_by_state = plan
+        .iter()
+        .any(|line| line.contains("Index Cond") && line.contains("state"));
+    let plan = plan.join("\n");
+    assert!(
+        bounded_by_state && !plan.contains("Seq Scan on offload_tasks"),
+        "the retention pass does not reach finished tasks through a state index:\n{plan}"
+    );
 }
 
 /// A caller may go away at any point of an operation (a worker's connection
