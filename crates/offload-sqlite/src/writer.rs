@@ -96,6 +96,13 @@ struct Delta {
     change: i64,
 }
 
+/// What a group's changes to one (queue, type) pair opened up for claims.
+#[derive(Clone, Copy, Default)]
+struct Opening {
+    became_pending: bool,
+    running_ended: bool,
+}
+
 #[derive(Clone, Copy)]
 struct Mark {
     pairs: usize,
@@ -108,23 +115,36 @@ struct Mark {
 }
 
 impl Effects {
-    /// Whether this group's changes may let `request` claim something: a
-    /// task of its queues and types became pending, or a running task of
-    /// its queues ended (freeing a slot of a limited queue).
-    fn may_satisfy(&self, request: &ClaimRequest) -> bool {
+    /// For each (queue, type) pair this group touched: whether a task of it
+    /// became pending, and whether a running one ended (freeing a slot of a
+    /// limited queue). Summed up once per group, so checking each parked
+    /// claim costs the pairs touched, not every change.
+    fn openings(&self) -> Vec<Opening> {
+        let mut openings = vec![Opening::default(); self.pairs.len()];
+        for delta in &self.deltas {
+            match (delta.state, delta.change) {
+                (State::Pending, 1) => openings[delta.pair].became_pending = true,
+                (State::Running, -1) => openings[delta.pair].running_ended = true,
+                _ => {}
+            }
+        }
+        openings
+    }
+
+    /// Whether this group's changes, summed up in `openings`, may let
+    /// `request` claim something.
+    fn may_satisfy(&self, openings: &[Opening], request: &ClaimRequest) -> bool {
         self.woke_all
-            || self.deltas.iter().any(|delta| {
-                let (queue, task_type) = &self.pairs[delta.pair];
-                let queue_served = request.queues.is_empty() || request.queues.contains(queue);
-                match (delta.state, delta.change.signum()) {
-                    (State::Pending, 1) => {
-                        queue_served
-                            && (request.types.is_empty() || request.types.contains(task_type))
-                    }
-                    (State::Running, -1) => queue_served,
-                    _ => false,
-                }
-            })
+            || self
+                .pairs
+                .iter()
+                .zip(openings)
+                .any(|((queue, task_type), opening)| {
+                    let queue_served = request.queues.is_empty() || request.queues.contains(queue);
+                    let type_served = request.types.is_empty() || request.types.contains(task_type);
+                    queue_served
+                        && (opening.running_ended || (opening.became_pending && type_served))
+                })
     }
 
     fn mark(&self) -> Mark {
@@ -449,9 +469,12 @@ fn claim_for_parked(
     }
     let mut outcomes = Vec::new();
     let mut untouched = Vec::new();
+    // The claims below only move tasks from pending to running, which opens
+    // nothing: the summary taken now stays true for the whole loop.
+    let openings = effects.openings();
     for parked in shared.take_parked() {
         // Left parked, without a wake-up, when nothing here concerns it.
-        if !parked.is_withdrawn() && !effects.may_satisfy(&parked.request) {
+        if !parked.is_withdrawn() && !effects.may_satisfy(&openings, &parked.request) {
             untouched.push(parked);
             continue;
         }
