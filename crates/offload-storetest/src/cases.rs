@@ -318,7 +318,10 @@ pub async fn parked_claim_is_answered_by_the_next_ready_task(factory: &dyn Store
         panic!("a store that parked once parks again when nothing is ready");
     };
     let task = f.enqueue(NewTask::new("t")).await;
-    let claimed = waiting.answered().await.unwrap();
+    let claimed = tokio::time::timeout(Duration::from_secs(10), waiting.answered())
+        .await
+        .expect("a parked claim is answered once a task of its type is ready")
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, task.id);
     let stored = f.get(task.id).await;
