@@ -3,6 +3,7 @@
 //! form a store accepts.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -207,10 +208,15 @@ impl NewTask {
     /// Checks every rule of SPEC §1. `field_prefix` is prepended to field
     /// names so that errors in a batch read `tasks[3].queue`.
     pub fn validate(self, limits: &Limits, field_prefix: &str) -> Result<TaskSpec> {
-        let field = |name: &str| format!("{field_prefix}{name}");
-        validate_name(&field("type"), &self.task_type, 128, true)?;
+        // Field names are spelled out only for an error: a batch of
+        // thousands of valid tasks formats none.
+        let field = |name: &'static str| FieldName {
+            prefix: field_prefix,
+            name,
+        };
+        validate_name(field("type"), &self.task_type, 128, true)?;
         let queue = self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
-        validate_queue_name(&field("queue"), &queue)?;
+        validate_queue_name(field("queue"), &queue)?;
 
         let priority = match self.priority {
             None => DEFAULT_PRIORITY,
@@ -261,10 +267,10 @@ impl NewTask {
             (None, None) => Schedule::Now,
         };
 
-        let max_attempts = bounded(&field("max_attempts"), self.max_attempts, 1, 1000)?
+        let max_attempts = bounded(field("max_attempts"), self.max_attempts, 1, 1000)?
             .unwrap_or(DEFAULT_MAX_ATTEMPTS);
         let timeout_secs = bounded(
-            &field("timeout_secs"),
+            field("timeout_secs"),
             self.timeout_secs,
             1,
             MAX_TIMEOUT_SECS,
@@ -302,7 +308,7 @@ impl NewTask {
             }
             if value.chars().count() > 256 {
                 return Err(Error::invalid(
-                    field(&format!("labels.{key}")),
+                    format!("{field_prefix}labels.{key}"),
                     "must be at most 256 characters",
                 ));
             }
@@ -323,7 +329,7 @@ impl NewTask {
         for (i, raw) in raw_deps.iter().enumerate() {
             let id = Uuid::parse_str(raw).map_err(|_| {
                 Error::invalid(
-                    field(&format!("depends_on[{i}]")),
+                    format!("{field_prefix}depends_on[{i}]"),
                     format!("must be a task id; got {raw:?}"),
                 )
             })?;
@@ -342,7 +348,7 @@ impl NewTask {
         }
 
         let payload = self.payload.unwrap_or_else(json_null);
-        check_json_size(&field("payload"), &payload, limits.max_payload_bytes)?;
+        check_json_size(field("payload"), &payload, limits.max_payload_bytes)?;
 
         Ok(TaskSpec {
             field_prefix: field_prefix.to_owned(),
@@ -399,12 +405,37 @@ pub struct TaskSpec {
     pub depends_on: Vec<Uuid>,
 }
 
-fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option<u32>> {
+/// A field's name in an error: `name` behind the prefix that places it in
+/// a batch (`tasks[3].`).
+#[derive(Clone, Copy)]
+struct FieldName<'a> {
+    prefix: &'a str,
+    name: &'a str,
+}
+
+impl fmt::Display for FieldName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.prefix, self.name)
+    }
+}
+
+impl From<FieldName<'_>> for String {
+    fn from(field: FieldName<'_>) -> String {
+        field.to_string()
+    }
+}
+
+fn bounded(
+    field: impl fmt::Display,
+    value: Option<i64>,
+    min: i64,
+    max: i64,
+) -> Result<Option<u32>> {
     match value {
         None => Ok(None),
         Some(v) if (min..=max).contains(&v) => Ok(Some(v as u32)),
         Some(v) => Err(Error::invalid(
-            field,
+            field.to_string(),
             format!("must be {min} to {max}; got {v}"),
         )),
     }
@@ -412,7 +443,12 @@ fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option
 
 /// Names of task types: 1–`max` characters of `[A-Za-z0-9_.-]`, plus `:`
 /// where `allow_colon`.
-pub fn validate_name(field: &str, value: &str, max: usize, allow_colon: bool) -> Result<()> {
+pub fn validate_name(
+    field: impl fmt::Display,
+    value: &str,
+    max: usize,
+    allow_colon: bool,
+) -> Result<()> {
     let ok_char = |c: char| {
         c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || (allow_colon && c == ':')
     };
@@ -423,14 +459,14 @@ pub fn validate_name(field: &str, value: &str, max: usize, allow_colon: bool) ->
             "[A-Za-z0-9_.-]"
         };
         return Err(Error::invalid(
-            field,
+            field.to_string(),
             format!("must be 1 to {max} characters of {set}; got {value:?}"),
         ));
     }
     Ok(())
 }
 
-pub fn validate_queue_name(field: &str, value: &str) -> Result<()> {
+pub fn validate_queue_name(field: impl fmt::Display, value: &str) -> Result<()> {
     validate_name(field, value, 64, false)
 }
 
@@ -442,11 +478,11 @@ pub fn validate_worker_id(value: &str) -> Result<()> {
 }
 
 /// Enforces the size limit on a JSON value the caller sent.
-pub fn check_json_size(field: &str, value: &Json, limit: usize) -> Result<()> {
+pub fn check_json_size(field: impl fmt::Display, value: &Json, limit: usize) -> Result<()> {
     let size = value.get().len();
     if size > limit {
         return Err(Error::PayloadTooLarge {
-            field: field.to_owned(),
+            field: field.to_string(),
             size,
             limit,
         });

@@ -313,7 +313,7 @@ impl Store for PgStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
         validate_worker_id(&request.worker_id)?;
         for (i, queue) in request.queues.iter().enumerate() {
-            validate_queue_name(&format!("queues[{i}]"), queue)?;
+            validate_queue_name(format_args!("queues[{i}]"), queue)?;
         }
         in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
     }

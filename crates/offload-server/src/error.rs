@@ -2,7 +2,7 @@
 //! `From<offload_core::Error>` below is the one place a store error becomes
 //! an HTTP status: nothing else in the server chooses statuses for them.
 
-use axum::Json;
+use crate::json::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use offload_api::{ErrorBody, ErrorDetail};

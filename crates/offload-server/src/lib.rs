@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod events;
 mod extract;
+mod json;
 mod openapi;
 mod queues;
 mod system;

@@ -1,7 +1,7 @@
 //! `/v1/queues…`: list queues, pause and resume them, limit their
 //! concurrency.
 
-use axum::Json;
+use crate::json::Json;
 use axum::extract::{Path, State};
 use offload_api::{ErrorBody, QueueList, QueueUpdate};
 use offload_core::{QueueInfo, QueuePatch};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::Json;
+use crate::json::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use offload_api::{BatchEnqueue, Deleted, ErrorBody, TaskList};
@@ -25,7 +25,7 @@ pub async fn enqueue(
 ) -> ApiResult<(StatusCode, Json<Task>)> {
     let (task, created) = state.engine.enqueue(task).await?;
     if created {
-        state.metrics.enqueued(&task);
+        state.metrics.enqueued([&task]);
     }
     let status = if created {
         StatusCode::CREATED
@@ -48,15 +48,13 @@ pub async fn enqueue_batch(
         ));
     }
     let answers = state.engine.enqueue_batch(batch.tasks).await?;
-    let tasks = answers
-        .into_iter()
-        .map(|(task, created)| {
-            if created {
-                state.metrics.enqueued(&task);
-            }
-            task
-        })
-        .collect();
+    state.metrics.enqueued(
+        answers
+            .iter()
+            .filter(|(_, created)| *created)
+            .map(|(task, _)| task),
+    );
+    let tasks = answers.into_iter().map(|(task, _)| task).collect();
     Ok((StatusCode::CREATED, Json(TaskList { tasks })))
 }
 

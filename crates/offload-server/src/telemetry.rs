@@ -56,33 +56,57 @@ impl Metrics {
         }
     }
 
-    pub fn enqueued(&self, task: &Task) {
-        counter!("offload_tasks_enqueued_total", "queue" => task.queue.clone(), "type" => task.task_type.clone())
-            .increment(1);
-    }
-
-    /// Time from when a task could run to when a worker claimed it.
-    pub fn claimed(&self, task: &Task) {
-        if let Some(started) = task.started_at {
-            let waited = task.run_at.until(started).as_secs_f64();
-            histogram!("offload_task_pickup_seconds", "queue" => task.queue.clone()).record(waited);
+    /// Counts tasks just created.
+    pub fn enqueued<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
+        for ((queue, task_type), group) in by_pair(tasks) {
+            counter!("offload_tasks_enqueued_total", "queue" => queue.to_owned(), "type" => task_type.to_owned())
+                .increment(group.len() as u64);
         }
     }
 
-    pub fn acked(&self, task: &Task) {
-        let labels = [
-            ("queue", task.queue.clone()),
-            ("type", task.task_type.clone()),
-        ];
-        match task.state {
-            State::Completed => counter!("offload_tasks_completed_total", &labels).increment(1),
-            State::Failed => counter!("offload_tasks_failed_total", &labels).increment(1),
-            State::Cancelled => counter!("offload_tasks_cancelled_total", &labels).increment(1),
-            _ => counter!("offload_attempts_retried_total", &labels).increment(1),
+    /// Time from when each task could run to when a worker claimed it.
+    pub fn claimed<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
+        for ((queue, _), group) in by_pair(tasks) {
+            let pickup = histogram!("offload_task_pickup_seconds", "queue" => queue.to_owned());
+            for task in group {
+                if let Some(started) = task.started_at {
+                    pickup.record(task.run_at.until(started).as_secs_f64());
+                }
+            }
         }
-        if let (Some(started), Some(finished)) = (task.started_at, task.finished_at) {
-            histogram!("offload_task_duration_seconds", &labels)
-                .record(started.until(finished).as_secs_f64());
+    }
+
+    /// Counts each acknowledged attempt by its outcome, and how long the
+    /// finished ones ran.
+    pub fn acked<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
+        for ((queue, task_type), group) in by_pair(tasks) {
+            let labels = [("queue", queue.to_owned()), ("type", task_type.to_owned())];
+            let (mut completed, mut failed, mut cancelled, mut retried) = (0, 0, 0, 0);
+            // Registered only once there is a duration to record, as before.
+            let mut duration = None;
+            for task in group {
+                match task.state {
+                    State::Completed => completed += 1,
+                    State::Failed => failed += 1,
+                    State::Cancelled => cancelled += 1,
+                    _ => retried += 1,
+                }
+                if let (Some(started), Some(finished)) = (task.started_at, task.finished_at) {
+                    duration
+                        .get_or_insert_with(|| histogram!("offload_task_duration_seconds", &labels))
+                        .record(started.until(finished).as_secs_f64());
+                }
+            }
+            for (name, n) in [
+                ("offload_tasks_completed_total", completed),
+                ("offload_tasks_failed_total", failed),
+                ("offload_tasks_cancelled_total", cancelled),
+                ("offload_attempts_retried_total", retried),
+            ] {
+                if n > 0 {
+                    counter!(name, &labels).increment(n);
+                }
+            }
         }
     }
 
@@ -100,6 +124,24 @@ impl Metrics {
             .map(PrometheusHandle::render)
             .unwrap_or_default()
     }
+}
+
+/// Tasks grouped by (queue, type), in the order first seen. A metric
+/// handle is a registry lookup (hashing the name and labels, cloning the
+/// label values): a batch of a thousand tasks of one type pays it once, not
+/// a thousand times.
+fn by_pair<'t>(
+    tasks: impl IntoIterator<Item = &'t Task>,
+) -> Vec<((&'t str, &'t str), Vec<&'t Task>)> {
+    let mut groups: Vec<((&str, &str), Vec<&Task>)> = Vec::new();
+    for task in tasks {
+        let pair = (task.queue.as_str(), task.task_type.as_str());
+        match groups.iter_mut().rev().find(|(p, _)| *p == pair) {
+            Some((_, group)) => group.push(task),
+            None => groups.push((pair, vec![task])),
+        }
+    }
+    groups
 }
 
 /// Records every routed request's latency by method, route and status.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::Json;
+use crate::json::Json;
 use axum::extract::{Path, State};
 use offload_api::{
     AckBody, AckResult, AckResults, AttemptErrorBody, CompleteBody, ErrorBody, FailBody,
@@ -50,11 +50,11 @@ pub async fn fetch(
     validate_worker_id(&body.worker_id)?;
     let types = body.types.unwrap_or_default();
     for (i, t) in types.iter().enumerate() {
-        validate_name(&format!("types[{i}]"), t, 128, true)?;
+        validate_name(format_args!("types[{i}]"), t, 128, true)?;
     }
     let queues = body.queues.unwrap_or_default();
     for (i, q) in queues.iter().enumerate() {
-        validate_queue_name(&format!("queues[{i}]"), q)?;
+        validate_queue_name(format_args!("queues[{i}]"), q)?;
     }
     let request = ClaimRequest {
         worker_id: body.worker_id,
@@ -65,9 +65,7 @@ pub async fn fetch(
     };
     let wait = Duration::from_millis(in_range("wait_ms", body.wait_ms, 0, MAX_WAIT_MS, 0)? as u64);
     let tasks = state.engine.fetch(&request, wait, &state.stop).await?;
-    for task in &tasks {
-        state.metrics.claimed(task);
-    }
+    state.metrics.claimed(&tasks);
     Ok(Json(TaskList { tasks }))
 }
 
@@ -121,7 +119,7 @@ async fn single_ack(state: &AppState, worker_id: &str, ack: Ack) -> ApiResult<Ta
     let task = outcomes.pop().ok_or_else(|| {
         ApiError::from(offload_core::Error::Storage("ack answered nothing".into()))
     })??;
-    state.metrics.acked(&task);
+    state.metrics.acked([&task]);
     Ok(task)
 }
 
@@ -176,18 +174,18 @@ pub async fn ack(
     }
     let ids: Vec<Uuid> = acks.iter().map(Ack::id).collect();
     let outcomes = state.store().ack(&body.worker_id, acks).await?;
+    state
+        .metrics
+        .acked(outcomes.iter().filter_map(|outcome| outcome.as_ref().ok()));
     let results = ids
         .into_iter()
         .zip(outcomes)
         .map(|(id, outcome)| match outcome {
-            Ok(task) => {
-                state.metrics.acked(&task);
-                AckResult {
-                    id,
-                    ok: true,
-                    error: None,
-                }
-            }
+            Ok(_) => AckResult {
+                id,
+                ok: true,
+                error: None,
+            },
             Err(e) => AckResult {
                 id,
                 ok: false,

@@ -183,7 +183,7 @@ impl SqliteStore {
 fn validate_claim(request: &ClaimRequest) -> Result<()> {
     validate_worker_id(&request.worker_id)?;
     for (i, queue) in request.queues.iter().enumerate() {
-        validate_queue_name(&format!("queues[{i}]"), queue)?;
+        validate_queue_name(format_args!("queues[{i}]"), queue)?;
     }
     Ok(())
 }

@@ -489,6 +489,31 @@ fn health_metrics_and_openapi() {
         json!({"worker_id": "w"}),
     );
     assert_eq!(status, 200);
+    // A batch and a batched ack across two (queue, type) pairs: the
+    // counters add up per pair, not per request.
+    let (status, _) = http.post(
+        "/v1/tasks/batch",
+        json!({"tasks": [
+            {"type": "report.build", "queue": "reports"},
+            {"type": "mail.send", "queue": "mail"},
+            {"type": "report.build", "queue": "reports"},
+        ]}),
+    );
+    assert_eq!(status, 201);
+    let claimed = http.fetch("w", json!({"limit": 10}));
+    assert_eq!(claimed.len(), 3);
+    let id_of = |t: &Value| t["id"].clone();
+    let (reports, mail): (Vec<&Value>, Vec<&Value>) =
+        claimed.iter().partition(|t| t["queue"] == "reports");
+    let (status, acked) = http.post(
+        "/v1/ack",
+        json!({
+            "worker_id": "w",
+            "completed": reports.iter().map(|t| json!({"id": id_of(t)})).collect::<Vec<_>>(),
+            "failed": [{"id": id_of(mail[0]), "error": {"message": "bounced"}, "retry": false}],
+        }),
+    );
+    assert_eq!(status, 200, "{acked}");
 
     let (status, health) = http.get("/health");
     assert_eq!(status, 200);
@@ -501,19 +526,22 @@ fn health_metrics_and_openapi() {
         (json!("ok"), json!("ok"), json!(0))
     );
     assert_eq!(health["durability"], "durable");
-    assert_eq!(health["counts"]["completed"], 1);
+    assert_eq!(health["counts"]["completed"], 3);
 
     let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
         .unwrap()
         .text()
         .unwrap();
     for needle in [
-        "offload_tasks_enqueued_total{queue=\"reports\",type=\"report.build\"} 1",
-        "offload_tasks_completed_total{queue=\"reports\",type=\"report.build\"} 1",
-        "offload_task_duration_seconds_bucket",
-        "offload_task_pickup_seconds_bucket",
+        "offload_tasks_enqueued_total{queue=\"reports\",type=\"report.build\"} 3",
+        "offload_tasks_enqueued_total{queue=\"mail\",type=\"mail.send\"} 1",
+        "offload_tasks_completed_total{queue=\"reports\",type=\"report.build\"} 3",
+        "offload_tasks_failed_total{queue=\"mail\",type=\"mail.send\"} 1",
+        "offload_task_duration_seconds_count{queue=\"reports\",type=\"report.build\"} 3",
+        "offload_task_pickup_seconds_count{queue=\"reports\"} 3",
+        "offload_task_pickup_seconds_count{queue=\"mail\"} 1",
         "offload_http_request_duration_seconds_bucket",
-        "offload_queue_tasks{queue=\"reports\",state=\"completed\"} 1",
+        "offload_queue_tasks{queue=\"reports\",state=\"completed\"} 3",
     ] {
         assert!(
             metrics.contains(needle),
