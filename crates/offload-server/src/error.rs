@@ -2,10 +2,11 @@
 //! `From<offload_core::Error>` below is the one place a store error becomes
 //! an HTTP status: nothing else in the server chooses statuses for them.
 
-use crate::json::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use offload_api::{ErrorBody, ErrorDetail};
+
+use crate::json::Json;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -1,7 +1,6 @@
 //! `/v1/queues…`: list queues, pause and resume them, limit their
 //! concurrency.
 
-use crate::json::Json;
 use axum::extract::{Path, State};
 use offload_api::{ErrorBody, QueueList, QueueUpdate};
 use offload_core::{QueueInfo, QueuePatch};
@@ -9,6 +8,7 @@ use offload_core::{QueueInfo, QueuePatch};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::json::Json;
 
 const MAX_CONCURRENCY: i64 = 1_000_000;
 

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use crate::json::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +10,7 @@ use offload_api::Health;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::json::Json;
 
 /// A running task whose lease ran out this long ago should have been
 /// recovered; if it was not, recovery is not keeping up.

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use crate::json::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use offload_api::{BatchEnqueue, Deleted, ErrorBody, TaskList};
@@ -13,6 +12,7 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{BatchBody, JsonBody, int_param, query_pairs, task_id};
+use crate::json::Json;
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
     responses(

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use crate::json::Json;
 use axum::extract::{Path, State};
 use offload_api::{
     AckBody, AckResult, AckResults, AttemptErrorBody, CompleteBody, ErrorBody, FailBody,
@@ -18,6 +17,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{BatchBody, JsonBody, task_id};
+use crate::json::Json;
 
 const MAX_FETCH: i64 = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
