@@ -125,6 +125,9 @@ impl SqliteStore {
         ))
         .map_err(storage_error)?;
         migrate(&conn)?;
+        // The writer prepares these again on its thread; a failure here has
+        // a caller to answer.
+        drop(writer::HotStatements::prepare(&conn)?);
         let counts = load_counts(&conn)?;
         let shared = Arc::new(Shared {
             clock: options.clock,

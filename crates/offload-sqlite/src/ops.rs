@@ -20,7 +20,7 @@ const DUTY_BATCH: usize = 1000;
 
 type Sql<T> = rusqlite::Result<T>;
 
-impl WriteCtx<'_> {
+impl WriteCtx<'_, '_> {
     // ---- reading and writing rows -------------------------------------
 
     fn load_one(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
@@ -54,44 +54,34 @@ impl WriteCtx<'_> {
     fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
         self.running.forget(stored.task.id);
         let t = &stored.task;
-        let run = || -> Result<usize> {
-            let progress = opt_json_text(t.progress.as_ref())?;
-            let error = opt_json_text(t.error.as_ref())?;
-            let errors = if t.errors.is_empty() {
-                None
-            } else {
-                Some(json_text(&t.errors)?)
-            };
-            self.conn
-                .prepare_cached(
-                    "UPDATE tasks SET state = ?1, attempt = ?2, max_attempts = ?3, run_at = ?4, \
-                     progress = ?5, result = ?6, error = ?7, errors = ?8, cancel_requested = ?9, \
-                     updated_at = ?10, started_at = ?11, finished_at = ?12, lease_expires_at = ?13, \
-                     deadline_at = ?14, worker_id = ?15 WHERE seq = ?16",
-                )
-                .and_then(|mut stmt| {
-                    stmt.execute(params![
-                        t.state.code(),
-                        t.attempt,
-                        t.max_attempts,
-                        t.run_at.as_millis(),
-                        progress,
-                        t.result.as_ref().map(|r| r.get()),
-                        error,
-                        errors,
-                        t.cancel_requested,
-                        t.updated_at.as_millis(),
-                        t.started_at.map(|x| x.as_millis()),
-                        t.finished_at.map(|x| x.as_millis()),
-                        t.lease_expires_at.map(|x| x.as_millis()),
-                        t.deadline().map(|x| x.as_millis()),
-                        t.worker_id,
-                        stored.seq,
-                    ])
-                })
-                .map_err(storage_error)
+        let progress = opt_json_text(t.progress.as_ref())?;
+        let error = opt_json_text(t.error.as_ref())?;
+        let errors = if t.errors.is_empty() {
+            None
+        } else {
+            Some(json_text(&t.errors)?)
         };
-        run()?;
+        self.hot
+            .write_row
+            .execute(params![
+                t.state.code(),
+                t.attempt,
+                t.max_attempts,
+                t.run_at.as_millis(),
+                progress,
+                t.result.as_ref().map(|r| r.get()),
+                error,
+                errors,
+                t.cancel_requested,
+                t.updated_at.as_millis(),
+                t.started_at.map(|x| x.as_millis()),
+                t.finished_at.map(|x| x.as_millis()),
+                t.lease_expires_at.map(|x| x.as_millis()),
+                t.deadline().map(|x| x.as_millis()),
+                t.worker_id,
+                stored.seq,
+            ])
+            .map_err(storage_error)?;
         Ok(())
     }
 
@@ -282,31 +272,24 @@ impl WriteCtx<'_> {
         } else {
             Some(json_text(&task.depends_on)?)
         };
-        self.conn
-            .prepare_cached(
-                "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
-                 timeout_secs, run_at, owner, labels, unique_key, depends_on, cancel_requested, \
-                 created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    Id(task.id),
-                    task.task_type,
-                    task.queue,
-                    task.payload.get(),
-                    task.priority,
-                    task.state.code(),
-                    task.max_attempts,
-                    task.timeout_secs,
-                    task.run_at.as_millis(),
-                    task.owner,
-                    labels,
-                    task.unique_key,
-                    depends_on,
-                    now.as_millis(),
-                ])
-            })
+        self.hot
+            .insert_task
+            .execute(params![
+                Id(task.id),
+                task.task_type,
+                task.queue,
+                task.payload.get(),
+                task.priority,
+                task.state.code(),
+                task.max_attempts,
+                task.timeout_secs,
+                task.run_at.as_millis(),
+                task.owner,
+                labels,
+                task.unique_key,
+                depends_on,
+                now.as_millis(),
+            ])
             .map_err(storage_error)?;
         let seq = self.conn.last_insert_rowid();
         if !unmet.is_empty() {

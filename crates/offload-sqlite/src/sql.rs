@@ -58,6 +58,18 @@ pub const EXPIRED: &str = concat!(
 /// Running tasks whose lease ran out `?1` or longer ago.
 pub const STUCK: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1";
 
+/// A new task's row. Its seq is the rowid SQLite assigns.
+pub const INSERT_TASK: &str = "INSERT INTO tasks (id, type, queue, payload, priority, state, \
+     attempt, max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
+     cancel_requested, created_at, updated_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)";
+
+/// Every column the state machine may change, written back to task `?16`.
+pub const WRITE_ROW: &str = "UPDATE tasks SET state = ?1, attempt = ?2, max_attempts = ?3, \
+     run_at = ?4, progress = ?5, result = ?6, error = ?7, errors = ?8, cancel_requested = ?9, \
+     updated_at = ?10, started_at = ?11, finished_at = ?12, lease_expires_at = ?13, \
+     deadline_at = ?14, worker_id = ?15 WHERE seq = ?16";
+
 /// Every statement above, named, for the plan check.
 pub const PLANNED: &[(&str, &str)] = &[
     ("DELETE_FINISHED", DELETE_FINISHED),
@@ -68,4 +80,5 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("NEXT_DUE", NEXT_DUE),
     ("EXPIRED", EXPIRED),
     ("STUCK", STUCK),
+    ("WRITE_ROW", WRITE_ROW),
 ];
