@@ -150,6 +150,9 @@ impl Engine {
                 continue;
             };
             let answered = tokio::select! {
+                // An answer, when there is one, wins over the other wake-ups
+                // that may have come with it.
+                biased;
                 answer = ticket.answered() => Some(answer),
                 // The ready signal covers a task made ready just before the
                 // claim was parked, which the store could not claim for it.

@@ -170,7 +170,11 @@ impl Effects {
         self.scheduled = mark.scheduled;
     }
 
-    fn publish(self, shared: &Shared) {
+    /// Makes the committed group's counts and events visible. Returns
+    /// whether tasks may have become claimable: the caller sends that
+    /// signal once the group's waiters are answered (see `run_writer`).
+    #[must_use]
+    fn publish(self, shared: &Shared) -> bool {
         if !self.deltas.is_empty() {
             let mut by_pair = vec![[0i64; State::ALL.len()]; self.pairs.len()];
             for delta in &self.deltas {
@@ -195,9 +199,7 @@ impl Effects {
         if self.scheduled {
             shared.hub.notify_scheduled();
         }
-        if self.ready {
-            shared.hub.notify_ready();
-        }
+        self.ready
     }
 }
 
@@ -467,20 +469,26 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
         }
         let parked_claims = claim_for_parked(conn, &mut hot, shared, &mut running, &mut effects);
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
-        match &committed {
+        let made_ready = match &committed {
             Ok(()) => effects.publish(shared),
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
                 running.forget_all();
+                false
             }
-        }
+        };
         // Waiting workers first: their answer is the pickup latency.
         for (claim, outcome) in parked_claims {
             claim.answer(committed.clone().and(outcome));
         }
         for reply in replies {
             reply(committed.clone());
+        }
+        // Last: a parked waiter also watches this signal, and woken by it
+        // before its answer it would run once for nothing and withdraw.
+        if made_ready {
+            shared.hub.notify_ready();
         }
     }
 }
