@@ -13,6 +13,7 @@
 
 mod ops;
 mod read;
+mod row_writes;
 mod rows;
 pub mod sql;
 mod writer;
@@ -36,6 +37,8 @@ use crate::writer::{CountsMap, Shared, Writer};
 
 /// The writer connection's page cache, in KiB (see where it is set).
 const WRITER_CACHE_KIB: u32 = 8 * 1024;
+/// Prepared statements the writer connection keeps.
+const WRITER_STATEMENT_CACHE: usize = 128;
 
 /// Versioned migrations; `PRAGMA user_version` records the last applied.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -125,6 +128,9 @@ impl SqliteStore {
         ))
         .map_err(storage_error)?;
         migrate(&conn)?;
+        // Room for the writer's own statements and the batched row writes'
+        // shapes (row_writes.rs), so that none is prepared again and again.
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
         // The writer prepares these again on its thread; a failure here has
         // a caller to answer.
         drop(writer::HotStatements::prepare(&conn)?);
@@ -156,7 +162,7 @@ impl SqliteStore {
     pub async fn synchronous_mode(&self) -> Result<i64> {
         self.writer
             .run(|ctx| {
-                ctx.conn
+                ctx.conn()?
                     .query_row("PRAGMA synchronous", [], |r| r.get(0))
                     .map_err(storage_error)
             })

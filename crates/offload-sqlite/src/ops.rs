@@ -7,10 +7,12 @@ use offload_core::{
     HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
     Task, TaskSpec, admit, check_json_size,
 };
+use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, params};
 use std::collections::HashSet;
 use uuid::Uuid;
 
+use crate::row_writes::RowWrite;
 use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
 use crate::sql;
 use crate::writer::WriteCtx;
@@ -23,16 +25,17 @@ type Sql<T> = rusqlite::Result<T>;
 impl WriteCtx<'_, '_> {
     // ---- reading and writing rows -------------------------------------
 
-    fn load_one(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
-        self.conn
+    fn load_one(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
+        self.conn()?
             .prepare_cached(sql)
             .and_then(|mut stmt| stmt.query_row(params, decode).optional())
             .map_err(storage_error)
     }
 
-    fn load_many(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredTask>> {
+    fn load_many(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredTask>> {
+        let conn = self.conn()?;
         let run = || -> Sql<Vec<StoredTask>> {
-            let mut stmt = self.conn.prepare_cached(sql)?;
+            let mut stmt = conn.prepare_cached(sql)?;
             let rows = stmt.query_map(params, decode)?;
             rows.collect()
         };
@@ -50,38 +53,42 @@ impl WriteCtx<'_, '_> {
         .ok_or_else(|| Error::task_not_found(id))
     }
 
-    /// Writes back every column the state machine may change.
+    /// Writes back every column the state machine may change (buffered:
+    /// see `row_writes`).
     fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
         self.running.forget(stored.task.id);
         let t = &stored.task;
-        let progress = opt_json_text(t.progress.as_ref())?;
-        let error = opt_json_text(t.error.as_ref())?;
+        let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
+        let millis = |at: Option<offload_core::Timestamp>| {
+            at.map_or(Value::Null, |at| Value::Integer(at.as_millis()))
+        };
         let errors = if t.errors.is_empty() {
             None
         } else {
             Some(json_text(&t.errors)?)
         };
-        self.hot
-            .write_row
-            .execute(params![
-                t.state.code(),
-                t.attempt,
-                t.max_attempts,
-                t.run_at.as_millis(),
-                progress,
-                t.result.as_ref().map(|r| r.get()),
-                error,
-                errors,
-                t.cancel_requested,
-                t.updated_at.as_millis(),
-                t.started_at.map(|x| x.as_millis()),
-                t.finished_at.map(|x| x.as_millis()),
-                t.lease_expires_at.map(|x| x.as_millis()),
-                t.deadline().map(|x| x.as_millis()),
-                t.worker_id,
-                stored.seq,
-            ])
-            .map_err(storage_error)?;
+        // In the order of `row_writes::COLUMNS`.
+        let values = [
+            Value::Integer(t.state.code()),
+            Value::Integer(t.attempt.into()),
+            Value::Integer(t.max_attempts.into()),
+            Value::Integer(t.run_at.as_millis()),
+            text(opt_json_text(t.progress.as_ref())?),
+            text(t.result.as_ref().map(|r| r.get().to_owned())),
+            text(opt_json_text(t.error.as_ref())?),
+            text(errors),
+            Value::Integer(t.cancel_requested.into()),
+            Value::Integer(t.updated_at.as_millis()),
+            millis(t.started_at),
+            millis(t.finished_at),
+            millis(t.lease_expires_at),
+            millis(t.deadline()),
+            text(t.worker_id.clone()),
+        ];
+        self.write_back(RowWrite {
+            seq: stored.seq,
+            values,
+        });
         Ok(())
     }
 
@@ -99,7 +106,7 @@ impl WriteCtx<'_, '_> {
             }
             let dependents: Vec<i64> = {
                 let mut stmt = self
-                    .conn
+                    .conn()?
                     .prepare_cached("SELECT task_seq FROM task_deps WHERE dep_id = ?1")
                     .map_err(storage_error)?;
                 let rows = stmt
@@ -151,7 +158,7 @@ impl WriteCtx<'_, '_> {
                 Some(after),
             );
             if before == State::Blocked {
-                self.conn
+                self.conn()?
                     .prepare_cached("DELETE FROM task_deps WHERE task_seq = ?1")
                     .and_then(|mut stmt| stmt.execute([stored.seq]))
                     .map_err(storage_error)?;
@@ -169,7 +176,7 @@ impl WriteCtx<'_, '_> {
             return Ok(known);
         }
         let stored = self
-            .conn
+            .conn()?
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM task_deps)")
             .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
             .map_err(storage_error)?;
@@ -177,8 +184,8 @@ impl WriteCtx<'_, '_> {
         Ok(stored)
     }
 
-    fn unmet_dependencies(&self, seq: i64) -> Result<i64> {
-        self.conn
+    fn unmet_dependencies(&mut self, seq: i64) -> Result<i64> {
+        self.conn()?
             .prepare_cached(
                 "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
                  WHERE d.task_seq = ?1 AND t.state <> 4",
@@ -219,7 +226,7 @@ impl WriteCtx<'_, '_> {
     }
 
     /// The active task holding (queue, unique_key), per SPEC §1.2.
-    fn unique_key_holder(&self, queue: &str, key: &str) -> Result<Option<StoredTask>> {
+    fn unique_key_holder(&mut self, queue: &str, key: &str) -> Result<Option<StoredTask>> {
         self.load_one(
             concat!(
                 "SELECT ",
@@ -230,8 +237,8 @@ impl WriteCtx<'_, '_> {
         )
     }
 
-    fn ensure_queue(&self, name: &str) -> Result<()> {
-        self.conn
+    fn ensure_queue(&mut self, name: &str) -> Result<()> {
+        self.conn()?
             .prepare_cached("INSERT OR IGNORE INTO queues (name, created_at) VALUES (?1, ?2)")
             .and_then(|mut stmt| stmt.execute(params![name, self.now.as_millis()]))
             .map(drop)
@@ -244,7 +251,7 @@ impl WriteCtx<'_, '_> {
         let mut broken = None;
         for (i, dep) in spec.depends_on.iter().enumerate() {
             let state: Option<i64> = self
-                .conn
+                .conn()?
                 .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
                 .and_then(|mut stmt| stmt.query_row([Id(*dep)], |r| r.get(0)).optional())
                 .map_err(storage_error)?;
@@ -272,6 +279,9 @@ impl WriteCtx<'_, '_> {
         } else {
             Some(json_text(&task.depends_on)?)
         };
+        // The unique index must see the rows written back before this one
+        // (a replaced holder leaves it).
+        self.flush_rows()?;
         self.hot
             .insert_task
             .execute(params![
@@ -291,12 +301,12 @@ impl WriteCtx<'_, '_> {
                 now.as_millis(),
             ])
             .map_err(storage_error)?;
-        let seq = self.conn.last_insert_rowid();
+        let seq = self.last_insert_rowid();
         if !unmet.is_empty() {
             self.effects().dependencies_stored = Some(true);
         }
         for dep in &unmet {
-            self.conn
+            self.conn()?
                 .prepare_cached(
                     "INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
                 )
@@ -321,7 +331,7 @@ impl WriteCtx<'_, '_> {
         }
         let queues: Vec<(String, bool, Option<i64>)> = {
             let mut stmt = self
-                .conn
+                .conn()?
                 .prepare_cached("SELECT name, paused, concurrency FROM queues")
                 .map_err(storage_error)?;
             let rows = stmt
@@ -340,7 +350,7 @@ impl WriteCtx<'_, '_> {
                 None => req.limit,
                 Some(limit) => {
                     let running: i64 = self
-                        .conn
+                        .conn()?
                         .prepare_cached(sql::RUNNING_IN_QUEUE)
                         .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
                         .map_err(storage_error)?;
@@ -383,9 +393,9 @@ impl WriteCtx<'_, '_> {
         Ok(claimed)
     }
 
-    fn pending_types(&self, queue: &str) -> Result<Vec<String>> {
+    fn pending_types(&mut self, queue: &str) -> Result<Vec<String>> {
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(sql::PENDING_TYPES)
             .map_err(storage_error)?;
         let rows = stmt
@@ -489,7 +499,7 @@ impl WriteCtx<'_, '_> {
                 stored.task.state
             )));
         }
-        self.conn
+        self.conn()?
             .prepare_cached("DELETE FROM tasks WHERE seq = ?1")
             .and_then(|mut stmt| stmt.execute([stored.seq]))
             .map_err(storage_error)?;
@@ -508,7 +518,7 @@ impl WriteCtx<'_, '_> {
         debug_assert!(state.is_finished());
         let removed: Vec<(String, String)> = {
             let mut stmt = self
-                .conn
+                .conn()?
                 .prepare_cached(sql::DELETE_FINISHED)
                 .map_err(storage_error)?;
             let rows = stmt
@@ -540,13 +550,13 @@ impl WriteCtx<'_, '_> {
     pub fn update_queue(&mut self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
         self.ensure_queue(name)?;
         if let Some(paused) = patch.paused {
-            self.conn
+            self.conn()?
                 .prepare_cached("UPDATE queues SET paused = ?1 WHERE name = ?2")
                 .and_then(|mut stmt| stmt.execute(params![paused, name]))
                 .map_err(storage_error)?;
         }
         if let Some(concurrency) = patch.concurrency {
-            self.conn
+            self.conn()?
                 .prepare_cached("UPDATE queues SET concurrency = ?1 WHERE name = ?2")
                 .and_then(|mut stmt| stmt.execute(params![concurrency, name]))
                 .map_err(storage_error)?;
@@ -554,7 +564,7 @@ impl WriteCtx<'_, '_> {
         // Resuming or raising a limit can make tasks claimable.
         self.wake_workers();
         let (paused, concurrency) = self
-            .conn
+            .conn()?
             .prepare_cached("SELECT paused, concurrency FROM queues WHERE name = ?1")
             .and_then(|mut stmt| stmt.query_row([name], |r| Ok((r.get(0)?, r.get(1)?))))
             .map_err(storage_error)?;
@@ -576,7 +586,7 @@ impl WriteCtx<'_, '_> {
             self.save(&stored, State::Scheduled)?;
         }
         let next_due: Option<i64> = self
-            .conn
+            .conn()?
             .prepare_cached(sql::NEXT_DUE)
             .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
             .map_err(storage_error)?;

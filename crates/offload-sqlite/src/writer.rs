@@ -21,6 +21,7 @@ use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
 use crate::sql;
 
@@ -172,7 +173,7 @@ impl Effects {
 
     /// Makes the committed group's counts and events visible. Returns
     /// whether tasks may have become claimable: the caller sends that
-    /// signal once the group's waiters are answered (see `run_writer`).
+    /// signal once the parked claims are answered (see `run_writer`).
     #[must_use]
     fn publish(self, shared: &Shared) -> bool {
         if !self.deltas.is_empty() {
@@ -266,20 +267,52 @@ impl<'conn> HotStatements<'conn> {
 /// What an operation sees: the open transaction, the time it runs at, and
 /// the effects it accumulates.
 pub(crate) struct WriteCtx<'c, 's> {
-    pub conn: &'c Connection,
+    /// Reached through [`WriteCtx::conn`], which applies buffered row
+    /// writes first.
+    db: &'c Connection,
     pub hot: &'c mut HotStatements<'s>,
     pub now: Timestamp,
     pub shared: &'c Shared,
     pub running: &'c mut RunningRows,
+    rows: &'c mut RowWrites,
     effects: &'c mut Effects,
 }
 
-impl WriteCtx<'_, '_> {
+impl<'c> WriteCtx<'c, '_> {
+    /// The connection, once every buffered row write is applied, so that
+    /// whatever runs on it next sees them.
+    pub fn conn(&mut self) -> Result<&'c Connection> {
+        self.flush_rows()?;
+        Ok(self.db)
+    }
+
+    /// The rowid of the row the last INSERT added.
+    pub fn last_insert_rowid(&self) -> i64 {
+        self.db.last_insert_rowid()
+    }
+
+    /// Buffers a task row; see [`RowWrites`].
+    pub fn write_back(&mut self, row: RowWrite) {
+        self.rows.push(row);
+    }
+
+    pub fn flush_rows(&mut self) -> Result<()> {
+        self.rows
+            .flush(self.db, &mut self.hot.write_row)
+            .map_err(storage_error)
+    }
+
     fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mark = self.effects.mark();
         self.exec("SAVEPOINT op")?;
-        let outcome = op(self);
+        let mut outcome = op(self);
+        if outcome.is_ok()
+            && let Err(e) = self.flush_rows()
+        {
+            outcome = Err(e);
+        }
         if outcome.is_err() {
+            self.rows.discard();
             self.exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
             self.running.forget_all();
@@ -288,8 +321,8 @@ impl WriteCtx<'_, '_> {
         outcome
     }
 
-    fn exec(&self, sql: &str) -> Result<()> {
-        self.conn
+    fn exec(&mut self, sql: &str) -> Result<()> {
+        self.conn()?
             .prepare_cached(sql)
             .and_then(|mut stmt| stmt.execute([]))
             .map(drop)
@@ -439,6 +472,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
         }
     };
     let mut running = RunningRows::default();
+    let mut rows = RowWrites::default();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -458,16 +492,26 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
         let mut replies = Vec::with_capacity(group.len());
         for job in group {
             let mut ctx = WriteCtx {
-                conn,
+                db: conn,
                 hot: &mut hot,
                 now: shared.clock.now(),
                 shared,
                 running: &mut running,
+                rows: &mut rows,
                 effects: &mut effects,
             };
             replies.push(job(&mut ctx));
         }
-        let parked_claims = claim_for_parked(conn, &mut hot, shared, &mut running, &mut effects);
+        let parked_claims = claim_for_parked(
+            conn,
+            &mut hot,
+            shared,
+            &mut running,
+            &mut rows,
+            &mut effects,
+        );
+        // Every operation applied its rows inside its own savepoint.
+        debug_assert!(rows.is_empty());
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
         let made_ready = match &committed {
             Ok(()) => effects.publish(shared),
@@ -482,13 +526,15 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
         for (claim, outcome) in parked_claims {
             claim.answer(committed.clone().and(outcome));
         }
-        for reply in replies {
-            reply(committed.clone());
-        }
-        // Last: a parked waiter also watches this signal, and woken by it
-        // before its answer it would run once for nothing and withdraw.
+        // After those answers: a parked waiter also watches this signal, and
+        // woken by it before its answer it would run once for nothing. Before
+        // the replies: whoever hears that a write made tasks ready finds the
+        // signal already given.
         if made_ready {
             shared.hub.notify_ready();
+        }
+        for reply in replies {
+            reply(committed.clone());
         }
     }
 }
@@ -502,6 +548,7 @@ fn claim_for_parked(
     hot: &mut HotStatements<'_>,
     shared: &Shared,
     running: &mut RunningRows,
+    rows: &mut RowWrites,
     effects: &mut Effects,
 ) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
     if !effects.ready {
@@ -522,11 +569,12 @@ fn claim_for_parked(
             continue;
         };
         let mut ctx = WriteCtx {
-            conn,
+            db: conn,
             hot: &mut *hot,
             now: shared.clock.now(),
             shared,
             running,
+            rows: &mut *rows,
             effects,
         };
         let outcome = ctx.in_savepoint(|ctx| ctx.claim(&claim.request));

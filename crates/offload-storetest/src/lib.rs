@@ -68,6 +68,7 @@ macro_rules! conformance_tests {
             unknown_ids_are_not_found,
             changes_are_published_as_events,
             ack_batch_answers_each_item,
+            batched_claims_and_acks_store_each_task_as_answered,
         );
     };
     (@cases $factory:expr, $available:expr; $($case:ident),* $(,)?) => {
