@@ -47,6 +47,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
 const MAX_TRIES: u32 = 5;
 /// Rows deleted per transaction by `clear`.
 const CLEAR_BATCH: i64 = 5000;
+/// How long `open` waits for the node's LISTEN.
+const LISTEN_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct PgOptions {
@@ -147,13 +149,21 @@ impl PgStore {
             node: Arc::clone(&node),
             stop: stop.clone(),
         });
+        let (listening, listens) = tokio::sync::oneshot::channel();
         tokio::spawn(notify::listen(
             Arc::clone(&node),
             Arc::downgrade(&store),
             pool,
             stop.clone(),
+            listening,
         ));
         tokio::spawn(notify::lead(node, connect, stop));
+        // A node that has opened hears what other nodes do from then on.
+        // Without a LISTEN within the bound it works all the same, on the
+        // engine's fallback poll, and keeps trying to listen.
+        if tokio::time::timeout(LISTEN_WAIT, listens).await.is_err() {
+            tracing::warn!("not listening for other nodes' notifications yet; going on");
+        }
         Ok(store)
     }
 

@@ -30,7 +30,9 @@ pub(crate) async fn listen(
     store: Weak<PgStore>,
     pool: PgPool,
     stop: CancellationToken,
+    listening: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut listening = Some(listening);
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -52,6 +54,9 @@ pub(crate) async fn listen(
         // Anything may have happened while nobody listened.
         node.hub.notify_ready();
         node.hub.notify_scheduled();
+        if let Some(listening) = listening.take() {
+            let _ = listening.send(());
+        }
         loop {
             let notification = tokio::select! {
                 n = listener.try_recv() => n,
