@@ -247,11 +247,15 @@ fn acknowledgement(
     reason: Option<CancelReason>,
     timeout: Duration,
 ) -> Option<Ack> {
-    let shutdown_message = "the worker shut down before the task finished".to_owned();
-    let timeout_message = format!(
-        "the attempt ran longer than its timeout of {}s",
-        timeout.as_secs()
-    );
+    // Spelled out only for the failures that report them: most tasks
+    // complete.
+    let shutdown_message = || "the worker shut down before the task finished".to_owned();
+    let timeout_message = || {
+        format!(
+            "the attempt ran longer than its timeout of {}s",
+            timeout.as_secs()
+        )
+    };
     Some(match (outcome, reason) {
         // Someone else may hold the task now; the newer attempt wins.
         (_, Some(CancelReason::LeaseLost)) => return None,
@@ -259,14 +263,14 @@ fn acknowledgement(
         (Ok(Ok(result)), _) => Ack::Complete { id, result },
         (Ok(Err(failure)), Some(CancelReason::Timeout)) => fail(
             id,
-            format!("{timeout_message}: {}", failure.message),
+            format!("{}: {}", timeout_message(), failure.message),
             FailureKind::Timeout,
             None,
             None,
         ),
         (Ok(Err(_)) | Err(_), Some(CancelReason::Shutdown)) => fail(
             id,
-            shutdown_message,
+            shutdown_message(),
             FailureKind::Error,
             None,
             Some(Duration::ZERO),
@@ -295,7 +299,10 @@ fn acknowledgement(
         }
         (Err(_), Some(CancelReason::Timeout)) => fail(
             id,
-            format!("{timeout_message}; the handler did not stop and was aborted"),
+            format!(
+                "{}; the handler did not stop and was aborted",
+                timeout_message()
+            ),
             FailureKind::Timeout,
             None,
             None,
