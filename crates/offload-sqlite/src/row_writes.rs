@@ -230,6 +230,21 @@ mod tests {
         writes.flush(conn, &mut single)
     }
 
+    /// A lone row goes through `WRITE_ROW`, bound in `COLUMNS`' order.
+    #[test]
+    fn the_one_row_statement_sets_the_columns_in_the_same_order() {
+        for (i, column) in COLUMNS.iter().enumerate() {
+            let set = format!("{column} = ?{},", i + 1);
+            let last = format!("{column} = ?{} WHERE", i + 1);
+            assert!(
+                crate::sql::WRITE_ROW.contains(&set) || crate::sql::WRITE_ROW.contains(&last),
+                "WRITE_ROW does not set {column} from parameter {}",
+                i + 1
+            );
+        }
+        assert!(crate::sql::WRITE_ROW.ends_with(&format!("WHERE seq = ?{}", COLUMNS.len() + 1)));
+    }
+
     #[test]
     fn every_row_gets_its_own_values_in_chunks_of_any_size() {
         // 3 rows go one statement each; 85 as 64, then 21 rounded up to
