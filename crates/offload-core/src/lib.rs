@@ -15,6 +15,7 @@ mod new_task;
 mod park;
 mod store;
 mod task;
+mod task_json;
 mod time;
 
 pub use claim::{Candidate, admit};

@@ -129,7 +129,7 @@ impl Timestamp {
     /// years 1970 to 9999. Hand-rolled because every task in every answer
     /// carries several timestamps; jiff's general formatter showed in
     /// profiles of large answers.
-    fn rfc3339(self) -> Option<[u8; 24]> {
+    pub(crate) fn rfc3339(self) -> Option<[u8; 24]> {
         const LAST_MS_OF_9999: i64 = 253_402_300_799_999;
         if !(0..=LAST_MS_OF_9999).contains(&self.0) {
             return None;

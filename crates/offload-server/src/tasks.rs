@@ -12,7 +12,7 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{BatchBody, JsonBody, int_param, query_pairs, task_id};
-use crate::json::Json;
+use crate::json::{Json, TaskJson, TaskListJson};
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
     responses(
@@ -22,7 +22,7 @@ use crate::json::Json;
 pub async fn enqueue(
     State(state): State<AppState>,
     JsonBody(task): JsonBody<NewTask>,
-) -> ApiResult<(StatusCode, Json<Task>)> {
+) -> ApiResult<(StatusCode, TaskJson)> {
     let (task, created) = state.engine.enqueue(task).await?;
     if created {
         state.metrics.enqueued([&task]);
@@ -32,7 +32,7 @@ pub async fn enqueue(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(task)))
+    Ok((status, TaskJson(task)))
 }
 
 #[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchEnqueue,
@@ -40,7 +40,7 @@ pub async fn enqueue(
 pub async fn enqueue_batch(
     State(state): State<AppState>,
     BatchBody(batch): BatchBody<BatchEnqueue>,
-) -> ApiResult<(StatusCode, Json<TaskList>)> {
+) -> ApiResult<(StatusCode, TaskListJson)> {
     if batch.tasks.is_empty() {
         return Err(ApiError::invalid(
             "tasks",
@@ -55,15 +55,15 @@ pub async fn enqueue_batch(
             .map(|(task, _)| task),
     );
     let tasks = answers.into_iter().map(|(task, _)| task).collect();
-    Ok((StatusCode::CREATED, Json(TaskList { tasks })))
+    Ok((StatusCode::CREATED, TaskListJson(tasks)))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")),
     responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
     let id = task_id(&id)?;
     match state.store().get(id).await? {
-        Some(task) => Ok(Json(task)),
+        Some(task) => Ok(TaskJson(task)),
         None => Err(ApiError::not_found(format!("task {id} not found"))),
     }
 }
@@ -140,17 +140,14 @@ pub async fn stats(State(state): State<AppState>) -> ApiResult<Json<Stats>> {
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
-pub async fn cancel(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Task>> {
-    Ok(Json(state.store().cancel(task_id(&id)?).await?))
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
+    Ok(TaskJson(state.store().cancel(task_id(&id)?).await?))
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled", body = ErrorBody)))]
-pub async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Task>> {
-    Ok(Json(state.store().retry(task_id(&id)?).await?))
+pub async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
+    Ok(TaskJson(state.store().retry(task_id(&id)?).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),

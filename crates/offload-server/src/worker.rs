@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{BatchBody, JsonBody, task_id};
-use crate::json::Json;
+use crate::json::{Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
@@ -46,7 +46,7 @@ fn lease(state: &AppState, lease_secs: Option<i64>) -> ApiResult<Duration> {
 pub async fn fetch(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<FetchRequest>,
-) -> ApiResult<Json<TaskList>> {
+) -> ApiResult<TaskListJson> {
     validate_worker_id(&body.worker_id)?;
     let types = body.types.unwrap_or_default();
     for (i, t) in types.iter().enumerate() {
@@ -66,7 +66,7 @@ pub async fn fetch(
     let wait = Duration::from_millis(in_range("wait_ms", body.wait_ms, 0, MAX_WAIT_MS, 0)? as u64);
     let tasks = state.engine.fetch(&request, wait, &state.stop).await?;
     state.metrics.claimed(&tasks);
-    Ok(Json(TaskList { tasks }))
+    Ok(TaskListJson(tasks))
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/heartbeat", tag = "workers", params(("id" = String, Path)), request_body = HeartbeatBody,
@@ -91,12 +91,12 @@ pub async fn complete(
     State(state): State<AppState>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<CompleteBody>,
-) -> ApiResult<Json<Task>> {
+) -> ApiResult<TaskJson> {
     let ack = Ack::Complete {
         id: task_id(&id)?,
         result: body.result,
     };
-    single_ack(&state, &body.worker_id, ack).await.map(Json)
+    single_ack(&state, &body.worker_id, ack).await.map(TaskJson)
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/fail", tag = "workers", params(("id" = String, Path)), request_body = FailBody,
@@ -105,13 +105,13 @@ pub async fn fail(
     State(state): State<AppState>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<FailBody>,
-) -> ApiResult<Json<Task>> {
+) -> ApiResult<TaskJson> {
     let failure = failure("", body.error, body.retry, body.retry_in_secs)?;
     let ack = Ack::Fail {
         id: task_id(&id)?,
         failure,
     };
-    single_ack(&state, &body.worker_id, ack).await.map(Json)
+    single_ack(&state, &body.worker_id, ack).await.map(TaskJson)
 }
 
 async fn single_ack(state: &AppState, worker_id: &str, ack: Ack) -> ApiResult<Task> {
