@@ -147,10 +147,13 @@ impl Client {
         }
     }
 
-    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> ClientResult<T> {
+    async fn answer(&self, builder: RequestBuilder) -> ClientResult<bytes::Bytes> {
         let response = self.send(builder).await?;
-        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-        parse(&bytes)
+        response.bytes().await.map_err(|e| self.unreachable(&e))
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> ClientResult<T> {
+        parse(&self.answer(builder).await?)
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
@@ -173,19 +176,20 @@ impl Client {
             .await?;
         let created = response.status() == StatusCode::CREATED;
         let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-        Ok((parse(&bytes)?, created))
+        Ok((parse_task(&bytes)?, created))
     }
 
     /// Enqueues up to 10,000 tasks, all or nothing.
     pub async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> ClientResult<Vec<Task>> {
-        let list: TaskList = self
-            .post("/v1/tasks/batch", &BatchEnqueue { tasks })
-            .await?;
-        Ok(list.tasks)
+        let request = self
+            .request(Method::POST, "/v1/tasks/batch")
+            .json(&BatchEnqueue { tasks });
+        parse_tasks(&self.answer(request).await?)
     }
 
     pub async fn get(&self, id: Uuid) -> ClientResult<Task> {
-        self.get_json(&format!("/v1/tasks/{id}")).await
+        let request = self.request(Method::GET, &format!("/v1/tasks/{id}"));
+        parse_task(&self.answer(request).await?)
     }
 
     pub async fn list(&self, params: &ListParams) -> ClientResult<TaskPage> {
@@ -295,8 +299,8 @@ impl Client {
     // ---- the worker protocol ----------------------------------------------
 
     pub async fn fetch(&self, request: &FetchRequest) -> ClientResult<Vec<Task>> {
-        let list: TaskList = self.post("/v1/fetch", request).await?;
-        Ok(list.tasks)
+        let request = self.request(Method::POST, "/v1/fetch").json(request);
+        parse_tasks(&self.answer(request).await?)
     }
 
     pub async fn heartbeat(&self, id: Uuid, body: &HeartbeatBody) -> ClientResult<HeartbeatAck> {
@@ -370,7 +374,124 @@ impl Client {
 /// `offload bench`'s workers and producers (callgrind). One check of the
 /// whole body costs little.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ClientResult<T> {
+    parse_or(bytes, |_| None)
+}
+
+/// Parses an answer, first with `read`, which reads the server's own form
+/// of it faster than serde_json or gives up (`None`).
+fn parse_or<T: DeserializeOwned>(
+    bytes: &[u8],
+    read: impl FnOnce(&str) -> Option<T>,
+) -> ClientResult<T> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| ClientError::Protocol(format!("the answer is not UTF-8: {e}")))?;
-    serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string()))
+    match read(text) {
+        Some(value) => Ok(value),
+        None => serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string())),
+    }
+}
+
+/// One task: see [`Task::read_json_at`].
+fn parse_task(bytes: &[u8]) -> ClientResult<Task> {
+    parse_or(bytes, |text| {
+        Task::read_json_at(text, 0)
+            .filter(|(_, end)| *end == text.len())
+            .map(|(task, _)| task)
+    })
+}
+
+/// `{"tasks": [...]}`, as fetch and batch enqueue answer.
+fn parse_tasks(bytes: &[u8]) -> ClientResult<Vec<Task>> {
+    parse_or(bytes, read_task_list).map(|TaskList { tasks }| tasks)
+}
+
+/// A task list in the server's own form, or `None`.
+fn read_task_list(text: &str) -> Option<TaskList> {
+    let listed = text.strip_prefix("{\"tasks\":[")?.strip_suffix("]}")?;
+    let mut tasks = Vec::new();
+    let mut at = 0;
+    while at < listed.len() {
+        if !tasks.is_empty() {
+            (listed.as_bytes()[at] == b',').then_some(())?;
+            at += 1;
+        }
+        let (task, end) = Task::read_json_at(listed, at)?;
+        tasks.push(task);
+        at = end;
+    }
+    Some(TaskList { tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use offload_core::{Limits, NewTask, Task, Timestamp};
+    use uuid::Uuid;
+
+    use super::{parse_task, parse_tasks, read_task_list};
+
+    fn task(n: u32) -> Task {
+        let spec = NewTask::new("report.build")
+            .payload(&serde_json::json!({ "n": n, "text": "a \"quoted\" word" }))
+            .expect("a JSON payload")
+            .validate(&Limits::default(), "")
+            .expect("a valid task");
+        Task::new_from_spec(
+            Uuid::now_v7(),
+            spec,
+            Timestamp::from_millis(1_795_000_000_000),
+            false,
+        )
+    }
+
+    /// The server's form: fields in their declared order.
+    fn json(tasks: &[Task]) -> String {
+        let each: Vec<String> = tasks
+            .iter()
+            .map(|t| serde_json::to_string(t).expect("serializes"))
+            .collect();
+        format!("{{\"tasks\":[{}]}}", each.join(","))
+    }
+
+    #[test]
+    fn task_lists_are_read_in_the_servers_form_and_in_any_other() {
+        for tasks in [vec![], vec![task(1)], vec![task(1), task(2), task(3)]] {
+            let canonical = json(&tasks);
+            let fast = read_task_list(&canonical).expect("the server's form is read");
+            assert_eq!(json(&fast.tasks), canonical);
+            assert_eq!(
+                json(&parse_tasks(canonical.as_bytes()).expect("reads")),
+                canonical
+            );
+            // Reformatted, as a proxy might: serde_json reads it.
+            let pretty = serde_json::to_string_pretty(&serde_json::json!({ "tasks": tasks }))
+                .expect("serializes");
+            assert!(read_task_list(&pretty).is_none() || tasks.is_empty());
+            let reread = parse_tasks(pretty.as_bytes()).expect("reads");
+            let summary = |tasks: &[Task]| -> Vec<(Uuid, serde_json::Value)> {
+                tasks
+                    .iter()
+                    .map(|t| (t.id, t.payload_as().expect("a JSON payload")))
+                    .collect()
+            };
+            assert_eq!(summary(&reread), summary(&tasks));
+        }
+    }
+
+    #[test]
+    fn a_broken_list_is_an_error_not_a_shorter_list() {
+        let canonical = json(&[task(1), task(2)]);
+        let broken = [
+            canonical.replacen("},{", "},,{", 1),
+            canonical.replacen("},{", "}{", 1),
+            canonical.replacen("]}", ",]}", 1),
+            canonical[..canonical.len() - 1].to_owned(),
+        ];
+        for text in broken {
+            assert!(parse_tasks(text.as_bytes()).is_err(), "accepted {text}");
+        }
+        let one = task(1);
+        let text = serde_json::to_string(&one).expect("serializes");
+        assert_eq!(parse_task(text.as_bytes()).expect("reads").id, one.id);
+        assert!(parse_task(format!("{text}x").as_bytes()).is_err());
+    }
 }

@@ -54,7 +54,7 @@ impl Timestamp {
     /// The form [`Timestamp::rfc3339`] writes, `2026-01-15T10:00:00.000Z`,
     /// read without jiff: a worker parses several in every task it fetches.
     /// Anything else, or a date that does not exist, is left to jiff.
-    fn parse_rfc3339_millis(text: &[u8]) -> Option<Self> {
+    pub(crate) fn parse_rfc3339_millis(text: &[u8]) -> Option<Self> {
         let [
             y0,
             y1,
