@@ -16,13 +16,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use offload_client::ClientError;
 
-/// Every Rust thread allocates for each task it handles (request bodies,
-/// task strings, answers): with the system allocator, malloc and free were
-/// 5–13% of each thread's instructions in a burn-down (callgrind). SQLite
-/// keeps its own allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A mistake in how the command was called (exit code 2).
 #[derive(Debug)]
 pub struct UsageError(pub String);
