@@ -199,10 +199,19 @@ impl WriteCtx<'_, '_> {
     pub fn enqueue(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
         let mut answers = Vec::with_capacity(specs.len());
         let mut known_queues = HashSet::new();
+        // Tasks with neither a unique key nor dependencies, inserted many to
+        // a statement once something else comes or the batch ends, so that
+        // seq follows the order of the request.
+        let mut plain = Vec::new();
         for spec in specs {
             if known_queues.insert(spec.queue.clone()) {
                 self.ensure_queue(&spec.queue)?;
             }
+            if spec.unique_key.is_none() && spec.depends_on.is_empty() {
+                plain.push(Task::new_from_spec(Uuid::now_v7(), spec, self.now, false));
+                continue;
+            }
+            self.insert_plain(std::mem::take(&mut plain), &mut answers)?;
             if let Some(key) = &spec.unique_key
                 && let Some(mut holder) = self.unique_key_holder(&spec.queue, key)?
             {
@@ -222,7 +231,40 @@ impl WriteCtx<'_, '_> {
             }
             answers.push((self.insert(spec)?, true));
         }
+        self.insert_plain(plain, &mut answers)?;
         Ok(answers)
+    }
+
+    /// Inserts tasks that need no checks (no unique key, no dependencies),
+    /// up to [`sql::INSERT_MAX_ROWS`] to a statement: an INSERT of one row
+    /// costs the writer as much in the statement as in the row
+    /// (bench/analysis.md).
+    fn insert_plain(&mut self, tasks: Vec<Task>, answers: &mut Vec<(Task, bool)>) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn()?;
+        let mut rest = tasks.as_slice();
+        while !rest.is_empty() {
+            let rows = if rest.len() >= sql::INSERT_MAX_ROWS {
+                sql::INSERT_MAX_ROWS
+            } else {
+                rest.len() / sql::INSERT_ROUNDING * sql::INSERT_ROUNDING
+            };
+            let (chunk, after) = rest.split_at(rows.max(1));
+            if rows == 0 {
+                self.insert_row(&chunk[0])?;
+            } else {
+                insert_rows(conn, chunk, self.now).map_err(storage_error)?;
+            }
+            rest = after;
+        }
+        for task in tasks {
+            self.count(&task.queue, &task.task_type, None, Some(task.state));
+            self.event(EventKind::State, &task);
+            answers.push((task, true));
+        }
+        Ok(())
     }
 
     /// The active task holding (queue, unique_key), per SPEC §1.2.
@@ -269,39 +311,7 @@ impl WriteCtx<'_, '_> {
         }
         let blocked = !unmet.is_empty() || broken.is_some();
         let task = Task::new_from_spec(Uuid::now_v7(), spec, now, blocked);
-        let labels = if task.labels.is_empty() {
-            None
-        } else {
-            Some(json_text(&task.labels)?)
-        };
-        let depends_on = if task.depends_on.is_empty() {
-            None
-        } else {
-            Some(json_text(&task.depends_on)?)
-        };
-        // The unique index must see the rows written back before this one
-        // (a replaced holder leaves it).
-        self.flush_rows()?;
-        self.hot
-            .insert_task
-            .execute(params![
-                Id(task.id),
-                task.task_type,
-                task.queue,
-                task.payload.get(),
-                task.priority,
-                task.state.code(),
-                task.max_attempts,
-                task.timeout_secs,
-                task.run_at.as_millis(),
-                task.owner,
-                labels,
-                task.unique_key,
-                depends_on,
-                now.as_millis(),
-            ])
-            .map_err(storage_error)?;
-        let seq = self.last_insert_rowid();
+        let seq = self.insert_row(&task)?;
         if !unmet.is_empty() {
             self.effects().dependencies_stored = Some(true);
         }
@@ -321,6 +331,35 @@ impl WriteCtx<'_, '_> {
             self.save(&stored, State::Blocked)?;
         }
         Ok(stored.task)
+    }
+
+    /// Inserts one task's row with the statement kept prepared; its seq.
+    fn insert_row(&mut self, task: &Task) -> Result<i64> {
+        let labels = opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))?;
+        let depends_on = opt_json_text(Some(&task.depends_on).filter(|d| !d.is_empty()))?;
+        // The unique index must see the rows written back before this one
+        // (a replaced holder leaves it).
+        self.flush_rows()?;
+        self.hot
+            .insert_task
+            .execute(params![
+                Id(task.id),
+                task.task_type,
+                task.queue,
+                task.payload.get(),
+                task.priority,
+                task.state.code(),
+                task.max_attempts,
+                task.timeout_secs,
+                task.run_at.as_millis(),
+                task.owner,
+                labels,
+                task.unique_key,
+                depends_on,
+                task.created_at.as_millis(),
+            ])
+            .map_err(storage_error)?;
+        Ok(self.last_insert_rowid())
     }
 
     // ---- claiming -----------------------------------------------------
@@ -624,4 +663,40 @@ impl WriteCtx<'_, '_> {
         }
         Ok(purged)
     }
+}
+
+/// Inserts `tasks`, which have neither a unique key nor dependencies, with
+/// one statement of `tasks.len()` rows.
+fn insert_rows(
+    conn: &rusqlite::Connection,
+    tasks: &[Task],
+    now: offload_core::Timestamp,
+) -> Sql<()> {
+    let mut stmt = conn.prepare_cached(&sql::insert_plain_rows(tasks.len()))?;
+    let mut at = 1;
+    for task in tasks {
+        debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());
+        let labels = if task.labels.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&task.labels)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+            )
+        };
+        stmt.raw_bind_parameter(at, Id(task.id))?;
+        stmt.raw_bind_parameter(at + 1, &task.task_type)?;
+        stmt.raw_bind_parameter(at + 2, &task.queue)?;
+        stmt.raw_bind_parameter(at + 3, task.payload.get())?;
+        stmt.raw_bind_parameter(at + 4, task.priority)?;
+        stmt.raw_bind_parameter(at + 5, task.state.code())?;
+        stmt.raw_bind_parameter(at + 6, task.max_attempts)?;
+        stmt.raw_bind_parameter(at + 7, task.timeout_secs)?;
+        stmt.raw_bind_parameter(at + 8, task.run_at.as_millis())?;
+        stmt.raw_bind_parameter(at + 9, &task.owner)?;
+        stmt.raw_bind_parameter(at + 10, labels)?;
+        at += sql::INSERT_PLAIN_PARAMS;
+    }
+    stmt.raw_bind_parameter(at, now.as_millis())?;
+    stmt.raw_execute().map(drop)
 }

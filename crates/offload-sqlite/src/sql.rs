@@ -64,6 +64,48 @@ pub const INSERT_TASK: &str = "INSERT INTO tasks (id, type, queue, payload, prio
      cancel_requested, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)";
 
+/// Tasks inserted by one statement at most ([`insert_plain_rows`]).
+pub const INSERT_MAX_ROWS: usize = 64;
+/// Statements insert a multiple of this many rows (the rest go one by one),
+/// so that few distinct statements reach the statement cache.
+pub const INSERT_ROUNDING: usize = 8;
+/// Parameters per row of [`insert_plain_rows`].
+pub const INSERT_PLAIN_PARAMS: usize = 11;
+
+/// New rows of tasks with neither a unique key nor dependencies, `rows` of
+/// them: [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
+/// [`INSERT_TASK`]'s up to `owner` and `labels`, then one for the time,
+/// shared.
+pub fn insert_plain_rows(rows: usize) -> String {
+    let time = rows * INSERT_PLAIN_PARAMS + 1;
+    let mut sql = String::from(
+        "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
+         timeout_secs, run_at, owner, labels, unique_key, depends_on, cancel_requested, \
+         created_at, updated_at) VALUES ",
+    );
+    for row in 0..rows {
+        let p = row * INSERT_PLAIN_PARAMS;
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, ?{time}, ?{time})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8,
+            p + 9,
+            p + 10,
+            p + 11,
+        ));
+    }
+    sql
+}
+
 /// Every column the state machine may change, written back to task `?16`.
 pub const WRITE_ROW: &str = "UPDATE tasks SET state = ?1, attempt = ?2, max_attempts = ?3, \
      run_at = ?4, progress = ?5, result = ?6, error = ?7, errors = ?8, cancel_requested = ?9, \

@@ -195,6 +195,84 @@ pub async fn enqueue_batch_is_all_or_nothing(factory: &dyn StoreFactory) {
     assert_ne!(answers[0].0.id, answers[1].0.id);
 }
 
+/// A batch larger than any one statement, plain tasks around ones that
+/// need checks (a unique key kept, a dependency): each stored as answered,
+/// in the order of the request.
+pub async fn a_large_mixed_batch_is_stored_in_request_order(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let dependency = f.enqueue(NewTask::new("dep")).await;
+    let limits = Limits::default();
+    const N: usize = 150;
+    let specs = (0..N)
+        .map(|i| {
+            let mut task = NewTask::new(if i % 2 == 0 { "even" } else { "odd" })
+                .queue(if i % 3 == 0 { "a" } else { "b" })
+                .priority(1 + (i % 10) as i64)
+                .payload(&serde_json::json!({ "i": i }))
+                .expect("a JSON payload");
+            if i % 4 == 1 {
+                task = task
+                    .label("n", i.to_string())
+                    .owner(format!("user-{}", i % 5));
+            }
+            if i % 7 == 3 {
+                task = task.delay(Duration::from_secs(60));
+            }
+            if i == 70 || i == 71 {
+                task = task.unique_key("k", OnConflict::Keep);
+            }
+            if i == 100 {
+                task = task.depends_on(dependency.id);
+            }
+            task.validate(&limits, &format!("tasks[{i}]."))
+                .expect("a valid task")
+        })
+        .collect();
+    let answers = f.store.enqueue(specs).await.expect("enqueue");
+    assert_eq!(answers.len(), N);
+    for (i, (task, created)) in answers.iter().enumerate() {
+        assert_eq!(*created, i != 71, "task {i}");
+        assert_eq!(
+            task.payload_as::<serde_json::Value>().unwrap()["i"],
+            if i == 71 { 70 } else { i }
+        );
+        assert_same(&f.get(task.id).await, task, "stored as answered");
+    }
+    assert_eq!(answers[71].0.id, answers[70].0.id, "the key's holder");
+    assert_eq!(answers[100].0.state, State::Blocked);
+    assert_eq!(answers[3].0.state, State::Scheduled);
+    assert_eq!(answers[4].0.state, State::Pending);
+
+    let mut created: Vec<Uuid> = vec![dependency.id];
+    created.extend(
+        answers
+            .iter()
+            .filter(|(_, created)| *created)
+            .map(|(task, _)| task.id),
+    );
+    let page = f
+        .store
+        .list(&ListQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let mut listed = ids(&page.tasks);
+    listed.reverse();
+    assert_eq!(
+        listed, created,
+        "listed newest first, in the order enqueued"
+    );
+    let stats = f.store.stats().await.expect("stats");
+    assert_eq!(stats.total.total(), N as u64);
+    assert_eq!(stats.total.get(State::Blocked), 1);
+    assert_eq!(
+        stats.total.get(State::Scheduled),
+        (0..N).filter(|i| i % 7 == 3).count() as u64
+    );
+}
+
 // ---- claiming --------------------------------------------------------------
 
 pub async fn claim_orders_by_priority_then_run_at(factory: &dyn StoreFactory) {
