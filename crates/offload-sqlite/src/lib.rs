@@ -13,6 +13,7 @@
 
 mod ops;
 mod read;
+mod ready;
 mod row_writes;
 mod rows;
 pub mod sql;
@@ -32,6 +33,7 @@ use rusqlite::Connection;
 use uuid::Uuid;
 
 use crate::read::Readers;
+use crate::ready::ReadyIndex;
 use crate::rows::storage_error;
 use crate::writer::{CountsMap, Shared, Writer};
 
@@ -44,6 +46,7 @@ const WRITER_STATEMENT_CACHE: usize = 128;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
+    (3, include_str!("../migrations/0003_ready_in_memory.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.
@@ -135,6 +138,7 @@ impl SqliteStore {
         // a caller to answer.
         drop(writer::HotStatements::prepare(&conn)?);
         let counts = load_counts(&conn)?;
+        let ready = ReadyIndex::load(&conn).map_err(storage_error)?;
         let shared = Arc::new(Shared {
             clock: options.clock,
             hub: Hub::new(),
@@ -143,7 +147,7 @@ impl SqliteStore {
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
         });
-        let writer = Writer::start(conn, lock, Arc::clone(&shared))
+        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready)
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             shared,

@@ -89,6 +89,7 @@ impl WriteCtx<'_, '_> {
             seq: stored.seq,
             values,
         });
+        self.ready.note(t, stored.seq);
         Ok(())
     }
 
@@ -256,6 +257,22 @@ impl WriteCtx<'_, '_> {
                 self.insert_row(&chunk[0])?;
             } else {
                 insert_rows(conn, chunk, self.now).map_err(storage_error)?;
+                // A new row's rowid is one more than the largest in the
+                // table, so one statement's rows have consecutive seqs.
+                let first = self.last_insert_rowid() - chunk.len() as i64 + 1;
+                for (i, task) in chunk.iter().enumerate() {
+                    debug_assert_eq!(
+                        conn.query_row(
+                            "SELECT id FROM tasks WHERE seq = ?1",
+                            [first + i as i64],
+                            |r| r.get::<_, Id>(0)
+                        )
+                        .map(|id| id.0)
+                        .ok(),
+                        Some(task.id)
+                    );
+                    self.ready.note(task, first + i as i64);
+                }
             }
             rest = after;
         }
@@ -359,7 +376,9 @@ impl WriteCtx<'_, '_> {
                 task.created_at.as_millis(),
             ])
             .map_err(storage_error)?;
-        Ok(self.last_insert_rowid())
+        let seq = self.last_insert_rowid();
+        self.ready.note(task, seq);
+        Ok(seq)
     }
 
     // ---- claiming -----------------------------------------------------
@@ -378,7 +397,7 @@ impl WriteCtx<'_, '_> {
                 .map_err(storage_error)?;
             rows.collect::<Sql<_>>().map_err(storage_error)?
         };
-        // Candidates from every eligible queue, each already in priority order.
+        // Candidates from every eligible queue, each lane's in claim order.
         let mut candidates = Vec::new();
         let mut capacity: Vec<usize> = Vec::new();
         for (name, paused, concurrency) in &queues {
@@ -403,44 +422,45 @@ impl WriteCtx<'_, '_> {
             }
             let queue_index = capacity.len();
             capacity.push(room);
-            let types = if req.types.is_empty() {
-                self.pending_types(name)?
-            } else {
-                req.types.clone()
-            };
-            let mut found = Vec::new();
-            for task_type in &types {
-                found.extend(
-                    self.load_many(sql::CLAIM_CANDIDATES, params![name, task_type, room as i64])?,
-                );
-            }
-            candidates.extend(found.into_iter().map(|t| Candidate {
-                queue: queue_index,
-                priority: t.task.priority,
-                run_at: t.task.run_at,
-                position: t.seq,
-                item: t,
-            }));
+            candidates.extend(
+                self.ready
+                    .candidates(name, &req.types, room)
+                    .map(|key| Candidate {
+                        queue: queue_index,
+                        priority: key.priority.0,
+                        run_at: key.run_at(),
+                        position: key.seq,
+                        item: key.seq,
+                    }),
+            );
         }
-        let mut claimed = Vec::new();
-        for mut stored in admit(candidates, capacity, req.limit) {
+        let chosen = admit(candidates, capacity, req.limit);
+        // Every row read before any is written back, so that the writes
+        // stay buffered together.
+        self.flush_rows()?;
+        let mut rows = Vec::with_capacity(chosen.len());
+        for seq in chosen {
+            let stored = self
+                .hot
+                .task_by_seq
+                .query_row([seq], decode)
+                .map_err(storage_error)?;
+            if stored.task.state != State::Pending {
+                return Err(Error::Storage(format!(
+                    "task {} is {} but listed as pending in the writer's memory",
+                    stored.task.id, stored.task.state
+                )));
+            }
+            rows.push(stored);
+        }
+        let mut claimed = Vec::with_capacity(rows.len());
+        for mut stored in rows {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
             self.save(&stored, State::Pending)?;
             self.running.remember(&stored);
             claimed.push(stored.task);
         }
         Ok(claimed)
-    }
-
-    fn pending_types(&mut self, queue: &str) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn()?
-            .prepare_cached(sql::PENDING_TYPES)
-            .map_err(storage_error)?;
-        let rows = stmt
-            .query_map([queue], |r| r.get(0))
-            .map_err(storage_error)?;
-        rows.collect::<Sql<_>>().map_err(storage_error)
     }
 
     // ---- the worker's reports -----------------------------------------
@@ -672,7 +692,7 @@ fn insert_rows(
     tasks: &[Task],
     now: offload_core::Timestamp,
 ) -> Sql<()> {
-    let mut stmt = conn.prepare_cached(&sql::insert_plain_rows(tasks.len()))?;
+    let mut stmt = conn.prepare_cached(sql::insert_plain_rows(tasks.len()))?;
     let mut at = 1;
     for task in tasks {
         debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());

@@ -8,6 +8,8 @@
 //! however `?1` is bound, so statements that take the state as a parameter
 //! repeat the index's condition literally.
 
+use std::sync::OnceLock;
+
 use crate::rows::task_columns;
 
 /// Finished tasks of one state (`?1`) finished by `?2`, at most `?3` of them,
@@ -15,24 +17,9 @@ use crate::rows::task_columns;
 pub const DELETE_FINISHED: &str = "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
      WHERE state = ?1 AND state >= 4 AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type";
 
-/// Claim candidates of one queue and type, best first.
-pub const CLAIM_CANDIDATES: &str = concat!(
-    "SELECT ",
-    task_columns!(),
-    " FROM tasks WHERE state = 2 AND queue = ?1 AND type = ?2 \
-     ORDER BY priority DESC, run_at, seq LIMIT ?3"
-);
-
-/// The types with pending tasks in a queue: one short walk of
-/// tasks_ready_by_type per type (a skip scan) rather than a visit of every
-/// pending task.
-pub const PENDING_TYPES: &str = "WITH RECURSIVE pending(type) AS ( \
-       SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
-       UNION ALL \
-       SELECT (SELECT MIN(type) FROM tasks WHERE state = 2 AND queue = ?1 \
-               AND type > pending.type) \
-       FROM pending WHERE pending.type IS NOT NULL \
-     ) SELECT type FROM pending WHERE type IS NOT NULL";
+/// One task by its seq, for a claim: candidates come from the writer's
+/// memory (`ready.rs`).
+pub const TASK_BY_SEQ: &str = concat!("SELECT ", task_columns!(), " FROM tasks WHERE seq = ?1");
 
 /// Running tasks of a queue, for its concurrency limit.
 pub const RUNNING_IN_QUEUE: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1";
@@ -73,37 +60,48 @@ pub const INSERT_ROUNDING: usize = 8;
 pub const INSERT_PLAIN_PARAMS: usize = 11;
 
 /// New rows of tasks with neither a unique key nor dependencies, `rows` of
-/// them: [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
+/// them (a multiple of [`INSERT_ROUNDING`] up to [`INSERT_MAX_ROWS`]):
+/// [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
 /// [`INSERT_TASK`]'s up to `owner` and `labels`, then one for the time,
-/// shared.
-pub fn insert_plain_rows(rows: usize) -> String {
-    let time = rows * INSERT_PLAIN_PARAMS + 1;
-    let mut sql = String::from(
-        "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
-         timeout_secs, run_at, owner, labels, unique_key, depends_on, cancel_requested, \
-         created_at, updated_at) VALUES ",
+/// shared. Each text is built once: formatting it took as long as
+/// inserting the rows.
+pub fn insert_plain_rows(rows: usize) -> &'static str {
+    static BY_ROWS: [OnceLock<String>; INSERT_MAX_ROWS / INSERT_ROUNDING] =
+        [const { OnceLock::new() }; INSERT_MAX_ROWS / INSERT_ROUNDING];
+    assert!(
+        rows > 0 && rows.is_multiple_of(INSERT_ROUNDING) && rows <= INSERT_MAX_ROWS,
+        "{rows} rows is not a statement's size"
     );
-    for row in 0..rows {
-        let p = row * INSERT_PLAIN_PARAMS;
-        if row > 0 {
-            sql.push(',');
+    BY_ROWS[rows / INSERT_ROUNDING - 1].get_or_init(|| {
+        let time = rows * INSERT_PLAIN_PARAMS + 1;
+        let mut sql = String::from(
+            "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
+             max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
+             cancel_requested, created_at, updated_at) VALUES ",
+        );
+        for row in 0..rows {
+            if row > 0 {
+                sql.push(',');
+            }
+            let p = |i: usize| row * INSERT_PLAIN_PARAMS + i;
+            sql.push_str(&format!(
+                "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, \
+                 ?{time}, ?{time})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8),
+                p(9),
+                p(10),
+                p(11),
+            ));
         }
-        sql.push_str(&format!(
-            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, ?{time}, ?{time})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 10,
-            p + 11,
-        ));
-    }
-    sql
+        sql
+    })
 }
 
 /// Every column the state machine may change, written back to task `?16`.
@@ -115,8 +113,7 @@ pub const WRITE_ROW: &str = "UPDATE tasks SET state = ?1, attempt = ?2, max_atte
 /// Every statement above, named, for the plan check.
 pub const PLANNED: &[(&str, &str)] = &[
     ("DELETE_FINISHED", DELETE_FINISHED),
-    ("CLAIM_CANDIDATES", CLAIM_CANDIDATES),
-    ("PENDING_TYPES", PENDING_TYPES),
+    ("TASK_BY_SEQ", TASK_BY_SEQ),
     ("RUNNING_IN_QUEUE", RUNNING_IN_QUEUE),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),

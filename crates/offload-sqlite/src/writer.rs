@@ -21,6 +21,7 @@ use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::ready::ReadyIndex;
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
 use crate::sql;
@@ -253,6 +254,7 @@ impl RunningRows {
 pub(crate) struct HotStatements<'conn> {
     pub insert_task: Statement<'conn>,
     pub write_row: Statement<'conn>,
+    pub task_by_seq: Statement<'conn>,
 }
 
 impl<'conn> HotStatements<'conn> {
@@ -260,6 +262,7 @@ impl<'conn> HotStatements<'conn> {
         Ok(Self {
             insert_task: conn.prepare(sql::INSERT_TASK).map_err(storage_error)?,
             write_row: conn.prepare(sql::WRITE_ROW).map_err(storage_error)?,
+            task_by_seq: conn.prepare(sql::TASK_BY_SEQ).map_err(storage_error)?,
         })
     }
 }
@@ -274,6 +277,7 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub now: Timestamp,
     pub shared: &'c Shared,
     pub running: &'c mut RunningRows,
+    pub ready: &'c mut ReadyIndex,
     rows: &'c mut RowWrites,
     effects: &'c mut Effects,
 }
@@ -304,6 +308,7 @@ impl<'c> WriteCtx<'c, '_> {
 
     fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mark = self.effects.mark();
+        let ready_mark = self.ready.mark();
         self.exec("SAVEPOINT op")?;
         let mut outcome = op(self);
         if outcome.is_ok()
@@ -315,6 +320,7 @@ impl<'c> WriteCtx<'c, '_> {
             self.rows.discard();
             self.exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
+            self.ready.roll_back_to(ready_mark);
             self.running.forget_all();
         }
         self.exec("RELEASE op")?;
@@ -403,12 +409,13 @@ impl Writer {
         conn: Connection,
         lock: std::fs::File,
         shared: Arc<Shared>,
+        ready: ReadyIndex,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                run_writer(&conn, &rx, &shared);
+                run_writer(&conn, &rx, &shared, ready);
                 drop(conn);
                 drop(lock);
             })?;
@@ -460,7 +467,12 @@ impl Drop for Writer {
     }
 }
 
-fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
+fn run_writer(
+    conn: &Connection,
+    jobs: &mpsc::Receiver<Job>,
+    shared: &Shared,
+    mut ready: ReadyIndex,
+) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
     // closed.
@@ -497,6 +509,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
                 now: shared.clock.now(),
                 shared,
                 running: &mut running,
+                ready: &mut ready,
                 rows: &mut rows,
                 effects: &mut effects,
             };
@@ -507,6 +520,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
             &mut hot,
             shared,
             &mut running,
+            &mut ready,
             &mut rows,
             &mut effects,
         );
@@ -514,11 +528,15 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared) {
         debug_assert!(rows.is_empty());
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
         let made_ready = match &committed {
-            Ok(()) => effects.publish(shared),
+            Ok(()) => {
+                ready.commit();
+                effects.publish(shared)
+            }
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
                 running.forget_all();
+                ready.roll_back_to(0);
                 false
             }
         };
@@ -548,6 +566,7 @@ fn claim_for_parked(
     hot: &mut HotStatements<'_>,
     shared: &Shared,
     running: &mut RunningRows,
+    ready: &mut ReadyIndex,
     rows: &mut RowWrites,
     effects: &mut Effects,
 ) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
@@ -574,6 +593,7 @@ fn claim_for_parked(
             now: shared.clock.now(),
             shared,
             running,
+            ready: &mut *ready,
             rows: &mut *rows,
             effects,
         };

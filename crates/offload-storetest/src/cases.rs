@@ -273,6 +273,32 @@ pub async fn a_large_mixed_batch_is_stored_in_request_order(factory: &dyn StoreF
     );
 }
 
+/// Tasks of a batch that failed are not claimable, nor is anything the
+/// failed batch touched: the next claim sees exactly what was committed.
+pub async fn a_failed_batch_leaves_nothing_to_claim(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let limits = Limits::default();
+    let mut specs: Vec<_> = (0..20)
+        .map(|i| {
+            NewTask::new("t")
+                .priority(9)
+                .validate(&limits, &format!("tasks[{i}]."))
+                .unwrap()
+        })
+        .collect();
+    specs.push(
+        NewTask::new("t")
+            .depends_on(Uuid::now_v7())
+            .validate(&limits, "tasks[20].")
+            .unwrap(),
+    );
+    assert_invalid(f.store.enqueue(specs).await, "tasks[20].depends_on[0]");
+    let kept = f.enqueue(NewTask::new("t").priority(1)).await;
+    let claimed = f.claim("w", 50).await;
+    assert_eq!(ids(&claimed), [kept.id], "only the committed task, once");
+    assert!(f.claim("w", 50).await.is_empty());
+}
+
 // ---- claiming --------------------------------------------------------------
 
 pub async fn claim_orders_by_priority_then_run_at(factory: &dyn StoreFactory) {

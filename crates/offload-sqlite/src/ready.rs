@@ -1,0 +1,225 @@
+//! The pending tasks in claim order, kept in the writer's memory instead of
+//! an index of `tasks`.
+//!
+//! An index of pending tasks costs the writer an entry written when a task
+//! is enqueued and a seek and a delete when it is claimed; the delete made a
+//! claim's row write ~40% dearer (bench/analysis.md). The writer is the only
+//! connection that changes `tasks`, so it can keep the same order in memory:
+//! per (queue, type), the pending tasks by priority (highest first), then
+//! `run_at`, then seq. It is built from `tasks` at open and changed with
+//! every row the writer inserts or writes back.
+//!
+//! Changes are undone with the transaction that made them: every change is
+//! logged until the group commits, and a savepoint or transaction rolled
+//! back undoes the changes made after its mark.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+
+use offload_core::{State, Task, Timestamp};
+use rusqlite::Connection;
+
+/// A pending task's place in claim order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ReadyKey {
+    pub priority: Reverse<u8>,
+    pub run_at: i64,
+    pub seq: i64,
+}
+
+impl ReadyKey {
+    pub fn of(task: &Task, seq: i64) -> Self {
+        Self {
+            priority: Reverse(task.priority),
+            run_at: task.run_at.as_millis(),
+            seq,
+        }
+    }
+
+    pub fn run_at(&self) -> Timestamp {
+        Timestamp::from_millis(self.run_at)
+    }
+}
+
+#[derive(Debug)]
+enum Change {
+    Added(usize, ReadyKey),
+    Removed(usize, ReadyKey),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ReadyIndex {
+    /// The pending tasks of one (queue, type) each.
+    lanes: Vec<BTreeSet<ReadyKey>>,
+    /// queue → type → lane.
+    lane_of: HashMap<String, HashMap<String, usize>>,
+    /// Changes since the last commit, oldest first.
+    changes: Vec<Change>,
+}
+
+impl ReadyIndex {
+    /// Every pending task of `conn`'s `tasks`.
+    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
+        let mut index = Self::default();
+        let mut stmt = conn.prepare(
+            "SELECT seq, queue, type, priority, run_at FROM tasks WHERE state = 2 ORDER BY seq",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key = ReadyKey {
+                priority: Reverse(row.get(3)?),
+                run_at: row.get(4)?,
+                seq: row.get(0)?,
+            };
+            let lane = index.lane(row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?);
+            index.lanes[lane].insert(key);
+        }
+        Ok(index)
+    }
+
+    fn lane(&mut self, queue: &str, task_type: &str) -> usize {
+        if let Some(&lane) = self
+            .lane_of
+            .get(queue)
+            .and_then(|types| types.get(task_type))
+        {
+            return lane;
+        }
+        let lane = self.lanes.len();
+        self.lanes.push(BTreeSet::new());
+        self.lane_of
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(task_type.to_owned(), lane);
+        lane
+    }
+
+    /// Records a task row as it now stands: in the index if pending, out of
+    /// it otherwise. A task leaving `pending` keeps its priority and
+    /// `run_at` (the state machine changes `run_at` only on the way back
+    /// in), so its key is found from the row as written.
+    pub fn note(&mut self, task: &Task, seq: i64) {
+        let key = ReadyKey::of(task, seq);
+        if task.state == State::Pending {
+            let lane = self.lane(&task.queue, &task.task_type);
+            if self.lanes[lane].insert(key) {
+                self.changes.push(Change::Added(lane, key));
+            }
+        } else if let Some(&lane) = self
+            .lane_of
+            .get(&task.queue)
+            .and_then(|types| types.get(&task.task_type))
+            && self.lanes[lane].remove(&key)
+        {
+            self.changes.push(Change::Removed(lane, key));
+        }
+    }
+
+    /// The pending tasks of `queue`, of the given types (any when empty):
+    /// each type's first `room` in claim order.
+    pub fn candidates<'a>(
+        &'a self,
+        queue: &str,
+        types: &'a [String],
+        room: usize,
+    ) -> impl Iterator<Item = ReadyKey> + 'a {
+        let lanes = self.lane_of.get(queue);
+        let chosen: Vec<usize> = match lanes {
+            None => Vec::new(),
+            Some(lanes) if types.is_empty() => lanes.values().copied().collect(),
+            Some(lanes) => types.iter().filter_map(|t| lanes.get(t).copied()).collect(),
+        };
+        chosen
+            .into_iter()
+            .flat_map(move |lane| self.lanes[lane].iter().take(room).copied())
+    }
+
+    /// Where the log stands; see [`ReadyIndex::roll_back_to`].
+    pub fn mark(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// Undoes the changes made since `mark`, newest first.
+    pub fn roll_back_to(&mut self, mark: usize) {
+        while self.changes.len() > mark {
+            match self.changes.pop() {
+                Some(Change::Added(lane, key)) => {
+                    self.lanes[lane].remove(&key);
+                }
+                Some(Change::Removed(lane, key)) => {
+                    self.lanes[lane].insert(key);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The transaction committed: its changes stay.
+    pub fn commit(&mut self) {
+        self.changes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use offload_core::{Limits, NewTask, State, Task, Timestamp};
+    use uuid::Uuid;
+
+    use super::ReadyIndex;
+
+    fn task(queue: &str, task_type: &str, priority: i64, run_at: i64) -> Task {
+        let spec = NewTask::new(task_type)
+            .queue(queue)
+            .priority(priority)
+            .validate(&Limits::default(), "")
+            .expect("a valid task");
+        let mut task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(0), false);
+        task.run_at = Timestamp::from_millis(run_at);
+        task
+    }
+
+    fn seqs(index: &ReadyIndex, queue: &str, types: &[&str], room: usize) -> Vec<i64> {
+        let types: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+        let mut found: Vec<_> = index.candidates(queue, &types, room).collect();
+        found.sort();
+        found.into_iter().map(|k| k.seq).collect()
+    }
+
+    #[test]
+    fn candidates_come_by_priority_then_run_at_then_seq_per_type() {
+        let mut index = ReadyIndex::default();
+        index.note(&task("q", "a", 5, 10), 1);
+        index.note(&task("q", "a", 9, 20), 2);
+        index.note(&task("q", "a", 5, 5), 3);
+        index.note(&task("q", "a", 5, 5), 4);
+        index.note(&task("q", "b", 1, 0), 5);
+        index.note(&task("other", "a", 10, 0), 6);
+        assert_eq!(seqs(&index, "q", &["a"], 10), [2, 3, 4, 1]);
+        assert_eq!(seqs(&index, "q", &["a"], 2), [2, 3]);
+        assert_eq!(seqs(&index, "q", &[], 10), [2, 3, 4, 1, 5]);
+        assert_eq!(seqs(&index, "q", &["b", "c"], 10), [5]);
+        assert!(seqs(&index, "none", &[], 10).is_empty());
+    }
+
+    #[test]
+    fn a_task_leaves_when_written_in_another_state_and_rollback_restores_it() {
+        let mut index = ReadyIndex::default();
+        let mut first = task("q", "a", 5, 0);
+        index.note(&first, 1);
+        index.note(&task("q", "a", 5, 0), 2);
+        index.commit();
+        let mark = index.mark();
+        first.state = State::Running;
+        index.note(&first, 1);
+        index.note(&task("q", "a", 5, 0), 3);
+        assert_eq!(seqs(&index, "q", &[], 10), [2, 3]);
+        index.roll_back_to(mark);
+        assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+        // Written twice in one state, a task is listed once and a rollback
+        // of the second write leaves it listed.
+        let again = task("q", "a", 5, 0);
+        index.note(&again, 2);
+        index.roll_back_to(mark);
+        assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+    }
+}
