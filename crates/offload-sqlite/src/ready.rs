@@ -14,7 +14,9 @@
 //! back undoes the changes made after its mark.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task, Timestamp};
 use rusqlite::Connection;
@@ -52,7 +54,7 @@ pub(crate) struct ReadyIndex {
     /// The pending tasks of one (queue, type) each.
     lanes: Vec<BTreeSet<ReadyKey>>,
     /// queue → type → lane.
-    lane_of: HashMap<String, HashMap<String, usize>>,
+    lane_of: FxHashMap<String, FxHashMap<String, usize>>,
     /// Changes since the last commit, oldest first.
     changes: Vec<Change>,
 }
