@@ -437,22 +437,7 @@ impl WriteCtx<'_, '_> {
         let chosen = admit(candidates, capacity, req.limit);
         // Every row read before any is written back, so that the writes
         // stay buffered together.
-        self.flush_rows()?;
-        let mut rows = Vec::with_capacity(chosen.len());
-        for seq in chosen {
-            let stored = self
-                .hot
-                .task_by_seq
-                .query_row([seq], decode)
-                .map_err(storage_error)?;
-            if stored.task.state != State::Pending {
-                return Err(Error::Storage(format!(
-                    "task {} is {} but listed as pending in the writer's memory",
-                    stored.task.id, stored.task.state
-                )));
-            }
-            rows.push(stored);
-        }
+        let rows = self.tasks_by_seq(&chosen)?;
         let mut claimed = Vec::with_capacity(rows.len());
         for mut stored in rows {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
@@ -461,6 +446,52 @@ impl WriteCtx<'_, '_> {
             claimed.push(stored.task);
         }
         Ok(claimed)
+    }
+
+    /// The rows of pending tasks `seqs`, in that order, read up to
+    /// [`sql::BY_SEQ_MAX_ROWS`] to a statement. One statement reads its rows
+    /// with one cursor, which steps to the next row where a statement a row
+    /// would seek each from the table's root: with a million tasks stored,
+    /// claims ran ~10% slower than with ten thousand that way.
+    fn tasks_by_seq(&mut self, seqs: &[i64]) -> Result<Vec<StoredTask>> {
+        let conn = self.conn()?;
+        let mut found: rustc_hash::FxHashMap<i64, StoredTask> = Default::default();
+        for chunk in seqs.chunks(sql::BY_SEQ_MAX_ROWS) {
+            let size = chunk.len().next_multiple_of(sql::BY_SEQ_ROUNDING);
+            let mut read = || -> Sql<()> {
+                let mut stmt = conn.prepare_cached(sql::tasks_by_seq(size))?;
+                // Padded with the last seq: a list holds each value once.
+                let padded = chunk
+                    .iter()
+                    .chain(std::iter::repeat(&chunk[chunk.len() - 1]));
+                for (i, seq) in padded.take(size).enumerate() {
+                    stmt.raw_bind_parameter(i + 1, seq)?;
+                }
+                let mut rows = stmt.raw_query();
+                while let Some(row) = rows.next()? {
+                    let stored = decode(row)?;
+                    found.insert(stored.seq, stored);
+                }
+                Ok(())
+            };
+            read().map_err(storage_error)?;
+        }
+        seqs.iter()
+            .map(|seq| {
+                let stored = found.remove(seq).ok_or_else(|| {
+                    Error::Storage(format!(
+                        "task row {seq} is listed as pending in the writer's memory but missing"
+                    ))
+                })?;
+                if stored.task.state != State::Pending {
+                    return Err(Error::Storage(format!(
+                        "task {} is {} but listed as pending in the writer's memory",
+                        stored.task.id, stored.task.state
+                    )));
+                }
+                Ok(stored)
+            })
+            .collect()
     }
 
     // ---- the worker's reports -----------------------------------------

@@ -17,9 +17,30 @@ use crate::rows::task_columns;
 pub const DELETE_FINISHED: &str = "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
      WHERE state = ?1 AND state >= 4 AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type";
 
-/// One task by its seq, for a claim: candidates come from the writer's
-/// memory (`ready.rs`).
-pub const TASK_BY_SEQ: &str = concat!("SELECT ", task_columns!(), " FROM tasks WHERE seq = ?1");
+/// Rows read by one [`tasks_by_seq`] statement at most.
+pub const BY_SEQ_MAX_ROWS: usize = 64;
+/// [`tasks_by_seq`] statements list a multiple of this many seqs.
+pub const BY_SEQ_ROUNDING: usize = 8;
+
+/// Tasks by seq, `rows` of them (a multiple of [`BY_SEQ_ROUNDING`] up to
+/// [`BY_SEQ_MAX_ROWS`]), for a claim: its candidates come from the
+/// writer's memory (`ready.rs`). Each text is built once.
+pub fn tasks_by_seq(rows: usize) -> &'static str {
+    static BY_ROWS: [OnceLock<String>; BY_SEQ_MAX_ROWS / BY_SEQ_ROUNDING] =
+        [const { OnceLock::new() }; BY_SEQ_MAX_ROWS / BY_SEQ_ROUNDING];
+    assert!(
+        rows > 0 && rows.is_multiple_of(BY_SEQ_ROUNDING) && rows <= BY_SEQ_MAX_ROWS,
+        "{rows} rows is not a statement's size"
+    );
+    BY_ROWS[rows / BY_SEQ_ROUNDING - 1].get_or_init(|| {
+        let list: Vec<String> = (1..=rows).map(|i| format!("?{i}")).collect();
+        format!(
+            "SELECT {} FROM tasks WHERE seq IN ({})",
+            task_columns!(),
+            list.join(", ")
+        )
+    })
+}
 
 /// Running tasks of a queue, for its concurrency limit.
 pub const RUNNING_IN_QUEUE: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1";
@@ -110,10 +131,17 @@ pub const WRITE_ROW: &str = "UPDATE tasks SET state = ?1, attempt = ?2, max_atte
      updated_at = ?10, started_at = ?11, finished_at = ?12, lease_expires_at = ?13, \
      deadline_at = ?14, worker_id = ?15 WHERE seq = ?16";
 
+/// [`tasks_by_seq`]'s shape, for the plan check.
+const TASKS_BY_SEQ_8: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE seq IN (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+);
+
 /// Every statement above, named, for the plan check.
 pub const PLANNED: &[(&str, &str)] = &[
     ("DELETE_FINISHED", DELETE_FINISHED),
-    ("TASK_BY_SEQ", TASK_BY_SEQ),
+    ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
     ("RUNNING_IN_QUEUE", RUNNING_IN_QUEUE),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),

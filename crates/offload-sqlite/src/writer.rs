@@ -254,7 +254,6 @@ impl RunningRows {
 pub(crate) struct HotStatements<'conn> {
     pub insert_task: Statement<'conn>,
     pub write_row: Statement<'conn>,
-    pub task_by_seq: Statement<'conn>,
 }
 
 impl<'conn> HotStatements<'conn> {
@@ -262,7 +261,6 @@ impl<'conn> HotStatements<'conn> {
         Ok(Self {
             insert_task: conn.prepare(sql::INSERT_TASK).map_err(storage_error)?,
             write_row: conn.prepare(sql::WRITE_ROW).map_err(storage_error)?,
-            task_by_seq: conn.prepare(sql::TASK_BY_SEQ).map_err(storage_error)?,
         })
     }
 }
