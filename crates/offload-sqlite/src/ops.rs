@@ -237,7 +237,7 @@ impl WriteCtx<'_, '_> {
     }
 
     /// Inserts tasks that need no checks (no unique key, no dependencies),
-    /// up to [`sql::INSERT_MAX_ROWS`] to a statement: an INSERT of one row
+    /// up to [`sql::MANY_ROWS`] to a statement: an INSERT of one row
     /// costs the writer as much in the statement as in the row
     /// (bench/analysis.md).
     fn insert_plain(&mut self, tasks: Vec<Task>, answers: &mut Vec<(Task, bool)>) -> Result<()> {
@@ -247,10 +247,10 @@ impl WriteCtx<'_, '_> {
         let conn = self.conn()?;
         let mut rest = tasks.as_slice();
         while !rest.is_empty() {
-            let rows = if rest.len() >= sql::INSERT_MAX_ROWS {
-                sql::INSERT_MAX_ROWS
+            let rows = if rest.len() >= sql::MANY_ROWS {
+                sql::MANY_ROWS
             } else {
-                rest.len() / sql::INSERT_ROUNDING * sql::INSERT_ROUNDING
+                rest.len() / sql::ROWS_ROUNDING * sql::ROWS_ROUNDING
             };
             let (chunk, after) = rest.split_at(rows.max(1));
             if rows == 0 {
@@ -449,15 +449,15 @@ impl WriteCtx<'_, '_> {
     }
 
     /// The rows of pending tasks `seqs`, in that order, read up to
-    /// [`sql::BY_SEQ_MAX_ROWS`] to a statement. One statement reads its rows
+    /// [`sql::MANY_ROWS`] to a statement. One statement reads its rows
     /// with one cursor, which steps to the next row where a statement a row
     /// would seek each from the table's root: with a million tasks stored,
     /// claims ran ~10% slower than with ten thousand that way.
     fn tasks_by_seq(&mut self, seqs: &[i64]) -> Result<Vec<StoredTask>> {
         let conn = self.conn()?;
         let mut found: rustc_hash::FxHashMap<i64, StoredTask> = Default::default();
-        for chunk in seqs.chunks(sql::BY_SEQ_MAX_ROWS) {
-            let size = chunk.len().next_multiple_of(sql::BY_SEQ_ROUNDING);
+        for chunk in seqs.chunks(sql::MANY_ROWS) {
+            let size = chunk.len().next_multiple_of(sql::ROWS_ROUNDING);
             let mut read = || -> Sql<()> {
                 let mut stmt = conn.prepare_cached(sql::tasks_by_seq(size))?;
                 // Padded with the last seq: a list holds each value once.

@@ -17,22 +17,35 @@ use crate::rows::task_columns;
 pub const DELETE_FINISHED: &str = "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
      WHERE state = ?1 AND state >= 4 AND finished_at <= ?2 LIMIT ?3) RETURNING queue, type";
 
-/// Rows read by one [`tasks_by_seq`] statement at most.
-pub const BY_SEQ_MAX_ROWS: usize = 64;
-/// [`tasks_by_seq`] statements list a multiple of this many seqs.
-pub const BY_SEQ_ROUNDING: usize = 8;
+/// Rows read or inserted by one statement at most ([`tasks_by_seq`],
+/// [`insert_plain_rows`]).
+pub const MANY_ROWS: usize = 64;
+/// Those statements take a multiple of this many rows, so that few
+/// distinct statements reach the statement cache.
+pub const ROWS_ROUNDING: usize = 8;
 
-/// Tasks by seq, `rows` of them (a multiple of [`BY_SEQ_ROUNDING`] up to
-/// [`BY_SEQ_MAX_ROWS`]), for a claim: its candidates come from the
-/// writer's memory (`ready.rs`). Each text is built once.
-pub fn tasks_by_seq(rows: usize) -> &'static str {
-    static BY_ROWS: [OnceLock<String>; BY_SEQ_MAX_ROWS / BY_SEQ_ROUNDING] =
-        [const { OnceLock::new() }; BY_SEQ_MAX_ROWS / BY_SEQ_ROUNDING];
+/// A statement's text for each row count those statements take.
+type TextByRows = [OnceLock<String>; MANY_ROWS / ROWS_ROUNDING];
+
+/// The text for `rows` rows, built the first time it is asked for:
+/// formatting a text of 64 rows took as long as inserting them.
+fn text_for(
+    texts: &'static TextByRows,
+    rows: usize,
+    build: impl FnOnce() -> String,
+) -> &'static str {
     assert!(
-        rows > 0 && rows.is_multiple_of(BY_SEQ_ROUNDING) && rows <= BY_SEQ_MAX_ROWS,
+        rows > 0 && rows.is_multiple_of(ROWS_ROUNDING) && rows <= MANY_ROWS,
         "{rows} rows is not a statement's size"
     );
-    BY_ROWS[rows / BY_SEQ_ROUNDING - 1].get_or_init(|| {
+    texts[rows / ROWS_ROUNDING - 1].get_or_init(build)
+}
+
+/// Tasks by seq, `rows` of them, for a claim: its candidates come from the
+/// writer's memory (`ready.rs`).
+pub fn tasks_by_seq(rows: usize) -> &'static str {
+    static TEXTS: TextByRows = [const { OnceLock::new() }; MANY_ROWS / ROWS_ROUNDING];
+    text_for(&TEXTS, rows, || {
         let list: Vec<String> = (1..=rows).map(|i| format!("?{i}")).collect();
         format!(
             "SELECT {} FROM tasks WHERE seq IN ({})",
@@ -72,28 +85,16 @@ pub const INSERT_TASK: &str = "INSERT INTO tasks (id, type, queue, payload, prio
      cancel_requested, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)";
 
-/// Tasks inserted by one statement at most ([`insert_plain_rows`]).
-pub const INSERT_MAX_ROWS: usize = 64;
-/// Statements insert a multiple of this many rows (the rest go one by one),
-/// so that few distinct statements reach the statement cache.
-pub const INSERT_ROUNDING: usize = 8;
 /// Parameters per row of [`insert_plain_rows`].
 pub const INSERT_PLAIN_PARAMS: usize = 11;
 
 /// New rows of tasks with neither a unique key nor dependencies, `rows` of
-/// them (a multiple of [`INSERT_ROUNDING`] up to [`INSERT_MAX_ROWS`]):
-/// [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
+/// them: [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
 /// [`INSERT_TASK`]'s up to `owner` and `labels`, then one for the time,
-/// shared. Each text is built once: formatting it took as long as
-/// inserting the rows.
+/// shared.
 pub fn insert_plain_rows(rows: usize) -> &'static str {
-    static BY_ROWS: [OnceLock<String>; INSERT_MAX_ROWS / INSERT_ROUNDING] =
-        [const { OnceLock::new() }; INSERT_MAX_ROWS / INSERT_ROUNDING];
-    assert!(
-        rows > 0 && rows.is_multiple_of(INSERT_ROUNDING) && rows <= INSERT_MAX_ROWS,
-        "{rows} rows is not a statement's size"
-    );
-    BY_ROWS[rows / INSERT_ROUNDING - 1].get_or_init(|| {
+    static TEXTS: TextByRows = [const { OnceLock::new() }; MANY_ROWS / ROWS_ROUNDING];
+    text_for(&TEXTS, rows, || {
         let time = rows * INSERT_PLAIN_PARAMS + 1;
         let mut sql = String::from(
             "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
