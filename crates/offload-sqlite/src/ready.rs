@@ -117,6 +117,15 @@ impl ReadyIndex {
         }
     }
 
+    /// Takes a key out wherever it is listed (see `WriteCtx::tasks_by_seq`).
+    pub fn drop_key(&mut self, key: &ReadyKey) {
+        for (lane, ready) in self.lanes.iter_mut().enumerate() {
+            if ready.remove(key) {
+                self.changes.push(Change::Removed(lane, *key));
+            }
+        }
+    }
+
     /// The pending tasks of `queue`, of the given types (any when empty):
     /// each type's first `room` in claim order.
     pub fn candidates<'a>(
@@ -167,7 +176,7 @@ mod tests {
     use offload_core::{Limits, NewTask, State, Task, Timestamp};
     use uuid::Uuid;
 
-    use super::ReadyIndex;
+    use super::{ReadyIndex, ReadyKey};
 
     fn task(queue: &str, task_type: &str, priority: i64, run_at: i64) -> Task {
         let spec = NewTask::new(task_type)
@@ -221,6 +230,20 @@ mod tests {
         // of the second write leaves it listed.
         let again = task("q", "a", 5, 0);
         index.note(&again, 2);
+        index.roll_back_to(mark);
+        assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+    }
+
+    #[test]
+    fn a_dropped_key_leaves_its_lane_until_rolled_back() {
+        let mut index = ReadyIndex::default();
+        let listed = task("q", "a", 5, 0);
+        index.note(&listed, 1);
+        index.note(&task("q", "b", 5, 0), 2);
+        index.commit();
+        let mark = index.mark();
+        index.drop_key(&ReadyKey::of(&listed, 1));
+        assert_eq!(seqs(&index, "q", &[], 10), [2]);
         index.roll_back_to(mark);
         assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
     }
