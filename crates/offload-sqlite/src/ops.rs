@@ -257,7 +257,8 @@ impl WriteCtx<'_, '_> {
             if rows == 0 {
                 self.insert_row(&chunk[0])?;
             } else {
-                insert_rows(conn, chunk, self.now).map_err(storage_error)?;
+                let labels = chunk.iter().map(labels_text).collect::<Result<Vec<_>>>()?;
+                insert_rows(conn, chunk, &labels, self.now).map_err(storage_error)?;
                 // A new row's rowid is one more than the largest in the
                 // table, so one statement's rows have consecutive seqs.
                 let first = self.last_insert_rowid() - chunk.len() as i64 + 1;
@@ -353,7 +354,7 @@ impl WriteCtx<'_, '_> {
 
     /// Inserts one task's row with the statement kept prepared; its seq.
     fn insert_row(&mut self, task: &Task) -> Result<i64> {
-        let labels = opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))?;
+        let labels = labels_text(task)?;
         let depends_on = opt_json_text(Some(&task.depends_on).filter(|d| !d.is_empty()))?;
         // The unique index must see the rows written back before this one
         // (a replaced holder leaves it).
@@ -722,25 +723,25 @@ impl WriteCtx<'_, '_> {
     }
 }
 
+/// The `labels` column: JSON, or NULL when there are none.
+fn labels_text(task: &Task) -> Result<Option<String>> {
+    opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))
+}
+
 /// Inserts `tasks`, which have neither a unique key nor dependencies, with
-/// one statement of `tasks.len()` rows.
+/// one statement of `tasks.len()` rows; `labels` holds their
+/// [`labels_text`].
 fn insert_rows(
     conn: &rusqlite::Connection,
     tasks: &[Task],
+    labels: &[Option<String>],
     now: offload_core::Timestamp,
 ) -> Sql<()> {
+    debug_assert_eq!(tasks.len(), labels.len());
     let mut stmt = conn.prepare_cached(sql::insert_plain_rows(tasks.len()))?;
     let mut at = 1;
-    for task in tasks {
+    for (task, labels) in tasks.iter().zip(labels) {
         debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());
-        let labels = if task.labels.is_empty() {
-            None
-        } else {
-            Some(
-                serde_json::to_string(&task.labels)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
-            )
-        };
         stmt.raw_bind_parameter(at, Id(task.id))?;
         stmt.raw_bind_parameter(at + 1, &task.task_type)?;
         stmt.raw_bind_parameter(at + 2, &task.queue)?;
