@@ -3,7 +3,9 @@
 //
 // Settings: BullMQ's own recommendations for throughput — completed jobs
 // removed at once (removeOnComplete), high worker concurrency, addBulk for
-// batches. Redis here runs as the machine starts it: no RDB, no AOF.
+// batches. Redis runs as the machine starts it (no RDB, no AOF) unless
+// REDIS_PORT names another: bench/run also starts one that fsyncs its
+// append-only file before every reply, for a row at Offload's durability.
 import { Queue, Worker } from "bullmq";
 import { createRequire } from "node:module";
 
@@ -99,7 +101,10 @@ async function redisPersistence(queue) {
   const client = await queue.client;
   const [, aof] = await client.config("GET", "appendonly");
   const [, save] = await client.config("GET", "save");
-  return `Redis ${(await client.info("server")).match(/redis_version:(\S+)/)[1]}, appendonly=${aof}, save="${save}"`;
+  const [, fsync] = await client.config("GET", "appendfsync");
+  const version = (await client.info("server")).match(/redis_version:(\S+)/)[1];
+  const aofSync = aof === "yes" ? ` appendfsync=${fsync},` : "";
+  return `Redis ${version}, appendonly=${aof},${aofSync} save="${save}"`;
 }
 
 main().then(
