@@ -299,8 +299,8 @@ fn median(mut rates: Vec<f64>) -> f64 {
 /// One client sending one task per request, each after the last, on a
 /// thread of its own with a single-threaded runtime and a connection of its
 /// own: how a sequential client runs. On this command's multi-threaded
-/// runtime each request hops between threads, which measured 10–40% fewer
-/// requests a second against the same server (bench/analysis.md).
+/// runtime each request hopped between threads: 5–14% fewer requests a
+/// second against the same server (bench/analysis.md).
 async fn enqueue_single(url: &str, n: usize, quiet: bool) -> Result<f64> {
     let progress = bar(n, "enqueue, one per request", quiet);
     let url = url.to_owned();
