@@ -34,4 +34,5 @@ pub use store::{
     truncate_message,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
+pub use task_json::TimestampMemo;
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -8,7 +8,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use offload_core::Task;
+use offload_core::{Task, TimestampMemo};
 use serde::Serialize;
 
 /// A value answered as `application/json`.
@@ -48,11 +48,12 @@ impl IntoResponse for TaskListJson {
 fn task_list(tasks: &[Task]) -> serde_json::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(16 + 640 * tasks.len());
     body.extend_from_slice(b"{\"tasks\":[");
+    let mut memo = TimestampMemo::default();
     for (i, task) in tasks.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        task.write_json(&mut body)?;
+        task.write_json_with(&mut body, &mut memo)?;
     }
     body.extend_from_slice(b"]}");
     Ok(body)
