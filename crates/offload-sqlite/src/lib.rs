@@ -11,6 +11,7 @@
 //! callers is answered. [`Durability::Relaxed`] uses `synchronous = NORMAL`:
 //! a commit survives a crash of the process but not a power cut.
 
+mod ids;
 mod ops;
 mod read;
 mod ready;
@@ -32,6 +33,7 @@ use offload_core::{
 use rusqlite::Connection;
 use uuid::Uuid;
 
+use crate::ids::SeqIds;
 use crate::read::Readers;
 use crate::ready::ReadyIndex;
 use crate::rows::storage_error;
@@ -47,6 +49,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
     (3, include_str!("../migrations/0003_ready_in_memory.sql")),
+    (4, include_str!("../migrations/0004_ids_carry_seq.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.
@@ -147,8 +150,17 @@ impl SqliteStore {
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
         });
-        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready)
-            .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
+        let last_seq: i64 = conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM tasks", [], |r| r.get(0))
+            .map_err(storage_error)?;
+        let writer = Writer::start(
+            conn,
+            lock,
+            Arc::clone(&shared),
+            ready,
+            SeqIds::after(last_seq),
+        )
+        .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             shared,
             writer,

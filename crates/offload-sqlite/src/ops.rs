@@ -12,6 +12,7 @@ use rusqlite::{OptionalExtension, params};
 use std::collections::HashSet;
 use uuid::Uuid;
 
+use crate::ids;
 use crate::ready::ReadyKey;
 use crate::row_writes::RowWrite;
 use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
@@ -47,10 +48,14 @@ impl WriteCtx<'_, '_> {
         if let Some(stored) = self.running.take(id) {
             return Ok(stored);
         }
-        self.load_one(
-            concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = ?1"),
-            [Id(id)],
-        )?
+        ids::find(
+            self.conn()?,
+            id,
+            sql::TASK_BY_ID,
+            sql::TASK_BY_ID_BEFORE_V4,
+            decode,
+        )
+        .map_err(storage_error)?
         .ok_or_else(|| Error::task_not_found(id))
     }
 
@@ -186,19 +191,51 @@ impl WriteCtx<'_, '_> {
         Ok(stored)
     }
 
+    /// Dependencies of task `seq` not yet completed.
     fn unmet_dependencies(&mut self, seq: i64) -> Result<i64> {
-        self.conn()?
-            .prepare_cached(
-                "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
-                 WHERE d.task_seq = ?1 AND t.state <> 4",
-            )
-            .and_then(|mut stmt| stmt.query_row([seq], |r| r.get(0)))
-            .map_err(storage_error)
+        let deps: Vec<Uuid> = {
+            let mut stmt = self
+                .conn()?
+                .prepare_cached("SELECT dep_id FROM task_deps WHERE task_seq = ?1")
+                .map_err(storage_error)?;
+            let rows = stmt
+                .query_map([seq], |r| r.get::<_, Id>(0).map(|id| id.0))
+                .map_err(storage_error)?;
+            rows.collect::<Sql<_>>().map_err(storage_error)?
+        };
+        let mut unmet = 0;
+        for dep in deps {
+            if self.state_of(dep)? != Some(State::Completed) {
+                unmet += 1;
+            }
+        }
+        Ok(unmet)
+    }
+
+    /// The state of task `id`, if it is stored.
+    fn state_of(&mut self, id: Uuid) -> Result<Option<State>> {
+        let code = ids::find(
+            self.conn()?,
+            id,
+            sql::STATE_BY_ID,
+            sql::STATE_BY_ID_BEFORE_V4,
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(storage_error)?;
+        Ok(code.and_then(State::from_code))
     }
 
     // ---- enqueue ------------------------------------------------------
 
     pub fn enqueue(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
+        // Rows may have gone since the last insert (deleted, or rolled back
+        // with an operation): new ids must know where SQLite would put them.
+        let stored: i64 = self
+            .conn()?
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM tasks")
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+            .map_err(storage_error)?;
+        self.ids.sync(stored);
         let mut answers = Vec::with_capacity(specs.len());
         let mut known_queues = HashSet::new();
         // Tasks with neither a unique key nor dependencies, inserted many to
@@ -210,7 +247,8 @@ impl WriteCtx<'_, '_> {
                 self.ensure_queue(&spec.queue)?;
             }
             if spec.unique_key.is_none() && spec.depends_on.is_empty() {
-                plain.push(Task::new_from_spec(Uuid::now_v7(), spec, self.now, false));
+                let (id, seq) = self.ids.next(self.now);
+                plain.push((seq, Task::new_from_spec(id, spec, self.now, false)));
                 continue;
             }
             self.insert_plain(std::mem::take(&mut plain), &mut answers)?;
@@ -241,7 +279,11 @@ impl WriteCtx<'_, '_> {
     /// up to [`sql::MANY_ROWS`] to a statement: an INSERT of one row
     /// costs the writer as much in the statement as in the row
     /// (bench/analysis.md).
-    fn insert_plain(&mut self, tasks: Vec<Task>, answers: &mut Vec<(Task, bool)>) -> Result<()> {
+    fn insert_plain(
+        &mut self,
+        tasks: Vec<(i64, Task)>,
+        answers: &mut Vec<(Task, bool)>,
+    ) -> Result<()> {
         if tasks.is_empty() {
             return Ok(());
         }
@@ -255,30 +297,26 @@ impl WriteCtx<'_, '_> {
             };
             let (chunk, after) = rest.split_at(rows.max(1));
             if rows == 0 {
-                self.insert_row(&chunk[0])?;
+                let (seq, task) = &chunk[0];
+                self.insert_row(task, *seq)?;
             } else {
-                let labels = chunk.iter().map(labels_text).collect::<Result<Vec<_>>>()?;
-                insert_rows(conn, chunk, &labels, self.now).map_err(storage_error)?;
-                // A new row's rowid is one more than the largest in the
-                // table, so one statement's rows have consecutive seqs.
-                let first = self.last_insert_rowid() - chunk.len() as i64 + 1;
-                for (i, task) in chunk.iter().enumerate() {
-                    debug_assert_eq!(
-                        conn.query_row(
-                            "SELECT id FROM tasks WHERE seq = ?1",
-                            [first + i as i64],
-                            |r| r.get::<_, Id>(0)
-                        )
-                        .map(|id| id.0)
-                        .ok(),
-                        Some(task.id)
-                    );
-                    self.ready.note(task, first + i as i64);
+                let labels = chunk
+                    .iter()
+                    .map(|(_, task)| labels_text(task))
+                    .collect::<Result<Vec<_>>>()?;
+                let seqs: Vec<Option<i64>> = chunk
+                    .iter()
+                    .map(|(seq, _)| self.ids.insert_as(*seq))
+                    .collect();
+                insert_rows(conn, chunk, &seqs, &labels, self.now).map_err(storage_error)?;
+                check_inserted(conn.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
+                for (seq, task) in chunk {
+                    self.ready.note(task, *seq);
                 }
             }
             rest = after;
         }
-        for task in tasks {
+        for (_, task) in tasks {
             self.count(&task.queue, &task.task_type, None, Some(task.state));
             self.event(EventKind::State, &task);
             answers.push((task, true));
@@ -311,12 +349,7 @@ impl WriteCtx<'_, '_> {
         let mut unmet = Vec::new();
         let mut broken = None;
         for (i, dep) in spec.depends_on.iter().enumerate() {
-            let state: Option<i64> = self
-                .conn()?
-                .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
-                .and_then(|mut stmt| stmt.query_row([Id(*dep)], |r| r.get(0)).optional())
-                .map_err(storage_error)?;
-            match state.and_then(State::from_code) {
+            match self.state_of(*dep)? {
                 None => {
                     return Err(Error::invalid(
                         format!("{}depends_on[{i}]", spec.field_prefix),
@@ -329,8 +362,9 @@ impl WriteCtx<'_, '_> {
             }
         }
         let blocked = !unmet.is_empty() || broken.is_some();
-        let task = Task::new_from_spec(Uuid::now_v7(), spec, now, blocked);
-        let seq = self.insert_row(&task)?;
+        let (id, seq) = self.ids.next(now);
+        let task = Task::new_from_spec(id, spec, now, blocked);
+        self.insert_row(&task, seq)?;
         if !unmet.is_empty() {
             self.effects().dependencies_stored = Some(true);
         }
@@ -353,7 +387,7 @@ impl WriteCtx<'_, '_> {
     }
 
     /// Inserts one task's row with the statement kept prepared; its seq.
-    fn insert_row(&mut self, task: &Task) -> Result<i64> {
+    fn insert_row(&mut self, task: &Task, seq: i64) -> Result<()> {
         let labels = labels_text(task)?;
         let depends_on = opt_json_text(Some(&task.depends_on).filter(|d| !d.is_empty()))?;
         // The unique index must see the rows written back before this one
@@ -376,11 +410,12 @@ impl WriteCtx<'_, '_> {
                 task.unique_key,
                 depends_on,
                 task.created_at.as_millis(),
+                self.ids.insert_as(seq),
             ])
             .map_err(storage_error)?;
-        let seq = self.last_insert_rowid();
+        check_inserted(self.last_insert_rowid(), seq)?;
         self.ready.note(task, seq);
-        Ok(seq)
+        Ok(())
     }
 
     // ---- claiming -----------------------------------------------------
@@ -728,19 +763,34 @@ fn labels_text(task: &Task) -> Result<Option<String>> {
     opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))
 }
 
+/// Fails the operation if the row just inserted (`got`) did not get `seq`, which
+/// its id carries: a fault in `ids.rs`'s bookkeeping must not store a task
+/// that its id cannot find.
+fn check_inserted(got: i64, seq: i64) -> Result<()> {
+    if got == seq {
+        Ok(())
+    } else {
+        Err(Error::Storage(format!(
+            "a new task was stored with seq {got} where its id carries {seq}"
+        )))
+    }
+}
+
 /// Inserts `tasks`, which have neither a unique key nor dependencies, with
-/// one statement of `tasks.len()` rows; `labels` holds their
+/// one statement of `tasks.len()` rows; `seqs` holds the value each row's
+/// seq is inserted as ([`crate::ids::SeqIds::insert_as`]), `labels` their
 /// [`labels_text`].
 fn insert_rows(
     conn: &rusqlite::Connection,
-    tasks: &[Task],
+    tasks: &[(i64, Task)],
+    seqs: &[Option<i64>],
     labels: &[Option<String>],
     now: offload_core::Timestamp,
 ) -> Sql<()> {
     debug_assert_eq!(tasks.len(), labels.len());
     let mut stmt = conn.prepare_cached(sql::insert_plain_rows(tasks.len()))?;
     let mut at = 1;
-    for (task, labels) in tasks.iter().zip(labels) {
+    for (((_, task), seq), labels) in tasks.iter().zip(seqs).zip(labels) {
         debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());
         stmt.raw_bind_parameter(at, Id(task.id))?;
         stmt.raw_bind_parameter(at + 1, &task.task_type)?;
@@ -753,6 +803,7 @@ fn insert_rows(
         stmt.raw_bind_parameter(at + 8, task.run_at.as_millis())?;
         stmt.raw_bind_parameter(at + 9, &task.owner)?;
         stmt.raw_bind_parameter(at + 10, labels)?;
+        stmt.raw_bind_parameter(at + 11, seq)?;
         at += sql::INSERT_PLAIN_PARAMS;
     }
     stmt.raw_bind_parameter(at, now.as_millis())?;

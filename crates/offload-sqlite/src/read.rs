@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use offload_core::{Error, ListQuery, Result, State, Task, TaskPage, decode_cursor, encode_cursor};
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
 
-use crate::rows::{Id, TASK_COLUMNS, decode, storage_error, task_columns};
+use crate::ids;
+use crate::rows::{TASK_COLUMNS, decode, storage_error};
+use crate::sql;
 
 /// Idle connections kept for reuse; more may be open during bursts.
 const IDLE_READERS: usize = 8;
@@ -66,14 +68,9 @@ impl Readers {
 }
 
 pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
-    conn.prepare_cached(concat!(
-        "SELECT ",
-        task_columns!(),
-        " FROM tasks WHERE id = ?1"
-    ))
-    .and_then(|mut stmt| stmt.query_row([Id(id)], decode).optional())
-    .map(|found| found.map(|s| s.task))
-    .map_err(storage_error)
+    ids::find(conn, id, sql::TASK_BY_ID, sql::TASK_BY_ID_BEFORE_V4, decode)
+        .map(|found| found.map(|s| s.task))
+        .map_err(storage_error)
 }
 
 pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {

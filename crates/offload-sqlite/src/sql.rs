@@ -79,19 +79,42 @@ pub const EXPIRED: &str = concat!(
 /// Running tasks whose lease ran out `?1` or longer ago.
 pub const STUCK: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1";
 
-/// A new task's row. Its seq is the rowid SQLite assigns.
+/// A task by id `?1`, through the seq `?2` its id carries (`ids.rs`).
+pub const TASK_BY_ID: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE seq = ?2 AND id = ?1"
+);
+
+/// A task by id `?1` among the rows stored before schema version 4, whose
+/// ids do not carry their seq (`ids.rs`).
+pub const TASK_BY_ID_BEFORE_V4: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks WHERE seq = (SELECT seq FROM task_ids_before_v4 WHERE id = ?1) AND id = ?1"
+);
+
+/// [`TASK_BY_ID`]'s state only.
+pub const STATE_BY_ID: &str = "SELECT state FROM tasks WHERE seq = ?2 AND id = ?1";
+
+/// [`TASK_BY_ID_BEFORE_V4`]'s state only.
+pub const STATE_BY_ID_BEFORE_V4: &str = "SELECT state FROM tasks \
+     WHERE seq = (SELECT seq FROM task_ids_before_v4 WHERE id = ?1) AND id = ?1";
+
+/// A new task's row. Its seq (`?15`) is the one its id carries, or NULL
+/// when that is the one SQLite picks itself (`ids.rs`).
 pub const INSERT_TASK: &str = "INSERT INTO tasks (id, type, queue, payload, priority, state, \
      attempt, max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
-     cancel_requested, created_at, updated_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14)";
+     cancel_requested, created_at, updated_at, seq) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?14, ?15)";
 
 /// Parameters per row of [`insert_plain_rows`].
-pub const INSERT_PLAIN_PARAMS: usize = 11;
+pub const INSERT_PLAIN_PARAMS: usize = 12;
 
 /// New rows of tasks with neither a unique key nor dependencies, `rows` of
 /// them: [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
-/// [`INSERT_TASK`]'s up to `owner` and `labels`, then one for the time,
-/// shared.
+/// [`INSERT_TASK`]'s up to `owner` and `labels`, then the seq; then one for
+/// the time, shared.
 pub fn insert_plain_rows(rows: usize) -> &'static str {
     static TEXTS: TextByRows = [const { OnceLock::new() }; MANY_ROWS / ROWS_ROUNDING];
     text_for(&TEXTS, rows, || {
@@ -99,7 +122,7 @@ pub fn insert_plain_rows(rows: usize) -> &'static str {
         let mut sql = String::from(
             "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
              max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
-             cancel_requested, created_at, updated_at) VALUES ",
+             cancel_requested, created_at, updated_at, seq) VALUES ",
         );
         for row in 0..rows {
             if row > 0 {
@@ -108,7 +131,7 @@ pub fn insert_plain_rows(rows: usize) -> &'static str {
             let p = |i: usize| row * INSERT_PLAIN_PARAMS + i;
             sql.push_str(&format!(
                 "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, \
-                 ?{time}, ?{time})",
+                 ?{time}, ?{time}, ?{})",
                 p(1),
                 p(2),
                 p(3),
@@ -120,6 +143,7 @@ pub fn insert_plain_rows(rows: usize) -> &'static str {
                 p(9),
                 p(10),
                 p(11),
+                p(12),
             ));
         }
         sql
@@ -142,6 +166,10 @@ const TASKS_BY_SEQ_8: &str = concat!(
 /// Every statement above, named, for the plan check.
 pub const PLANNED: &[(&str, &str)] = &[
     ("DELETE_FINISHED", DELETE_FINISHED),
+    ("TASK_BY_ID", TASK_BY_ID),
+    ("TASK_BY_ID_BEFORE_V4", TASK_BY_ID_BEFORE_V4),
+    ("STATE_BY_ID", STATE_BY_ID),
+    ("STATE_BY_ID_BEFORE_V4", STATE_BY_ID_BEFORE_V4),
     ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
     ("RUNNING_IN_QUEUE", RUNNING_IN_QUEUE),
     ("DUE", DUE),

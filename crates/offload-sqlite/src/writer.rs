@@ -21,6 +21,7 @@ use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::ids::SeqIds;
 use crate::ready::ReadyIndex;
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
@@ -276,6 +277,7 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub shared: &'c Shared,
     pub running: &'c mut RunningRows,
     pub ready: &'c mut ReadyIndex,
+    pub ids: &'c mut SeqIds,
     rows: &'c mut RowWrites,
     effects: &'c mut Effects,
 }
@@ -408,12 +410,13 @@ impl Writer {
         lock: std::fs::File,
         shared: Arc<Shared>,
         ready: ReadyIndex,
+        ids: SeqIds,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                run_writer(&conn, &rx, &shared, ready);
+                run_writer(&conn, &rx, &shared, ready, ids);
                 drop(conn);
                 drop(lock);
             })?;
@@ -470,6 +473,7 @@ fn run_writer(
     jobs: &mpsc::Receiver<Job>,
     shared: &Shared,
     mut ready: ReadyIndex,
+    mut ids: SeqIds,
 ) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
@@ -508,6 +512,7 @@ fn run_writer(
                 shared,
                 running: &mut running,
                 ready: &mut ready,
+                ids: &mut ids,
                 rows: &mut rows,
                 effects: &mut effects,
             };
@@ -519,6 +524,7 @@ fn run_writer(
             shared,
             &mut running,
             &mut ready,
+            &mut ids,
             &mut rows,
             &mut effects,
         );
@@ -565,6 +571,7 @@ fn claim_for_parked(
     shared: &Shared,
     running: &mut RunningRows,
     ready: &mut ReadyIndex,
+    ids: &mut SeqIds,
     rows: &mut RowWrites,
     effects: &mut Effects,
 ) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
@@ -592,6 +599,7 @@ fn claim_for_parked(
             shared,
             running,
             ready: &mut *ready,
+            ids: &mut *ids,
             rows: &mut *rows,
             effects,
         };

@@ -299,3 +299,148 @@ fn crash_child(path: &str) {
         }
     });
 }
+
+/// A database of schema version 3, whose ids do not carry their seq, opens
+/// at version 4 and its tasks are found by id by every path: a read, an
+/// acknowledgement after a restart (no claim in memory), a dependency.
+#[tokio::test]
+async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for sql in [
+            include_str!("../migrations/0001_init.sql"),
+            include_str!("../migrations/0002_fewer_index_writes.sql"),
+            include_str!("../migrations/0003_ready_in_memory.sql"),
+        ] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 3; \
+             INSERT INTO queues (name, created_at) VALUES ('default', 1795000000000);",
+        )
+        .unwrap();
+        for id in old_ids {
+            conn.execute(
+                "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
+                 max_attempts, timeout_secs, run_at, cancel_requested, created_at, updated_at) \
+                 VALUES (?1, 'old', 'default', '{}', 0, 2, 0, 3, 60, 1795000000000, 0, \
+                 1795000000000, 1795000000000)",
+                [id.as_bytes().as_slice()],
+            )
+            .unwrap();
+        }
+    }
+    let claim = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec![],
+        queues: vec![],
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    let dependent = {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(store.get(old_ids[0]).await.unwrap().unwrap().id, old_ids[0]);
+        let claimed: Vec<Uuid> = store
+            .claim(&claim)
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(claimed, old_ids, "claimed in their old order");
+        let spec = NewTask::new("new")
+            .depends_on(old_ids[0])
+            .validate(&Limits::default(), "")
+            .unwrap();
+        let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
+        assert_eq!(task.state, State::Blocked);
+        task.id
+    };
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let outcomes = store
+        .ack(
+            "w",
+            vec![Ack::Complete {
+                id: old_ids[0],
+                result: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(
+        store.get(old_ids[0]).await.unwrap().unwrap().state,
+        State::Completed
+    );
+    let dependent = store.get(dependent).await.unwrap().unwrap();
+    assert_eq!(
+        dependent.state,
+        State::Pending,
+        "unblocked by its old dependency"
+    );
+    let page = store
+        .list(&offload_core::ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<Uuid> = page.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(
+        listed,
+        [dependent.id, old_ids[1], old_ids[0]],
+        "newest first"
+    );
+    assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
+}
+
+/// Ids carry their row's seq (src/ids.rs). When the newest row goes, SQLite
+/// would hand its seq out again; the id of the task that went must still
+/// find nothing, within a process and after a restart.
+#[tokio::test]
+async fn the_id_of_a_deleted_task_never_finds_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let spec = || NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let claim = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec![],
+        queues: vec![],
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    let mut gone = Vec::new();
+    for _restart in 0..2 {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let (task, _) = store.enqueue(vec![spec()]).await.unwrap().remove(0);
+        store.claim(&claim).await.unwrap();
+        let acks = vec![Ack::Complete {
+            id: task.id,
+            result: None,
+        }];
+        store.ack("w", acks).await.unwrap();
+        store.delete(task.id).await.unwrap();
+        gone.push(task.id);
+        let (later, _) = store.enqueue(vec![spec()]).await.unwrap().remove(0);
+        assert!(!gone.contains(&later.id));
+        for id in &gone {
+            assert!(
+                store.get(*id).await.unwrap().is_none(),
+                "{id} found {later:?}"
+            );
+        }
+        assert_eq!(store.get(later.id).await.unwrap().unwrap().id, later.id);
+        store.claim(&claim).await.unwrap();
+        let acks = vec![Ack::Complete {
+            id: later.id,
+            result: None,
+        }];
+        store.ack("w", acks).await.unwrap();
+        store.delete(later.id).await.unwrap();
+        gone.push(later.id);
+        store.close();
+    }
+}
