@@ -468,25 +468,61 @@ impl Drop for Writer {
     }
 }
 
+/// What the writer thread keeps between operations.
+struct WriterState<'conn> {
+    hot: HotStatements<'conn>,
+    running: RunningRows,
+    ready: ReadyIndex,
+    ids: SeqIds,
+    rows: RowWrites,
+}
+
+impl<'conn> WriterState<'conn> {
+    /// The context of one operation, run at the clock's current time.
+    fn ctx<'c>(
+        &'c mut self,
+        db: &'c Connection,
+        shared: &'c Shared,
+        effects: &'c mut Effects,
+    ) -> WriteCtx<'c, 'conn> {
+        WriteCtx {
+            db,
+            hot: &mut self.hot,
+            now: shared.clock.now(),
+            shared,
+            running: &mut self.running,
+            ready: &mut self.ready,
+            ids: &mut self.ids,
+            rows: &mut self.rows,
+            effects,
+        }
+    }
+}
+
 fn run_writer(
     conn: &Connection,
     jobs: &mpsc::Receiver<Job>,
     shared: &Shared,
-    mut ready: ReadyIndex,
-    mut ids: SeqIds,
+    ready: ReadyIndex,
+    ids: SeqIds,
 ) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
     // closed.
-    let mut hot = match HotStatements::prepare(conn) {
+    let hot = match HotStatements::prepare(conn) {
         Ok(hot) => hot,
         Err(e) => {
             tracing::error!(error = %e, "the SQLite writer cannot prepare its statements");
             return;
         }
     };
-    let mut running = RunningRows::default();
-    let mut rows = RowWrites::default();
+    let mut state = WriterState {
+        hot,
+        running: RunningRows::default(),
+        ready,
+        ids,
+        rows: RowWrites::default(),
+    };
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -505,42 +541,22 @@ fn run_writer(
         let mut effects = Effects::default();
         let mut replies = Vec::with_capacity(group.len());
         for job in group {
-            let mut ctx = WriteCtx {
-                db: conn,
-                hot: &mut hot,
-                now: shared.clock.now(),
-                shared,
-                running: &mut running,
-                ready: &mut ready,
-                ids: &mut ids,
-                rows: &mut rows,
-                effects: &mut effects,
-            };
-            replies.push(job(&mut ctx));
+            replies.push(job(&mut state.ctx(conn, shared, &mut effects)));
         }
-        let parked_claims = claim_for_parked(
-            conn,
-            &mut hot,
-            shared,
-            &mut running,
-            &mut ready,
-            &mut ids,
-            &mut rows,
-            &mut effects,
-        );
+        let parked_claims = claim_for_parked(conn, shared, &mut state, &mut effects);
         // Every operation applied its rows inside its own savepoint.
-        debug_assert!(rows.is_empty());
+        debug_assert!(state.rows.is_empty());
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
         let made_ready = match &committed {
             Ok(()) => {
-                ready.commit();
+                state.ready.commit();
                 effects.publish(shared)
             }
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
-                running.forget_all();
-                ready.roll_back_to(0);
+                state.running.forget_all();
+                state.ready.roll_back_to(0);
                 false
             }
         };
@@ -567,12 +583,8 @@ fn run_writer(
 /// the commit, with nothing if it found nothing (its waiter parks again).
 fn claim_for_parked(
     conn: &Connection,
-    hot: &mut HotStatements<'_>,
     shared: &Shared,
-    running: &mut RunningRows,
-    ready: &mut ReadyIndex,
-    ids: &mut SeqIds,
-    rows: &mut RowWrites,
+    state: &mut WriterState<'_>,
     effects: &mut Effects,
 ) -> Vec<(TakenClaim, Result<Vec<Task>>)> {
     if !effects.ready {
@@ -592,17 +604,7 @@ fn claim_for_parked(
         let Some(claim) = parked.take() else {
             continue;
         };
-        let mut ctx = WriteCtx {
-            db: conn,
-            hot: &mut *hot,
-            now: shared.clock.now(),
-            shared,
-            running,
-            ready: &mut *ready,
-            ids: &mut *ids,
-            rows: &mut *rows,
-            effects,
-        };
+        let mut ctx = state.ctx(conn, shared, effects);
         let outcome = ctx.in_savepoint(|ctx| ctx.claim(&claim.request));
         outcomes.push((claim, outcome));
     }
