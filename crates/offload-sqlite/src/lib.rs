@@ -17,6 +17,7 @@ mod read;
 mod ready;
 mod row_writes;
 mod rows;
+mod shaped;
 pub mod sql;
 mod writer;
 

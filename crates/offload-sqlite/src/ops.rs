@@ -16,6 +16,7 @@ use crate::ids;
 use crate::ready::ReadyKey;
 use crate::row_writes::RowWrite;
 use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
+use crate::shaped::Shape;
 use crate::sql;
 use crate::writer::WriteCtx;
 
@@ -287,7 +288,7 @@ impl WriteCtx<'_, '_> {
         if tasks.is_empty() {
             return Ok(());
         }
-        let conn = self.conn()?;
+        self.flush_rows()?;
         let mut rest = tasks.as_slice();
         while !rest.is_empty() {
             let rows = if rest.len() >= sql::MANY_ROWS {
@@ -308,8 +309,15 @@ impl WriteCtx<'_, '_> {
                     .iter()
                     .map(|(seq, _)| self.ids.insert_as(*seq))
                     .collect();
-                insert_rows(conn, chunk, &seqs, &labels, self.now).map_err(storage_error)?;
-                check_inserted(conn.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
+                let stmt = self
+                    .hot
+                    .shaped
+                    .get(Shape::InsertRows(rows), || {
+                        sql::insert_plain_rows(rows).to_owned()
+                    })
+                    .map_err(storage_error)?;
+                insert_rows(stmt, chunk, &seqs, &labels, self.now).map_err(storage_error)?;
+                check_inserted(self.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
                 for (seq, task) in chunk {
                     self.ready.note(task, *seq);
                 }
@@ -495,12 +503,14 @@ impl WriteCtx<'_, '_> {
     /// (`ready.rs`): it is logged and dropped rather than failing this and
     /// every later claim.
     fn tasks_by_seq(&mut self, keys: &[ReadyKey]) -> Result<Vec<StoredTask>> {
-        let conn = self.conn()?;
+        self.flush_rows()?;
         let mut found: rustc_hash::FxHashMap<i64, StoredTask> = Default::default();
         for chunk in keys.chunks(sql::MANY_ROWS) {
             let size = chunk.len().next_multiple_of(sql::ROWS_ROUNDING);
             let mut read = || -> Sql<()> {
-                let mut stmt = conn.prepare_cached(sql::tasks_by_seq(size))?;
+                let stmt = self.hot.shaped.get(Shape::TasksBySeq(size), || {
+                    sql::tasks_by_seq(size).to_owned()
+                })?;
                 // Padded with the last seq: a list holds each value once.
                 let padded = chunk
                     .iter()
@@ -781,14 +791,13 @@ fn check_inserted(got: i64, seq: i64) -> Result<()> {
 /// seq is inserted as ([`crate::ids::SeqIds::insert_as`]), `labels` their
 /// [`labels_text`].
 fn insert_rows(
-    conn: &rusqlite::Connection,
+    stmt: &mut rusqlite::Statement<'_>,
     tasks: &[(i64, Task)],
     seqs: &[Option<i64>],
     labels: &[Option<String>],
     now: offload_core::Timestamp,
 ) -> Sql<()> {
     debug_assert_eq!(tasks.len(), labels.len());
-    let mut stmt = conn.prepare_cached(sql::insert_plain_rows(tasks.len()))?;
     let mut at = 1;
     for (((_, task), seq), labels) in tasks.iter().zip(seqs).zip(labels) {
         debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());

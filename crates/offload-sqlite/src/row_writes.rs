@@ -15,7 +15,9 @@
 use std::collections::hash_map::Entry;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, ErrorCode, Statement};
+use rusqlite::{ErrorCode, Statement};
+
+use crate::shaped::{Shape, ShapedStatements};
 
 /// The columns a row write sets, in the order of [`crate::sql::WRITE_ROW`]'s
 /// parameters (`seq` follows them there).
@@ -57,7 +59,6 @@ pub(crate) struct RowWrites {
     rows: Vec<RowWrite>,
     /// Where each buffered seq sits in `rows`.
     position: rustc_hash::FxHashMap<i64, usize>,
-    sql: String,
 }
 
 impl RowWrites {
@@ -84,7 +85,11 @@ impl RowWrites {
     /// Applies every buffered row, in chunks; `single` is the one-row
     /// statement. On error the buffer is empty all the same: the caller
     /// rolls the operation back.
-    pub fn flush(&mut self, conn: &Connection, single: &mut Statement<'_>) -> rusqlite::Result<()> {
+    pub fn flush(
+        &mut self,
+        shaped: &mut ShapedStatements<'_>,
+        single: &mut Statement<'_>,
+    ) -> rusqlite::Result<()> {
         if self.rows.is_empty() {
             return Ok(());
         }
@@ -95,7 +100,7 @@ impl RowWrites {
             outcome = if chunk.len() < ROUNDING {
                 chunk.iter().try_for_each(|row| write_one(single, row))
             } else {
-                write_many(&mut self.sql, conn, single, chunk)
+                write_many(shaped, single, chunk)
             };
             if outcome.is_err() {
                 break;
@@ -119,8 +124,7 @@ fn write_one(stmt: &mut Statement<'_>, row: &RowWrite) -> rusqlite::Result<()> {
 /// One UPDATE for `chunk`: a column with one value in every row is set to
 /// it, any other to `CASE seq WHEN … THEN … END`.
 fn write_many(
-    sql: &mut String,
-    conn: &Connection,
+    shaped: &mut ShapedStatements<'_>,
     single: &mut Statement<'_>,
     chunk: &[RowWrite],
 ) -> rusqlite::Result<()> {
@@ -130,31 +134,14 @@ fn write_many(
     let row = |i: usize| &chunk[i.min(chunk.len() - 1)];
     let varies: [bool; COLUMNS.len()] =
         std::array::from_fn(|c| chunk[1..].iter().any(|r| r.values[c] != chunk[0].values[c]));
-
-    sql.clear();
-    sql.push_str("UPDATE tasks SET ");
-    for (c, column) in COLUMNS.iter().enumerate() {
-        if c > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(column);
-        if varies[c] {
-            sql.push_str(" = CASE seq");
-            for _ in 0..rounded {
-                sql.push_str(" WHEN ? THEN ?");
-            }
-            sql.push_str(" END");
-        } else {
-            sql.push_str(" = ?");
-        }
-    }
-    sql.push_str(" WHERE seq IN (?");
-    for _ in 1..rounded {
-        sql.push_str(",?");
-    }
-    sql.push(')');
-
-    let mut stmt = conn.prepare_cached(sql)?;
+    let shape = Shape::WriteRows {
+        rows: rounded,
+        varies: varies
+            .iter()
+            .enumerate()
+            .fold(0, |mask, (c, &v)| mask | (u16::from(v) << c)),
+    };
+    let stmt = shaped.get(shape, || write_many_text(rounded, &varies))?;
     let mut at = 1;
     for (c, &differs) in varies.iter().enumerate() {
         if differs {
@@ -186,8 +173,37 @@ fn write_many(
     }
 }
 
+/// [`write_many`]'s statement for `rows` rows, `varies` telling which
+/// columns differ between them.
+fn write_many_text(rows: usize, varies: &[bool; COLUMNS.len()]) -> String {
+    let mut sql = String::from("UPDATE tasks SET ");
+    for (c, column) in COLUMNS.iter().enumerate() {
+        if c > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(column);
+        if varies[c] {
+            sql.push_str(" = CASE seq");
+            for _ in 0..rows {
+                sql.push_str(" WHEN ? THEN ?");
+            }
+            sql.push_str(" END");
+        } else {
+            sql.push_str(" = ?");
+        }
+    }
+    sql.push_str(" WHERE seq IN (?");
+    for _ in 1..rows {
+        sql.push_str(",?");
+    }
+    sql.push(')');
+    sql
+}
+
 #[cfg(test)]
 mod tests {
+    use rusqlite::Connection;
+
     use super::*;
 
     /// A table with the written columns, and a unique index that a row can
@@ -227,7 +243,7 @@ mod tests {
 
     fn flush(conn: &Connection, writes: &mut RowWrites) -> rusqlite::Result<()> {
         let mut single = conn.prepare(crate::sql::WRITE_ROW).unwrap();
-        writes.flush(conn, &mut single)
+        writes.flush(&mut ShapedStatements::new(conn), &mut single)
     }
 
     /// A lone row goes through `WRITE_ROW`, bound in `COLUMNS`' order.

@@ -25,6 +25,7 @@ use crate::ids::SeqIds;
 use crate::ready::ReadyIndex;
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
+use crate::shaped::ShapedStatements;
 use crate::sql;
 
 /// Operations committed together at most; bounds the latency of a group.
@@ -255,6 +256,8 @@ impl RunningRows {
 pub(crate) struct HotStatements<'conn> {
     pub insert_task: Statement<'conn>,
     pub write_row: Statement<'conn>,
+    /// Those that take many rows, by row count and columns.
+    pub shaped: ShapedStatements<'conn>,
 }
 
 impl<'conn> HotStatements<'conn> {
@@ -262,6 +265,7 @@ impl<'conn> HotStatements<'conn> {
         Ok(Self {
             insert_task: conn.prepare(sql::INSERT_TASK).map_err(storage_error)?,
             write_row: conn.prepare(sql::WRITE_ROW).map_err(storage_error)?,
+            shaped: ShapedStatements::new(conn),
         })
     }
 }
@@ -302,7 +306,7 @@ impl<'c> WriteCtx<'c, '_> {
 
     pub fn flush_rows(&mut self) -> Result<()> {
         self.rows
-            .flush(self.db, &mut self.hot.write_row)
+            .flush(&mut self.hot.shaped, &mut self.hot.write_row)
             .map_err(storage_error)
     }
 
