@@ -7,6 +7,7 @@
 //! backend enforces the same contract, and the conformance suite in
 //! `offload-storetest` checks exactly that.
 
+mod batch_stream;
 mod claim;
 mod error;
 mod hub;
@@ -18,6 +19,7 @@ mod task;
 mod task_json;
 mod time;
 
+pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
 pub use claim::{Candidate, admit};
 pub use error::{Error, Result};
 pub use hub::{EventKind, Hub, TaskEvent};
@@ -28,10 +30,10 @@ pub use new_task::{
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use store::{
-    Ack, AckOutcome, Claim, ClaimRequest, ClearRequest, Counts, Failure, FailureKind, HeartbeatAck,
-    HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS, ProgressUpdate, PromoteReport,
-    QueueInfo, QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor, encode_cursor,
-    truncate_message,
+    Ack, AckOutcome, Claim, ClaimRequest, ClearRequest, Counts, Enqueueing, Failure, FailureKind,
+    HeartbeatAck, HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS, ProgressUpdate,
+    PromoteReport, QueueInfo, QueuePatch, Retention, Stats, Store, TaskPage, decode_cursor,
+    encode_cursor, truncate_message,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
 pub use task_json::TimestampMemo;

@@ -320,6 +320,10 @@ pub struct PromoteReport {
     pub next_due: Option<Timestamp>,
 }
 
+/// The answer of [`Store::enqueue_streamed`], to come.
+pub type Enqueueing<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<(Task, bool)>>> + Send + 'a>>;
+
 /// What [`Store::claim_or_park`] did.
 #[derive(Debug)]
 pub enum Claim {
@@ -336,6 +340,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Enqueues all or nothing. Each answer says whether the task was created
     /// (`true`) or an active task holding the unique key was returned.
     async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>>;
+
+    /// Enqueues, all or nothing, a batch whose tasks arrive through `batch`
+    /// (see [`crate::batch_stream`]) while the caller still reads them.
+    /// The batch is submitted when this is called, before the future is
+    /// first polled: the caller sends the chunks, then awaits. A store that
+    /// cannot write a batch piecemeal takes it whole once it is finished.
+    fn enqueue_streamed(&self, batch: crate::BatchReceiver) -> Enqueueing<'_> {
+        Box::pin(async move { self.enqueue(batch.into_finished()?).await })
+    }
 
     /// Claims up to `limit` ready tasks, highest priority first, then oldest
     /// `run_at`.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use offload_core::{
     Claim, ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
+    TaskSpec,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,64 @@ pub struct Engine {
     duties: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Tasks handed to the store per chunk of a streamed batch: one of the
+/// SQLite store's multi-row inserts.
+const STREAM_CHUNK: usize = 64;
+
+/// Where [`Engine::enqueue_batch_streamed`]'s reader puts the tasks it
+/// reads: each is checked, then sent to the store with its chunk.
+#[derive(Debug)]
+pub struct BatchSink<'a> {
+    limits: &'a Limits,
+    /// `None` once the batch is abandoned.
+    sender: Option<offload_core::BatchSender>,
+    chunk: Vec<TaskSpec>,
+    count: usize,
+}
+
+impl BatchSink<'_> {
+    /// Takes the next task; `false` when the batch is abandoned (this task
+    /// is invalid, or one too many): the reader should stop.
+    pub fn push(&mut self, task: NewTask) -> bool {
+        let Some(sender) = &self.sender else {
+            return false;
+        };
+        let checked = if self.count < self.limits.max_batch {
+            task.validate(self.limits, &format!("tasks[{}].", self.count))
+                .ok()
+        } else {
+            None
+        };
+        let Some(spec) = checked else {
+            self.sender = None;
+            return false;
+        };
+        self.count += 1;
+        self.chunk.push(spec);
+        if self.chunk.len() == STREAM_CHUNK {
+            sender.send(std::mem::replace(
+                &mut self.chunk,
+                Vec::with_capacity(STREAM_CHUNK),
+            ));
+        }
+        true
+    }
+
+    /// Ends a batch of at least one task; `false` if it was abandoned.
+    fn finish(&mut self) -> bool {
+        match self.sender.take() {
+            Some(sender) if self.count > 0 => {
+                if !self.chunk.is_empty() {
+                    sender.send(std::mem::take(&mut self.chunk));
+                }
+                sender.finish();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Engine {
     /// Starts the background duties on the current Tokio runtime.
     pub fn start(store: Arc<dyn Store>, config: EngineConfig) -> Arc<Self> {
@@ -107,6 +166,38 @@ impl Engine {
             .map(|(i, t)| t.validate(&self.config.limits, &format!("tasks[{i}].")))
             .collect::<Result<Vec<_>>>()?;
         self.store.enqueue(specs).await
+    }
+
+    /// [`Engine::enqueue_batch`] for a batch read while it is stored:
+    /// `read` pushes each task into the sink as it reads it and says whether
+    /// it read the batch to its end. The store writes the first tasks while
+    /// the rest are read (`offload_core::batch_stream`).
+    ///
+    /// `None` when the batch was abandoned (`read` failed, a task was
+    /// invalid, there were none or too many): nothing was stored, and the
+    /// caller finds the reason by enqueueing the same batch the plain way,
+    /// which fails the same way [`Engine::enqueue_batch`] always has.
+    pub async fn enqueue_batch_streamed(
+        &self,
+        read: impl FnOnce(&mut BatchSink<'_>) -> bool,
+    ) -> Option<Result<Vec<(Task, bool)>>> {
+        let (sender, receiver) = offload_core::batch_stream();
+        let stored = self.store.enqueue_streamed(receiver);
+        let mut sink = BatchSink {
+            limits: &self.config.limits,
+            sender: Some(sender),
+            chunk: Vec::with_capacity(STREAM_CHUNK),
+            count: 0,
+        };
+        let read_whole = read(&mut sink);
+        let finished = read_whole && sink.finish();
+        // Unless finished, the sender goes here: the store, waiting for the
+        // next chunk, learns at once that there is none.
+        drop(sink);
+        // Awaited even when abandoned, so that the store has let the batch
+        // go before the caller enqueues it again.
+        let outcome = stored.await;
+        finished.then_some(outcome)
     }
 
     /// Claims ready tasks, waiting up to `wait` for some to become ready.

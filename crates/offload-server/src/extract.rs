@@ -5,7 +5,11 @@
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
 use http_body_util::BodyExt;
-use serde::de::DeserializeOwned;
+use offload_core::NewTask;
+use offload_engine::BatchSink;
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor,
+};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -39,6 +43,100 @@ impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = read_limited(req.into_body(), state.limits.batch_body_bytes).await?;
         parse_json(&bytes).map(BatchBody)
+    }
+}
+
+/// The bytes of a body of at most the batch limit, for a handler that reads
+/// them itself.
+#[derive(Debug)]
+pub struct RawBatchBody(pub bytes::Bytes);
+
+impl FromRequest<AppState> for RawBatchBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        read_limited(req.into_body(), state.limits.batch_body_bytes)
+            .await
+            .map(RawBatchBody)
+    }
+}
+
+/// Reads a batch enqueue's body, `{"tasks": [...]}`, handing each task to
+/// `sink` as soon as it is read, so that the store writes the first ones
+/// while the rest are read. `false` when the body is anything else or the
+/// sink stopped taking tasks; the caller then reads it with [`parse_json`],
+/// whose error names the field and the rule.
+pub fn read_batch_streamed(bytes: &[u8], sink: &mut BatchSink<'_>) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    if text.trim_start().as_bytes().first() != Some(&b'{') {
+        return false;
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    BatchSeed(sink).deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
+/// `{"tasks": [...]}` and no other field, as `BatchEnqueue` takes it.
+struct BatchSeed<'s, 'a>(&'s mut BatchSink<'a>);
+
+impl<'de> DeserializeSeed<'de> for BatchSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BatchSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a batch of tasks")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let mut tasks_read = false;
+        while let Some(key) = map.next_key::<&'de str>()? {
+            if key != "tasks" || tasks_read {
+                return Err(de::Error::custom("not the only field, `tasks`"));
+            }
+            map.next_value_seed(TasksSeed(&mut *self.0))?;
+            tasks_read = true;
+        }
+        if tasks_read {
+            Ok(())
+        } else {
+            Err(de::Error::missing_field("tasks"))
+        }
+    }
+}
+
+/// The array of tasks, each pushed into the sink as it is read.
+struct TasksSeed<'s, 'a>(&'s mut BatchSink<'a>);
+
+impl<'de> DeserializeSeed<'de> for TasksSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TasksSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of tasks")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while let Some(task) = seq.next_element::<NewTask>()? {
+            if !self.0.push(task) {
+                return Err(de::Error::custom("the batch was abandoned"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -11,7 +11,9 @@ use offload_core::{
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{BatchBody, JsonBody, int_param, query_pairs, task_id};
+use crate::extract::{
+    JsonBody, RawBatchBody, int_param, parse_json, query_pairs, read_batch_streamed, task_id,
+};
 use crate::json::{Json, TaskJson, TaskListJson};
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
@@ -39,15 +41,26 @@ pub async fn enqueue(
     responses((status = 201, body = TaskList), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn enqueue_batch(
     State(state): State<AppState>,
-    BatchBody(batch): BatchBody<BatchEnqueue>,
+    RawBatchBody(body): RawBatchBody,
 ) -> ApiResult<(StatusCode, TaskListJson)> {
-    if batch.tasks.is_empty() {
-        return Err(ApiError::invalid(
-            "tasks",
-            "must hold 1 to 10000 tasks; got none",
-        ));
-    }
-    let answers = state.engine.enqueue_batch(batch.tasks).await?;
+    let streamed = state
+        .engine
+        .enqueue_batch_streamed(|sink| read_batch_streamed(&body, sink))
+        .await;
+    let answers = match streamed {
+        Some(answers) => answers?,
+        // Nothing was stored; the plain way finds what is wrong and says so.
+        None => {
+            let batch: BatchEnqueue = parse_json(&body)?;
+            if batch.tasks.is_empty() {
+                return Err(ApiError::invalid(
+                    "tasks",
+                    "must hold 1 to 10000 tasks; got none",
+                ));
+            }
+            state.engine.enqueue_batch(batch.tasks).await?
+        }
+    };
     state.metrics.enqueued(
         answers
             .iter()

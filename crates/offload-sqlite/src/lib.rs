@@ -286,6 +286,14 @@ impl Store for SqliteStore {
         self.writer.run(move |ctx| ctx.enqueue(tasks)).await
     }
 
+    fn enqueue_streamed(&self, batch: offload_core::BatchReceiver) -> offload_core::Enqueueing<'_> {
+        let max = self.shared.limits.max_batch;
+        let chunks = self
+            .writer
+            .submit(move |ctx| ctx.enqueue_streamed(&batch, max));
+        Box::pin(async move { Ok(chunks.await?.into_iter().flatten().collect()) })
+    }
+
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
         validate_claim(request)?;
         if !self.may_have_ready(request) {

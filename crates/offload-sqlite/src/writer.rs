@@ -435,6 +435,15 @@ impl Writer {
         &self,
         op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.submit(op).await
+    }
+
+    /// Queues `op` for the next group now; the future answers once its
+    /// commit is durable.
+    pub fn submit<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static {
         let (reply_tx, reply_rx) = oneshot::channel();
         let job: Job = Box::new(move |ctx: &mut WriteCtx<'_, '_>| -> Reply {
             let outcome = ctx.in_savepoint(op);
@@ -446,14 +455,16 @@ impl Writer {
             Some(jobs) => jobs.send(job).is_ok(),
             None => false,
         };
-        if !sent {
-            return Err(Error::Unavailable("the store is closed".into()));
+        async move {
+            if !sent {
+                return Err(Error::Unavailable("the store is closed".into()));
+            }
+            reply_rx.await.map_err(|_| {
+                Error::Storage(
+                    "the SQLite writer could not run the operation; see the server log".into(),
+                )
+            })?
         }
-        reply_rx.await.map_err(|_| {
-            Error::Storage(
-                "the SQLite writer could not run the operation; see the server log".into(),
-            )
-        })?
     }
 
     /// Lets queued operations finish, then stops the thread and closes the

@@ -108,6 +108,38 @@ fn batch_enqueue_is_all_or_nothing() {
         stats["total"]["pending"], 2,
         "the refused batch left nothing: {stats}"
     );
+    // Refused after the store began writing it: the server hands a batch
+    // to the store in chunks while it still reads the rest.
+    let mut late_bad: Vec<Value> = (0..300).map(|_| json!({"type": "t"})).collect();
+    late_bad[250] = json!({"type": "t", "priority": 11});
+    assert_error(
+        http.post("/v1/tasks/batch", json!({ "tasks": late_bad })),
+        400,
+        "invalid_argument",
+        "tasks[250].priority",
+    );
+    let valid: Vec<Value> = (0..300).map(|_| json!({"type": "t"})).collect();
+    let body = json!({ "tasks": valid }).to_string();
+    assert_error(
+        http.post_raw(
+            "/v1/tasks/batch",
+            format!("{}, \"extra\": 1}}", &body[..body.len() - 1]),
+        ),
+        400,
+        "invalid_argument",
+        "extra",
+    );
+    assert_error(
+        http.post_raw("/v1/tasks/batch", format!("{body} trailing")),
+        400,
+        "invalid_json",
+        "",
+    );
+    let (_, stats) = http.get("/v1/stats");
+    assert_eq!(
+        stats["total"]["pending"], 2,
+        "batches refused part way left nothing: {stats}"
+    );
     let too_many: Vec<Value> = (0..10_001).map(|_| json!({"type": "t"})).collect();
     assert_error(
         http.post("/v1/tasks/batch", json!({ "tasks": too_many })),
