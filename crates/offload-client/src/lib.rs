@@ -19,10 +19,12 @@ mod source;
 use std::time::Duration;
 
 use offload_api::{
-    AckBody, AckResults, BatchEnqueue, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest,
-    Health, HeartbeatBody, QueueList, QueueUpdate, TaskList,
+    AckBody, AckResults, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest, Health,
+    HeartbeatBody, QueueList, QueueUpdate, TaskList,
 };
-use offload_core::{HeartbeatAck, NewTask, QueueInfo, State, Stats, Task, TaskPage, Timestamp};
+use offload_core::{
+    HeartbeatAck, Json, NewTask, QueueInfo, State, Stats, Task, TaskPage, Timestamp, TimestampMemo,
+};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -179,12 +181,17 @@ impl Client {
         Ok((parse_task(&bytes)?, created))
     }
 
-    /// Enqueues up to 10,000 tasks, all or nothing.
-    pub async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> ClientResult<Vec<Task>> {
+    /// Enqueues up to 10,000 tasks, all or nothing; the answer is the
+    /// tasks in the same order.
+    pub async fn enqueue_batch(&self, tasks: &[NewTask]) -> ClientResult<Vec<Task>> {
         let request = self
             .request(Method::POST, "/v1/tasks/batch")
-            .json(&BatchEnqueue { tasks });
-        parse_tasks(&self.answer(request).await?)
+            .json(&BatchOf { tasks });
+        let bytes = self.answer(request).await?;
+        // The answer carries the payloads back; the ones sent need no
+        // second check.
+        let sent = |i: usize| tasks.get(i).and_then(|task| task.payload.as_ref());
+        parse_or(&bytes, |text| read_task_list(text, sent)).map(|TaskList { tasks }| tasks)
     }
 
     pub async fn get(&self, id: Uuid) -> ClientResult<Task> {
@@ -400,22 +407,31 @@ fn parse_task(bytes: &[u8]) -> ClientResult<Task> {
     })
 }
 
-/// `{"tasks": [...]}`, as fetch and batch enqueue answer.
-fn parse_tasks(bytes: &[u8]) -> ClientResult<Vec<Task>> {
-    parse_or(bytes, read_task_list).map(|TaskList { tasks }| tasks)
+/// `POST /v1/tasks/batch`'s body, borrowed: the same JSON as
+/// `BatchEnqueue`'s.
+#[derive(Serialize)]
+struct BatchOf<'a> {
+    tasks: &'a [NewTask],
 }
 
-/// A task list in the server's own form, or `None`.
-fn read_task_list(text: &str) -> Option<TaskList> {
+/// `{"tasks": [...]}`, as fetch and batch enqueue answer.
+fn parse_tasks(bytes: &[u8]) -> ClientResult<Vec<Task>> {
+    parse_or(bytes, |text| read_task_list(text, |_| None)).map(|TaskList { tasks }| tasks)
+}
+
+/// A task list in the server's own form, or `None`; `sent(i)` is the
+/// payload the caller sent for the `i`th task, if it sent one.
+fn read_task_list<'p>(text: &str, sent: impl Fn(usize) -> Option<&'p Json>) -> Option<TaskList> {
     let listed = text.strip_prefix("{\"tasks\":[")?.strip_suffix("]}")?;
     let mut tasks = Vec::new();
+    let mut memo = TimestampMemo::default();
     let mut at = 0;
     while at < listed.len() {
         if !tasks.is_empty() {
             (listed.as_bytes()[at] == b',').then_some(())?;
             at += 1;
         }
-        let (task, end) = Task::read_json_at(listed, at)?;
+        let (task, end) = Task::read_json_at_with(listed, at, &mut memo, sent(tasks.len()))?;
         tasks.push(task);
         at = end;
     }
@@ -452,11 +468,37 @@ mod tests {
         format!("{{\"tasks\":[{}]}}", each.join(","))
     }
 
+    /// The borrowed batch body is the one `offload_api` describes.
+    #[test]
+    fn a_batch_is_sent_as_batch_enqueue_writes_it() {
+        let tasks = vec![
+            NewTask::new("a"),
+            NewTask::new("b")
+                .queue("q")
+                .payload(&serde_json::json!({"n": 1}))
+                .expect("a JSON payload"),
+        ];
+        assert_eq!(
+            serde_json::to_string(&super::BatchOf { tasks: &tasks }).unwrap(),
+            serde_json::to_string(&offload_api::BatchEnqueue { tasks }).unwrap()
+        );
+    }
+
+    /// A batch's answer read with the payloads sent gives the same tasks.
+    #[test]
+    fn a_batch_answer_is_read_with_the_payloads_sent() {
+        let tasks = vec![task(1), task(2), task(3)];
+        let text = json(&tasks);
+        let sent: Vec<_> = tasks.iter().map(|t| t.payload.clone()).collect();
+        let read = read_task_list(&text, |i| sent.get(i)).expect("reads");
+        assert_eq!(json(&read.tasks), text);
+    }
+
     #[test]
     fn task_lists_are_read_in_the_servers_form_and_in_any_other() {
         for tasks in [vec![], vec![task(1)], vec![task(1), task(2), task(3)]] {
             let canonical = json(&tasks);
-            let fast = read_task_list(&canonical).expect("the server's form is read");
+            let fast = read_task_list(&canonical, |_| None).expect("the server's form is read");
             assert_eq!(json(&fast.tasks), canonical);
             assert_eq!(
                 json(&parse_tasks(canonical.as_bytes()).expect("reads")),
@@ -465,7 +507,7 @@ mod tests {
             // Reformatted, as a proxy might: serde_json reads it.
             let pretty = serde_json::to_string_pretty(&serde_json::json!({ "tasks": tasks }))
                 .expect("serializes");
-            assert!(read_task_list(&pretty).is_none() || tasks.is_empty());
+            assert!(read_task_list(&pretty, |_| None).is_none() || tasks.is_empty());
             let reread = parse_tasks(pretty.as_bytes()).expect("reads");
             let summary = |tasks: &[Task]| -> Vec<(Uuid, serde_json::Value)> {
                 tasks

@@ -109,7 +109,7 @@ async fn the_client_covers_the_routes_and_reports_errors() {
     let client = &server.client;
     let mut feed = client.all_events(Some("other"), None, None).await.unwrap();
     let tasks = client
-        .enqueue_batch(vec![NewTask::new("a"), NewTask::new("b").queue("other")])
+        .enqueue_batch(&[NewTask::new("a"), NewTask::new("b").queue("other")])
         .await
         .unwrap();
     assert_eq!(tasks.len(), 2);

@@ -328,11 +328,12 @@ async fn enqueue_single(url: &str, n: usize, quiet: bool) -> Result<f64> {
 }
 
 async fn enqueue_counted(client: &Client, n: usize, progress: &ProgressBar) -> Result<f64> {
+    let batch = vec![task(); BATCH];
     let started = Instant::now();
     let mut left = n;
     while left > 0 {
         let size = left.min(BATCH);
-        client.enqueue_batch(vec![task(); size]).await?;
+        client.enqueue_batch(&batch[..size]).await?;
         left -= size;
         progress.inc(size as u64);
     }
