@@ -212,34 +212,42 @@ async fn a_panicking_handler_fails_its_task_not_the_worker() {
     let s = setup();
     let worker =
         Worker::new(Arc::clone(&s.engine)).handle("maybe", |ctx: TaskContext| async move {
-            let explode: bool = ctx.payload()?;
-            if explode {
+            // "now" panics at the handler's first poll, "later" after it
+            // waited once: the runner meets each at a different point.
+            let explode: String = ctx.payload()?;
+            if explode == "later" {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if explode != "no" {
                 panic!("the handler blew up");
             }
             Ok("fine")
         });
     let (stop, handle) = s.spawn(worker);
-    let boom = s
-        .enqueue(
-            NewTask::new("maybe")
-                .payload(&true)
+    for when in ["now", "later"] {
+        let boom = s
+            .enqueue(
+                NewTask::new("maybe")
+                    .payload(&when)
+                    .unwrap()
+                    .max_attempts(1),
+            )
+            .await;
+        let failed = s
+            .wait_for(boom.id, "failed", |t| t.state == State::Failed)
+            .await;
+        assert!(
+            failed
+                .error
                 .unwrap()
-                .max_attempts(1),
-        )
-        .await;
-    let failed = s
-        .wait_for(boom.id, "failed", |t| t.state == State::Failed)
-        .await;
-    assert!(
-        failed
-            .error
-            .unwrap()
-            .message
-            .contains("the handler blew up")
-    );
+                .message
+                .contains("the handler blew up"),
+            "{when}"
+        );
+    }
     for _ in 0..3 {
         let fine = s
-            .enqueue(NewTask::new("maybe").payload(&false).unwrap())
+            .enqueue(NewTask::new("maybe").payload(&"no").unwrap())
             .await;
         s.wait_for(fine.id, "completed", |t| t.state == State::Completed)
             .await;
