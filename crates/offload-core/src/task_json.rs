@@ -30,16 +30,29 @@ use crate::{Json, State, Task, Timestamp};
 /// (callgrind).
 #[derive(Debug, Default)]
 pub struct TimestampMemo {
-    last: Option<(Timestamp, [u8; 24])>,
+    /// The last few distinct timestamps met, with their text: a claimed
+    /// task's own (`created_at`, `started_at`, `lease_expires_at`) differ
+    /// from each other, but each repeats in the next task.
+    recent: [Option<(Timestamp, [u8; 24])>; MEMO_SLOTS],
+    /// Where the next new one goes.
+    next: usize,
 }
 
+const MEMO_SLOTS: usize = 4;
+
 impl TimestampMemo {
+    fn remember(&mut self, at: Timestamp, text: [u8; 24]) {
+        self.recent[self.next] = Some((at, text));
+        self.next = (self.next + 1) % MEMO_SLOTS;
+    }
+
     fn write(&mut self, out: &mut Vec<u8>, at: Timestamp) -> serde_json::Result<()> {
-        let text = match self.last {
-            Some((last, text)) if last == at => text,
-            _ => match at.rfc3339() {
+        let known = self.recent.iter().flatten().find(|(seen, _)| *seen == at);
+        let text = match known {
+            Some((_, text)) => *text,
+            None => match at.rfc3339() {
                 Some(text) => {
-                    self.last = Some((at, text));
+                    self.remember(at, text);
                     text
                 }
                 None => return serde_json::to_writer(out, &at),
@@ -53,13 +66,16 @@ impl TimestampMemo {
 
     /// The timestamp whose RFC 3339 text is `text`, if it is one.
     fn read(&mut self, text: &[u8]) -> Option<Timestamp> {
-        if let Some((last, last_text)) = self.last
-            && last_text.as_slice() == text
-        {
-            return Some(last);
+        let known = self
+            .recent
+            .iter()
+            .flatten()
+            .find(|(_, seen)| seen.as_slice() == text);
+        if let Some((at, _)) = known {
+            return Some(*at);
         }
         let at = Timestamp::parse_rfc3339_millis(text)?;
-        self.last = Some((at, text.try_into().ok()?));
+        self.remember(at, text.try_into().ok()?);
         Some(at)
     }
 
@@ -611,7 +627,17 @@ mod tests {
             updated_at: Timestamp::from_millis(1_795_000_000_124),
             ..plain()
         };
-        let tasks = [plain(), later, plain(), full(), far_timestamps(), plain()];
+        // More distinct timestamps than the memo holds, coming back in
+        // another order than they left.
+        let cycling = (0..20).map(|i| Task {
+            updated_at: Timestamp::from_millis(1_795_000_000_000 + (i * 7) % 6),
+            started_at: Some(Timestamp::from_millis(1_795_000_000_100 + i % 3)),
+            ..plain()
+        });
+        let tasks: Vec<Task> = [plain(), later, plain(), full(), far_timestamps(), plain()]
+            .into_iter()
+            .chain(cycling)
+            .collect();
         let mut memo = super::TimestampMemo::default();
         for task in &tasks {
             let mut written = Vec::new();
@@ -662,7 +688,15 @@ mod tests {
             updated_at: Timestamp::from_millis(1_795_000_000_124),
             ..plain()
         };
-        let tasks = [plain(), later, plain(), full(), plain()];
+        let cycling = (0..20).map(|i| Task {
+            updated_at: Timestamp::from_millis(1_795_000_000_000 + (i * 7) % 6),
+            started_at: Some(Timestamp::from_millis(1_795_000_000_100 + i % 3)),
+            ..plain()
+        });
+        let tasks: Vec<Task> = [plain(), later, plain(), full(), plain()]
+            .into_iter()
+            .chain(cycling)
+            .collect();
         let mut memo = super::TimestampMemo::default();
         for task in &tasks {
             let text = written(task);
