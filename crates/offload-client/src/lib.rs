@@ -323,7 +323,14 @@ impl Client {
     }
 
     pub async fn ack(&self, body: &AckBody) -> ClientResult<AckResults> {
-        self.post("/v1/ack", body).await
+        let mut json = Vec::with_capacity(64 + 48 * body.completed.len());
+        body.write_json(&mut json)
+            .map_err(|e| ClientError::Protocol(format!("an ack is not JSON: {e}")))?;
+        let request = self
+            .request(Method::POST, "/v1/ack")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(json);
+        self.json(request).await
     }
 
     // ---- following tasks ------------------------------------------------------

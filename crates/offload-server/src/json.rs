@@ -23,6 +23,18 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
+/// The acks' answer, as `Json(results)` would answer it.
+#[derive(Debug)]
+pub struct AckResultsJson(pub offload_api::AckResults);
+
+impl IntoResponse for AckResultsJson {
+    fn into_response(self) -> Response {
+        let mut body = Vec::with_capacity(16 + 64 * self.0.results.len());
+        let written = self.0.write_json(&mut body);
+        answer(written.map(|()| body))
+    }
+}
+
 /// One task, answered as `Json(task)` would answer it.
 #[derive(Debug)]
 pub struct TaskJson(pub Task);

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{BatchBody, JsonBody, task_id};
-use crate::json::{Json, TaskJson, TaskListJson};
+use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
@@ -152,7 +152,7 @@ fn failure(
 pub async fn ack(
     State(state): State<AppState>,
     BatchBody(body): BatchBody<AckBody>,
-) -> ApiResult<Json<AckResults>> {
+) -> ApiResult<AckResultsJson> {
     let mut acks = Vec::with_capacity(body.completed.len() + body.failed.len());
     for done in body.completed {
         acks.push(Ack::Complete {
@@ -193,5 +193,5 @@ pub async fn ack(
             },
         })
         .collect();
-    Ok(Json(AckResults { results }))
+    Ok(AckResultsJson(AckResults { results }))
 }
