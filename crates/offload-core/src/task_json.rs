@@ -619,25 +619,30 @@ mod tests {
         assert_same_as_serde(&far_timestamps());
     }
 
-    /// One memo across tasks whose timestamps differ, repeat and return,
-    /// the far ones included, writes each task as serde does.
-    #[test]
-    fn tasks_sharing_a_timestamp_memo_are_each_written_as_serde_writes_them() {
+    /// Tasks whose timestamps differ, repeat and return, `extra` among
+    /// them: more distinct ones than a memo holds, coming back in another
+    /// order than they left.
+    fn memo_workout(extra: Task) -> Vec<Task> {
         let later = Task {
             updated_at: Timestamp::from_millis(1_795_000_000_124),
             ..plain()
         };
-        // More distinct timestamps than the memo holds, coming back in
-        // another order than they left.
         let cycling = (0..20).map(|i| Task {
             updated_at: Timestamp::from_millis(1_795_000_000_000 + (i * 7) % 6),
             started_at: Some(Timestamp::from_millis(1_795_000_000_100 + i % 3)),
             ..plain()
         });
-        let tasks: Vec<Task> = [plain(), later, plain(), full(), far_timestamps(), plain()]
+        [plain(), later, plain(), full(), extra, plain()]
             .into_iter()
             .chain(cycling)
-            .collect();
+            .collect()
+    }
+
+    /// One memo across tasks whose timestamps differ, repeat and return,
+    /// the far ones included, writes each task as serde does.
+    #[test]
+    fn tasks_sharing_a_timestamp_memo_are_each_written_as_serde_writes_them() {
+        let tasks = memo_workout(far_timestamps());
         let mut memo = super::TimestampMemo::default();
         for task in &tasks {
             let mut written = Vec::new();
@@ -684,19 +689,7 @@ mod tests {
     /// same, up to the comma after it.
     #[test]
     fn tasks_read_together_share_a_memo_and_take_only_the_payloads_sent() {
-        let later = Task {
-            updated_at: Timestamp::from_millis(1_795_000_000_124),
-            ..plain()
-        };
-        let cycling = (0..20).map(|i| Task {
-            updated_at: Timestamp::from_millis(1_795_000_000_000 + (i * 7) % 6),
-            started_at: Some(Timestamp::from_millis(1_795_000_000_100 + i % 3)),
-            ..plain()
-        });
-        let tasks: Vec<Task> = [plain(), later, plain(), full(), plain()]
-            .into_iter()
-            .chain(cycling)
-            .collect();
+        let tasks = memo_workout(plain());
         let mut memo = super::TimestampMemo::default();
         for task in &tasks {
             let text = written(task);

@@ -397,6 +397,21 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
     assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
 }
 
+/// Claims the one pending task `id`, completes it and deletes it.
+async fn run_and_delete(store: &SqliteStore, id: Uuid) {
+    let claim = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec![],
+        queues: vec![],
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    assert_eq!(store.claim(&claim).await.unwrap().len(), 1);
+    let acks = vec![Ack::Complete { id, result: None }];
+    store.ack("w", acks).await.unwrap();
+    store.delete(id).await.unwrap();
+}
+
 /// Ids carry their row's seq (src/ids.rs). When the newest row goes, SQLite
 /// would hand its seq out again; the id of the task that went must still
 /// find nothing, within a process and after a restart.
@@ -405,24 +420,11 @@ async fn the_id_of_a_deleted_task_never_finds_a_later_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("offload.db");
     let spec = || NewTask::new("t").validate(&Limits::default(), "").unwrap();
-    let claim = ClaimRequest {
-        worker_id: "w".into(),
-        types: vec![],
-        queues: vec![],
-        limit: 10,
-        lease: Duration::from_secs(30),
-    };
     let mut gone = Vec::new();
     for _restart in 0..2 {
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
         let (task, _) = store.enqueue(vec![spec()]).await.unwrap().remove(0);
-        store.claim(&claim).await.unwrap();
-        let acks = vec![Ack::Complete {
-            id: task.id,
-            result: None,
-        }];
-        store.ack("w", acks).await.unwrap();
-        store.delete(task.id).await.unwrap();
+        run_and_delete(&store, task.id).await;
         gone.push(task.id);
         let (later, _) = store.enqueue(vec![spec()]).await.unwrap().remove(0);
         assert!(!gone.contains(&later.id));
@@ -433,13 +435,7 @@ async fn the_id_of_a_deleted_task_never_finds_a_later_one() {
             );
         }
         assert_eq!(store.get(later.id).await.unwrap().unwrap().id, later.id);
-        store.claim(&claim).await.unwrap();
-        let acks = vec![Ack::Complete {
-            id: later.id,
-            result: None,
-        }];
-        store.ack("w", acks).await.unwrap();
-        store.delete(later.id).await.unwrap();
+        run_and_delete(&store, later.id).await;
         gone.push(later.id);
         store.close();
     }
