@@ -333,13 +333,7 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
             .unwrap();
         }
     }
-    let claim = ClaimRequest {
-        worker_id: "w".into(),
-        types: vec![],
-        queues: vec![],
-        limit: 10,
-        lease: Duration::from_secs(30),
-    };
+    let claim = up_to_ten_for_w();
     let dependent = {
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
         assert_eq!(store.get(old_ids[0]).await.unwrap().unwrap().id, old_ids[0]);
@@ -397,15 +391,20 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
     assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
 }
 
-/// Claims the one pending task `id`, completes it and deletes it.
-async fn run_and_delete(store: &SqliteStore, id: Uuid) {
-    let claim = ClaimRequest {
+/// A claim by worker `w` of up to ten tasks of any type and queue.
+fn up_to_ten_for_w() -> ClaimRequest {
+    ClaimRequest {
         worker_id: "w".into(),
         types: vec![],
         queues: vec![],
         limit: 10,
         lease: Duration::from_secs(30),
-    };
+    }
+}
+
+/// Claims the one pending task `id`, completes it and deletes it.
+async fn run_and_delete(store: &SqliteStore, id: Uuid) {
+    let claim = up_to_ten_for_w();
     assert_eq!(store.claim(&claim).await.unwrap().len(), 1);
     let acks = vec![Ack::Complete { id, result: None }];
     store.ack("w", acks).await.unwrap();
