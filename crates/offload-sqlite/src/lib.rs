@@ -151,17 +151,9 @@ impl SqliteStore {
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
         });
-        let last_seq: i64 = conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM tasks", [], |r| r.get(0))
-            .map_err(storage_error)?;
-        let writer = Writer::start(
-            conn,
-            lock,
-            Arc::clone(&shared),
-            ready,
-            SeqIds::after(last_seq),
-        )
-        .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
+        // Every enqueue reads the largest seq stored before it hands out ids.
+        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready, SeqIds::after(0))
+            .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             shared,
             writer,
@@ -287,10 +279,7 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_streamed(&self, batch: offload_core::BatchReceiver) -> offload_core::Enqueueing<'_> {
-        let max = self.shared.limits.max_batch;
-        let chunks = self
-            .writer
-            .submit(move |ctx| ctx.enqueue_streamed(&batch, max));
+        let chunks = self.writer.submit(move |ctx| ctx.enqueue_streamed(&batch));
         Box::pin(async move { Ok(chunks.await?.into_iter().flatten().collect()) })
     }
 

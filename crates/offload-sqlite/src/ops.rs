@@ -299,15 +299,14 @@ impl WriteCtx<'_, '_> {
     /// Enqueues a batch as its chunks arrive (`offload_core::batch_stream`),
     /// holding the writer meanwhile: the sender reads and checks tasks
     /// several times faster than they are written here, so the wait is for
-    /// the first chunk. Anything but a finished batch of at most `max`
-    /// tasks fails the operation, which rolls back what it wrote.
+    /// the first chunk. Anything but a finished batch within the batch
+    /// limit fails the operation, which rolls back what it wrote.
     ///
     /// The answers come a chunk each, joined by the caller: moving each
     /// task once more here was ~5% of the writer's work for the batch.
     pub fn enqueue_streamed(
         &mut self,
         batch: &offload_core::BatchReceiver,
-        max: usize,
     ) -> Result<Vec<Vec<(Task, bool)>>> {
         self.sync_ids()?;
         let mut known_queues = HashSet::new();
@@ -315,12 +314,7 @@ impl WriteCtx<'_, '_> {
         let mut count = 0;
         while let Some(specs) = batch.next_blocking(STREAM_PATIENCE)? {
             count += specs.len();
-            if count > max {
-                return Err(Error::invalid(
-                    "tasks",
-                    format!("at most {max} per batch; got more"),
-                ));
-            }
+            self.shared.limits.check_batch("tasks", count)?;
             chunks.push(self.enqueue_more(specs, &mut known_queues)?);
         }
         Ok(chunks)
@@ -362,9 +356,7 @@ impl WriteCtx<'_, '_> {
                 let stmt = self
                     .hot
                     .shaped
-                    .get(Shape::InsertRows(rows), || {
-                        sql::insert_plain_rows(rows).to_owned()
-                    })
+                    .get(Shape::InsertRows(rows), || sql::insert_plain_rows(rows))
                     .map_err(storage_error)?;
                 insert_rows(stmt, chunk, &seqs, &labels, self.now).map_err(storage_error)?;
                 check_inserted(self.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
@@ -558,9 +550,10 @@ impl WriteCtx<'_, '_> {
         for chunk in keys.chunks(sql::MANY_ROWS) {
             let size = chunk.len().next_multiple_of(sql::ROWS_ROUNDING);
             let mut read = || -> Sql<()> {
-                let stmt = self.hot.shaped.get(Shape::TasksBySeq(size), || {
-                    sql::tasks_by_seq(size).to_owned()
-                })?;
+                let stmt = self
+                    .hot
+                    .shaped
+                    .get(Shape::TasksBySeq(size), || sql::tasks_by_seq(size))?;
                 // Padded with the last seq: a list holds each value once.
                 let padded = chunk
                     .iter()

@@ -8,8 +8,6 @@
 //! however `?1` is bound, so statements that take the state as a parameter
 //! repeat the index's condition literally.
 
-use std::sync::OnceLock;
-
 use crate::rows::task_columns;
 
 /// Finished tasks of one state (`?1`) finished by `?2`, at most `?3` of them,
@@ -24,35 +22,25 @@ pub const MANY_ROWS: usize = 64;
 /// distinct statements reach the statement cache.
 pub const ROWS_ROUNDING: usize = 8;
 
-/// A statement's text for each row count those statements take.
-type TextByRows = [OnceLock<String>; MANY_ROWS / ROWS_ROUNDING];
-
-/// The text for `rows` rows, built the first time it is asked for:
-/// formatting a text of 64 rows took as long as inserting them.
-fn text_for(
-    texts: &'static TextByRows,
-    rows: usize,
-    build: impl FnOnce() -> String,
-) -> &'static str {
+/// Panics unless `rows` is a size those statements take.
+fn check_rows(rows: usize) {
     assert!(
         rows > 0 && rows.is_multiple_of(ROWS_ROUNDING) && rows <= MANY_ROWS,
         "{rows} rows is not a statement's size"
     );
-    texts[rows / ROWS_ROUNDING - 1].get_or_init(build)
 }
 
 /// Tasks by seq, `rows` of them, for a claim: its candidates come from the
-/// writer's memory (`ready.rs`).
-pub fn tasks_by_seq(rows: usize) -> &'static str {
-    static TEXTS: TextByRows = [const { OnceLock::new() }; MANY_ROWS / ROWS_ROUNDING];
-    text_for(&TEXTS, rows, || {
-        let list: Vec<String> = (1..=rows).map(|i| format!("?{i}")).collect();
-        format!(
-            "SELECT {} FROM tasks WHERE seq IN ({})",
-            task_columns!(),
-            list.join(", ")
-        )
-    })
+/// writer's memory (`ready.rs`). Built once per size: the writer keeps the
+/// statement (`shaped.rs`).
+pub fn tasks_by_seq(rows: usize) -> String {
+    check_rows(rows);
+    let list: Vec<String> = (1..=rows).map(|i| format!("?{i}")).collect();
+    format!(
+        "SELECT {} FROM tasks WHERE seq IN ({})",
+        task_columns!(),
+        list.join(", ")
+    )
 }
 
 /// Running tasks of a queue, for its concurrency limit.
@@ -114,40 +102,39 @@ pub const INSERT_PLAIN_PARAMS: usize = 12;
 /// New rows of tasks with neither a unique key nor dependencies, `rows` of
 /// them: [`INSERT_PLAIN_PARAMS`] parameters a row, in the order of
 /// [`INSERT_TASK`]'s up to `owner` and `labels`, then the seq; then one for
-/// the time, shared.
-pub fn insert_plain_rows(rows: usize) -> &'static str {
-    static TEXTS: TextByRows = [const { OnceLock::new() }; MANY_ROWS / ROWS_ROUNDING];
-    text_for(&TEXTS, rows, || {
-        let time = rows * INSERT_PLAIN_PARAMS + 1;
-        let mut sql = String::from(
-            "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
-             max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
-             cancel_requested, created_at, updated_at, seq) VALUES ",
-        );
-        for row in 0..rows {
-            if row > 0 {
-                sql.push(',');
-            }
-            let p = |i: usize| row * INSERT_PLAIN_PARAMS + i;
-            sql.push_str(&format!(
-                "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, \
-                 ?{time}, ?{time}, ?{})",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8),
-                p(9),
-                p(10),
-                p(11),
-                p(12),
-            ));
+/// the time, shared. Built once per size: the writer keeps the statement
+/// (`shaped.rs`).
+pub fn insert_plain_rows(rows: usize) -> String {
+    check_rows(rows);
+    let time = rows * INSERT_PLAIN_PARAMS + 1;
+    let mut sql = String::from(
+        "INSERT INTO tasks (id, type, queue, payload, priority, state, attempt, \
+         max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, \
+         cancel_requested, created_at, updated_at, seq) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push(',');
         }
-        sql
-    })
+        let p = |i: usize| row * INSERT_PLAIN_PARAMS + i;
+        sql.push_str(&format!(
+            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 0, ?{}, ?{}, ?{}, ?{}, ?{}, NULL, NULL, 0, \
+             ?{time}, ?{time}, ?{})",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10),
+            p(11),
+            p(12),
+        ));
+    }
+    sql
 }
 
 /// Every column the state machine may change, written back to task `?16`.
