@@ -34,7 +34,6 @@ use offload_core::{
 use rusqlite::Connection;
 use uuid::Uuid;
 
-use crate::ids::SeqIds;
 use crate::read::Readers;
 use crate::ready::ReadyIndex;
 use crate::rows::storage_error;
@@ -151,8 +150,7 @@ impl SqliteStore {
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
         });
-        // Every enqueue reads the largest seq stored before it hands out ids.
-        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready, SeqIds::after(0))
+        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready)
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             shared,

@@ -217,8 +217,8 @@ const MAX_RUNNING_ROWS: usize = 100_000;
 /// them all.
 #[derive(Default)]
 pub(crate) struct RunningRows {
-    /// Keyed by ids this store generated (v7: 62 random bits), so a fast
-    /// hash without DoS resistance is safe here.
+    /// Keyed by ids this store generated, never chosen by a caller, so a
+    /// fast hash without DoS resistance is safe here.
     rows: rustc_hash::FxHashMap<Uuid, StoredTask>,
 }
 
@@ -414,13 +414,12 @@ impl Writer {
         lock: std::fs::File,
         shared: Arc<Shared>,
         ready: ReadyIndex,
-        ids: SeqIds,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                run_writer(&conn, &rx, &shared, ready, ids);
+                run_writer(&conn, &rx, &shared, ready);
                 drop(conn);
                 drop(lock);
             })?;
@@ -514,13 +513,7 @@ impl<'conn> WriterState<'conn> {
     }
 }
 
-fn run_writer(
-    conn: &Connection,
-    jobs: &mpsc::Receiver<Job>,
-    shared: &Shared,
-    ready: ReadyIndex,
-    ids: SeqIds,
-) {
+fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, ready: ReadyIndex) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
     // closed.
@@ -535,7 +528,9 @@ fn run_writer(
         hot,
         running: RunningRows::default(),
         ready,
-        ids,
+        // Every enqueue reads the largest seq stored before it hands out
+        // ids (`ops.rs`).
+        ids: SeqIds::after(0),
         rows: RowWrites::default(),
     };
     while let Ok(first) = jobs.recv() {
