@@ -84,6 +84,7 @@ impl TaskSource for Client {
         // where each came from to answer in the caller's order.
         let mut body = AckBody {
             worker_id: worker_id.to_owned(),
+            completed: Vec::with_capacity(acks.len()),
             ..AckBody::default()
         };
         let mut order = Vec::with_capacity(acks.len());

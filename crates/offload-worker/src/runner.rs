@@ -352,7 +352,8 @@ async fn acker(
                 Err(_) => return,
             },
         };
-        let mut batch = vec![first];
+        let mut batch = Vec::with_capacity((queue.len() + 1).min(shared.config.max_ack_batch));
+        batch.push(first);
         while batch.len() < shared.config.max_ack_batch {
             match queue.try_recv() {
                 Ok(ack) => batch.push(ack),
