@@ -137,27 +137,29 @@ target("server peak memory, 1M stored", f"{sqlite['server_rss_mb']:.0f} MB", "�
 r = postgres["process_http_per_sec"] / graphile["process_per_sec"]
 target("PostgreSQL: process vs graphile-worker", f"{r:.2f}×", "≥ 3×", r >= 3)
 
+def side_by_side(ours_label, ours, peer_label, peer):
+    """Offload and one peer at the same durability, figure by figure."""
+    print(f"| figure | {ours_label} | {peer_label} | Offload / BullMQ |")
+    print("|---|---:|---:|---:|")
+    for figure, key, peer_key in [
+        ("enqueue, one per request", "enqueue_single_per_sec", "enqueue_single_per_sec"),
+        ("enqueue, batch", "enqueue_batch_per_sec", "enqueue_batch_per_sec"),
+        ("process", "process_http_per_sec", "process_per_sec"),
+    ]:
+        print(f"| {figure} | {fmt(ours[key])} | {fmt(peer[peer_key])} | {ours[key] / peer[peer_key]:.2f}× |")
+    a, b = ours["pickup_ms"]["p50"], peer["pickup_ms"]["p50"]
+    print(f"| pickup p50 (ms, lower is better) | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+
+
 if durable_bullmq:
-    d = durable_bullmq
     print("\n## At Offload's durability\n")
     print("The targets above compare durable Offload with the fastest peer, which")
     print("for most figures is BullMQ on a Redis that keeps nothing on disk. The one")
     print("peer run here at Offload's durability, every acknowledged write on disk")
     print("first, is BullMQ on a Redis with `appendfsync always`:\n")
-    print(f"| figure | Offload (SQLite) | {d['label']} | Offload / BullMQ |")
-    print("|---|---:|---:|---:|")
-    for figure, ours, theirs in [
-        ("enqueue, one per request", sqlite["enqueue_single_per_sec"], d["enqueue_single_per_sec"]),
-        ("enqueue, batch", sqlite["enqueue_batch_per_sec"], d["enqueue_batch_per_sec"]),
-        ("process", sqlite["process_http_per_sec"], d["process_per_sec"]),
-    ]:
-        print(f"| {figure} | {fmt(ours)} | {fmt(theirs)} | {ours / theirs:.2f}× |")
-    ours, theirs = sqlite["pickup_ms"]["p50"], d["pickup_ms"]["p50"]
-    print(f"| pickup p50 (ms, lower is better) | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f} |")
+    side_by_side("Offload (SQLite)", sqlite, durable_bullmq["label"], durable_bullmq)
 
-relaxed_path = os.path.join(results, "offload-sqlite-relaxed.json")
-if os.path.exists(relaxed_path):
-    relaxed = load("offload-sqlite-relaxed")
+if os.path.exists(os.path.join(results, "offload-sqlite-relaxed.json")):
     fast = next(p for p in peers if p["system"] == "BullMQ" and "label" not in p)
     print("\n## At BullMQ's durability\n")
     print("The other way round: Offload without the fsync before each answer")
@@ -165,16 +167,7 @@ if os.path.exists(relaxed_path):
     print("`kill -9` of the server but not a power cut) against BullMQ on a Redis")
     print("that keeps nothing on disk (a restart of Redis loses every job). Not a")
     print("target row: the targets are for durable Offload.\n")
-    print(f"| figure | Offload (SQLite), relaxed | {name(fast)} {fast['version']} | Offload / BullMQ |")
-    print("|---|---:|---:|---:|")
-    for figure, ours, theirs in [
-        ("enqueue, one per request", relaxed["enqueue_single_per_sec"], fast["enqueue_single_per_sec"]),
-        ("enqueue, batch", relaxed["enqueue_batch_per_sec"], fast["enqueue_batch_per_sec"]),
-        ("process", relaxed["process_http_per_sec"], fast["process_per_sec"]),
-    ]:
-        print(f"| {figure} | {fmt(ours)} | {fmt(theirs)} | {ours / theirs:.2f}× |")
-    ours, theirs = relaxed["pickup_ms"]["p50"], fast["pickup_ms"]["p50"]
-    print(f"| pickup p50 (ms, lower is better) | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f} |")
+    side_by_side("Offload (SQLite), relaxed", load("offload-sqlite-relaxed"), f"{name(fast)} {fast['version']}", fast)
 
 analysis = os.path.join(os.path.dirname(__file__), "analysis.md")
 if os.path.exists(analysis):
