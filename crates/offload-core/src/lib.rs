@@ -16,6 +16,7 @@ mod new_task;
 mod park;
 mod store;
 mod task;
+mod task_id;
 mod task_json;
 mod time;
 
@@ -36,5 +37,6 @@ pub use store::{
     encode_cursor, truncate_message,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
+pub use task_id::{id_carrying_seq, seq_carried_by};
 pub use task_json::TimestampMemo;
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

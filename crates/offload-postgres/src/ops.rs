@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, Error, EventKind, HeartbeatAck,
     HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
-    Timestamp, admit, check_json_size,
+    Timestamp, admit, check_json_size, id_carrying_seq,
 };
 use sqlx::Row;
 use uuid::Uuid;
 
+use crate::ids::{self, Lock};
 use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
 use crate::tx::Tx;
 
@@ -45,8 +46,10 @@ enum Answer {
 }
 
 struct Fresh {
+    seq: i64,
     task: Task,
-    unmet: Vec<Uuid>,
+    /// Dependencies not yet completed: id and seq.
+    unmet: Vec<(Uuid, i64)>,
     broken: Option<(Uuid, State)>,
 }
 
@@ -54,13 +57,19 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     let mut queue_names: Vec<String> = specs.iter().map(|s| s.queue.clone()).collect();
     queue_names.sort();
     queue_names.dedup();
-    sqlx::query(
-        "INSERT INTO offload_queues (name, created_at) SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
+    // The seqs, one a task (a task that finds its unique key taken leaves
+    // a gap), are taken first: each task's id carries its seq.
+    let mut seqs = sqlx::query_scalar::<_, i64>(
+        "WITH queues AS (INSERT INTO offload_queues (name, created_at) \
+           SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING) \
+         SELECT nextval('offload_tasks_seq_seq') FROM generate_series(1, $3)",
     )
     .bind(&queue_names)
     .bind(tx.now.as_millis())
-    .execute(&mut *tx.conn)
-    .await?;
+    .bind(specs.len() as i64)
+    .fetch_all(&mut *tx.conn)
+    .await?
+    .into_iter();
 
     let mut fresh: Vec<Fresh> = Vec::with_capacity(specs.len());
     let mut answers = Vec::with_capacity(specs.len());
@@ -98,20 +107,26 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
         }
         let (unmet, broken) = dependencies(tx, &spec).await?;
         let blocked = !unmet.is_empty() || broken.is_some();
-        let task = Task::new_from_spec(Uuid::now_v7(), spec, tx.now, blocked);
+        let seq = seqs
+            .next()
+            .ok_or_else(|| Error::Storage("fewer seqs than tasks".into()))?;
+        let task = Task::new_from_spec(id_carrying_seq(tx.now, seq), spec, tx.now, blocked);
         answers.push(Answer::Fresh(fresh.len(), true));
         fresh.push(Fresh {
+            seq,
             task,
             unmet,
             broken,
         });
     }
 
-    let seqs = insert(tx, &fresh).await?;
+    insert(tx, &fresh).await?;
     let mut deps_dep = Vec::new();
+    let mut deps_dep_seq = Vec::new();
     let mut deps_task = Vec::new();
     let mut broken = Vec::new();
-    for (item, seq) in fresh.iter().zip(&seqs) {
+    for item in &fresh {
+        let seq = &item.seq;
         tx.count(
             &item.task.queue,
             &item.task.task_type,
@@ -119,8 +134,9 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             Some(item.task.state),
         );
         tx.event(EventKind::State, &item.task);
-        for dep in &item.unmet {
+        for (dep, dep_seq) in &item.unmet {
             deps_dep.push(*dep);
+            deps_dep_seq.push(*dep_seq);
             deps_task.push(*seq);
         }
         if let Some((dep, dep_state)) = item.broken {
@@ -134,10 +150,11 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     }
     if !deps_dep.is_empty() {
         sqlx::query(
-            "INSERT INTO offload_task_deps (dep_id, task_seq) SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) ON CONFLICT DO NOTHING",
         )
         .bind(&deps_dep)
+        .bind(&deps_dep_seq)
         .bind(&deps_task)
         .execute(&mut *tx.conn)
         .await?;
@@ -163,48 +180,36 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
 async fn dependencies(
     tx: &mut Tx,
     spec: &TaskSpec,
-) -> PgResult<(Vec<Uuid>, Option<(Uuid, State)>)> {
+) -> PgResult<(Vec<(Uuid, i64)>, Option<(Uuid, State)>)> {
     if spec.depends_on.is_empty() {
         return Ok((Vec::new(), None));
     }
-    let rows = sqlx::query("SELECT id, state FROM offload_tasks WHERE id = ANY($1) FOR SHARE")
-        .bind(&spec.depends_on)
-        .fetch_all(&mut *tx.conn)
-        .await?;
-    let mut states = HashMap::new();
-    for row in &rows {
-        states.insert(
-            row.try_get::<Uuid, _>("id")?,
-            row.try_get::<i16, _>("state")?,
-        );
-    }
+    let found = ids::find(&mut tx.conn, &spec.depends_on, Lock::Share).await?;
     let mut unmet = Vec::new();
     let mut broken = None;
     for (i, dep) in spec.depends_on.iter().enumerate() {
-        match states
-            .get(dep)
-            .and_then(|code| State::from_code((*code).into()))
-        {
-            None => {
-                return Err(Error::invalid(
-                    format!("{}depends_on[{i}]", spec.field_prefix),
-                    format!("no task with id {dep}"),
-                )
-                .into());
-            }
-            Some(State::Completed) => {}
-            Some(s @ (State::Failed | State::Cancelled)) => broken = Some((*dep, s)),
-            Some(_) => unmet.push(*dep),
+        let Some(stored) = found.get(dep) else {
+            return Err(Error::invalid(
+                format!("{}depends_on[{i}]", spec.field_prefix),
+                format!("no task with id {dep}"),
+            )
+            .into());
+        };
+        match stored.task.state {
+            State::Completed => {}
+            s @ (State::Failed | State::Cancelled) => broken = Some((*dep, s)),
+            _ => unmet.push((*dep, stored.seq)),
         }
     }
     Ok((unmet, broken))
 }
 
-async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<Vec<i64>> {
+async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
     if fresh.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let n = fresh.len();
+    let mut seq = Vec::with_capacity(n);
     let mut id = Vec::with_capacity(n);
     let mut task_type = Vec::with_capacity(n);
     let mut queue = Vec::with_capacity(n);
@@ -222,6 +227,7 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<Vec<i64>> {
     let mut finished_at = Vec::with_capacity(n);
     for item in fresh {
         let t = &item.task;
+        seq.push(item.seq);
         id.push(t.id);
         task_type.push(t.task_type.clone());
         queue.push(t.queue.clone());
@@ -247,21 +253,21 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<Vec<i64>> {
         error.push(t.error.as_ref().map(encode_json).transpose()?);
         finished_at.push(t.finished_at.map(|f| f.as_millis()));
     }
-    let rows = sqlx::query(
-        "INSERT INTO offload_tasks (id, type, queue, payload, priority, state, attempt, max_attempts, \
+    sqlx::query(
+        "INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, max_attempts, \
          timeout_secs, run_at, owner, labels, unique_key, depends_on, error, finished_at, created_at, updated_at) \
-         SELECT u.id, u.type, u.queue, u.payload, u.priority, u.state, 0, u.max_attempts, u.timeout_secs, \
+         OVERRIDING SYSTEM VALUE \
+         SELECT u.seq, u.id, u.type, u.queue, u.payload, u.priority, u.state, 0, u.max_attempts, u.timeout_secs, \
                 u.run_at, u.owner, u.labels::jsonb, u.unique_key, \
-                ARRAY(SELECT jsonb_array_elements_text(u.depends_on::jsonb)::uuid), u.error, u.finished_at, $16, $16 \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::smallint[], \
-                     $7::int[], $8::int[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], \
-                     $14::text[], $15::bigint[]) WITH ORDINALITY \
-           AS u(id, type, queue, payload, priority, state, max_attempts, timeout_secs, run_at, owner, labels, \
-                unique_key, depends_on, error, finished_at, ord) \
-         ORDER BY u.ord \
-         RETURNING id, seq",
+                ARRAY(SELECT jsonb_array_elements_text(u.depends_on::jsonb)::uuid), u.error, u.finished_at, $17, $17 \
+         FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::smallint[], \
+                     $8::int[], $9::int[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], \
+                     $15::text[], $16::bigint[]) \
+           AS u(seq, id, type, queue, payload, priority, state, max_attempts, timeout_secs, run_at, owner, labels, \
+                unique_key, depends_on, error, finished_at)",
     )
-    .bind(&id)
+    .bind(seq)
+    .bind(id)
     .bind(task_type)
     .bind(queue)
     .bind(payload)
@@ -277,20 +283,9 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<Vec<i64>> {
     .bind(error)
     .bind(finished_at)
     .bind(tx.now.as_millis())
-    .fetch_all(&mut *tx.conn)
+    .execute(&mut *tx.conn)
     .await?;
-    let mut seq_of = HashMap::with_capacity(n);
-    for row in &rows {
-        seq_of.insert(row.try_get::<Uuid, _>("id")?, row.try_get::<i64, _>("seq")?);
-    }
-    id.iter()
-        .map(|i| {
-            seq_of
-                .get(i)
-                .copied()
-                .ok_or_else(|| Error::Storage(format!("insert of {i} returned no row")).into())
-        })
-        .collect()
+    Ok(())
 }
 
 // ---- claiming ---------------------------------------------------------------

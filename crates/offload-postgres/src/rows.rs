@@ -29,6 +29,18 @@ pub(crate) enum PgError {
     Core(Error),
 }
 
+impl PgError {
+    /// The store's error, for a caller that will not run the operation again.
+    pub(crate) fn into_core(self) -> Error {
+        match self {
+            PgError::Retry(reason) => {
+                Error::Unavailable(format!("too much contention, try again: {reason}"))
+            }
+            PgError::Core(e) => e,
+        }
+    }
+}
+
 impl From<Error> for PgError {
     fn from(e: Error) -> Self {
         PgError::Core(e)

@@ -12,3 +12,8 @@
 pub const DELETE_FINISHED: &str = "DELETE FROM offload_tasks WHERE seq IN (SELECT seq \
      FROM offload_tasks WHERE state = $1 AND state >= 4 AND finished_at <= $2 LIMIT $3 \
      FOR UPDATE SKIP LOCKED) RETURNING queue, type";
+
+/// The condition that finds tasks by id (`$1`, an array) among those whose
+/// ids do not carry their seq, through `offload_tasks_id_not_carrying_seq`,
+/// whose own condition it repeats.
+pub const BY_ID_NOT_CARRYING_SEQ: &str = "id = ANY($1) AND NOT offload_id_carries_seq(id, seq)";

@@ -13,6 +13,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::Node;
+use crate::ids::Lock;
 use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
 
 /// PostgreSQL's limit on a NOTIFY payload is 8000 bytes; stay well below.
@@ -96,18 +97,7 @@ impl Tx {
 
     /// Loads tasks by id, locked for update, in no particular order.
     pub async fn load_for_update(&mut self, ids: &[Uuid]) -> PgResult<HashMap<Uuid, StoredTask>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE id = ANY($1) FOR UPDATE"
-        ))
-        .bind(ids)
-        .fetch_all(&mut *self.conn)
-        .await?;
-        let mut found = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let stored = decode(row)?;
-            found.insert(stored.task.id, stored);
-        }
-        Ok(found)
+        crate::ids::find(&mut self.conn, ids, Lock::Update).await
     }
 
     /// Writes back every column the state machine may change, for all of
@@ -265,7 +255,7 @@ impl Tx {
             }
             if dep_state == State::Completed {
                 let unmet: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM offload_task_deps d JOIN offload_tasks t ON t.id = d.dep_id \
+                    "SELECT COUNT(*) FROM offload_task_deps d JOIN offload_tasks t ON t.seq = d.dep_seq \
                      WHERE d.task_seq = $1 AND t.state <> 4",
                 )
                 .bind(seq)

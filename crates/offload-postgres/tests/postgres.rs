@@ -8,10 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use offload_core::{ClaimRequest, Limits, ManualClock, NewTask, State, Store, SystemClock};
+use offload_core::{Ack, ClaimRequest, Limits, ManualClock, NewTask, State, Store, SystemClock};
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
 use sqlx::Connection;
+use uuid::Uuid;
 
 fn database_url() -> Option<String> {
     match std::env::var("OFFLOAD_TEST_PG_URL") {
@@ -193,44 +194,167 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
 
-/// The retention pass must reach finished tasks through a partial index on
-/// their state under a generic plan too (what a prepared statement gets
-/// after a few runs). Sequential scans are priced out, so a plan that cannot
-/// use such an index shows as a scan without a state condition.
-#[tokio::test]
-async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
-    let Some(url) = database_url() else {
-        return;
-    };
+/// The plan of `statement` (parameters of `types`, run with `args`) under a
+/// generic plan (what a prepared statement gets after a few runs, and what
+/// the store asks for) with sequential scans priced out, in a schema of
+/// Offload's tables: a plan that cannot use the index meant for it shows
+/// as a scan without that index's condition.
+async fn generic_plan(url: &str, types: &str, statement: &str, args: &str) -> String {
     let schema = fresh_schema();
     let _store = node(&schema).await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
     for setting in [
         format!("SET search_path = {schema}"),
         "SET plan_cache_mode = force_generic_plan".to_owned(),
         "SET enable_seqscan = off".to_owned(),
-        format!(
-            "PREPARE purge (smallint, bigint, bigint) AS {}",
-            offload_postgres::sql::DELETE_FINISHED
-        ),
+        format!("PREPARE statement ({types}) AS {statement}"),
     ] {
         sqlx::query(&setting)
             .execute(&mut conn)
             .await
             .expect(&setting);
     }
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE purge (4, 0, 1000)")
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE statement ({args})"))
         .fetch_all(&mut conn)
         .await
         .expect("explain");
+    plan.join("\n")
+}
+
+/// The retention pass must reach finished tasks through a partial index on
+/// their state.
+#[tokio::test]
+async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let plan = generic_plan(
+        &url,
+        "smallint, bigint, bigint",
+        offload_postgres::sql::DELETE_FINISHED,
+        "4, 0, 1000",
+    )
+    .await;
     let bounded_by_state = plan
-        .iter()
+        .lines()
         .any(|line| line.contains("Index Cond") && line.contains("state"));
-    let plan = plan.join("\n");
     assert!(
         bounded_by_state && !plan.contains("Seq Scan on offload_tasks"),
         "the retention pass does not reach finished tasks through a state index:\n{plan}"
     );
+}
+
+/// An id that carries no seq (stored before schema version 3) is found
+/// through the index of such ids, not by a scan of every task.
+#[tokio::test]
+async fn ids_that_carry_no_seq_are_found_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let plan = generic_plan(
+        &url,
+        "uuid[]",
+        &format!(
+            "SELECT seq FROM offload_tasks WHERE {}",
+            offload_postgres::sql::BY_ID_NOT_CARRYING_SEQ
+        ),
+        &format!("'{{{}}}'", uuid::Uuid::now_v7()),
+    )
+    .await;
+    assert!(
+        plan.contains("offload_tasks_id_not_carrying_seq") && !plan.contains("Seq Scan"),
+        "ids without a seq are not looked up by index:\n{plan}"
+    );
+}
+
+/// Tasks stored under schema version 2, whose ids carry no seq, are found
+/// by id after the upgrade: read, claimed and acked, depended on by new
+/// tasks, and their own dependencies still resolve.
+#[tokio::test]
+async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let old = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    {
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut setup = vec![
+            format!("CREATE SCHEMA {schema}"),
+            format!("SET search_path = {schema}"),
+            include_str!("../migrations/0001_init.sql").to_owned(),
+            include_str!("../migrations/0002_fewer_index_writes.sql").to_owned(),
+            "CREATE TABLE offload_schema_migrations (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now()); \
+             INSERT INTO offload_schema_migrations (version) VALUES (1), (2); \
+             INSERT INTO offload_queues (name, created_at) VALUES ('default', 1795000000000); \
+             INSERT INTO offload_counts VALUES ('default', 'old', 2, 2), ('default', 'old', 0, 1);"
+                .to_owned(),
+        ];
+        // Two pending tasks, and a blocked one waiting for the second.
+        for (i, id) in old.iter().enumerate() {
+            let state = if i == 2 { 0 } else { 2 };
+            setup.push(format!(
+                "INSERT INTO offload_tasks (id, type, queue, payload, priority, state, attempt, \
+                 max_attempts, timeout_secs, run_at, created_at, updated_at) \
+                 VALUES ('{id}', 'old', 'default', '{{}}', 0, {state}, 0, 3, 60, 1795000000000, \
+                 1795000000000, 1795000000000)"
+            ));
+        }
+        setup.push(format!(
+            "INSERT INTO offload_task_deps (dep_id, task_seq) \
+             SELECT '{}', seq FROM offload_tasks WHERE id = '{}'",
+            old[1], old[2]
+        ));
+        for sql in &setup {
+            sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+        }
+    }
+    let store = node(&schema).await;
+    assert_eq!(store.get(old[0]).await.unwrap().unwrap().id, old[0]);
+    let claim = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec![],
+        queues: vec![],
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    let claimed: Vec<Uuid> = store
+        .claim(&claim)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(claimed, old[..2], "claimed in their old order");
+    let spec = NewTask::new("new")
+        .depends_on(old[0])
+        .validate(&Limits::default(), "")
+        .unwrap();
+    let (new, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
+    assert_eq!(new.state, State::Blocked);
+    assert!(
+        offload_core::seq_carried_by(new.id).is_some(),
+        "a new task's id carries its seq: {}",
+        new.id
+    );
+    let completed = |id| Ack::Complete { id, result: None };
+    let outcomes = store
+        .ack("w", vec![completed(old[0]), completed(old[1])])
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(
+        store.get(new.id).await.unwrap().unwrap().state,
+        State::Pending,
+        "unblocked by its old dependency"
+    );
+    assert_eq!(
+        store.get(old[2]).await.unwrap().unwrap().state,
+        State::Pending,
+        "an old blocked task unblocked by its old dependency"
+    );
+    store.close();
 }
 
 /// A caller may go away at any point of an operation (a worker's connection
