@@ -4,7 +4,7 @@
 //! of an older version) are in `offload_tasks_id_not_carrying_seq`, which
 //! a lookup tries for the ids the seqs did not find.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use offload_core::seq_carried_by;
 use sqlx::PgConnection;
@@ -38,15 +38,10 @@ pub(crate) async fn find(
     ids: &[Uuid],
     lock: Lock,
 ) -> PgResult<HashMap<Uuid, StoredTask>> {
-    let mut wanted: HashMap<i64, Uuid> = HashMap::with_capacity(ids.len());
-    for id in ids {
-        if let Some(seq) = seq_carried_by(*id) {
-            wanted.insert(seq, *id);
-        }
-    }
+    let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    let seqs: Vec<i64> = ids.iter().filter_map(|id| seq_carried_by(*id)).collect();
     let mut found = HashMap::with_capacity(ids.len());
-    if !wanted.is_empty() {
-        let seqs: Vec<i64> = wanted.keys().copied().collect();
+    if !seqs.is_empty() {
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE seq = ANY($1){}",
             lock.clause()
@@ -56,9 +51,9 @@ pub(crate) async fn find(
         .await?;
         for row in &rows {
             let stored = decode(row)?;
-            // A row of an older id at the seq some id happens to carry is
-            // not that id's task.
-            if wanted.get(&stored.seq) == Some(&stored.task.id) {
+            // The row at a seq an id carries may be another task's: an
+            // older id's, or the one a made-up id names.
+            if wanted.contains(&stored.task.id) {
                 found.insert(stored.task.id, stored);
             }
         }

@@ -431,3 +431,34 @@ async fn operations_dropped_midway_leave_no_transaction_open() {
         store.enqueue(vec![spec.clone()]).await.expect("enqueue");
     }
 }
+
+/// An id made up to carry a stored task's seq names no task, and does not
+/// hide that task when both are asked for at once.
+#[tokio::test]
+async fn a_made_up_id_with_a_stored_seq_finds_nothing() {
+    if !available() {
+        return;
+    }
+    let store = node(&fresh_schema()).await;
+    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
+    let seq = offload_core::seq_carried_by(task.id).expect("a new id carries its seq");
+    let made_up = offload_core::id_carrying_seq(offload_core::Timestamp::from_millis(1), seq);
+    assert!(store.get(made_up).await.unwrap().is_none());
+    let claim = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec![],
+        queues: vec![],
+        limit: 1,
+        lease: Duration::from_secs(30),
+    };
+    assert_eq!(store.claim(&claim).await.unwrap()[0].id, task.id);
+    let completed = |id| Ack::Complete { id, result: None };
+    let outcomes = store
+        .ack("w", vec![completed(task.id), completed(made_up)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0].as_ref().unwrap().state, State::Completed);
+    assert!(outcomes[1].is_err(), "{outcomes:?}");
+    store.close();
+}
