@@ -126,7 +126,6 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     let mut deps_task = Vec::new();
     let mut broken = Vec::new();
     for item in &fresh {
-        let seq = &item.seq;
         tx.count(
             &item.task.queue,
             &item.task.task_type,
@@ -137,11 +136,11 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
         for (dep, dep_seq) in &item.unmet {
             deps_dep.push(*dep);
             deps_dep_seq.push(*dep_seq);
-            deps_task.push(*seq);
+            deps_task.push(item.seq);
         }
         if let Some((dep, dep_state)) = item.broken {
             let mut stored = StoredTask {
-                seq: *seq,
+                seq: item.seq,
                 task: item.task.clone(),
             };
             stored.task.fail_dependency(dep, dep_state, tx.now)?;

@@ -67,6 +67,17 @@ fn property_invariants_hold() {
     offload_storetest::property::check_invariants(Arc::new(FreshSchemas), cases);
 }
 
+/// A claim of up to `limit` tasks of any type and queue by `worker_id`.
+fn claim_by(worker_id: &str, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker_id.into(),
+        types: vec![],
+        queues: vec![],
+        limit,
+        lease: Duration::from_secs(30),
+    }
+}
+
 async fn node(schema: &str) -> Arc<PgStore> {
     let options = PgOptions {
         schema: schema.to_owned(),
@@ -133,16 +144,7 @@ async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
         .expect("node b streams node a's changes")
         .unwrap();
     assert_eq!(event.task.id, task.id);
-    let claimed = b
-        .claim(&ClaimRequest {
-            worker_id: "w".into(),
-            types: vec![],
-            queues: vec![],
-            limit: 10,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
+    let claimed = b.claim(&claim_by("w", 10)).await.unwrap();
     assert_eq!(claimed[0].id, task.id);
     assert_eq!(a.get(task.id).await.unwrap().unwrap().state, State::Running);
 }
@@ -168,13 +170,7 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
                 let mut got = Vec::new();
                 loop {
                     let claimed = store
-                        .claim(&ClaimRequest {
-                            worker_id: format!("n{i}w{w}"),
-                            types: vec![],
-                            queues: vec![],
-                            limit: 7,
-                            lease: Duration::from_secs(30),
-                        })
+                        .claim(&claim_by(&format!("n{i}w{w}"), 7))
                         .await
                         .unwrap();
                     if claimed.is_empty() {
@@ -312,13 +308,7 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
     }
     let store = node(&schema).await;
     assert_eq!(store.get(old[0]).await.unwrap().unwrap().id, old[0]);
-    let claim = ClaimRequest {
-        worker_id: "w".into(),
-        types: vec![],
-        queues: vec![],
-        limit: 10,
-        lease: Duration::from_secs(30),
-    };
+    let claim = claim_by("w", 10);
     let claimed: Vec<Uuid> = store
         .claim(&claim)
         .await
@@ -445,13 +435,7 @@ async fn a_made_up_id_with_a_stored_seq_finds_nothing() {
     let seq = offload_core::seq_carried_by(task.id).expect("a new id carries its seq");
     let made_up = offload_core::id_carrying_seq(offload_core::Timestamp::from_millis(1), seq);
     assert!(store.get(made_up).await.unwrap().is_none());
-    let claim = ClaimRequest {
-        worker_id: "w".into(),
-        types: vec![],
-        queues: vec![],
-        limit: 1,
-        lease: Duration::from_secs(30),
-    };
+    let claim = claim_by("w", 1);
     assert_eq!(store.claim(&claim).await.unwrap()[0].id, task.id);
     let completed = |id| Ack::Complete { id, result: None };
     let outcomes = store
