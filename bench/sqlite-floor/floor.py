@@ -1,0 +1,122 @@
+"""SQLite's own work for a task's claim and completion, without Offload.
+
+    python3 floor.py fill DB            # Offload's migrations, 120,000 pending tasks
+    python3 floor.py burn SCHEMA DB     # claim and complete 100,000 of them
+    python3 floor.py burned             # how many a burn claims: 100000
+
+Each batch of 500 is claimed in one transaction (the rows updated, then read
+back as a claim's answer is) and completed in another. SCHEMA is one of:
+
+    offload      Offload's schema as its migrations leave it
+    no-running   without the index of running tasks (tasks_running): the
+                 running set would live in the writer's memory
+    leases       a claim inserts a row into a small table of leases and
+                 leaves the task's row alone; the completion deletes the
+                 lease and writes the task's row once
+
+`run` counts the instructions of sqlite3_step under callgrind, which
+repeats exactly from run to run, unlike time on a shared machine.
+"""
+
+import pathlib
+import sqlite3
+import sys
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parents[2] / "crates/offload-sqlite/migrations"
+STORED = 120_000
+BURNED = 100_000
+BATCH = 500
+NOW = 1_796_060_000_000
+PAYLOAD = '{"user_id":42,"template":"welcome","locale":"en"}'
+WORKER = "bench-http-0-12345"
+
+
+def fill(path):
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for number, migration in enumerate(sorted(MIGRATIONS.glob("*.sql")), start=1):
+        db.executescript(f"BEGIN; {migration.read_text()}\nPRAGMA user_version = {number}; COMMIT;")
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO tasks (seq, id, type, queue, payload, priority, state, attempt,"
+        " max_attempts, timeout_secs, run_at, cancel_requested, created_at, updated_at)"
+        " VALUES (?1, randomblob(16), 'bench.noop', 'default', ?2, 5, 2, 0, 4, 1800, ?3, 0, ?3, ?3)",
+        ((seq, PAYLOAD, NOW - STORED + seq) for seq in range(1, STORED + 1)),
+    )
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+def setup(schema):
+    if schema == "no-running":
+        return "DROP INDEX tasks_running;"
+    if schema == "leases":
+        return (
+            "CREATE TABLE leases (seq INTEGER PRIMARY KEY, attempt INTEGER NOT NULL,"
+            " worker_id TEXT NOT NULL, started_at INTEGER NOT NULL,"
+            " lease_expires_at INTEGER NOT NULL, deadline_at INTEGER);"
+        )
+    return ""
+
+
+def claim(schema, first, last):
+    read_back = f"SELECT payload, type, queue FROM tasks WHERE seq BETWEEN {first} AND {last};"
+    if schema == "leases":
+        return (
+            f"INSERT INTO leases SELECT value, 1, '{WORKER}', {NOW}, {NOW + 30_000},"
+            f" {NOW + 1_800_000} FROM series WHERE value BETWEEN {first} AND {last};" + read_back
+        )
+    return (
+        f"UPDATE tasks SET state = 3, attempt = attempt + 1, started_at = {NOW},"
+        f" updated_at = {NOW}, lease_expires_at = {NOW + 30_000},"
+        f" deadline_at = {NOW + 1_800_000}, worker_id = '{WORKER}'"
+        f" WHERE seq BETWEEN {first} AND {last};" + read_back
+    )
+
+
+def complete(schema, first, last):
+    done = f"state = 4, result = 'null', finished_at = {NOW + 5}, updated_at = {NOW + 5}"
+    if schema == "leases":
+        return (
+            f"DELETE FROM leases WHERE seq BETWEEN {first} AND {last};"
+            f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
+            f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
+        )
+    return (
+        f"UPDATE tasks SET {done}, lease_expires_at = NULL, deadline_at = NULL"
+        f" WHERE seq BETWEEN {first} AND {last};"
+    )
+
+
+def rows_in_batches():
+    for first in range(1, BURNED + 1, BATCH):
+        yield first, first + BATCH - 1
+
+
+def burn(schema, path):
+    db = sqlite3.connect(path, isolation_level=None)
+    # The seqs to insert leases for: generate_series is not in every SQLite.
+    db.executescript(
+        "PRAGMA synchronous = OFF; CREATE TEMP TABLE series (value INTEGER PRIMARY KEY);"
+        f"INSERT INTO series SELECT value FROM (WITH RECURSIVE s(value) AS (SELECT 1 UNION ALL"
+        f" SELECT value + 1 FROM s WHERE value < {BURNED}) SELECT value FROM s);" + setup(schema)
+    )
+    for first, last in rows_in_batches():
+        for step in (claim(schema, first, last), complete(schema, first, last)):
+            db.executescript(f"BEGIN; {step} COMMIT;")
+    states = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
+    assert states == {2: STORED - BURNED, 4: BURNED}, states
+    db.close()
+
+
+if __name__ == "__main__":
+    match sys.argv[1:]:
+        case ["fill", path]:
+            fill(path)
+        case ["burn", schema, path] if schema in ("offload", "no-running", "leases"):
+            burn(schema, path)
+        case ["burned"]:
+            print(BURNED)
+        case _:
+            sys.exit(__doc__)
