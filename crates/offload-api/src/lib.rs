@@ -38,6 +38,13 @@ pub struct TaskList {
     pub tasks: Vec<Task>,
 }
 
+/// The ids of a batch enqueue's tasks, in request order: its answer when
+/// the request says `Prefer: return=minimal`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchIds {
+    pub ids: Vec<Uuid>,
+}
+
 /// `DELETE /v1/tasks`.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Deleted {

@@ -19,8 +19,8 @@ mod source;
 use std::time::Duration;
 
 use offload_api::{
-    AckBody, AckResults, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest, Health,
-    HeartbeatBody, QueueList, QueueUpdate, TaskList,
+    AckBody, AckResults, BatchIds, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest,
+    Health, HeartbeatBody, QueueList, QueueUpdate, TaskList,
 };
 use offload_core::{
     HeartbeatAck, Json, NewTask, QueueInfo, State, Stats, Task, TaskPage, Timestamp, TimestampMemo,
@@ -192,6 +192,25 @@ impl Client {
         // second check.
         let sent = |i: usize| tasks.get(i).and_then(|task| task.payload.as_ref());
         parse_or(&bytes, |text| read_task_list(text, sent)).map(|TaskList { tasks }| tasks)
+    }
+
+    /// Enqueues a batch as [`Client::enqueue_batch`] does, all or nothing,
+    /// and reads back only the tasks' ids, in the order sent: the server
+    /// answers `Prefer: return=minimal` without the tasks themselves.
+    pub async fn enqueue_batch_ids(&self, tasks: &[NewTask]) -> ClientResult<Vec<Uuid>> {
+        let request = self
+            .request(Method::POST, "/v1/tasks/batch")
+            .header("prefer", "return=minimal")
+            .json(&BatchOf { tasks });
+        let BatchIds { ids } = parse(&self.answer(request).await?)?;
+        if ids.len() != tasks.len() {
+            return Err(ClientError::Protocol(format!(
+                "{} tasks were sent and {} ids came back",
+                tasks.len(),
+                ids.len()
+            )));
+        }
+        Ok(ids)
     }
 
     pub async fn get(&self, id: Uuid) -> ClientResult<Task> {

@@ -16,7 +16,7 @@ use utoipa::OpenApi;
         crate::events::task_events, crate::events::all_events,
         crate::system::health, crate::system::metrics, crate::system::openapi,
     ),
-    components(schemas(offload_core::State, offload_core::ErrorKind, offload_core::PriorityInput, offload_core::OnConflict)),
+    components(schemas(offload_api::BatchIds, offload_core::State, offload_core::ErrorKind, offload_core::PriorityInput, offload_core::OnConflict)),
     tags(
         (name = "tasks", description = "Enqueue, read and act on tasks"),
         (name = "workers", description = "The worker protocol"),

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
-use offload_api::{BatchEnqueue, Deleted, ErrorBody, TaskList};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use offload_api::{BatchEnqueue, BatchIds, Deleted, ErrorBody, TaskList};
 use offload_core::{
     ClearRequest, ListQuery, MAX_LIST_LIMIT, NewTask, Stats, Task, TaskPage, Timestamp,
 };
@@ -38,11 +39,14 @@ pub async fn enqueue(
 }
 
 #[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchEnqueue,
-    responses((status = 201, body = TaskList), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    params(("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with the tasks' ids only")),
+    responses((status = 201, description = "The tasks, or with `Prefer: return=minimal` their ids (`BatchIds`)", body = TaskList),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn enqueue_batch(
     State(state): State<AppState>,
+    headers: HeaderMap,
     RawBatchBody(body): RawBatchBody,
-) -> ApiResult<(StatusCode, TaskListJson)> {
+) -> ApiResult<Response> {
     let streamed = state
         .engine
         .enqueue_batch_streamed(|sink| read_batch_streamed(&body, sink))
@@ -67,8 +71,39 @@ pub async fn enqueue_batch(
             .filter(|(_, created)| *created)
             .map(|(task, _)| task),
     );
+    if prefers_minimal_return(&headers) {
+        let ids = answers.iter().map(|(task, _)| task.id).collect();
+        return Ok((
+            StatusCode::CREATED,
+            [(PREFERENCE_APPLIED, "return=minimal")],
+            Json(BatchIds { ids }),
+        )
+            .into_response());
+    }
     let tasks = answers.into_iter().map(|(task, _)| task).collect();
-    Ok((StatusCode::CREATED, TaskListJson(tasks)))
+    Ok((StatusCode::CREATED, TaskListJson(tasks)).into_response())
+}
+
+const PREFER: HeaderName = HeaderName::from_static("prefer");
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+
+/// Whether a `Prefer` header (RFC 7240) asks for `return=minimal`: a
+/// bulk loader seldom wants its payloads sent back, ~560 bytes a task.
+fn prefers_minimal_return(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(PREFER)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|preference| preference.split(';').next())
+        .filter_map(|token| token.split_once('='))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("return")
+                && value
+                    .trim()
+                    .trim_matches('"')
+                    .eq_ignore_ascii_case("minimal")
+        })
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")),

@@ -184,6 +184,11 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     if !matches!(args.durability.as_str(), "durable" | "relaxed") {
         return Err(usage("--durability: must be durable or relaxed"));
     }
+    let batch_answer = match args.batch_answer.as_str() {
+        "tasks" => BatchAnswer::Tasks,
+        "ids" => BatchAnswer::Ids,
+        _ => return Err(usage("--batch-answer: must be tasks or ids")),
+    };
     let mut target = match url {
         Some(url) => {
             let client = Client::new(url.clone());
@@ -204,7 +209,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     let client = target.client.clone();
 
     let enqueue_single_per_sec = enqueue_single(&target.url, n, quiet).await?;
-    let enqueue_batch_per_sec = enqueue_batch(&client, n, quiet).await?;
+    let enqueue_batch_per_sec = enqueue_batch(&client, n, batch_answer, quiet).await?;
     let process_http_per_sec = process_http(&client, 2 * n, quiet, "process over HTTP").await?;
     let process_embedded_per_sec = match &target.child {
         Some(_) => Some(process_embedded(&args, n, quiet).await?),
@@ -222,7 +227,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     // the workers stop still run): the rounds must never run dry.
     let to_store = stored + 2 * small * SCALING_ROUNDS;
     let fill = bar(to_store, "store for scaling", quiet);
-    enqueue_counted(&client, to_store, &fill).await?;
+    enqueue_counted(&client, to_store, BatchAnswer::Ids, &fill).await?;
     fill.finish();
     let mut rates_large = Vec::with_capacity(SCALING_ROUNDS);
     for _ in 0..SCALING_ROUNDS {
@@ -327,28 +332,46 @@ async fn enqueue_single(url: &str, n: usize, quiet: bool) -> Result<f64> {
     .context("the single-enqueue client's thread")?
 }
 
-async fn enqueue_counted(client: &Client, n: usize, progress: &ProgressBar) -> Result<f64> {
+/// What a batch enqueue asks to be answered with.
+#[derive(Clone, Copy)]
+enum BatchAnswer {
+    /// The tasks, SPEC §4's answer.
+    Tasks,
+    /// Their ids alone (`Prefer: return=minimal`).
+    Ids,
+}
+
+async fn enqueue_counted(
+    client: &Client,
+    n: usize,
+    answer: BatchAnswer,
+    progress: &ProgressBar,
+) -> Result<f64> {
     let batch = vec![task(); BATCH];
     let started = Instant::now();
     let mut left = n;
     while left > 0 {
         let size = left.min(BATCH);
-        client.enqueue_batch(&batch[..size]).await?;
+        match answer {
+            BatchAnswer::Tasks => drop(client.enqueue_batch(&batch[..size]).await?),
+            BatchAnswer::Ids => drop(client.enqueue_batch_ids(&batch[..size]).await?),
+        }
         left -= size;
         progress.inc(size as u64);
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn enqueue_batch(client: &Client, n: usize, quiet: bool) -> Result<f64> {
+async fn enqueue_batch(client: &Client, n: usize, answer: BatchAnswer, quiet: bool) -> Result<f64> {
     let progress = bar(n, "enqueue, batches of 1000", quiet);
-    let rate = enqueue_counted(client, n, &progress).await?;
+    let rate = enqueue_counted(client, n, answer, &progress).await?;
     progress.finish();
     Ok(rate)
 }
 
+/// Fills the store for a later phase; the tasks are not needed back.
 async fn enqueue_quietly(client: &Client, n: usize) -> Result<()> {
-    enqueue_counted(client, n, &ProgressBar::hidden())
+    enqueue_counted(client, n, BatchAnswer::Ids, &ProgressBar::hidden())
         .await
         .map(drop)
 }

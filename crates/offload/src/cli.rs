@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// durable or relaxed, for the server it starts.
     #[arg(long, default_value = "durable")]
     pub durability: String,
+    /// What the batch phase's requests ask back: tasks (the default answer)
+    /// or ids (`Prefer: return=minimal`).
+    #[arg(long, default_value = "tasks")]
+    pub batch_answer: String,
 }
 
 #[derive(Debug, Args)]

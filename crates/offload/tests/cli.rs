@@ -111,6 +111,10 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["list", "--state", "sleeping"]), 2);
     assert_eq!(code(&["frobnicate"]), 2);
     assert_eq!(code(&["enqueue"]), 2);
+    let bench = server.cli(&["bench", "--batch-answer", "everything"]);
+    assert_eq!(bench.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&bench.stderr);
+    assert!(message.contains("--batch-answer"), "{message}");
     // 1: the server said no.
     let id = stdout(&server.cli(&["enqueue", "t"]));
     assert_eq!(code(&["retry", &id]), 1);

@@ -83,6 +83,72 @@ fn unique_key_returns_the_existing_task_with_200() {
     );
 }
 
+/// `Prefer: return=minimal` (RFC 7240, among other preferences) answers a
+/// batch with its ids in the order sent; any other preference, the tasks.
+#[test]
+fn a_batch_asked_for_a_minimal_return_answers_its_ids_in_order() {
+    let server = Server::start();
+    let http = server.http();
+    let batch = json!({"tasks": [{"type": "a"}, {"type": "b"}, {"type": "c"}]});
+    for prefer in ["return=minimal", "respond-async, RETURN=\"minimal\"; x=y"] {
+        let response = http
+            .client
+            .post(format!("{}/v1/tasks/batch", http.base))
+            .header("prefer", prefer)
+            .json(&batch)
+            .send()
+            .expect("POST");
+        assert_eq!(response.status().as_u16(), 201, "{prefer}");
+        assert_eq!(
+            response.headers()["preference-applied"],
+            "return=minimal",
+            "{prefer}"
+        );
+        let answer: Value = response.json().expect("JSON");
+        let ids = answer["ids"].as_array().expect("ids");
+        assert_eq!(answer.as_object().unwrap().len(), 1, "ids alone: {answer}");
+        let types: Vec<Value> = ids
+            .iter()
+            .map(|id| http.task(id.as_str().expect("an id"))["type"].clone())
+            .collect();
+        assert_eq!(types, [json!("a"), json!("b"), json!("c")], "{prefer}");
+    }
+    let response = http
+        .client
+        .post(format!("{}/v1/tasks/batch", http.base))
+        .header("prefer", "return=representation")
+        .json(&batch)
+        .send()
+        .expect("POST");
+    assert!(response.headers().get("preference-applied").is_none());
+    let answer: Value = response.json().expect("JSON");
+    assert_eq!(answer["tasks"][2]["type"], "c", "{answer}");
+    // A refused batch says why whatever it asked for.
+    let refused = http
+        .client
+        .post(format!("{}/v1/tasks/batch", http.base))
+        .header("prefer", "return=minimal")
+        .json(&json!({"tasks": [{"type": "ok"}, {"type": "bad name"}]}))
+        .send()
+        .expect("POST");
+    assert_eq!(refused.status().as_u16(), 400);
+    let message = refused.text().expect("body");
+    assert!(message.contains("tasks[1].type"), "{message}");
+    // And the Rust client's way of asking for it.
+    let client = offload_client::Client::new(http.base.clone());
+    let tasks = [
+        offload_core::NewTask::new("d"),
+        offload_core::NewTask::new("e"),
+    ];
+    let ids = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(client.enqueue_batch_ids(&tasks))
+        .expect("enqueued");
+    assert_eq!(http.task(&ids[1].to_string())["type"], "e");
+}
+
 #[test]
 fn batch_enqueue_is_all_or_nothing() {
     let server = Server::start();
