@@ -89,15 +89,17 @@ fn unique_key_returns_the_existing_task_with_200() {
 fn a_batch_asked_for_a_minimal_return_answers_its_ids_in_order() {
     let server = Server::start();
     let http = server.http();
-    let batch = json!({"tasks": [{"type": "a"}, {"type": "b"}, {"type": "c"}]});
-    for prefer in ["return=minimal", "respond-async, RETURN=\"minimal\"; x=y"] {
-        let response = http
-            .client
+    let post_preferring = |prefer: &str, batch: &Value| {
+        http.client
             .post(format!("{}/v1/tasks/batch", http.base))
             .header("prefer", prefer)
-            .json(&batch)
+            .json(batch)
             .send()
-            .expect("POST");
+            .expect("POST")
+    };
+    let batch = json!({"tasks": [{"type": "a"}, {"type": "b"}, {"type": "c"}]});
+    for prefer in ["return=minimal", "respond-async, RETURN=\"minimal\"; x=y"] {
+        let response = post_preferring(prefer, &batch);
         assert_eq!(response.status().as_u16(), 201, "{prefer}");
         assert_eq!(
             response.headers()["preference-applied"],
@@ -113,24 +115,15 @@ fn a_batch_asked_for_a_minimal_return_answers_its_ids_in_order() {
             .collect();
         assert_eq!(types, [json!("a"), json!("b"), json!("c")], "{prefer}");
     }
-    let response = http
-        .client
-        .post(format!("{}/v1/tasks/batch", http.base))
-        .header("prefer", "return=representation")
-        .json(&batch)
-        .send()
-        .expect("POST");
+    let response = post_preferring("return=representation", &batch);
     assert!(response.headers().get("preference-applied").is_none());
     let answer: Value = response.json().expect("JSON");
     assert_eq!(answer["tasks"][2]["type"], "c", "{answer}");
     // A refused batch says why whatever it asked for.
-    let refused = http
-        .client
-        .post(format!("{}/v1/tasks/batch", http.base))
-        .header("prefer", "return=minimal")
-        .json(&json!({"tasks": [{"type": "ok"}, {"type": "bad name"}]}))
-        .send()
-        .expect("POST");
+    let refused = post_preferring(
+        "return=minimal",
+        &json!({"tasks": [{"type": "ok"}, {"type": "bad name"}]}),
+    );
     assert_eq!(refused.status().as_u16(), 400);
     let message = refused.text().expect("body");
     assert!(message.contains("tasks[1].type"), "{message}");
