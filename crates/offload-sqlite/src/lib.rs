@@ -17,6 +17,7 @@ mod read;
 mod ready;
 mod row_writes;
 mod rows;
+mod running;
 mod shaped;
 pub mod sql;
 mod writer;
@@ -37,6 +38,7 @@ use uuid::Uuid;
 use crate::read::Readers;
 use crate::ready::ReadyIndex;
 use crate::rows::storage_error;
+use crate::running::RunningSet;
 use crate::writer::{CountsMap, Shared, Writer};
 
 /// The writer connection's page cache, in KiB (see where it is set).
@@ -50,6 +52,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
     (3, include_str!("../migrations/0003_ready_in_memory.sql")),
     (4, include_str!("../migrations/0004_ids_carry_seq.sql")),
+    (5, include_str!("../migrations/0005_running_in_memory.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.
@@ -142,6 +145,7 @@ impl SqliteStore {
         drop(writer::HotStatements::prepare(&conn)?);
         let counts = load_counts(&conn)?;
         let ready = ReadyIndex::load(&conn).map_err(storage_error)?;
+        let running = RunningSet::load(&conn).map_err(storage_error)?;
         let shared = Arc::new(Shared {
             clock: options.clock,
             hub: Hub::new(),
@@ -149,6 +153,7 @@ impl SqliteStore {
             backoff: options.backoff,
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
+            running,
         });
         let writer = Writer::start(conn, lock, Arc::clone(&shared), ready)
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
@@ -343,7 +348,10 @@ impl Store for SqliteStore {
 
     async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
         let query = query.clone();
-        self.readers.run(move |conn| read::list(conn, &query)).await
+        let shared = Arc::clone(&self.shared);
+        self.readers
+            .run(move |conn| read::list(conn, &query, &shared.running))
+            .await
     }
 
     async fn stats(&self) -> Result<Stats> {
@@ -436,14 +444,7 @@ impl Store for SqliteStore {
             .now()
             .saturating_sub(expired_for)
             .as_millis();
-        self.readers
-            .run(move |conn| {
-                conn.prepare_cached(sql::STUCK)
-                    .and_then(|mut stmt| stmt.query_row([cutoff], |r| r.get::<_, i64>(0)))
-                    .map(|n| n as u64)
-                    .map_err(storage_error)
-            })
-            .await
+        Ok(self.shared.running.lease_expired_by(cutoff))
     }
 
     fn hub(&self) -> &Hub {

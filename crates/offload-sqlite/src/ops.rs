@@ -102,6 +102,7 @@ impl WriteCtx<'_, '_> {
             values,
         });
         self.ready.note(t, stored.seq);
+        self.shared.running.note(t, stored.seq);
         Ok(())
     }
 
@@ -494,11 +495,8 @@ impl WriteCtx<'_, '_> {
             let room = match concurrency {
                 None => req.limit,
                 Some(limit) => {
-                    let running: i64 = self
-                        .conn()?
-                        .prepare_cached(sql::RUNNING_IN_QUEUE)
-                        .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
-                        .map_err(storage_error)?;
+                    let running =
+                        i64::try_from(self.shared.running.in_queue(name)).unwrap_or(i64::MAX);
                     usize::try_from(limit.saturating_sub(running))
                         .unwrap_or(0)
                         .min(req.limit)
@@ -535,41 +533,14 @@ impl WriteCtx<'_, '_> {
         Ok(claimed)
     }
 
-    /// The rows of the pending tasks at `keys`, in that order, read up to
-    /// [`sql::MANY_ROWS`] to a statement. One statement reads its rows with
-    /// one cursor, which steps to the next row where a statement a row
-    /// would seek each from the table's root: with a million tasks stored,
-    /// claims ran ~10% slower than with ten thousand that way.
+    /// The rows of the pending tasks at `keys`, in that order.
     ///
     /// A key whose row is not pending would be a bug in keeping the order
     /// (`ready.rs`): it is logged and dropped rather than failing this and
     /// every later claim.
     fn tasks_by_seq(&mut self, keys: &[ReadyKey]) -> Result<Vec<StoredTask>> {
-        self.flush_rows()?;
-        let mut found: rustc_hash::FxHashMap<i64, StoredTask> = Default::default();
-        for chunk in keys.chunks(sql::MANY_ROWS) {
-            let size = chunk.len().next_multiple_of(sql::ROWS_ROUNDING);
-            let mut read = || -> Sql<()> {
-                let stmt = self
-                    .hot
-                    .shaped
-                    .get(Shape::TasksBySeq(size), || sql::tasks_by_seq(size))?;
-                // Padded with the last seq: a list holds each value once.
-                let padded = chunk
-                    .iter()
-                    .chain(std::iter::repeat(&chunk[chunk.len() - 1]));
-                for (i, key) in padded.take(size).enumerate() {
-                    stmt.raw_bind_parameter(i + 1, key.seq)?;
-                }
-                let mut rows = stmt.raw_query();
-                while let Some(row) = rows.next()? {
-                    let stored = decode(row)?;
-                    found.insert(stored.seq, stored);
-                }
-                Ok(())
-            };
-            read().map_err(storage_error)?;
-        }
+        let seqs: Vec<i64> = keys.iter().map(|key| key.seq).collect();
+        let mut found = self.rows_by_seq(&seqs)?;
         let mut pending = Vec::with_capacity(keys.len());
         for key in keys {
             match found.remove(&key.seq) {
@@ -587,6 +558,40 @@ impl WriteCtx<'_, '_> {
             }
         }
         Ok(pending)
+    }
+
+    /// The rows at `seqs`, read up to [`sql::MANY_ROWS`] to a statement.
+    /// One statement reads its rows with one cursor, which steps to the
+    /// next row where a statement a row would seek each from the table's
+    /// root: with a million tasks stored, claims ran ~10% slower than with
+    /// ten thousand that way.
+    fn rows_by_seq(&mut self, seqs: &[i64]) -> Result<rustc_hash::FxHashMap<i64, StoredTask>> {
+        self.flush_rows()?;
+        let mut found: rustc_hash::FxHashMap<i64, StoredTask> = Default::default();
+        for chunk in seqs.chunks(sql::MANY_ROWS) {
+            let size = chunk.len().next_multiple_of(sql::ROWS_ROUNDING);
+            let mut read = || -> Sql<()> {
+                let stmt = self
+                    .hot
+                    .shaped
+                    .get(Shape::TasksBySeq(size), || sql::tasks_by_seq(size))?;
+                // Padded with the last seq: a list holds each value once.
+                let padded = chunk
+                    .iter()
+                    .chain(std::iter::repeat(&chunk[chunk.len() - 1]));
+                for (i, seq) in padded.take(size).enumerate() {
+                    stmt.raw_bind_parameter(i + 1, *seq)?;
+                }
+                let mut rows = stmt.raw_query();
+                while let Some(row) = rows.next()? {
+                    let stored = decode(row)?;
+                    found.insert(stored.seq, stored);
+                }
+                Ok(())
+            };
+            read().map_err(storage_error)?;
+        }
+        Ok(found)
     }
 
     // ---- the worker's reports -----------------------------------------
@@ -781,13 +786,26 @@ impl WriteCtx<'_, '_> {
         })
     }
 
+    /// Ends the attempts whose lease or timeout ran out, found in the
+    /// writer's set of running tasks (`running.rs`). A listed seq whose row
+    /// is not running would be a bug in keeping that set: it is logged and
+    /// dropped from it.
     pub fn recover_expired(&mut self) -> Result<u64> {
-        let running = self.load_many(
-            sql::EXPIRED,
-            params![self.now.as_millis(), DUTY_BATCH as i64],
-        )?;
+        let now = self.now.as_millis();
+        let seqs = self.shared.running.expired(now, DUTY_BATCH);
+        let mut rows = self.rows_by_seq(&seqs)?;
         let mut recovered = 0;
-        for mut stored in running {
+        for seq in seqs {
+            let Some(mut stored) = rows.remove(&seq).filter(|s| s.task.state == State::Running)
+            else {
+                debug_assert!(false, "row {seq} listed as running is not");
+                tracing::error!(
+                    seq,
+                    "a task row listed as running in the writer's memory is not; dropped from the list"
+                );
+                self.shared.running.drop_seq(seq);
+                continue;
+            };
             let Some(kind) = stored.task.expired(self.now) else {
                 continue;
             };

@@ -10,7 +10,8 @@ use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
 
 use crate::ids;
-use crate::rows::{TASK_COLUMNS, decode, storage_error};
+use crate::rows::{StoredTask, TASK_COLUMNS, decode, storage_error};
+use crate::running::RunningSet;
 use crate::sql;
 
 /// Idle connections kept for reuse; more may be open during bursts.
@@ -73,39 +74,43 @@ pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
         .map_err(storage_error)
 }
 
-pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
+/// Running tasks are listed from the writer's set (`running.rs`), this many
+/// seqs to a statement.
+const RUNNING_SEQS_PER_READ: usize = 500;
+
+pub(crate) fn list(conn: &Connection, query: &ListQuery, running: &RunningSet) -> Result<TaskPage> {
     query.check_limit()?;
-    // Running tasks are few and only tasks_running holds them all; without
-    // being told, SQLite would walk the whole table in seq order for them.
+    let below = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    // No index holds the running tasks: they come from the writer's set,
+    // and this snapshot's rows confirm each (see `running.rs`).
     let only_running = query.states.as_slice() == [State::Running];
-    let from = if only_running {
-        "tasks INDEXED BY tasks_running"
+    let (mut sql, mut args) = if only_running {
+        // `?1` is bound below, one slice of the set at a time.
+        (sql::RUNNING_AMONG.to_owned(), vec![Value::Null])
     } else {
-        "tasks"
+        (
+            format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1"),
+            Vec::new(),
+        )
     };
-    let mut sql = format!("SELECT {TASK_COLUMNS} FROM {from} WHERE 1 = 1");
-    let mut args: Vec<Value> = Vec::new();
     let mut bind = |sql: &mut String, clause: &str, value: Value| {
         args.push(value);
         sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
     };
-    if let Some(cursor) = &query.cursor {
-        bind(
-            &mut sql,
-            " AND seq < ?",
-            Value::Integer(decode_cursor(cursor)?),
-        );
-    }
-    match query.states.as_slice() {
-        [] => {}
-        [State::Running] => sql.push_str(" AND state = 3"),
-        states => {
-            let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
-            sql.push_str(&format!(" AND state IN ({})", codes.join(",")));
-            // Spelled as tasks_by_state's own condition, so SQLite sees
-            // that the partial index covers the query.
-            if !states.contains(&State::Running) {
-                sql.push_str(" AND state <> 3");
+    if !only_running {
+        if let Some(below) = below {
+            bind(&mut sql, " AND seq < ?", Value::Integer(below));
+        }
+        match query.states.as_slice() {
+            [] => {}
+            states => {
+                let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
+                sql.push_str(&format!(" AND state IN ({})", codes.join(",")));
+                // Spelled as tasks_by_state's own condition, so SQLite sees
+                // that the partial index covers the query.
+                if !states.contains(&State::Running) {
+                    sql.push_str(" AND state <> 3");
+                }
             }
         }
     }
@@ -135,16 +140,36 @@ pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
         args.push(Value::Integer(before.as_millis()));
         sql.push_str(&format!(" AND created_at < ?{}", args.len()));
     }
+    let read = |sql: &str, args: &[Value]| -> Result<Vec<StoredTask>> {
+        conn.prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.query_map(rusqlite::params_from_iter(args), decode)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(storage_error)
+    };
     // One row more than asked tells whether another page follows.
-    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
-
-    let mut rows = conn
-        .prepare(&sql)
-        .and_then(|mut stmt| {
-            stmt.query_map(rusqlite::params_from_iter(args), decode)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(storage_error)?;
+    let mut rows = if only_running {
+        // Without ORDER BY, so that SQLite looks the seqs up rather than
+        // walk the table in seq order; each slice is sorted here.
+        let mut rows = Vec::new();
+        for seqs in running
+            .seqs_newest_first(below)
+            .chunks(RUNNING_SEQS_PER_READ)
+        {
+            args[0] = Value::Text(seqs_json(seqs));
+            let mut found = read(&sql, &args)?;
+            found.sort_unstable_by_key(|row| std::cmp::Reverse(row.seq));
+            rows.extend(found);
+            if rows.len() > query.limit {
+                break;
+            }
+        }
+        rows
+    } else {
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
+        read(&sql, &args)?
+    };
     let next_cursor = if rows.len() > query.limit {
         rows.truncate(query.limit);
         rows.last().map(|last| encode_cursor(last.seq))
@@ -155,6 +180,20 @@ pub(crate) fn list(conn: &Connection, query: &ListQuery) -> Result<TaskPage> {
         tasks: rows.into_iter().map(|s| s.task).collect(),
         next_cursor,
     })
+}
+
+/// `seqs` as a JSON array, for `json_each`.
+fn seqs_json(seqs: &[i64]) -> String {
+    let mut json = String::with_capacity(seqs.len() * 8 + 2);
+    json.push('[');
+    for (i, seq) in seqs.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&seq.to_string());
+    }
+    json.push(']');
+    json
 }
 
 pub(crate) fn queue_settings(conn: &Connection) -> Result<Vec<(String, bool, Option<u32>)>> {

@@ -43,9 +43,6 @@ pub fn tasks_by_seq(rows: usize) -> String {
     )
 }
 
-/// Running tasks of a queue, for its concurrency limit.
-pub const RUNNING_IN_QUEUE: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND queue = ?1";
-
 /// Scheduled tasks whose time has come, earliest first.
 pub const DUE: &str = concat!(
     "SELECT ",
@@ -56,16 +53,14 @@ pub const DUE: &str = concat!(
 /// When the next scheduled task comes due.
 pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 
-/// Running tasks whose lease or timeout ran out (a walk of the running
-/// tasks only).
-pub const EXPIRED: &str = concat!(
+/// Running tasks among the seqs of JSON array `?1`, taken from the
+/// writer's set (`running.rs`): no index holds them. Listing appends its
+/// filters.
+pub const RUNNING_AMONG: &str = concat!(
     "SELECT ",
     task_columns!(),
-    " FROM tasks WHERE state = 3 AND (lease_expires_at <= ?1 OR deadline_at <= ?1) LIMIT ?2"
+    " FROM tasks WHERE seq IN (SELECT value FROM json_each(?1)) AND state = 3"
 );
-
-/// Running tasks whose lease ran out `?1` or longer ago.
-pub const STUCK: &str = "SELECT COUNT(*) FROM tasks WHERE state = 3 AND lease_expires_at <= ?1";
 
 /// A task by id `?1`, through the seq `?2` its id carries (`ids.rs`).
 pub const TASK_BY_ID: &str = concat!(
@@ -158,10 +153,8 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("STATE_BY_ID", STATE_BY_ID),
     ("STATE_BY_ID_BEFORE_V4", STATE_BY_ID_BEFORE_V4),
     ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
-    ("RUNNING_IN_QUEUE", RUNNING_IN_QUEUE),
+    ("RUNNING_AMONG", RUNNING_AMONG),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),
-    ("EXPIRED", EXPIRED),
-    ("STUCK", STUCK),
     ("WRITE_ROW", WRITE_ROW),
 ];

@@ -25,6 +25,7 @@ use crate::ids::SeqIds;
 use crate::ready::ReadyIndex;
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
+use crate::running::RunningSet;
 use crate::shaped::ShapedStatements;
 use crate::sql;
 
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     /// Claims of waiting workers, run at the end of the next group that
     /// makes tasks ready, inside its transaction.
     pub parked: Mutex<Vec<ParkedClaim>>,
+    /// The running tasks, changed by the writer as it writes their rows.
+    pub running: RunningSet,
 }
 
 impl Shared {
@@ -313,6 +316,7 @@ impl<'c> WriteCtx<'c, '_> {
     fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mark = self.effects.mark();
         let ready_mark = self.ready.mark();
+        let running_mark = self.shared.running.mark();
         self.exec("SAVEPOINT op")?;
         let mut outcome = op(self);
         if outcome.is_ok()
@@ -325,6 +329,7 @@ impl<'c> WriteCtx<'c, '_> {
             self.exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
             self.ready.roll_back_to(ready_mark);
+            self.shared.running.roll_back_to(running_mark);
             self.running.forget_all();
         }
         self.exec("RELEASE op")?;
@@ -560,6 +565,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
         let made_ready = match &committed {
             Ok(()) => {
                 state.ready.commit();
+                shared.running.commit();
                 effects.publish(shared)
             }
             Err(err) => {
@@ -567,6 +573,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
                 let _ = conn.execute_batch("ROLLBACK");
                 state.running.forget_all();
                 state.ready.roll_back_to(0);
+                shared.running.roll_back_to(0);
                 false
             }
         };

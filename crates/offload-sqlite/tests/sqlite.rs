@@ -88,32 +88,62 @@ async fn hot_statements_never_scan_the_tasks_table() {
     }
 }
 
+/// Tasks, counts and the running set (kept in memory, `src/running.rs`)
+/// outlive a reopen: the running task is listed, counts against its
+/// queue's concurrency, and is recovered when its lease runs out.
 #[tokio::test]
-async fn reopening_keeps_tasks_and_counts() {
+async fn reopening_keeps_tasks_counts_and_running_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("offload.db");
-    let id = {
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
-        let task = store.enqueue(vec![spec.clone(), spec]).await.unwrap()[0]
-            .0
-            .clone();
-        store
-            .claim(&ClaimRequest {
-                worker_id: "w".into(),
-                types: vec![],
-                queues: vec![],
-                limit: 1,
-                lease: Duration::from_secs(30),
-            })
-            .await
-            .unwrap();
-        task.id
+    let clock = Arc::new(ManualClock::new(offload_core::Timestamp::from_millis(
+        1_795_000_000_000,
+    )));
+    let options = || SqliteOptions {
+        clock: Arc::clone(&clock) as Arc<dyn offload_core::Clock>,
+        ..SqliteOptions::default()
     };
-    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-    assert_eq!(store.get(id).await.unwrap().unwrap().id, id);
+    let claimed = {
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+        store.enqueue(vec![spec.clone(), spec]).await.unwrap();
+        let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        claimed[0].id
+    };
+    let store = SqliteStore::open(&path, options()).unwrap();
+    assert_eq!(store.get(claimed).await.unwrap().unwrap().id, claimed);
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.total.running, stats.total.pending), (1, 1));
+    let running = store
+        .list(&offload_core::ListQuery {
+            states: vec![State::Running],
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        running.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [claimed]
+    );
+    let one_at_a_time = offload_core::QueuePatch {
+        concurrency: Some(Some(1)),
+        ..Default::default()
+    };
+    store.update_queue("default", one_at_a_time).await.unwrap();
+    assert!(
+        store.claim(&up_to_one_for_w()).await.unwrap().is_empty(),
+        "the running task fills the queue's one slot"
+    );
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(store.count_stuck(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(store.recover_expired().await.unwrap(), 1);
+    assert_eq!(
+        store.get(claimed).await.unwrap().unwrap().state,
+        State::Scheduled,
+        "to be retried after its backoff"
+    );
+    assert_eq!(store.count_stuck(Duration::ZERO).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -389,6 +419,14 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
         "newest first"
     );
     assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
+}
+
+/// A claim by worker `w` of one task of any type and queue.
+fn up_to_one_for_w() -> ClaimRequest {
+    ClaimRequest {
+        limit: 1,
+        ..up_to_ten_for_w()
+    }
 }
 
 /// A claim by worker `w` of up to ten tasks of any type and queue.

@@ -1113,6 +1113,90 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
     );
 }
 
+/// Running tasks listed by state alone, many of them among many more
+/// stored, page after page: each listed once, newest first, with filters,
+/// and gone from the list once ended.
+pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let specs = |queue: &'static str, from: usize| {
+        (from..from + 700)
+            .map(move |i| {
+                NewTask::new(if i % 3 == 0 { "third" } else { "other" })
+                    .queue(queue)
+                    .validate(&Limits::default(), "")
+                    .expect("a valid task")
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut stored: Vec<Task> = Vec::new();
+    for specs in [specs("a", 0), specs("b", 700)] {
+        let answers = f.store.enqueue(specs).await.expect("enqueue");
+        stored.extend(answers.into_iter().map(|(task, _)| task));
+    }
+    // Running: 600 of queue a, 300 of b; the rest stays pending.
+    let mut running: Vec<Uuid> = ids(&f.claim_from("w", 600, &[], &["a"]).await);
+    running.extend(ids(&f.claim_from("w", 300, &[], &["b"]).await));
+    assert_eq!(running.len(), 900);
+    let listed = |query: ListQuery| {
+        let store = Arc::clone(&f.store);
+        async move {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            loop {
+                let page = store
+                    .list(&ListQuery {
+                        states: vec![State::Running],
+                        limit: 130,
+                        cursor,
+                        ..query.clone()
+                    })
+                    .await
+                    .expect("list");
+                assert!(page.tasks.iter().all(|t| t.state == State::Running));
+                seen.extend(ids(&page.tasks));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break seen,
+                }
+            }
+        }
+    };
+    // Listed in the order they were stored, newest first.
+    let newest_first = |keep: &dyn Fn(&Task) -> bool| -> Vec<Uuid> {
+        stored
+            .iter()
+            .rev()
+            .filter(|t| running.contains(&t.id) && keep(t))
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(
+        listed(ListQuery::default()).await,
+        newest_first(&|_| true),
+        "every running task once, newest first"
+    );
+    assert_eq!(
+        listed(ListQuery {
+            queue: Some("a".into()),
+            task_type: Some("third".into()),
+            ..Default::default()
+        })
+        .await,
+        newest_first(&|t| t.queue == "a" && t.task_type == "third"),
+    );
+    let ended: Vec<Uuid> = running.iter().step_by(2).copied().collect();
+    let acks = ended
+        .iter()
+        .map(|&id| Ack::Complete { id, result: None })
+        .collect();
+    f.store.ack("w", acks).await.expect("ack");
+    assert_eq!(
+        listed(ListQuery::default()).await,
+        newest_first(&|t| !ended.contains(&t.id)),
+        "ended tasks leave the list"
+    );
+}
+
 pub async fn stats_and_queues_count_every_task(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     f.enqueue(NewTask::new("a")).await;

@@ -1,0 +1,292 @@
+//! The running tasks, kept in memory instead of an index of `tasks`.
+//!
+//! An index of running tasks cost the writer an entry written when a task
+//! was claimed and deleted when it ended: ~13% of SQLite's own work for a
+//! task's claim and completion (`bench/sqlite-floor`). The writer is the
+//! only connection that changes `tasks`, so it keeps the set itself, with
+//! what recovery and the queues' concurrency limits ask of it: each running
+//! task's queue, lease and deadline. It is built from `tasks` at open and
+//! changed with every row the writer inserts or writes back.
+//!
+//! Changes are undone with the transaction that made them, as in
+//! `ready.rs`. Unlike the pending tasks, the set is shared: readers list
+//! running tasks and count stuck ones from it. They see the writer's changes
+//! as it makes them, before its commit, and so take the set as a list of
+//! candidates that their own snapshot of `tasks` confirms (a running task's
+//! row says so); a task that ends while a list is being read may be left
+//! out of it, as if it had ended just before.
+
+use std::sync::{Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
+
+use offload_core::{State, Task};
+use rusqlite::Connection;
+
+/// What the store asks of a running task without reading its row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Running {
+    queue: usize,
+    /// Milliseconds; `i64::MAX` when there is none.
+    lease_expires_at: i64,
+    deadline_at: i64,
+}
+
+impl Running {
+    fn expires_at(&self) -> i64 {
+        self.lease_expires_at.min(self.deadline_at)
+    }
+}
+
+/// One change: the seq and what it held before.
+#[derive(Debug)]
+struct Change {
+    seq: i64,
+    before: Option<Running>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tasks: FxHashMap<i64, Running>,
+    /// Queue names by number, and the number of running tasks of each.
+    queues: Vec<String>,
+    queue_numbers: FxHashMap<String, usize>,
+    running_in_queue: Vec<usize>,
+    /// Changes since the last commit, oldest first.
+    changes: Vec<Change>,
+}
+
+impl Inner {
+    fn queue_number(&mut self, queue: &str) -> usize {
+        if let Some(&number) = self.queue_numbers.get(queue) {
+            return number;
+        }
+        let number = self.queues.len();
+        self.queues.push(queue.to_owned());
+        self.queue_numbers.insert(queue.to_owned(), number);
+        self.running_in_queue.push(0);
+        number
+    }
+
+    /// Sets what `seq` holds, without logging it.
+    fn set(&mut self, seq: i64, running: Option<Running>) -> Option<Running> {
+        let before = match running {
+            Some(running) => {
+                self.running_in_queue[running.queue] += 1;
+                self.tasks.insert(seq, running)
+            }
+            None => self.tasks.remove(&seq),
+        };
+        if let Some(before) = before {
+            self.running_in_queue[before.queue] -= 1;
+        }
+        before
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RunningSet {
+    inner: Mutex<Inner>,
+}
+
+fn millis_or_never(at: Option<offload_core::Timestamp>) -> i64 {
+    at.map_or(i64::MAX, |at| at.as_millis())
+}
+
+impl RunningSet {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every running task of `conn`'s `tasks`: a walk of the whole table,
+    /// which holds no index of them.
+    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
+        let set = Self::default();
+        let mut inner = set.inner();
+        let mut stmt = conn.prepare(
+            "SELECT seq, queue, lease_expires_at, deadline_at FROM tasks WHERE state = 3",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let queue = inner.queue_number(row.get_ref(1)?.as_str()?);
+            let running = Running {
+                queue,
+                lease_expires_at: row.get::<_, Option<i64>>(2)?.unwrap_or(i64::MAX),
+                deadline_at: row.get::<_, Option<i64>>(3)?.unwrap_or(i64::MAX),
+            };
+            inner.set(row.get(0)?, Some(running));
+        }
+        drop(rows);
+        drop(stmt);
+        drop(inner);
+        Ok(set)
+    }
+
+    /// Records a task row as it now stands: in the set if running, out of
+    /// it otherwise.
+    pub fn note(&self, task: &Task, seq: i64) {
+        let mut inner = self.inner();
+        let running = if task.state == State::Running {
+            Some(Running {
+                queue: inner.queue_number(&task.queue),
+                lease_expires_at: millis_or_never(task.lease_expires_at),
+                deadline_at: millis_or_never(task.deadline()),
+            })
+        } else if inner.tasks.contains_key(&seq) {
+            None
+        } else {
+            return;
+        };
+        if inner.tasks.get(&seq) == running.as_ref() {
+            return;
+        }
+        let before = inner.set(seq, running);
+        inner.changes.push(Change { seq, before });
+    }
+
+    /// Running tasks of `queue`, for its concurrency limit.
+    pub fn in_queue(&self, queue: &str) -> usize {
+        let inner = self.inner();
+        inner
+            .queue_numbers
+            .get(queue)
+            .map_or(0, |&number| inner.running_in_queue[number])
+    }
+
+    /// Up to `limit` running tasks whose lease or deadline is at or before
+    /// `now` (milliseconds), oldest seq first.
+    pub fn expired(&self, now: i64, limit: usize) -> Vec<i64> {
+        let mut seqs: Vec<i64> = self
+            .inner()
+            .tasks
+            .iter()
+            .filter(|(_, running)| running.expires_at() <= now)
+            .map(|(&seq, _)| seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs.truncate(limit);
+        seqs
+    }
+
+    /// Running tasks whose lease ran out at or before `cutoff`
+    /// (milliseconds).
+    pub fn lease_expired_by(&self, cutoff: i64) -> u64 {
+        let inner = self.inner();
+        inner
+            .tasks
+            .values()
+            .filter(|running| running.lease_expires_at <= cutoff)
+            .count() as u64
+    }
+
+    /// The running tasks' seqs below `below` (all when `None`), newest
+    /// first: the order tasks are listed in.
+    pub fn seqs_newest_first(&self, below: Option<i64>) -> Vec<i64> {
+        let below = below.unwrap_or(i64::MAX);
+        let mut seqs: Vec<i64> = self
+            .inner()
+            .tasks
+            .keys()
+            .copied()
+            .filter(|&seq| seq < below)
+            .collect();
+        seqs.sort_unstable_by_key(|&seq| std::cmp::Reverse(seq));
+        seqs
+    }
+
+    /// Takes `seq` out of the set: its row is not running (see
+    /// `WriteCtx::recover_expired`).
+    pub fn drop_seq(&self, seq: i64) {
+        let mut inner = self.inner();
+        if inner.tasks.contains_key(&seq) {
+            let before = inner.set(seq, None);
+            inner.changes.push(Change { seq, before });
+        }
+    }
+
+    /// Where the log stands; see [`RunningSet::roll_back_to`].
+    pub fn mark(&self) -> usize {
+        self.inner().changes.len()
+    }
+
+    /// Undoes the changes made since `mark`, newest first.
+    pub fn roll_back_to(&self, mark: usize) {
+        let mut inner = self.inner();
+        while inner.changes.len() > mark {
+            let Some(change) = inner.changes.pop() else {
+                break;
+            };
+            inner.set(change.seq, change.before);
+        }
+    }
+
+    /// The transaction committed: its changes stay.
+    pub fn commit(&self) {
+        self.inner().changes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use offload_core::{Limits, NewTask, State, Task, Timestamp};
+    use uuid::Uuid;
+
+    use super::RunningSet;
+
+    fn running(queue: &str, started_at: i64, lease_expires_at: i64) -> Task {
+        let spec = NewTask::new("t")
+            .queue(queue)
+            .timeout_secs(10)
+            .validate(&Limits::default(), "")
+            .expect("a valid task");
+        let mut task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(0), false);
+        task.state = State::Running;
+        task.started_at = Some(Timestamp::from_millis(started_at));
+        task.lease_expires_at = Some(Timestamp::from_millis(lease_expires_at));
+        task
+    }
+
+    #[test]
+    fn counts_by_queue_follow_tasks_in_and_out_and_a_rollback() {
+        let set = RunningSet::default();
+        let mut first = running("q", 0, 100);
+        set.note(&first, 1);
+        set.note(&running("q", 0, 100), 2);
+        set.note(&running("other", 0, 100), 3);
+        set.commit();
+        assert_eq!((set.in_queue("q"), set.in_queue("other")), (2, 1));
+        assert_eq!(set.in_queue("none"), 0);
+
+        let mark = set.mark();
+        first.state = State::Completed;
+        set.note(&first, 1);
+        set.note(&running("q", 0, 100), 4);
+        // A heartbeat: the same task, a later lease.
+        set.note(&running("other", 0, 900), 3);
+        assert_eq!(set.in_queue("q"), 2);
+        assert_eq!(set.seqs_newest_first(None), [4, 3, 2]);
+        assert_eq!(set.lease_expired_by(100), 2);
+        set.roll_back_to(mark);
+        assert_eq!(set.seqs_newest_first(None), [3, 2, 1]);
+        assert_eq!(set.lease_expired_by(100), 3);
+        assert_eq!(set.in_queue("q"), 2);
+        assert_eq!(set.seqs_newest_first(Some(3)), [2, 1]);
+    }
+
+    #[test]
+    fn expired_means_the_lease_or_the_deadline_passed() {
+        let set = RunningSet::default();
+        // Lease runs out at 500; deadline (timeout 10 s) at 10,000.
+        set.note(&running("q", 0, 500), 7);
+        // Lease far out; deadline at 1,000 + 10,000.
+        set.note(&running("q", 1_000, 1_000_000), 3);
+        assert!(set.expired(499, 10).is_empty());
+        assert_eq!(set.expired(500, 10), [7]);
+        assert_eq!(set.expired(11_000, 10), [3, 7]);
+        assert_eq!(set.expired(11_000, 1), [3]);
+        set.drop_seq(7);
+        assert_eq!(set.expired(11_000, 10), [3]);
+        set.roll_back_to(0);
+        assert!(set.expired(11_000, 10).is_empty());
+    }
+}
