@@ -1,15 +1,17 @@
 """SQLite's own work for a task's claim and completion, without Offload.
 
     python3 floor.py fill DB            # Offload's migrations, 120,000 pending tasks
+    python3 floor.py setup SCHEMA DB    # the schema's changes (not counted)
     python3 floor.py burn SCHEMA DB     # claim and complete 100,000 of them
     python3 floor.py burned             # how many a burn claims: 100000
 
 Each batch of 500 is claimed in one transaction (the rows updated, then read
 back as a claim's answer is) and completed in another. SCHEMA is one of:
 
-    offload      Offload's schema as its migrations leave it
-    no-running   without the index of running tasks (tasks_running): the
-                 running set would live in the writer's memory
+    offload      Offload's schema as its migrations leave it (since version 5
+                 no index holds the running tasks: the writer keeps them)
+    running-ix   with schema version 4's index of running tasks
+                 (tasks_running), which version 5 dropped
     leases       a claim inserts a row into a small table of leases and
                  leaves the task's row alone; the completion deletes the
                  lease and writes the task's row once
@@ -48,9 +50,9 @@ def fill(path):
     db.close()
 
 
-def setup(schema):
-    if schema == "no-running":
-        return "DROP INDEX tasks_running;"
+def setup_sql(schema):
+    if schema == "running-ix":
+        return "CREATE INDEX tasks_running ON tasks (queue) WHERE state = 3;"
     if schema == "leases":
         return (
             "CREATE TABLE leases (seq INTEGER PRIMARY KEY, attempt INTEGER NOT NULL,"
@@ -89,6 +91,12 @@ def complete(schema, first, last):
     )
 
 
+def setup(schema, path):
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(setup_sql(schema))
+    db.close()
+
+
 def rows_in_batches():
     for first in range(1, BURNED + 1, BATCH):
         yield first, first + BATCH - 1
@@ -100,7 +108,7 @@ def burn(schema, path):
     db.executescript(
         "PRAGMA synchronous = OFF; CREATE TEMP TABLE series (value INTEGER PRIMARY KEY);"
         f"INSERT INTO series SELECT value FROM (WITH RECURSIVE s(value) AS (SELECT 1 UNION ALL"
-        f" SELECT value + 1 FROM s WHERE value < {BURNED}) SELECT value FROM s);" + setup(schema)
+        f" SELECT value + 1 FROM s WHERE value < {BURNED}) SELECT value FROM s);"
     )
     for first, last in rows_in_batches():
         for step in (claim(schema, first, last), complete(schema, first, last)):
@@ -114,7 +122,9 @@ if __name__ == "__main__":
     match sys.argv[1:]:
         case ["fill", path]:
             fill(path)
-        case ["burn", schema, path] if schema in ("offload", "no-running", "leases"):
+        case ["setup", schema, path] if schema in ("offload", "running-ix", "leases"):
+            setup(schema, path)
+        case ["burn", schema, path] if schema in ("offload", "running-ix", "leases"):
             burn(schema, path)
         case ["burned"]:
             print(BURNED)
