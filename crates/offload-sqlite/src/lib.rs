@@ -53,6 +53,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_ready_in_memory.sql")),
     (4, include_str!("../migrations/0004_ids_carry_seq.sql")),
     (5, include_str!("../migrations/0005_running_in_memory.sql")),
+    (
+        6,
+        include_str!("../migrations/0006_pending_in_memory_only.sql"),
+    ),
 ];
 
 /// Rows deleted per transaction by `clear`.
@@ -153,6 +157,7 @@ impl SqliteStore {
             backoff: options.backoff,
             limits: options.limits,
             parked: Mutex::new(Vec::new()),
+            pending: ready.pending_seqs(),
             running,
         });
         let writer = Writer::start(conn, lock, Arc::clone(&shared), ready)
@@ -350,7 +355,13 @@ impl Store for SqliteStore {
         let query = query.clone();
         let shared = Arc::clone(&self.shared);
         self.readers
-            .run(move |conn| read::list(conn, &query, &shared.running))
+            .run(move |conn| {
+                let memory = read::InMemory {
+                    pending: &shared.pending,
+                    running: &shared.running,
+                };
+                read::list(conn, &query, &memory)
+            })
             .await
     }
 

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
 
 use crate::ids;
+use crate::ready::PendingSeqs;
 use crate::rows::{StoredTask, TASK_COLUMNS, decode, storage_error};
 use crate::running::RunningSet;
 use crate::sql;
@@ -74,30 +75,55 @@ pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
         .map_err(storage_error)
 }
 
-/// Running tasks are listed from the writer's set (`running.rs`), this many
+/// Pending and running tasks are listed from the writer's memory, this many
 /// seqs to a statement.
-const RUNNING_SEQS_PER_READ: usize = 500;
+const SEQS_PER_READ: usize = 500;
 
-pub(crate) fn list(conn: &Connection, query: &ListQuery, running: &RunningSet) -> Result<TaskPage> {
+/// Where readers find the tasks of the states no index holds.
+pub(crate) struct InMemory<'a> {
+    pub pending: &'a PendingSeqs,
+    pub running: &'a RunningSet,
+}
+
+impl InMemory<'_> {
+    /// Up to `limit` seqs of `state` below `below`, newest first.
+    fn newest_first(&self, state: State, below: Option<i64>, limit: usize) -> Vec<i64> {
+        match state {
+            State::Pending => self.pending.newest_first(below, limit),
+            _ => self.running.newest_first(below, limit),
+        }
+    }
+}
+
+pub(crate) fn list(
+    conn: &Connection,
+    query: &ListQuery,
+    memory: &InMemory<'_>,
+) -> Result<TaskPage> {
     query.check_limit()?;
     let below = query.cursor.as_deref().map(decode_cursor).transpose()?;
-    // No index holds the running tasks: they come from the writer's set,
-    // and this snapshot's rows confirm each (see `running.rs`).
-    let only_running = query.states.as_slice() == [State::Running];
-    let (mut sql, mut args) = if only_running {
-        // `?1` is bound below, one slice of the set at a time.
-        (sql::RUNNING_AMONG.to_owned(), vec![Value::Null])
-    } else {
-        (
+    // A state no index holds comes from the writer's memory, and this
+    // snapshot's rows confirm each task listed there (see `running.rs`).
+    let from_memory = match query.states.as_slice() {
+        [state @ (State::Pending | State::Running)] => Some(*state),
+        _ => None,
+    };
+    let (mut sql, mut args) = match from_memory {
+        // `?1` is bound below, one slice of the seqs at a time.
+        Some(state) => (
+            sql::IN_STATE_AMONG.to_owned(),
+            vec![Value::Null, Value::Integer(state.code())],
+        ),
+        None => (
             format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1"),
             Vec::new(),
-        )
+        ),
     };
     let mut bind = |sql: &mut String, clause: &str, value: Value| {
         args.push(value);
         sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
     };
-    if !only_running {
+    if from_memory.is_none() {
         if let Some(below) = below {
             bind(&mut sql, " AND seq < ?", Value::Integer(below));
         }
@@ -108,8 +134,8 @@ pub(crate) fn list(conn: &Connection, query: &ListQuery, running: &RunningSet) -
                 sql.push_str(&format!(" AND state IN ({})", codes.join(",")));
                 // Spelled as tasks_by_state's own condition, so SQLite sees
                 // that the partial index covers the query.
-                if !states.contains(&State::Running) {
-                    sql.push_str(" AND state <> 3");
+                if !states.contains(&State::Pending) && !states.contains(&State::Running) {
+                    sql.push_str(" AND state NOT IN (2, 3)");
                 }
             }
         }
@@ -149,26 +175,29 @@ pub(crate) fn list(conn: &Connection, query: &ListQuery, running: &RunningSet) -
             .map_err(storage_error)
     };
     // One row more than asked tells whether another page follows.
-    let mut rows = if only_running {
+    let mut rows = match from_memory {
         // Without ORDER BY, so that SQLite looks the seqs up rather than
         // walk the table in seq order; each slice is sorted here.
-        let mut rows = Vec::new();
-        for seqs in running
-            .seqs_newest_first(below)
-            .chunks(RUNNING_SEQS_PER_READ)
-        {
-            args[0] = Value::Text(seqs_json(seqs));
-            let mut found = read(&sql, &args)?;
-            found.sort_unstable_by_key(|row| std::cmp::Reverse(row.seq));
-            rows.extend(found);
-            if rows.len() > query.limit {
-                break;
+        Some(state) => {
+            let mut rows = Vec::new();
+            let mut below = below;
+            while rows.len() <= query.limit {
+                let seqs = memory.newest_first(state, below, SEQS_PER_READ);
+                let Some(&oldest) = seqs.last() else {
+                    break;
+                };
+                below = Some(oldest);
+                args[0] = Value::Text(seqs_json(&seqs));
+                let mut found = read(&sql, &args)?;
+                found.sort_unstable_by_key(|row| std::cmp::Reverse(row.seq));
+                rows.extend(found);
             }
+            rows
         }
-        rows
-    } else {
-        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
-        read(&sql, &args)?
+        None => {
+            sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
+            read(&sql, &args)?
+        }
     };
     let next_cursor = if rows.len() > query.limit {
         rows.truncate(query.limit);

@@ -12,9 +12,19 @@
 //! Changes are undone with the transaction that made them: every change is
 //! logged until the group commits, and a savepoint or transaction rolled
 //! back undoes the changes made after its mark.
+//!
+//! Since schema version 6 no index of `tasks` holds the pending tasks at
+//! all: the index by state cost every enqueue an entry inserted among the
+//! finished tasks' (SQLite's dearest kind of insert: 12,300 instructions a
+//! row against 7,800 without it, `bench/analysis.md`) and every claim its
+//! delete. Readers list pending tasks from [`PendingSeqs`], which the index
+//! keeps beside its lanes. Like the running set (`running.rs`) it shows the
+//! writer's changes before they commit, so a reader takes it for candidates
+//! that its own snapshot confirms.
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
@@ -49,10 +59,41 @@ enum Change {
     Removed(usize, ReadyKey),
 }
 
+/// The pending tasks' seqs, for readers to list them newest first.
+#[derive(Debug, Default)]
+pub(crate) struct PendingSeqs {
+    seqs: Mutex<BTreeSet<i64>>,
+}
+
+impl PendingSeqs {
+    fn seqs(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `limit` pending tasks' seqs below `below` (from the newest
+    /// when `None`), newest first.
+    pub fn newest_first(&self, below: Option<i64>, limit: usize) -> Vec<i64> {
+        let seqs = self.seqs();
+        let below = below.unwrap_or(i64::MAX);
+        seqs.range(..below).rev().take(limit).copied().collect()
+    }
+
+    fn set(&self, seq: i64, pending: bool) {
+        let mut seqs = self.seqs();
+        if pending {
+            seqs.insert(seq);
+        } else {
+            seqs.remove(&seq);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct ReadyIndex {
     /// The pending tasks of one (queue, type) each.
     lanes: Vec<BTreeSet<ReadyKey>>,
+    /// Their seqs, shared with readers.
+    pending_seqs: Arc<PendingSeqs>,
     /// queue → type → lane.
     lane_of: FxHashMap<String, FxHashMap<String, usize>>,
     /// Changes since the last commit, oldest first.
@@ -60,12 +101,12 @@ pub(crate) struct ReadyIndex {
 }
 
 impl ReadyIndex {
-    /// Every pending task of `conn`'s `tasks`.
+    /// Every pending task of `conn`'s `tasks`: a walk of the whole table,
+    /// which holds no index of them.
     pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
         let mut index = Self::default();
-        let mut stmt = conn.prepare(
-            "SELECT seq, queue, type, priority, run_at FROM tasks WHERE state = 2 ORDER BY seq",
-        )?;
+        let mut stmt =
+            conn.prepare("SELECT seq, queue, type, priority, run_at FROM tasks WHERE state = 2")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let key = ReadyKey {
@@ -76,7 +117,16 @@ impl ReadyIndex {
             let lane = index.lane(row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?);
             index.lanes[lane].insert(key);
         }
+        index
+            .pending_seqs
+            .seqs()
+            .extend(index.lanes.iter().flatten().map(|key| key.seq));
         Ok(index)
+    }
+
+    /// The seqs readers list pending tasks from.
+    pub fn pending_seqs(&self) -> Arc<PendingSeqs> {
+        Arc::clone(&self.pending_seqs)
     }
 
     fn lane(&mut self, queue: &str, task_type: &str) -> usize {
@@ -105,6 +155,7 @@ impl ReadyIndex {
         if task.state == State::Pending {
             let lane = self.lane(&task.queue, &task.task_type);
             if self.lanes[lane].insert(key) {
+                self.pending_seqs.set(seq, true);
                 self.changes.push(Change::Added(lane, key));
             }
         } else if let Some(&lane) = self
@@ -113,6 +164,7 @@ impl ReadyIndex {
             .and_then(|types| types.get(&task.task_type))
             && self.lanes[lane].remove(&key)
         {
+            self.pending_seqs.set(seq, false);
             self.changes.push(Change::Removed(lane, key));
         }
     }
@@ -121,6 +173,7 @@ impl ReadyIndex {
     pub fn drop_key(&mut self, key: &ReadyKey) {
         for (lane, ready) in self.lanes.iter_mut().enumerate() {
             if ready.remove(key) {
+                self.pending_seqs.set(key.seq, false);
                 self.changes.push(Change::Removed(lane, *key));
             }
         }
@@ -156,9 +209,11 @@ impl ReadyIndex {
             match self.changes.pop() {
                 Some(Change::Added(lane, key)) => {
                     self.lanes[lane].remove(&key);
+                    self.pending_seqs.set(key.seq, false);
                 }
                 Some(Change::Removed(lane, key)) => {
                     self.lanes[lane].insert(key);
+                    self.pending_seqs.set(key.seq, true);
                 }
                 None => break,
             }
@@ -224,8 +279,11 @@ mod tests {
         index.note(&first, 1);
         index.note(&task("q", "a", 5, 0), 3);
         assert_eq!(seqs(&index, "q", &[], 10), [2, 3]);
+        assert_eq!(index.pending_seqs().newest_first(None, 10), [3, 2]);
         index.roll_back_to(mark);
         assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+        assert_eq!(index.pending_seqs().newest_first(None, 10), [2, 1]);
+        assert_eq!(index.pending_seqs().newest_first(Some(2), 10), [1]);
         // Written twice in one state, a task is listed once and a rollback
         // of the second write leaves it listed.
         let again = task("q", "a", 5, 0);
@@ -244,7 +302,9 @@ mod tests {
         let mark = index.mark();
         index.drop_key(&ReadyKey::of(&listed, 1));
         assert_eq!(seqs(&index, "q", &[], 10), [2]);
+        assert_eq!(index.pending_seqs().newest_first(None, 10), [2]);
         index.roll_back_to(mark);
         assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+        assert_eq!(index.pending_seqs().newest_first(None, 1), [2]);
     }
 }

@@ -179,9 +179,9 @@ impl RunningSet {
             .count() as u64
     }
 
-    /// The running tasks' seqs below `below` (all when `None`), newest
-    /// first: the order tasks are listed in.
-    pub fn seqs_newest_first(&self, below: Option<i64>) -> Vec<i64> {
+    /// Up to `limit` running tasks' seqs below `below` (from the newest
+    /// when `None`), newest first: the order tasks are listed in.
+    pub fn newest_first(&self, below: Option<i64>, limit: usize) -> Vec<i64> {
         let below = below.unwrap_or(i64::MAX);
         let mut seqs: Vec<i64> = self
             .inner()
@@ -191,6 +191,7 @@ impl RunningSet {
             .filter(|&seq| seq < below)
             .collect();
         seqs.sort_unstable_by_key(|&seq| std::cmp::Reverse(seq));
+        seqs.truncate(limit);
         seqs
     }
 
@@ -264,13 +265,13 @@ mod tests {
         // A heartbeat: the same task, a later lease.
         set.note(&running("other", 0, 900), 3);
         assert_eq!(set.in_queue("q"), 2);
-        assert_eq!(set.seqs_newest_first(None), [4, 3, 2]);
+        assert_eq!(set.newest_first(None, 10), [4, 3, 2]);
         assert_eq!(set.lease_expired_by(100), 2);
         set.roll_back_to(mark);
-        assert_eq!(set.seqs_newest_first(None), [3, 2, 1]);
+        assert_eq!(set.newest_first(None, 10), [3, 2, 1]);
         assert_eq!(set.lease_expired_by(100), 3);
         assert_eq!(set.in_queue("q"), 2);
-        assert_eq!(set.seqs_newest_first(Some(3)), [2, 1]);
+        assert_eq!(set.newest_first(Some(3), 10), [2, 1]);
     }
 
     #[test]

@@ -53,13 +53,13 @@ pub const DUE: &str = concat!(
 /// When the next scheduled task comes due.
 pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 
-/// Running tasks among the seqs of JSON array `?1`, taken from the
-/// writer's set (`running.rs`): no index holds them. Listing appends its
-/// filters.
-pub const RUNNING_AMONG: &str = concat!(
+/// Tasks in state `?2` among the seqs of JSON array `?1`, taken from the
+/// writer's memory: no index holds the pending (`ready.rs`) or running
+/// (`running.rs`) tasks. Listing appends its filters.
+pub const IN_STATE_AMONG: &str = concat!(
     "SELECT ",
     task_columns!(),
-    " FROM tasks WHERE seq IN (SELECT value FROM json_each(?1)) AND state = 3"
+    " FROM tasks WHERE seq IN (SELECT value FROM json_each(?1)) AND state = ?2"
 );
 
 /// A task by id `?1`, through the seq `?2` its id carries (`ids.rs`).
@@ -153,7 +153,7 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("STATE_BY_ID", STATE_BY_ID),
     ("STATE_BY_ID_BEFORE_V4", STATE_BY_ID_BEFORE_V4),
     ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
-    ("RUNNING_AMONG", RUNNING_AMONG),
+    ("IN_STATE_AMONG", IN_STATE_AMONG),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),
     ("WRITE_ROW", WRITE_ROW),

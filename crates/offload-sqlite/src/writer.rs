@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::ids::SeqIds;
-use crate::ready::ReadyIndex;
+use crate::ready::{PendingSeqs, ReadyIndex};
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
 use crate::running::RunningSet;
@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     /// Claims of waiting workers, run at the end of the next group that
     /// makes tasks ready, inside its transaction.
     pub parked: Mutex<Vec<ParkedClaim>>,
+    /// The pending tasks' seqs, kept by the writer's [`ReadyIndex`].
+    pub pending: Arc<PendingSeqs>,
     /// The running tasks, changed by the writer as it writes their rows.
     pub running: RunningSet,
 }

@@ -88,9 +88,10 @@ async fn hot_statements_never_scan_the_tasks_table() {
     }
 }
 
-/// Tasks, counts and the running set (kept in memory, `src/running.rs`)
-/// outlive a reopen: the running task is listed, counts against its
-/// queue's concurrency, and is recovered when its lease runs out.
+/// Tasks, counts and what the writer keeps in memory (`src/ready.rs`,
+/// `src/running.rs`) outlive a reopen: the pending and the running task are
+/// listed, the running one counts against its queue's concurrency and is
+/// recovered when its lease runs out.
 #[tokio::test]
 async fn reopening_keeps_tasks_counts_and_running_tasks() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,30 +103,33 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
         clock: Arc::clone(&clock) as Arc<dyn offload_core::Clock>,
         ..SqliteOptions::default()
     };
-    let claimed = {
+    let (claimed, waiting) = {
         let store = SqliteStore::open(&path, options()).unwrap();
         let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
-        store.enqueue(vec![spec.clone(), spec]).await.unwrap();
+        let stored = store.enqueue(vec![spec.clone(), spec]).await.unwrap();
         let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
         assert_eq!(claimed.len(), 1);
-        claimed[0].id
+        assert_eq!(claimed[0].id, stored[0].0.id, "the oldest first");
+        (claimed[0].id, stored[1].0.id)
     };
     let store = SqliteStore::open(&path, options()).unwrap();
     assert_eq!(store.get(claimed).await.unwrap().unwrap().id, claimed);
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.total.running, stats.total.pending), (1, 1));
-    let running = store
-        .list(&offload_core::ListQuery {
-            states: vec![State::Running],
+    let listed = |state: State| {
+        let query = offload_core::ListQuery {
+            states: vec![state],
             limit: 10,
             ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        running.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
-        [claimed]
-    );
+        };
+        let store = &store;
+        async move {
+            let page = store.list(&query).await.unwrap();
+            page.tasks.iter().map(|t| t.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(State::Running).await, [claimed]);
+    assert_eq!(listed(State::Pending).await, [waiting]);
     let one_at_a_time = offload_core::QueuePatch {
         concurrency: Some(Some(1)),
         ..Default::default()

@@ -1113,10 +1113,12 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
     );
 }
 
-/// Running tasks listed by state alone, many of them among many more
-/// stored, page after page: each listed once, newest first, with filters,
-/// and gone from the list once ended.
-pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn StoreFactory) {
+/// Pending and running tasks listed by state alone, hundreds of each among
+/// many more stored, page after page: each listed once, newest first, with
+/// filters, and gone from the list once it leaves the state.
+pub async fn pending_and_running_tasks_are_listed_page_by_page_newest_first(
+    factory: &dyn StoreFactory,
+) {
     let f = fixture(factory).await;
     let specs = |queue: &'static str, from: usize| {
         (from..from + 700)
@@ -1133,11 +1135,11 @@ pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn St
         let answers = f.store.enqueue(specs).await.expect("enqueue");
         stored.extend(answers.into_iter().map(|(task, _)| task));
     }
-    // Running: 600 of queue a, 300 of b; the rest stays pending.
+    // Running: 600 of queue a, 200 of b; the other 600 stay pending.
     let mut running: Vec<Uuid> = ids(&f.claim_from("w", 600, &[], &["a"]).await);
-    running.extend(ids(&f.claim_from("w", 300, &[], &["b"]).await));
-    assert_eq!(running.len(), 900);
-    let listed = |query: ListQuery| {
+    running.extend(ids(&f.claim_from("w", 200, &[], &["b"]).await));
+    assert_eq!(running.len(), 800);
+    let listed = |state: State, query: ListQuery| {
         let store = Arc::clone(&f.store);
         async move {
             let mut seen = Vec::new();
@@ -1145,14 +1147,14 @@ pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn St
             loop {
                 let page = store
                     .list(&ListQuery {
-                        states: vec![State::Running],
+                        states: vec![state],
                         limit: 130,
                         cursor,
                         ..query.clone()
                     })
                     .await
                     .expect("list");
-                assert!(page.tasks.iter().all(|t| t.state == State::Running));
+                assert!(page.tasks.iter().all(|t| t.state == state));
                 seen.extend(ids(&page.tasks));
                 match page.next_cursor {
                     Some(next) => cursor = Some(next),
@@ -1166,23 +1168,33 @@ pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn St
         stored
             .iter()
             .rev()
-            .filter(|t| running.contains(&t.id) && keep(t))
+            .filter(|t| keep(t))
             .map(|t| t.id)
             .collect()
     };
+    let is_running = |t: &Task| running.contains(&t.id);
     assert_eq!(
-        listed(ListQuery::default()).await,
-        newest_first(&|_| true),
+        listed(State::Running, ListQuery::default()).await,
+        newest_first(&|t| is_running(t)),
         "every running task once, newest first"
     );
     assert_eq!(
-        listed(ListQuery {
-            queue: Some("a".into()),
-            task_type: Some("third".into()),
-            ..Default::default()
-        })
-        .await,
-        newest_first(&|t| t.queue == "a" && t.task_type == "third"),
+        listed(State::Pending, ListQuery::default()).await,
+        newest_first(&|t| !is_running(t)),
+        "every pending task once, newest first"
+    );
+    let third_of = |queue: &'static str| ListQuery {
+        queue: Some(queue.into()),
+        task_type: Some("third".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        listed(State::Running, third_of("a")).await,
+        newest_first(&|t| is_running(t) && t.queue == "a" && t.task_type == "third"),
+    );
+    assert_eq!(
+        listed(State::Pending, third_of("b")).await,
+        newest_first(&|t| !is_running(t) && t.queue == "b" && t.task_type == "third"),
     );
     let ended: Vec<Uuid> = running.iter().step_by(2).copied().collect();
     let acks = ended
@@ -1191,9 +1203,15 @@ pub async fn running_tasks_are_listed_page_by_page_newest_first(factory: &dyn St
         .collect();
     f.store.ack("w", acks).await.expect("ack");
     assert_eq!(
-        listed(ListQuery::default()).await,
-        newest_first(&|t| !ended.contains(&t.id)),
+        listed(State::Running, ListQuery::default()).await,
+        newest_first(&|t| is_running(t) && !ended.contains(&t.id)),
         "ended tasks leave the list"
+    );
+    let claimed = ids(&f.claim_from("w", 10, &[], &["b"]).await);
+    assert_eq!(
+        listed(State::Pending, ListQuery::default()).await,
+        newest_first(&|t| !is_running(t) && !claimed.contains(&t.id)),
+        "claimed tasks leave the list"
     );
 }
 

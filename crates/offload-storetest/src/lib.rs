@@ -64,7 +64,7 @@ macro_rules! conformance_tests {
             failed_dependency_cancels_dependents_transitively,
             paused_queue_and_concurrency_limit,
             list_filters_and_keyset_pagination,
-            running_tasks_are_listed_page_by_page_newest_first,
+            pending_and_running_tasks_are_listed_page_by_page_newest_first,
             stats_and_queues_count_every_task,
             delete_and_clear_only_finished_tasks,
             retention_deletes_old_finished_tasks_in_batches,
