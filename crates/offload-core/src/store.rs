@@ -403,6 +403,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// recovery should already have retried. Also a cheap database ping.
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64>;
 
+    /// Checks what the store keeps beside its tables (in memory, say)
+    /// against the tables themselves, and says where they disagree; the
+    /// property test calls it after every step. A store that keeps nothing
+    /// beside its tables has nothing to check.
+    async fn verify_bookkeeping(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether this node should run the background duties (promotion,
     /// recovery, retention). A store shared by several nodes elects one; a
     /// store only one process can open always leads.

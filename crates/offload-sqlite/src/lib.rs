@@ -458,6 +458,10 @@ impl Store for SqliteStore {
         Ok(self.shared.running.lease_expired_by(cutoff))
     }
 
+    async fn verify_bookkeeping(&self) -> Result<()> {
+        self.writer.run(|ctx| ctx.verify_bookkeeping()).await
+    }
+
     fn hub(&self) -> &Hub {
         &self.shared.hub
     }

@@ -816,6 +816,36 @@ impl WriteCtx<'_, '_> {
         Ok(recovered)
     }
 
+    /// Compares what the writer keeps in memory with the table, by walks
+    /// of the whole table: for tests (`Store::verify_bookkeeping`).
+    pub fn verify_bookkeeping(&mut self) -> Result<()> {
+        let conn = self.conn()?;
+        let read = || -> Sql<_> {
+            let pending: std::collections::BTreeSet<i64> = conn
+                .prepare("SELECT seq FROM tasks WHERE state = 2")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Sql<_>>()?;
+            let running: Vec<(i64, String, Option<i64>, Option<i64>)> = conn
+                .prepare(
+                    "SELECT seq, queue, lease_expires_at, deadline_at FROM tasks WHERE state = 3",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Sql<_>>()?;
+            Ok((pending, running))
+        };
+        let (pending, running) = read().map_err(storage_error)?;
+        match self
+            .ready
+            .disagreement(&pending)
+            .or_else(|| self.shared.running.disagreement(&running))
+        {
+            None => Ok(()),
+            Some(disagreement) => Err(Error::Storage(format!(
+                "the writer's memory disagrees with the tasks table: {disagreement}"
+            ))),
+        }
+    }
+
     pub fn purge_finished(&mut self, retention: &Retention, batch: usize) -> Result<u64> {
         let mut purged = 0;
         for state in State::FINISHED {

@@ -198,6 +198,25 @@ impl ReadyIndex {
             .flat_map(move |lane| self.lanes[lane].iter().take(room).copied())
     }
 
+    /// How the index disagrees with `pending`, the seqs of the table's
+    /// pending tasks, if it does (`Store::verify_bookkeeping`).
+    pub fn disagreement(&self, pending: &BTreeSet<i64>) -> Option<String> {
+        let mut in_lanes = BTreeSet::new();
+        for key in self.lanes.iter().flatten() {
+            if !in_lanes.insert(key.seq) {
+                return Some(format!("pending task {} is in two lanes", key.seq));
+            }
+        }
+        if &in_lanes != pending {
+            return Some(format!(
+                "claim order holds {in_lanes:?}, the table's pending tasks are {pending:?}"
+            ));
+        }
+        let listed = self.pending_seqs.seqs();
+        (&*listed != pending)
+            .then(|| format!("the listed pending seqs are {listed:?}, the table's {pending:?}"))
+    }
+
     /// Where the log stands; see [`ReadyIndex::roll_back_to`].
     pub fn mark(&self) -> usize {
         self.changes.len()

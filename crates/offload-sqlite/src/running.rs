@@ -195,6 +195,48 @@ impl RunningSet {
         seqs
     }
 
+    /// How the set disagrees with `rows`, the table's running tasks as
+    /// (seq, queue, lease_expires_at, deadline_at), if it does
+    /// (`Store::verify_bookkeeping`).
+    pub fn disagreement(&self, rows: &[(i64, String, Option<i64>, Option<i64>)]) -> Option<String> {
+        let inner = self.inner();
+        if inner.tasks.len() != rows.len() {
+            return Some(format!(
+                "{} running tasks in memory, {} in the table",
+                inner.tasks.len(),
+                rows.len()
+            ));
+        }
+        let mut in_queue = vec![0; inner.queues.len()];
+        for (seq, queue, lease, deadline) in rows {
+            let Some(running) = inner.tasks.get(seq) else {
+                return Some(format!("running task {seq} is not in memory"));
+            };
+            let remembered = (
+                inner.queues[running.queue].as_str(),
+                running.lease_expires_at,
+                running.deadline_at,
+            );
+            let stored = (
+                queue.as_str(),
+                lease.unwrap_or(i64::MAX),
+                deadline.unwrap_or(i64::MAX),
+            );
+            if remembered != stored {
+                return Some(format!(
+                    "running task {seq}: {remembered:?} in memory, {stored:?} in the table"
+                ));
+            }
+            in_queue[running.queue] += 1;
+        }
+        (in_queue != inner.running_in_queue).then(|| {
+            format!(
+                "running tasks by queue {:?} in memory, {in_queue:?} in the table",
+                inner.running_in_queue
+            )
+        })
+    }
+
     /// Takes `seq` out of the set: its row is not running (see
     /// `WriteCtx::recover_expired`).
     pub fn drop_seq(&self, seq: i64) {

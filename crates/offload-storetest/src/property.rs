@@ -3,12 +3,15 @@
 //!
 //! - no task is held by two workers: a claim only hands out tasks that were
 //!   `pending`, and only the holder's acks are accepted;
-//! - the counts (`stats`) match the tasks a full listing shows;
+//! - the counts (`stats`) match the tasks a full listing shows, and a
+//!   listing by state shows that state's tasks and no others;
 //! - every change of state is one SPEC §2 allows;
 //! - finished tasks change only by manual retry (or go by delete/retention);
 //! - attempts never exceed `max_attempts` (manual retry raises the latter);
 //! - running tasks, and only they, carry a worker and a lease;
-//! - at most one active task holds a (queue, unique key).
+//! - at most one active task holds a (queue, unique key);
+//! - what the store keeps beside its tables agrees with them
+//!   (`Store::verify_bookkeeping`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -368,6 +371,9 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
             }
         }
 
+        if let Err(e) = store.verify_bookkeeping().await {
+            panic!("{context}: {e}");
+        }
         let after = snapshot(&*store).await;
         check_snapshot(
             &*store,
@@ -399,11 +405,17 @@ fn check_holder(
 }
 
 async fn snapshot(store: &dyn Store) -> HashMap<Uuid, Task> {
+    listed(store, Vec::new()).await
+}
+
+/// Every task in `states` (any state when empty), page by page.
+async fn listed(store: &dyn Store, states: Vec<State>) -> HashMap<Uuid, Task> {
     let mut all = HashMap::new();
     let mut cursor = None;
     loop {
         let page = store
             .list(&ListQuery {
+                states: states.clone(),
                 limit: 1000,
                 cursor: cursor.clone(),
                 ..Default::default()
@@ -445,6 +457,20 @@ async fn check_snapshot(
         stats.queues, by_queue,
         "{context}: per-queue stats disagree with the listing"
     );
+
+    // Listing by one state finds that state's tasks, and only them (the
+    // SQLite store lists pending and running tasks from its memory).
+    for state in State::ALL {
+        let mut found: Vec<Uuid> = listed(store, vec![state]).await.into_keys().collect();
+        let mut expected: Vec<Uuid> = after
+            .values()
+            .filter(|t| t.state == state)
+            .map(|t| t.id)
+            .collect();
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "{context}: the listing of {state} tasks");
+    }
 
     let mut unique_holders = HashSet::new();
     for task in after.values() {
