@@ -90,6 +90,7 @@ impl InMemory<'_> {
     fn newest_first(&self, state: State, below: Option<i64>, limit: usize) -> Vec<i64> {
         match state {
             State::Pending => self.pending.newest_first(below, limit),
+            // Running: the only other state kept there.
             _ => self.running.newest_first(below, limit),
         }
     }
