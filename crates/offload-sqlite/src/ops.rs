@@ -51,7 +51,7 @@ impl WriteCtx<'_, '_> {
     }
 
     fn load(&mut self, id: Uuid) -> Result<StoredTask> {
-        if let Some(stored) = self.running.take(id) {
+        if let Some(stored) = self.claimed_rows.take(id) {
             return Ok(stored);
         }
         ids::find(
@@ -68,7 +68,7 @@ impl WriteCtx<'_, '_> {
     /// Writes back every column the state machine may change (buffered:
     /// see `row_writes`).
     fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
-        self.running.forget(stored.task.id);
+        self.claimed_rows.forget(stored.task.id);
         let t = &stored.task;
         let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
         let millis = |at: Option<offload_core::Timestamp>| {
@@ -527,7 +527,7 @@ impl WriteCtx<'_, '_> {
         for mut stored in rows {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
             self.save(&stored, State::Pending)?;
-            self.running.remember(&stored);
+            self.claimed_rows.remember(&stored);
             claimed.push(stored.task);
         }
         Ok(claimed)

@@ -212,8 +212,8 @@ impl Effects {
     }
 }
 
-/// Running tasks at most kept in [`RunningRows`].
-const MAX_RUNNING_ROWS: usize = 100_000;
+/// Running tasks at most kept in [`ClaimedRows`].
+const MAX_CLAIMED_ROWS: usize = 100_000;
 
 /// The rows of tasks this writer claimed and that are still running as it
 /// left them, so that completing one need not read it back. Every write of
@@ -221,20 +221,20 @@ const MAX_RUNNING_ROWS: usize = 100_000;
 /// reader of it loads it again), a rolled-back savepoint or commit forgets
 /// them all.
 #[derive(Default)]
-pub(crate) struct RunningRows {
+pub(crate) struct ClaimedRows {
     /// Keyed by ids this store generated, never chosen by a caller, so a
     /// fast hash without DoS resistance is safe here.
     rows: rustc_hash::FxHashMap<Uuid, StoredTask>,
 }
 
-impl RunningRows {
+impl ClaimedRows {
     pub fn take(&mut self, id: Uuid) -> Option<StoredTask> {
         self.rows.remove(&id)
     }
 
     /// Keeps a task just claimed and written.
     pub fn remember(&mut self, stored: &StoredTask) {
-        if stored.task.state == State::Running && self.rows.len() < MAX_RUNNING_ROWS {
+        if stored.task.state == State::Running && self.rows.len() < MAX_CLAIMED_ROWS {
             self.rows.insert(
                 stored.task.id,
                 StoredTask {
@@ -284,7 +284,7 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub hot: &'c mut HotStatements<'s>,
     pub now: Timestamp,
     pub shared: &'c Shared,
-    pub running: &'c mut RunningRows,
+    pub claimed_rows: &'c mut ClaimedRows,
     pub ready: &'c mut ReadyIndex,
     pub ids: &'c mut SeqIds,
     rows: &'c mut RowWrites,
@@ -332,7 +332,7 @@ impl<'c> WriteCtx<'c, '_> {
             self.effects.reset(mark);
             self.ready.roll_back_to(ready_mark);
             self.shared.running.roll_back_to(running_mark);
-            self.running.forget_all();
+            self.claimed_rows.forget_all();
         }
         self.exec("RELEASE op")?;
         outcome
@@ -492,7 +492,7 @@ impl Drop for Writer {
 /// What the writer thread keeps between operations.
 struct WriterState<'conn> {
     hot: HotStatements<'conn>,
-    running: RunningRows,
+    claimed_rows: ClaimedRows,
     ready: ReadyIndex,
     ids: SeqIds,
     rows: RowWrites,
@@ -511,7 +511,7 @@ impl<'conn> WriterState<'conn> {
             hot: &mut self.hot,
             now: shared.clock.now(),
             shared,
-            running: &mut self.running,
+            claimed_rows: &mut self.claimed_rows,
             ready: &mut self.ready,
             ids: &mut self.ids,
             rows: &mut self.rows,
@@ -533,7 +533,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
     };
     let mut state = WriterState {
         hot,
-        running: RunningRows::default(),
+        claimed_rows: ClaimedRows::default(),
         ready,
         // Every enqueue reads the largest seq stored before it hands out
         // ids (`ops.rs`).
@@ -573,7 +573,7 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
-                state.running.forget_all();
+                state.claimed_rows.forget_all();
                 state.ready.roll_back_to(0);
                 shared.running.roll_back_to(0);
                 false
