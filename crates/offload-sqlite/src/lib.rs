@@ -147,9 +147,7 @@ impl SqliteStore {
         // The writer prepares these again on its thread; a failure here has
         // a caller to answer.
         drop(writer::HotStatements::prepare(&conn)?);
-        let counts = load_counts(&conn)?;
-        let ready = ReadyIndex::load(&conn).map_err(storage_error)?;
-        let running = RunningSet::load(&conn).map_err(storage_error)?;
+        let (counts, ready, running) = load_memory(&conn)?;
         let shared = Arc::new(Shared {
             clock: options.clock,
             hub: Hub::new(),
@@ -252,28 +250,67 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn load_counts(conn: &Connection) -> Result<CountsMap> {
-    let mut counts = CountsMap::new();
-    let mut stmt = conn
-        .prepare("SELECT queue, type, state, COUNT(*) FROM tasks GROUP BY queue, type, state")
-        .map_err(storage_error)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
+/// What the store keeps in memory, from one walk of `tasks` at open: the
+/// counts by (queue, type) and state, the pending tasks in claim order
+/// (`ready.rs`) and the running ones (`running.rs`). No index holds the
+/// pending or running tasks, so each would need a walk anyway; counting
+/// here spares SQLite a GROUP BY, which sorted every row (0.4 s of 0.7 for
+/// a million).
+fn load_memory(conn: &Connection) -> Result<(CountsMap, ReadyIndex, RunningSet)> {
+    let mut counts: rustc_hash::FxHashMap<String, rustc_hash::FxHashMap<String, Counts>> =
+        Default::default();
+    let mut ready = ReadyIndex::default();
+    let running = RunningSet::default();
+    let mut walk = || -> rusqlite::Result<Result<()>> {
+        let mut stmt = conn.prepare(
+            "SELECT seq, queue, type, state, priority, run_at, lease_expires_at, deadline_at \
+             FROM tasks",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let queue = row.get_ref(1)?.as_str()?;
+            let task_type = row.get_ref(2)?.as_str()?;
+            let code: i64 = row.get(3)?;
+            let Some(state) = State::from_code(code) else {
+                return Ok(Err(Error::Storage(format!(
+                    "task {seq} has unknown state code {code}"
+                ))));
+            };
+            let by_type = match counts.get_mut(queue) {
+                Some(by_type) => by_type,
+                None => counts.entry(queue.to_owned()).or_default(),
+            };
+            let pair = match by_type.get_mut(task_type) {
+                Some(pair) => pair,
+                None => by_type.entry(task_type.to_owned()).or_default(),
+            };
+            *pair.slot(state) += 1;
+            match state {
+                State::Pending => {
+                    let key = ready::ReadyKey {
+                        priority: std::cmp::Reverse(row.get(4)?),
+                        run_at: row.get(5)?,
+                        seq,
+                    };
+                    ready.load_pending(queue, task_type, key);
+                }
+                State::Running => running.load_running(seq, queue, row.get(6)?, row.get(7)?),
+                _ => {}
+            }
+        }
+        Ok(Ok(()))
+    };
+    walk().map_err(storage_error)??;
+    let counts = counts
+        .into_iter()
+        .flat_map(|(queue, by_type)| {
+            by_type
+                .into_iter()
+                .map(move |(task_type, c)| ((queue.clone(), task_type), c))
         })
-        .map_err(storage_error)?;
-    for row in rows {
-        let (queue, task_type, code, n) = row.map_err(storage_error)?;
-        let state = State::from_code(code)
-            .ok_or_else(|| Error::Storage(format!("unknown state code {code}")))?;
-        *counts.entry((queue, task_type)).or_default().slot(state) += n as u64;
-    }
-    Ok(counts)
+        .collect();
+    Ok((counts, ready.loaded(), running))
 }
 
 #[async_trait::async_trait]

@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task, Timestamp};
-use rusqlite::Connection;
 
 /// A pending task's place in claim order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -101,27 +100,19 @@ pub(crate) struct ReadyIndex {
 }
 
 impl ReadyIndex {
-    /// Every pending task of `conn`'s `tasks`: a walk of the whole table,
-    /// which holds no index of them.
-    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
-        let mut index = Self::default();
-        let mut stmt =
-            conn.prepare("SELECT seq, queue, type, priority, run_at FROM tasks WHERE state = 2")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let key = ReadyKey {
-                priority: Reverse(row.get(3)?),
-                run_at: row.get(4)?,
-                seq: row.get(0)?,
-            };
-            let lane = index.lane(row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?);
-            index.lanes[lane].insert(key);
-        }
-        index
-            .pending_seqs
+    /// Adds a pending task read from the table when the store opens
+    /// (`load_memory` in `lib.rs`); unlogged, as nothing rolls it back.
+    pub fn load_pending(&mut self, queue: &str, task_type: &str, key: ReadyKey) {
+        let lane = self.lane(queue, task_type);
+        self.lanes[lane].insert(key);
+    }
+
+    /// Ends the load: the pending seqs readers list follow the lanes.
+    pub fn loaded(self) -> Self {
+        self.pending_seqs
             .seqs()
-            .extend(index.lanes.iter().flatten().map(|key| key.seq));
-        Ok(index)
+            .extend(self.lanes.iter().flatten().map(|key| key.seq));
+        self
     }
 
     /// The seqs readers list pending tasks from.

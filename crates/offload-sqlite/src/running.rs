@@ -21,7 +21,6 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task};
-use rusqlite::Connection;
 
 /// What the store asks of a running task without reading its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,28 +97,22 @@ impl RunningSet {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every running task of `conn`'s `tasks`: a walk of the whole table,
-    /// which holds no index of them.
-    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
-        let set = Self::default();
-        let mut inner = set.inner();
-        let mut stmt = conn.prepare(
-            "SELECT seq, queue, lease_expires_at, deadline_at FROM tasks WHERE state = 3",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let queue = inner.queue_number(row.get_ref(1)?.as_str()?);
-            let running = Running {
-                queue,
-                lease_expires_at: row.get::<_, Option<i64>>(2)?.unwrap_or(i64::MAX),
-                deadline_at: row.get::<_, Option<i64>>(3)?.unwrap_or(i64::MAX),
-            };
-            inner.set(row.get(0)?, Some(running));
-        }
-        drop(rows);
-        drop(stmt);
-        drop(inner);
-        Ok(set)
+    /// Adds a running task read from the table when the store opens
+    /// (`load_memory` in `lib.rs`); unlogged, as nothing rolls it back.
+    pub fn load_running(
+        &self,
+        seq: i64,
+        queue: &str,
+        lease_expires_at: Option<i64>,
+        deadline_at: Option<i64>,
+    ) {
+        let mut inner = self.inner();
+        let running = Running {
+            queue: inner.queue_number(queue),
+            lease_expires_at: lease_expires_at.unwrap_or(i64::MAX),
+            deadline_at: deadline_at.unwrap_or(i64::MAX),
+        };
+        inner.set(seq, Some(running));
     }
 
     /// Records a task row as it now stands: in the set if running, out of

@@ -107,6 +107,12 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
         let store = SqliteStore::open(&path, options()).unwrap();
         let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
         let stored = store.enqueue(vec![spec.clone(), spec]).await.unwrap();
+        let elsewhere = NewTask::new("u")
+            .queue("other")
+            .delay(Duration::from_secs(3600))
+            .validate(&Limits::default(), "")
+            .unwrap();
+        store.enqueue(vec![elsewhere]).await.unwrap();
         let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].id, stored[0].0.id, "the oldest first");
@@ -116,6 +122,14 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
     assert_eq!(store.get(claimed).await.unwrap().unwrap().id, claimed);
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.total.running, stats.total.pending), (1, 1));
+    assert_eq!(
+        (
+            stats.queues["default"].total(),
+            stats.queues["other"].scheduled
+        ),
+        (2, 1),
+        "counted by queue and state again at open"
+    );
     let listed = |state: State| {
         let query = offload_core::ListQuery {
             states: vec![state],
