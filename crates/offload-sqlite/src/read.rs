@@ -188,7 +188,9 @@ pub(crate) fn list(
                     break;
                 };
                 below = Some(oldest);
-                args[0] = Value::Text(seqs_json(&seqs));
+                let seqs_json = serde_json::to_string(&seqs)
+                    .map_err(|e| Error::Storage(format!("cannot list seqs as JSON: {e}")))?;
+                args[0] = Value::Text(seqs_json);
                 let mut found = read(&sql, &args)?;
                 found.sort_unstable_by_key(|row| std::cmp::Reverse(row.seq));
                 rows.extend(found);
@@ -210,20 +212,6 @@ pub(crate) fn list(
         tasks: rows.into_iter().map(|s| s.task).collect(),
         next_cursor,
     })
-}
-
-/// `seqs` as a JSON array, for `json_each`.
-fn seqs_json(seqs: &[i64]) -> String {
-    let mut json = String::with_capacity(seqs.len() * 8 + 2);
-    json.push('[');
-    for (i, seq) in seqs.iter().enumerate() {
-        if i > 0 {
-            json.push(',');
-        }
-        json.push_str(&seq.to_string());
-    }
-    json.push(']');
-    json
 }
 
 pub(crate) fn queue_settings(conn: &Connection) -> Result<Vec<(String, bool, Option<u32>)>> {

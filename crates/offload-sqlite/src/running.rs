@@ -9,8 +9,8 @@
 //! changed with every row the writer inserts or writes back.
 //!
 //! Changes are undone with the transaction that made them, as in
-//! `ready.rs`. Unlike the pending tasks, the set is shared: readers list
-//! running tasks and count stuck ones from it. They see the writer's changes
+//! `ready.rs`. The set is shared, as the pending tasks' seqs are: readers
+//! list running tasks and count stuck ones from it. They see the writer's changes
 //! as it makes them, before its commit, and so take the set as a list of
 //! candidates that their own snapshot of `tasks` confirms (a running task's
 //! row says so); a task that ends while a list is being read may be left
