@@ -10,8 +10,14 @@
 //! - `pickup_ms`: an idle server, tasks one after another, from the enqueue
 //!   request leaving the client to the handler starting;
 //! - `claim_scaling`: processing rate with `--stored` tasks stored divided by
-//!   the rate with 10,000 stored (each the median of three rounds);
-//! - `server_rss_mb`: the server's peak resident memory.
+//!   the rate with 10,000 stored, each the median of several rounds. The
+//!   stored tasks fill a second server of their own, and the two servers'
+//!   rounds take turns, so that the machine drifting between the halves (a
+//!   busy neighbour, a slower minute) moves both alike. Against `--url`
+//!   there is one server: its small half runs before the fill, the large
+//!   one after;
+//! - `server_rss_mb`: the peak resident memory of the servers it started
+//!   (the larger: the one holding `--stored` tasks, as a rule).
 //!
 //! Tasks are no-ops with a small JSON payload. Nothing here asserts a
 //! speed: it measures.
@@ -118,12 +124,42 @@ fn fresh_schema(db: &str, label: &str) -> String {
     format!("{db}{joiner}schema={schema}")
 }
 
-async fn start_server(args: &BenchArgs) -> Result<Target> {
-    let dir = tempfile::tempdir().context("a temporary directory")?;
-    let db = match &args.db {
-        Some(db) if backend_of(db) == "postgres" => fresh_schema(db, "http"),
-        Some(db) => db.clone(),
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+/// Which of a run's servers to start.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// The one every phase measures, on `--db`.
+    Main,
+    /// The one the claim-scaling phase fills with `--stored` tasks: a
+    /// database of its own beside `--db` (a schema of its own on
+    /// PostgreSQL, a file in a directory beside a SQLite `--db`).
+    ManyStored,
+}
+
+async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
+    let sqlite_beside = match &args.db {
+        Some(db) if backend_of(db) == "sqlite" && role == Role::ManyStored => {
+            let path = std::path::Path::new(db.strip_prefix("sqlite://").unwrap_or(db));
+            path.parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .map(std::path::Path::to_path_buf)
+        }
+        _ => None,
+    };
+    let dir = match sqlite_beside {
+        Some(parent) => tempfile::Builder::new()
+            .prefix(".offload-bench-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("a temporary directory in {}", parent.display()))?,
+        None => tempfile::tempdir().context("a temporary directory")?,
+    };
+    let db = match (&args.db, role) {
+        (Some(db), Role::Main) if backend_of(db) == "postgres" => fresh_schema(db, "http"),
+        (Some(db), Role::ManyStored) if backend_of(db) == "postgres" => fresh_schema(db, "stored"),
+        (Some(db), Role::Main) => db.clone(),
+        (_, Role::ManyStored) => {
+            format!("sqlite://{}", dir.path().join("stored.db").display())
+        }
+        (None, Role::Main) => format!("sqlite://{}", dir.path().join("bench.db").display()),
     };
     let exe = std::env::current_exe().context("finding this binary")?;
     let mut child = tokio::process::Command::new(exe)
@@ -202,7 +238,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
                 _dir: None,
             }
         }
-        None => start_server(&args).await?,
+        None => start_server(&args, Role::Main).await?,
     };
     let quiet = json;
     let n = args.tasks;
@@ -216,25 +252,31 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         None => None,
     };
     let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
-    let small = SCALING_SAMPLE;
-    let mut rates_small = Vec::with_capacity(SCALING_ROUNDS);
-    for _ in 0..SCALING_ROUNDS {
-        enqueue_quietly(&client, small).await?;
-        rates_small.push(process_http(&client, small, quiet, "claim, 10,000 stored").await?);
+    let stored = args.stored.max(SCALING_SAMPLE);
+    let mut many_stored = match &target.child {
+        Some(_) => Some(start_server(&args, Role::ManyStored).await?),
+        None => None,
+    };
+    let scaling = claim_scaling(
+        &client,
+        many_stored.as_ref().map(|t| &t.client),
+        stored,
+        quiet,
+    )
+    .await?;
+    let server_rss_mb = [Some(&target), many_stored.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(Target::rss_peak_mb)
+        .reduce(f64::max);
+    for server in [Some(&mut target), many_stored.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(child) = server.child.as_mut() {
+            let _ = child.kill().await;
+        }
     }
-    let stored = args.stored.max(small);
-    // Each round consumes its sample and a little more (tasks fetched before
-    // the workers stop still run): the rounds must never run dry.
-    let to_store = stored + 2 * small * SCALING_ROUNDS;
-    let fill = bar(to_store, "store for scaling", quiet);
-    enqueue_counted(&client, to_store, BatchAnswer::Ids, &fill).await?;
-    fill.finish();
-    let mut rates_large = Vec::with_capacity(SCALING_ROUNDS);
-    for _ in 0..SCALING_ROUNDS {
-        rates_large.push(process_http(&client, small, quiet, "claim, many stored").await?);
-    }
-    let claim_scaling = median(rates_large) / median(rates_small);
-    let server_rss_mb = target.rss_peak_mb();
 
     let report = Report {
         backend: target.backend.clone(),
@@ -246,21 +288,18 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         process_http_per_sec,
         process_embedded_per_sec,
         pickup_ms,
-        claim_scaling,
+        claim_scaling: scaling.large / scaling.small,
         server_rss_mb,
     };
-    if let Some(child) = target.child.as_mut() {
-        let _ = child.kill().await;
-    }
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_report(&report, stored);
+        print_report(&report, stored, &scaling);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_report(r: &Report, stored: usize) {
+fn print_report(r: &Report, stored: usize, scaling: &Scaling) {
     println!();
     println!(
         "backend {} ({}), {} cores, {} tasks per phase",
@@ -287,13 +326,69 @@ fn print_report(r: &Report, stored: usize) {
         r.pickup_ms.p50, r.pickup_ms.p99
     );
     println!(
-        "  claim scaling ({stored} stored vs 10000) {:.2}",
-        r.claim_scaling
+        "  claim scaling ({stored} stored vs {SCALING_SAMPLE}) {:.2} ({:.0} / {:.0} tasks/s)",
+        r.claim_scaling, scaling.large, scaling.small
     );
     match r.server_rss_mb {
         Some(mb) => println!("  server peak memory          {mb:>12.1} MB"),
         None => println!("  server peak memory                   n/a (remote server)"),
     }
+}
+
+/// Claim and completion rate with `stored` tasks stored over the rate with
+/// [`SCALING_SAMPLE`] stored. With a server of its own for the stored tasks
+/// (`many`), the rounds of the two take turns; otherwise the one server
+/// runs the small half, is filled, and runs the large half.
+async fn claim_scaling(
+    small: &Client,
+    many: Option<&Client>,
+    stored: usize,
+    quiet: bool,
+) -> Result<Scaling> {
+    // Each round consumes its sample and a little more (tasks fetched before
+    // the workers stop still run): the rounds must never run dry.
+    let to_store = stored + 2 * SCALING_SAMPLE * SCALING_ROUNDS;
+    let fill = |client: Client| async move {
+        let progress = bar(to_store, "store for scaling", quiet);
+        enqueue_counted(&client, to_store, BatchAnswer::Ids, &progress).await?;
+        progress.finish();
+        anyhow::Ok(())
+    };
+    const LARGE_ROUND: &str = "claim, many stored";
+    let small_round = || async {
+        enqueue_quietly(small, SCALING_SAMPLE).await?;
+        process_http(small, SCALING_SAMPLE, quiet, "claim, 10,000 stored").await
+    };
+    let mut rates_small = Vec::with_capacity(SCALING_ROUNDS);
+    let mut rates_large = Vec::with_capacity(SCALING_ROUNDS);
+    match many {
+        Some(many) => {
+            fill(many.clone()).await?;
+            for _ in 0..SCALING_ROUNDS {
+                rates_small.push(small_round().await?);
+                rates_large.push(process_http(many, SCALING_SAMPLE, quiet, LARGE_ROUND).await?);
+            }
+        }
+        None => {
+            for _ in 0..SCALING_ROUNDS {
+                rates_small.push(small_round().await?);
+            }
+            fill(small.clone()).await?;
+            for _ in 0..SCALING_ROUNDS {
+                rates_large.push(process_http(small, SCALING_SAMPLE, quiet, LARGE_ROUND).await?);
+            }
+        }
+    }
+    Ok(Scaling {
+        small: median(rates_small),
+        large: median(rates_large),
+    })
+}
+
+/// The two halves of the claim-scaling ratio, tasks a second.
+struct Scaling {
+    small: f64,
+    large: f64,
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {
