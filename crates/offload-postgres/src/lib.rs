@@ -110,18 +110,8 @@ impl PgStore {
     /// listening and competing for leadership.
     pub async fn open(url: &str, options: PgOptions) -> Result<Arc<Self>> {
         let schema = options.schema.clone();
-        if schema.is_empty()
-            || !schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
-            return Err(Error::invalid(
-                "schema",
-                "must be lowercase letters, digits and _",
-            ));
-        }
-        let mut connect = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))?
+        check_schema_name(&schema)?;
+        let mut connect = connect_options(url)?
             // A prepared statement's first five runs are planned for their
             // parameters: on a table just filled, before autovacuum's
             // ANALYZE, a claim's or an ack's 500 seqs or ids looked cheaper
@@ -222,6 +212,54 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Schema names go into statements as they are, so only plain ones pass.
+fn check_schema_name(schema: &str) -> Result<()> {
+    if schema.is_empty()
+        || !schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(Error::invalid(
+            "schema",
+            "must be lowercase letters, digits and _",
+        ));
+    }
+    Ok(())
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    PgConnectOptions::from_str(url)
+        .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))
+}
+
+/// How long [`drop_schema`] waits for a table lock before it gives up.
+const DROP_LOCK_WAIT: &str = "10s";
+
+/// Drops `schema` with every table in it: for installations made to be
+/// thrown away, such as `offload bench`'s. `public`, where an installation
+/// without a schema of its own lives, is refused.
+pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
+    check_schema_name(schema)?;
+    if schema == "public" {
+        return Err(Error::invalid("schema", "public is never dropped"));
+    }
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&connect_options(url)?)
+        .await
+        .map_err(storage_error)?;
+    // A node that was just killed may still hold locks until its backend
+    // notices; waiting forever for one would hang the caller.
+    sqlx::query(&format!("SET lock_timeout = '{DROP_LOCK_WAIT}'"))
+        .execute(&mut conn)
+        .await
+        .map_err(storage_error)?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut conn)
+        .await
+        .map_err(storage_error)?;
+    conn.close().await.map_err(storage_error)
 }
 
 async fn migrate(pool: PgPool, schema: String) -> Result<()> {

@@ -446,3 +446,53 @@ async fn a_made_up_id_with_a_stored_seq_finds_nothing() {
     assert!(outcomes[1].is_err(), "{outcomes:?}");
     store.close();
 }
+
+/// `drop_schema` removes an installation, tasks and all, while the node
+/// that made it is still connected; it never drops `public` or a name it
+/// would have to quote.
+#[tokio::test]
+async fn drop_schema_removes_an_installation_and_refuses_public() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    store
+        .enqueue(vec![
+            NewTask::new("t")
+                .validate(&Limits::default(), "")
+                .expect("valid"),
+        ])
+        .await
+        .expect("enqueue");
+    let schemas_named = |name: String| {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_namespace WHERE nspname = $1")
+                .bind(name)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count schemas")
+        }
+    };
+    assert_eq!(schemas_named(schema.clone()).await, 1);
+
+    offload_postgres::drop_schema(&url, &schema)
+        .await
+        .expect("drop");
+    assert_eq!(schemas_named(schema.clone()).await, 0);
+    // Dropping what is gone is not an error: a cleanup may run twice.
+    offload_postgres::drop_schema(&url, &schema)
+        .await
+        .expect("drop again");
+
+    for refused in ["public", "", "Bad", "x; DROP TABLE y"] {
+        let err = offload_postgres::drop_schema(&url, refused)
+            .await
+            .expect_err(refused);
+        assert!(err.to_string().contains("schema"), "{refused:?}: {err}");
+    }
+    assert_eq!(schemas_named("public".into()).await, 1);
+    store.close();
+}

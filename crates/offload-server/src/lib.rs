@@ -110,6 +110,17 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Se
     Ok(Arc::new(store))
 }
 
+/// Drops the PostgreSQL schema a `--db` URL names with its `schema`
+/// parameter, and every table in it: for installations made to be thrown
+/// away, such as `offload bench`'s. A URL without one names `public`,
+/// which is never dropped.
+pub async fn drop_postgres_schema(url: &str) -> Result<(), ServerError> {
+    let (url, schema) = split_schema(url);
+    offload_postgres::drop_schema(&url, schema.as_deref().unwrap_or("public"))
+        .await
+        .map_err(ServerError::Store)
+}
+
 /// Takes Offload's own `schema` parameter out of a PostgreSQL URL.
 fn split_schema(url: &str) -> (String, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {

@@ -90,6 +90,8 @@ struct Target {
     child: Option<tokio::process::Child>,
     backend: String,
     durability: String,
+    /// The PostgreSQL schema this run made for it, dropped at the end.
+    made_schema: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -114,6 +116,14 @@ fn backend_of(db: &str) -> &'static str {
         "postgres"
     } else {
         "sqlite"
+    }
+}
+
+/// Drops a schema this run made, once nothing uses it: its tasks are of no
+/// use after the run, and every run makes new ones.
+async fn drop_schema(url: &str) {
+    if let Err(e) = offload_server::drop_postgres_schema(url).await {
+        eprintln!("offload bench: could not drop the schema of {url}: {e}");
     }
 }
 
@@ -195,6 +205,7 @@ async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
         child: Some(child),
         backend: backend_of(&db).into(),
         durability: args.durability.clone(),
+        made_schema: (backend_of(&db) == "postgres").then(|| db.clone()),
         _dir: Some(dir),
     })
 }
@@ -236,6 +247,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
                 child: None,
                 backend: "remote".into(),
                 durability: health.durability,
+                made_schema: None,
                 _dir: None,
             }
         }
@@ -276,6 +288,9 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     {
         if let Some(child) = server.child.as_mut() {
             let _ = child.kill().await;
+        }
+        if let Some(url) = server.made_schema.take() {
+            drop_schema(&url).await;
         }
     }
 
@@ -534,7 +549,11 @@ async fn process_http(client: &Client, n: usize, quiet: bool, phase: &str) -> Re
     burn(workers, n, count, &progress).await
 }
 
-async fn open_embedded(args: &BenchArgs, dir: &std::path::Path) -> Result<Arc<dyn Store>> {
+/// The in-process phase's store, and the PostgreSQL schema made for it.
+async fn open_embedded(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+) -> Result<(Arc<dyn Store>, Option<String>)> {
     match &args.db {
         Some(db) if backend_of(db) == "postgres" => {
             let url = fresh_schema(db, "embedded");
@@ -543,7 +562,7 @@ async fn open_embedded(args: &BenchArgs, dir: &std::path::Path) -> Result<Arc<dy
                 durability: args.durability.clone(),
                 ..offload_server::Config::default()
             };
-            Ok(offload_server::open_store(&url, &config).await?)
+            Ok((offload_server::open_store(&url, &config).await?, Some(url)))
         }
         _ => {
             let durability = if args.durability == "relaxed" {
@@ -555,17 +574,15 @@ async fn open_embedded(args: &BenchArgs, dir: &std::path::Path) -> Result<Arc<dy
                 durability,
                 ..offload_sqlite::SqliteOptions::default()
             };
-            Ok(Arc::new(offload_sqlite::SqliteStore::open(
-                dir.join("embedded.db"),
-                options,
-            )?))
+            let store = offload_sqlite::SqliteStore::open(dir.join("embedded.db"), options)?;
+            Ok((Arc::new(store), None))
         }
     }
 }
 
 async fn process_embedded(args: &BenchArgs, n: usize, quiet: bool) -> Result<f64> {
     let dir = tempfile::tempdir()?;
-    let store = open_embedded(args, dir.path()).await?;
+    let (store, made_schema) = open_embedded(args, dir.path()).await?;
     let spec = task().validate(&Limits::default(), "")?;
     let mut left = n;
     while left > 0 {
@@ -582,6 +599,10 @@ async fn process_embedded(args: &BenchArgs, n: usize, quiet: bool) -> Result<f64
         .handle(TASK_TYPE, counting_handler(&count));
     let rate = burn(vec![worker], n, count, &progress).await?;
     engine.shutdown().await;
+    drop((engine, store));
+    if let Some(url) = made_schema {
+        drop_schema(&url).await;
+    }
     Ok(rate)
 }
 
