@@ -32,7 +32,7 @@ use offload_core::{
     encode_cursor, validate_queue_name, validate_worker_id,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{QueryBuilder, Row};
+use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -245,7 +245,6 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
     if schema == "public" {
         return Err(Error::invalid("schema", "public is never dropped"));
     }
-    use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect_with(&connect_options(url)?)
         .await
         .map_err(storage_error)?;
