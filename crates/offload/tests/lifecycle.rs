@@ -138,13 +138,33 @@ fn a_second_node_on_the_same_sqlite_file_is_refused() {
     );
 }
 
+/// The `bench_*` schemas of the PostgreSQL database at `url`.
+fn bench_schemas(url: &str) -> std::collections::BTreeSet<String> {
+    use sqlx::Connection;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'bench\\_%'")
+            .fetch_all(&mut conn)
+            .await
+            .expect("list schemas")
+            .into_iter()
+            .collect()
+    })
+}
+
 #[test]
 fn bench_runs_and_prints_every_key() {
     let mut command = Command::new(BIN);
     command.args(["bench", "--tasks", "2000", "--json"]);
-    if crate::support::on_postgres() {
-        let url = std::env::var("OFFLOAD_TEST_PG_URL").unwrap();
-        command.args(["--db", &url, "--stored", "20000"]);
+    let pg_url =
+        crate::support::on_postgres().then(|| std::env::var("OFFLOAD_TEST_PG_URL").unwrap());
+    let schemas_before = pg_url.as_deref().map(bench_schemas);
+    if let Some(url) = &pg_url {
+        command.args(["--db", url, "--stored", "20000"]);
     }
     let output = command.env_remove("OFFLOAD_URL").output().unwrap();
     assert!(
@@ -184,4 +204,9 @@ fn bench_runs_and_prints_every_key() {
     assert_eq!(report["backend"], backend);
     assert_eq!(report["durability"], "durable");
     assert_eq!(report["tasks"], 2000);
+    // The run's schemas (three: served, in process, stored) are dropped.
+    if let (Some(url), Some(before)) = (&pg_url, schemas_before) {
+        let left: Vec<String> = bench_schemas(url).difference(&before).cloned().collect();
+        assert!(left.is_empty(), "bench left {left:?}");
+    }
 }
