@@ -245,13 +245,10 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
     if schema == "public" {
         return Err(Error::invalid("schema", "public is never dropped"));
     }
-    let mut conn = sqlx::PgConnection::connect_with(&connect_options(url)?)
-        .await
-        .map_err(storage_error)?;
     // A node that was just killed may still hold locks until its backend
     // notices; waiting forever for one would hang the caller.
-    sqlx::query(&format!("SET lock_timeout = '{DROP_LOCK_WAIT}'"))
-        .execute(&mut conn)
+    let connect = connect_options(url)?.options([("lock_timeout", DROP_LOCK_WAIT)]);
+    let mut conn = sqlx::PgConnection::connect_with(&connect)
         .await
         .map_err(storage_error)?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))

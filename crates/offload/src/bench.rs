@@ -163,14 +163,17 @@ async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
             .with_context(|| format!("a temporary directory in {}", parent.display()))?,
         None => tempfile::tempdir().context("a temporary directory")?,
     };
-    let db = match (&args.db, role) {
-        (Some(db), Role::Main) if backend_of(db) == "postgres" => fresh_schema(db, "http"),
-        (Some(db), Role::ManyStored) if backend_of(db) == "postgres" => fresh_schema(db, "stored"),
-        (Some(db), Role::Main) => db.clone(),
-        (_, Role::ManyStored) => {
-            format!("sqlite://{}", dir.path().join("stored.db").display())
-        }
-        (None, Role::Main) => format!("sqlite://{}", dir.path().join("bench.db").display()),
+    let label = match role {
+        Role::Main => "http",
+        Role::ManyStored => "stored",
+    };
+    let db = match &args.db {
+        Some(db) if backend_of(db) == "postgres" => fresh_schema(db, label),
+        Some(db) if role == Role::Main => db.clone(),
+        _ => format!(
+            "sqlite://{}",
+            dir.path().join(format!("{label}.db")).display()
+        ),
     };
     let exe = std::env::current_exe().context("finding this binary")?;
     let mut child = tokio::process::Command::new(exe)
