@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::rows::{PgError, TASK_COLUMNS, decode, storage_error};
-use crate::tx::{Effects, Tx};
+use crate::tx::Tx;
 
 /// Versioned migrations, recorded in `offload_schema_migrations`.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -186,22 +186,6 @@ impl PgStore {
         Ok(Tx::new(conn, Arc::clone(&self.node)))
     }
 
-    fn publish(&self, effects: Effects) {
-        let hub = &self.node.hub;
-        for event in effects.events {
-            hub.publish(event);
-        }
-        for id in effects.cancels {
-            hub.notify_cancel(id);
-        }
-        if effects.scheduled {
-            hub.notify_scheduled();
-        }
-        if effects.ready {
-            hub.notify_ready();
-        }
-    }
-
     /// Stops listening and leading; the pool closes when the store drops.
     pub fn close(&self) {
         self.stop.cancel();
@@ -327,8 +311,8 @@ macro_rules! in_tx {
                 let done = async { Ok::<_, PgError>($body) }.await;
                 match done {
                     Ok(value) => {
-                        let effects = $tx.commit().await?;
-                        Ok::<_, PgError>((value, effects))
+                        $tx.commit().await?;
+                        Ok::<_, PgError>(value)
                     }
                     Err(e) => {
                         // Dropping the transaction would only queue its
@@ -341,10 +325,7 @@ macro_rules! in_tx {
             }
             .await;
             match outcome {
-                Ok((value, effects)) => {
-                    $store.publish(effects);
-                    break Ok(value);
-                }
+                Ok(value) => break Ok(value),
                 Err(PgError::Retry(_)) if tries < MAX_TRIES => continue,
                 Err(e) => break Err(e.into_core()),
             }

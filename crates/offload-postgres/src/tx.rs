@@ -8,20 +8,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use offload_core::{EventKind, State, Task, TaskEvent};
+use offload_core::{Error, EventKind, State, Task, TaskEvent};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::Node;
 use crate::ids::Lock;
-use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+use crate::rows::{PgError, PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
 
 /// PostgreSQL's limit on a NOTIFY payload is 8000 bytes; stay well below.
 const NOTIFY_CHUNK: usize = 7000;
 
-/// What a committed transaction announces in this process.
+/// What a transaction announces in this process once it has committed.
 #[derive(Default)]
-pub(crate) struct Effects {
+struct Effects {
     pub events: Vec<TaskEvent>,
     pub cancels: Vec<Uuid>,
     pub ready: bool,
@@ -284,9 +284,20 @@ impl Tx {
         }
     }
 
-    /// Records the counts and notifications, commits, and hands back what to
-    /// announce in this process.
-    pub async fn commit(mut self) -> PgResult<Effects> {
+    /// Records the counts and notifications, commits, and announces the
+    /// effects in this process, on a task of its own: a server drops a
+    /// request's operation when its client goes away, and sqlx's commit is
+    /// not cancel-safe. Dropped while COMMIT's answer is on its way, the
+    /// transaction believes itself still open and queues a ROLLBACK after a
+    /// commit that happened, and the claim or enqueue it made would never
+    /// be announced (a worker waiting for it sleeps on).
+    pub async fn commit(self) -> PgResult<()> {
+        tokio::spawn(self.commit_and_publish())
+            .await
+            .map_err(|e| PgError::Core(Error::Storage(format!("committing: {e}"))))?
+    }
+
+    async fn commit_and_publish(mut self) -> PgResult<()> {
         let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
         if !deltas.is_empty() {
             let (mut queues, mut types, mut states, mut values) = (vec![], vec![], vec![], vec![]);
@@ -315,7 +326,20 @@ impl Tx {
                 .await?;
         }
         self.conn.commit().await?;
-        Ok(self.effects)
+        let hub = &self.node.hub;
+        for event in self.effects.events {
+            hub.publish(event);
+        }
+        for id in self.effects.cancels {
+            hub.notify_cancel(id);
+        }
+        if self.effects.scheduled {
+            hub.notify_scheduled();
+        }
+        if self.effects.ready {
+            hub.notify_ready();
+        }
+        Ok(())
     }
 
     /// Notifications for every node (this one ignores its own events, which

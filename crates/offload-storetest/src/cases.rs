@@ -1516,3 +1516,91 @@ pub async fn batched_claims_and_acks_store_each_task_as_answered(factory: &dyn S
     }
     assert_eq!(f.state(child.id).await, State::Pending);
 }
+
+/// Polls `op` at most `polls` times, then drops it: the caller going away
+/// while the operation waits at its `polls`-th await point (the first
+/// poll starts it; each later one follows a wake-up, an answer arriving).
+async fn drop_after<F: std::future::Future>(polls: usize, op: F) -> Option<F::Output> {
+    let mut op = std::pin::pin!(op);
+    let mut left = polls;
+    std::future::poll_fn(move |cx| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        left -= 1;
+        op.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
+/// A server drops a request's operation when its client goes away. Whatever
+/// the operation committed by then must still be announced (to event
+/// streams, to waiting workers): here an enqueue and a claim are dropped at
+/// each of their await points in turn, and every task they left pending or
+/// running must have had that change published.
+pub async fn an_operation_dropped_by_its_caller_publishes_what_it_committed(
+    factory: &dyn StoreFactory,
+) {
+    const MAX_POLLS: usize = 1000;
+    let f = fixture(factory).await;
+    let mut events = f.store.hub().subscribe();
+    for polls in 0.. {
+        assert!(
+            polls < MAX_POLLS,
+            "an enqueue ends within {MAX_POLLS} polls"
+        );
+        let spec = NewTask::new("enqueued")
+            .validate(&Limits::default(), "")
+            .unwrap();
+        if drop_after(polls, f.store.enqueue(vec![spec]))
+            .await
+            .is_some()
+        {
+            break;
+        }
+    }
+    let request = ClaimRequest {
+        worker_id: "w".into(),
+        types: vec!["claimed".into()],
+        queues: Vec::new(),
+        limit: 1,
+        lease: Duration::from_secs(30),
+    };
+    for polls in 0.. {
+        assert!(polls < MAX_POLLS, "a claim ends within {MAX_POLLS} polls");
+        f.enqueue(NewTask::new("claimed")).await;
+        if drop_after(polls, f.store.claim(&request)).await.is_some() {
+            break;
+        }
+    }
+    let stored = f
+        .store
+        .list(&ListQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .tasks;
+    let mut unannounced: std::collections::HashSet<(Uuid, State)> =
+        stored.iter().map(|task| (task.id, task.state)).collect();
+    // What a dropped operation committed is announced once its commit
+    // returns, which may be a moment after its caller went away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !unannounced.is_empty() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(event)) if event.kind == EventKind::State => {
+                unannounced.remove(&(event.task.id, event.task.state));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("event stream: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        unannounced.is_empty(),
+        "{} of {} stored tasks' last change was committed but never published: {unannounced:?}",
+        unannounced.len(),
+        stored.len()
+    );
+}

@@ -72,6 +72,7 @@ macro_rules! conformance_tests {
             changes_are_published_as_events,
             ack_batch_answers_each_item,
             batched_claims_and_acks_store_each_task_as_answered,
+            an_operation_dropped_by_its_caller_publishes_what_it_committed,
         );
     };
     (@cases $factory:expr, $available:expr; $($case:ident),* $(,)?) => {
