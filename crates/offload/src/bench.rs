@@ -90,8 +90,6 @@ struct Target {
     child: Option<tokio::process::Child>,
     backend: String,
     durability: String,
-    /// The PostgreSQL schema this run made for it, dropped at the end.
-    made_schema: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -119,20 +117,37 @@ fn backend_of(db: &str) -> &'static str {
     }
 }
 
-/// Drops a schema this run made, once nothing uses it: its tasks are of no
-/// use after the run, and every run makes new ones.
-async fn drop_schema(url: &str) {
-    if let Err(e) = offload_server::drop_postgres_schema(url).await {
-        eprintln!("offload bench: could not drop the schema of {url}: {e}");
-    }
-}
+/// The PostgreSQL schemas a run made in the user's database. Their tasks
+/// are of no use after the run and every run makes new ones (one holds the
+/// `--stored` tasks), so all are dropped at its end, whether it finished,
+/// failed or was interrupted.
+#[derive(Default)]
+struct MadeSchemas(std::sync::Mutex<Vec<String>>);
 
-/// A PostgreSQL URL with a schema of this run's own.
-fn fresh_schema(db: &str, label: &str) -> String {
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    let schema = format!("bench_{label}_{}", &unique[unique.len() - 10..]);
-    let joiner = if db.contains('?') { '&' } else { '?' };
-    format!("{db}{joiner}schema={schema}")
+impl MadeSchemas {
+    /// A PostgreSQL URL with a schema of this run's own.
+    fn fresh(&self, db: &str, label: &str) -> String {
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let schema = format!("bench_{label}_{}", &unique[unique.len() - 10..]);
+        let joiner = if db.contains('?') { '&' } else { '?' };
+        let url = format!("{db}{joiner}schema={schema}");
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(url.clone());
+        url
+    }
+
+    /// Once nothing uses them: a server still holding a lock (one killed a
+    /// moment ago) is waited for, up to `drop_schema`'s lock timeout.
+    async fn drop_all(&self) {
+        let made = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for url in made {
+            if let Err(e) = offload_server::drop_postgres_schema(&url).await {
+                eprintln!("offload bench: could not drop the schema of {url}: {e}");
+            }
+        }
+    }
 }
 
 /// Which of a run's servers to start.
@@ -146,7 +161,7 @@ enum Role {
     ManyStored,
 }
 
-async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
+async fn start_server(args: &BenchArgs, role: Role, made: &MadeSchemas) -> Result<Target> {
     let sqlite_beside = match &args.db {
         Some(db) if backend_of(db) == "sqlite" && role == Role::ManyStored => {
             let path = std::path::Path::new(db.strip_prefix("sqlite://").unwrap_or(db));
@@ -168,7 +183,7 @@ async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
         Role::ManyStored => "stored",
     };
     let db = match &args.db {
-        Some(db) if backend_of(db) == "postgres" => fresh_schema(db, label),
+        Some(db) if backend_of(db) == "postgres" => made.fresh(db, label),
         Some(db) if role == Role::Main => db.clone(),
         _ => format!(
             "sqlite://{}",
@@ -208,7 +223,6 @@ async fn start_server(args: &BenchArgs, role: Role) -> Result<Target> {
         child: Some(child),
         backend: backend_of(&db).into(),
         durability: args.durability.clone(),
-        made_schema: (backend_of(&db) == "postgres").then(|| db.clone()),
         _dir: Some(dir),
     })
 }
@@ -240,6 +254,30 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         "ids" => BatchAnswer::Ids,
         _ => return Err(usage("--batch-answer: must be tasks or ids")),
     };
+    let made = MadeSchemas::default();
+    // Interrupted or failed, the servers this run started are killed as
+    // their handles drop, before the schemas they used are dropped.
+    let measured = tokio::select! {
+        measured = measure(&args, url, batch_answer, json, &made) => measured,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    made.drop_all().await;
+    let (report, scaling) = measured?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report, args.stored.max(SCALING_SAMPLE), &scaling);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure(
+    args: &BenchArgs,
+    url: Option<String>,
+    batch_answer: BatchAnswer,
+    quiet: bool,
+    made: &MadeSchemas,
+) -> Result<(Report, Scaling)> {
     let mut target = match url {
         Some(url) => {
             let client = Client::new(url.clone());
@@ -250,13 +288,11 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
                 child: None,
                 backend: "remote".into(),
                 durability: health.durability,
-                made_schema: None,
                 _dir: None,
             }
         }
-        None => start_server(&args, Role::Main).await?,
+        None => start_server(args, Role::Main, made).await?,
     };
-    let quiet = json;
     let n = args.tasks;
     let client = target.client.clone();
 
@@ -264,13 +300,13 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     let enqueue_batch_per_sec = enqueue_batch(&client, n, batch_answer, quiet).await?;
     let process_http_per_sec = process_http(&client, 2 * n, quiet, "process over HTTP").await?;
     let process_embedded_per_sec = match &target.child {
-        Some(_) => Some(process_embedded(&args, n, quiet).await?),
+        Some(_) => Some(process_embedded(args, n, quiet, made).await?),
         None => None,
     };
     let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
     let stored = args.stored.max(SCALING_SAMPLE);
     let mut many_stored = match &target.child {
-        Some(_) => Some(start_server(&args, Role::ManyStored).await?),
+        Some(_) => Some(start_server(args, Role::ManyStored, made).await?),
         None => None,
     };
     let scaling = claim_scaling(
@@ -292,11 +328,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         if let Some(child) = server.child.as_mut() {
             let _ = child.kill().await;
         }
-        if let Some(url) = server.made_schema.take() {
-            drop_schema(&url).await;
-        }
     }
-
     let report = Report {
         backend: target.backend.clone(),
         tasks: n,
@@ -310,12 +342,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         claim_scaling: scaling.large / scaling.small,
         server_rss_mb,
     };
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report, stored, &scaling);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok((report, scaling))
 }
 
 fn print_report(r: &Report, stored: usize, scaling: &Scaling) {
@@ -552,20 +579,21 @@ async fn process_http(client: &Client, n: usize, quiet: bool, phase: &str) -> Re
     burn(workers, n, count, &progress).await
 }
 
-/// The in-process phase's store, and the PostgreSQL schema made for it.
+/// The in-process phase's store.
 async fn open_embedded(
     args: &BenchArgs,
     dir: &std::path::Path,
-) -> Result<(Arc<dyn Store>, Option<String>)> {
+    made: &MadeSchemas,
+) -> Result<Arc<dyn Store>> {
     match &args.db {
         Some(db) if backend_of(db) == "postgres" => {
-            let url = fresh_schema(db, "embedded");
+            let url = made.fresh(db, "embedded");
             let config = offload_server::Config {
                 db: url.clone(),
                 durability: args.durability.clone(),
                 ..offload_server::Config::default()
             };
-            Ok((offload_server::open_store(&url, &config).await?, Some(url)))
+            Ok(offload_server::open_store(&url, &config).await?)
         }
         _ => {
             let durability = if args.durability == "relaxed" {
@@ -578,14 +606,19 @@ async fn open_embedded(
                 ..offload_sqlite::SqliteOptions::default()
             };
             let store = offload_sqlite::SqliteStore::open(dir.join("embedded.db"), options)?;
-            Ok((Arc::new(store), None))
+            Ok(Arc::new(store))
         }
     }
 }
 
-async fn process_embedded(args: &BenchArgs, n: usize, quiet: bool) -> Result<f64> {
+async fn process_embedded(
+    args: &BenchArgs,
+    n: usize,
+    quiet: bool,
+    made: &MadeSchemas,
+) -> Result<f64> {
     let dir = tempfile::tempdir()?;
-    let (store, made_schema) = open_embedded(args, dir.path()).await?;
+    let store = open_embedded(args, dir.path(), made).await?;
     let spec = task().validate(&Limits::default(), "")?;
     let mut left = n;
     while left > 0 {
@@ -603,9 +636,6 @@ async fn process_embedded(args: &BenchArgs, n: usize, quiet: bool) -> Result<f64
     let rate = burn(vec![worker], n, count, &progress).await?;
     engine.shutdown().await;
     drop((engine, store));
-    if let Some(url) = made_schema {
-        drop_schema(&url).await;
-    }
     Ok(rate)
 }
 
