@@ -276,12 +276,17 @@ impl Tx {
             .collect())
     }
 
-    /// Ends the transaction without effect, now. A failed rollback leaves
-    /// the connection to the pool, which closes broken connections.
+    /// Ends the transaction without effect, now, on a task of its own as
+    /// the commit (a rollback dropped half-way would queue another). A
+    /// failed rollback leaves the connection to the pool, which closes
+    /// broken connections.
     pub async fn rollback(self) {
-        if let Err(e) = self.conn.rollback().await {
-            tracing::warn!(error = %e, "rollback failed");
-        }
+        let error = match tokio::spawn(self.conn.rollback()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%error, "rollback failed");
     }
 
     /// Records the counts and notifications, commits, and announces the
