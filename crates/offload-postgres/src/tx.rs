@@ -22,10 +22,10 @@ const NOTIFY_CHUNK: usize = 7000;
 /// What a transaction announces in this process once it has committed.
 #[derive(Default)]
 struct Effects {
-    pub events: Vec<TaskEvent>,
-    pub cancels: Vec<Uuid>,
-    pub ready: bool,
-    pub scheduled: bool,
+    events: Vec<TaskEvent>,
+    cancels: Vec<Uuid>,
+    ready: bool,
+    scheduled: bool,
 }
 
 pub(crate) struct Tx {
