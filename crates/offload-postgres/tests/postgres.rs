@@ -149,6 +149,45 @@ async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
     assert_eq!(a.get(task.id).await.unwrap().unwrap().state, State::Running);
 }
 
+/// A commit's notifications go out in one statement; a batch's changed
+/// ids take several of them (a NOTIFY payload has a size limit), and a
+/// cancel its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let a = node(&schema).await;
+    let b = node(&schema).await;
+    let mut events = b.hub().subscribe();
+    let mut cancels = b.hub().subscribe_cancels();
+    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let enqueued: std::collections::HashSet<Uuid> = a
+        .enqueue(vec![spec; 500])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(task, _)| task.id)
+        .collect();
+    let mut streamed = std::collections::HashSet::new();
+    while streamed.len() < enqueued.len() {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("node b streamed {} of 500 changes", streamed.len()))
+            .unwrap();
+        streamed.insert(event.task.id);
+    }
+    assert_eq!(streamed, enqueued);
+    let running = b.claim(&claim_by("w", 1)).await.unwrap().remove(0);
+    a.cancel(running.id).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), cancels.recv())
+        .await
+        .expect("node b heard of the cancel")
+        .unwrap();
+    assert_eq!(heard, running.id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     if !available() {
