@@ -313,8 +313,8 @@ impl Tx {
                 states.push(state);
                 values.push(delta);
             }
-            // One round trip for the counts and every notification: in a
-            // single enqueue they were three of its seven.
+            // The counts and every notification in one round trip: a
+            // single enqueue's rate is bound by its round trips.
             sqlx::query(
                 "WITH counted AS (INSERT INTO offload_counts (queue, type, state, delta) \
                    SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::bigint[])) \
