@@ -266,7 +266,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_report(&report, args.stored.max(SCALING_SAMPLE), &scaling);
+        print_report(&report, &scaling);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -345,7 +345,7 @@ async fn measure(
     Ok((report, scaling))
 }
 
-fn print_report(r: &Report, stored: usize, scaling: &Scaling) {
+fn print_report(r: &Report, scaling: &Scaling) {
     println!();
     println!(
         "backend {} ({}), {} cores, {} tasks per phase",
@@ -372,8 +372,8 @@ fn print_report(r: &Report, stored: usize, scaling: &Scaling) {
         r.pickup_ms.p50, r.pickup_ms.p99
     );
     println!(
-        "  claim scaling ({stored} stored vs {SCALING_SAMPLE}) {:.2} ({:.0} / {:.0} tasks/s)",
-        r.claim_scaling, scaling.large, scaling.small
+        "  claim scaling ({} stored vs {SCALING_SAMPLE}) {:.2} ({:.0} / {:.0} tasks/s)",
+        scaling.stored, r.claim_scaling, scaling.large, scaling.small
     );
     match r.server_rss_mb {
         Some(mb) => println!("  server peak memory          {mb:>12.1} MB"),
@@ -426,6 +426,7 @@ async fn claim_scaling(
         }
     }
     Ok(Scaling {
+        stored,
         small: median(rates_small),
         large: median(rates_large),
     })
@@ -433,6 +434,8 @@ async fn claim_scaling(
 
 /// The two halves of the claim-scaling ratio, tasks a second.
 struct Scaling {
+    /// Tasks stored for the large half.
+    stored: usize,
     small: f64,
     large: f64,
 }
