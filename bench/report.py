@@ -1,23 +1,67 @@
 """Turns bench/results/*.json into bench/RESULTS.md: one table, a row per
-system, the ratios to the best peer, the targets, and how it was measured."""
+system, the ratios to the best peer, the targets, and how it was measured.
+
+    python3 bench/report.py bench/results                 # one run
+    python3 bench/report.py bench/results/run-1 run-2 …   # several
+
+With several runs, each figure in the tables is its median over the runs,
+and each ratio is the median of the runs' own ratios: a ratio compares
+figures taken in the same minutes, never one run's peer with another's."""
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
-results = sys.argv[1]
-load = lambda name: json.load(open(os.path.join(results, f"{name}.json")))
-sqlite, postgres = load("offload-sqlite"), load("offload-postgres")
-peers = [load("bullmq"), load("graphile-worker"), load("celery")]
-# BullMQ on a Redis that fsyncs its append-only file before every reply:
-# the one peer run at Offload's durability (bench/run starts that Redis).
-durable_bullmq = None
-if os.path.exists(os.path.join(results, "bullmq-durable.json")):
-    durable_bullmq = load("bullmq-durable")
-    durable_bullmq["label"] = f"BullMQ {durable_bullmq['version']}, Redis fsync per write"
-    peers.insert(1, durable_bullmq)
+runs = sys.argv[1:]
+results = runs[0]  # where the disk's figures are kept
+
+
+def median_of(values):
+    """The median of numbers, dict by dict for nested figures (pickup_ms);
+    anything else (names, versions) as the first run has it."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: median_of([v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(values)
+    return first
+
+
+def load_run(run, name):
+    return json.load(open(os.path.join(run, f"{name}.json")))
+
+
+def load(name):
+    return median_of([load_run(run, name) for run in runs])
+
+
+def exists(name):
+    return all(os.path.exists(os.path.join(run, f"{name}.json")) for run in runs)
+
+
+def systems(get):
+    """Every system's figures, from `get`: Offload's runs by name, the
+    peers in a list."""
+    peers = [get("bullmq"), get("graphile-worker"), get("celery")]
+    found = {"sqlite": get("offload-sqlite"), "postgres": get("offload-postgres"), "peers": peers}
+    # BullMQ on a Redis that fsyncs its append-only file before every
+    # reply: the one peer run at Offload's durability (bench/run starts
+    # that Redis).
+    found["durable"] = None
+    if exists("bullmq-durable"):
+        found["durable"] = get("bullmq-durable")
+        found["durable"]["label"] = f"BullMQ {found['durable']['version']}, Redis fsync per write"
+        peers.insert(1, found["durable"])
+    for key, name in [("relaxed", "offload-sqlite-relaxed"), ("ids", "offload-sqlite-batch-ids")]:
+        found[key] = get(name) if exists(name) else None
+    return found
+
+
+medians = systems(load)
+sqlite, postgres, peers, durable_bullmq = medians["sqlite"], medians["postgres"], medians["peers"], medians["durable"]
 
 
 def cpu():
@@ -98,9 +142,11 @@ for p in peers:
                  p["process_per_sec"], None, p["pickup_ms"], "", "", p["durability"]))
 
 print("# Benchmark results\n")
+how_many = ("" if len(runs) == 1 else
+            f" Each figure is the median of {len(runs)} runs, each ratio the median of the runs' own ratios.")
 print(f"Written by `bench/run` (TASKS={sqlite['tasks']} per phase). Machine: {sqlite['cores']} cores, {cpu()}, "
       f"Linux {platform.release()}. Server, database and load generator share the machine. Figures are tasks "
-      "per second unless marked.\n")
+      f"per second unless marked.{how_many}\n")
 disk = disk_ms()
 print(f"This disk, on average over 500 writes: a 128-byte append and its fsync {disk['fsync']:.3f} ms; "
       f"a 4 KiB write straight to the device (O_DIRECT), not flushed, {disk['direct']:.3f} ms, "
@@ -111,34 +157,50 @@ for r in rows:
     print(f"| {r[0]} | {fmt(r[1])} | {fmt(r[2])} | {fmt(r[3])} | {fmt(r[4])} | {ms(r[5])} | {r[6]} | {r[7]} | {r[8]} |")
 
 name = lambda p: p.get("label", p["system"])
-best = lambda key: max(peers, key=lambda p: p[key])
-best_single, best_batch, best_process = best("enqueue_single_per_sec"), best("enqueue_batch_per_sec"), best("process_per_sec")
+best = lambda peers, key: max(peers, key=lambda p: p[key])
 best_pickup = min(peers, key=lambda p: p["pickup_ms"]["p50"])
-graphile = next(p for p in peers if p["system"] == "graphile-worker")
+per_run = [systems(lambda name, run=run: load_run(run, name)) for run in runs]
+
+
+def ratio(of):
+    """`of` each run's figures: the median over the runs, and each run's
+    own when there are several."""
+    each = [of(figures) for figures in per_run]
+    shown = "" if len(each) == 1 else " (runs: " + ", ".join(f"{r:.2f}" for r in each) + ")"
+    return statistics.median(each), shown
+
 
 def target(name, value, goal, ok):
     print(f"| {name} | {value} | {goal} | {'met' if ok else '**missed**'} |")
 
+
+def against_best(label, ours_key, peer_key, goal):
+    r, shown = ratio(lambda run: run["sqlite"][ours_key] / best(run["peers"], peer_key)[peer_key])
+    target(label, f"{r:.2f}× {name(best(peers, peer_key))}{shown}", f"≥ {goal}×", r >= goal)
+
+
 print("\n## Offload against the best peer, and the targets\n")
 print("| figure | Offload | target | |")
 print("|---|---|---|---|")
-r = sqlite["process_http_per_sec"] / best_process["process_per_sec"]
-target("process over HTTP vs best peer", f"{r:.2f}× {name(best_process)}", "≥ 5×", r >= 5)
-r = sqlite["enqueue_batch_per_sec"] / best_batch["enqueue_batch_per_sec"]
-target("batch enqueue vs best peer", f"{r:.2f}× {name(best_batch)}", "≥ 5×", r >= 5)
-r = sqlite["enqueue_single_per_sec"] / best_single["enqueue_single_per_sec"]
-target("single enqueue vs best peer", f"{r:.2f}× {name(best_single)}", "≥ 2×", r >= 2)
+against_best("process over HTTP vs best peer", "process_http_per_sec", "process_per_sec", 5)
+against_best("batch enqueue vs best peer", "enqueue_batch_per_sec", "enqueue_batch_per_sec", 5)
+against_best("single enqueue vs best peer", "enqueue_single_per_sec", "enqueue_single_per_sec", 2)
 p = sqlite["pickup_ms"]
 target("pickup p50 vs best peer's p50", f"{p['p50']:.2f} ms vs {best_pickup['pickup_ms']['p50']:.2f} ms ({name(best_pickup)})",
        "below", p["p50"] < best_pickup["pickup_ms"]["p50"])
 target("pickup p99", f"{p['p99']:.2f} ms", "≤ 5 ms", p["p99"] <= 5)
 target("claim scaling", f"{sqlite['claim_scaling']:.2f}", "≥ 0.8", sqlite["claim_scaling"] >= 0.8)
 target("server peak memory, 1M stored", f"{sqlite['server_rss_mb']:.0f} MB", "≤ 200 MB", sqlite["server_rss_mb"] <= 200)
-r = postgres["process_http_per_sec"] / graphile["process_per_sec"]
-target("PostgreSQL: process vs graphile-worker", f"{r:.2f}×", "≥ 3×", r >= 3)
+graphile_of = lambda peers: next(p for p in peers if p["system"] == "graphile-worker")
+r, shown = ratio(lambda run: run["postgres"]["process_http_per_sec"] / graphile_of(run["peers"])["process_per_sec"])
+target("PostgreSQL: process vs graphile-worker", f"{r:.2f}×{shown}", "≥ 3×", r >= 3)
 
-def side_by_side(ours_label, ours, peer_label, peer):
-    """Offload and one peer at the same durability, figure by figure."""
+
+def side_by_side(ours_label, ours_of, peer_label, peer_of):
+    """Offload and one peer at the same durability, figure by figure;
+    `ours_of` and `peer_of` pick them out of a run's figures."""
+    pick = lambda of: median_of([of(figures) for figures in per_run])
+    ours, peer = pick(ours_of), pick(peer_of)
     print(f"| figure | {ours_label} | {peer_label} | Offload / BullMQ |")
     print("|---|---:|---:|---:|")
     for figure, key, peer_key in [
@@ -146,9 +208,10 @@ def side_by_side(ours_label, ours, peer_label, peer):
         ("enqueue, batch", "enqueue_batch_per_sec", "enqueue_batch_per_sec"),
         ("process", "process_http_per_sec", "process_per_sec"),
     ]:
-        print(f"| {figure} | {fmt(ours[key])} | {fmt(peer[peer_key])} | {ours[key] / peer[peer_key]:.2f}× |")
-    a, b = ours["pickup_ms"]["p50"], peer["pickup_ms"]["p50"]
-    print(f"| pickup p50 (ms, lower is better) | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        r, _ = ratio(lambda run: ours_of(run)[key] / peer_of(run)[peer_key])
+        print(f"| {figure} | {fmt(ours[key])} | {fmt(peer[peer_key])} | {r:.2f}× |")
+    r, _ = ratio(lambda run: ours_of(run)["pickup_ms"]["p50"] / peer_of(run)["pickup_ms"]["p50"])
+    print(f"| pickup p50 (ms, lower is better) | {ours['pickup_ms']['p50']:.2f} | {peer['pickup_ms']['p50']:.2f} | {r:.2f} |")
 
 
 if durable_bullmq:
@@ -157,10 +220,12 @@ if durable_bullmq:
     print("for most figures is BullMQ on a Redis that keeps nothing on disk. The one")
     print("peer run here at Offload's durability, every acknowledged write on disk")
     print("first, is BullMQ on a Redis with `appendfsync always`:\n")
-    side_by_side("Offload (SQLite)", sqlite, durable_bullmq["label"], durable_bullmq)
+    side_by_side("Offload (SQLite)", lambda run: run["sqlite"],
+                 durable_bullmq["label"], lambda run: run["durable"])
 
-if os.path.exists(os.path.join(results, "offload-sqlite-batch-ids.json")):
-    ids = load("offload-sqlite-batch-ids")
+if medians["ids"]:
+    ids = medians["ids"]
+    best_batch = best(peers, "enqueue_batch_per_sec")
     print("\n## Batch enqueue answered with ids\n")
     print("The batch figure above is answered as SPEC §4 says, with every task")
     print("(~560 bytes each, its payload included), which the load generator reads.")
@@ -170,19 +235,22 @@ if os.path.exists(os.path.join(results, "offload-sqlite-batch-ids.json")):
     print("not a target row.\n")
     print("| figure | Offload (SQLite), ids answered | best peer | Offload / best peer |")
     print("|---|---:|---:|---:|")
-    r = ids["enqueue_batch_per_sec"] / best_batch["enqueue_batch_per_sec"]
+    r, _ = ratio(lambda run: run["ids"]["enqueue_batch_per_sec"]
+                 / best(run["peers"], "enqueue_batch_per_sec")["enqueue_batch_per_sec"])
     print(f"| enqueue, batch | {fmt(ids['enqueue_batch_per_sec'])} | "
           f"{fmt(best_batch['enqueue_batch_per_sec'])} ({name(best_batch)}) | {r:.2f}× |")
 
-if os.path.exists(os.path.join(results, "offload-sqlite-relaxed.json")):
-    fast = next(p for p in peers if p["system"] == "BullMQ" and "label" not in p)
+if medians["relaxed"]:
+    fast_of = lambda peers: next(p for p in peers if p["system"] == "BullMQ" and "label" not in p)
+    fast = fast_of(peers)
     print("\n## At BullMQ's durability\n")
     print("The other way round: Offload without the fsync before each answer")
     print("(`--durability relaxed`, SQLite `synchronous=NORMAL`: a change survives")
     print("`kill -9` of the server but not a power cut) against BullMQ on a Redis")
     print("that keeps nothing on disk (a restart of Redis loses every job). Not a")
     print("target row: the targets are for durable Offload.\n")
-    side_by_side("Offload (SQLite), relaxed", load("offload-sqlite-relaxed"), f"{name(fast)} {fast['version']}", fast)
+    side_by_side("Offload (SQLite), relaxed", lambda run: run["relaxed"],
+                 f"{name(fast)} {fast['version']}", lambda run: fast_of(run["peers"]))
 
 analysis = os.path.join(os.path.dirname(__file__), "analysis.md")
 if os.path.exists(analysis):
