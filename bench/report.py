@@ -21,8 +21,10 @@ results = runs[0]  # where the disk's figures are kept
 
 def median_of(values):
     """The median of numbers, dict by dict for nested figures (pickup_ms);
-    anything else (names, versions) as the first run has it."""
+    what every run has alike (the task count, names, versions) as it is."""
     first = values[0]
+    if all(v == first for v in values):
+        return first
     if isinstance(first, dict):
         return {k: median_of([v[k] for v in values]) for k in first}
     if isinstance(first, (int, float)) and not isinstance(first, bool):
