@@ -90,14 +90,19 @@ async fn node(schema: &str) -> Arc<PgStore> {
         .expect("open")
 }
 
+/// Two nodes sharing a schema of their own, as two `offload serve`
+/// processes on one database.
+async fn two_nodes() -> (Arc<PgStore>, Arc<PgStore>) {
+    let schema = fresh_schema();
+    (node(&schema).await, node(&schema).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_failover_when_it_goes() {
     if !available() {
         return;
     }
-    let schema = fresh_schema();
-    let first = node(&schema).await;
-    let second = node(&schema).await;
+    let (first, second) = two_nodes().await;
     let leaders = |nodes: &[&Arc<PgStore>]| nodes.iter().filter(|n| n.is_leader()).count();
     for _ in 0..100 {
         if leaders(&[&first, &second]) == 1 {
@@ -127,9 +132,7 @@ async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
     if !available() {
         return;
     }
-    let schema = fresh_schema();
-    let a = node(&schema).await;
-    let b = node(&schema).await;
+    let (a, b) = two_nodes().await;
     let mut ready = b.hub().watch_ready();
     ready.borrow_and_update();
     let mut events = b.hub().subscribe();
@@ -157,9 +160,7 @@ async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
     if !available() {
         return;
     }
-    let schema = fresh_schema();
-    let a = node(&schema).await;
-    let b = node(&schema).await;
+    let (a, b) = two_nodes().await;
     let mut events = b.hub().subscribe();
     let mut cancels = b.hub().subscribe_cancels();
     let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
