@@ -321,8 +321,49 @@ pub struct PromoteReport {
 }
 
 /// The answer of [`Store::enqueue_streamed`], to come.
-pub type Enqueueing<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<(Task, bool)>>> + Send + 'a>>;
+pub type Enqueueing<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Tentative<Vec<(Task, bool)>>>> + Send + 'a>,
+>;
+
+/// Resolves once a write is durable, or with the error that undid it.
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// What a write did, known before its commit is durable.
+///
+/// A store that makes a write durable after running it (the SQLite writer
+/// runs a group, then commits and fsyncs it) hands the outcome over as soon
+/// as the write has run, so that the caller can prepare its answer while
+/// the commit reaches the disk. Until `durable` resolves with `Ok` the write
+/// may still be undone: nothing of `value` may be answered, announced or
+/// acted on before then.
+pub struct Tentative<T> {
+    pub value: T,
+    pub durable: Durable,
+}
+
+impl<T> Tentative<T> {
+    /// The outcome of a write that is durable already.
+    pub fn settled(value: T) -> Self {
+        Self {
+            value,
+            durable: Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+
+    /// The outcome, once durable.
+    pub async fn confirmed(self) -> Result<T> {
+        self.durable.await?;
+        Ok(self.value)
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Tentative<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tentative")
+            .field("value", &self.value)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What [`Store::claim_or_park`] did.
 #[derive(Debug)]
@@ -346,8 +387,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The batch is submitted when this is called, before the future is
     /// first polled: the caller sends the chunks, then awaits. A store that
     /// cannot write a batch piecemeal takes it whole once it is finished.
+    ///
+    /// The answer may come before the commit is durable ([`Tentative`]).
     fn enqueue_streamed(&self, batch: crate::BatchReceiver) -> Enqueueing<'_> {
-        Box::pin(async move { self.enqueue(batch.into_finished()?).await })
+        Box::pin(async move {
+            self.enqueue(batch.into_finished()?)
+                .await
+                .map(Tentative::settled)
+        })
     }
 
     /// Claims up to `limit` ready tasks, highest priority first, then oldest

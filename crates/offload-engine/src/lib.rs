@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use offload_core::{
     Claim, ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
-    TaskSpec,
+    TaskSpec, Tentative,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -177,10 +177,14 @@ impl Engine {
     /// invalid, there were none or too many): nothing was stored, and the
     /// caller finds the reason by enqueueing the same batch the plain way,
     /// which fails the same way [`Engine::enqueue_batch`] always has.
+    ///
+    /// The tasks may come before their commit is durable: the caller
+    /// prepares its answer, then awaits [`Tentative::durable`] before giving
+    /// it.
     pub async fn enqueue_batch_streamed(
         &self,
         read: impl FnOnce(&mut BatchSink<'_>) -> bool,
-    ) -> Option<Result<Vec<(Task, bool)>>> {
+    ) -> Option<Result<Tentative<Vec<(Task, bool)>>>> {
         let (sender, receiver) = offload_core::batch_stream();
         let stored = self.store.enqueue_streamed(receiver);
         let mut sink = BatchSink {

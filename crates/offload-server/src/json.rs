@@ -53,15 +53,21 @@ pub struct TaskListJson(pub Vec<Task>);
 
 impl IntoResponse for TaskListJson {
     fn into_response(self) -> Response {
-        answer(task_list(&self.0))
+        task_list_json(&self.0)
     }
 }
 
-fn task_list(tasks: &[Task]) -> serde_json::Result<Vec<u8>> {
-    let mut body = Vec::with_capacity(16 + 640 * tasks.len());
+/// [`TaskListJson`]'s answer, written from borrowed tasks.
+pub fn task_list_json<'t>(tasks: impl IntoIterator<Item = &'t Task>) -> Response {
+    answer(task_list(tasks))
+}
+
+fn task_list<'t>(tasks: impl IntoIterator<Item = &'t Task>) -> serde_json::Result<Vec<u8>> {
+    let tasks = tasks.into_iter();
+    let mut body = Vec::with_capacity(16 + 640 * tasks.size_hint().0);
     body.extend_from_slice(b"{\"tasks\":[");
     let mut memo = TimestampMemo::default();
-    for (i, task) in tasks.iter().enumerate() {
+    for (i, task) in tasks.enumerate() {
         if i > 0 {
             body.push(b',');
         }

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use offload_api::{BatchEnqueue, BatchIds, Deleted, ErrorBody, TaskList};
 use offload_core::{
-    ClearRequest, ListQuery, MAX_LIST_LIMIT, NewTask, Stats, Task, TaskPage, Timestamp,
+    ClearRequest, ListQuery, MAX_LIST_LIMIT, NewTask, Stats, Task, TaskPage, Tentative, Timestamp,
 };
 
 use crate::AppState;
@@ -15,7 +15,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{
     JsonBody, RawBatchBody, int_param, parse_json, query_pairs, read_batch_streamed, task_id,
 };
-use crate::json::{Json, TaskJson, TaskListJson};
+use crate::json::{Json, TaskJson, task_list_json};
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
     responses(
@@ -51,7 +51,10 @@ pub async fn enqueue_batch(
         .engine
         .enqueue_batch_streamed(|sink| read_batch_streamed(&body, sink))
         .await;
-    let answers = match streamed {
+    let Tentative {
+        value: answers,
+        durable,
+    } = match streamed {
         Some(answers) => answers?,
         // Nothing was stored; the plain way finds what is wrong and says so.
         None => {
@@ -62,26 +65,34 @@ pub async fn enqueue_batch(
                     "must hold 1 to 10000 tasks; got none",
                 ));
             }
-            state.engine.enqueue_batch(batch.tasks).await?
+            Tentative::settled(state.engine.enqueue_batch(batch.tasks).await?)
         }
     };
+    // Written while the store makes the batch durable (~560 bytes a task),
+    // and given only once it is.
+    let response = if prefers_minimal_return(&headers) {
+        let ids = answers.iter().map(|(task, _)| task.id).collect();
+        (
+            StatusCode::CREATED,
+            [(PREFERENCE_APPLIED, "return=minimal")],
+            Json(BatchIds { ids }),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::CREATED,
+            task_list_json(answers.iter().map(|(task, _)| task)),
+        )
+            .into_response()
+    };
+    durable.await?;
     state.metrics.enqueued(
         answers
             .iter()
             .filter(|(_, created)| *created)
             .map(|(task, _)| task),
     );
-    if prefers_minimal_return(&headers) {
-        let ids = answers.iter().map(|(task, _)| task.id).collect();
-        return Ok((
-            StatusCode::CREATED,
-            [(PREFERENCE_APPLIED, "return=minimal")],
-            Json(BatchIds { ids }),
-        )
-            .into_response());
-    }
-    let tasks = answers.into_iter().map(|(task, _)| task).collect();
-    Ok((StatusCode::CREATED, TaskListJson(tasks)).into_response())
+    Ok(response)
 }
 
 const PREFER: HeaderName = HeaderName::from_static("prefer");

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use offload_core::{
     Ack, AckOutcome, Backoff, Claim, ClaimRequest, ClearRequest, Clock, Counts, Error,
     HeartbeatAck, HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch,
-    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec,
+    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, Tentative,
     validate_queue_name, validate_worker_id,
 };
 use rusqlite::Connection;
@@ -324,8 +324,16 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_streamed(&self, batch: offload_core::BatchReceiver) -> offload_core::Enqueueing<'_> {
-        let chunks = self.writer.submit(move |ctx| ctx.enqueue_streamed(&batch));
-        Box::pin(async move { Ok(chunks.await?.into_iter().flatten().collect()) })
+        let chunks = self
+            .writer
+            .submit_tentative(move |ctx| ctx.enqueue_streamed(&batch));
+        Box::pin(async move {
+            let chunks = chunks.await?;
+            Ok(Tentative {
+                value: chunks.value.into_iter().flatten().collect(),
+                durable: chunks.durable,
+            })
+        })
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {

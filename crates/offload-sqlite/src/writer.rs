@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use offload_core::{
-    Backoff, ClaimRequest, Clock, Counts, Error, EventKind, Hub, Limits, ParkedClaim, Result,
-    State, TakenClaim, Task, TaskEvent, Timestamp,
+    Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, Hub, Limits, ParkedClaim,
+    Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
 };
 use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
@@ -457,19 +457,50 @@ impl Writer {
                 let _ = reply_tx.send(committed.and(outcome));
             })
         });
-        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(jobs) => jobs.send(job).is_ok(),
-            None => false,
-        };
+        let sent = self.send(job);
         async move {
             if !sent {
-                return Err(Error::Unavailable("the store is closed".into()));
+                return Err(closed());
             }
-            reply_rx.await.map_err(|_| {
-                Error::Storage(
-                    "the SQLite writer could not run the operation; see the server log".into(),
-                )
-            })?
+            reply_rx.await.map_err(|_| not_run())?
+        }
+    }
+
+    /// Queues `op` for the next group now, like [`Writer::submit`], but
+    /// answers as soon as `op` has run: its outcome is [`Tentative`] until
+    /// the group's commit is durable. The caller prepares its answer while
+    /// the writer commits and the disk syncs, on another core.
+    ///
+    /// An `op` that fails answers with its error at once: its savepoint is
+    /// rolled back, so the commit holds nothing of it either way.
+    pub fn submit_tentative<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<Tentative<T>>> + Send + 'static {
+        let (ran_tx, ran_rx) = oneshot::channel();
+        let (durable_tx, durable_rx) = oneshot::channel();
+        let job: Job = Box::new(move |ctx: &mut WriteCtx<'_, '_>| -> Reply {
+            let _ = ran_tx.send(ctx.in_savepoint(op));
+            Box::new(move |committed: Result<()>| {
+                let _ = durable_tx.send(committed);
+            })
+        });
+        let sent = self.send(job);
+        async move {
+            if !sent {
+                return Err(closed());
+            }
+            let value = ran_rx.await.map_err(|_| not_run())??;
+            let durable: Durable =
+                Box::pin(async move { durable_rx.await.map_err(|_| not_run())? });
+            Ok(Tentative { value, durable })
+        }
+    }
+
+    fn send(&self, job: Job) -> bool {
+        match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(jobs) => jobs.send(job).is_ok(),
+            None => false,
         }
     }
 
@@ -487,6 +518,15 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+fn closed() -> Error {
+    Error::Unavailable("the store is closed".into())
+}
+
+/// A job dropped unrun: the writer could not begin its group.
+fn not_run() -> Error {
+    Error::Storage("the SQLite writer could not run the operation; see the server log".into())
 }
 
 /// What the writer thread keeps between operations.
@@ -632,4 +672,145 @@ fn claim_for_parked(
         parked.extend(untouched);
     }
     outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SqliteOptions, SqliteStore};
+
+    async fn count_children(store: &SqliteStore) -> i64 {
+        store
+            .writer
+            .run(|ctx| {
+                ctx.conn()?
+                    .query_row("SELECT COUNT(*) FROM child", [], |r| r.get(0))
+                    .map_err(storage_error)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A tentative write's value comes before its group commits; when the
+    /// commit fails, `durable` says so and nothing of the write is kept.
+    #[tokio::test]
+    async fn a_tentative_write_is_undone_by_a_failed_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        store
+            .writer
+            .run(|ctx| {
+                ctx.conn()?
+                    .execute_batch(
+                        "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+                         CREATE TABLE child (parent INTEGER REFERENCES parent (id) \
+                           DEFERRABLE INITIALLY DEFERRED);",
+                    )
+                    .map_err(storage_error)
+            })
+            .await
+            .unwrap();
+        let insert = |parent: i64| {
+            move |ctx: &mut WriteCtx<'_, '_>| {
+                ctx.conn()?
+                    .execute("INSERT INTO child VALUES (?1)", [parent])
+                    .map_err(storage_error)?;
+                Ok(parent)
+            }
+        };
+
+        // Its savepoint releases; the deferred key fails the commit.
+        let orphan = store.writer.submit_tentative(insert(7)).await.unwrap();
+        assert_eq!(orphan.value, 7);
+        let err = orphan.durable.await.unwrap_err();
+        assert!(
+            err.to_string().contains("FOREIGN KEY"),
+            "the commit's own error: {err}"
+        );
+        assert_eq!(count_children(&store).await, 0);
+
+        // One that commits is confirmed, and kept.
+        store
+            .writer
+            .run(|ctx| {
+                ctx.conn()?
+                    .execute("INSERT INTO parent VALUES (8)", [])
+                    .map_err(storage_error)
+            })
+            .await
+            .unwrap();
+        let kept = store.writer.submit_tentative(insert(8)).await.unwrap();
+        assert_eq!(kept.confirmed().await.unwrap(), 8);
+        assert_eq!(count_children(&store).await, 1);
+    }
+
+    /// The value comes while the group is still running, and `durable` only
+    /// once it has committed.
+    #[tokio::test]
+    async fn a_tentative_write_answers_before_its_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let wait_for = |gate: mpsc::Receiver<()>| {
+            move |_ctx: &mut WriteCtx<'_, '_>| -> Result<()> {
+                gate.recv_timeout(std::time::Duration::from_secs(10))
+                    .map_err(|e| Error::Storage(format!("the test's gate: {e}")))
+            }
+        };
+        // Holds the writer, once it runs, while the next two queue up as
+        // one group.
+        let (open_first, first_gate) = mpsc::channel();
+        let (started_tx, started) = oneshot::channel();
+        let hold = wait_for(first_gate);
+        let first = store.writer.submit(move |ctx| {
+            let _ = started_tx.send(());
+            hold(ctx)
+        });
+        started.await.unwrap();
+        let tentative = store.writer.submit_tentative(|_ctx| Ok("ran"));
+        let (open_last, last_gate) = mpsc::channel();
+        let last = store.writer.submit(wait_for(last_gate));
+        open_first.send(()).unwrap();
+        first.await.unwrap();
+
+        // The last operation of the group waits on its gate, so the group
+        // has not committed.
+        let tentative = tokio::time::timeout(std::time::Duration::from_secs(5), tentative)
+            .await
+            .expect("the value comes before the group commits")
+            .unwrap();
+        assert_eq!(tentative.value, "ran");
+        let mut durable = tentative.durable;
+        assert!(
+            futures_poll_once(&mut durable).await.is_none(),
+            "durable before the commit"
+        );
+        open_last.send(()).unwrap();
+        last.await.unwrap();
+        durable.await.unwrap();
+    }
+
+    /// Polls `future` once: its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(
+        future: &mut F,
+    ) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// An operation that fails answers with its own error, not tentatively.
+    #[tokio::test]
+    async fn a_failed_tentative_write_answers_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let failed = store
+            .writer
+            .submit_tentative(|_ctx| -> Result<()> { Err(Error::invalid("field", "rule")) })
+            .await;
+        assert_eq!(failed.unwrap_err(), Error::invalid("field", "rule"));
+    }
 }
