@@ -491,8 +491,13 @@ impl Writer {
                 return Err(closed());
             }
             let value = ran_rx.await.map_err(|_| not_run())??;
-            let durable: Durable =
-                Box::pin(async move { durable_rx.await.map_err(|_| not_run())? });
+            let durable: Durable = Box::pin(async move {
+                durable_rx.await.map_err(|_| {
+                    Error::Storage(
+                        "the SQLite writer stopped before its commit; see the server log".into(),
+                    )
+                })?
+            });
             Ok(Tentative { value, durable })
         }
     }
