@@ -7,7 +7,10 @@
 //! rolls back its savepoint alone; a commit that fails answers every caller of
 //! the group with the error. Effects (count changes, events, wake-ups) are
 //! collected during the transaction and published only after the commit, so
-//! nobody ever observes a change that might still roll back.
+//! nobody ever observes a change that might still roll back. The one caller
+//! told earlier is one that asked for it ([`Writer::submit_tentative`]): it
+//! gets its operation's outcome as soon as the operation has run, to prepare
+//! an answer with, and a future that says when the commit is durable.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
