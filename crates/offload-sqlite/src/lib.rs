@@ -1,7 +1,7 @@
 //! Offload's embedded SQLite store, the default backend (`sqlite://PATH`).
 //!
 //! Shape: one writer thread owns the only write connection and group-commits
-//! (see [`writer`]); reads go to a small pool of read-only connections;
+//! (see `writer.rs`); reads go to a small pool of read-only connections;
 //! task counts live in memory, loaded once at open and changed after each
 //! commit. A lock file keeps a second process from opening the same
 //! database, which the single-writer design relies on.
