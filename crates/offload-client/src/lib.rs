@@ -1,5 +1,6 @@
-//! A Rust client for Offload's HTTP API (SPEC §4), and [`TaskSource`] for
-//! running the worker runtime against a remote server:
+//! A Rust client for Offload's HTTP API (SPEC §4), and
+//! [`offload_worker::TaskSource`] for running the worker runtime against a
+//! remote server:
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), offload_client::ClientError> {

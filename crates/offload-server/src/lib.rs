@@ -4,7 +4,7 @@
 //!
 //! This crate is where HTTP lives on the server side: handlers parse
 //! requests into the core's types, call the engine or store, and map
-//! errors in one place ([`error`]). No rule of the task model is decided
+//! errors in one place (`error.rs`). No rule of the task model is decided
 //! here.
 
 mod config;
