@@ -684,6 +684,8 @@ fn claim_for_parked(
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+
     use super::*;
     use crate::{SqliteOptions, SqliteStore};
 
@@ -789,25 +791,12 @@ mod tests {
         assert_eq!(tentative.value, "ran");
         let mut durable = tentative.durable;
         assert!(
-            futures_poll_once(&mut durable).await.is_none(),
+            (&mut durable).now_or_never().is_none(),
             "durable before the commit"
         );
         open_last.send(()).unwrap();
         last.await.unwrap();
         durable.await.unwrap();
-    }
-
-    /// Polls `future` once: its output if it was ready.
-    async fn futures_poll_once<F: std::future::Future + Unpin>(
-        future: &mut F,
-    ) -> Option<F::Output> {
-        std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
-                std::task::Poll::Ready(output) => Some(output),
-                std::task::Poll::Pending => None,
-            })
-        })
-        .await
     }
 
     /// An operation that fails answers with its own error, not tentatively.
