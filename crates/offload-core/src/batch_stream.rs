@@ -90,11 +90,15 @@ fn abandoned() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Limits, NewTask};
+    use crate::{Limits, NewTask, Position};
 
     fn specs(n: usize) -> Vec<TaskSpec> {
         (0..n)
-            .map(|_| NewTask::new("t").validate(&Limits::default(), "").unwrap())
+            .map(|_| {
+                NewTask::new("t")
+                    .validate(&Limits::default(), Position::Alone)
+                    .unwrap()
+            })
             .collect()
     }
 

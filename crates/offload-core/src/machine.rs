@@ -414,7 +414,7 @@ mod tests {
         let now = Timestamp::from_millis(1_000_000);
         let spec = crate::NewTask::new("t")
             .max_attempts(2)
-            .validate(&crate::Limits::default(), "")
+            .validate(&crate::Limits::default(), crate::Position::Alone)
             .unwrap();
         let mut task = Task::new_from_spec(Uuid::now_v7(), spec, now, false);
         task.state = state;

@@ -205,15 +205,12 @@ impl NewTask {
         self
     }
 
-    /// Checks every rule of SPEC §1. `field_prefix` is prepended to field
-    /// names so that errors in a batch read `tasks[3].queue`.
-    pub fn validate(self, limits: &Limits, field_prefix: &str) -> Result<TaskSpec> {
+    /// Checks every rule of SPEC §1. `position` places the task in its
+    /// request, so that errors in a batch read `tasks[3].queue`.
+    pub fn validate(self, limits: &Limits, position: Position) -> Result<TaskSpec> {
         // Field names are spelled out only for an error: a batch of
         // thousands of valid tasks formats none.
-        let field = |name: &'static str| FieldName {
-            prefix: field_prefix,
-            name,
-        };
+        let field = |name: &'static str| FieldName { position, name };
         validate_name(field("type"), &self.task_type, 128, true)?;
         let queue = self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
         validate_queue_name(field("queue"), &queue)?;
@@ -308,7 +305,7 @@ impl NewTask {
             }
             if value.chars().count() > 256 {
                 return Err(Error::invalid(
-                    format!("{field_prefix}labels.{key}"),
+                    format!("{position}labels.{key}"),
                     "must be at most 256 characters",
                 ));
             }
@@ -329,7 +326,7 @@ impl NewTask {
         for (i, raw) in raw_deps.iter().enumerate() {
             let id = Uuid::parse_str(raw).map_err(|_| {
                 Error::invalid(
-                    format!("{field_prefix}depends_on[{i}]"),
+                    format!("{position}depends_on[{i}]"),
                     format!("must be a task id; got {raw:?}"),
                 )
             })?;
@@ -351,7 +348,7 @@ impl NewTask {
         check_json_size(field("payload"), &payload, limits.max_payload_bytes)?;
 
         Ok(TaskSpec {
-            field_prefix: field_prefix.to_owned(),
+            position,
             task_type: self.task_type,
             queue,
             payload,
@@ -389,8 +386,8 @@ impl Schedule {
 /// A validated enqueue request.
 #[derive(Clone, Debug)]
 pub struct TaskSpec {
-    /// Prepended to field names in errors the store finds (`tasks[3].`).
-    pub field_prefix: String,
+    /// Where the task sat in its request, for errors the store finds.
+    pub position: Position,
     pub task_type: String,
     pub queue: String,
     pub payload: Json,
@@ -405,17 +402,37 @@ pub struct TaskSpec {
     pub depends_on: Vec<Uuid>,
 }
 
-/// A field's name in an error: `name` behind the prefix that places it in
-/// a batch (`tasks[3].`).
+/// Where a task sits in its request, which names its fields in errors:
+/// `queue` for a task enqueued alone, `tasks[3].queue` for the fourth of a
+/// batch. Displayed, it is the prefix of those names. Kept as a number, not
+/// a prefix written out: a batch of thousands of valid tasks then formats
+/// and frees no string a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    Alone,
+    /// The index in the batch's `tasks`.
+    InBatch(usize),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Alone => Ok(()),
+            Position::InBatch(index) => write!(f, "tasks[{index}]."),
+        }
+    }
+}
+
+/// A field's name in an error: `name` behind its task's position.
 #[derive(Clone, Copy)]
 struct FieldName<'a> {
-    prefix: &'a str,
+    position: Position,
     name: &'a str,
 }
 
 impl fmt::Display for FieldName<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", self.prefix, self.name)
+        write!(f, "{}{}", self.position, self.name)
     }
 }
 
@@ -495,7 +512,7 @@ mod tests {
     use super::*;
 
     fn check(task: NewTask) -> Result<TaskSpec> {
-        task.validate(&Limits::default(), "")
+        task.validate(&Limits::default(), Position::Alone)
     }
 
     fn field_of(err: Error) -> String {
@@ -593,7 +610,7 @@ mod tests {
         let task = NewTask::new("t")
             .payload(&"a string of more than ten bytes")
             .unwrap();
-        let err = task.validate(&limits, "tasks[2].").unwrap_err();
+        let err = task.validate(&limits, Position::InBatch(2)).unwrap_err();
         assert!(
             matches!(err, Error::PayloadTooLarge { ref field, .. } if field == "tasks[2].payload")
         );

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use offload_core::{
-    Claim, ClaimRequest, Clock, Limits, NewTask, Result, Retention, Store, SystemClock, Task,
-    TaskSpec, Tentative,
+    Claim, ClaimRequest, Clock, Limits, NewTask, Position, Result, Retention, Store, SystemClock,
+    Task, TaskSpec, Tentative,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ impl BatchSink<'_> {
             return false;
         };
         let checked = if self.count < self.limits.max_batch {
-            task.validate(self.limits, &format!("tasks[{}].", self.count))
+            task.validate(self.limits, Position::InBatch(self.count))
                 .ok()
         } else {
             None
@@ -150,7 +150,7 @@ impl Engine {
     /// Validates and enqueues one task; `true` when it was created, `false`
     /// when an active task holding its unique key was returned instead.
     pub async fn enqueue(&self, task: NewTask) -> Result<(Task, bool)> {
-        let spec = task.validate(&self.config.limits, "")?;
+        let spec = task.validate(&self.config.limits, Position::Alone)?;
         let mut answers = self.store.enqueue(vec![spec]).await?;
         answers
             .pop()
@@ -163,7 +163,7 @@ impl Engine {
         let specs = tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| t.validate(&self.config.limits, &format!("tasks[{i}].")))
+            .map(|(i, t)| t.validate(&self.config.limits, Position::InBatch(i)))
             .collect::<Result<Vec<_>>>()?;
         self.store.enqueue(specs).await
     }

@@ -189,7 +189,7 @@ async fn dependencies(
     for (i, dep) in spec.depends_on.iter().enumerate() {
         let Some(stored) = found.get(dep) else {
             return Err(Error::invalid(
-                format!("{}depends_on[{i}]", spec.field_prefix),
+                format!("{}depends_on[{i}]", spec.position),
                 format!("no task with id {dep}"),
             )
             .into());

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use offload_core::{Ack, ClaimRequest, Limits, ManualClock, NewTask, State, Store, SystemClock};
+use offload_core::{
+    Ack, ClaimRequest, Limits, ManualClock, NewTask, Position, State, Store, SystemClock,
+};
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
 use sqlx::Connection;
@@ -136,7 +138,9 @@ async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
     let mut ready = b.hub().watch_ready();
     ready.borrow_and_update();
     let mut events = b.hub().subscribe();
-    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
     let task = a.enqueue(vec![spec]).await.unwrap().remove(0).0;
     tokio::time::timeout(Duration::from_secs(10), ready.changed())
         .await
@@ -163,7 +167,9 @@ async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
     let (a, b) = two_nodes().await;
     let mut events = b.hub().subscribe();
     let mut cancels = b.hub().subscribe_cancels();
-    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
     let enqueued: std::collections::HashSet<Uuid> = a
         .enqueue(vec![spec; 500])
         .await
@@ -200,7 +206,9 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
         node(&schema).await,
         node(&schema).await,
     ];
-    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
     nodes[0].enqueue(vec![spec; 300]).await.unwrap();
     let mut handles = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -359,7 +367,7 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
     assert_eq!(claimed, old[..2], "claimed in their old order");
     let spec = NewTask::new("new")
         .depends_on(old[0])
-        .validate(&Limits::default(), "")
+        .validate(&Limits::default(), Position::Alone)
         .unwrap();
     let (new, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
     assert_eq!(new.state, State::Blocked);
@@ -406,7 +414,9 @@ async fn operations_dropped_midway_leave_no_transaction_open() {
         ..PgOptions::default()
     };
     let store = PgStore::open(&tagged, options).await.expect("open");
-    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
     let checker = sqlx::PgPool::connect(&url).await.expect("connect");
     let open_transactions = || async {
         sqlx::query_scalar::<_, i64>(
@@ -470,7 +480,9 @@ async fn a_made_up_id_with_a_stored_seq_finds_nothing() {
         return;
     }
     let store = node(&fresh_schema()).await;
-    let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
     let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
     let seq = offload_core::seq_carried_by(task.id).expect("a new id carries its seq");
     let made_up = offload_core::id_carrying_seq(offload_core::Timestamp::from_millis(1), seq);
@@ -500,7 +512,7 @@ async fn drop_schema_removes_an_installation_and_refuses_public() {
     store
         .enqueue(vec![
             NewTask::new("t")
-                .validate(&Limits::default(), "")
+                .validate(&Limits::default(), Position::Alone)
                 .expect("valid"),
         ])
         .await

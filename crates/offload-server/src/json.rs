@@ -111,7 +111,7 @@ mod tests {
         let spec = NewTask::new("report.build")
             .payload(&serde_json::json!({ "n": n }))
             .expect("a JSON payload")
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), offload_core::Position::Alone)
             .expect("a valid task");
         Task::new_from_spec(
             Uuid::now_v7(),

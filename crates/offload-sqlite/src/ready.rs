@@ -247,7 +247,7 @@ mod tests {
         let spec = NewTask::new(task_type)
             .queue(queue)
             .priority(priority)
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), offload_core::Position::Alone)
             .expect("a valid task");
         let mut task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(0), false);
         task.run_at = Timestamp::from_millis(run_at);

@@ -273,7 +273,7 @@ mod tests {
         let spec = NewTask::new("t")
             .queue(queue)
             .timeout_secs(10)
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), offload_core::Position::Alone)
             .expect("a valid task");
         let mut task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(0), false);
         task.state = State::Running;

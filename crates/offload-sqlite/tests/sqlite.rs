@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use offload_core::{Ack, ClaimRequest, Error, Limits, ManualClock, NewTask, State, Store};
+use offload_core::{
+    Ack, ClaimRequest, Error, Limits, ManualClock, NewTask, Position, State, Store,
+};
 use offload_sqlite::{Durability, SqliteOptions, SqliteStore};
 use offload_storetest::StoreFactory;
 use uuid::Uuid;
@@ -64,7 +66,9 @@ async fn hot_statements_never_scan_the_tasks_table() {
     let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
     store
         .enqueue(vec![
-            NewTask::new("t").validate(&Limits::default(), "").unwrap(),
+            NewTask::new("t")
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap(),
         ])
         .await
         .unwrap();
@@ -105,12 +109,14 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
     };
     let (claimed, waiting) = {
         let store = SqliteStore::open(&path, options()).unwrap();
-        let spec = NewTask::new("t").validate(&Limits::default(), "").unwrap();
+        let spec = NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
         let stored = store.enqueue(vec![spec.clone(), spec]).await.unwrap();
         let elsewhere = NewTask::new("u")
             .queue("other")
             .delay(Duration::from_secs(3600))
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), Position::Alone)
             .unwrap();
         store.enqueue(vec![elsewhere]).await.unwrap();
         let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
@@ -296,7 +302,7 @@ fn crash_child(path: &str) {
             tokio::spawn(async move {
                 loop {
                     let spec = NewTask::new("crash")
-                        .validate(&Limits::default(), "")
+                        .validate(&Limits::default(), Position::Alone)
                         .unwrap();
                     let answers = store.enqueue(vec![spec]).await.unwrap();
                     let _ = lines.send(format!("enqueued {}", answers[0].0.id));
@@ -395,7 +401,7 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
         assert_eq!(claimed, old_ids, "claimed in their old order");
         let spec = NewTask::new("new")
             .depends_on(old_ids[0])
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), Position::Alone)
             .unwrap();
         let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
         assert_eq!(task.state, State::Blocked);
@@ -474,7 +480,11 @@ async fn run_and_delete(store: &SqliteStore, id: Uuid) {
 async fn the_id_of_a_deleted_task_never_finds_a_later_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("offload.db");
-    let spec = || NewTask::new("t").validate(&Limits::default(), "").unwrap();
+    let spec = || {
+        NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
     let mut gone = Vec::new();
     for _restart in 0..2 {
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, ProgressUpdate,
-    QueuePatch, Retention, State, Store, Task, Timestamp,
+    HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, Position,
+    ProgressUpdate, QueuePatch, Retention, State, Store, Task, Timestamp,
 };
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -36,7 +36,7 @@ impl Fixture {
     }
 
     async fn try_enqueue(&self, task: NewTask) -> Result<(Task, bool), Error> {
-        let spec = task.validate(&Limits::default(), "")?;
+        let spec = task.validate(&Limits::default(), Position::Alone)?;
         let mut answers = self.store.enqueue(vec![spec]).await?;
         Ok(answers.pop().expect("one answer per task"))
     }
@@ -169,10 +169,12 @@ pub async fn enqueue_applies_defaults(factory: &dyn StoreFactory) {
 pub async fn enqueue_batch_is_all_or_nothing(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     let limits = Limits::default();
-    let good = NewTask::new("a").validate(&limits, "tasks[0].").unwrap();
+    let good = NewTask::new("a")
+        .validate(&limits, Position::InBatch(0))
+        .unwrap();
     let bad = NewTask::new("b")
         .depends_on(Uuid::now_v7())
-        .validate(&limits, "tasks[1].")
+        .validate(&limits, Position::InBatch(1))
         .unwrap();
     let outcome = f.store.enqueue(vec![good.clone(), bad]).await;
     assert_invalid(outcome, "tasks[1].depends_on[0]");
@@ -224,7 +226,7 @@ pub async fn a_large_mixed_batch_is_stored_in_request_order(factory: &dyn StoreF
             if i == 100 {
                 task = task.depends_on(dependency.id);
             }
-            task.validate(&limits, &format!("tasks[{i}]."))
+            task.validate(&limits, Position::InBatch(i))
                 .expect("a valid task")
         })
         .collect();
@@ -282,14 +284,14 @@ pub async fn a_failed_batch_leaves_nothing_to_claim(factory: &dyn StoreFactory) 
         .map(|i| {
             NewTask::new("t")
                 .priority(9)
-                .validate(&limits, &format!("tasks[{i}]."))
+                .validate(&limits, Position::InBatch(i))
                 .unwrap()
         })
         .collect();
     specs.push(
         NewTask::new("t")
             .depends_on(Uuid::now_v7())
-            .validate(&limits, "tasks[20].")
+            .validate(&limits, Position::InBatch(20))
             .unwrap(),
     );
     assert_invalid(f.store.enqueue(specs).await, "tasks[20].depends_on[0]");
@@ -1125,7 +1127,7 @@ pub async fn pending_and_running_tasks_are_listed_page_by_page_newest_first(
             .map(move |i| {
                 NewTask::new(if i % 3 == 0 { "third" } else { "other" })
                     .queue(queue)
-                    .validate(&Limits::default(), "")
+                    .validate(&Limits::default(), Position::Alone)
                     .expect("a valid task")
             })
             .collect::<Vec<_>>()
@@ -1550,7 +1552,7 @@ pub async fn an_operation_dropped_by_its_caller_publishes_what_it_committed(
             "an enqueue ends within {MAX_POLLS} polls"
         );
         let spec = NewTask::new("enqueued")
-            .validate(&Limits::default(), "")
+            .validate(&Limits::default(), Position::Alone)
             .unwrap();
         if drop_after(polls, f.store.enqueue(vec![spec]))
             .await

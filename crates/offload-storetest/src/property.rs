@@ -165,7 +165,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                     task = task.depends_on(dep);
                 }
                 let spec = task
-                    .validate(&Limits::default(), "")
+                    .validate(&Limits::default(), offload_core::Position::Alone)
                     .expect("generated tasks are valid");
                 match store.enqueue(vec![spec]).await {
                     Ok(answers) => {

@@ -21,7 +21,7 @@ fn specs(n: usize) -> Vec<TaskSpec> {
     let spec = NewTask::new("noop")
         .payload(&serde_json::json!({"user": 42, "kind": "welcome"}))
         .expect("payload")
-        .validate(&Limits::default(), "")
+        .validate(&Limits::default(), offload_core::Position::Alone)
         .expect("valid");
     vec![spec; n]
 }

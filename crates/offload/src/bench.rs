@@ -622,7 +622,7 @@ async fn process_embedded(
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = open_embedded(args, dir.path(), made).await?;
-    let spec = task().validate(&Limits::default(), "")?;
+    let spec = task().validate(&Limits::default(), offload_core::Position::Alone)?;
     let mut left = n;
     while left > 0 {
         let size = left.min(BATCH);

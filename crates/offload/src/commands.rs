@@ -225,7 +225,7 @@ fn new_task(args: EnqueueArgs) -> Result<NewTask> {
         ..Limits::default()
     };
     task.clone()
-        .validate(&lenient, "")
+        .validate(&lenient, offload_core::Position::Alone)
         .map_err(|e| usage(e.to_string()))?;
     Ok(task)
 }
