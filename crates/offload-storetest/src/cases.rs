@@ -1248,6 +1248,29 @@ pub async fn stats_and_queues_count_every_task(factory: &dyn StoreFactory) {
     assert_eq!(queues[0].counts, stats.queues["default"]);
 }
 
+/// A batch whose tasks go back and forth between queues makes each queue
+/// once, and the queues list every one with its tasks.
+pub async fn a_batch_makes_each_of_its_queues(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let specs = ["q1", "q2", "q1", "q2", "q3", "q1"]
+        .iter()
+        .enumerate()
+        .map(|(i, queue)| {
+            NewTask::new("t")
+                .queue(*queue)
+                .validate(&Limits::default(), Position::InBatch(i))
+                .unwrap()
+        })
+        .collect();
+    f.store.enqueue(specs).await.unwrap();
+    let queues = f.store.queues().await.unwrap();
+    let pending: Vec<(&str, u64)> = queues
+        .iter()
+        .map(|q| (q.name.as_str(), q.counts.pending))
+        .collect();
+    assert_eq!(pending, vec![("q1", 3), ("q2", 2), ("q3", 1)]);
+}
+
 pub async fn delete_and_clear_only_finished_tasks(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     let active = f.enqueue(NewTask::new("t")).await;

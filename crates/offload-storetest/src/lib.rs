@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             list_filters_and_keyset_pagination,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,
             stats_and_queues_count_every_task,
+            a_batch_makes_each_of_its_queues,
             delete_and_clear_only_finished_tasks,
             retention_deletes_old_finished_tasks_in_batches,
             unknown_ids_are_not_found,
