@@ -305,7 +305,7 @@ impl NewTask {
             }
             if value.chars().count() > 256 {
                 return Err(Error::invalid(
-                    format!("{position}labels.{key}"),
+                    position.field(format_args!("labels.{key}")),
                     "must be at most 256 characters",
                 ));
             }
@@ -326,7 +326,7 @@ impl NewTask {
         for (i, raw) in raw_deps.iter().enumerate() {
             let id = Uuid::parse_str(raw).map_err(|_| {
                 Error::invalid(
-                    format!("{position}depends_on[{i}]"),
+                    position.field(format_args!("depends_on[{i}]")),
                     format!("must be a task id; got {raw:?}"),
                 )
             })?;
@@ -420,6 +420,14 @@ impl fmt::Display for Position {
             Position::Alone => Ok(()),
             Position::InBatch(index) => write!(f, "tasks[{index}]."),
         }
+    }
+}
+
+impl Position {
+    /// The name in errors of the field `name` of the task at this position
+    /// (`tasks[3].depends_on[0]`).
+    pub fn field(self, name: impl fmt::Display) -> String {
+        format!("{self}{name}")
     }
 }
 

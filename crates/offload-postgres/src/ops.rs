@@ -189,7 +189,7 @@ async fn dependencies(
     for (i, dep) in spec.depends_on.iter().enumerate() {
         let Some(stored) = found.get(dep) else {
             return Err(Error::invalid(
-                format!("{}depends_on[{i}]", spec.position),
+                spec.position.field(format_args!("depends_on[{i}]")),
                 format!("no task with id {dep}"),
             )
             .into());

@@ -33,6 +33,7 @@ type Sql<T> = rusqlite::Result<T>;
 /// share a queue, so a task's is compared with the last one before the set
 /// is asked: hashing every task's queue was ~2% of the writer's work for a
 /// batch (perf). The set keeps SipHash, as the names are the caller's.
+/// `last` starts empty, which no queue's name is.
 #[derive(Default)]
 struct KnownQueues {
     last: String,
@@ -422,7 +423,7 @@ impl WriteCtx<'_, '_> {
             match self.state_of(*dep)? {
                 None => {
                     return Err(Error::invalid(
-                        format!("{}depends_on[{i}]", spec.position),
+                        spec.position.field(format_args!("depends_on[{i}]")),
                         format!("no task with id {dep}"),
                     ));
                 }
