@@ -2,11 +2,20 @@
 // no-op jobs with a small JSON payload. Prints one JSON line with the same
 // keys.
 //
-// Settings: its documented fast path — the local queue (size concurrency+1)
-// and batched completion and failure (completeJobBatchDelay and
-// failJobBatchDelay 0), addJobs for batches, concurrency 24.
+// Settings: those of graphile-worker's own performance page
+// (worker.graphile.org/docs/performance): concurrency 24, a pool of 25,
+// the local queue with room for 500 jobs, batched completion and failure
+// (completeJobBatchDelay and failJobBatchDelay 0), addJobs for batches; and,
+// as that page scales out, one worker process per core for the burn-down
+// (Node runs a process's jobs on one thread: on 2 cores two processes
+// processed 35-50% more than one, four less than two). The pickup phase
+// keeps one worker in this process, as the other systems' pickup does.
 import { Logger, makeWorkerUtils, run } from "graphile-worker";
+import { fork } from "node:child_process";
+import { once } from "node:events";
 import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { fileURLToPath } from "node:url";
 import pg from "pg";
 
 const version = JSON.parse(
@@ -15,16 +24,18 @@ const version = JSON.parse(
 const connectionString = process.env.DATABASE_URL;
 const N = Number(process.argv[2] ?? 20000);
 const CONCURRENCY = 24;
+const WORKER_PROCESSES = availableParallelism();
 const payload = { user_id: 42, template: "welcome", locale: "en" };
 const PICKUP_SAMPLES = Math.min(N, 1000);
-const schema = `gw_bench_${process.pid}`;
+// A forked burn-down process is given its parent's schema.
+const schema = process.env.GW_BENCH_SCHEMA ?? `gw_bench_${process.pid}`;
 const preset = {
   worker: {
     connectionString,
     schema,
     concurrentJobs: CONCURRENCY,
-    maxPoolSize: CONCURRENCY + 4,
-    localQueue: { size: CONCURRENCY + 1 },
+    maxPoolSize: CONCURRENCY + 1,
+    localQueue: { size: 500 },
     completeJobBatchDelay: 0,
     failJobBatchDelay: 0,
     pollInterval: 2000,
@@ -52,28 +63,21 @@ async function main() {
   }
   const enqueueBatch = rate(N, now() - t);
 
+  // Burn down the 2N jobs just enqueued.
   const total = 2 * N;
-  let processed = 0;
-  let finish;
-  const allDone = new Promise((resolve) => (finish = resolve));
+  const processRate = rate(total, await burnDown(total));
+
   let started;
-  t = now();
   const runner = await run({
     preset,
     noHandleSignals: true,
     logger,
     taskList: {
-      noop: async () => {
-        processed += 1;
-        if (processed === total) finish();
-      },
       pickup: async () => {
         started?.(now());
       },
     },
   });
-  await allDone;
-  const processRate = rate(total, now() - t);
 
   await new Promise((r) => setTimeout(r, 300));
   const latencies = [];
@@ -112,7 +116,68 @@ async function main() {
   );
 }
 
-main().then(
+// Forks the burn-down's worker processes, starts them together once each
+// has loaded, and resolves with the milliseconds they took to run `total`
+// jobs between them.
+async function burnDown(total) {
+  const children = Array.from({ length: WORKER_PROCESSES }, () =>
+    fork(fileURLToPath(import.meta.url), ["--burn-down"], {
+      env: { ...process.env, GW_BENCH_SCHEMA: schema },
+    }),
+  );
+  await Promise.all(children.map((child) => once(child, "message")));
+  let processed = 0;
+  let finish;
+  const allDone = new Promise((resolve) => (finish = resolve));
+  for (const child of children) {
+    child.on("message", (ran) => {
+      processed += ran;
+      if (processed >= total) finish();
+    });
+  }
+  const t = now();
+  for (const child of children) child.send("go");
+  await allDone;
+  const ms = now() - t;
+  const exited = children.map((child) => once(child, "exit"));
+  for (const child of children) child.send("stop");
+  await Promise.all(exited);
+  return ms;
+}
+
+// A burn-down process: says it has loaded, runs `noop` jobs from its
+// parent's "go" to its "stop", and reports how many ran, once per turn of
+// the event loop.
+async function burnDownProcess() {
+  const nextMessage = () => new Promise((resolve) => process.once("message", resolve));
+  let ran = 0;
+  let reporting = false;
+  const report = () => {
+    process.send(ran);
+    ran = 0;
+    reporting = false;
+  };
+  process.send("loaded");
+  await nextMessage();
+  const runner = await run({
+    preset,
+    noHandleSignals: true,
+    logger,
+    taskList: {
+      noop: async () => {
+        ran += 1;
+        if (!reporting) {
+          reporting = true;
+          setImmediate(report);
+        }
+      },
+    },
+  });
+  await nextMessage();
+  await runner.stop();
+}
+
+(process.argv[2] === "--burn-down" ? burnDownProcess() : main()).then(
   () => process.exit(0),
   (e) => {
     console.error(e);
