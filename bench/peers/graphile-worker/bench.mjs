@@ -125,10 +125,19 @@ async function burnDown(total) {
       env: { ...process.env, GW_BENCH_SCHEMA: schema },
     }),
   );
-  await Promise.all(children.map((child) => once(child, "message")));
+  // A process that dies fails the run instead of leaving it waiting.
+  const died = Promise.race(
+    children.map((child) =>
+      once(child, "exit").then(([code]) => {
+        throw new Error(`a burn-down process exited early (code ${code})`);
+      }),
+    ),
+  );
+  died.catch(() => {});
+  await Promise.race([Promise.all(children.map((child) => once(child, "message"))), died]);
   let processed = 0;
   let finish;
-  const allDone = new Promise((resolve) => (finish = resolve));
+  const allDone = Promise.race([new Promise((resolve) => (finish = resolve)), died]);
   for (const child of children) {
     child.on("message", (ran) => {
       processed += ran;
