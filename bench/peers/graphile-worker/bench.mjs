@@ -48,6 +48,10 @@ const logger = new Logger(() => () => {});
 const rate = (count, ms) => count / (ms / 1000);
 const now = () => performance.now();
 
+// A worker with the settings above, running `taskList`; the burn-down's
+// processes and the pickup phase both start theirs here.
+const startWorker = (taskList) => run({ preset, noHandleSignals: true, logger, taskList });
+
 async function main() {
   const utils = await makeWorkerUtils({ preset, logger });
   await utils.migrate();
@@ -68,14 +72,9 @@ async function main() {
   const processRate = rate(total, await burnDown(total));
 
   let started;
-  const runner = await run({
-    preset,
-    noHandleSignals: true,
-    logger,
-    taskList: {
-      pickup: async () => {
-        started?.(now());
-      },
+  const runner = await startWorker({
+    pickup: async () => {
+      started?.(now());
     },
   });
 
@@ -168,18 +167,13 @@ async function burnDownProcess() {
   };
   process.send("loaded");
   await nextMessage();
-  const runner = await run({
-    preset,
-    noHandleSignals: true,
-    logger,
-    taskList: {
-      noop: async () => {
-        ran += 1;
-        if (!reporting) {
-          reporting = true;
-          setImmediate(report);
-        }
-      },
+  const runner = await startWorker({
+    noop: async () => {
+      ran += 1;
+      if (!reporting) {
+        reporting = true;
+        setImmediate(report);
+      }
     },
   });
   await nextMessage();
