@@ -15,6 +15,9 @@ back as a claim's answer is) and completed in another. SCHEMA is one of:
     leases       a claim inserts a row into a small table of leases and
                  leaves the task's row alone; the completion deletes the
                  lease and writes the task's row once
+    claim-log    a claim inserts one row for its whole batch (its seqs in a
+                 blob) and leaves the tasks' rows alone; the completion
+                 deletes that row and writes each task's row once
 
 `run` counts the instructions of sqlite3_step under callgrind, which
 repeats exactly from run to run, unlike time on a shared machine.
@@ -59,6 +62,11 @@ def setup_sql(schema):
             " worker_id TEXT NOT NULL, started_at INTEGER NOT NULL,"
             " lease_expires_at INTEGER NOT NULL, deadline_at INTEGER);"
         )
+    if schema == "claim-log":
+        return (
+            "CREATE TABLE claims (id INTEGER PRIMARY KEY, worker_id TEXT NOT NULL,"
+            " claimed_at INTEGER NOT NULL, lease_expires_at INTEGER NOT NULL, seqs BLOB NOT NULL);"
+        )
     return ""
 
 
@@ -68,6 +76,11 @@ def claim(schema, first, last):
         return (
             f"INSERT INTO leases SELECT value, 1, '{WORKER}', {NOW}, {NOW + 30_000},"
             f" {NOW + 1_800_000} FROM series WHERE value BETWEEN {first} AND {last};" + read_back
+        )
+    if schema == "claim-log":
+        return (
+            f"INSERT INTO claims VALUES ({first}, '{WORKER}', {NOW}, {NOW + 30_000},"
+            f" randomblob({(last - first + 1) * 8}));" + read_back
         )
     return (
         f"UPDATE tasks SET state = 3, attempt = attempt + 1, started_at = {NOW},"
@@ -82,6 +95,12 @@ def complete(schema, first, last):
     if schema == "leases":
         return (
             f"DELETE FROM leases WHERE seq BETWEEN {first} AND {last};"
+            f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
+            f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
+        )
+    if schema == "claim-log":
+        return (
+            f"DELETE FROM claims WHERE id = {first};"
             f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
             f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
         )
@@ -122,9 +141,9 @@ if __name__ == "__main__":
     match sys.argv[1:]:
         case ["fill", path]:
             fill(path)
-        case ["setup", schema, path] if schema in ("offload", "running-ix", "leases"):
+        case ["setup", schema, path] if schema in ("offload", "running-ix", "leases", "claim-log"):
             setup(schema, path)
-        case ["burn", schema, path] if schema in ("offload", "running-ix", "leases"):
+        case ["burn", schema, path] if schema in ("offload", "running-ix", "leases", "claim-log"):
             burn(schema, path)
         case ["burned"]:
             print(BURNED)
