@@ -32,6 +32,7 @@ STORED = 120_000
 BURNED = 100_000
 BATCH = 500
 NOW = 1_796_060_000_000
+SCHEMAS = ("offload", "running-ix", "leases", "claim-log")
 PAYLOAD = '{"user_id":42,"template":"welcome","locale":"en"}'
 WORKER = "bench-http-0-12345"
 
@@ -92,18 +93,16 @@ def claim(schema, first, last):
 
 def complete(schema, first, last):
     done = f"state = 4, result = 'null', finished_at = {NOW + 5}, updated_at = {NOW + 5}"
+    # Where the claim left the rows alone, the completion writes what it
+    # would have written as well.
+    written_once = (
+        f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
+        f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
+    )
     if schema == "leases":
-        return (
-            f"DELETE FROM leases WHERE seq BETWEEN {first} AND {last};"
-            f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
-            f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
-        )
+        return f"DELETE FROM leases WHERE seq BETWEEN {first} AND {last};" + written_once
     if schema == "claim-log":
-        return (
-            f"DELETE FROM claims WHERE id = {first};"
-            f" UPDATE tasks SET {done}, attempt = attempt + 1, started_at = {NOW},"
-            f" worker_id = '{WORKER}' WHERE seq BETWEEN {first} AND {last};"
-        )
+        return f"DELETE FROM claims WHERE id = {first};" + written_once
     return (
         f"UPDATE tasks SET {done}, lease_expires_at = NULL, deadline_at = NULL"
         f" WHERE seq BETWEEN {first} AND {last};"
@@ -141,9 +140,9 @@ if __name__ == "__main__":
     match sys.argv[1:]:
         case ["fill", path]:
             fill(path)
-        case ["setup", schema, path] if schema in ("offload", "running-ix", "leases", "claim-log"):
+        case ["setup", schema, path] if schema in SCHEMAS:
             setup(schema, path)
-        case ["burn", schema, path] if schema in ("offload", "running-ix", "leases", "claim-log"):
+        case ["burn", schema, path] if schema in SCHEMAS:
             burn(schema, path)
         case ["burned"]:
             print(BURNED)
