@@ -14,6 +14,14 @@ use crate::{Client, ClientError};
 /// Longest long poll the server accepts.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a fetch's answer may still take once its worker stops. The
+/// server answers a claim within milliseconds; dropping the request sooner
+/// left a busy worker's last batch claimed and unseen until its lease ran
+/// out (an attempt counted), on every stop. A long poll with nothing to
+/// claim delays the stop by this much, then the server sees the request
+/// dropped and withdraws it.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// Maps the client's errors onto the store's, so the worker runtime reacts
 /// to a remote 409 exactly as to a local conflict.
 impl From<ClientError> for Error {
@@ -47,15 +55,20 @@ impl From<ClientError> for Error {
 
 #[async_trait::async_trait]
 impl TaskSource for Client {
-    /// A long poll. When `stop` fires the request is abandoned; should the
-    /// server have claimed a task in that instant, its lease expires and it
-    /// runs again (delivery is at-least-once).
+    /// A long poll. When `stop` fires, an answer already on its way still
+    /// gets half a second (`STOP_GRACE`) to arrive, and the worker runs what it brings;
+    /// after that the request is abandoned, and should the server claim a
+    /// task in that very instant, its lease expires and it runs again
+    /// (delivery is at-least-once). Once stopped, it asks for nothing.
     async fn fetch(
         &self,
         request: &ClaimRequest,
         wait: Duration,
         stop: &CancellationToken,
     ) -> Result<Vec<Task>> {
+        if stop.is_cancelled() {
+            return Ok(Vec::new());
+        }
         let body = FetchRequest {
             worker_id: request.worker_id.clone(),
             types: Some(request.types.clone()),
@@ -64,9 +77,16 @@ impl TaskSource for Client {
             wait_ms: Some(wait.min(MAX_WAIT).as_millis() as i64),
             lease_secs: Some(request.lease.as_secs().max(1) as i64),
         };
+        let answer = Client::fetch(self, &body);
+        tokio::pin!(answer);
         tokio::select! {
-            tasks = Client::fetch(self, &body) => Ok(tasks?),
-            _ = stop.cancelled() => Ok(Vec::new()),
+            tasks = &mut answer => Ok(tasks?),
+            _ = stop.cancelled() => match tokio::time::timeout(STOP_GRACE, answer).await {
+                Ok(Ok(tasks)) => Ok(tasks),
+                // Nothing came, or an error did: nothing was claimed that
+                // this worker could still run.
+                Ok(Err(_)) | Err(_) => Ok(Vec::new()),
+            },
         }
     }
 

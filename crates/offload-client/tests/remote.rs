@@ -175,3 +175,37 @@ async fn the_client_covers_the_routes_and_reports_errors() {
         Err(ClientError::Unreachable { .. })
     ));
 }
+
+/// A busy remote worker always has a fetch on its way. Stopped, it takes
+/// that fetch's answer and runs what it brings, rather than leave those
+/// tasks claimed by nobody until their lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_stream_leaves_no_task_claimed_and_unseen() {
+    let server = server().await;
+    let client = server.client.clone();
+    let tasks: Vec<NewTask> = (0..1000).map(|_| NewTask::new("noop")).collect();
+    for _ in 0..20 {
+        client.enqueue_batch_ids(&tasks).await.unwrap();
+    }
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&ran);
+    let worker = Worker::new(Arc::new(client.clone()))
+        .concurrency(500)
+        .handle("noop", move |_ctx: TaskContext| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { Ok::<(), TaskFailure>(()) }
+        });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    while ran.load(std::sync::atomic::Ordering::Relaxed) < 5000 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+
+    let total = client.stats().await.unwrap().total;
+    assert_eq!(total.running, 0, "tasks left claimed: {total:?}");
+    let ran = ran.load(std::sync::atomic::Ordering::Relaxed) as u64;
+    assert_eq!(total.completed, ran);
+    assert_eq!(total.pending, 20_000 - ran);
+}

@@ -81,11 +81,13 @@ pub(crate) async fn run(
 
     loop {
         let first = tokio::select! {
+            // Once stopping, no new fetch, even with permits free.
+            biased;
+            _ = shutdown.cancelled() => break,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = shutdown.cancelled() => break,
         };
         let mut free = vec![first];
         while free.len() < MAX_FETCH {
