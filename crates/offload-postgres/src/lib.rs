@@ -171,10 +171,18 @@ impl PgStore {
     }
 
     async fn begin(&self) -> Result<Tx, PgError> {
-        // Cancel-safe in sqlx 0.8.6: dropped during BEGIN's round trip, it
-        // queues a ROLLBACK that goes out as the connection returns to the
-        // pool (`operations_dropped_midway_leave_no_transaction_open`).
-        let conn = self.pool.begin().await?;
+        // sqlx's `Pool::begin` is not cancel-safe on PostgreSQL: dropped
+        // during BEGIN's round trip, it returns its connection to the pool
+        // inside an open transaction, and the next operation on that
+        // connection runs inside it. On a task of its own the BEGIN always
+        // completes; if our caller went away meanwhile, the transaction is
+        // dropped there, which rolls it back properly.
+        let pool = self.pool.clone();
+        let conn = tokio::spawn(async move { pool.begin().await })
+            .await
+            .map_err(|e| {
+                PgError::Core(Error::Storage(format!("beginning a transaction: {e}")))
+            })??;
         Ok(Tx::new(conn, Arc::clone(&self.node)))
     }
 
