@@ -15,7 +15,7 @@
 //!   rounds take turns, so that the machine drifting between the halves (a
 //!   busy neighbour, a slower minute) moves both alike. Against `--url`
 //!   there is one server: its small half runs before the fill, the large
-//!   one after;
+//!   one after, and then the run's workers run the tasks it left there;
 //! - `server_rss_mb`: the peak resident memory of the servers it started
 //!   (the larger: the one holding `--stored` tasks, as a rule).
 //!
@@ -55,6 +55,9 @@ const HTTP_WORKERS: usize = 4;
 const HTTP_CONCURRENCY: usize = 500;
 const EMBEDDED_CONCURRENCY: usize = 512;
 const PICKUP_SAMPLES: usize = 1000;
+/// How long the tasks left on a `--url` server may go without one of them
+/// running before the run gives up on them.
+const LEFT_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Serialize)]
 struct Pickup {
@@ -316,6 +319,9 @@ async fn measure(
         quiet,
     )
     .await?;
+    if target.child.is_none() {
+        run_what_is_left(&client, quiet).await?;
+    }
     let server_rss_mb = [Some(&target), many_stored.as_ref()]
         .into_iter()
         .flatten()
@@ -568,18 +574,80 @@ fn counting_handler(
     }
 }
 
-async fn process_http(client: &Client, n: usize, quiet: bool, phase: &str) -> Result<f64> {
-    let progress = bar(n, phase, quiet);
-    let count = Arc::new(AtomicUsize::new(0));
-    let workers = (0..HTTP_WORKERS)
+/// The remote workers of the processing phases, each handler run counted.
+fn http_workers(client: &Client, count: &Arc<AtomicUsize>) -> Vec<Worker> {
+    (0..HTTP_WORKERS)
         .map(|i| {
             Worker::new(Arc::new(client.clone()))
                 .worker_id(format!("bench-http-{i}-{}", std::process::id()))
                 .concurrency(HTTP_CONCURRENCY)
-                .handle(TASK_TYPE, counting_handler(&count))
+                .handle(TASK_TYPE, counting_handler(count))
         })
+        .collect()
+}
+
+async fn process_http(client: &Client, n: usize, quiet: bool, phase: &str) -> Result<f64> {
+    let progress = bar(n, phase, quiet);
+    let count = Arc::new(AtomicUsize::new(0));
+    burn(http_workers(client, &count), n, count, &progress).await
+}
+
+/// The run's tasks still to do on a server it did not start: the stored
+/// ones and those the rounds left.
+async fn bench_tasks_left(client: &Client) -> Result<u64> {
+    let stats = client.stats().await?;
+    Ok(stats
+        .types
+        .get(TASK_TYPE)
+        .map_or(0, |c| c.scheduled + c.pending + c.running))
+}
+
+/// Against `--url`, runs the tasks the run left (over a million with the
+/// default `--stored`), so that none waits there for a worker of the
+/// server's own; finished, they go with the server's retention.
+async fn run_what_is_left(client: &Client, quiet: bool) -> Result<()> {
+    let mut left = bench_tasks_left(client).await?;
+    if left == 0 {
+        return Ok(());
+    }
+    let progress = bar(
+        usize::try_from(left).unwrap_or(usize::MAX),
+        "run the tasks left",
+        quiet,
+    );
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let running: Vec<_> = http_workers(client, &count)
+        .into_iter()
+        .map(|w| tokio::spawn(w.run(stop.clone())))
         .collect();
-    burn(workers, n, count, &progress).await
+    let mut last_progress = Instant::now();
+    let outcome = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = match bench_tasks_left(client).await {
+            Ok(now) => now,
+            Err(e) => break Err(e),
+        };
+        progress.set_position(count.load(Ordering::Relaxed) as u64);
+        if now == 0 {
+            break Ok(());
+        }
+        if now < left {
+            left = now;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > LEFT_PATIENCE {
+            break Err(anyhow::anyhow!(
+                "{now} {TASK_TYPE} tasks are still on the server after {}s without one ending (another client holding them?)",
+                LEFT_PATIENCE.as_secs()
+            ));
+        }
+    };
+    stop.cancel();
+    for r in running {
+        r.await??;
+    }
+    progress.finish();
+    outcome
 }
 
 /// The in-process phase's store.

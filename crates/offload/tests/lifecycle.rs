@@ -212,6 +212,32 @@ fn bench_runs_and_prints_every_key() {
     }
 }
 
+/// Against a running server the run leaves none of its tasks waiting
+/// there for a worker: with the default `--stored` they would be over a
+/// million.
+#[test]
+fn bench_against_a_server_runs_the_tasks_it_left_there() {
+    let server = Server::start();
+    let output = server.cli(&["bench", "--tasks", "200", "--stored", "10000", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, stats) = server.http().get("/v1/stats");
+    assert_eq!(status, 200, "{stats}");
+    for task_type in ["bench.noop", "bench.pickup"] {
+        let counts = &stats["types"][task_type];
+        for state in ["scheduled", "pending", "running"] {
+            assert_eq!(counts[state], 0, "{task_type} {state}: {stats}");
+        }
+        assert!(
+            counts["completed"].as_u64().is_some_and(|n| n > 0),
+            "{task_type}: {stats}"
+        );
+    }
+}
+
 /// A run stopped with Ctrl-C half-way (its first schema made, its server
 /// busy) fails, and drops what it made all the same. Part of the test
 /// above: two runs at once would see each other's schemas.
