@@ -56,7 +56,7 @@ const HTTP_CONCURRENCY: usize = 500;
 const EMBEDDED_CONCURRENCY: usize = 512;
 const PICKUP_SAMPLES: usize = 1000;
 /// How long the tasks left on a `--url` server may go without one of them
-/// running before the run gives up on them.
+/// ending before the run gives up on them.
 const LEFT_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Serialize)]
