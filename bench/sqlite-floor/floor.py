@@ -18,6 +18,10 @@ back as a claim's answer is) and completed in another. SCHEMA is one of:
     claim-log    a claim inserts one row for its whole batch (its seqs in a
                  blob) and leaves the tasks' rows alone; the completion
                  deletes that row and writes each task's row once
+    split        the columns a task's life changes copied to a narrow table
+                 of their own (task_states, with the indexes that name
+                 them), which the claim and the completion write; `tasks`
+                 stays as the enqueue wrote it
 
 `run` counts the instructions of sqlite3_step under callgrind, which
 repeats exactly from run to run, unlike time on a shared machine.
@@ -32,7 +36,7 @@ STORED = 120_000
 BURNED = 100_000
 BATCH = 500
 NOW = 1_796_060_000_000
-SCHEMAS = ("offload", "running-ix", "leases", "claim-log")
+SCHEMAS = ("offload", "running-ix", "leases", "claim-log", "split")
 PAYLOAD = '{"user_id":42,"template":"welcome","locale":"en"}'
 WORKER = "bench-http-0-12345"
 
@@ -68,6 +72,26 @@ def setup_sql(schema):
             "CREATE TABLE claims (id INTEGER PRIMARY KEY, worker_id TEXT NOT NULL,"
             " claimed_at INTEGER NOT NULL, lease_expires_at INTEGER NOT NULL, seqs BLOB NOT NULL);"
         )
+    if schema == "split":
+        return (
+            "CREATE TABLE task_states (seq INTEGER PRIMARY KEY, state INTEGER NOT NULL,"
+            " attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, run_at INTEGER NOT NULL,"
+            " queue TEXT NOT NULL, unique_key TEXT, progress TEXT, result TEXT, error TEXT,"
+            " errors TEXT, cancel_requested INTEGER NOT NULL, updated_at INTEGER NOT NULL,"
+            " started_at INTEGER, finished_at INTEGER, lease_expires_at INTEGER,"
+            " deadline_at INTEGER, worker_id TEXT);"
+            "INSERT INTO task_states SELECT seq, state, attempt, max_attempts, run_at, queue,"
+            " unique_key, progress, result, error, errors, cancel_requested, updated_at,"
+            " started_at, finished_at, lease_expires_at, deadline_at, worker_id FROM tasks;"
+            "DROP INDEX tasks_due; DROP INDEX tasks_finished; DROP INDEX tasks_by_state;"
+            " DROP INDEX tasks_unique_key;"
+            "CREATE INDEX task_states_due ON task_states (run_at) WHERE state = 1;"
+            "CREATE INDEX task_states_finished ON task_states (state, finished_at) WHERE state >= 4;"
+            "CREATE INDEX task_states_by_state ON task_states (state, seq) WHERE state NOT IN (2, 3);"
+            "CREATE UNIQUE INDEX task_states_unique_key ON task_states (queue, unique_key)"
+            " WHERE unique_key IS NOT NULL AND state <= 3 AND cancel_requested = 0;"
+            "VACUUM;"
+        )
     return ""
 
 
@@ -82,6 +106,15 @@ def claim(schema, first, last):
         return (
             f"INSERT INTO claims VALUES ({first}, '{WORKER}', {NOW}, {NOW + 30_000},"
             f" randomblob({(last - first + 1) * 8}));" + read_back
+        )
+    if schema == "split":
+        return (
+            f"UPDATE task_states SET state = 3, attempt = attempt + 1, started_at = {NOW},"
+            f" updated_at = {NOW}, lease_expires_at = {NOW + 30_000},"
+            f" deadline_at = {NOW + 1_800_000}, worker_id = '{WORKER}'"
+            f" WHERE seq BETWEEN {first} AND {last};"
+            f"SELECT t.payload, t.type, t.queue, s.state, s.attempt FROM tasks t"
+            f" JOIN task_states s ON s.seq = t.seq WHERE t.seq BETWEEN {first} AND {last};"
         )
     return (
         f"UPDATE tasks SET state = 3, attempt = attempt + 1, started_at = {NOW},"
@@ -103,6 +136,11 @@ def complete(schema, first, last):
         return f"DELETE FROM leases WHERE seq BETWEEN {first} AND {last};" + written_once
     if schema == "claim-log":
         return f"DELETE FROM claims WHERE id = {first};" + written_once
+    if schema == "split":
+        return (
+            f"UPDATE task_states SET {done}, lease_expires_at = NULL, deadline_at = NULL"
+            f" WHERE seq BETWEEN {first} AND {last};"
+        )
     return (
         f"UPDATE tasks SET {done}, lease_expires_at = NULL, deadline_at = NULL"
         f" WHERE seq BETWEEN {first} AND {last};"
@@ -131,7 +169,8 @@ def burn(schema, path):
     for first, last in rows_in_batches():
         for step in (claim(schema, first, last), complete(schema, first, last)):
             db.executescript(f"BEGIN; {step} COMMIT;")
-    states = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
+    table = "task_states" if schema == "split" else "tasks"
+    states = dict(db.execute(f"SELECT state, count(*) FROM {table} GROUP BY state"))
     assert states == {2: STORED - BURNED, 4: BURNED}, states
     db.close()
 
