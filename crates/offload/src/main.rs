@@ -20,8 +20,8 @@ use offload_client::ClientError;
 /// reads, in a heap that also holds every pending task's place in the
 /// claim order. With a million tasks stored, glibc's allocator spent a
 /// fifth of the writer's time searching its free lists, and claims ran
-/// ~25% slower than with ten thousand stored; jemalloc's cost does not
-/// grow with the heap (bench/analysis.md, round 22).
+/// ~25% slower than with ten thousand stored. With jemalloc the writer's
+/// time a task was the same either way (bench/analysis.md, round 22).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
