@@ -66,15 +66,17 @@ def burn(port, tasks):
         done += len(fetched)
 
 
-def cpu_ns(pid, writer_only):
-    total = 0
+def cpu_ns(pid):
+    """CPU time so far of the server's writer thread and of all its threads."""
+    writer = everything = 0
     for task in glob.glob(f"/proc/{pid}/task/*"):
-        with open(f"{task}/comm") as comm:
-            if writer_only and "sqlite" not in comm.read():
-                continue
         with open(f"{task}/schedstat") as stat:
-            total += int(stat.read().split()[0])
-    return total
+            ran = int(stat.read().split()[0])
+        with open(f"{task}/comm") as comm:
+            if "sqlite" in comm.read():
+                writer += ran
+        everything += ran
+    return writer, everything
 
 
 def wait_healthy(port):
@@ -112,12 +114,13 @@ def main():
             for round_number in range(1, rounds + 1):
                 fill(servers["few"][1], SAMPLE)
                 for name, (process, port) in servers.items():
-                    writer, everything = cpu_ns(process.pid, True), cpu_ns(process.pid, False)
+                    writer_before, everything_before = cpu_ns(process.pid)
                     started = time.perf_counter()
                     burn(port, SAMPLE)
                     elapsed = time.perf_counter() - started
-                    writer = (cpu_ns(process.pid, True) - writer) / SAMPLE / 1000
-                    everything = (cpu_ns(process.pid, False) - everything) / SAMPLE / 1000
+                    writer_after, everything_after = cpu_ns(process.pid)
+                    writer = (writer_after - writer_before) / SAMPLE / 1000
+                    everything = (everything_after - everything_before) / SAMPLE / 1000
                     held = SAMPLE if name == "few" else stored
                     print(
                         f"round {round_number}, {held:>9,} stored: writer {writer:5.2f} µs a task, "
