@@ -13,8 +13,9 @@
 //! an answer with, and a future that says when the commit is durable.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use offload_core::{
     Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, Hub, Limits, ParkedClaim,
@@ -31,6 +32,7 @@ use crate::rows::{StoredTask, storage_error};
 use crate::running::RunningSet;
 use crate::shaped::ShapedStatements;
 use crate::sql;
+use crate::wal_sync::{Syncer, WalSync};
 
 /// Operations committed together at most; bounds the latency of a group.
 const MAX_GROUP: usize = 512;
@@ -58,6 +60,11 @@ pub(crate) struct Shared {
     pub pending: Arc<PendingSeqs>,
     /// The running tasks, changed by the writer as it writes their rows.
     pub running: RunningSet,
+    /// Why the store stopped writing: an fsync of the WAL failed
+    /// (`wal_sync.rs`).
+    pub wal_failed: OnceLock<String>,
+    /// Syncs of the WAL made for durable mode's answers.
+    pub wal_syncs: AtomicU64,
 }
 
 impl Shared {
@@ -212,6 +219,36 @@ impl Effects {
             shared.hub.notify_scheduled();
         }
         self.ready
+    }
+}
+
+/// What a committed group may tell once its commit is durable: its
+/// effects, its parked claims' answers and its callers' replies.
+pub(crate) struct Settled {
+    effects: Effects,
+    parked_claims: Vec<(TakenClaim, Result<Vec<Task>>)>,
+    replies: Vec<Reply>,
+}
+
+impl Settled {
+    /// Tells everyone the group's `outcome`: its commit's, and in durable
+    /// mode its fsync's.
+    pub(crate) fn announce(self, shared: &Shared, outcome: Result<()>) {
+        let made_ready = outcome.is_ok() && self.effects.publish(shared);
+        // Waiting workers first: their answer is the pickup latency.
+        for (claim, claimed) in self.parked_claims {
+            claim.answer(outcome.clone().and(claimed));
+        }
+        // After those answers: a parked waiter also watches this signal, and
+        // woken by it before its answer it would run once for nothing. Before
+        // the replies: whoever hears that a write made tasks ready finds the
+        // signal already given.
+        if made_ready {
+            shared.hub.notify_ready();
+        }
+        for reply in self.replies {
+            reply(outcome.clone());
+        }
     }
 }
 
@@ -419,17 +456,28 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the writer thread on `conn`. `lock` is held until the thread
     /// ends, so no other process opens the database while this one writes.
+    /// With `wal_sync` (durable mode; `conn` commits without syncing) every
+    /// answer waits for it, on a thread of its own (`wal_sync.rs`).
     pub fn start(
         conn: Connection,
         lock: std::fs::File,
         shared: Arc<Shared>,
         ready: ReadyIndex,
+        wal_sync: Option<WalSync>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let syncer = wal_sync
+            .map(|sync| Syncer::start(Arc::clone(&shared), sync))
+            .transpose()?;
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                run_writer(&conn, &rx, &shared, ready);
+                run_writer(&conn, &rx, &shared, ready, syncer.as_ref());
+                // Whatever the syncer holds is answered before the database
+                // closes.
+                if let Some(syncer) = syncer {
+                    syncer.stop();
+                }
                 drop(conn);
                 drop(lock);
             })?;
@@ -568,7 +616,13 @@ impl<'conn> WriterState<'conn> {
     }
 }
 
-fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, ready: ReadyIndex) {
+fn run_writer(
+    conn: &Connection,
+    jobs: &mpsc::Receiver<Job>,
+    shared: &Shared,
+    ready: ReadyIndex,
+    syncer: Option<&Syncer>,
+) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
     // closed.
@@ -588,13 +642,21 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
         ids: SeqIds::after(0),
         rows: RowWrites::default(),
     };
-    while let Ok(first) = jobs.recv() {
+    // A job taken out to see whether the writer has more to do; it opens
+    // the next group.
+    let mut next: Option<Job> = None;
+    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
                 Ok(job) => group.push(job),
                 Err(_) => break,
             }
+        }
+        if shared.wal_failed.get().is_some() {
+            // The cause was logged when the fsync failed.
+            drop(group);
+            continue;
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Dropping the group answers each caller that its operation did
@@ -612,11 +674,10 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
         // Every operation applied its rows inside its own savepoint.
         debug_assert!(state.rows.is_empty());
         let committed = conn.execute_batch("COMMIT").map_err(storage_error);
-        let made_ready = match &committed {
+        match &committed {
             Ok(()) => {
                 state.ready.commit();
                 shared.running.commit();
-                effects.publish(shared)
             }
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
@@ -624,22 +685,19 @@ fn run_writer(conn: &Connection, jobs: &mpsc::Receiver<Job>, shared: &Shared, re
                 state.claimed_rows.forget_all();
                 state.ready.roll_back_to(0);
                 shared.running.roll_back_to(0);
-                false
             }
+        }
+        let settled = Settled {
+            effects,
+            parked_claims,
+            replies,
         };
-        // Waiting workers first: their answer is the pickup latency.
-        for (claim, outcome) in parked_claims {
-            claim.answer(committed.clone().and(outcome));
-        }
-        // After those answers: a parked waiter also watches this signal, and
-        // woken by it before its answer it would run once for nothing. Before
-        // the replies: whoever hears that a write made tasks ready finds the
-        // signal already given.
-        if made_ready {
-            shared.hub.notify_ready();
-        }
-        for reply in replies {
-            reply(committed.clone());
+        match (syncer, committed) {
+            (Some(syncer), Ok(())) => {
+                next = jobs.try_recv().ok();
+                syncer.settle(settled, shared, next.is_some());
+            }
+            (_, committed) => settled.announce(shared, committed),
         }
     }
 }
@@ -797,6 +855,117 @@ mod tests {
         open_last.send(()).unwrap();
         last.await.unwrap();
         durable.await.unwrap();
+    }
+
+    /// A sync that waits until the test lets it through, once per `()`
+    /// sent, and counts the syncs made.
+    fn gated_sync() -> (WalSync, mpsc::Sender<()>, Arc<AtomicU64>) {
+        let (open, gate) = mpsc::channel::<()>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&syncs);
+        let sync: WalSync = Box::new(move || {
+            gate.recv()
+                .map_err(|_| std::io::Error::other("the test ended"))?;
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        (sync, open, syncs)
+    }
+
+    /// A write alone in the writer's queue is answered once the writer has
+    /// synced the WAL itself, and not before.
+    #[tokio::test]
+    async fn a_lone_write_is_answered_after_its_wal_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sync, open, syncs) = gated_sync();
+        let store = SqliteStore::open_with_wal_sync(
+            dir.path().join("t.db"),
+            SqliteOptions::default(),
+            Some(sync),
+        )
+        .unwrap();
+        let write = tokio::spawn(store.writer.submit(|_ctx| Ok("written")));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!write.is_finished(), "answered before the WAL sync");
+        open.send(()).unwrap();
+        assert_eq!(write.await.unwrap().unwrap(), "written");
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// With more waiting, the writer hands a commit's sync over and runs the
+    /// next group at once; nobody hears of either group before the WAL
+    /// sync after it.
+    #[tokio::test]
+    async fn a_busy_writer_goes_on_while_the_wal_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sync, open_sync, syncs) = gated_sync();
+        let store = SqliteStore::open_with_wal_sync(
+            dir.path().join("t.db"),
+            SqliteOptions::default(),
+            Some(sync),
+        )
+        .unwrap();
+        // Holds the writer, once it runs, while the next two queue up.
+        let (open_first, first_gate) = mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let first = tokio::spawn(store.writer.submit(move |_ctx| {
+            let _ = started_tx.send(());
+            first_gate
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| Error::Storage(format!("the test's gate: {e}")))?;
+            Ok("first")
+        }));
+        started.await.unwrap();
+        let second = tokio::spawn(store.writer.submit(|_ctx| Ok("second")));
+        let third = store.writer.submit_tentative(|_ctx| Ok("third"));
+        open_first.send(()).unwrap();
+
+        let third = tokio::time::timeout(std::time::Duration::from_secs(10), third)
+            .await
+            .expect("the writer ran the next group while the first one's sync waits")
+            .unwrap();
+        assert_eq!(third.value, "third");
+        let mut durable = third.durable;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!first.is_finished(), "answered before the WAL sync");
+        assert!(!second.is_finished(), "answered before the WAL sync");
+        assert!(
+            (&mut durable).now_or_never().is_none(),
+            "durable before the WAL sync"
+        );
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        for _ in 0..3 {
+            let _ = open_sync.send(());
+        }
+        assert_eq!(first.await.unwrap().unwrap(), "first");
+        assert_eq!(second.await.unwrap().unwrap(), "second");
+        durable.await.unwrap();
+        assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    /// After a failed fsync nothing says what reached the disk: the callers
+    /// waiting on it hear so, and every write after it is refused.
+    #[tokio::test]
+    async fn a_failed_wal_sync_fails_its_callers_and_every_write_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync: WalSync = Box::new(|| Err(std::io::Error::other("the disk is gone")));
+        let store = SqliteStore::open_with_wal_sync(
+            dir.path().join("t.db"),
+            SqliteOptions::default(),
+            Some(sync),
+        )
+        .unwrap();
+        let err = store.writer.run(|_ctx| Ok(())).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Storage(m) if m.contains("could not be synced") && m.contains("the disk is gone")),
+            "{err}"
+        );
+        for _ in 0..3 {
+            let refused = store.writer.run(|_ctx| Ok(())).await;
+            assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
+        }
+        assert!(store.wal_syncs() == 0);
     }
 
     /// An operation that fails answers with its own error, not tentatively.
