@@ -204,8 +204,9 @@ impl SqliteStore {
     }
 
     /// The writer connection's `PRAGMA synchronous`, read through the writer
-    /// itself: 1 (NORMAL) in both modes, since in durable mode the store
-    /// syncs the WAL itself before answering ([`SqliteStore::wal_syncs`]).
+    /// itself: relaxed, 1 (NORMAL); durable, 2 (FULL) while the writer
+    /// commits operations one at a time and 1 while it groups them, the store
+    /// then syncing the WAL itself ([`SqliteStore::wal_syncs`]).
     pub async fn synchronous_mode(&self) -> Result<i64> {
         self.writer
             .run(|ctx| {
@@ -216,7 +217,8 @@ impl SqliteStore {
             .await
     }
 
-    /// How many times durable mode synced the WAL before answering; one sync
+    /// How many times durable mode synced the WAL for grouped commits before
+    /// answering them (a commit alone is synced by SQLite itself); one sync
     /// answers every commit made since the last. Always 0 when relaxed.
     pub fn wal_syncs(&self) -> u64 {
         self.shared

@@ -1,14 +1,21 @@
-//! Durable mode's fsync, taken off the writer's path.
+//! Durable mode's fsync, taken off the writer's path when the writer is
+//! busy.
 //!
-//! In durable mode the writer commits with `synchronous = NORMAL`: a commit
-//! writes its WAL frames and returns without waiting for the disk, and the
-//! writer goes on with its next group. The syncer thread here makes the WAL
-//! durable, one `fdatasync` for every commit that reached it since the last,
-//! and only then tells each group's callers, publishes its counts and events
-//! and wakes waiting workers. An answer still comes only once its change is
-//! on disk, as with `synchronous = FULL`; the writer no longer stands still
-//! while the disk syncs (a third of its time in a burn-down on a slow disk,
-//! `bench/analysis.md`).
+//! A group of several operations (the writer is busy: more requests arrived
+//! while it ran the last group) commits with `synchronous = NORMAL`: its
+//! commit writes the WAL frames and returns without waiting for the disk,
+//! the writer hands the group to the syncer thread here and goes on with
+//! its next group. The syncer makes the WAL durable, one `fdatasync` for
+//! every commit that reached it since its last, and only then tells each
+//! group's callers, publishes its counts and events and wakes waiting
+//! workers. In a burn-down the writer was busy nearly all the time, a third
+//! of it committing, and about a third of each commit was the wait for the
+//! disk's fsync (`bench/analysis.md`).
+//!
+//! A lone operation with no group still waiting for the syncer commits
+//! with SQLite's own fsync (`synchronous = FULL`) and is answered by the
+//! writer: a single request or a pickup gains nothing from a hand-over to
+//! another thread. Groups are announced in commit order either way.
 //!
 //! Why a commit answered here survives a power cut: with `synchronous =
 //! NORMAL` SQLite syncs the WAL before a checkpoint copies frames into the
@@ -25,7 +32,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 
 use offload_core::{Error, Result};
 
@@ -67,7 +74,6 @@ fn same_file(_file: &std::fs::File, path: &std::path::Path) -> bool {
 
 /// The syncer thread and the way to it.
 pub(crate) struct Syncer {
-    sync: Arc<Mutex<WalSync>>,
     /// Groups handed to the thread and not yet announced.
     in_flight: Arc<AtomicUsize>,
     groups: mpsc::Sender<Settled>,
@@ -76,37 +82,31 @@ pub(crate) struct Syncer {
 
 impl Syncer {
     pub fn start(shared: Arc<Shared>, sync: WalSync) -> std::io::Result<Self> {
-        let sync = Arc::new(Mutex::new(sync));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (groups, received) = mpsc::channel::<Settled>();
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-sync".into())
             .spawn({
-                let sync = Arc::clone(&sync);
                 let in_flight = Arc::clone(&in_flight);
-                move || run_syncer(&received, &shared, &sync, &in_flight)
+                move || run_syncer(&received, &shared, sync, &in_flight)
             })?;
         Ok(Self {
-            sync,
             in_flight,
             groups,
             thread,
         })
     }
 
-    /// Announces a committed group once the WAL holding it is synced. When
-    /// the writer has nothing else to run and no earlier group is still
-    /// waiting, the writer syncs it itself, as SQLite's own fsync would:
-    /// handing it over would only add a thread's wake-up to a lone request's
-    /// answer (and to a pickup). Otherwise the syncer takes it and the
-    /// writer goes on. Either way groups are announced in commit order: the
-    /// writer syncs only once every group handed over has been announced.
-    pub fn settle(&self, settled: Settled, shared: &Shared, writer_has_work: bool) {
-        if !writer_has_work && self.in_flight.load(Ordering::Acquire) == 0 {
-            let outcome = sync_once(&self.sync, shared);
-            settled.announce(shared, outcome);
-            return;
-        }
+    /// Whether every group handed over has been announced.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Announces a committed group, on the syncer thread, once the WAL
+    /// holding it is synced. Groups are announced in commit order: the
+    /// writer commits with SQLite's own fsync (and announces the group
+    /// itself) only while [`Syncer::is_idle`].
+    pub fn hand_over(&self, settled: Settled, shared: &Shared) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(mpsc::SendError(settled)) = self.groups.send(settled) {
             // Only a panic ends the syncer early; its callers must not hear
@@ -129,7 +129,7 @@ impl Syncer {
 fn run_syncer(
     groups: &mpsc::Receiver<Settled>,
     shared: &Shared,
-    sync: &Mutex<WalSync>,
+    mut sync: WalSync,
     in_flight: &AtomicUsize,
 ) {
     while let Ok(first) = groups.recv() {
@@ -137,7 +137,7 @@ fn run_syncer(
         // one sync covers them all.
         let mut settled = vec![first];
         settled.extend(groups.try_iter());
-        let outcome = sync_once(sync, shared);
+        let outcome = sync_once(&mut sync, shared);
         for group in settled {
             group.announce(shared, outcome.clone());
             in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -145,11 +145,10 @@ fn run_syncer(
     }
 }
 
-fn sync_once(sync: &Mutex<WalSync>, shared: &Shared) -> Result<()> {
+fn sync_once(sync: &mut WalSync, shared: &Shared) -> Result<()> {
     if let Some(reason) = shared.wal_failed.get() {
         return Err(Error::Storage(reason.clone()));
     }
-    let mut sync = sync.lock().unwrap_or_else(|p| p.into_inner());
     match sync() {
         Ok(()) => {
             shared.wal_syncs.fetch_add(1, Ordering::Relaxed);

@@ -642,10 +642,9 @@ fn run_writer(
         ids: SeqIds::after(0),
         rows: RowWrites::default(),
     };
-    // A job taken out to see whether the writer has more to do; it opens
-    // the next group.
-    let mut next: Option<Job> = None;
-    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
+    // Whether the connection's own commits sync (`synchronous = FULL`).
+    let mut commits_sync = syncer.is_none();
+    while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
@@ -657,6 +656,27 @@ fn run_writer(
             // The cause was logged when the fsync failed.
             drop(group);
             continue;
+        }
+        if let Some(syncer) = syncer {
+            // A lone operation with nothing waiting to be synced before it
+            // commits with SQLite's own fsync, as it did before there was a
+            // syncer: a single request or a pickup gains nothing from a
+            // hand-over to another thread, and such a path measured slower.
+            let lone = group.len() == 1 && syncer.is_idle();
+            if lone != commits_sync {
+                let pragma = if lone {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                };
+                // On failure the flag keeps saying what the connection does.
+                match conn.execute_batch(pragma) {
+                    Ok(()) => commits_sync = lone,
+                    Err(e) => {
+                        tracing::warn!(error = %storage_error(e), pragma, "cannot switch how commits sync")
+                    }
+                }
+            }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Dropping the group answers each caller that its operation did
@@ -693,10 +713,7 @@ fn run_writer(
             replies,
         };
         match (syncer, committed) {
-            (Some(syncer), Ok(())) => {
-                next = jobs.try_recv().ok();
-                syncer.settle(settled, shared, next.is_some());
-            }
+            (Some(syncer), Ok(())) if !commits_sync => syncer.hand_over(settled, shared),
             (_, committed) => settled.announce(shared, committed),
         }
     }
@@ -864,39 +881,46 @@ mod tests {
         let syncs = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&syncs);
         let sync: WalSync = Box::new(move || {
-            gate.recv()
-                .map_err(|_| std::io::Error::other("the test ended"))?;
+            // Bounded, so that a failing test ends instead of waiting here
+            // forever while the store it holds is dropped.
+            gate.recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| std::io::Error::other(format!("the test's sync gate: {e}")))?;
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         });
         (sync, open, syncs)
     }
 
-    /// A write alone in the writer's queue is answered once the writer has
-    /// synced the WAL itself, and not before.
-    #[tokio::test]
-    async fn a_lone_write_is_answered_after_its_wal_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let (sync, open, syncs) = gated_sync();
-        let store = SqliteStore::open_with_wal_sync(
-            dir.path().join("t.db"),
-            SqliteOptions::default(),
-            Some(sync),
-        )
-        .unwrap();
-        let write = tokio::spawn(store.writer.submit(|_ctx| Ok("written")));
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(!write.is_finished(), "answered before the WAL sync");
-        open.send(()).unwrap();
-        assert_eq!(write.await.unwrap().unwrap(), "written");
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    /// Holds the writer inside an operation of its own until the returned
+    /// sender is used, so that what is submitted meanwhile forms one group.
+    async fn hold_writer(
+        store: &SqliteStore,
+    ) -> (mpsc::Sender<()>, tokio::task::JoinHandle<Result<i64>>) {
+        let (release, held) = mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let holder = tokio::spawn(store.writer.submit(move |ctx| {
+            let _ = started_tx.send(());
+            held.recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| Error::Storage(format!("the test's gate: {e}")))?;
+            synchronous(ctx)
+        }));
+        started.await.unwrap();
+        (release, holder)
     }
 
-    /// With more waiting, the writer hands a commit's sync over and runs the
-    /// next group at once; nobody hears of either group before the WAL
-    /// sync after it.
+    fn synchronous(ctx: &mut WriteCtx<'_, '_>) -> Result<i64> {
+        ctx.conn()?
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(storage_error)
+    }
+
+    /// A group of several operations commits without SQLite's fsync and is
+    /// answered only after the syncer's, while the writer goes on with the
+    /// next group; a lone operation commits with SQLite's own fsync, unless
+    /// a group before it still waits for the syncer (answers keep commit
+    /// order).
     #[tokio::test]
-    async fn a_busy_writer_goes_on_while_the_wal_syncs() {
+    async fn grouped_writes_are_answered_after_the_wal_sync_while_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let (sync, open_sync, syncs) = gated_sync();
         let store = SqliteStore::open_with_wal_sync(
@@ -905,42 +929,42 @@ mod tests {
             Some(sync),
         )
         .unwrap();
-        // Holds the writer, once it runs, while the next two queue up.
-        let (open_first, first_gate) = mpsc::channel::<()>();
-        let (started_tx, started) = oneshot::channel();
-        let first = tokio::spawn(store.writer.submit(move |_ctx| {
-            let _ = started_tx.send(());
-            first_gate
-                .recv_timeout(std::time::Duration::from_secs(10))
-                .map_err(|e| Error::Storage(format!("the test's gate: {e}")))?;
-            Ok("first")
-        }));
-        started.await.unwrap();
-        let second = tokio::spawn(store.writer.submit(|_ctx| Ok("second")));
-        let third = store.writer.submit_tentative(|_ctx| Ok("third"));
-        open_first.send(()).unwrap();
+        let (release, holder) = hold_writer(&store).await;
+        let grouped = tokio::spawn(store.writer.submit(synchronous));
+        let tentative = store.writer.submit_tentative(synchronous);
+        release.send(()).unwrap();
 
-        let third = tokio::time::timeout(std::time::Duration::from_secs(10), third)
+        // The holder was alone: SQLite synced its commit, no syncer needed.
+        assert_eq!(holder.await.unwrap().unwrap(), 2, "synchronous = FULL");
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // The next group ran, and waits for the syncer.
+        let tentative = tokio::time::timeout(std::time::Duration::from_secs(10), tentative)
             .await
-            .expect("the writer ran the next group while the first one's sync waits")
+            .expect("the writer ran the group")
             .unwrap();
-        assert_eq!(third.value, "third");
-        let mut durable = third.durable;
+        assert_eq!(tentative.value, 1, "synchronous = NORMAL");
+        let mut durable = tentative.durable;
+        // A lone write behind a group still waiting is handed over too.
+        let behind = store.writer.submit_tentative(synchronous).await.unwrap();
+        assert_eq!(behind.value, 1, "synchronous = NORMAL");
+        let mut behind_durable = behind.durable;
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(!first.is_finished(), "answered before the WAL sync");
-        assert!(!second.is_finished(), "answered before the WAL sync");
+        assert!(!grouped.is_finished(), "answered before the WAL sync");
         assert!(
             (&mut durable).now_or_never().is_none(),
             "durable before the WAL sync"
         );
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(
+            (&mut behind_durable).now_or_never().is_none(),
+            "durable before the WAL sync"
+        );
 
         for _ in 0..3 {
             let _ = open_sync.send(());
         }
-        assert_eq!(first.await.unwrap().unwrap(), "first");
-        assert_eq!(second.await.unwrap().unwrap(), "second");
+        assert_eq!(grouped.await.unwrap().unwrap(), 1);
         durable.await.unwrap();
+        behind_durable.await.unwrap();
         assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     }
 
@@ -956,16 +980,25 @@ mod tests {
             Some(sync),
         )
         .unwrap();
-        let err = store.writer.run(|_ctx| Ok(())).await.unwrap_err();
-        assert!(
-            matches!(&err, Error::Storage(m) if m.contains("could not be synced") && m.contains("the disk is gone")),
-            "{err}"
-        );
+        let (release, holder) = hold_writer(&store).await;
+        let grouped = [
+            tokio::spawn(store.writer.submit(|_ctx| Ok(()))),
+            tokio::spawn(store.writer.submit(|_ctx| Ok(()))),
+        ];
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        for write in grouped {
+            let err = write.await.unwrap().unwrap_err();
+            assert!(
+                matches!(&err, Error::Storage(m) if m.contains("could not be synced") && m.contains("the disk is gone")),
+                "{err}"
+            );
+        }
         for _ in 0..3 {
             let refused = store.writer.run(|_ctx| Ok(())).await;
             assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
         }
-        assert!(store.wal_syncs() == 0);
+        assert_eq!(store.wal_syncs(), 0);
     }
 
     /// An operation that fails answers with its own error, not tentatively.

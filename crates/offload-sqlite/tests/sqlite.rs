@@ -192,29 +192,39 @@ async fn a_second_process_cannot_open_the_same_database() {
     SqliteStore::open(&path, SqliteOptions::default()).expect("the lock is released on close");
 }
 
-/// Durable mode answers a write only after it synced the WAL (one sync for
-/// every commit since the last); relaxed mode never syncs it. Both commit
-/// with `synchronous = NORMAL`, so SQLite's own fsync is not what answers.
+/// Durable mode syncs every commit before answering: a write alone with
+/// SQLite's own fsync (`synchronous = FULL` while it commits), writes
+/// committed together through the store's WAL sync. Relaxed mode does
+/// neither.
 #[tokio::test]
-async fn durable_mode_syncs_the_wal_before_answering() {
+async fn durable_mode_syncs_every_commit_before_answering() {
     let dir = tempfile::tempdir().unwrap();
     let spec = || {
         NewTask::new("sync")
             .validate(&Limits::default(), Position::Alone)
             .unwrap()
     };
-    let durable = SqliteStore::open(dir.path().join("a.db"), SqliteOptions::default()).unwrap();
-    let mut synced = durable.wal_syncs();
-    for _ in 0..3 {
-        durable.enqueue(vec![spec()]).await.unwrap();
-        let now = durable.wal_syncs();
-        assert!(
-            now > synced,
-            "an enqueue answered without a WAL sync of its own"
-        );
-        synced = now;
+    let durable =
+        Arc::new(SqliteStore::open(dir.path().join("a.db"), SqliteOptions::default()).unwrap());
+    assert_eq!(durable.synchronous_mode().await.unwrap(), 2, "a lone write");
+    // Writers at once, so that commits are grouped.
+    let writers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = Arc::clone(&durable);
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    store.enqueue(vec![spec()]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
     }
-    assert_eq!(durable.synchronous_mode().await.unwrap(), 1);
+    assert!(
+        durable.wal_syncs() > 0,
+        "no grouped commit was synced by the store"
+    );
 
     let relaxed = SqliteStore::open(
         dir.path().join("b.db"),
@@ -224,9 +234,9 @@ async fn durable_mode_syncs_the_wal_before_answering() {
         },
     )
     .unwrap();
+    assert_eq!(relaxed.synchronous_mode().await.unwrap(), 1);
     relaxed.enqueue(vec![spec()]).await.unwrap();
     assert_eq!(relaxed.wal_syncs(), 0);
-    assert_eq!(relaxed.synchronous_mode().await.unwrap(), 1);
 }
 
 // ---- crash test -------------------------------------------------------------
