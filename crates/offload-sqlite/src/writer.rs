@@ -891,6 +891,16 @@ mod tests {
         (sync, open, syncs)
     }
 
+    /// A durable store in `dir` whose WAL syncs are `sync`'s.
+    fn durable_store(dir: &tempfile::TempDir, sync: WalSync) -> SqliteStore {
+        SqliteStore::open_with_wal_sync(
+            dir.path().join("t.db"),
+            SqliteOptions::default(),
+            Some(sync),
+        )
+        .unwrap()
+    }
+
     /// Holds the writer inside an operation of its own until the returned
     /// sender is used, so that what is submitted meanwhile forms one group.
     async fn hold_writer(
@@ -923,12 +933,7 @@ mod tests {
     async fn grouped_writes_are_answered_after_the_wal_sync_while_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let (sync, open_sync, syncs) = gated_sync();
-        let store = SqliteStore::open_with_wal_sync(
-            dir.path().join("t.db"),
-            SqliteOptions::default(),
-            Some(sync),
-        )
-        .unwrap();
+        let store = durable_store(&dir, sync);
         let (release, holder) = hold_writer(&store).await;
         let grouped = tokio::spawn(store.writer.submit(synchronous));
         let tentative = store.writer.submit_tentative(synchronous);
@@ -973,13 +978,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_wal_sync_fails_its_callers_and_every_write_after() {
         let dir = tempfile::tempdir().unwrap();
-        let sync: WalSync = Box::new(|| Err(std::io::Error::other("the disk is gone")));
-        let store = SqliteStore::open_with_wal_sync(
-            dir.path().join("t.db"),
-            SqliteOptions::default(),
-            Some(sync),
-        )
-        .unwrap();
+        let store = durable_store(
+            &dir,
+            Box::new(|| Err(std::io::Error::other("the disk is gone"))),
+        );
         let (release, holder) = hold_writer(&store).await;
         let grouped = [
             tokio::spawn(store.writer.submit(|_ctx| Ok(()))),
