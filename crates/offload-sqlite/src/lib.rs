@@ -8,9 +8,9 @@
 //!
 //! Durability (SPEC §1.6): the database runs in WAL mode, and in durable
 //! mode each group's commit is fsynced before any of its callers is
-//! answered: the writer commits with `synchronous = NORMAL` and a thread of
-//! its own syncs the WAL for every commit made since its last sync (see
-//! `wal_sync.rs`), so the writer goes on while the disk syncs.
+//! answered: a lone operation with SQLite's own fsync, a group of several
+//! by a thread of its own that syncs the WAL for every commit made since
+//! its last, while the writer goes on (see `wal_sync.rs`).
 //! [`Durability::Relaxed`] skips that fsync: a commit survives a crash of
 //! the process but not a power cut.
 
@@ -134,8 +134,8 @@ impl SqliteStore {
         )
         .map_err(storage_error)?;
         // Durable mode migrates with SQLite's own fsync at each commit; after
-        // that the writer commits without one and a thread of its own syncs
-        // the WAL before any answer goes out (`wal_sync.rs`).
+        // that the connection starts without one, and the writer chooses
+        // per group how its commit is synced (`wal_sync.rs`).
         let synchronous = match options.durability {
             Durability::Durable => "FULL",
             Durability::Relaxed => "NORMAL",

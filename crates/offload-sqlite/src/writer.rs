@@ -642,8 +642,10 @@ fn run_writer(
         ids: SeqIds::after(0),
         rows: RowWrites::default(),
     };
-    // Whether the connection's own commits sync (`synchronous = FULL`).
-    let mut commits_sync = syncer.is_none();
+    // Durable mode: whether the connection's commits sync themselves
+    // (`synchronous = FULL`) or leave it to the syncer; `open` leaves it
+    // with NORMAL.
+    let mut commits_sync = false;
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
