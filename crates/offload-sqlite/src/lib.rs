@@ -16,6 +16,7 @@
 
 mod ids;
 mod ops;
+mod pending_rows;
 mod read;
 mod ready;
 mod row_writes;

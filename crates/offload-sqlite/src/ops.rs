@@ -90,6 +90,7 @@ impl WriteCtx<'_, '_> {
     /// see `row_writes`).
     fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
         self.claimed_rows.forget(stored.task.id);
+        self.pending_rows.forget(stored.seq);
         let t = &stored.task;
         let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
         let millis = |at: Option<offload_core::Timestamp>| {
@@ -383,6 +384,7 @@ impl WriteCtx<'_, '_> {
                 check_inserted(self.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
                 for (seq, task) in chunk {
                     self.ready.note(task, *seq);
+                    self.pending_rows.remember(*seq, task);
                 }
             }
             rest = after;
@@ -486,6 +488,7 @@ impl WriteCtx<'_, '_> {
             .map_err(storage_error)?;
         check_inserted(self.last_insert_rowid(), seq)?;
         self.ready.note(task, seq);
+        self.pending_rows.remember(seq, task);
         Ok(())
     }
 
@@ -553,17 +556,35 @@ impl WriteCtx<'_, '_> {
         Ok(claimed)
     }
 
-    /// The rows of the pending tasks at `keys`, in that order.
+    /// The rows of the pending tasks at `keys`, in that order: those the
+    /// writer kept from their enqueue (`pending_rows.rs`), the rest read.
     ///
     /// A key whose row is not pending would be a bug in keeping the order
     /// (`ready.rs`): it is logged and dropped rather than failing this and
     /// every later claim.
     fn tasks_by_seq(&mut self, keys: &[ReadyKey]) -> Result<Vec<StoredTask>> {
-        let seqs: Vec<i64> = keys.iter().map(|key| key.seq).collect();
-        let mut found = self.rows_by_seq(&seqs)?;
+        let mut kept: Vec<Option<Task>> = keys
+            .iter()
+            .map(|key| self.pending_rows.take(key.seq))
+            .collect();
+        let unkept: Vec<i64> = keys
+            .iter()
+            .zip(&kept)
+            .filter(|(_, task)| task.is_none())
+            .map(|(key, _)| key.seq)
+            .collect();
+        let mut found = if unkept.is_empty() {
+            rustc_hash::FxHashMap::default()
+        } else {
+            self.rows_by_seq(&unkept)?
+        };
         let mut pending = Vec::with_capacity(keys.len());
-        for key in keys {
-            match found.remove(&key.seq) {
+        for (key, kept) in keys.iter().zip(&mut kept) {
+            let row = match kept.take() {
+                Some(task) => Some(StoredTask { seq: key.seq, task }),
+                None => found.remove(&key.seq),
+            };
+            match row {
                 Some(stored) if stored.task.state == State::Pending => pending.push(stored),
                 other => {
                     let state = other.map(|s| s.task.state);
@@ -709,6 +730,7 @@ impl WriteCtx<'_, '_> {
                 stored.task.state
             )));
         }
+        self.pending_rows.forget(stored.seq);
         self.conn()?
             .prepare_cached("DELETE FROM tasks WHERE seq = ?1")
             .and_then(|mut stmt| stmt.execute([stored.seq]))
@@ -854,16 +876,51 @@ impl WriteCtx<'_, '_> {
             Ok((pending, running))
         };
         let (pending, running) = read().map_err(storage_error)?;
+        let kept_rows = self.kept_rows_disagreement()?;
         match self
             .ready
             .disagreement(&pending)
             .or_else(|| self.shared.running.disagreement(&running))
+            .or(kept_rows)
         {
             None => Ok(()),
             Some(disagreement) => Err(Error::Storage(format!(
                 "the writer's memory disagrees with the tasks table: {disagreement}"
             ))),
         }
+    }
+
+    /// How a row the writer keeps (`pending_rows.rs`, `ClaimedRows`)
+    /// differs from its row in `tasks`, if one does.
+    fn kept_rows_disagreement(&mut self) -> Result<Option<String>> {
+        let as_json = |task: &Task| json_text(task);
+        let mut kept = Vec::new();
+        for (seq, task) in self.pending_rows.tasks() {
+            kept.push((seq, State::Pending, as_json(&task)?));
+        }
+        for stored in self.claimed_rows.iter() {
+            kept.push((stored.seq, State::Running, as_json(&stored.task)?));
+        }
+        for (seq, state, json) in kept {
+            let stored = self.load_one(
+                concat!("SELECT ", task_columns!(), " FROM tasks WHERE seq = ?1"),
+                [seq],
+            )?;
+            let disagreement = match stored {
+                None => format!("kept row {seq} is not in the table"),
+                Some(stored) if stored.task.state != state => format!(
+                    "kept row {seq} is kept as {state} and is {} in the table",
+                    stored.task.state
+                ),
+                Some(stored) if as_json(&stored.task)? != json => format!(
+                    "kept row {seq} is {json}, the table's {}",
+                    as_json(&stored.task)?
+                ),
+                Some(_) => continue,
+            };
+            return Ok(Some(disagreement));
+        }
+        Ok(None)
     }
 
     pub fn purge_finished(&mut self, retention: &Retention, batch: usize) -> Result<u64> {

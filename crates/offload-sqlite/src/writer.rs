@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::ids::SeqIds;
+use crate::pending_rows::PendingRows;
 use crate::ready::{PendingSeqs, ReadyIndex};
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
@@ -289,6 +290,11 @@ impl ClaimedRows {
         self.rows.remove(&id);
     }
 
+    /// Every kept row, for `WriteCtx::verify_bookkeeping`.
+    pub fn iter(&self) -> impl Iterator<Item = &StoredTask> {
+        self.rows.values()
+    }
+
     fn forget_all(&mut self) {
         self.rows.clear();
     }
@@ -325,6 +331,7 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub now: Timestamp,
     pub shared: &'c Shared,
     pub claimed_rows: &'c mut ClaimedRows,
+    pub pending_rows: &'c mut PendingRows,
     pub ready: &'c mut ReadyIndex,
     pub ids: &'c mut SeqIds,
     rows: &'c mut RowWrites,
@@ -368,11 +375,14 @@ impl<'c> WriteCtx<'c, '_> {
         }
         if outcome.is_err() {
             self.rows.discard();
+            // Before the rollback, which may itself fail: kept rows must
+            // never outlive a change undone.
+            self.claimed_rows.forget_all();
+            self.pending_rows.forget_all();
             self.exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
             self.ready.roll_back_to(ready_mark);
             self.shared.running.roll_back_to(running_mark);
-            self.claimed_rows.forget_all();
         }
         self.exec("RELEASE op")?;
         outcome
@@ -589,6 +599,7 @@ fn not_run() -> Error {
 struct WriterState<'conn> {
     hot: HotStatements<'conn>,
     claimed_rows: ClaimedRows,
+    pending_rows: PendingRows,
     ready: ReadyIndex,
     ids: SeqIds,
     rows: RowWrites,
@@ -608,6 +619,7 @@ impl<'conn> WriterState<'conn> {
             now: shared.clock.now(),
             shared,
             claimed_rows: &mut self.claimed_rows,
+            pending_rows: &mut self.pending_rows,
             ready: &mut self.ready,
             ids: &mut self.ids,
             rows: &mut self.rows,
@@ -636,6 +648,7 @@ fn run_writer(
     let mut state = WriterState {
         hot,
         claimed_rows: ClaimedRows::default(),
+        pending_rows: PendingRows::default(),
         ready,
         // Every enqueue reads the largest seq stored before it hands out
         // ids (`ops.rs`).
@@ -705,6 +718,7 @@ fn run_writer(
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
                 state.claimed_rows.forget_all();
+                state.pending_rows.forget_all();
                 state.ready.roll_back_to(0);
                 shared.running.roll_back_to(0);
             }
