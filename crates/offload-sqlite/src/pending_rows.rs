@@ -43,6 +43,7 @@ pub(crate) struct PendingRows {
 /// A task row as its enqueue left it, without what every new task has
 /// (no attempt yet, no worker, no result, ...): kept small, so that more
 /// rows fit the bound and keeping one costs an enqueue little.
+#[derive(Clone)]
 struct KeptRow {
     id: Uuid,
     /// In [`PendingRows::names`].
@@ -57,6 +58,7 @@ struct KeptRow {
     extra: Option<Box<Extra>>,
 }
 
+#[derive(Clone)]
 struct Extra {
     owner: Option<String>,
     labels: BTreeMap<String, String>,
@@ -109,7 +111,9 @@ impl PendingRows {
             && finished_at.is_none()
             && lease_expires_at.is_none()
             && worker_id.is_none();
-        if !as_enqueued {
+        // Full, as with a backlog past the bound: not even the payload is
+        // copied.
+        if !as_enqueued || self.bytes + KeptRow::SMALLEST > MAX_BYTES {
             return;
         }
         let plain =
@@ -232,21 +236,7 @@ impl PendingRows {
     pub fn tasks(&self) -> Vec<(i64, Task)> {
         self.rows
             .iter()
-            .map(|(seq, row)| {
-                let copy = KeptRow {
-                    payload: row.payload.clone(),
-                    extra: row.extra.as_ref().map(|e| {
-                        Box::new(Extra {
-                            owner: e.owner.clone(),
-                            labels: e.labels.clone(),
-                            unique_key: e.unique_key.clone(),
-                            depends_on: e.depends_on.clone(),
-                        })
-                    }),
-                    ..*row
-                };
-                (*seq, self.task(copy))
-            })
+            .map(|(seq, row)| (*seq, self.task(row.clone())))
             .collect()
     }
 
@@ -286,11 +276,14 @@ impl Hasher for SeqHasher {
 }
 
 impl KeptRow {
+    /// What a row with an empty payload and nothing extra costs.
+    const SMALLEST: usize = 2 * (std::mem::size_of::<i64>() + std::mem::size_of::<Self>());
+
     /// What the row costs: its place in the map, twice for the map's spare
     /// room, and what it holds on the heap, each allocation rounded up.
     fn estimated_size(&self) -> usize {
         let heap = |len: usize| len.next_multiple_of(16);
-        2 * (std::mem::size_of::<i64>() + std::mem::size_of::<Self>())
+        Self::SMALLEST
             + heap(self.payload.get().len())
             + self.extra.as_ref().map_or(0, |e| {
                 heap(std::mem::size_of::<Extra>())
