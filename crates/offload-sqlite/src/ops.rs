@@ -912,11 +912,13 @@ impl WriteCtx<'_, '_> {
                     "kept row {seq} is kept as {state} and is {} in the table",
                     stored.task.state
                 ),
-                Some(stored) if as_json(&stored.task)? != json => format!(
-                    "kept row {seq} is {json}, the table's {}",
-                    as_json(&stored.task)?
-                ),
-                Some(_) => continue,
+                Some(stored) => {
+                    let table = as_json(&stored.task)?;
+                    if table == json {
+                        continue;
+                    }
+                    format!("kept row {seq} is {json}, the table's {table}")
+                }
             };
             return Ok(Some(disagreement));
         }
