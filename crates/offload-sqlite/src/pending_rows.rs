@@ -9,9 +9,11 @@
 //!
 //! A row kept here is the row in `tasks` as this writer's transaction sees
 //! it, which holds because every change of a task row passes through the
-//! writer: writing a row back forgets it (a claim takes it out first), and a
-//! rolled-back savepoint or commit forgets every row, as it may have undone
-//! inserts whose seqs later tasks will take. Only pending rows are kept,
+//! writer, which reads a row before it changes it: a claim takes its rows
+//! out, any other read of a pending row to change it forgets the row
+//! (`WriteCtx::forget_if_pending`), and a rolled-back savepoint or commit
+//! forgets every row, as it may have undone inserts whose seqs later tasks
+//! will take. Only pending rows are kept,
 //! the ones a claim reads, within a bound on their memory; a row not kept
 //! is read from `tasks` as before.
 
@@ -220,7 +222,7 @@ impl PendingRows {
         }
     }
 
-    /// The row of `seq` is being written: it is no longer as kept.
+    /// The row of `seq` is about to change: it will no longer be as kept.
     pub fn forget(&mut self, seq: i64) {
         if let Some(row) = self.rows.remove(&seq) {
             self.bytes -= row.estimated_size();

@@ -119,22 +119,17 @@ impl RunningSet {
     /// it otherwise.
     pub fn note(&self, task: &Task, seq: i64) {
         let mut inner = self.inner();
-        let running = if task.state == State::Running {
-            Some(Running {
-                queue: inner.queue_number(&task.queue),
-                lease_expires_at: millis_or_never(task.lease_expires_at),
-                deadline_at: millis_or_never(task.deadline()),
-            })
-        } else if inner.tasks.contains_key(&seq) {
-            None
-        } else {
-            return;
-        };
-        if inner.tasks.get(&seq) == running.as_ref() {
-            return;
-        }
+        let running = (task.state == State::Running).then(|| Running {
+            queue: inner.queue_number(&task.queue),
+            lease_expires_at: millis_or_never(task.lease_expires_at),
+            deadline_at: millis_or_never(task.deadline()),
+        });
+        // One lookup of the map whatever the task's state: every claim and
+        // completion comes through here.
         let before = inner.set(seq, running);
-        inner.changes.push(Change { seq, before });
+        if before != running {
+            inner.changes.push(Change { seq, before });
+        }
     }
 
     /// Running tasks of `queue`, for its concurrency limit.
