@@ -746,7 +746,6 @@ impl WriteCtx<'_, '_> {
                 stored.task.state
             )));
         }
-        self.pending_rows.forget(stored.seq);
         self.conn()?
             .prepare_cached("DELETE FROM tasks WHERE seq = ?1")
             .and_then(|mut stmt| stmt.execute([stored.seq]))
