@@ -7,7 +7,7 @@ use offload_core::{
     HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
     Task, TaskSpec, admit, check_json_size,
 };
-use rusqlite::types::Value;
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ use crate::ids;
 use crate::ready::ReadyKey;
 use crate::row_writes::RowWrite;
 use crate::rows::{Id, StoredTask, decode, json_text, opt_json_text, storage_error, task_columns};
-use crate::shaped::Shape;
+use crate::shaped::{Shape, ShapedStatements};
 use crate::sql;
 use crate::writer::WriteCtx;
 
@@ -71,9 +71,8 @@ impl WriteCtx<'_, '_> {
         run().map_err(storage_error)
     }
 
-    /// A task read to be changed. A pending row read from the table may be
-    /// kept (`pending_rows.rs`) and is forgotten there, as it is about to
-    /// change.
+    /// A task read to be changed. A row read from the table may be one the
+    /// writer keeps, and is forgotten there, as it is about to change.
     fn load(&mut self, id: Uuid) -> Result<StoredTask> {
         if let Some(stored) = self.claimed_rows.take(id) {
             return Ok(stored);
@@ -87,25 +86,28 @@ impl WriteCtx<'_, '_> {
         )
         .map_err(storage_error)?
         .ok_or_else(|| Error::task_not_found(id))?;
-        self.forget_if_pending(&stored);
+        self.forget_kept(&stored);
         Ok(stored)
     }
 
-    /// Only pending rows are kept, and a claim takes its rows out itself:
-    /// rows read any other way are forgotten here rather than on every
-    /// write. Looking up a seq the map does not hold was the dearest
-    /// lookup it has (its removed rows lie in a run that the lookup walks
-    /// to its end): 5% of the writer's time through a burn-down (perf).
-    fn forget_if_pending(&mut self, stored: &StoredTask) {
-        if stored.task.state == State::Pending {
-            self.pending_rows.forget(stored.seq);
+    /// The writer keeps pending rows from their enqueue and running rows
+    /// from their claim; a claim takes its pending rows out and `load` its
+    /// running one, so a row read from the table any other way to be
+    /// changed is forgotten here, where it is read, rather than on every
+    /// write. Looking up rows the maps do not hold, once for each of a
+    /// claim's and a completion's writes, was 5% of the writer's time
+    /// through a burn-down (perf).
+    fn forget_kept(&mut self, stored: &StoredTask) {
+        match stored.task.state {
+            State::Pending => self.pending_rows.forget(stored.seq),
+            State::Running => self.claimed_rows.forget(stored.task.id),
+            _ => {}
         }
     }
 
     /// Writes back every column the state machine may change (buffered:
-    /// see `row_writes`).
-    fn write_row(&mut self, stored: &StoredTask) -> Result<()> {
-        self.claimed_rows.forget(stored.task.id);
+    /// see `row_writes`), for a row that was in state `before`.
+    fn write_row(&mut self, stored: &StoredTask, before: State) -> Result<()> {
         let t = &stored.task;
         let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
         let millis = |at: Option<offload_core::Timestamp>| {
@@ -138,8 +140,16 @@ impl WriteCtx<'_, '_> {
             seq: stored.seq,
             values,
         });
-        self.ready.note(t, stored.seq);
-        self.shared.running.note(t, stored.seq);
+        // Claim order holds the pending rows and the running set the
+        // running ones: a write that neither enters nor leaves a state
+        // changes neither (a completion would look for a key it does not
+        // hold).
+        if before == State::Pending || t.state == State::Pending {
+            self.ready.note(t, stored.seq);
+        }
+        if before == State::Running || t.state == State::Running {
+            self.shared.running.note(t, stored.seq);
+        }
         Ok(())
     }
 
@@ -199,7 +209,7 @@ impl WriteCtx<'_, '_> {
         before: State,
         finished: &mut Vec<(Uuid, State)>,
     ) -> Result<()> {
-        self.write_row(stored)?;
+        self.write_row(stored, before)?;
         let after = stored.task.state;
         if before != after {
             self.count(
@@ -319,7 +329,7 @@ impl WriteCtx<'_, '_> {
                         continue;
                     }
                     offload_core::OnConflict::Replace => {
-                        self.forget_if_pending(&holder);
+                        self.forget_kept(&holder);
                         let before = holder.task.state;
                         if holder.task.cancel(self.now)? == CancelEffect::Requested {
                             self.cancel_requested(holder.task.id);
@@ -391,12 +401,8 @@ impl WriteCtx<'_, '_> {
                     .iter()
                     .map(|(seq, _)| self.ids.insert_as(*seq))
                     .collect();
-                let stmt = self
-                    .hot
-                    .shaped
-                    .get(Shape::InsertRows(rows), || sql::insert_plain_rows(rows))
+                insert_rows(&mut self.hot.shaped, chunk, &seqs, &labels, self.now)
                     .map_err(storage_error)?;
-                insert_rows(stmt, chunk, &seqs, &labels, self.now).map_err(storage_error)?;
                 check_inserted(self.last_insert_rowid(), chunk[chunk.len() - 1].0)?;
                 for (seq, task) in chunk {
                     self.ready.note(task, *seq);
@@ -660,10 +666,11 @@ impl WriteCtx<'_, '_> {
             .map(|p| p.checked(&self.shared.limits))
             .transpose()?;
         let reported = progress.is_some();
+        let before = stored.task.state;
         stored
             .task
             .heartbeat(&req.worker_id, req.lease, progress, self.now)?;
-        self.write_row(&stored)?;
+        self.write_row(&stored, before)?;
         if reported {
             self.event(EventKind::Progress, &stored.task);
         }
@@ -866,6 +873,7 @@ impl WriteCtx<'_, '_> {
             let Some(kind) = stored.task.expired(self.now) else {
                 continue;
             };
+            self.forget_kept(&stored);
             stored.task.expire(kind, &self.shared.backoff, self.now)?;
             self.save(&stored, State::Running)?;
             recovered += 1;
@@ -974,32 +982,75 @@ fn check_inserted(got: i64, seq: i64) -> Result<()> {
 /// Inserts `tasks`, which have neither a unique key nor dependencies, with
 /// one statement of `tasks.len()` rows; `seqs` holds the value each row's
 /// seq is inserted as ([`crate::ids::SeqIds::insert_as`]), `labels` their
-/// [`labels_text`].
+/// [`labels_text`]. What every row holds alike is bound once
+/// ([`sql::insert_plain_rows`]).
 fn insert_rows(
-    stmt: &mut rusqlite::Statement<'_>,
+    shaped: &mut ShapedStatements<'_>,
     tasks: &[(i64, Task)],
     seqs: &[Option<i64>],
     labels: &[Option<String>],
     now: offload_core::Timestamp,
 ) -> Sql<()> {
     debug_assert_eq!(tasks.len(), labels.len());
+    let rows: Vec<[ValueRef<'_>; sql::INSERT_PLAIN_PARAMS]> = tasks
+        .iter()
+        .zip(seqs)
+        .zip(labels)
+        .map(|(((_, task), seq), labels)| plain_row(task, *seq, labels.as_deref()))
+        .collect();
+    let shared = (0..sql::INSERT_PLAIN_PARAMS)
+        .filter(|place| sql::INSERT_PLAIN_SHAREABLE & (1 << place) != 0)
+        .filter(|&place| rows[1..].iter().all(|row| row[place] == rows[0][place]))
+        .fold(0u16, |mask, place| mask | (1 << place));
+    let stmt = shaped.get(
+        Shape::InsertRows {
+            rows: rows.len(),
+            shared,
+        },
+        || sql::insert_plain_rows(rows.len(), shared),
+    )?;
     let mut at = 1;
-    for (((_, task), seq), labels) in tasks.iter().zip(seqs).zip(labels) {
-        debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());
-        stmt.raw_bind_parameter(at, Id(task.id))?;
-        stmt.raw_bind_parameter(at + 1, &task.task_type)?;
-        stmt.raw_bind_parameter(at + 2, &task.queue)?;
-        stmt.raw_bind_parameter(at + 3, task.payload.get())?;
-        stmt.raw_bind_parameter(at + 4, task.priority)?;
-        stmt.raw_bind_parameter(at + 5, task.state.code())?;
-        stmt.raw_bind_parameter(at + 6, task.max_attempts)?;
-        stmt.raw_bind_parameter(at + 7, task.timeout_secs)?;
-        stmt.raw_bind_parameter(at + 8, task.run_at.as_millis())?;
-        stmt.raw_bind_parameter(at + 9, &task.owner)?;
-        stmt.raw_bind_parameter(at + 10, labels)?;
-        stmt.raw_bind_parameter(at + 11, seq)?;
-        at += sql::INSERT_PLAIN_PARAMS;
+    let mut bind = |value: ValueRef<'_>| {
+        at += 1;
+        stmt.raw_bind_parameter(at - 1, ToSqlOutput::Borrowed(value))
+    };
+    for row in &rows {
+        for (place, value) in row.iter().enumerate() {
+            if shared & (1 << place) == 0 {
+                bind(*value)?;
+            }
+        }
     }
-    stmt.raw_bind_parameter(at, now.as_millis())?;
+    for (place, value) in rows[0].iter().enumerate() {
+        if shared & (1 << place) != 0 {
+            bind(*value)?;
+        }
+    }
+    bind(ValueRef::Integer(now.as_millis()))?;
     stmt.raw_execute().map(drop)
+}
+
+/// A plain task's row as [`sql::insert_plain_rows`] takes it.
+fn plain_row<'a>(
+    task: &'a Task,
+    seq: Option<i64>,
+    labels: Option<&'a str>,
+) -> [ValueRef<'a>; sql::INSERT_PLAIN_PARAMS] {
+    debug_assert!(task.unique_key.is_none() && task.depends_on.is_empty());
+    let text =
+        |text: Option<&'a str>| text.map_or(ValueRef::Null, |t| ValueRef::Text(t.as_bytes()));
+    [
+        ValueRef::Blob(task.id.as_bytes()),
+        ValueRef::Text(task.task_type.as_bytes()),
+        ValueRef::Text(task.queue.as_bytes()),
+        ValueRef::Text(task.payload.get().as_bytes()),
+        ValueRef::Integer(task.priority.into()),
+        ValueRef::Integer(task.state.code()),
+        ValueRef::Integer(task.max_attempts.into()),
+        ValueRef::Integer(task.timeout_secs.into()),
+        ValueRef::Integer(task.run_at.as_millis()),
+        text(task.owner.as_deref()),
+        text(labels),
+        seq.map_or(ValueRef::Null, ValueRef::Integer),
+    ]
 }

@@ -11,7 +11,7 @@
 //! it, which holds because every change of a task row passes through the
 //! writer, which reads a row before it changes it: a claim takes its rows
 //! out, any other read of a pending row to change it forgets the row
-//! (`WriteCtx::forget_if_pending`), and a rolled-back savepoint or commit
+//! (`WriteCtx::forget_kept`), and a rolled-back savepoint or commit
 //! forgets every row, as it may have undone inserts whose seqs later tasks
 //! will take. Only pending rows are kept,
 //! the ones a claim reads, within a bound on their memory; a row not kept

@@ -15,8 +15,8 @@ use rustc_hash::FxHashMap;
 /// What decides a statement's text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Shape {
-    /// `sql::insert_plain_rows(rows)`.
-    InsertRows(usize),
+    /// `sql::insert_plain_rows(rows, shared)`.
+    InsertRows { rows: usize, shared: u16 },
     /// `sql::tasks_by_seq(rows)`.
     TasksBySeq(usize),
     /// A write-back of `rows` rows; bit `c` of `varies` is set when column
@@ -75,7 +75,7 @@ mod tests {
         let mut built = 0;
         for _ in 0..3 {
             let stmt = shaped
-                .get(Shape::InsertRows(8), || {
+                .get(Shape::InsertRows { rows: 8, shared: 0 }, || {
                     built += 1;
                     "SELECT 8".into()
                 })

@@ -258,9 +258,10 @@ const MAX_CLAIMED_ROWS: usize = 100_000;
 
 /// The rows of tasks this writer claimed and that are still running as it
 /// left them, so that completing one need not read it back. Every write of
-/// a task row passes through the writer: a write forgets the row (the next
-/// reader of it loads it again), a rolled-back savepoint or commit forgets
-/// them all.
+/// a task row passes through the writer, which reads a row before it
+/// changes it: `WriteCtx::load` takes a kept row out, any other read of a
+/// running row to change it forgets it (`WriteCtx::forget_kept`), and a
+/// rolled-back savepoint or commit forgets them all.
 #[derive(Default)]
 pub(crate) struct ClaimedRows {
     /// Keyed by ids this store generated, never chosen by a caller, so a

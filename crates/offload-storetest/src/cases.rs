@@ -275,6 +275,76 @@ pub async fn a_large_mixed_batch_is_stored_in_request_order(factory: &dyn StoreF
     );
 }
 
+/// A batch stored as sent, whether its tasks are alike or not: a store may
+/// write what a run of tasks shares once for all of them. One run of 64
+/// alike but for their payloads, then runs in which one field differs.
+pub async fn a_batch_of_alike_tasks_is_stored_as_sent(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let limits = Limits::default();
+    const RUN: usize = 64;
+    const RUNS: usize = 9;
+    // Within run `run`, field `run` takes three values; elsewhere one.
+    let vary = |i: usize, field: usize| if i / RUN == field { i % 3 } else { 0 };
+    let specs = (0..RUN * RUNS)
+        .map(|i| {
+            let mut task = NewTask::new(format!("type-{}", vary(i, 1)))
+                .queue(format!("queue-{}", vary(i, 2)))
+                .priority(1 + vary(i, 3) as i64)
+                .max_attempts(3 + vary(i, 4) as i64)
+                .timeout_secs(60 + vary(i, 5) as i64)
+                .payload(&serde_json::json!({ "i": i }))
+                .expect("a JSON payload");
+            if vary(i, 6) == 1 {
+                task = task.owner("someone");
+            }
+            if vary(i, 7) == 1 {
+                task = task.label("n", i.to_string());
+            }
+            if vary(i, 8) == 1 {
+                task = task.delay(Duration::from_secs(60));
+            }
+            task.validate(&limits, Position::InBatch(i))
+                .expect("a valid task")
+        })
+        .collect();
+    let answers = f.store.enqueue(specs).await.expect("enqueue");
+    assert_eq!(answers.len(), RUN * RUNS);
+    for (i, (task, created)) in answers.iter().enumerate() {
+        assert!(created, "task {i}");
+        let sent = (
+            format!("type-{}", vary(i, 1)),
+            format!("queue-{}", vary(i, 2)),
+            1 + vary(i, 3) as u8,
+            3 + vary(i, 4) as u32,
+            60 + vary(i, 5) as u32,
+            (vary(i, 6) == 1).then(|| "someone".to_string()),
+            (vary(i, 7) == 1).then(|| i.to_string()),
+            if vary(i, 8) == 1 {
+                State::Scheduled
+            } else {
+                State::Pending
+            },
+        );
+        let answered = (
+            task.task_type.clone(),
+            task.queue.clone(),
+            task.priority,
+            task.max_attempts,
+            task.timeout_secs,
+            task.owner.clone(),
+            task.labels.get("n").cloned(),
+            task.state,
+        );
+        assert_eq!(answered, sent, "task {i}");
+        assert_eq!(
+            task.payload_as::<serde_json::Value>().unwrap()["i"],
+            i,
+            "task {i}"
+        );
+        assert_same(&f.get(task.id).await, task, "stored as answered");
+    }
+}
+
 /// Tasks of a batch that failed are not claimable, nor is anything the
 /// failed batch touched: the next claim sees exactly what was committed.
 pub async fn a_failed_batch_leaves_nothing_to_claim(factory: &dyn StoreFactory) {
@@ -836,6 +906,20 @@ pub async fn unique_key_replace_cancels_existing(factory: &dyn StoreFactory) {
         (running.state, running.cancel_requested),
         (State::Running, true)
     );
+    // Its worker hears it at its next heartbeat, and the heartbeat's write
+    // keeps it (a store that kept the row as claimed would lose it here).
+    let beat = f
+        .store
+        .heartbeat(HeartbeatRequest {
+            id: new.id,
+            worker_id: "w".into(),
+            progress: None,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert!(beat.cancel_requested);
+    assert!(f.get(new.id).await.cancel_requested);
     let (kept, created) = f
         .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
         .await

@@ -43,6 +43,7 @@ macro_rules! conformance_tests {
             enqueue_applies_defaults,
             enqueue_batch_is_all_or_nothing,
             a_large_mixed_batch_is_stored_in_request_order,
+            a_batch_of_alike_tasks_is_stored_as_sent,
             a_failed_batch_leaves_nothing_to_claim,
             claim_orders_by_priority_then_run_at,
             claim_respects_limit_types_and_queues,
