@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, Position,
+    HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, Position,
     ProgressUpdate, QueuePatch, Retention, State, Store, Task, Timestamp,
 };
 use serde_json::value::RawValue;
@@ -72,6 +72,18 @@ impl Fixture {
         let mut claimed = self.claim(worker, 1).await;
         assert_eq!(claimed.len(), 1, "expected one claimable task");
         claimed.remove(0)
+    }
+
+    /// A heartbeat without progress, extending the lease by 30 s.
+    async fn beat(&self, worker: &str, id: Uuid) -> Result<HeartbeatAck, Error> {
+        self.store
+            .heartbeat(HeartbeatRequest {
+                id,
+                worker_id: worker.into(),
+                progress: None,
+                lease: Duration::from_secs(30),
+            })
+            .await
     }
 
     async fn ack_one(&self, worker: &str, ack: Ack) -> Result<Task, Error> {
@@ -654,16 +666,7 @@ pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: 
     let again = f.claim_one("new").await;
     assert_eq!((again.id, again.attempt), (task.id, 2));
     assert_conflict(f.complete("old", task.id, None).await);
-    let hb = f
-        .store
-        .heartbeat(HeartbeatRequest {
-            id: task.id,
-            worker_id: "old".into(),
-            progress: None,
-            lease: Duration::from_secs(30),
-        })
-        .await;
-    assert_conflict(hb);
+    assert_conflict(f.beat("old", task.id).await);
     f.complete("new", task.id, None).await.unwrap();
 }
 
@@ -776,17 +779,7 @@ pub async fn cancel_pending_and_running(factory: &dyn StoreFactory) {
         (asked.state, asked.cancel_requested),
         (State::Running, true)
     );
-    let hb = f
-        .store
-        .heartbeat(HeartbeatRequest {
-            id: running.id,
-            worker_id: "w".into(),
-            progress: None,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
-    assert!(hb.cancel_requested);
+    assert!(f.beat("w", running.id).await.unwrap().cancel_requested);
     let stopped = f.fail("w", running.id, None, None).await.unwrap();
     assert_eq!(stopped.state, State::Cancelled);
     assert_eq!(stopped.error.unwrap().kind, ErrorKind::Cancelled);
@@ -908,17 +901,7 @@ pub async fn unique_key_replace_cancels_existing(factory: &dyn StoreFactory) {
     );
     // Its worker hears it at its next heartbeat, and the heartbeat's write
     // keeps it (a store that kept the row as claimed would lose it here).
-    let beat = f
-        .store
-        .heartbeat(HeartbeatRequest {
-            id: new.id,
-            worker_id: "w".into(),
-            progress: None,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
-    assert!(beat.cancel_requested);
+    assert!(f.beat("w", new.id).await.unwrap().cancel_requested);
     assert!(f.get(new.id).await.cancel_requested);
     let (kept, created) = f
         .try_enqueue(NewTask::new("t").unique_key("k", OnConflict::Keep))
