@@ -14,6 +14,7 @@
 //! [`Durability::Relaxed`] skips that fsync: a commit survives a crash of
 //! the process but not a power cut.
 
+mod append_set;
 mod ids;
 mod ops;
 mod pending_rows;

@@ -26,6 +26,8 @@ use std::cmp::Reverse;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+use crate::append_set::AppendSet;
+
 use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task, Timestamp};
@@ -61,11 +63,11 @@ enum Change {
 /// The pending tasks' seqs, for readers to list them newest first.
 #[derive(Debug, Default)]
 pub(crate) struct PendingSeqs {
-    seqs: Mutex<BTreeSet<i64>>,
+    seqs: Mutex<AppendSet<i64>>,
 }
 
 impl PendingSeqs {
-    fn seqs(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
+    fn seqs(&self) -> std::sync::MutexGuard<'_, AppendSet<i64>> {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -74,7 +76,7 @@ impl PendingSeqs {
     pub fn newest_first(&self, below: Option<i64>, limit: usize) -> Vec<i64> {
         let seqs = self.seqs();
         let below = below.unwrap_or(i64::MAX);
-        seqs.range(..below).rev().take(limit).copied().collect()
+        seqs.below(below).take(limit).copied().collect()
     }
 
     fn set(&self, seq: i64, pending: bool) {
@@ -90,7 +92,7 @@ impl PendingSeqs {
 #[derive(Debug, Default)]
 pub(crate) struct ReadyIndex {
     /// The pending tasks of one (queue, type) each.
-    lanes: Vec<BTreeSet<ReadyKey>>,
+    lanes: Vec<AppendSet<ReadyKey>>,
     /// Their seqs, shared with readers.
     pending_seqs: Arc<PendingSeqs>,
     /// queue → type → lane.
@@ -109,9 +111,19 @@ impl ReadyIndex {
 
     /// Ends the load: the pending seqs readers list follow the lanes.
     pub fn loaded(self) -> Self {
-        self.pending_seqs
-            .seqs()
-            .extend(self.lanes.iter().flatten().map(|key| key.seq));
+        // In ascending order, so that every seq is appended.
+        let mut seqs: Vec<i64> = self
+            .lanes
+            .iter()
+            .flat_map(AppendSet::iter)
+            .map(|key| key.seq)
+            .collect();
+        seqs.sort_unstable();
+        let mut listed = self.pending_seqs.seqs();
+        for seq in seqs {
+            listed.insert(seq);
+        }
+        drop(listed);
         self
     }
 
@@ -129,7 +141,7 @@ impl ReadyIndex {
             return lane;
         }
         let lane = self.lanes.len();
-        self.lanes.push(BTreeSet::new());
+        self.lanes.push(AppendSet::default());
         self.lane_of
             .entry(queue.to_owned())
             .or_default()
@@ -193,7 +205,7 @@ impl ReadyIndex {
     /// pending tasks, if it does (`Store::verify_bookkeeping`).
     pub fn disagreement(&self, pending: &BTreeSet<i64>) -> Option<String> {
         let mut in_lanes = BTreeSet::new();
-        for key in self.lanes.iter().flatten() {
+        for key in self.lanes.iter().flat_map(AppendSet::iter) {
             if !in_lanes.insert(key.seq) {
                 return Some(format!("pending task {} is in two lanes", key.seq));
             }
@@ -203,8 +215,8 @@ impl ReadyIndex {
                 "claim order holds {in_lanes:?}, the table's pending tasks are {pending:?}"
             ));
         }
-        let listed = self.pending_seqs.seqs();
-        (&*listed != pending)
+        let listed: BTreeSet<i64> = self.pending_seqs.seqs().iter().copied().collect();
+        (&listed != pending)
             .then(|| format!("the listed pending seqs are {listed:?}, the table's {pending:?}"))
     }
 
