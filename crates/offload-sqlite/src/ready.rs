@@ -26,11 +26,11 @@ use std::cmp::Reverse;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use crate::append_set::AppendSet;
-
 use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task, Timestamp};
+
+use crate::append_set::AppendSet;
 
 /// A pending task's place in claim order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
