@@ -15,6 +15,7 @@
 //! the process but not a power cut.
 
 mod append_set;
+mod claims;
 mod ids;
 mod ops;
 mod pending_rows;
@@ -38,7 +39,7 @@ use offload_core::{
     Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, Tentative,
     validate_queue_name, validate_worker_id,
 };
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::read::Readers;
@@ -64,6 +65,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../migrations/0006_pending_in_memory_only.sql"),
     ),
+    (7, include_str!("../migrations/0007_claims.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.
@@ -178,6 +180,7 @@ impl SqliteStore {
         // The writer prepares these again on its thread; a failure here has
         // a caller to answer.
         drop(writer::HotStatements::prepare(&conn)?);
+        write_unwritten_claims(&conn)?;
         let (counts, ready, running) = load_memory(&conn)?;
         let shared = Arc::new(Shared {
             clock: options.clock,
@@ -188,6 +191,7 @@ impl SqliteStore {
             parked: Mutex::new(Vec::new()),
             pending: ready.pending_seqs(),
             running,
+            unwritten: Arc::default(),
             wal_failed: std::sync::OnceLock::new(),
             wal_syncs: std::sync::atomic::AtomicU64::new(0),
         });
@@ -203,6 +207,24 @@ impl SqliteStore {
 
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// Has the writer write the rows a read could find claimed and still
+    /// saying pending (`claims.rs`): the task's at `seq` for
+    /// `Some(Some(seq))`, every one otherwise. The read that follows sees
+    /// them written, or claimed after this looked, when the task was
+    /// pending.
+    async fn write_claims_before_read(&self, seq: Option<Option<i64>>) -> Result<()> {
+        let unwritten = &self.shared.unwritten;
+        if unwritten.is_empty() {
+            return Ok(());
+        }
+        let seqs = match seq {
+            Some(Some(seq)) if !unwritten.contains(seq) => return Ok(()),
+            Some(Some(seq)) => Some(vec![seq]),
+            _ => None,
+        };
+        self.writer.run(move |ctx| ctx.write_claimed(seqs)).await
     }
 
     /// The writer connection's `PRAGMA synchronous`, read through the writer
@@ -292,6 +314,70 @@ fn migrate(conn: &Connection) -> Result<()> {
         .map_err(|e| Error::Storage(format!("migration {version} failed: {e}")))?;
     }
     Ok(())
+}
+
+/// Writes the row of every task a claim left unwritten (`claims.rs`) and
+/// empties `claims`, in one transaction, so that the rest of the store
+/// starts from rows that say what each task is.
+fn write_unwritten_claims(conn: &Connection) -> Result<()> {
+    let stored = claims::read_claims(conn)?;
+    if stored.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(storage_error)?;
+    let written = (|| -> Result<usize> {
+        let mut written = 0;
+        let mut by_seq = conn
+            .prepare(concat!(
+                "SELECT ",
+                rows::task_columns!(),
+                " FROM tasks WHERE seq = ?1"
+            ))
+            .map_err(storage_error)?;
+        let mut write = conn.prepare(sql::WRITE_ROW).map_err(storage_error)?;
+        for claim in stored {
+            for (seq, attempt) in claim.tasks {
+                let Some(mut task) = by_seq
+                    .query_row([seq], rows::decode)
+                    .optional()
+                    .map_err(storage_error)?
+                else {
+                    continue;
+                };
+                // A task written after its claim (or deleted) says so itself.
+                if task.task.state != State::Pending
+                    || task.task.attempt.checked_add(1) != Some(attempt)
+                {
+                    continue;
+                }
+                claims::apply(&mut task, &claim.row)?;
+                let values = ops::row_values(&task.task)?;
+                let mut params: Vec<&dyn rusqlite::ToSql> =
+                    values.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+                params.push(&seq);
+                write.execute(params.as_slice()).map_err(storage_error)?;
+                written += 1;
+            }
+        }
+        conn.execute("DELETE FROM claims", [])
+            .map_err(storage_error)?;
+        Ok(written)
+    })();
+    match written {
+        Ok(written) => {
+            conn.execute_batch("COMMIT").map_err(storage_error)?;
+            tracing::info!(
+                tasks = written,
+                "wrote the rows of tasks claimed before the store closed"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// What the store keeps in memory, from one walk of `tasks` at open: the
@@ -437,10 +523,35 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Task>> {
-        self.readers.run(move |conn| read::get(conn, id)).await
+        let carried = offload_core::seq_carried_by(id);
+        self.write_claims_before_read(Some(carried)).await?;
+        let found = self.readers.run(move |conn| read::get(conn, id)).await?;
+        match found {
+            // A task stored before schema version 4, whose id carries no
+            // seq or not its own: its claim, if any, is written now.
+            Some(stored)
+                if Some(stored.seq) != carried
+                    && stored.task.state == State::Pending
+                    && !self.shared.unwritten.is_empty() =>
+            {
+                self.write_claims_before_read(None).await?;
+                let found = self.readers.run(move |conn| read::get(conn, id)).await?;
+                Ok(found.map(|stored| stored.task))
+            }
+            found => Ok(found.map(|stored| stored.task)),
+        }
     }
 
     async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
+        // Only pending and running tasks can be claimed and unwritten.
+        if query.states.is_empty()
+            || query
+                .states
+                .iter()
+                .any(|s| matches!(s, State::Pending | State::Running))
+        {
+            self.write_claims_before_read(None).await?;
+        }
         let query = query.clone();
         let shared = Arc::clone(&self.shared);
         self.readers

@@ -54,11 +54,18 @@ impl KnownQueues {
 impl WriteCtx<'_, '_> {
     // ---- reading and writing rows -------------------------------------
 
+    /// Every row the writer reads goes through here or [`Self::overlay`]:
+    /// a claimed task's row may still say pending (`claims.rs`).
     fn load_one(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
-        self.conn()?
+        let mut found = self
+            .conn()?
             .prepare_cached(sql)
             .and_then(|mut stmt| stmt.query_row(params, decode).optional())
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        if let Some(stored) = &mut found {
+            self.claims.overlay(stored)?;
+        }
+        Ok(found)
     }
 
     fn load_many(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredTask>> {
@@ -68,7 +75,11 @@ impl WriteCtx<'_, '_> {
             let rows = stmt.query_map(params, decode)?;
             rows.collect()
         };
-        run().map_err(storage_error)
+        let mut found = run().map_err(storage_error)?;
+        for stored in &mut found {
+            self.claims.overlay(stored)?;
+        }
+        Ok(found)
     }
 
     /// A task read to be changed. A row read from the table may be one the
@@ -86,6 +97,8 @@ impl WriteCtx<'_, '_> {
         )
         .map_err(storage_error)?
         .ok_or_else(|| Error::task_not_found(id))?;
+        let mut stored = stored;
+        self.claims.overlay(&mut stored)?;
         self.forget_kept(&stored);
         Ok(stored)
     }
@@ -106,40 +119,23 @@ impl WriteCtx<'_, '_> {
     }
 
     /// Writes back every column the state machine may change (buffered:
-    /// see `row_writes`), for a row that was in state `before`.
+    /// see `row_writes`), for a row that was in state `before`. A claim
+    /// leaves the row as it is and is recorded with its claim's others
+    /// (`claims.rs`, [`Self::record_claim`]); any other write of a claimed
+    /// task's row writes it whole and ends its claim's hold on it.
     fn write_row(&mut self, stored: &StoredTask, before: State) -> Result<()> {
         let t = &stored.task;
-        let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
-        let millis = |at: Option<offload_core::Timestamp>| {
-            at.map_or(Value::Null, |at| Value::Integer(at.as_millis()))
-        };
-        let errors = if t.errors.is_empty() {
-            None
+        if before == State::Pending && t.state == State::Running {
+            self.claims.claiming.push((stored.seq, t.attempt));
         } else {
-            Some(json_text(&t.errors)?)
-        };
-        // In the order of `row_writes::COLUMNS`.
-        let values = [
-            Value::Integer(t.state.code()),
-            Value::Integer(t.attempt.into()),
-            Value::Integer(t.max_attempts.into()),
-            Value::Integer(t.run_at.as_millis()),
-            text(opt_json_text(t.progress.as_ref())?),
-            text(t.result.as_ref().map(|r| r.get().to_owned())),
-            text(opt_json_text(t.error.as_ref())?),
-            text(errors),
-            Value::Integer(t.cancel_requested.into()),
-            Value::Integer(t.updated_at.as_millis()),
-            millis(t.started_at),
-            millis(t.finished_at),
-            millis(t.lease_expires_at),
-            millis(t.deadline()),
-            text(t.worker_id.clone()),
-        ];
-        self.write_back(RowWrite {
-            seq: stored.seq,
-            values,
-        });
+            self.write_back(RowWrite {
+                seq: stored.seq,
+                values: row_values(t)?,
+            });
+            if let Some(claim) = self.claims.written(stored.seq) {
+                self.claims.closed.push(claim);
+            }
+        }
         // Claim order holds the pending rows and the running set the
         // running ones: a write that neither enters nor leaves a state
         // changes neither (a completion would look for a key it does not
@@ -575,7 +571,57 @@ impl WriteCtx<'_, '_> {
             self.claimed_rows.remember(&stored);
             claimed.push(stored.task);
         }
+        if let Some(first) = claimed.first() {
+            let lease_expires_at = first.lease_expires_at.unwrap_or(self.now);
+            self.record_claim(&req.worker_id, lease_expires_at)?;
+        }
         Ok(claimed)
+    }
+
+    /// Inserts the row of the claim whose tasks `write_row` collected.
+    fn record_claim(
+        &mut self,
+        worker_id: &str,
+        lease_expires_at: offload_core::Timestamp,
+    ) -> Result<()> {
+        let tasks = std::mem::take(&mut self.claims.claiming);
+        let (id, blob) = self
+            .claims
+            .open(worker_id, self.now, lease_expires_at, &tasks);
+        let now = self.now.as_millis();
+        self.conn()?
+            .prepare_cached(sql::INSERT_CLAIM)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    id,
+                    worker_id,
+                    now,
+                    lease_expires_at.as_millis(),
+                    blob
+                ])
+            })
+            .map_err(storage_error)?;
+        Ok(())
+    }
+
+    /// Writes the rows of claimed tasks still unwritten: `seqs` among them,
+    /// or all. Readers ask for it before they read (`claims.rs`).
+    pub fn write_claimed(&mut self, seqs: Option<Vec<i64>>) -> Result<()> {
+        let mut seqs = match seqs {
+            Some(seqs) => seqs,
+            None => self.claims.unwritten_seqs(),
+        };
+        seqs.retain(|&seq| self.claims.is_unwritten(seq));
+        let mut rows = self.rows_by_seq(&seqs)?;
+        for seq in seqs {
+            let Some(stored) = rows.remove(&seq) else {
+                return Err(Error::Storage(format!(
+                    "claimed task {seq} has no row to write"
+                )));
+            };
+            self.write_row(&stored, State::Running)?;
+        }
+        Ok(())
     }
 
     /// The rows of the pending tasks at `keys`, in that order: those the
@@ -653,6 +699,11 @@ impl WriteCtx<'_, '_> {
                 Ok(())
             };
             read().map_err(storage_error)?;
+        }
+        if !self.claims.is_empty() {
+            for stored in found.values_mut() {
+                self.claims.overlay(stored)?;
+            }
         }
         Ok(found)
     }
@@ -898,12 +949,32 @@ impl WriteCtx<'_, '_> {
                 .collect::<Sql<_>>()?;
             Ok((pending, running))
         };
-        let (pending, running) = read().map_err(storage_error)?;
+        let (mut pending, mut running) = read().map_err(storage_error)?;
+        // A claimed task whose row is unwritten is running (`claims.rs`).
+        pending.retain(|&seq| !self.claims.is_unwritten(seq));
+        let unwritten = self.claims.unwritten_seqs();
+        let mut claimed = self.rows_by_seq(&unwritten)?;
+        for seq in unwritten {
+            let Some(stored) = claimed.remove(&seq) else {
+                return Err(Error::Storage(format!(
+                    "the writer's memory disagrees with the tasks table: claimed task {seq} has no row"
+                )));
+            };
+            let millis = |at: Option<offload_core::Timestamp>| at.map(|at| at.as_millis());
+            running.push((
+                seq,
+                stored.task.queue.clone(),
+                millis(stored.task.lease_expires_at),
+                millis(stored.task.deadline()),
+            ));
+        }
+        let claims = self.claims_disagreement()?;
         let kept_rows = self.kept_rows_disagreement()?;
         match self
             .ready
             .disagreement(&pending)
             .or_else(|| self.shared.running.disagreement(&running))
+            .or(claims)
             .or(kept_rows)
         {
             None => Ok(()),
@@ -911,6 +982,30 @@ impl WriteCtx<'_, '_> {
                 "the writer's memory disagrees with the tasks table: {disagreement}"
             ))),
         }
+    }
+
+    /// How the writer's record of claims (`claims.rs`) differs from the
+    /// `claims` table and the rows it names, if it does.
+    fn claims_disagreement(&mut self) -> Result<Option<String>> {
+        let mut table = Vec::new();
+        for claim in crate::claims::read_claims(self.conn()?)? {
+            let mut unwritten = Vec::with_capacity(claim.tasks.len());
+            for &(seq, attempt) in &claim.tasks {
+                let row: Option<(i64, u32)> = self
+                    .conn()?
+                    .prepare_cached("SELECT state, attempt FROM tasks WHERE seq = ?1")
+                    .and_then(|mut stmt| {
+                        stmt.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                    })
+                    .map_err(storage_error)?;
+                unwritten.push(row.is_some_and(|(state, at)| {
+                    state == State::Pending.code() && at.checked_add(1) == Some(attempt)
+                }));
+            }
+            table.push((claim, unwritten));
+        }
+        Ok(self.claims.disagreement(&table))
     }
 
     /// How a row the writer keeps (`pending_rows.rs`, `ClaimedRows`)
@@ -962,6 +1057,37 @@ impl WriteCtx<'_, '_> {
 }
 
 /// The `labels` column: JSON, or NULL when there are none.
+/// A task's values for the columns a row write sets, in the order of
+/// `row_writes::COLUMNS`.
+pub(crate) fn row_values(t: &Task) -> Result<[Value; crate::row_writes::COLUMNS.len()]> {
+    let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
+    let millis = |at: Option<offload_core::Timestamp>| {
+        at.map_or(Value::Null, |at| Value::Integer(at.as_millis()))
+    };
+    let errors = if t.errors.is_empty() {
+        None
+    } else {
+        Some(json_text(&t.errors)?)
+    };
+    Ok([
+        Value::Integer(t.state.code()),
+        Value::Integer(t.attempt.into()),
+        Value::Integer(t.max_attempts.into()),
+        Value::Integer(t.run_at.as_millis()),
+        text(opt_json_text(t.progress.as_ref())?),
+        text(t.result.as_ref().map(|r| r.get().to_owned())),
+        text(opt_json_text(t.error.as_ref())?),
+        text(errors),
+        Value::Integer(t.cancel_requested.into()),
+        Value::Integer(t.updated_at.as_millis()),
+        millis(t.started_at),
+        millis(t.finished_at),
+        millis(t.lease_expires_at),
+        millis(t.deadline()),
+        text(t.worker_id.clone()),
+    ])
+}
+
 fn labels_text(task: &Task) -> Result<Option<String>> {
     opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))
 }

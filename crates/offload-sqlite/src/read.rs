@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use offload_core::{Error, ListQuery, Result, State, Task, TaskPage, decode_cursor, encode_cursor};
+use offload_core::{Error, ListQuery, Result, State, TaskPage, decode_cursor, encode_cursor};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
@@ -69,10 +69,8 @@ impl Readers {
     }
 }
 
-pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<Task>> {
-    ids::find(conn, id, sql::TASK_BY_ID, sql::TASK_BY_ID_BEFORE_V4, decode)
-        .map(|found| found.map(|s| s.task))
-        .map_err(storage_error)
+pub(crate) fn get(conn: &Connection, id: Uuid) -> Result<Option<StoredTask>> {
+    ids::find(conn, id, sql::TASK_BY_ID, sql::TASK_BY_ID_BEFORE_V4, decode).map_err(storage_error)
 }
 
 /// Pending and running tasks are listed from the writer's memory, this many

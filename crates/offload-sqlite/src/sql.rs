@@ -43,6 +43,19 @@ pub fn tasks_by_seq(rows: usize) -> String {
     )
 }
 
+/// A claim's row (`claims.rs`): id, worker, claimed_at, lease_expires_at,
+/// tasks.
+pub const INSERT_CLAIM: &str = "INSERT INTO claims (id, worker_id, claimed_at, \
+     lease_expires_at, tasks) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// A claim's row, once none of its tasks is left unwritten.
+pub const DELETE_CLAIM: &str = "DELETE FROM claims WHERE id = ?1";
+
+/// Every claim's row, to write its tasks when the store opens, or to check
+/// the writer's record of them.
+pub const CLAIMS: &str =
+    "SELECT id, worker_id, claimed_at, lease_expires_at, tasks FROM claims ORDER BY id";
+
 /// Scheduled tasks whose time has come, earliest first.
 pub const DUE: &str = concat!(
     "SELECT ",

@@ -25,6 +25,7 @@ use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::claims::{Claims, UnwrittenSeqs};
 use crate::ids::SeqIds;
 use crate::pending_rows::PendingRows;
 use crate::ready::{PendingSeqs, ReadyIndex};
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     pub pending: Arc<PendingSeqs>,
     /// The running tasks, changed by the writer as it writes their rows.
     pub running: RunningSet,
+    /// Claimed tasks whose rows still say pending (`claims.rs`).
+    pub unwritten: Arc<UnwrittenSeqs>,
     /// Why the store stopped writing: an fsync of the WAL failed
     /// (`wal_sync.rs`).
     pub wal_failed: OnceLock<String>,
@@ -332,6 +335,7 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub now: Timestamp,
     pub shared: &'c Shared,
     pub claimed_rows: &'c mut ClaimedRows,
+    pub claims: &'c mut Claims,
     pub pending_rows: &'c mut PendingRows,
     pub ready: &'c mut ReadyIndex,
     pub ids: &'c mut SeqIds,
@@ -360,13 +364,24 @@ impl<'c> WriteCtx<'c, '_> {
     pub fn flush_rows(&mut self) -> Result<()> {
         self.rows
             .flush(&mut self.hot.shaped, &mut self.hot.write_row)
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        if !self.claims.closed.is_empty() {
+            let mut delete = self
+                .db
+                .prepare_cached(sql::DELETE_CLAIM)
+                .map_err(storage_error)?;
+            for id in self.claims.closed.drain(..) {
+                delete.execute([id]).map_err(storage_error)?;
+            }
+        }
+        Ok(())
     }
 
     fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mark = self.effects.mark();
         let ready_mark = self.ready.mark();
         let running_mark = self.shared.running.mark();
+        let claims_mark = self.claims.mark();
         self.exec("SAVEPOINT op")?;
         let mut outcome = op(self);
         if outcome.is_ok()
@@ -384,7 +399,12 @@ impl<'c> WriteCtx<'c, '_> {
             self.effects.reset(mark);
             self.ready.roll_back_to(ready_mark);
             self.shared.running.roll_back_to(running_mark);
+            self.claims.roll_back_to(claims_mark);
         }
+        debug_assert!(
+            self.claims.claiming.is_empty(),
+            "an operation claimed tasks without recording its claim"
+        );
         self.exec("RELEASE op")?;
         outcome
     }
@@ -600,6 +620,7 @@ fn not_run() -> Error {
 struct WriterState<'conn> {
     hot: HotStatements<'conn>,
     claimed_rows: ClaimedRows,
+    claims: Claims,
     pending_rows: PendingRows,
     ready: ReadyIndex,
     ids: SeqIds,
@@ -620,6 +641,7 @@ impl<'conn> WriterState<'conn> {
             now: shared.clock.now(),
             shared,
             claimed_rows: &mut self.claimed_rows,
+            claims: &mut self.claims,
             pending_rows: &mut self.pending_rows,
             ready: &mut self.ready,
             ids: &mut self.ids,
@@ -649,6 +671,7 @@ fn run_writer(
     let mut state = WriterState {
         hot,
         claimed_rows: ClaimedRows::default(),
+        claims: Claims::new(Arc::clone(&shared.unwritten)),
         pending_rows: PendingRows::default(),
         ready,
         // Every enqueue reads the largest seq stored before it hands out
@@ -714,6 +737,7 @@ fn run_writer(
             Ok(()) => {
                 state.ready.commit();
                 shared.running.commit();
+                state.claims.commit();
             }
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
@@ -722,6 +746,7 @@ fn run_writer(
                 state.pending_rows.forget_all();
                 state.ready.roll_back_to(0);
                 shared.running.roll_back_to(0);
+                state.claims.roll_back_to(0);
             }
         }
         let settled = Settled {

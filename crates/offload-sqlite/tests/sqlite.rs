@@ -270,6 +270,8 @@ fn crash_keeps_every_acknowledged_write() {
     let stdout = child.stdout.take().unwrap();
     let mut enqueued = Vec::new();
     let mut completed = Vec::new();
+    // Each claim answered: the task, its worker and its lease's end.
+    let mut claimed = std::collections::HashMap::new();
     let started = Instant::now();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
@@ -277,6 +279,12 @@ fn crash_keeps_every_acknowledged_write() {
             enqueued.push(Uuid::parse_str(id).unwrap());
         } else if let Some(id) = line.strip_prefix("completed ") {
             completed.push(Uuid::parse_str(id).unwrap());
+        } else if let Some(claim) = line.strip_prefix("claimed ") {
+            let mut fields = claim.split(' ');
+            let id = Uuid::parse_str(fields.next().unwrap()).unwrap();
+            let worker = fields.next().unwrap().to_owned();
+            let lease: i64 = fields.next().unwrap().parse().unwrap();
+            claimed.insert(id, (worker, lease));
         }
         // Kill in the middle of the stream, once there is plenty to check.
         if completed.len() >= 300 || started.elapsed() > Duration::from_secs(20) {
@@ -310,14 +318,31 @@ fn crash_keeps_every_acknowledged_write() {
                 "acknowledged completion of {id} was lost"
             );
         }
+        // A claim is a write too: a task claimed and not completed is
+        // still held by its worker until its lease ends, whether its claim
+        // was written to its row before the crash or not.
+        let mut held = 0;
+        for (id, (worker, lease)) in &claimed {
+            let task = store.get(*id).await.unwrap().unwrap();
+            if task.state == State::Completed {
+                continue;
+            }
+            assert_eq!(task.state, State::Running, "acknowledged claim of {id} was lost");
+            assert_eq!(task.worker_id.as_deref(), Some(worker.as_str()));
+            assert_eq!(task.lease_expires_at.map(|t| t.as_millis()), Some(*lease));
+            held += 1;
+        }
+        assert!(held > 0, "no claim was outstanding at the crash");
+        store.verify_bookkeeping().await.unwrap();
         let stats = store.stats().await.unwrap();
         assert!(stats.total.total() >= enqueued.len() as u64);
+        eprintln!(
+            "crash test: {} enqueues, {} completions and {} claims ({held} still held) survived kill -9",
+            enqueued.len(),
+            completed.len(),
+            claimed.len()
+        );
     });
-    eprintln!(
-        "crash test: {} enqueues and {} completions survived kill -9",
-        enqueued.len(),
-        completed.len()
-    );
 }
 
 fn crash_child(path: &str) {
@@ -358,6 +383,15 @@ fn crash_child(path: &str) {
                     if claimed.is_empty() {
                         tokio::task::yield_now().await;
                         continue;
+                    }
+                    for task in &claimed {
+                        let lease = task.lease_expires_at.unwrap().as_millis();
+                        let _ = lines.send(format!("claimed {} {worker_id} {lease}", task.id));
+                    }
+                    // One worker in four holds its tasks for a while, so
+                    // that claims are outstanding when the kill comes.
+                    if w == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     let acks = claimed
                         .iter()
