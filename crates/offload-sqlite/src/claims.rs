@@ -61,9 +61,9 @@ impl UnwrittenSeqs {
         !self.is_empty() && self.seqs().contains(&seq)
     }
 
-    fn insert(&self, seq: i64) {
+    fn insert_all(&self, new: impl Iterator<Item = i64>) {
         let mut seqs = self.seqs();
-        seqs.insert(seq);
+        seqs.extend(new);
         self.len.store(seqs.len(), Ordering::Release);
     }
 
@@ -156,9 +156,9 @@ impl Claims {
             blob.extend_from_slice(&attempt.to_le_bytes());
             let before = self.unwritten.insert(seq, Unwritten { claim: id, attempt });
             debug_assert!(before.is_none(), "task {seq} claimed twice unwritten");
-            self.readers.insert(seq);
             self.changes.push(Change::Claimed { seq });
         }
+        self.readers.insert_all(tasks.iter().map(|&(seq, _)| seq));
         self.rows.insert(
             id,
             ClaimRow {
@@ -394,4 +394,77 @@ fn decode_tasks(blob: &[u8]) -> Result<Vec<(i64, u32)>> {
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const AT: Timestamp = Timestamp::from_millis(1_795_000_000_000);
+    const UNTIL: Timestamp = Timestamp::from_millis(1_795_000_030_000);
+
+    fn claims() -> (Claims, Arc<UnwrittenSeqs>) {
+        let readers = Arc::new(UnwrittenSeqs::default());
+        (Claims::new(Arc::clone(&readers)), readers)
+    }
+
+    #[test]
+    fn a_seq_leaves_the_readers_set_only_once_its_write_commits() {
+        let (mut claims, readers) = claims();
+        let (id, blob) = claims.open("w", AT, UNTIL, &[(1, 1), (2, 1)]);
+        assert_eq!(decode_tasks(&blob).unwrap(), [(1, 1), (2, 1)]);
+        assert!(
+            readers.contains(1) && readers.contains(2),
+            "before the commit"
+        );
+        claims.commit();
+        assert_eq!(claims.written(1), None, "task 2 is still unwritten");
+        assert!(readers.contains(1), "the write has not committed");
+        claims.commit();
+        assert!(!readers.contains(1) && readers.contains(2));
+        assert_eq!(claims.written(2), Some(id), "the claim's last task");
+        claims.commit();
+        assert!(readers.is_empty());
+        assert!(claims.is_empty());
+    }
+
+    #[test]
+    fn a_rolled_back_claim_or_write_leaves_no_trace() {
+        let (mut claims, readers) = claims();
+        let mark = claims.mark();
+        claims.open("w", AT, UNTIL, &[(1, 1)]);
+        claims.claiming.push((9, 1));
+        claims.roll_back_to(mark);
+        assert!(claims.is_empty() && readers.is_empty() && claims.claiming.is_empty());
+
+        let (id, _) = claims.open("w", AT, UNTIL, &[(3, 1)]);
+        claims.commit();
+        let mark = claims.mark();
+        assert_eq!(claims.written(3), Some(id));
+        claims.closed.push(id);
+        claims.roll_back_to(mark);
+        assert!(claims.is_unwritten(3) && claims.closed.is_empty());
+        claims.commit();
+        assert!(readers.contains(3), "its write was undone");
+        assert_eq!(claims.written(3), Some(id), "the claim's row is back");
+    }
+
+    #[test]
+    fn a_task_written_and_claimed_again_before_the_commit_stays_unwritten() {
+        let (mut claims, readers) = claims();
+        claims.open("w", AT, UNTIL, &[(1, 1)]);
+        claims.commit();
+        assert!(claims.written(1).is_some());
+        claims.open("v", AT, UNTIL, &[(1, 2)]);
+        claims.commit();
+        assert!(readers.contains(1) && claims.is_unwritten(1));
+    }
+
+    #[test]
+    fn a_blob_of_the_wrong_length_is_an_error_not_a_panic() {
+        assert!(decode_tasks(&[0; 13]).is_err());
+        assert_eq!(decode_tasks(&[]).unwrap(), []);
+    }
 }

@@ -263,6 +263,8 @@ impl WriteCtx<'_, '_> {
     }
 
     /// The state of task `id`, if it is stored.
+    /// The state task `id`'s row holds. A claimed task's row may still say
+    /// pending (`claims.rs`); callers tell only finished states apart.
     fn state_of(&mut self, id: Uuid) -> Result<Option<State>> {
         let code = ids::find(
             self.conn()?,
