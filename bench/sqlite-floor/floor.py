@@ -9,7 +9,8 @@ Each batch of 500 is claimed in one transaction (the rows updated, then read
 back as a claim's answer is) and completed in another. SCHEMA is one of:
 
     offload      Offload's schema as its migrations leave it (since version 5
-                 no index holds the running tasks: the writer keeps them)
+                 no index holds the running tasks: the writer keeps them),
+                 claimed as up to version 6: each task's row rewritten
     running-ix   with schema version 4's index of running tasks
                  (tasks_running), which version 5 dropped
     leases       a claim inserts a row into a small table of leases and
@@ -17,7 +18,8 @@ back as a claim's answer is) and completed in another. SCHEMA is one of:
                  lease and writes the task's row once
     claim-log    a claim inserts one row for its whole batch (its seqs in a
                  blob) and leaves the tasks' rows alone; the completion
-                 deletes that row and writes each task's row once
+                 deletes that row and writes each task's row once: what
+                 Offload does since version 7 (src/claims.rs)
     split        the columns a task's life changes copied to a narrow table
                  of their own (task_states, with the indexes that name
                  them), which the claim and the completion write; `tasks`
@@ -68,9 +70,11 @@ def setup_sql(schema):
             " lease_expires_at INTEGER NOT NULL, deadline_at INTEGER);"
         )
     if schema == "claim-log":
+        # Schema version 7 made this table; a database of an earlier one
+        # gets it here.
         return (
-            "CREATE TABLE claims (id INTEGER PRIMARY KEY, worker_id TEXT NOT NULL,"
-            " claimed_at INTEGER NOT NULL, lease_expires_at INTEGER NOT NULL, seqs BLOB NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS claims (id INTEGER PRIMARY KEY, worker_id TEXT NOT NULL,"
+            " claimed_at INTEGER NOT NULL, lease_expires_at INTEGER NOT NULL, tasks BLOB NOT NULL);"
         )
     if schema == "split":
         return (
@@ -105,7 +109,7 @@ def claim(schema, first, last):
     if schema == "claim-log":
         return (
             f"INSERT INTO claims VALUES ({first}, '{WORKER}', {NOW}, {NOW + 30_000},"
-            f" randomblob({(last - first + 1) * 8}));" + read_back
+            f" randomblob({(last - first + 1) * 12}));" + read_back
         )
     if schema == "split":
         return (
