@@ -54,8 +54,9 @@ impl KnownQueues {
 impl WriteCtx<'_, '_> {
     // ---- reading and writing rows -------------------------------------
 
-    /// Every row the writer reads goes through here or [`Self::overlay`]:
-    /// a claimed task's row may still say pending (`claims.rs`).
+    /// Every row the writer reads passes through `Claims::overlay`, here,
+    /// in `load_many`, `load` and `rows_by_seq`: a claimed task's row may
+    /// still say pending (`claims.rs`).
     fn load_one(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<Option<StoredTask>> {
         let mut found = self
             .conn()?
@@ -88,7 +89,7 @@ impl WriteCtx<'_, '_> {
         if let Some(stored) = self.claimed_rows.take(id) {
             return Ok(stored);
         }
-        let stored = ids::find(
+        let mut stored = ids::find(
             self.conn()?,
             id,
             sql::TASK_BY_ID,
@@ -97,7 +98,6 @@ impl WriteCtx<'_, '_> {
         )
         .map_err(storage_error)?
         .ok_or_else(|| Error::task_not_found(id))?;
-        let mut stored = stored;
         self.claims.overlay(&mut stored)?;
         self.forget_kept(&stored);
         Ok(stored)
@@ -262,8 +262,7 @@ impl WriteCtx<'_, '_> {
         Ok(unmet)
     }
 
-    /// The state of task `id`, if it is stored.
-    /// The state task `id`'s row holds. A claimed task's row may still say
+    /// The state task `id`'s row holds, if it is stored. A claimed task's row may still say
     /// pending (`claims.rs`); callers tell only finished states apart.
     fn state_of(&mut self, id: Uuid) -> Result<Option<State>> {
         let code = ids::find(
