@@ -287,7 +287,8 @@ fn crash_keeps_every_acknowledged_write() {
             claimed.insert(id, (worker, lease));
         }
         // Kill in the middle of the stream, once there is plenty to check.
-        if completed.len() >= 300 || started.elapsed() > Duration::from_secs(20) {
+        let held = claimed.values().any(|(worker, _)| worker == HOLDER);
+        if (completed.len() >= 300 && held) || started.elapsed() > Duration::from_secs(20) {
             break;
         }
     }
@@ -333,6 +334,13 @@ fn crash_keeps_every_acknowledged_write() {
             held += 1;
         }
         assert!(held > 0, "no claim was outstanding at the crash");
+        assert!(
+            claimed
+                .iter()
+                .filter(|(_, (worker, _))| worker == HOLDER)
+                .all(|(id, _)| !completed.contains(id)),
+            "the holder's tasks are never completed"
+        );
         store.verify_bookkeeping().await.unwrap();
         let stats = store.stats().await.unwrap();
         assert!(stats.total.total() >= enqueued.len() as u64);
@@ -344,6 +352,9 @@ fn crash_keeps_every_acknowledged_write() {
         );
     });
 }
+
+/// The crash test's worker that claims and never acks.
+const HOLDER: &str = "w0";
 
 fn crash_child(path: &str) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -369,6 +380,7 @@ fn crash_child(path: &str) {
             let lines = lines.clone();
             tokio::spawn(async move {
                 let worker_id = format!("w{w}");
+                debug_assert_eq!(w == 0, worker_id == HOLDER);
                 loop {
                     let claimed = store
                         .claim(&ClaimRequest {
@@ -388,10 +400,11 @@ fn crash_child(path: &str) {
                         let lease = task.lease_expires_at.unwrap().as_millis();
                         let _ = lines.send(format!("claimed {} {worker_id} {lease}", task.id));
                     }
-                    // One worker in four holds its tasks for a while, so
-                    // that claims are outstanding when the kill comes.
+                    // The first worker never acks: its claims are
+                    // outstanding when the kill comes.
                     if w == 0 {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
                     }
                     let acks = claimed
                         .iter()
