@@ -176,8 +176,8 @@ impl Claims {
         self.unwritten.contains_key(&seq)
     }
 
-    /// Every unwritten seq, oldest claim's first, for a reader that asked
-    /// for them all.
+    /// Every unwritten seq, in seq order, for a reader that asked for them
+    /// all.
     pub fn unwritten_seqs(&self) -> Vec<i64> {
         let mut seqs: Vec<i64> = self.unwritten.keys().copied().collect();
         seqs.sort_unstable();
@@ -210,8 +210,7 @@ impl Claims {
         let claim = self.rows.get(&unwritten.claim);
         match claim {
             Some(claim)
-                if stored.task.state == State::Pending
-                    && stored.task.attempt.checked_add(1) == Some(unwritten.attempt) =>
+                if still_unwritten(stored.task.state, stored.task.attempt, unwritten.attempt) =>
             {
                 apply(stored, claim)
             }
@@ -328,6 +327,13 @@ impl Claims {
         }
         None
     }
+}
+
+/// Whether a row in `state` at `attempt` is the one a claim that gave its
+/// task `claimed_attempt` left unwritten: a write since would have changed
+/// the state or the attempt.
+pub(crate) fn still_unwritten(state: State, attempt: u32, claimed_attempt: u32) -> bool {
+    state == State::Pending && attempt.checked_add(1) == Some(claimed_attempt)
 }
 
 /// What a claim did to a pending row, done again from its record.

@@ -346,9 +346,7 @@ fn write_unwritten_claims(conn: &Connection) -> Result<()> {
                     continue;
                 };
                 // A task written after its claim (or deleted) says so itself.
-                if task.task.state != State::Pending
-                    || task.task.attempt.checked_add(1) != Some(attempt)
-                {
+                if !claims::still_unwritten(task.task.state, task.task.attempt, attempt) {
                     continue;
                 }
                 claims::apply(&mut task, &claim.row)?;

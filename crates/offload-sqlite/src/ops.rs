@@ -1001,7 +1001,8 @@ impl WriteCtx<'_, '_> {
                     })
                     .map_err(storage_error)?;
                 unwritten.push(row.is_some_and(|(state, at)| {
-                    state == State::Pending.code() && at.checked_add(1) == Some(attempt)
+                    State::from_code(state)
+                        .is_some_and(|state| crate::claims::still_unwritten(state, at, attempt))
                 }));
             }
             table.push((claim, unwritten));
