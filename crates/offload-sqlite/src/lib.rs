@@ -350,11 +350,11 @@ fn write_unwritten_claims(conn: &Connection) -> Result<()> {
                     continue;
                 }
                 claims::apply(&mut task, &claim.row)?;
-                let values = ops::row_values(&task.task)?;
-                let mut params: Vec<&dyn rusqlite::ToSql> =
-                    values.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
-                params.push(&seq);
-                write.execute(params.as_slice()).map_err(storage_error)?;
+                let row = row_writes::RowWrite {
+                    seq,
+                    values: ops::row_values(&task.task)?,
+                };
+                row_writes::write_one(&mut write, &row).map_err(storage_error)?;
                 written += 1;
             }
         }

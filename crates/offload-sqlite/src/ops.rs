@@ -1058,7 +1058,6 @@ impl WriteCtx<'_, '_> {
     }
 }
 
-/// The `labels` column: JSON, or NULL when there are none.
 /// A task's values for the columns a row write sets, in the order of
 /// `row_writes::COLUMNS`.
 pub(crate) fn row_values(t: &Task) -> Result<[Value; crate::row_writes::COLUMNS.len()]> {
@@ -1090,6 +1089,7 @@ pub(crate) fn row_values(t: &Task) -> Result<[Value; crate::row_writes::COLUMNS.
     ])
 }
 
+/// The `labels` column: JSON, or NULL when there are none.
 fn labels_text(task: &Task) -> Result<Option<String>> {
     opt_json_text(Some(&task.labels).filter(|l| !l.is_empty()))
 }

@@ -113,7 +113,8 @@ impl RowWrites {
     }
 }
 
-fn write_one(stmt: &mut Statement<'_>, row: &RowWrite) -> rusqlite::Result<()> {
+/// Writes `row` through `stmt`, [`crate::sql::WRITE_ROW`] prepared.
+pub(crate) fn write_one(stmt: &mut Statement<'_>, row: &RowWrite) -> rusqlite::Result<()> {
     for (i, value) in row.values.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, value)?;
     }
