@@ -350,10 +350,7 @@ fn write_unwritten_claims(conn: &Connection) -> Result<()> {
                     continue;
                 }
                 claims::apply(&mut task, &claim.row)?;
-                let row = row_writes::RowWrite {
-                    seq,
-                    values: ops::row_values(&task.task)?,
-                };
+                let row = row_writes::RowWrite::of(seq, &task.task)?;
                 row_writes::write_one(&mut write, &row).map_err(storage_error)?;
                 written += 1;
             }

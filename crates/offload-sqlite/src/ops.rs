@@ -128,10 +128,7 @@ impl WriteCtx<'_, '_> {
         if before == State::Pending && t.state == State::Running {
             self.claims.claiming.push((stored.seq, t.attempt));
         } else {
-            self.write_back(RowWrite {
-                seq: stored.seq,
-                values: row_values(t)?,
-            });
+            self.write_back(RowWrite::of(stored.seq, t)?);
             if let Some(claim) = self.claims.written(stored.seq) {
                 self.claims.closed.push(claim);
             }
@@ -232,8 +229,10 @@ impl WriteCtx<'_, '_> {
         if let Some(known) = self.effects().dependencies_stored {
             return Ok(known);
         }
+        // Asked by the first completion of every group, after its row is
+        // buffered.
         let stored = self
-            .conn()?
+            .conn_beside_tasks()
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM task_deps)")
             .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
             .map_err(storage_error)?;

@@ -7,15 +7,27 @@
 //! UPDATEs (bench/analysis.md). So the writer buffers the rows an operation
 //! writes back and applies them together: before anything else touches the
 //! connection (a read must see them, an insert must meet the unique index as
-//! they left it), and at the end of the operation, inside its savepoint.
+//! they left it), and once the operation is over (`WriteCtx::in_savepoint`).
 //!
 //! A row written twice before a flush is written once, with its latest
 //! values: a write carries every column the state machine may change.
+//!
+//! Only the unique index (`tasks_unique_key`) can refuse a row write: every
+//! NOT NULL column is always given a value, and no other index is unique.
+//! A row that is not in that index once written cannot break it, so a
+//! statement of such rows alone is an `UPDATE OR FAIL`. SQLite then keeps
+//! no journal to undo the statement half-way, which otherwise copies every
+//! page the statement touches (5% of the writer's work for a claim and a
+//! completion, bench/analysis.md). Rows that hold a key go in through a
+//! plain UPDATE, which a conflict undoes whole, and inside their
+//! operation's savepoint, so that a conflict fails that operation alone.
 
 use std::collections::hash_map::Entry;
 
 use rusqlite::types::Value;
 use rusqlite::{ErrorCode, Statement};
+
+use offload_core::{Result, State, Task};
 
 use crate::shaped::{Shape, ShapedStatements};
 
@@ -51,6 +63,28 @@ const MAX_ROWS: usize = 64;
 pub(crate) struct RowWrite {
     pub seq: i64,
     pub values: [Value; COLUMNS.len()],
+    /// The row, once written, is in `tasks_unique_key`.
+    pub holds_key: bool,
+}
+
+impl RowWrite {
+    pub fn of(seq: i64, task: &Task) -> Result<Self> {
+        Ok(Self {
+            seq,
+            values: crate::ops::row_values(task)?,
+            holds_key: holds_unique_key(task),
+        })
+    }
+}
+
+/// Whether `task`'s row is in `tasks_unique_key`: the index's own condition
+/// (`migrations/0004_ids_carry_seq.sql`), SPEC §1.2's active holder.
+pub(crate) fn holds_unique_key(task: &Task) -> bool {
+    in_unique_index(task.unique_key.is_some(), task.state, task.cancel_requested)
+}
+
+fn in_unique_index(has_key: bool, state: State, cancel_requested: bool) -> bool {
+    has_key && state.code() <= State::Running.code() && !cancel_requested
 }
 
 /// The rows written back and not yet applied.
@@ -59,10 +93,14 @@ pub(crate) struct RowWrites {
     rows: Vec<RowWrite>,
     /// Where each buffered seq sits in `rows`.
     position: rustc_hash::FxHashMap<i64, usize>,
+    /// Some row pushed since the last flush holds a unique key (perhaps
+    /// one since replaced by a later write of its seq).
+    holds_key: bool,
 }
 
 impl RowWrites {
     pub fn push(&mut self, row: RowWrite) {
+        self.holds_key |= row.holds_key;
         match self.position.entry(row.seq) {
             Entry::Occupied(at) => self.rows[*at.get()] = row,
             Entry::Vacant(at) => {
@@ -76,10 +114,16 @@ impl RowWrites {
         self.rows.is_empty()
     }
 
+    /// Whether a buffered row could break the unique index.
+    pub fn holds_key(&self) -> bool {
+        self.holds_key
+    }
+
     /// Forgets the buffered rows (their operation is rolling back).
     pub fn discard(&mut self) {
         self.rows.clear();
         self.position.clear();
+        self.holds_key = false;
     }
 
     /// Applies every buffered row, in chunks; `single` is the one-row
@@ -94,6 +138,7 @@ impl RowWrites {
             return Ok(());
         }
         self.position.clear();
+        self.holds_key = false;
         let rows = std::mem::take(&mut self.rows);
         let mut outcome = Ok(());
         for chunk in rows.chunks(MAX_ROWS) {
@@ -135,14 +180,16 @@ fn write_many(
     let row = |i: usize| &chunk[i.min(chunk.len() - 1)];
     let varies: [bool; COLUMNS.len()] =
         std::array::from_fn(|c| chunk[1..].iter().any(|r| r.values[c] != chunk[0].values[c]));
+    let or_fail = !chunk.iter().any(|r| r.holds_key);
     let shape = Shape::WriteRows {
         rows: rounded,
         varies: varies
             .iter()
             .enumerate()
             .fold(0, |mask, (c, &v)| mask | (u16::from(v) << c)),
+        or_fail,
     };
-    let stmt = shaped.get(shape, || write_many_text(rounded, &varies))?;
+    let stmt = shaped.get(shape, || write_many_text(rounded, &varies, or_fail))?;
     let mut at = 1;
     for (c, &differs) in varies.iter().enumerate() {
         if differs {
@@ -167,7 +214,9 @@ fn write_many(
         // the other. The failed statement changed nothing; writing the rows
         // one at a time, in order, gives the answer the operation would
         // have had unbatched.
-        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+        // (An `OR FAIL` statement cannot meet a conflict, and would leave
+        // the rows before it written: its error goes up like any other.)
+        Err(e) if !or_fail && e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
             chunk.iter().try_for_each(|row| write_one(single, row))
         }
         Err(e) => Err(e),
@@ -175,9 +224,13 @@ fn write_many(
 }
 
 /// [`write_many`]'s statement for `rows` rows, `varies` telling which
-/// columns differ between them.
-fn write_many_text(rows: usize, varies: &[bool; COLUMNS.len()]) -> String {
-    let mut sql = String::from("UPDATE tasks SET ");
+/// columns differ between them; `or_fail` when no row holds a unique key.
+fn write_many_text(rows: usize, varies: &[bool; COLUMNS.len()], or_fail: bool) -> String {
+    let mut sql = String::from(if or_fail {
+        "UPDATE OR FAIL tasks SET "
+    } else {
+        "UPDATE tasks SET "
+    });
     for (c, column) in COLUMNS.iter().enumerate() {
         if c > 0 {
             sql.push_str(", ");
@@ -230,7 +283,12 @@ mod tests {
         values[0] = Value::Integer(state);
         values[1] = Value::Integer(seq * 10);
         values[5] = Value::Text(text.to_owned());
-        RowWrite { seq, values }
+        // As if every row had a unique key: an active one holds it.
+        RowWrite {
+            seq,
+            values,
+            holds_key: state <= 3,
+        }
     }
 
     fn stored(conn: &Connection, seq: i64) -> (i64, i64, String) {
@@ -283,6 +341,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `holds_unique_key` says what the index's own condition says, for
+    /// every state, with and without a key and a cancel request.
+    #[tokio::test]
+    async fn holding_a_key_is_the_unique_index_condition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::SqliteStore::open(dir.path().join("t.db"), crate::SqliteOptions::default())
+                .unwrap();
+        let cases: Vec<(bool, State, bool)> = [false, true]
+            .into_iter()
+            .flat_map(|key| {
+                State::ALL
+                    .into_iter()
+                    .flat_map(move |state| [(key, state, false), (key, state, true)])
+            })
+            .collect();
+        let asked = cases.clone();
+        let in_index: Vec<bool> = store
+            .writer
+            .run(move |ctx| {
+                let conn = ctx.conn()?;
+                let index: String = conn
+                    .query_row(
+                        "SELECT sql FROM sqlite_master WHERE name = 'tasks_unique_key'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(crate::rows::storage_error)?;
+                let (_, condition) = index.split_once("WHERE").expect("a partial index");
+                let query = format!(
+                    "SELECT {condition} FROM (SELECT ?1 AS unique_key, ?2 AS state, \
+                     ?3 AS cancel_requested)"
+                );
+                asked
+                    .iter()
+                    .map(|&(key, state, cancel)| {
+                        conn.query_row(
+                            &query,
+                            rusqlite::params![key.then_some("k"), state.code(), cancel],
+                            |r| r.get(0),
+                        )
+                        .map_err(crate::rows::storage_error)
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap();
+        let mut seen = 0;
+        for (&(key, state, cancel), &indexed) in cases.iter().zip(&in_index) {
+            assert_eq!(
+                in_unique_index(key, state, cancel),
+                indexed,
+                "key {key}, {state:?}, cancel requested {cancel}"
+            );
+            seen += usize::from(indexed);
+        }
+        // Blocked, scheduled, pending and running, with a key, not cancelled.
+        assert_eq!(seen, 4);
     }
 
     #[test]

@@ -20,8 +20,13 @@ pub(crate) enum Shape {
     /// `sql::tasks_by_seq(rows)`.
     TasksBySeq(usize),
     /// A write-back of `rows` rows; bit `c` of `varies` is set when column
-    /// `c` differs between them (`row_writes.rs`).
-    WriteRows { rows: usize, varies: u16 },
+    /// `c` differs between them, and `or_fail` when none holds a unique key
+    /// (`row_writes.rs`).
+    WriteRows {
+        rows: usize,
+        varies: u16,
+        or_fail: bool,
+    },
 }
 
 /// Past this many shapes, the statements are dropped and prepared again as

@@ -340,6 +340,8 @@ pub(crate) struct WriteCtx<'c, 's> {
     pub ready: &'c mut ReadyIndex,
     pub ids: &'c mut SeqIds,
     rows: &'c mut RowWrites,
+    /// Why the group's transaction must roll back whole (`settle_rows`).
+    group_failure: &'c mut Option<Error>,
     effects: &'c mut Effects,
 }
 
@@ -349,6 +351,14 @@ impl<'c> WriteCtx<'c, '_> {
     pub fn conn(&mut self) -> Result<&'c Connection> {
         self.flush_rows()?;
         Ok(self.db)
+    }
+
+    /// The connection without the buffered row writes applied, for a read
+    /// of a table they do not touch (anything but `tasks`). Applied there,
+    /// they would go in inside the current operation's savepoint, which
+    /// journals every page they change (`in_savepoint`).
+    pub fn conn_beside_tasks(&self) -> &'c Connection {
+        self.db
     }
 
     /// The rowid of the row the last INSERT added.
@@ -377,14 +387,24 @@ impl<'c> WriteCtx<'c, '_> {
         Ok(())
     }
 
+    /// Runs `op` in a savepoint of its own, which its failure rolls back.
+    ///
+    /// The rows it writes back and leaves buffered go in after its
+    /// savepoint is released, at the start of the next operation or before
+    /// the commit (`settle_rows`): SQLite copies every page first changed
+    /// inside a savepoint to the savepoint's journal, and outside one it
+    /// copies none. Those rows cannot break a constraint (`row_writes.rs`);
+    /// rows that could go in here, inside the savepoint.
     fn in_savepoint<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.settle_rows()?;
         let mark = self.effects.mark();
         let ready_mark = self.ready.mark();
         let running_mark = self.shared.running.mark();
         let claims_mark = self.claims.mark();
-        self.exec("SAVEPOINT op")?;
+        self.savepoint_exec("SAVEPOINT op")?;
         let mut outcome = op(self);
         if outcome.is_ok()
+            && self.rows.holds_key()
             && let Err(e) = self.flush_rows()
         {
             outcome = Err(e);
@@ -395,7 +415,7 @@ impl<'c> WriteCtx<'c, '_> {
             // never outlive a change undone.
             self.claimed_rows.forget_all();
             self.pending_rows.forget_all();
-            self.exec("ROLLBACK TO op")?;
+            self.savepoint_exec("ROLLBACK TO op")?;
             self.effects.reset(mark);
             self.ready.roll_back_to(ready_mark);
             self.shared.running.roll_back_to(running_mark);
@@ -405,12 +425,27 @@ impl<'c> WriteCtx<'c, '_> {
             self.claims.claiming.is_empty(),
             "an operation claimed tasks without recording its claim"
         );
-        self.exec("RELEASE op")?;
+        self.savepoint_exec("RELEASE op")?;
         outcome
     }
 
-    fn exec(&mut self, sql: &str) -> Result<()> {
-        self.conn()?
+    /// Applies the rows the operations before left buffered. Their
+    /// savepoints are released, so a failure here cannot be undone for one
+    /// of them alone: it fails the whole group, whose transaction then
+    /// rolls back, and every operation after it in the group.
+    fn settle_rows(&mut self) -> Result<()> {
+        if let Some(failure) = self.group_failure {
+            return Err(failure.clone());
+        }
+        self.flush_rows().inspect_err(|e| {
+            *self.group_failure = Some(e.clone());
+        })
+    }
+
+    /// Runs a savepoint's statement without applying buffered rows first,
+    /// as [`WriteCtx::conn`] would.
+    fn savepoint_exec(&self, sql: &str) -> Result<()> {
+        self.db
             .prepare_cached(sql)
             .and_then(|mut stmt| stmt.execute([]))
             .map(drop)
@@ -625,6 +660,7 @@ struct WriterState<'conn> {
     ready: ReadyIndex,
     ids: SeqIds,
     rows: RowWrites,
+    group_failure: Option<Error>,
 }
 
 impl<'conn> WriterState<'conn> {
@@ -646,6 +682,7 @@ impl<'conn> WriterState<'conn> {
             ready: &mut self.ready,
             ids: &mut self.ids,
             rows: &mut self.rows,
+            group_failure: &mut self.group_failure,
             effects,
         }
     }
@@ -678,6 +715,7 @@ fn run_writer(
         // ids (`ops.rs`).
         ids: SeqIds::after(0),
         rows: RowWrites::default(),
+        group_failure: None,
     };
     // Durable mode: whether the connection's commits sync themselves
     // (`synchronous = FULL`) or leave it to the syncer; `open` leaves it
@@ -730,11 +768,14 @@ fn run_writer(
             replies.push(job(&mut state.ctx(conn, shared, &mut effects)));
         }
         let parked_claims = claim_for_parked(conn, shared, &mut state, &mut effects);
-        // Every operation applied its rows inside its own savepoint.
-        debug_assert!(state.rows.is_empty());
-        let committed = conn.execute_batch("COMMIT").map_err(storage_error);
+        let committed = state
+            .ctx(conn, shared, &mut effects)
+            .settle_rows()
+            .and_then(|()| conn.execute_batch("COMMIT").map_err(storage_error));
+        state.group_failure = None;
         match &committed {
             Ok(()) => {
+                debug_assert!(state.rows.is_empty(), "a row write outlived its commit");
                 state.ready.commit();
                 shared.running.commit();
                 state.claims.commit();
@@ -742,6 +783,7 @@ fn run_writer(
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
                 let _ = conn.execute_batch("ROLLBACK");
+                state.rows.discard();
                 state.claimed_rows.forget_all();
                 state.pending_rows.forget_all();
                 state.ready.roll_back_to(0);
@@ -869,6 +911,109 @@ mod tests {
         let kept = store.writer.submit_tentative(insert(8)).await.unwrap();
         assert_eq!(kept.confirmed().await.unwrap(), 8);
         assert_eq!(count_children(&store).await, 1);
+    }
+
+    /// A completion's row goes in after its operation's savepoint is
+    /// released. Refused there, it cannot be undone for that operation
+    /// alone: the whole group rolls back, every operation in it hears the
+    /// error, and the store goes on as it was before the group.
+    #[tokio::test]
+    async fn a_row_write_refused_after_its_savepoint_fails_the_whole_group() {
+        use std::time::Duration;
+
+        use offload_core::{Ack, ClaimRequest, Limits, NewTask, Position, Store};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let spec = NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
+        store.enqueue(vec![spec]).await.unwrap();
+        let request = ClaimRequest {
+            worker_id: "w".into(),
+            types: Vec::new(),
+            queues: Vec::new(),
+            limit: 1,
+            lease: Duration::from_secs(60),
+        };
+        let task = store.claim(&request).await.unwrap().remove(0);
+        store
+            .writer
+            .run(|ctx| {
+                ctx.conn()?
+                    .execute_batch(
+                        "CREATE TABLE child (n INTEGER); \
+                         CREATE TRIGGER refuse_completion BEFORE UPDATE OF state ON tasks \
+                           WHEN NEW.state = 4 BEGIN SELECT RAISE(FAIL, 'completion refused'); END;",
+                    )
+                    .map_err(storage_error)
+            })
+            .await
+            .unwrap();
+
+        // The writer is held inside one operation, so that the two below
+        // are waiting together and make the next group.
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let held = store.writer.submit(move |_ctx| {
+            let _ = entered_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+            Ok(())
+        });
+        entered_rx.await.unwrap();
+        let store = Arc::new(store);
+        let completing = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move {
+                let ack = Ack::Complete {
+                    id: task.id,
+                    result: None,
+                };
+                store.ack("w", vec![ack]).await
+            }
+        });
+        let inserting = store.writer.submit(|ctx| {
+            ctx.conn()?
+                .execute("INSERT INTO child VALUES (1)", [])
+                .map_err(storage_error)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release_tx.send(()).unwrap();
+        held.await.unwrap();
+
+        let err = completing.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("completion refused"), "{err}");
+        let err = inserting.await.unwrap_err();
+        assert!(err.to_string().contains("completion refused"), "{err}");
+        assert_eq!(count_children(&store).await, 0);
+        let running = store.get(task.id).await.unwrap().unwrap();
+        assert_eq!(running.state, State::Running);
+        store.verify_bookkeeping().await.unwrap();
+
+        // Without the trigger the same completion goes through.
+        store
+            .writer
+            .run(|ctx| {
+                ctx.conn()?
+                    .execute_batch("DROP TRIGGER refuse_completion")
+                    .map_err(storage_error)
+            })
+            .await
+            .unwrap();
+        let outcomes = store
+            .ack(
+                "w",
+                vec![Ack::Complete {
+                    id: task.id,
+                    result: None,
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(outcomes[0].is_ok(), "{outcomes:?}");
+        let completed = store.get(task.id).await.unwrap().unwrap();
+        assert_eq!(completed.state, State::Completed);
+        store.verify_bookkeeping().await.unwrap();
     }
 
     /// The value comes while the group is still running, and `durable` only
