@@ -937,6 +937,12 @@ mod tests {
             lease: Duration::from_secs(60),
         };
         let task = store.claim(&request).await.unwrap().remove(0);
+        let completion = move || {
+            vec![Ack::Complete {
+                id: task.id,
+                result: None,
+            }]
+        };
         store
             .writer
             .run(|ctx| {
@@ -964,13 +970,7 @@ mod tests {
         let store = Arc::new(store);
         let completing = tokio::spawn({
             let store = Arc::clone(&store);
-            async move {
-                let ack = Ack::Complete {
-                    id: task.id,
-                    result: None,
-                };
-                store.ack("w", vec![ack]).await
-            }
+            async move { store.ack("w", completion()).await }
         });
         let inserting = store.writer.submit(|ctx| {
             ctx.conn()?
@@ -1000,16 +1000,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let outcomes = store
-            .ack(
-                "w",
-                vec![Ack::Complete {
-                    id: task.id,
-                    result: None,
-                }],
-            )
-            .await
-            .unwrap();
+        let outcomes = store.ack("w", completion()).await.unwrap();
         assert!(outcomes[0].is_ok(), "{outcomes:?}");
         let completed = store.get(task.id).await.unwrap().unwrap();
         assert_eq!(completed.state, State::Completed);
