@@ -19,13 +19,15 @@ pub(crate) enum Shape {
     InsertRows { rows: usize, shared: u16 },
     /// `sql::tasks_by_seq(rows)`.
     TasksBySeq(usize),
-    /// A write-back of `rows` rows; bit `c` of `varies` is set when column
-    /// `c` differs between them, and `or_fail` when none holds a unique key
-    /// (`row_writes.rs`).
+    /// A write-back of `rows` rows (none for a range that sets every row
+    /// alike); bit `c` of `varies` is set when column `c` differs between
+    /// them, `or_fail` when none holds a unique key, and `select` says how
+    /// it names them (`row_writes.rs`).
     WriteRows {
         rows: usize,
         varies: u16,
         or_fail: bool,
+        select: crate::row_writes::Select,
     },
 }
 
@@ -66,6 +68,12 @@ impl<'conn> ShapedStatements<'conn> {
             .statements
             .get_mut(&shape)
             .expect("the statement was just prepared"))
+    }
+
+    /// The shapes prepared so far.
+    #[cfg(test)]
+    pub fn shapes(&self) -> impl Iterator<Item = &Shape> {
+        self.statements.keys()
     }
 }
 
