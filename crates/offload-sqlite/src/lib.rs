@@ -15,6 +15,7 @@
 //! the process but not a power cut.
 
 mod append_set;
+mod checkpoint;
 mod claims;
 mod ids;
 mod ops;
@@ -172,7 +173,8 @@ impl SqliteStore {
         ))
         .map_err(storage_error)?;
         migrate(&conn)?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL")
+        // The writer decides where its checkpoints run (`checkpoint.rs`).
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;")
             .map_err(storage_error)?;
         // Room for the writer's own statements and the batched row writes'
         // shapes (row_writes.rs), so that none is prepared again and again.
@@ -195,7 +197,7 @@ impl SqliteStore {
             wal_failed: std::sync::OnceLock::new(),
             wal_syncs: std::sync::atomic::AtomicU64::new(0),
         });
-        let writer = Writer::start(conn, lock, Arc::clone(&shared), ready, wal_sync)
+        let writer = Writer::start(conn, lock, &path, Arc::clone(&shared), ready, wal_sync)
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             shared,

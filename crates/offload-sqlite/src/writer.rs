@@ -25,6 +25,7 @@ use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::checkpoint::Checkpoints;
 use crate::claims::{Claims, UnwrittenSeqs};
 use crate::ids::SeqIds;
 use crate::pending_rows::PendingRows;
@@ -527,6 +528,7 @@ impl Writer {
     pub fn start(
         conn: Connection,
         lock: std::fs::File,
+        database: &std::path::Path,
         shared: Arc<Shared>,
         ready: ReadyIndex,
         wal_sync: Option<WalSync>,
@@ -535,15 +537,24 @@ impl Writer {
         let syncer = wal_sync
             .map(|sync| Syncer::start(Arc::clone(&shared), sync))
             .transpose()?;
+        let mut checkpoints = Checkpoints::new(database);
         let thread = std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                run_writer(&conn, &rx, &shared, ready, syncer.as_ref());
+                run_writer(
+                    &conn,
+                    &rx,
+                    &shared,
+                    ready,
+                    syncer.as_ref(),
+                    &mut checkpoints,
+                );
                 // Whatever the syncer holds is answered before the database
                 // closes.
                 if let Some(syncer) = syncer {
                     syncer.stop();
                 }
+                drop(checkpoints);
                 drop(conn);
                 drop(lock);
             })?;
@@ -694,6 +705,7 @@ fn run_writer(
     shared: &Shared,
     ready: ReadyIndex,
     syncer: Option<&Syncer>,
+    checkpoints: &mut Checkpoints,
 ) {
     // `SqliteStore::open` prepared these once already, so this fails only if
     // the database changed under it; every caller then hears the store is
@@ -763,6 +775,7 @@ fn run_writer(
             continue;
         }
         let mut effects = Effects::default();
+        let grouped = group.len() > 1;
         let mut replies = Vec::with_capacity(group.len());
         for job in group {
             replies.push(job(&mut state.ctx(conn, shared, &mut effects)));
@@ -796,9 +809,13 @@ fn run_writer(
             parked_claims,
             replies,
         };
+        let wrote = committed.is_ok();
         match (syncer, committed) {
             (Some(syncer), Ok(())) if !commits_sync => syncer.hand_over(settled, shared),
             (_, committed) => settled.announce(shared, committed),
+        }
+        if wrote {
+            checkpoints.after_commit(conn, grouped);
         }
     }
 }
