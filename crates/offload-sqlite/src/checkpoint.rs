@@ -44,7 +44,7 @@ use rusqlite::Connection;
 
 /// Frames waiting in the WAL that call for a checkpoint: SQLite's default
 /// `wal_autocheckpoint`.
-pub(crate) const FRAMES: u32 = 1000;
+const FRAMES: u32 = 1000;
 /// Frames few enough for the writer to copy inline whenever the WAL is
 /// long, so that it starts over.
 const TAIL: u32 = 64;
@@ -128,7 +128,8 @@ struct Thread {
 struct ThreadShared {
     /// A checkpoint asked for and not finished.
     busy: AtomicBool,
-    /// Whether the thread should checkpoint (`Some(true)`) or stop (`None`).
+    /// `Some(true)`: a checkpoint is asked for; `Some(false)`: nothing is;
+    /// `None`: the thread is to stop.
     asked: Mutex<Option<bool>>,
     wake: Condvar,
     done: AtomicU64,
