@@ -8,12 +8,14 @@ how much of the two cores sat idle.
 Starts `offload serve` on a fresh SQLite database, points `offload bench
 --url … --tasks TASKS --stored 10000 --json` at it, and samples every
 thread's run time (/proc/PID/task/TID/schedstat), /proc/stat and the
-server's completed count every 50 ms. The processing phase is the span
+server's completed count every 50 ms, and the WAL file's size. The
+processing phase is the span
 from the first completed task to 98% of its 2 x TASKS; the figures are
 over that span. The sampling costs a little CPU of its own.
 """
 
 import glob
+import os
 import json
 import socket
 import subprocess
@@ -66,7 +68,12 @@ def main():
             stderr=subprocess.DEVNULL,
         )
         samples = []
+        wal_peak = 0
         while bench.poll() is None:
+            try:
+                wal_peak = max(wal_peak, os.stat(f"{tmp}/burn.db-wal").st_size)
+            except OSError:
+                pass
             try:
                 stats = json.load(urllib.request.urlopen(url + "/v1/stats"))
                 done = stats["types"].get("bench.noop", {}).get("completed", 0)
@@ -92,6 +99,7 @@ def main():
     delta = [b - a for a, b in zip(first[2], last[2])]
     total = sum(delta) or 1
     names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+    print(f"  WAL file at most {wal_peak / 2**20:.1f} MiB")
     print("  machine: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in zip(names, delta)))
 
 

@@ -31,9 +31,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use offload_core::{Error, Result, State, Timestamp};
 use rusqlite::Connection;
-use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::rows::{StoredTask, storage_error};
+use crate::seq_map::{SeqMap, SeqSet};
 use crate::sql;
 
 /// Bytes of one task in a claim's `tasks` blob: its seq (i64) and new
@@ -43,13 +43,13 @@ const TASK_BYTES: usize = 12;
 /// The seqs of claimed tasks whose rows still say pending, for readers.
 #[derive(Debug, Default)]
 pub(crate) struct UnwrittenSeqs {
-    seqs: Mutex<FxHashSet<i64>>,
+    seqs: Mutex<SeqSet>,
     /// `seqs.len()`, read without the lock by every read of tasks.
     len: AtomicUsize,
 }
 
 impl UnwrittenSeqs {
-    fn seqs(&self) -> std::sync::MutexGuard<'_, FxHashSet<i64>> {
+    fn seqs(&self) -> std::sync::MutexGuard<'_, SeqSet> {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -103,8 +103,9 @@ enum Change {
 /// The writer's record of the claims whose tasks are not all written.
 #[derive(Debug)]
 pub(crate) struct Claims {
-    unwritten: FxHashMap<i64, Unwritten>,
-    rows: FxHashMap<i64, ClaimRow>,
+    unwritten: SeqMap<Unwritten>,
+    /// By claim id, which counts up as seqs do.
+    rows: SeqMap<ClaimRow>,
     next_id: i64,
     /// Changes since the last commit, oldest first.
     changes: Vec<Change>,
@@ -124,8 +125,8 @@ impl Claims {
     /// Starts empty: opening the store emptied `claims`.
     pub fn new(readers: std::sync::Arc<UnwrittenSeqs>) -> Self {
         Self {
-            unwritten: FxHashMap::default(),
-            rows: FxHashMap::default(),
+            unwritten: SeqMap::default(),
+            rows: SeqMap::default(),
             next_id: 1,
             changes: Vec::new(),
             written: Vec::new(),

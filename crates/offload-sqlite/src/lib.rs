@@ -25,6 +25,7 @@ mod ready;
 mod row_writes;
 mod rows;
 mod running;
+mod seq_map;
 mod shaped;
 pub mod sql;
 mod wal_sync;

@@ -18,10 +18,11 @@
 //! is read from `tasks` as before.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use offload_core::{Json, State, Task, Timestamp};
 use uuid::Uuid;
+
+use crate::seq_map::SeqMap;
 
 /// Bytes the kept rows may take, as [`PendingRows`] estimates them: about
 /// 150,000 tasks with small payloads.
@@ -29,9 +30,10 @@ const MAX_BYTES: usize = 32 << 20;
 
 #[derive(Default)]
 pub(crate) struct PendingRows {
-    /// Keyed by seq, which this store hands out, never the caller, so a
-    /// hash without DoS resistance is safe here.
-    rows: HashMap<i64, KeptRow, BuildHasherDefault<SeqHasher>>,
+    /// In seq order: rows are kept and taken mostly in seq order (an
+    /// enqueue's, then claim order); with a hash that scattered them,
+    /// `remember` was 6% of the writer's samples through batch enqueues.
+    rows: SeqMap<KeptRow>,
     /// The (queue, type) pairs of the rows kept so far, each once; as few
     /// as the lanes of claim order (`ready.rs`), which keep theirs too.
     names: Vec<(String, String)>,
@@ -245,35 +247,6 @@ impl PendingRows {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.rows.len()
-    }
-}
-
-/// Places consecutive seqs in consecutive slots of the map: the low bits
-/// of the hash, which pick the slot, are the seq's own. Rows are kept and
-/// taken mostly in seq order (an enqueue's, then claim order), and with a
-/// hash that scattered them each one kept was a cache miss in the map's
-/// control bytes and another in its slot: `remember` was 6% of the writer's
-/// samples through batch enqueues (perf). The top seven bits, which the map
-/// compares before a key, come from a multiplicative hash, so that
-/// neighbours still tell apart there.
-#[derive(Default)]
-struct SeqHasher(u64);
-
-impl Hasher for SeqHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_i64(&mut self, seq: i64) {
-        let seq = seq as u64;
-        self.0 = seq ^ (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) & (0x7F << 57));
-    }
-
-    /// Not used by an `i64` key; any other is hashed byte by byte.
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
     }
 }
 

@@ -37,6 +37,7 @@ use rusqlite::{ErrorCode, Statement};
 
 use offload_core::{Result, State, Task};
 
+use crate::seq_map::SeqMap;
 use crate::shaped::{Shape, ShapedStatements};
 
 /// The columns a row write sets, in the order of [`crate::sql::WRITE_ROW`]'s
@@ -100,7 +101,7 @@ fn in_unique_index(has_key: bool, state: State, cancel_requested: bool) -> bool 
 pub(crate) struct RowWrites {
     rows: Vec<RowWrite>,
     /// Where each buffered seq sits in `rows`.
-    position: rustc_hash::FxHashMap<i64, usize>,
+    position: SeqMap<usize>,
     /// Some row pushed since the last flush holds a unique key (perhaps
     /// one since replaced by a later write of its seq).
     holds_key: bool,

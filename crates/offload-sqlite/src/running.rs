@@ -22,6 +22,8 @@ use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task};
 
+use crate::seq_map::SeqMap;
+
 /// What the store asks of a running task without reading its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Running {
@@ -46,7 +48,7 @@ struct Change {
 
 #[derive(Debug, Default)]
 struct Inner {
-    tasks: FxHashMap<i64, Running>,
+    tasks: SeqMap<Running>,
     /// Queue names by number, and the number of running tasks of each.
     queues: Vec<String>,
     queue_numbers: FxHashMap<String, usize>,

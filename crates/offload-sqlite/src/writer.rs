@@ -13,6 +13,7 @@
 //! an answer with, and a future that says when the commit is durable.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,6 +34,7 @@ use crate::ready::{PendingSeqs, ReadyIndex};
 use crate::row_writes::{RowWrite, RowWrites};
 use crate::rows::{StoredTask, storage_error};
 use crate::running::RunningSet;
+use crate::seq_map::SeqMap;
 use crate::shaped::ShapedStatements;
 use crate::sql;
 use crate::wal_sync::{Syncer, WalSync};
@@ -268,21 +270,26 @@ const MAX_CLAIMED_ROWS: usize = 100_000;
 /// rolled-back savepoint or commit forgets them all.
 #[derive(Default)]
 pub(crate) struct ClaimedRows {
-    /// Keyed by ids this store generated, never chosen by a caller, so a
-    /// fast hash without DoS resistance is safe here.
-    rows: rustc_hash::FxHashMap<Uuid, StoredTask>,
+    /// By seq, in seq order (`seq_map.rs`): a task's id carries its seq.
+    rows: SeqMap<StoredTask>,
 }
 
 impl ClaimedRows {
+    /// The kept row of the task `id`. An id that does not carry its row's
+    /// seq (one of an older schema) finds none, and its row is read.
     pub fn take(&mut self, id: Uuid) -> Option<StoredTask> {
-        self.rows.remove(&id)
+        let seq = offload_core::seq_carried_by(id)?;
+        match self.rows.entry(seq) {
+            Entry::Occupied(kept) if kept.get().task.id == id => Some(kept.remove()),
+            _ => None,
+        }
     }
 
     /// Keeps a task just claimed and written.
     pub fn remember(&mut self, stored: &StoredTask) {
         if stored.task.state == State::Running && self.rows.len() < MAX_CLAIMED_ROWS {
             self.rows.insert(
-                stored.task.id,
+                stored.seq,
                 StoredTask {
                     seq: stored.seq,
                     task: stored.task.clone(),
@@ -291,8 +298,8 @@ impl ClaimedRows {
         }
     }
 
-    pub fn forget(&mut self, id: Uuid) {
-        self.rows.remove(&id);
+    pub fn forget(&mut self, seq: i64) {
+        self.rows.remove(&seq);
     }
 
     /// Every kept row, for `WriteCtx::verify_bookkeeping`.
