@@ -872,6 +872,29 @@ mod tests {
     use super::*;
     use crate::{SqliteOptions, SqliteStore};
 
+    #[test]
+    fn a_kept_claimed_row_is_found_by_its_id_alone() {
+        let now = offload_core::Timestamp::from_millis(1_795_000_000_000);
+        let spec = offload_core::NewTask::new("t")
+            .validate(
+                &offload_core::Limits::default(),
+                offload_core::Position::Alone,
+            )
+            .unwrap();
+        let id = offload_core::id_carrying_seq(now, 7);
+        let mut task = Task::new_from_spec(id, spec, now, false);
+        task.state = State::Running;
+        let mut kept = ClaimedRows::default();
+        kept.remember(&StoredTask { seq: 7, task });
+        // Same seq, another id: a task of an older schema, or another
+        // moment's id.
+        let later = offload_core::Timestamp::from_millis(now.as_millis() + 1);
+        assert!(kept.take(offload_core::id_carrying_seq(later, 7)).is_none());
+        assert!(kept.take(Uuid::now_v7()).is_none());
+        assert_eq!(kept.take(id).map(|s| (s.seq, s.task.id)), Some((7, id)));
+        assert!(kept.take(id).is_none(), "taken once");
+    }
+
     async fn count_children(store: &SqliteStore) -> i64 {
         store
             .writer
