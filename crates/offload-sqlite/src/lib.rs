@@ -534,9 +534,9 @@ impl Store for SqliteStore {
             {
                 self.write_claims_before_read(None).await?;
                 let found = self.readers.run(move |conn| read::get(conn, id)).await?;
-                Ok(found.map(|stored| stored.task))
+                Ok(found.map(|stored| *stored.task))
             }
-            found => Ok(found.map(|stored| stored.task)),
+            found => Ok(found.map(|stored| *stored.task)),
         }
     }
 

@@ -322,7 +322,7 @@ impl WriteCtx<'_, '_> {
             {
                 match spec.on_conflict {
                     offload_core::OnConflict::Keep => {
-                        answers.push((holder.task, false));
+                        answers.push((*holder.task, false));
                         continue;
                     }
                     offload_core::OnConflict::Replace => {
@@ -470,12 +470,16 @@ impl WriteCtx<'_, '_> {
         }
         self.count(&task.queue, &task.task_type, None, Some(task.state));
         self.event(EventKind::State, &task);
-        let mut stored = StoredTask { seq, task };
-        if let Some((dep, dep_state)) = broken {
-            stored.task.fail_dependency(dep, dep_state, now)?;
-            self.save(&stored, State::Blocked)?;
-        }
-        Ok(stored.task)
+        let Some((dep, dep_state)) = broken else {
+            return Ok(task);
+        };
+        let mut stored = StoredTask {
+            seq,
+            task: Box::new(task),
+        };
+        stored.task.fail_dependency(dep, dep_state, now)?;
+        self.save(&stored, State::Blocked)?;
+        Ok(*stored.task)
     }
 
     /// Inserts one task's row with the statement kept prepared; its seq.
@@ -569,8 +573,8 @@ impl WriteCtx<'_, '_> {
         for mut stored in rows {
             stored.task.claim(&req.worker_id, req.lease, self.now)?;
             self.save(&stored, State::Pending)?;
-            self.claimed_rows.remember(&stored);
-            claimed.push(stored.task);
+            claimed.push(Task::clone(&stored.task));
+            self.claimed_rows.keep(stored);
         }
         if let Some(first) = claimed.first() {
             let lease_expires_at = first.lease_expires_at.unwrap_or(self.now);
@@ -632,7 +636,7 @@ impl WriteCtx<'_, '_> {
     /// (`ready.rs`): it is logged and dropped rather than failing this and
     /// every later claim.
     fn tasks_by_seq(&mut self, keys: &[ReadyKey]) -> Result<Vec<StoredTask>> {
-        let mut kept: Vec<Option<Task>> = keys
+        let mut kept: Vec<Option<Box<Task>>> = keys
             .iter()
             .map(|key| self.pending_rows.take(key.seq))
             .collect();
@@ -765,7 +769,7 @@ impl WriteCtx<'_, '_> {
             }
         }
         self.save(&stored, before)?;
-        Ok(stored.task)
+        Ok(*stored.task)
     }
 
     // ---- actions on one task ------------------------------------------
@@ -777,7 +781,7 @@ impl WriteCtx<'_, '_> {
             self.cancel_requested(id);
         }
         self.save(&stored, before)?;
-        Ok(stored.task)
+        Ok(*stored.task)
     }
 
     pub fn retry(&mut self, id: Uuid) -> Result<Task> {
@@ -794,7 +798,7 @@ impl WriteCtx<'_, '_> {
             )));
         }
         self.save(&stored, before)?;
-        Ok(stored.task)
+        Ok(*stored.task)
     }
 
     pub fn delete(&mut self, id: Uuid) -> Result<()> {

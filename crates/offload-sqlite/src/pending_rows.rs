@@ -178,13 +178,13 @@ impl PendingRows {
     }
 
     /// Takes out the row of `seq`, if kept, as the task it is.
-    pub fn take(&mut self, seq: i64) -> Option<Task> {
+    pub fn take(&mut self, seq: i64) -> Option<Box<Task>> {
         let row = self.rows.remove(&seq)?;
         self.bytes -= row.estimated_size();
         Some(self.task(row))
     }
 
-    fn task(&self, row: KeptRow) -> Task {
+    fn task(&self, row: KeptRow) -> Box<Task> {
         let (queue, task_type) = &self.names[row.names];
         let extra = row.extra.map_or(
             Extra {
@@ -195,7 +195,7 @@ impl PendingRows {
             },
             |extra| *extra,
         );
-        Task {
+        Box::new(Task {
             id: row.id,
             task_type: task_type.clone(),
             queue: queue.clone(),
@@ -221,7 +221,7 @@ impl PendingRows {
             finished_at: None,
             lease_expires_at: None,
             worker_id: None,
-        }
+        })
     }
 
     /// The row of `seq` is about to change: it will no longer be as kept.
@@ -240,7 +240,7 @@ impl PendingRows {
     pub fn tasks(&self) -> Vec<(i64, Task)> {
         self.rows
             .iter()
-            .map(|(seq, row)| (*seq, self.task(row.clone())))
+            .map(|(seq, row)| (*seq, *self.task(row.clone())))
             .collect()
     }
 
@@ -480,7 +480,7 @@ mod tests {
         rows.remember(5, &task(10));
         rows.remember(6, &other);
         rows.remember(7, &task(10));
-        let names = |t: Task| (t.queue, t.task_type);
+        let names = |t: Box<Task>| (t.queue, t.task_type);
         assert_eq!(rows.take(6).map(names), Some(("q2".into(), "u".into())));
         assert_eq!(
             rows.take(7).map(names),

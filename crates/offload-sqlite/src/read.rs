@@ -207,7 +207,7 @@ pub(crate) fn list(
         None
     };
     Ok(TaskPage {
-        tasks: rows.into_iter().map(|s| s.task).collect(),
+        tasks: rows.into_iter().map(|s| *s.task).collect(),
         next_cursor,
     })
 }

@@ -25,10 +25,15 @@ pub(crate) use task_columns;
 pub(crate) const TASK_COLUMNS: &str = task_columns!();
 
 /// A task with its row position, which orders lists and breaks FIFO ties.
+///
+/// Boxed: a [`Task`] is 432 bytes, and the writer moves each one it claims
+/// through several collections (read or taken from the kept rows, claimed,
+/// kept again, taken back by its completion). Those copies were a tenth of
+/// the writer's samples through a burn-down (perf, `bench/analysis.md`).
 #[derive(Debug)]
 pub(crate) struct StoredTask {
     pub seq: i64,
-    pub task: Task,
+    pub task: Box<Task>,
 }
 
 pub(crate) fn decode(row: &Row<'_>) -> rusqlite::Result<StoredTask> {
@@ -37,7 +42,7 @@ pub(crate) fn decode(row: &Row<'_>) -> rusqlite::Result<StoredTask> {
         .ok_or_else(|| bad_column(6, format!("unknown state code {state_code}")))?;
     Ok(StoredTask {
         seq: row.get(0)?,
-        task: Task {
+        task: Box::new(Task {
             id: row.get::<_, Id>(1)?.0,
             task_type: row.get(2)?,
             queue: row.get(3)?,
@@ -63,7 +68,7 @@ pub(crate) fn decode(row: &Row<'_>) -> rusqlite::Result<StoredTask> {
             finished_at: opt_ts(row, 23)?,
             lease_expires_at: opt_ts(row, 24)?,
             worker_id: row.get(25)?,
-        },
+        }),
     })
 }
 

@@ -286,15 +286,9 @@ impl ClaimedRows {
     }
 
     /// Keeps a task just claimed and written.
-    pub fn remember(&mut self, stored: &StoredTask) {
+    pub fn keep(&mut self, stored: StoredTask) {
         if stored.task.state == State::Running && self.rows.len() < MAX_CLAIMED_ROWS {
-            self.rows.insert(
-                stored.seq,
-                StoredTask {
-                    seq: stored.seq,
-                    task: stored.task.clone(),
-                },
-            );
+            self.rows.insert(stored.seq, stored);
         }
     }
 
@@ -885,7 +879,10 @@ mod tests {
         let mut task = Task::new_from_spec(id, spec, now, false);
         task.state = State::Running;
         let mut kept = ClaimedRows::default();
-        kept.remember(&StoredTask { seq: 7, task });
+        kept.keep(StoredTask {
+            seq: 7,
+            task: Box::new(task),
+        });
         // Same seq, another id: a task of an older schema, or another
         // moment's id.
         let later = offload_core::Timestamp::from_millis(now.as_millis() + 1);
