@@ -95,7 +95,10 @@ impl Checkpoints {
         }
         let inline = if frames.written >= BACKSTOP_FRAMES || waiting <= TAIL {
             frames.written >= FRAMES
-        } else if waiting >= FRAMES || frames.written >= FRAMES {
+        } else if frames.written >= FRAMES {
+            // Here more than TAIL frames wait: after a group the thread
+            // copies them (at FRAMES, or chasing the writer below that);
+            // after a lone operation the writer does, at FRAMES.
             match &self.thread {
                 Some(thread) if grouped => {
                     thread.request();
