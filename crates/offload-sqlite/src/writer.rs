@@ -760,6 +760,9 @@ fn run_writer(
                     "PRAGMA synchronous = NORMAL"
                 };
                 // On failure the flag keeps saying what the connection does.
+                // Not from the cache: SQLite applies `synchronous` while
+                // it prepares the PRAGMA, and prepares a kept one again
+                // each time it runs.
                 match conn.execute_batch(pragma) {
                     Ok(()) => commits_sync = lone,
                     Err(e) => {
@@ -768,7 +771,7 @@ fn run_writer(
                 }
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run_kept(conn, "BEGIN IMMEDIATE") {
             // Dropping the group answers each caller that its operation did
             // not run; the cause goes to the log.
             tracing::error!(error = %storage_error(e), "cannot begin a write transaction");
@@ -785,7 +788,7 @@ fn run_writer(
         let committed = state
             .ctx(conn, shared, &mut effects)
             .settle_rows()
-            .and_then(|()| conn.execute_batch("COMMIT").map_err(storage_error));
+            .and_then(|()| run_kept(conn, "COMMIT").map_err(storage_error));
         state.group_failure = None;
         match &committed {
             Ok(()) => {
@@ -796,7 +799,7 @@ fn run_writer(
             }
             Err(err) => {
                 tracing::error!(error = %err, "group commit failed; its operations are rolled back");
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = run_kept(conn, "ROLLBACK");
                 state.rows.discard();
                 state.claimed_rows.forget_all();
                 state.pending_rows.forget_all();
@@ -819,6 +822,14 @@ fn run_writer(
             checkpoints.after_commit(conn, grouped);
         }
     }
+}
+
+/// Runs a statement every group runs (BEGIN, COMMIT) from the
+/// connection's cache, where `execute_batch` would parse it again each
+/// time: for a lone operation, a single enqueue or a pickup, a share of the
+/// writer's own work like the operation's.
+fn run_kept(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// When the group made tasks ready, claims for the parked claims of waiting

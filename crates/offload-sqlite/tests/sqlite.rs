@@ -225,6 +225,13 @@ async fn durable_mode_syncs_every_commit_before_answering() {
         durable.wal_syncs() > 0,
         "no grouped commit was synced by the store"
     );
+    // Back from grouped commits to one alone: the switch is made again,
+    // not remembered (SQLite applies it when the PRAGMA is prepared).
+    assert_eq!(
+        durable.synchronous_mode().await.unwrap(),
+        2,
+        "a lone write after grouped ones"
+    );
 
     let relaxed = SqliteStore::open(
         dir.path().join("b.db"),
