@@ -6,7 +6,7 @@
 //! `COMMIT`, and that connection is the writer: through a burn-down the
 //! writer, the one thread every task passes through, copied pages and synced
 //! the database file while the other core sat a fifth idle, and the group
-//! whose commit it was waited for its answer meanwhile (`bench/analysis.md`).
+//! whose commit it was waited for its answer meanwhile (`bench/HISTORY.md`).
 //!
 //! So the writer's own `wal_autocheckpoint` is off, and after each commit,
 //! its callers answered, the writer reads how far the WAL has grown from the
@@ -35,7 +35,7 @@
 //!   writer's to copy. Waiting for [`FRAMES`] new frames instead let the
 //!   writer seldom find a short tail, and through a burn-down the WAL grew
 //!   to the backstop (32 MiB) before it started over; chased, it stayed
-//!   under 8 MiB, the writer's CPU a task level (`bench/analysis.md`).
+//!   under 8 MiB, the writer's CPU a task level (`bench/HISTORY.md`).
 //!
 //! Durability is unchanged: both connections are at least `synchronous =
 //! NORMAL`, so a checkpoint syncs the WAL before it copies frames into the

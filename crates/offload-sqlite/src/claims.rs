@@ -4,7 +4,7 @@
 //! A claim's change to each task follows from the pending row and what the
 //! whole claim shares: the worker, the time, the lease's end, and each
 //! task's new attempt. Rewriting every claimed task's row was about a third
-//! of SQLite's work for a task's claim and completion (bench/analysis.md);
+//! of SQLite's work for a task's claim and completion (bench/HISTORY.md);
 //! one row for the claim costs it a few hundred instructions a task. The
 //! task's next write (a heartbeat, a completion, a failure, a cancellation,
 //! or a reader asking, below) writes its row whole, as before, and the

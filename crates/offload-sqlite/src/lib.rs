@@ -167,7 +167,7 @@ impl SqliteStore {
         // of every such commit grows with the cache. With 64 MiB (16k pages)
         // that walk took 0.4–1 ms per commit once a million tasks were
         // stored; 8 MiB keeps it small, and pages it misses come from the OS
-        // page cache (bench/analysis.md).
+        // page cache (bench/HISTORY.md).
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {synchronous}; PRAGMA busy_timeout = 5000; \
              PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA temp_store = MEMORY;"

@@ -368,7 +368,7 @@ impl WriteCtx<'_, '_> {
     /// Inserts tasks that need no checks (no unique key, no dependencies),
     /// up to [`sql::MANY_ROWS`] to a statement: an INSERT of one row
     /// costs the writer as much in the statement as in the row
-    /// (bench/analysis.md).
+    /// (bench/HISTORY.md).
     fn insert_plain(
         &mut self,
         tasks: Vec<(i64, Task)>,

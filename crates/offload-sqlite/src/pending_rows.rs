@@ -3,7 +3,7 @@
 //!
 //! A claim answers with whole tasks, and read them from `tasks` first: with
 //! a client fetching and acking 500 at a time, that read and the decoding
-//! of its rows were a fifth of the writer's time (bench/analysis.md). Most
+//! of its rows were a fifth of the writer's time (bench/HISTORY.md). Most
 //! tasks are claimed soon after their enqueue, by the same writer that
 //! inserted them, so the writer keeps what it inserted.
 //!

@@ -3,7 +3,7 @@
 //!
 //! An index of pending tasks costs the writer an entry written when a task
 //! is enqueued and a seek and a delete when it is claimed; the delete made a
-//! claim's row write ~40% dearer (bench/analysis.md). The writer is the only
+//! claim's row write ~40% dearer (bench/HISTORY.md). The writer is the only
 //! connection that changes `tasks`, so it can keep the same order in memory:
 //! per (queue, type), the pending tasks by priority (highest first), then
 //! `run_at`, then seq. It is built from `tasks` at open and changed with
@@ -16,7 +16,7 @@
 //! Since schema version 6 no index of `tasks` holds the pending tasks at
 //! all: the index by state cost every enqueue an entry inserted among the
 //! finished tasks' (SQLite's dearest kind of insert: 12,300 instructions a
-//! row against 7,800 without it, `bench/analysis.md`) and every claim its
+//! row against 7,800 without it, `bench/HISTORY.md`) and every claim its
 //! delete. Readers list pending tasks from [`PendingSeqs`], which the index
 //! keeps beside its lanes. Like the running set (`running.rs`) it shows the
 //! writer's changes before they commit, so a reader takes it for candidates

@@ -4,7 +4,7 @@
 //! the row: every index's condition names `state`, so each statement opens
 //! a cursor on the table and on six indexes and seeks each from its root.
 //! One UPDATE for 64 rows costs less than half as much per row as 64
-//! UPDATEs (bench/analysis.md). So the writer buffers the rows an operation
+//! UPDATEs (bench/HISTORY.md). So the writer buffers the rows an operation
 //! writes back and applies them together: before anything else touches the
 //! connection (a read must see them, an insert must meet the unique index as
 //! they left it), and once the operation is over (`WriteCtx::in_savepoint`).
@@ -25,7 +25,7 @@
 //! page the statement touches. Such rows also go in outside their
 //! operation's savepoint, whose journal does the same
 //! (`WriteCtx::in_savepoint`); the two journals were 6.8% of the writer's
-//! instructions for a claim and a completion (bench/analysis.md). Rows
+//! instructions for a claim and a completion (bench/HISTORY.md). Rows
 //! that hold a key go in through a plain UPDATE, which a conflict undoes
 //! whole, and inside their operation's savepoint, so that a conflict fails
 //! that operation alone.
@@ -233,7 +233,7 @@ pub(crate) enum Select {
     /// `seq BETWEEN ? AND ?`, for rows whose seqs are every seq from the
     /// first to the last: SQLite walks the table from the first. For a
     /// completion it costs about a tenth less than the same rows listed
-    /// (bench/analysis.md).
+    /// (bench/HISTORY.md).
     Range,
 }
 

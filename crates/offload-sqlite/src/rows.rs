@@ -29,7 +29,7 @@ pub(crate) const TASK_COLUMNS: &str = task_columns!();
 /// Boxed: a [`Task`] is 432 bytes, and the writer moves each one it claims
 /// through several collections (read or taken from the kept rows, claimed,
 /// kept again, taken back by its completion). Those copies were a tenth of
-/// the writer's samples through a burn-down (perf, `bench/analysis.md`).
+/// the writer's samples through a burn-down (perf, `bench/HISTORY.md`).
 #[derive(Debug)]
 pub(crate) struct StoredTask {
     pub seq: i64,

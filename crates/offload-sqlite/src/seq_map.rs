@@ -8,7 +8,7 @@
 //! (claim order is seq order within a priority). With a hash that
 //! scattered the keys each lookup was a cache miss in the map's control
 //! bytes and another in its slot: the maps' lookups were a tenth of the
-//! writer's samples through a burn-down (perf, `bench/analysis.md`). Here
+//! writer's samples through a burn-down (perf, `bench/HISTORY.md`). Here
 //! the low bits of the hash, which pick the slot, are the seq's own, so
 //! neighbours share cache lines and the processor's prefetch finds the
 //! next one.

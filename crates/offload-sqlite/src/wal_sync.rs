@@ -10,7 +10,7 @@
 //! group's callers, publishes its counts and events and wakes waiting
 //! workers. In a burn-down the writer was busy nearly all the time, a third
 //! of it committing, and about a third of each commit was the wait for the
-//! disk's fsync (`bench/analysis.md`).
+//! disk's fsync (`bench/HISTORY.md`).
 //!
 //! A lone operation with no group still waiting for the syncer commits
 //! with SQLite's own fsync (`synchronous = FULL`) and is answered by the

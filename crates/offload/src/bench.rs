@@ -455,7 +455,7 @@ fn median(mut rates: Vec<f64>) -> f64 {
 /// thread of its own with a single-threaded runtime and a connection of its
 /// own: how a sequential client runs. On this command's multi-threaded
 /// runtime each request hopped between threads: 5–14% fewer requests a
-/// second against the same server (bench/analysis.md).
+/// second against the same server (bench/HISTORY.md).
 async fn enqueue_single(url: &str, n: usize, quiet: bool) -> Result<f64> {
     let progress = bar(n, "enqueue, one per request", quiet);
     let url = url.to_owned();

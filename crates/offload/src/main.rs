@@ -21,7 +21,7 @@ use offload_client::ClientError;
 /// claim order. With a million tasks stored, glibc's allocator spent a
 /// fifth of the writer's time searching its free lists, and claims ran
 /// ~25% slower than with ten thousand stored. With jemalloc the writer's
-/// time a task was the same either way (bench/analysis.md, round 22).
+/// time a task was the same either way (bench/HISTORY.md, round 22).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
