@@ -447,11 +447,7 @@ impl<'c> WriteCtx<'c, '_> {
     /// Runs a savepoint's statement without applying buffered rows first,
     /// as [`WriteCtx::conn`] would.
     fn savepoint_exec(&self, sql: &str) -> Result<()> {
-        self.db
-            .prepare_cached(sql)
-            .and_then(|mut stmt| stmt.execute([]))
-            .map(drop)
-            .map_err(storage_error)
+        run_kept(self.db, sql).map_err(storage_error)
     }
 
     /// Records that a task of (queue, type) left `from` and entered `to`;
@@ -824,10 +820,11 @@ fn run_writer(
     }
 }
 
-/// Runs a statement every group runs (BEGIN, COMMIT) from the
-/// connection's cache, where `execute_batch` would parse it again each
-/// time: for a lone operation, a single enqueue or a pickup, a share of the
-/// writer's own work like the operation's.
+/// Runs a statement without parameters that the writer runs for every
+/// group or operation (BEGIN, COMMIT, a savepoint's) from the connection's
+/// cache, where `execute_batch` would parse it again each time: for a lone
+/// operation, a single enqueue or a pickup, a share of the writer's own
+/// work like the operation's.
 fn run_kept(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
