@@ -822,9 +822,8 @@ fn run_writer(
 
 /// Runs a statement without parameters that the writer runs for every
 /// group or operation (BEGIN, COMMIT, a savepoint's) from the connection's
-/// cache, where `execute_batch` would parse it again each time: for a lone
-/// operation, a single enqueue or a pickup, a share of the writer's own
-/// work like the operation's.
+/// cache. `execute_batch` parsed BEGIN and COMMIT again each time: ~3,000
+/// of the writer's ~50,000 instructions for a single enqueue (callgrind).
 fn run_kept(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
