@@ -143,10 +143,21 @@ async function burnDown(total) {
       if (processed >= total) finish();
     });
   }
+  // GW_BENCH_MARKS: say on stderr when the burn-down starts and ends, for
+  // bench/pg-share.py to read PostgreSQL's CPU time over it, and keep the
+  // processes' connections a moment after the end, until it has read it: a
+  // backend's CPU time leaves /proc with the backend.
+  const mark = async (what) => {
+    if (!process.env.GW_BENCH_MARKS) return;
+    process.stderr.write(`burn-down ${what}\n`);
+    if (what === "end") await new Promise((r) => setTimeout(r, 500));
+  };
+  await mark("start");
   const t = now();
   for (const child of children) child.send("go");
   await allDone;
   const ms = now() - t;
+  await mark("end");
   const exited = children.map((child) => once(child, "exit"));
   for (const child of children) child.send("stop");
   await Promise.all(exited);

@@ -1,0 +1,105 @@
+"""PostgreSQL's CPU time a task while tasks are processed, for Offload on
+PostgreSQL and for graphile-worker alike, each under its own benchmark's
+processing phase (`offload bench`'s HTTP workers; graphile-worker's
+burn-down processes):
+
+    python3 bench/pg-share.py offload postgres://postgres@127.0.0.1:5432/DB [TASKS]
+    python3 bench/pg-share.py graphile postgres://postgres@127.0.0.1:5432/DB [TASKS]
+
+Offload: starts `offload serve` on DB and points `offload bench --url` at
+it, reading the completed count (`GET /v1/stats`) every 20 ms; the phase is
+from the first completion to the 2×TASKS-th. graphile-worker: runs
+bench/peers/graphile-worker/bench.mjs with GW_BENCH_MARKS, which marks its
+burn-down of 2×TASKS jobs on stderr. Either way PostgreSQL's processes'
+CPU (utime + stime from /proc) over the phase, divided by its tasks, and
+the rate. Use a database made for each run (`createdb`).
+"""
+
+import glob
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OFFLOAD = os.path.join(HERE, "..", "target", "release", "offload")
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def postgres_seconds():
+    total = 0
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            if open(proc + "/comm").read().startswith("postgres"):
+                fields = open(proc + "/stat").read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass  # gone meanwhile
+    return total / HZ
+
+
+def report(tasks, cpu, wall):
+    print(f"{tasks} tasks in {wall:.2f} s ({tasks / wall:,.0f} a second); "
+          f"PostgreSQL {1e6 * cpu / tasks:.1f} us of CPU a task")
+
+
+def offload(db, n):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([OFFLOAD, "serve", "--db", db, "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port)
+                conn.connect()
+                break
+            except OSError:
+                time.sleep(0.1)
+        bench = subprocess.Popen([OFFLOAD, "bench", "--url", f"http://127.0.0.1:{port}", "--tasks", str(n),
+                                  "--stored", "10000", "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def completed():
+            conn.request("GET", "/v1/stats")
+            return json.loads(conn.getresponse().read())["total"]["completed"]
+
+        start = None
+        while bench.poll() is None:
+            done, cpu, t = completed(), postgres_seconds(), time.time()
+            if start is None and done > 0:
+                start = (done, cpu, t)
+            if start is not None and done >= 2 * n:
+                report(done - start[0], cpu - start[1], t - start[2])
+                break
+            time.sleep(0.02)
+        bench.wait()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+
+
+def graphile(db, n):
+    peer = subprocess.Popen(["node", os.path.join(HERE, "peers", "graphile-worker", "bench.mjs"), str(n)],
+                            env={**os.environ, "DATABASE_URL": db, "GW_BENCH_MARKS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marks = {}
+    for line in peer.stderr:
+        if line.startswith("burn-down "):
+            marks[line.split()[1]] = (postgres_seconds(), time.time())
+    peer.wait()
+    (cpu0, t0), (cpu1, t1) = marks["start"], marks["end"]
+    report(2 * n, cpu1 - cpu0, t1 - t0)
+
+
+def main():
+    which, db = sys.argv[1], sys.argv[2]
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 20000
+    {"offload": offload, "graphile": graphile}[which](db, n)
+
+
+main()
