@@ -9,55 +9,19 @@ fetches and acks them 500 at a time, and reads each process's CPU time from
     python3 bench/cpu-split.py sqlite:///tmp/split.db [N]
 """
 
-import glob
-import http.client
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
-OFFLOAD = os.path.join(os.path.dirname(__file__), "..", "target", "release", "offload")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_ticks(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def postgres_ticks():
-    total = 0
-    for proc in glob.glob("/proc/[0-9]*"):
-        try:
-            if open(proc + "/comm").read().startswith("postgres"):
-                total += cpu_ticks(os.path.basename(proc))
-        except OSError:
-            pass  # gone meanwhile
-    return total
+from proc_cpu import cpu_ticks, postgres_ticks, start_offload
 
 
 def main():
     db, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40000
-    port = free_port()
-    server = subprocess.Popen([OFFLOAD, "serve", "--db", db, "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, _, conn = start_offload(db)
     try:
-        for _ in range(100):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port)
-                conn.connect()
-                break
-            except OSError:
-                time.sleep(0.1)
-
         def post(path, body):
             conn.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
             answer = conn.getresponse()

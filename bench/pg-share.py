@@ -15,31 +15,21 @@ CPU (utime + stime from /proc) over the phase, divided by its tasks, and
 the rate. Use a database made for each run (`createdb`).
 """
 
-import glob
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from proc_cpu import OFFLOAD, postgres_ticks, start_offload
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-OFFLOAD = os.path.join(HERE, "..", "target", "release", "offload")
 HZ = os.sysconf("SC_CLK_TCK")
 
 
 def postgres_seconds():
-    total = 0
-    for proc in glob.glob("/proc/[0-9]*"):
-        try:
-            if open(proc + "/comm").read().startswith("postgres"):
-                fields = open(proc + "/stat").read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass  # gone meanwhile
-    return total / HZ
+    return postgres_ticks() / HZ
 
 
 def report(tasks, cpu, wall):
@@ -48,19 +38,8 @@ def report(tasks, cpu, wall):
 
 
 def offload(db, n):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([OFFLOAD, "serve", "--db", db, "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, conn = start_offload(db)
     try:
-        for _ in range(100):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port)
-                conn.connect()
-                break
-            except OSError:
-                time.sleep(0.1)
         bench = subprocess.Popen([OFFLOAD, "bench", "--url", f"http://127.0.0.1:{port}", "--tasks", str(n),
                                   "--stored", "10000", "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
