@@ -56,6 +56,8 @@ def offload(db, n):
                 report(done - start[0], cpu - start[1], t - start[2])
                 break
             time.sleep(0.02)
+        else:
+            sys.exit(f"offload bench exited ({bench.returncode}) before {2 * n} tasks were completed")
         bench.wait()
     finally:
         server.send_signal(signal.SIGINT)
@@ -70,7 +72,11 @@ def graphile(db, n):
     for line in peer.stderr:
         if line.startswith("burn-down "):
             marks[line.split()[1]] = (postgres_seconds(), time.time())
+        else:
+            sys.stderr.write(line)  # the peer's own errors
     peer.wait()
+    if "end" not in marks:
+        sys.exit(f"bench.mjs exited ({peer.returncode}) without marking its burn-down's end")
     (cpu0, t0), (cpu1, t1) = marks["start"], marks["end"]
     report(2 * n, cpu1 - cpu0, t1 - t0)
 

@@ -42,6 +42,8 @@ def start_offload(db):
             conn.connect()
             return server, port, conn
         except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"offload serve exited ({server.returncode}) on {db}")
             time.sleep(0.1)
     server.kill()
     raise SystemExit(f"offload serve did not accept a connection on port {port}")
