@@ -34,8 +34,8 @@ def main():
         stored = sum(json.loads(conn.getresponse().read())["total"].values())
         if stored:
             # A database reused between runs keeps the tasks earlier runs
-            # left and, until autovacuum comes round, their dead row
-            # versions; PostgreSQL's figure rises with them.
+            # left and their dead row versions, until a vacuum (never, where
+            # autovacuum is off); PostgreSQL's figure rises with them.
             print(f"warning: the database already holds {stored} tasks; "
                   "a database made for this run gives a figure comparable with others", file=sys.stderr)
         for i in range(n // 1000):

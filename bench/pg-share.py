@@ -22,19 +22,25 @@ import subprocess
 import sys
 import time
 
-from proc_cpu import OFFLOAD, postgres_ticks, start_offload
+from proc_cpu import OFFLOAD, postgres_ticks_by_role, start_offload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HZ = os.sysconf("SC_CLK_TCK")
 
 
 def postgres_seconds():
-    return postgres_ticks() / HZ
+    """PostgreSQL's processes' CPU seconds now, by role."""
+    return {role: ticks / HZ for role, ticks in postgres_ticks_by_role().items()}
 
 
-def report(tasks, cpu, wall):
+def report(tasks, before, after, wall):
+    """The rate, and PostgreSQL's CPU a task in all and by role (roles
+    that spent nothing left out)."""
+    spent = {role: after.get(role, 0) - before.get(role, 0) for role in after}
+    roles = ", ".join(f"{role} {1e6 * cpu / tasks:.1f}" for role, cpu in
+                      sorted(spent.items(), key=lambda kv: -kv[1]) if cpu > 0)
     print(f"{tasks} tasks in {wall:.2f} s ({tasks / wall:,.0f} a second); "
-          f"PostgreSQL {1e6 * cpu / tasks:.1f} us of CPU a task")
+          f"PostgreSQL {1e6 * sum(spent.values()) / tasks:.1f} us of CPU a task ({roles})")
 
 
 def offload(db, n):
@@ -53,7 +59,7 @@ def offload(db, n):
             if start is None and done > 0:
                 start = (done, cpu, t)
             if start is not None and done >= 2 * n:
-                report(done - start[0], cpu - start[1], t - start[2])
+                report(done - start[0], start[1], cpu, t - start[2])
                 break
             time.sleep(0.02)
         else:
@@ -78,7 +84,7 @@ def graphile(db, n):
     if "end" not in marks:
         sys.exit(f"bench.mjs exited ({peer.returncode}) without marking its burn-down's end")
     (cpu0, t0), (cpu1, t1) = marks["start"], marks["end"]
-    report(2 * n, cpu1 - cpu0, t1 - t0)
+    report(2 * n, cpu0, cpu1, t1 - t0)
 
 
 def main():

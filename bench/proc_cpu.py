@@ -16,16 +16,36 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def postgres_ticks():
-    """PostgreSQL's processes' CPU now; a backend's leaves with the backend."""
-    total = 0
+# PostgreSQL's processes that are not a connection's backend, by the
+# title each sets (`postgres: 15/main: walwriter`).
+POSTGRES_AUXILIARY = ("checkpointer", "background writer", "walwriter", "autovacuum launcher",
+                      "autovacuum worker", "logical replication launcher", "archiver", "stats collector")
+
+
+def postgres_ticks_by_role():
+    """PostgreSQL's processes' CPU now, by role: `backends` for the
+    connections' processes, `postmaster`, or the auxiliary process's own
+    title. A backend's CPU leaves with the backend."""
+    by_role = {}
     for proc in glob.glob("/proc/[0-9]*"):
         try:
-            if open(proc + "/comm").read().startswith("postgres"):
-                total += cpu_ticks(os.path.basename(proc))
+            if not open(proc + "/comm").read().startswith("postgres"):
+                continue
+            title = open(proc + "/cmdline").read().replace("\0", " ").strip()
+            ticks = cpu_ticks(os.path.basename(proc))
         except OSError:
-            pass  # gone meanwhile
-    return total
+            continue  # gone meanwhile
+        if not title.startswith("postgres:"):
+            role = "postmaster"
+        else:
+            role = next((name for name in POSTGRES_AUXILIARY if name in title), "backends")
+        by_role[role] = by_role.get(role, 0) + ticks
+    return by_role
+
+
+def postgres_ticks():
+    """PostgreSQL's processes' CPU now; a backend's leaves with the backend."""
+    return sum(postgres_ticks_by_role().values())
 
 
 def start_offload(db):

@@ -129,6 +129,17 @@ def measure_direct_write_ms(flags):
     return elapsed / blocks * 1000
 
 
+def postgres_settings():
+    """The PostgreSQL server's settings as `bench/run` read them before the
+    first run, or None for results from before it did."""
+    path = os.path.join(results, "postgres-settings.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+pg = postgres_settings()
+pg_durability = ("PostgreSQL (its settings not recorded with these results)" if pg is None else
+                 f"PostgreSQL {pg['server_version'].split()[0]}, synchronous_commit={pg['synchronous_commit']}, "
+                 f"fsync={pg['fsync']}")
 fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
 ms = lambda p: f"{p['p50']:.2f} / {p['p99']:.2f}"
 rows = [
@@ -137,7 +148,7 @@ rows = [
      f"{sqlite['claim_scaling']:.2f}", f"{sqlite['server_rss_mb']:.0f}", f"SQLite WAL, fdatasync before each answer ({sqlite['durability']})"),
     ("Offload (PostgreSQL)", postgres["enqueue_single_per_sec"], postgres["enqueue_batch_per_sec"],
      postgres["process_http_per_sec"], postgres["process_embedded_per_sec"], postgres["pickup_ms"],
-     f"{postgres['claim_scaling']:.2f}", f"{postgres['server_rss_mb']:.0f}", "PostgreSQL, synchronous_commit=on"),
+     f"{postgres['claim_scaling']:.2f}", f"{postgres['server_rss_mb']:.0f}", pg_durability),
 ]
 for p in peers:
     rows.append((p.get("label", f"{p['system']} {p['version']}"), p["enqueue_single_per_sec"], p["enqueue_batch_per_sec"],
@@ -153,6 +164,10 @@ disk = disk_ms()
 print(f"This disk, on average over 500 writes: a 128-byte append and its fsync {disk['fsync']:.3f} ms; "
       f"a 4 KiB write straight to the device (O_DIRECT), not flushed, {disk['direct']:.3f} ms, "
       f"and with O_DSYNC {disk['direct_dsync']:.3f} ms.\n")
+if pg is not None:
+    print(f"The PostgreSQL server, shared by Offload's PostgreSQL row and graphile-worker's, runs as this machine "
+          f"configures it: synchronous_commit={pg['synchronous_commit']}, fsync={pg['fsync']}, "
+          f"full_page_writes={pg['full_page_writes']}, autovacuum={pg['autovacuum']}.\n")
 print("| system | enqueue, one per request | enqueue, batch | process (HTTP for Offload) | process in process | pickup p50 / p99 ms | claim scaling | server peak MB | durability |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for r in rows:

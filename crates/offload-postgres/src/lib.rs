@@ -135,6 +135,7 @@ impl PgStore {
             .await
             .map_err(storage_error)?;
         migrate(pool.clone(), schema.clone()).await?;
+        warn_without_autovacuum(&pool).await;
         let unique = Uuid::now_v7().simple().to_string();
         let node = Arc::new(Node {
             id: unique[unique.len() - 12..].to_owned(),
@@ -195,6 +196,26 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Every claim and completion leaves a dead version of its task's row, and
+/// every finished task retention deletes leaves its row dead: only vacuum
+/// reclaims them. Without autovacuum the tables and the claims' index walks
+/// grow for as long as the server runs, so the operator hears it once, at
+/// start. A server whose setting cannot be read says nothing.
+async fn warn_without_autovacuum(pool: &PgPool) {
+    const AUTOVACUUM: &str = "SELECT current_setting('autovacuum')";
+    if let Ok(setting) = sqlx::query_scalar::<_, String>(AUTOVACUUM)
+        .fetch_one(pool)
+        .await
+        && setting == "off"
+    {
+        tracing::warn!(
+            "PostgreSQL's autovacuum is off: the dead row versions that claims, completions \
+             and retention leave are never reclaimed unless VACUUM runs some other way, and \
+             Offload's tables and queries slow as they grow; set autovacuum = on"
+        );
     }
 }
 
