@@ -120,9 +120,14 @@ impl PgStore {
             // pool's connections. The generic plan, which PostgreSQL settles
             // on after those five for most statements, looks them up by
             // index, and every statement here is written for it (see `sql`).
+            //
+            // PostgreSQL's notices (a `CREATE … IF NOT EXISTS` that found
+            // its object, on every start) are not the operator's concern;
+            // warnings and errors still come through.
             .options([
                 ("search_path", schema.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
+                ("client_min_messages", "warning"),
             ]);
         // An application_name in the URL tells nodes apart in pg_stat_activity.
         if connect.get_application_name().is_none() {
