@@ -82,7 +82,7 @@ async function main() {
   // graphile-worker's claim is planned from the table's statistics, which
   // only ANALYZE gathers. A deployment has them, from autovacuum; a table
   // filled seconds ago does not, nor does any table where autovacuum is off
-  // (as on the machines bench/run was first run on). Without them its
+  // (bench/RESULTS.md states the server's setting). Without them its
   // burn-down processed 14% fewer jobs a second (median of five alternating
   // runs). Offload's statements run generic plans, which need none.
   await analyzeSchema();
