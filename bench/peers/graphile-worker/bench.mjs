@@ -49,16 +49,14 @@ const rate = (count, ms) => count / (ms / 1000);
 const now = () => performance.now();
 
 // Statistics for every table of this run's schema, as autovacuum would
-// have gathered them in a deployment.
-async function analyzeSchema() {
-  const client = new pg.Client({ connectionString });
-  await client.connect();
-  const { rows } = await client.query("SELECT tablename FROM pg_tables WHERE schemaname = $1", [schema]);
-  for (const { tablename } of rows) {
-    await client.query(`ANALYZE ${client.escapeIdentifier(schema)}.${client.escapeIdentifier(tablename)}`);
-  }
-  await client.end();
-}
+// have gathered them in a deployment; on a connection of `utils`' pool.
+const analyzeSchema = (utils) =>
+  utils.withPgClient(async (client) => {
+    const { rows } = await client.query("SELECT tablename FROM pg_tables WHERE schemaname = $1", [schema]);
+    for (const { tablename } of rows) {
+      await client.query(`ANALYZE ${client.escapeIdentifier(schema)}.${client.escapeIdentifier(tablename)}`);
+    }
+  });
 
 // A worker with the settings above, running `taskList`; the burn-down's
 // processes and the pickup phase both start theirs here.
@@ -85,7 +83,7 @@ async function main() {
   // (bench/RESULTS.md states the server's setting). Without them its
   // burn-down processed 14% fewer jobs a second (median of five alternating
   // runs). Offload's statements run generic plans, which need none.
-  await analyzeSchema();
+  await analyzeSchema(utils);
   // Burn down the 2N jobs just enqueued.
   const total = 2 * N;
   const processRate = rate(total, await burnDown(total));
