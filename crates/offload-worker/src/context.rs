@@ -37,26 +37,31 @@ impl fmt::Display for CancelReason {
 }
 
 /// The cancellation state of one running task, shared by its context, the
-/// heartbeater and the runner.
+/// heartbeater and the runner. Its holders share one allocation: cloning a
+/// `CancellationToken` locks the token's node, and every task's state is
+/// cloned into the in-flight map and the context and dropped again.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Cancellation {
+pub(crate) struct Cancellation(Arc<CancelState>);
+
+#[derive(Debug, Default)]
+struct CancelState {
     token: CancellationToken,
-    reason: Arc<OnceLock<CancelReason>>,
+    reason: OnceLock<CancelReason>,
 }
 
 impl Cancellation {
     /// Fires the token; the first reason given is the one kept.
     pub fn cancel(&self, reason: CancelReason) {
-        let _ = self.reason.set(reason);
-        self.token.cancel();
+        let _ = self.0.reason.set(reason);
+        self.0.token.cancel();
     }
 
     pub fn reason(&self) -> Option<CancelReason> {
-        self.reason.get().copied()
+        self.0.reason.get().copied()
     }
 
     pub fn token(&self) -> &CancellationToken {
-        &self.token
+        &self.0.token
     }
 }
 

@@ -17,6 +17,7 @@ use futures::FutureExt;
 use offload_core::{
     Ack, ClaimRequest, Error, Failure, FailureKind, HeartbeatRequest, Result, Task,
 };
+use rustc_hash::FxHashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -40,12 +41,18 @@ const CANCEL_CHECK: Duration = Duration::from_secs(2);
 pub(crate) struct Shared {
     pub source: Arc<dyn TaskSource>,
     pub config: WorkerConfig,
-    in_flight: Mutex<HashMap<Uuid, Cancellation>>,
+    /// Keyed by ids the server chose, so a fast hash: SipHash's defence
+    /// against chosen keys was 2% of a busy worker's instructions.
+    in_flight: Mutex<FxHashMap<Uuid, Cancellation>>,
     acks: mpsc::UnboundedSender<Ack>,
+    /// Fired when the shutdown grace runs out: every runner stops its
+    /// handler. Kept here, not cloned into each runner, whose clone and
+    /// drop would lock the token's node, shared by all of them.
+    hard_stop: CancellationToken,
 }
 
 impl Shared {
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Cancellation>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, FxHashMap<Uuid, Cancellation>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -66,8 +73,9 @@ pub(crate) async fn run(
     let shared = Arc::new(Shared {
         source,
         config,
-        in_flight: Mutex::new(HashMap::new()),
+        in_flight: Mutex::new(FxHashMap::default()),
         acks,
+        hard_stop: CancellationToken::new(),
     });
     let helpers_stop = CancellationToken::new();
     let acker = tokio::spawn(acker(Arc::clone(&shared), ack_queue, helpers_stop.clone()));
@@ -78,9 +86,10 @@ pub(crate) async fn run(
     ));
 
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
-    let hard_stop = CancellationToken::new();
     let mut types: Vec<String> = handlers.keys().cloned().collect();
     types.sort();
+    // Looked up for every task; the keys are this worker's own types.
+    let handlers: FxHashMap<String, Arc<dyn Handler>> = handlers.into_iter().collect();
 
     loop {
         let first = tokio::select! {
@@ -129,13 +138,15 @@ pub(crate) async fn run(
                     // Not joined: a runner holds its permit to its end, so
                     // taking every permit back is waiting for them all. A
                     // set of join handles cost ~1,400 instructions a task.
-                    tokio::spawn(run_task(
+                    // Boxed: tokio copies a task's whole future as it
+                    // spawns, runs and finishes it, and this one, which
+                    // holds the task, is large.
+                    tokio::spawn(Box::pin(run_task(
                         Arc::clone(&shared),
                         Arc::clone(handler),
                         task,
-                        hard_stop.clone(),
                         permit,
-                    ));
+                    )));
                 }
                 None => {
                     let message =
@@ -162,7 +173,7 @@ pub(crate) async fn run(
             tasks = shared.config.concurrency - permits.available_permits(),
             "shutdown grace ran out; handing tasks back for retry"
         );
-        hard_stop.cancel();
+        shared.hard_stop.cancel();
         let _ = permits.acquire_many(all).await;
     }
     // Every runner has queued its ack; the acker sends them all, then stops.
@@ -212,7 +223,6 @@ async fn run_task(
     shared: Arc<Shared>,
     handler: Arc<dyn Handler>,
     task: Task,
-    hard_stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let id = task.id;
@@ -240,7 +250,7 @@ async fn run_task(
                     None
                 }
                 _ = cancellation.token().cancelled() => None,
-                _ = hard_stop.cancelled() => {
+                _ = shared.hard_stop.cancelled() => {
                     cancellation.cancel(CancelReason::Shutdown);
                     None
                 }
@@ -251,7 +261,7 @@ async fn run_task(
                     // The token fired: give the handler time to wind down,
                     // except when the worker is past its shutdown grace.
                     // Dropping the handler's future is what stops it.
-                    let grace = if hard_stop.is_cancelled() {
+                    let grace = if shared.hard_stop.is_cancelled() {
                         Duration::ZERO
                     } else {
                         shared.config.cancel_grace
@@ -259,7 +269,7 @@ async fn run_task(
                     tokio::select! {
                         outcome = &mut handling => outcome.map_err(Interrupted::Panicked),
                         _ = tokio::time::sleep(grace) => Err(Interrupted::Aborted),
-                        _ = hard_stop.cancelled() => {
+                        _ = shared.hard_stop.cancelled() => {
                             cancellation.cancel(CancelReason::Shutdown);
                             Err(Interrupted::Aborted)
                         }
