@@ -39,21 +39,25 @@ impl fmt::Display for CancelReason {
 /// The cancellation state of one running task, shared by its context, the
 /// heartbeater and the runner. Its holders share one allocation: cloning a
 /// `CancellationToken` locks the token's node, and every task's state is
-/// cloned into the in-flight map and the context and dropped again.
+/// cloned into the in-flight map and the context and dropped again. The
+/// token itself is made when first asked for: a short task's handler
+/// finishes before anyone waits on it, and making and dropping a token was
+/// ~340 instructions a task.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Cancellation(Arc<CancelState>);
 
 #[derive(Debug, Default)]
 struct CancelState {
-    token: CancellationToken,
+    token: OnceLock<CancellationToken>,
     reason: OnceLock<CancelReason>,
 }
 
 impl Cancellation {
-    /// Fires the token; the first reason given is the one kept.
+    /// Fires the token, making it if no one has asked for it yet, so that
+    /// whoever asks later gets it fired; the first reason given is kept.
     pub fn cancel(&self, reason: CancelReason) {
         let _ = self.0.reason.set(reason);
-        self.0.token.cancel();
+        self.token().cancel();
     }
 
     pub fn reason(&self) -> Option<CancelReason> {
@@ -61,7 +65,14 @@ impl Cancellation {
     }
 
     pub fn token(&self) -> &CancellationToken {
-        &self.0.token
+        self.0.token.get_or_init(CancellationToken::new)
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0
+            .token
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
     }
 }
 
@@ -116,7 +127,7 @@ impl TaskContext {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancellation.token().is_cancelled()
+        self.cancellation.is_cancelled()
     }
 
     pub fn cancel_reason(&self) -> Option<CancelReason> {
@@ -222,5 +233,31 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskFailure {
             source = cause.source();
         }
         Self::new(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The token is made lazily, so a cancel that comes before anyone asked
+    /// for it must leave it fired for whoever asks later.
+    #[test]
+    fn a_cancel_before_the_token_is_asked_for_fires_it_for_later_askers() {
+        let early = Cancellation::default();
+        let holder = early.clone();
+        assert!(!early.is_cancelled());
+        early.cancel(CancelReason::Cancelled);
+        early.cancel(CancelReason::Timeout);
+        assert!(holder.is_cancelled());
+        assert!(holder.token().is_cancelled());
+        assert_eq!(holder.reason(), Some(CancelReason::Cancelled));
+
+        let late = Cancellation::default();
+        let token = late.token().clone();
+        assert!(!token.is_cancelled());
+        late.clone().cancel(CancelReason::LeaseLost);
+        assert!(token.is_cancelled());
+        assert_eq!(late.reason(), Some(CancelReason::LeaseLost));
     }
 }
