@@ -31,13 +31,13 @@ mod context;
 mod runner;
 mod source;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{Error, Json, Result};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -146,7 +146,8 @@ fn result_json<R: Serialize>(value: &R) -> Result<Option<offload_core::Json>, Ta
 /// A worker: handlers by task type, and how to run them.
 pub struct Worker {
     source: Arc<dyn TaskSource>,
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    /// Looked up for every task the worker runs; the keys are its own types.
+    handlers: FxHashMap<String, Arc<dyn Handler>>,
     config: WorkerConfig,
 }
 
@@ -167,7 +168,7 @@ impl Worker {
     pub fn from_source(source: Arc<dyn TaskSource>) -> Self {
         Self {
             source,
-            handlers: HashMap::new(),
+            handlers: FxHashMap::default(),
             config: WorkerConfig::default(),
         }
     }

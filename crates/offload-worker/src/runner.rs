@@ -7,7 +7,6 @@
 //! sends whatever has accumulated in one call, so a busy worker acks in
 //! batches without waiting to fill them.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -65,7 +64,7 @@ impl Shared {
 
 pub(crate) async fn run(
     source: Arc<dyn TaskSource>,
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    handlers: FxHashMap<String, Arc<dyn Handler>>,
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -88,8 +87,6 @@ pub(crate) async fn run(
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut types: Vec<String> = handlers.keys().cloned().collect();
     types.sort();
-    // Looked up for every task; the keys are this worker's own types.
-    let handlers: FxHashMap<String, Arc<dyn Handler>> = handlers.into_iter().collect();
 
     loop {
         let first = tokio::select! {
