@@ -267,9 +267,9 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     made.drop_all().await;
     let (report, scaling) = measured?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        print_report(&report, &scaling);
+        print_report(&report, &scaling)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -351,39 +351,46 @@ async fn measure(
     Ok((report, scaling))
 }
 
-fn print_report(r: &Report, scaling: &Scaling) {
-    println!();
-    println!(
+fn print_report(r: &Report, scaling: &Scaling) -> std::io::Result<()> {
+    outln!()?;
+    outln!(
         "backend {} ({}), {} cores, {} tasks per phase",
-        r.backend, r.durability, r.cores, r.tasks
-    );
-    println!(
+        r.backend,
+        r.durability,
+        r.cores,
+        r.tasks
+    )?;
+    outln!(
         "  enqueue, one per request    {:>12.0} tasks/s",
         r.enqueue_single_per_sec
-    );
-    println!(
+    )?;
+    outln!(
         "  enqueue, batches of 1000    {:>12.0} tasks/s",
         r.enqueue_batch_per_sec
-    );
-    println!(
+    )?;
+    outln!(
         "  process over HTTP           {:>12.0} tasks/s",
         r.process_http_per_sec
-    );
+    )?;
     match r.process_embedded_per_sec {
-        Some(rate) => println!("  process in process          {rate:>12.0} tasks/s"),
-        None => println!("  process in process                   n/a (remote server)"),
-    }
-    println!(
+        Some(rate) => outln!("  process in process          {rate:>12.0} tasks/s"),
+        None => outln!("  process in process                   n/a (remote server)"),
+    }?;
+    outln!(
         "  pickup p50 / p99            {:>8.2} / {:.2} ms",
-        r.pickup_ms.p50, r.pickup_ms.p99
-    );
-    println!(
+        r.pickup_ms.p50,
+        r.pickup_ms.p99
+    )?;
+    outln!(
         "  claim scaling ({} stored vs {SCALING_SAMPLE}) {:.2} ({:.0} / {:.0} tasks/s)",
-        scaling.stored, r.claim_scaling, scaling.large, scaling.small
-    );
+        scaling.stored,
+        r.claim_scaling,
+        scaling.large,
+        scaling.small
+    )?;
     match r.server_rss_mb {
-        Some(mb) => println!("  server peak memory          {mb:>12.1} MB"),
-        None => println!("  server peak memory                   n/a (remote server)"),
+        Some(mb) => outln!("  server peak memory          {mb:>12.1} MB"),
+        None => outln!("  server peak memory                   n/a (remote server)"),
     }
 }
 

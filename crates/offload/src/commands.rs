@@ -29,7 +29,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 output::print_json(&task)?;
             } else {
-                println!("{}", task.id);
+                outln!("{}", task.id)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -67,7 +67,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 output::print_json(&serde_json::json!({ "deleted": 1 }))?;
             } else {
-                println!("deleted {id}");
+                outln!("deleted {id}")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -79,7 +79,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 output::print_json(&offload_api::Deleted { deleted })?;
             } else {
-                println!("deleted {deleted} tasks");
+                outln!("deleted {deleted} tasks")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -126,7 +126,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.validate().map_err(|e| usage(e.to_string()))?;
     offload_server::serve(config, shutdown_signal(), |address| {
         // On stdout, for people and for scripts that started it on port 0.
-        println!("offload listening on http://{address}");
+        // A closed stdout is no reason not to serve.
+        let _ = outln!("offload listening on http://{address}");
     })
     .await?;
     Ok(ExitCode::SUCCESS)

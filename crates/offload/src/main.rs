@@ -5,6 +5,19 @@
 //! Exit codes: 0 success, 1 the operation failed (the server said no),
 //! 2 bad usage, 3 cannot reach the server.
 
+// Output goes through `outln!`, which a closed stdout cannot panic.
+#![warn(clippy::print_stdout)]
+
+/// `println!` that hands back the write's error instead of panicking, so
+/// that a command piped into a reader that stops early (`offload list |
+/// head -1`) ends quietly (see [`exit_code`]) rather than with a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod bench;
 mod cli;
 mod commands;
@@ -86,11 +99,21 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
+        // The reader of stdout went away: what it wanted, it has.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("offload: {e:#}");
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {

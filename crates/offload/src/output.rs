@@ -11,12 +11,12 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub fn print_json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
 /// Prints rows under headers, each column as wide as its widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+fn table(headers: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -29,12 +29,13 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end())
     };
-    line(headers.to_vec());
+    line(headers.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 fn percent(task: &Task) -> String {
@@ -88,7 +89,7 @@ pub fn task(task: &Task, json: bool) -> Result<()> {
         rows.push(("worker_id", worker.clone()));
     }
     for (key, value) in rows {
-        println!("{key:<17}{value}");
+        outln!("{key:<17}{value}")?;
     }
     Ok(())
 }
@@ -117,9 +118,9 @@ pub fn task_list(page: &TaskPage, json: bool) -> Result<()> {
             "ID", "TYPE", "QUEUE", "STATE", "ATTEMPT", "PROGRESS", "CREATED",
         ],
         &rows,
-    );
+    )?;
     if let Some(cursor) = &page.next_cursor {
-        println!("more: --cursor {cursor}");
+        outln!("more: --cursor {cursor}")?;
     }
     Ok(())
 }
@@ -128,7 +129,7 @@ pub fn action(task: &Task, what: &str, json: bool) -> Result<()> {
     if json {
         return print_json(task);
     }
-    println!("{what} {} (now {})", task.id, task.state);
+    outln!("{what} {} (now {})", task.id, task.state)?;
     Ok(())
 }
 
@@ -180,7 +181,7 @@ pub fn stats(stats: &Stats, json: bool) -> Result<()> {
     }
     let mut headers = vec!["", ""];
     headers.extend(COUNT_HEADERS);
-    table(&headers, &rows);
+    table(&headers, &rows)?;
     Ok(())
 }
 
@@ -203,7 +204,7 @@ pub fn queues(queues: &[QueueInfo], json: bool) -> Result<()> {
         .collect();
     let mut headers = vec!["QUEUE", "STATUS", "CONCURRENCY"];
     headers.extend(COUNT_HEADERS);
-    table(&headers, &rows);
+    table(&headers, &rows)?;
     Ok(())
 }
 
@@ -212,7 +213,7 @@ pub fn queue(queue: &QueueInfo, json: bool) -> Result<()> {
         return print_json(queue);
     }
     let status = if queue.paused { "paused" } else { "active" };
-    println!("queue {} is {status}", queue.name);
+    outln!("queue {} is {status}", queue.name)?;
     Ok(())
 }
 
@@ -235,7 +236,7 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
         match events.next().await? {
             Some(event) => {
                 if json {
-                    println!("{}", serde_json::to_string(&event.task)?);
+                    outln!("{}", serde_json::to_string(&event.task)?)?;
                 }
                 let task = event.task;
                 if let Some(p) = task.progress.as_ref().and_then(|p| p.percent) {
@@ -268,10 +269,10 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     bar.finish();
     if !json {
         match (&task.state, &task.error) {
-            (State::Completed, _) => println!("completed {}", task.id),
-            (state, Some(error)) => println!("{state} {}: {}", task.id, error.message),
-            (state, None) => println!("{state} {}", task.id),
-        }
+            (State::Completed, _) => outln!("completed {}", task.id),
+            (state, Some(error)) => outln!("{state} {}: {}", task.id, error.message),
+            (state, None) => outln!("{state} {}", task.id),
+        }?;
     }
     Ok(ExitCode::from(match task.state {
         State::Completed => 0,

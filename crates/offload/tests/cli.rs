@@ -138,6 +138,37 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["get", &id]), 0);
 }
 
+/// `offload get ID | head -c 1`: the reader goes away with most of the
+/// output unread, and the command ends with 0 and nothing on stderr, as
+/// a Unix filter does, not with a panic about a broken pipe.
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() {
+    use std::io::Read;
+
+    let server = Server::start();
+    // Far more than a pipe holds, so the write is still going on when the
+    // reader closes its end.
+    let task = server.http().enqueue(json!({
+        "type": "t",
+        "payload": { "text": "x".repeat(512 * 1024) },
+    }));
+    let id = task["id"].as_str().unwrap().to_owned();
+    for args in [vec!["get", id.as_str(), "--json"], vec!["get", id.as_str()]] {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env("OFFLOAD_URL", &server.url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        assert!(output.stderr.is_empty(), "{args:?}: {output:?}");
+    }
+}
+
 /// Runs `offload watch ID` in the background; its exit code when done.
 fn watch(server: &Server, id: &str) -> std::thread::JoinHandle<i32> {
     let mut child = Command::new(BIN)
