@@ -143,7 +143,15 @@ impl TaskSource for Client {
                 Some(detail) => Err(match detail.code.as_str() {
                     "conflict" => Error::Conflict(detail.message.clone()),
                     "not_found" => Error::NotFound(detail.message.clone()),
-                    _ => Error::invalid("ack", detail.message.clone()),
+                    // The server words these "field: rule".
+                    "invalid_argument" | "payload_too_large" => {
+                        match detail.message.split_once(": ") {
+                            Some((field, rule)) => Error::invalid(field, rule),
+                            None => Error::invalid("ack", detail.message.clone()),
+                        }
+                    }
+                    "unavailable" => Error::Unavailable(detail.message.clone()),
+                    _ => Error::Storage(detail.message.clone()),
                 }),
             }
         };

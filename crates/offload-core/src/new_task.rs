@@ -16,6 +16,13 @@ use crate::{Error, Json, Result, Timestamp, json_null};
 pub struct Limits {
     /// Largest serialized payload, result or progress data, in bytes.
     pub max_payload_bytes: usize,
+    /// Deepest nesting of arrays and objects in a payload, result or
+    /// progress data. What is stored goes out to every reader of the task,
+    /// inside an answer a few levels deep; a value too deep for a reader's
+    /// parser breaks that reader's whole answer, not just the task. At 64
+    /// an answer stays within the nesting common parsers take by default
+    /// (Ruby's 100, serde_json's 128, Python's about 1,000).
+    pub max_json_depth: usize,
     pub max_labels: usize,
     pub max_depends_on: usize,
     /// Largest batch accepted by enqueue and ack.
@@ -26,6 +33,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_payload_bytes: 1 << 20,
+            max_json_depth: 64,
             max_labels: 16,
             max_depends_on: 100,
             max_batch: 10_000,
@@ -114,6 +122,8 @@ pub enum OnConflict {
 pub struct NewTask {
     #[serde(rename = "type")]
     pub task_type: String,
+    /// Any JSON value: at most `payload_limit_bytes` serialized (1 MiB
+    /// unless configured) and nested at most 64 deep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub payload: Option<Json>,
@@ -345,7 +355,7 @@ impl NewTask {
         }
 
         let payload = self.payload.unwrap_or_else(json_null);
-        check_json_size(field("payload"), &payload, limits.max_payload_bytes)?;
+        check_json(field("payload"), &payload, limits)?;
 
         Ok(TaskSpec {
             position,
@@ -502,21 +512,68 @@ pub fn validate_worker_id(value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Enforces the size limit on a JSON value the caller sent.
-pub fn check_json_size(field: impl fmt::Display, value: &Json, limit: usize) -> Result<()> {
-    let size = value.get().len();
-    if size > limit {
+/// Enforces the size and nesting limits on a JSON value the caller sent.
+pub fn check_json(field: impl fmt::Display, value: &Json, limits: &Limits) -> Result<()> {
+    let text = value.get();
+    if text.len() > limits.max_payload_bytes {
         return Err(Error::PayloadTooLarge {
             field: field.to_string(),
-            size,
-            limit,
+            size: text.len(),
+            limit: limits.max_payload_bytes,
         });
+    }
+    // Each level opens and closes with a byte of its own: a short value
+    // cannot nest past the limit, and most payloads are short.
+    if text.len() > 2 * limits.max_json_depth
+        && nesting_exceeds(text.as_bytes(), limits.max_json_depth)
+    {
+        return Err(Error::invalid(
+            field.to_string(),
+            format!(
+                "arrays and objects may be nested at most {} deep",
+                limits.max_json_depth
+            ),
+        ));
     }
     Ok(())
 }
 
+/// Whether valid JSON nests arrays and objects deeper than `limit`. One
+/// pass over the bytes, skipping strings, whose brackets are text.
+fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::value::RawValue;
+
     use super::*;
 
     fn check(task: NewTask) -> Result<TaskSpec> {
@@ -607,6 +664,47 @@ mod tests {
         assert_eq!(named.priority, Some(PriorityInput::Name("high".into())));
         let number: NewTask = serde_json::from_str(r#"{"type": "t", "priority": 7}"#).unwrap();
         assert_eq!(number.priority, Some(PriorityInput::Number(7)));
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn payload_nested_past_the_limit_is_refused() {
+        let at_limit = RawValue::from_string(nested(64)).unwrap();
+        let task = NewTask {
+            payload: Some(at_limit),
+            ..NewTask::new("t")
+        };
+        assert!(check(task).is_ok());
+        // As deep, and long enough to be read through.
+        let padded = format!(r#"{{"a": {}, "pad": "{}"}}"#, nested(63), "x".repeat(200));
+        let task = NewTask {
+            payload: Some(RawValue::from_string(padded).unwrap()),
+            ..NewTask::new("t")
+        };
+        assert!(check(task).is_ok());
+        let past = RawValue::from_string(format!(r#"{{"a": {}}}"#, nested(64))).unwrap();
+        let task = NewTask {
+            payload: Some(past),
+            ..NewTask::new("t")
+        };
+        let err = check(task).unwrap_err();
+        assert_eq!(field_of(err.clone()), "payload", "{err}");
+        assert!(err.to_string().contains("at most 64 deep"), "{err}");
+    }
+
+    #[test]
+    fn brackets_inside_strings_are_not_nesting() {
+        let text = format!(
+            r#"["{}", "\"{}", {{"k\\": "]"}}]"#,
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        assert!(serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok());
+        assert!(!nesting_exceeds(text.as_bytes(), 2));
+        assert!(nesting_exceeds(text.as_bytes(), 1));
     }
 
     #[test]

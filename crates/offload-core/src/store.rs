@@ -119,7 +119,7 @@ impl ProgressUpdate {
             ));
         }
         if let Some(data) = &self.data {
-            crate::check_json_size("progress.data", data, limits.max_payload_bytes)?;
+            crate::check_json("progress.data", data, limits)?;
         }
         Ok((self.percent, self.message.map(truncate_message), self.data))
     }

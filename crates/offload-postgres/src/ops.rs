@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, Error, EventKind, HeartbeatAck,
     HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
-    Timestamp, admit, check_json_size, id_carrying_seq,
+    Timestamp, admit, check_json, id_carrying_seq,
 };
 use sqlx::Row;
 use uuid::Uuid;
@@ -426,9 +426,7 @@ pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResul
         let outcome = match ack {
             Ack::Complete { result, .. } => result
                 .as_ref()
-                .map_or(Ok(()), |r| {
-                    check_json_size("result", r, tx.node.limits.max_payload_bytes)
-                })
+                .map_or(Ok(()), |r| check_json("result", r, &tx.node.limits))
                 .and_then(|()| stored.task.complete(worker_id, result, tx.now)),
             Ack::Fail { failure, .. } => {
                 let failure = failure.into_attempt_failure();

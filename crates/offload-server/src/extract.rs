@@ -180,10 +180,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         // Every body of this API is an object; serde would also take an
         // array for a struct, and then name its fields by position.
         Some(b'{') => {}
-        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() => {
-            return Err(ApiError::invalid("body", "must be a JSON object"));
+        Some(_) => {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                    Ok(_) => ApiError::invalid("body", "must be a JSON object"),
+                    Err(e) => {
+                        ApiError::invalid_json(format!("the request body is not valid JSON: {e}"))
+                    }
+                },
+            );
         }
-        Some(_) => {}
     }
     // Tracking the path costs every field of every request; only a body
     // that fails needs it, so the path is found by parsing that one again.

@@ -5,7 +5,7 @@
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, ClearRequest, Error, EventKind,
     HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
-    Task, TaskSpec, admit, check_json_size,
+    Task, TaskSpec, admit, check_json,
 };
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{OptionalExtension, params};
@@ -757,7 +757,7 @@ impl WriteCtx<'_, '_> {
         match ack {
             Ack::Complete { result, .. } => {
                 if let Some(result) = &result {
-                    check_json_size("result", result, self.shared.limits.max_payload_bytes)?;
+                    check_json("result", result, &self.shared.limits)?;
                 }
                 stored.task.complete(worker_id, result, self.now)?;
             }

@@ -559,6 +559,14 @@ pub async fn complete_records_result_and_only_holder_may_ack(factory: &dyn Store
     let task = f.enqueue(NewTask::new("t")).await;
     f.claim_one("w1").await;
     assert_conflict(f.complete("w2", task.id, None).await);
+    // A result nested past the limit is refused; the attempt goes on.
+    let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    let refused = f.complete("w1", task.id, Some(&deep)).await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidArgument { field, .. }) if field == "result"),
+        "{refused:?}"
+    );
+    assert_eq!(f.state(task.id).await, State::Running);
     f.advance(3);
     let done = f
         .complete("w1", task.id, Some(r#"{"ok":true}"#))

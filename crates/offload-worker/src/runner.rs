@@ -395,6 +395,16 @@ async fn acker(
 }
 
 async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
+    let mut batch = batch;
+    // At most once more: the failures sent for refused results.
+    while !batch.is_empty() {
+        batch = send_ack_batch(shared, batch).await;
+    }
+}
+
+/// Sends one batch; answers the failures to send for completions whose
+/// result the store refused.
+async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
     let mut pause = Duration::from_millis(100);
     for attempt in 1..=ACK_TRIES {
         match shared
@@ -403,13 +413,11 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
             .await
         {
             Ok(outcomes) => {
-                for (ack, outcome) in batch.iter().zip(outcomes) {
-                    if let Err(e) = outcome {
-                        // Typically a lease that expired: the newer attempt wins.
-                        tracing::debug!(task = %ack.id(), error = %e, "acknowledgement refused");
-                    }
-                }
-                return;
+                return batch
+                    .iter()
+                    .zip(outcomes)
+                    .filter_map(|(ack, outcome)| refused_result(ack, outcome.err()?))
+                    .collect();
             }
             Err(e) if attempt < ACK_TRIES => {
                 tracing::warn!(error = %e, attempt, "sending acknowledgements failed; trying again");
@@ -419,6 +427,34 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
             Err(e) => {
                 tracing::error!(error = %e, tasks = batch.len(), "giving up on acknowledgements; their leases will expire and the tasks run again");
             }
+        }
+    }
+    Vec::new()
+}
+
+/// A completion refused for its result (over the size or nesting limit)
+/// becomes a failure that says why, not a lease left to expire and a
+/// handler run again for the same refusal. Not retried: the work itself
+/// was done, and running it again would do it twice.
+fn refused_result(ack: &Ack, refusal: Error) -> Option<Ack> {
+    match (ack, &refusal) {
+        (
+            Ack::Complete { id, .. },
+            Error::InvalidArgument { .. } | Error::PayloadTooLarge { .. },
+        ) => {
+            tracing::warn!(task = %id, error = %refusal, "the server refused the handler's result; failing the task");
+            Some(fail(
+                *id,
+                format!("the handler's result was refused: {refusal}"),
+                FailureKind::Error,
+                Some(false),
+                None,
+            ))
+        }
+        _ => {
+            // Typically a lease that expired: the newer attempt wins.
+            tracing::debug!(task = %ack.id(), error = %refusal, "acknowledgement refused");
+            None
         }
     }
 }

@@ -154,6 +154,42 @@ async fn bad_payload_fails_without_retrying_and_errors_retry() {
     handle.await.unwrap();
 }
 
+/// A completion the store refuses for its result fails the task with the
+/// reason, once: the handler's work is done, and its lease is not left to
+/// expire into another run of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_store_refuses_fails_the_task_once_saying_why() {
+    let s = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .handle("deep", move |_ctx: TaskContext| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let text = format!("{}{}", "[".repeat(65), "]".repeat(65));
+                Ok(serde_json::from_str::<serde_json::Value>(&text).unwrap())
+            }
+        })
+        .handle("huge", |_ctx: TaskContext| async move {
+            Ok("x".repeat(2 << 20))
+        });
+    let (stop, handle) = s.spawn(worker);
+    let deep = s.enqueue(NewTask::new("deep")).await;
+    let huge = s.enqueue(NewTask::new("huge")).await;
+    for (id, why) in [(deep.id, "at most 64 deep"), (huge.id, "over the limit")] {
+        let failed = s.wait_for(id, "failed", |t| t.state == State::Failed).await;
+        assert_eq!(failed.attempt, 1);
+        let message = failed.error.unwrap().message;
+        assert!(
+            message.contains("result was refused") && message.contains(why),
+            "{message}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    stop.cancel();
+    handle.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_reaches_the_handler() {
     let s = setup();

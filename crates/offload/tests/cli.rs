@@ -258,15 +258,20 @@ fn work(server: &Server, task_type: &str, script: &str) -> WorkProcess {
 fn work_runs_a_command_per_task() {
     let server = Server::start();
     let http = server.http();
-    let script = r#"payload=$(cat)
+    // A result the server refuses: nested past its limit of 64.
+    let too_deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    let script = format!(
+        r#"payload=$(cat)
 echo "progress: 25 started"
 echo "payload was $payload and attempt $OFFLOAD_ATTEMPT" >&2
 case "$payload" in
   *fail*) echo "it went wrong for $OFFLOAD_TASK_ID" >&2; exit 3 ;;
+  *deep*) echo '{too_deep}'; exit 0 ;;
 esac
 echo "progress: 90 nearly"
-echo "{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": $payload}""#;
-    let _worker = work(&server, "shell", script);
+echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": $payload}}""#
+    );
+    let _worker = work(&server, "shell", &script);
 
     let ok = http.enqueue(json!({"type": "shell", "payload": {"n": 7}}));
     let id = ok["id"].as_str().unwrap();
@@ -287,6 +292,18 @@ echo "{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": $
         message.contains(&format!("it went wrong for {id}")),
         "stderr's tail: {message}"
     );
+
+    // The work was done; its result was refused. The task fails saying
+    // why, at once and without running the command again.
+    let deep = http.enqueue(json!({"type": "shell", "payload": "deep"}));
+    let id = deep["id"].as_str().unwrap();
+    let failed = http.wait_for(id, "failed", |t| t["state"] == "failed");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("result was refused") && message.contains("at most 64 deep"),
+        "{message}"
+    );
+    assert_eq!(failed["attempt"], 1, "{failed}");
 }
 
 #[test]

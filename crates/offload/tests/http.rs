@@ -396,6 +396,76 @@ fn bad_input_is_a_clear_400_never_a_500() {
     );
 }
 
+/// Stored JSON goes out to every reader of its task, inside answers that
+/// their parsers read whole: nested past 64, it is refused where it comes
+/// in, payload, result and progress data alike.
+#[test]
+fn json_nested_past_64_is_refused_where_it_comes_in() {
+    let server = Server::start();
+    let http = server.http();
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let task_with = |payload: &str| format!(r#"{{"type": "deep", "payload": {payload}}}"#);
+    assert_error(
+        http.post_raw("/v1/tasks", task_with(&nested(65))),
+        400,
+        "invalid_argument",
+        "payload: arrays and objects may be nested at most 64 deep",
+    );
+    assert_error(
+        http.post_raw(
+            "/v1/tasks/batch",
+            format!(
+                r#"{{"tasks": [{}, {}]}}"#,
+                task_with("1"),
+                task_with(&nested(100_000))
+            ),
+        ),
+        400,
+        "invalid_argument",
+        "tasks[1].payload",
+    );
+    // Not an object, and too deep for any parser to say more.
+    assert_error(
+        http.post_raw("/v1/tasks", "[".repeat(100_000)),
+        400,
+        "invalid_json",
+        "JSON",
+    );
+
+    let (status, _) = http.post_raw("/v1/tasks", task_with(&nested(64)));
+    assert_eq!(status, 201);
+    let id = http.fetch("w", json!({"types": ["deep"]}))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deep_data = format!(
+        r#"{{"worker_id": "w", "progress": {{"data": {}}}}}"#,
+        nested(65)
+    );
+    assert_error(
+        http.post_raw(&format!("/v1/tasks/{id}/heartbeat"), deep_data),
+        400,
+        "invalid_argument",
+        "progress.data",
+    );
+    let deep_result = format!(r#"{{"worker_id": "w", "result": {}}}"#, nested(65));
+    assert_error(
+        http.post_raw(&format!("/v1/tasks/{id}/complete"), deep_result),
+        400,
+        "invalid_argument",
+        "result",
+    );
+    let (status, task) = http.post(
+        &format!("/v1/tasks/{id}/complete"),
+        json!({"worker_id": "w", "result": [[1]]}),
+    );
+    assert_eq!(
+        (status, task["state"].as_str()),
+        (200, Some("completed")),
+        "{task}"
+    );
+}
+
 #[test]
 fn a_payload_over_the_limit_is_413() {
     let dir = tempfile::tempdir().unwrap();
