@@ -122,7 +122,7 @@ pub struct CompleteBody {
 
 /// What went wrong in an attempt.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object {message, kind?}")]
 pub struct AttemptErrorBody {
     pub message: String,
     /// `error` (default) or `timeout` when the worker stopped the attempt
@@ -157,7 +157,7 @@ pub struct AckBody {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object {id, result?}")]
 pub struct AckCompleted {
     pub id: Uuid,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,7 +166,10 @@ pub struct AckCompleted {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object {id, error: {message}, retry?, retry_in_secs?}"
+)]
 pub struct AckFailed {
     pub id: Uuid,
     pub error: AttemptErrorBody,

@@ -117,7 +117,10 @@ pub enum OnConflict {
 
 /// An enqueue request, field for field as SPEC §4 names them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a task: an object {type, payload?, …}"
+)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewTask {
     #[serde(rename = "type")]

@@ -394,6 +394,25 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "state",
     );
+    // A nested object of the wrong kind is described, not named by its
+    // Rust type.
+    assert_error(
+        http.post(
+            "/v1/ack",
+            json!({"worker_id": "w", "failed": [
+                {"id": "01a2041e-d5a1-730d-971c-a89e0eec346a", "error": "x"},
+            ]}),
+        ),
+        400,
+        "invalid_argument",
+        "failed[0].error: invalid type: string \"x\", expected an object {message, kind?}",
+    );
+    assert_error(
+        http.post("/v1/tasks/batch", json!({"tasks": [1]})),
+        400,
+        "invalid_argument",
+        "tasks[0]: invalid type: integer `1`, expected a task: an object {type",
+    );
 }
 
 /// Stored JSON goes out to every reader of its task, inside answers that
