@@ -13,7 +13,7 @@ pub const DEFAULT_DB: &str = "sqlite://offload.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,
@@ -117,12 +117,22 @@ impl Config {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
-            message: e.to_string(),
+            message: one_line(&text, &e),
         })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        // A plain path is a SQLite file; anything else with a scheme would
+        // become one named after the URL.
+        if let Some((scheme, _)) = self.db.split_once("://")
+            && !matches!(scheme, "sqlite" | "postgres" | "postgresql")
+        {
+            return invalid(format!(
+                "db must be sqlite://PATH, postgres://… or a file path; got {:?}",
+                self.db
+            ));
+        }
         if !matches!(self.durability.as_str(), "durable" | "relaxed") {
             return invalid(format!(
                 "durability must be \"durable\" or \"relaxed\"; got {:?}",
@@ -177,5 +187,20 @@ impl Config {
             max_secs: self.backoff.max_secs,
             jitter: self.backoff.jitter,
         }
+    }
+}
+
+/// A TOML error as one line: where it is and what is wrong, without the
+/// excerpt of the file that its own display draws over several lines.
+fn one_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
     }
 }

@@ -40,7 +40,7 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("opening the database: {0}")]
     Store(Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         source: std::io::Error,

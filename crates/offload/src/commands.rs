@@ -107,7 +107,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let mut config = match &args.config {
-        Some(path) => Config::from_toml_file(&path.to_string_lossy())?,
+        // A file that cannot be read or parsed is a bad setting, as a bad
+        // flag is.
+        Some(path) => Config::from_toml_file(&path.to_string_lossy())
+            .map_err(|e| usage(format!("--config: {:#}", anyhow::Error::from(e))))?,
         None => Config::default(),
     };
     if let Some(listen) = args.listen {

@@ -116,8 +116,24 @@ fn serve_refuses_bad_settings_with_exit_code_2() {
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nunknown_setting = 1\n").unwrap();
     let bad_config = run(&["serve", "--config", config.to_str().unwrap(), "--db", &db]);
-    assert_ne!(bad_config.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&bad_config.stderr).contains("unknown_setting"));
+    assert_eq!(bad_config.status.code(), Some(2), "{bad_config:?}");
+    let message = String::from_utf8_lossy(&bad_config.stderr);
+    assert!(
+        message.contains("line 2, column 1: unknown field `unknown_setting`"),
+        "{message}"
+    );
+    assert_eq!(message.trim().lines().count(), 1, "one line: {message}");
+    let no_config = run(&["serve", "--config", "/nonexistent/offload.toml"]);
+    assert_eq!(no_config.status.code(), Some(2), "{no_config:?}");
+    let message = String::from_utf8_lossy(&no_config.stderr);
+    assert_eq!(
+        message.trim(),
+        "offload: --config: cannot read /nonexistent/offload.toml: No such file or directory (os error 2)",
+        "the cause once"
+    );
+    let other_database = run(&["serve", "--db", "mysql://localhost/tasks"]);
+    assert_eq!(other_database.status.code(), Some(2), "{other_database:?}");
+    assert!(String::from_utf8_lossy(&other_database.stderr).contains("db must be sqlite://PATH"));
 }
 
 #[test]
