@@ -97,7 +97,7 @@ pub struct PgStore {
 }
 
 /// A stable 64-bit key for advisory locks, from a name.
-fn lock_key(name: &str) -> i64 {
+pub(crate) fn lock_key(name: &str) -> i64 {
     // FNV-1a: stable across builds, unlike the std hasher.
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

@@ -18,12 +18,52 @@ use crate::tx::Tx;
 
 /// Rows a duty handles per transaction.
 const DUTY_BATCH: i64 = 1000;
+/// Advisory locks that writes naming a unique key take turns on.
+const UNIQUE_KEY_LOCKS: u64 = 64;
 
 async fn load_one(tx: &mut Tx, id: Uuid) -> PgResult<StoredTask> {
     tx.load_for_update(&[id])
         .await?
         .remove(&id)
         .ok_or_else(|| Error::task_not_found(id).into())
+}
+
+/// Locks each (queue, unique key) until the transaction ends, so that
+/// writes naming one key take turns: each then sees the last one's task.
+/// Without it, concurrent enqueues with `on_conflict: replace` each
+/// cancelled the task they found and raced to the unique index, where all
+/// but one failed and started over; 32 at once left a third of them with
+/// a 503 after five tries.
+///
+/// A key locks one of [`UNIQUE_KEY_LOCKS`] advisory locks, not one of its
+/// own: every advisory lock held takes a slot of PostgreSQL's shared lock
+/// table (64 a transaction by default), and a batch may name 10,000 keys.
+/// Two keys that share a lock only take turns. Taken in one sorted order,
+/// so two batches never wait on each other.
+async fn lock_unique_keys<'k>(
+    tx: &mut Tx,
+    keys: impl IntoIterator<Item = (&'k str, &'k str)>,
+) -> PgResult<()> {
+    let mut slots: Vec<u64> = keys
+        .into_iter()
+        .map(|(queue, key)| crate::lock_key(&format!("{queue}\0{key}")) as u64 % UNIQUE_KEY_LOCKS)
+        .collect();
+    if slots.is_empty() {
+        return Ok(());
+    }
+    slots.sort_unstable();
+    slots.dedup();
+    let locks: Vec<i64> = slots
+        .into_iter()
+        .map(|slot| crate::lock_key(&format!("offload-unique:{}:{slot}", tx.node.channel)))
+        .collect();
+    // A function scan hands out the array's elements in order, so the
+    // locks are taken in the order of their slots.
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k")
+        .bind(&locks)
+        .execute(&mut *tx.conn)
+        .await?;
+    Ok(())
 }
 
 async fn unique_key_holder(tx: &mut Tx, queue: &str, key: &str) -> PgResult<Option<StoredTask>> {
@@ -54,6 +94,13 @@ struct Fresh {
 }
 
 pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(Task, bool)>> {
+    lock_unique_keys(
+        tx,
+        specs
+            .iter()
+            .filter_map(|s| Some((s.queue.as_str(), s.unique_key.as_deref()?))),
+    )
+    .await?;
     let mut queue_names: Vec<String> = specs.iter().map(|s| s.queue.clone()).collect();
     queue_names.sort();
     queue_names.dedup();
@@ -472,6 +519,9 @@ pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
     let mut stored = load_one(tx, id).await?;
     let before = stored.task.state;
     stored.task.manual_retry(tx.now)?;
+    if let Some(key) = stored.task.unique_key.clone() {
+        lock_unique_keys(tx, [(stored.task.queue.as_str(), key.as_str())]).await?;
+    }
     if let Some(key) = stored.task.unique_key.clone()
         && let Some(holder) = unique_key_holder(tx, &stored.task.queue, &key).await?
     {

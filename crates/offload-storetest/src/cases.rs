@@ -922,6 +922,41 @@ pub async fn unique_key_replace_cancels_existing(factory: &dyn StoreFactory) {
     assert_eq!(f.store.retry(old.id).await.unwrap().state, State::Pending);
 }
 
+/// Writers that name one key at once take turns: every replace succeeds,
+/// and exactly one task holds the key after them.
+pub async fn concurrent_replaces_of_one_key_all_succeed(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let writers: Vec<_> = (0..32)
+        .map(|_| {
+            let store = Arc::clone(&f.store);
+            tokio::spawn(async move {
+                let spec = NewTask::new("t")
+                    .unique_key("k", OnConflict::Replace)
+                    .validate(&Limits::default(), Position::Alone)
+                    .expect("valid");
+                store.enqueue(vec![spec]).await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for writer in writers {
+        let mut answer = writer
+            .await
+            .expect("joined")
+            .expect("every replace succeeds");
+        let (task, created) = answer.pop().expect("one answer");
+        assert!(created);
+        ids.push(task.id);
+    }
+    let mut states = Vec::new();
+    for id in ids {
+        states.push(f.state(id).await);
+    }
+    let active = states.iter().filter(|s| s.is_active()).count();
+    let cancelled = states.iter().filter(|s| **s == State::Cancelled).count();
+    assert_eq!((active, cancelled), (1, 31), "{states:?}");
+}
+
 // ---- dependencies ------------------------------------------------------------------
 
 pub async fn dependencies_block_until_completed(factory: &dyn StoreFactory) {
