@@ -520,16 +520,15 @@ pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
     let before = stored.task.state;
     stored.task.manual_retry(tx.now)?;
     if let Some(key) = stored.task.unique_key.clone() {
-        lock_unique_keys(tx, [(stored.task.queue.as_str(), key.as_str())]).await?;
-    }
-    if let Some(key) = stored.task.unique_key.clone()
-        && let Some(holder) = unique_key_holder(tx, &stored.task.queue, &key).await?
-    {
-        return Err(Error::Conflict(format!(
-            "task {} in queue {:?} already holds unique_key {key:?}; retry is refused while it is active",
-            holder.task.id, stored.task.queue
-        ))
-        .into());
+        let queue = stored.task.queue.as_str();
+        lock_unique_keys(tx, [(queue, key.as_str())]).await?;
+        if let Some(holder) = unique_key_holder(tx, queue, &key).await? {
+            return Err(Error::Conflict(format!(
+                "task {} in queue {queue:?} already holds unique_key {key:?}; retry is refused while it is active",
+                holder.task.id
+            ))
+            .into());
+        }
     }
     let task = stored.task.clone();
     tx.save(vec![(stored, before)]).await?;
