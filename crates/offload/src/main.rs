@@ -10,7 +10,7 @@
 
 /// `println!` that hands back the write's error instead of panicking, so
 /// that a command piped into a reader that stops early (`offload list |
-/// head -1`) ends quietly (see [`exit_code`]) rather than with a panic.
+/// head -1`) ends quietly (see [`is_broken_pipe`]) rather than with a panic.
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
@@ -108,6 +108,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the command failed because its stdout was closed: `main` ends
+/// such a command with 0 and nothing on stderr, since the reader that left
+/// has what it wanted.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
