@@ -224,7 +224,7 @@ impl NewTask {
         // Field names are spelled out only for an error: a batch of
         // thousands of valid tasks formats none.
         let field = |name: &'static str| FieldName { position, name };
-        validate_name(field("type"), &self.task_type, 128, true)?;
+        validate_task_type(field("type"), &self.task_type)?;
         let queue = self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
         validate_queue_name(field("queue"), &queue)?;
 
@@ -506,6 +506,10 @@ pub fn validate_name(
 
 pub fn validate_queue_name(field: impl fmt::Display, value: &str) -> Result<()> {
     validate_name(field, value, 64, false)
+}
+
+pub fn validate_task_type(field: impl fmt::Display, value: &str) -> Result<()> {
+    validate_name(field, value, 128, true)
 }
 
 pub fn validate_worker_id(value: &str) -> Result<()> {

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{query_pairs, task_id};
+use crate::extract::{name_filter, query_pairs, task_id};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -90,8 +90,8 @@ pub async fn all_events(
     let (mut queue, mut task_type, mut owner) = (None, None, None);
     for (key, value) in query_pairs(raw.as_deref(), &["queue", "type", "owner"])? {
         match key.as_str() {
-            "queue" => queue = Some(value),
-            "type" => task_type = Some(value),
+            "queue" => queue = Some(name_filter(&key, value)?),
+            "type" => task_type = Some(name_filter(&key, value)?),
             _ => owner = Some(value),
         }
     }

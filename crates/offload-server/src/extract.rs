@@ -217,6 +217,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// A `type` or `queue` filter. A name no task can carry is a mistake (a
+/// stray space, a wrong separator) to point out, not a filter that
+/// quietly matches nothing.
+pub fn name_filter(key: &str, value: String) -> Result<String, ApiError> {
+    if key == "type" {
+        offload_core::validate_task_type(key, &value)?;
+    } else {
+        offload_core::validate_queue_name(key, &value)?;
+    }
+    Ok(value)
+}
+
 pub fn task_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::invalid("id", format!("must be a task id (a UUID); got {raw:?}")))

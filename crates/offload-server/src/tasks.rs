@@ -13,7 +13,8 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    JsonBody, RawBatchBody, int_param, parse_json, query_pairs, read_batch_streamed, task_id,
+    JsonBody, RawBatchBody, int_param, name_filter, parse_json, query_pairs, read_batch_streamed,
+    task_id,
 };
 use crate::json::{Json, TaskJson, task_list_json};
 
@@ -160,8 +161,8 @@ pub async fn list(
     for (key, value) in query_pairs(raw.as_deref(), LIST_PARAMS)? {
         match key.as_str() {
             "state" => query.states.extend(parse_states("state", &value)?),
-            "type" => query.task_type = Some(value),
-            "queue" => query.queue = Some(value),
+            "type" => query.task_type = Some(name_filter(&key, value)?),
+            "queue" => query.queue = Some(name_filter(&key, value)?),
             "owner" => query.owner = Some(value),
             "label" => {
                 let (k, v) = value.split_once(':').ok_or_else(|| {

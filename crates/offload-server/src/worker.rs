@@ -9,8 +9,8 @@ use offload_api::{
     FetchRequest, HeartbeatBody, TaskList,
 };
 use offload_core::{
-    Ack, ClaimRequest, Failure, HeartbeatAck, HeartbeatRequest, Task, validate_name,
-    validate_queue_name, validate_worker_id,
+    Ack, ClaimRequest, Failure, HeartbeatAck, HeartbeatRequest, Task, validate_queue_name,
+    validate_task_type, validate_worker_id,
 };
 use uuid::Uuid;
 
@@ -50,7 +50,7 @@ pub async fn fetch(
     validate_worker_id(&body.worker_id)?;
     let types = body.types.unwrap_or_default();
     for (i, t) in types.iter().enumerate() {
-        validate_name(format_args!("types[{i}]"), t, 128, true)?;
+        validate_task_type(format_args!("types[{i}]"), t)?;
     }
     let queues = body.queues.unwrap_or_default();
     for (i, q) in queues.iter().enumerate() {

@@ -407,6 +407,19 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "failed[0].error: invalid type: string \"x\", expected an object {message, kind?}",
     );
+    // A filter no task can match is a mistake to point out.
+    assert_error(
+        http.get("/v1/tasks?queue=emails%20"),
+        400,
+        "invalid_argument",
+        "queue: must be 1 to 64 characters of [A-Za-z0-9_.-]; got \"emails \"",
+    );
+    assert_error(
+        http.get("/v1/events?type=report%20build"),
+        400,
+        "invalid_argument",
+        "type: must be 1 to 128 characters",
+    );
     assert_error(
         http.post("/v1/tasks/batch", json!({"tasks": [1]})),
         400,
