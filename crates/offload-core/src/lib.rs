@@ -27,7 +27,7 @@ pub use hub::{EventKind, Hub, TaskEvent};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
 pub use new_task::{
     Limits, NewTask, OnConflict, Position, PriorityInput, Schedule, TaskSpec, check_json,
-    validate_name, validate_queue_name, validate_task_type, validate_worker_id,
+    validate_queue_name, validate_task_type, validate_worker_id,
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use store::{

@@ -481,7 +481,7 @@ fn bounded(
 
 /// Names of task types: 1–`max` characters of `[A-Za-z0-9_.-]`, plus `:`
 /// where `allow_colon`.
-pub fn validate_name(
+fn validate_name(
     field: impl fmt::Display,
     value: &str,
     max: usize,

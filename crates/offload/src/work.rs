@@ -36,7 +36,7 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
         return Err(usage("--lease: must be 1 to 3600 seconds"));
     }
     for t in &args.types {
-        offload_core::validate_name("--type", t, 128, true).map_err(|e| usage(e.to_string()))?;
+        offload_core::validate_task_type("--type", t).map_err(|e| usage(e.to_string()))?;
     }
     // Fail fast, with exit code 3, if the server is not there.
     client.health().await?;
