@@ -6,7 +6,8 @@
 //! - stdout lines `progress: PERCENT [MESSAGE]` report progress;
 //! - exit 0 completes the task, with the last stdout line as the result if
 //!   it is JSON; any other exit fails the attempt with stderr's tail;
-//! - on cancel or timeout its whole process group is killed.
+//! - on cancel or timeout, or when a shutdown's grace runs out, its whole
+//!   process group is killed.
 
 use std::collections::VecDeque;
 use std::process::{ExitCode, Stdio};
@@ -86,7 +87,7 @@ async fn run_command(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| TaskFailure::new(format!("cannot start {:?}: {e}", command[0])))?;
-    let group = child.id().map(|pid| Pid::from_raw(pid as i32));
+    let mut group = GroupKiller(child.id().map(|pid| Pid::from_raw(pid as i32)));
 
     let payload = task.payload.get().as_bytes().to_vec();
     let mut stdin = child.stdin.take();
@@ -137,6 +138,8 @@ async fn run_command(
 
     tokio::select! {
         (_, last_line, stderr_tail, status) = finish => {
+            // What the command left running after it exited is its own.
+            group.disarm();
             let status = status.map_err(|e| TaskFailure::new(format!("waiting for the command: {e}")))?;
             if status.success() {
                 // Kept as the command wrote it, not re-encoded.
@@ -147,12 +150,34 @@ async fn run_command(
             }
         }
         _ = ctx.cancellation().cancelled() => {
-            if let Some(group) = group {
-                let _ = killpg(group, Signal::SIGKILL);
-            }
+            group.kill();
             let why = ctx.cancel_reason().map_or("it was stopped".to_owned(), |r| r.to_string());
             Err(TaskFailure::new(format!("the command's process group was killed: {why}")))
         }
+    }
+}
+
+/// Kills a command's process group unless disarmed, at the latest when
+/// dropped. The worker runtime drops a handler that outlives the shutdown
+/// grace; `kill_on_drop` would then kill the command alone, and whatever it
+/// started would run on with its task handed back to run again elsewhere.
+struct GroupKiller(Option<Pid>);
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

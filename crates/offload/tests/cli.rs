@@ -3,6 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::support::{BIN, Server, stdout};
@@ -234,18 +236,14 @@ impl Drop for WorkProcess {
 }
 
 fn work(server: &Server, task_type: &str, script: &str) -> WorkProcess {
+    work_with(server, task_type, &[], script)
+}
+
+fn work_with(server: &Server, task_type: &str, options: &[&str], script: &str) -> WorkProcess {
     let child = Command::new(BIN)
-        .args([
-            "work",
-            "--type",
-            task_type,
-            "--concurrency",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
+        .args(["work", "--type", task_type, "--concurrency", "2"])
+        .args(options)
+        .args(["--", "sh", "-c", script])
         .env("OFFLOAD_URL", &server.url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -319,29 +317,59 @@ fn work_kills_the_process_group_on_cancel() {
         .unwrap()
         .to_owned();
     http.wait_for(&id, "running", |t| t["state"] == "running");
+    let grandchild = read_pid_file(&pid_file);
+    http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
+    let cancelled = http.wait_for(&id, "cancelled", |t| t["state"] == "cancelled");
+    assert_eq!(cancelled["error"]["kind"], "cancelled");
+    wait_until_dead(grandchild, "the cancel");
+}
+
+#[test]
+fn work_kills_the_process_group_when_its_shutdown_grace_runs_out() {
+    let server = Server::start();
+    let http = server.http();
+    let pid_file = server.dir.join("child.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
+    let mut worker = work_with(&server, "long", &["--grace", "1"], &script);
+    let id = http.enqueue(json!({"type": "long"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http.wait_for(&id, "running", |t| t["state"] == "running");
+    let grandchild = read_pid_file(&pid_file);
+    kill(Pid::from_raw(worker.0.id() as i32), Signal::SIGTERM).unwrap();
+    let status = worker.0.wait().unwrap();
+    assert!(status.success(), "offload work after SIGTERM: {status}");
+    let handed_back = http.task(&id);
+    assert_eq!(handed_back["state"], "pending", "{handed_back}");
+    wait_until_dead(grandchild, "its worker's shutdown");
+}
+
+/// The pid a command wrote to `path`, once it has; the process is alive.
+fn read_pid_file(path: &std::path::Path) -> u32 {
     let started = Instant::now();
-    let grandchild = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
         {
-            break pid;
+            assert!(is_alive(pid), "{pid} died before the test could see it");
+            return pid;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "the command never started"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(std::path::Path::new(&format!("/proc/{grandchild}")).exists());
-    http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
-    let cancelled = http.wait_for(&id, "cancelled", |t| t["state"] == "cancelled");
-    assert_eq!(cancelled["error"]["kind"], "cancelled");
+    }
+}
+
+fn wait_until_dead(pid: u32, after: &str) {
     let started = Instant::now();
-    while is_alive(grandchild) {
+    while is_alive(pid) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "the grandchild {grandchild} outlived the cancel"
+            "the grandchild {pid} outlived {after}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
