@@ -5,7 +5,8 @@
 //!   `OFFLOAD_ATTEMPT` are in its environment;
 //! - stdout lines `progress: PERCENT [MESSAGE]` report progress;
 //! - exit 0 completes the task, with the last stdout line as the result if
-//!   it is JSON; any other exit fails the attempt with stderr's tail;
+//!   it is JSON (a last line over 64 MiB fails the task instead); any other
+//!   exit fails the attempt with stderr's tail;
 //! - on cancel or timeout, or when a shutdown's grace runs out, its whole
 //!   process group is killed.
 
@@ -19,7 +20,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use offload_client::Client;
 use offload_worker::{TaskContext, TaskFailure, Worker};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,9 @@ use crate::usage;
 
 /// Bytes of stderr kept for the failure message.
 const STDERR_TAIL: usize = 4096;
+/// The longest stdout line kept: far above a result's default limit
+/// (1 MiB), and a bound on what one command's output holds in memory.
+const STDOUT_LINE_LIMIT: usize = 64 << 20;
 
 pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     if args.concurrency == 0 {
@@ -103,14 +107,21 @@ async fn run_command(
     let read_stdout = async {
         let mut last_line = None;
         if let Some(stdout) = stdout {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(report) = line.strip_prefix("progress:") {
-                    let (percent, message) = parse_progress(report);
-                    // A report that fails (the lease is gone) fires the token.
-                    let _ = ctx.progress(percent, message.as_deref()).await;
-                } else if !line.trim().is_empty() {
-                    last_line = Some(line);
+            // Read to the end whatever it holds: a reader that stopped early
+            // would close the pipe, and the command die of SIGPIPE.
+            let mut stdout = BufReader::new(stdout);
+            while let Ok(Some(line)) = next_line(&mut stdout, STDOUT_LINE_LIMIT).await {
+                match &line {
+                    Line::Text(text) => {
+                        if let Some(report) = text.strip_prefix("progress:") {
+                            let (percent, message) = parse_progress(report);
+                            // A report that fails (the lease is gone) fires the token.
+                            let _ = ctx.progress(percent, message.as_deref()).await;
+                        } else if !text.trim().is_empty() {
+                            last_line = Some(line);
+                        }
+                    }
+                    Line::TooLong => last_line = Some(line),
                 }
             }
         }
@@ -142,8 +153,16 @@ async fn run_command(
             group.disarm();
             let status = status.map_err(|e| TaskFailure::new(format!("waiting for the command: {e}")))?;
             if status.success() {
-                // Kept as the command wrote it, not re-encoded.
-                Ok(last_line.and_then(|line| serde_json::from_str(&line).ok()))
+                match last_line {
+                    // Kept as the command wrote it, not re-encoded.
+                    Some(Line::Text(line)) => Ok(serde_json::from_str(&line).ok()),
+                    None => Ok(None),
+                    // Running it again would print the same line.
+                    Some(Line::TooLong) => Err(TaskFailure::permanent(format!(
+                        "the command's last stdout line, its result, is over {} MiB",
+                        STDOUT_LINE_LIMIT >> 20
+                    ))),
+                }
             } else {
                 let tail = if stderr_tail.is_empty() { "(no stderr)".to_owned() } else { stderr_tail };
                 Err(TaskFailure::new(format!("the command exited with {status}: {tail}")))
@@ -155,6 +174,60 @@ async fn run_command(
             Err(TaskFailure::new(format!("the command's process group was killed: {why}")))
         }
     }
+}
+
+/// A line of a command's stdout.
+enum Line {
+    /// Without its line ending; bytes that are not UTF-8 are replaced.
+    Text(String),
+    /// Longer than the limit; its bytes were read and dropped.
+    TooLong,
+}
+
+/// The next line of `reader`, or `None` at its end. Unlike
+/// `AsyncBufReadExt::lines` it takes any bytes and holds at most `limit`
+/// of them.
+async fn next_line(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    limit: usize,
+) -> std::io::Result<Option<Line>> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            if !read_any {
+                return Ok(None);
+            }
+            break;
+        }
+        read_any = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let content = &available[..newline.unwrap_or(available.len())];
+        if !too_long {
+            if line.len() + content.len() > limit {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(content);
+            }
+        }
+        let used = content.len() + usize::from(newline.is_some());
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some(Line::TooLong));
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(Line::Text(
+        String::from_utf8_lossy(&line).into_owned(),
+    )))
 }
 
 /// Kills a command's process group unless disarmed, at the latest when
@@ -198,7 +271,21 @@ fn parse_progress(report: &str) -> (Option<f64>, Option<String>) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_progress;
+    use super::{Line, next_line, parse_progress};
+
+    #[tokio::test]
+    async fn stdout_lines_take_any_bytes_and_hold_at_most_the_limit() {
+        let output = b"ab\r\ncaf\xe9\n123456\n\nlast";
+        let mut reader = tokio::io::BufReader::with_capacity(2, &output[..]);
+        let mut lines = Vec::new();
+        while let Some(line) = next_line(&mut reader, 5).await.unwrap() {
+            lines.push(match line {
+                Line::Text(text) => text,
+                Line::TooLong => "(too long)".to_owned(),
+            });
+        }
+        assert_eq!(lines, ["ab", "caf\u{fffd}", "(too long)", "", "last"]);
+    }
 
     #[test]
     fn progress_lines_parse() {

@@ -265,6 +265,8 @@ echo "payload was $payload and attempt $OFFLOAD_ATTEMPT" >&2
 case "$payload" in
   *fail*) echo "it went wrong for $OFFLOAD_TASK_ID" >&2; exit 3 ;;
   *deep*) echo '{too_deep}'; exit 0 ;;
+  *latin*) printf 'caf\351\n'; sleep 0.2; echo '{{"after": "latin"}}'; exit 0 ;;
+  *huge*) head -c 68000000 /dev/zero | tr '\0' 7; echo; exit 0 ;;
 esac
 echo "progress: 90 nearly"
 echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": $payload}}""#
@@ -301,6 +303,20 @@ echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": 
         message.contains("result was refused") && message.contains("at most 64 deep"),
         "{message}"
     );
+    assert_eq!(failed["attempt"], 1, "{failed}");
+
+    // Output that is not UTF-8 is read on, not left to fill the pipe.
+    let latin = http.enqueue(json!({"type": "shell", "payload": "latin"}));
+    let id = latin["id"].as_str().unwrap();
+    let done = http.wait_for(id, "completed", |t| t["state"] == "completed");
+    assert_eq!(done["result"], json!({"after": "latin"}));
+
+    // A last line past what the worker holds fails the task at once.
+    let huge = http.enqueue(json!({"type": "shell", "payload": "huge"}));
+    let id = huge["id"].as_str().unwrap();
+    let failed = http.wait_for(id, "failed", |t| t["state"] == "failed");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(message.contains("is over 64 MiB"), "{message}");
     assert_eq!(failed["attempt"], 1, "{failed}");
 }
 
