@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use offload_client::{Client, ListParams};
 use offload_core::{Limits, NewTask, OnConflict, PriorityInput, State};
 use offload_server::Config;
@@ -16,6 +16,9 @@ use crate::{output, usage, work};
 pub const DEFAULT_URL: &str = "http://127.0.0.1:6490";
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(url) = &cli.url {
+        check_server_url(url)?;
+    }
     let mut client = Client::new(cli.url.as_deref().unwrap_or(DEFAULT_URL));
     if let Some(token) = &cli.token {
         client = client.token(token);
@@ -182,13 +185,28 @@ fn key_values(flag: &str, raw: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Checked before any request: a URL without its scheme (`127.0.0.1:6490`)
+/// is the usual slip, and the HTTP stack would word it as "relative URL
+/// without a base", exit 3, as if the server were down.
+fn check_server_url(url: &str) -> Result<()> {
+    let host_and_path = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match host_and_path {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(()),
+        _ => Err(usage(format!(
+            "--url: must be http:// or https:// and a host, as in {DEFAULT_URL}; got {url:?}"
+        ))),
+    }
+}
+
 fn new_task(args: EnqueueArgs) -> Result<NewTask> {
     let payload = match args.payload {
         None => None,
         Some(text) => {
             let text = match text.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the payload from {path}"))?,
+                    .map_err(|e| usage(format!("--payload: cannot read {path}: {e}")))?,
                 None => text,
             };
             let raw = serde_json::value::RawValue::from_string(text.trim().to_owned())

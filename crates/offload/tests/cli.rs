@@ -109,6 +109,10 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["get", "not-an-id"]), 2);
     assert_eq!(code(&["enqueue", "t", "--priority", "11"]), 2);
     assert_eq!(code(&["enqueue", "t", "--payload", "{broken"]), 2);
+    assert_eq!(
+        code(&["enqueue", "t", "--payload", "@/nonexistent/p.json"]),
+        2
+    );
     assert_eq!(code(&["list", "--limit", "5000"]), 2);
     assert_eq!(code(&["list", "--state", "sleeping"]), 2);
     assert_eq!(code(&["frobnicate"]), 2);
@@ -117,6 +121,16 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(bench.status.code(), Some(2));
     let message = String::from_utf8_lossy(&bench.stderr);
     assert!(message.contains("--batch-answer"), "{message}");
+    // A server's address without its scheme is a slip in the call, not a
+    // server that is down.
+    let schemeless = Command::new(BIN)
+        .args(["stats"])
+        .env("OFFLOAD_URL", "127.0.0.1:6490")
+        .output()
+        .unwrap();
+    assert_eq!(schemeless.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&schemeless.stderr);
+    assert!(message.contains("--url: must be http://"), "{message}");
     // 1: the server said no.
     let id = stdout(&server.cli(&["enqueue", "t"]));
     assert_eq!(code(&["retry", &id]), 1);
