@@ -43,6 +43,10 @@ pub struct Config {
     pub batch_body_limit_bytes: usize,
     /// Lease given when a fetch or heartbeat names none.
     pub default_lease_secs: u32,
+    /// After SIGINT/SIGTERM, seconds in-flight requests get to finish; the
+    /// connections still open then are closed. Without a bound, a client
+    /// that stopped reading its event stream would hold the node open.
+    pub shutdown_grace_secs: u32,
     pub retention: RetentionConfig,
     pub backoff: BackoffConfig,
     /// Settings applied to queues at start, by queue name.
@@ -59,6 +63,7 @@ impl Default for Config {
             payload_limit_bytes: Limits::default().max_payload_bytes,
             batch_body_limit_bytes: 256 << 20,
             default_lease_secs: 60,
+            shutdown_grace_secs: 10,
             retention: RetentionConfig::default(),
             backoff: BackoffConfig::default(),
             queues: BTreeMap::new(),
@@ -143,6 +148,12 @@ impl Config {
             return invalid(format!(
                 "default_lease_secs must be 1 to 3600; got {}",
                 self.default_lease_secs
+            ));
+        }
+        if self.shutdown_grace_secs > 3600 {
+            return invalid(format!(
+                "shutdown_grace_secs must be 0 to 3600; got {}",
+                self.shutdown_grace_secs
             ));
         }
         if !(2..=1000).contains(&self.db_pool_size) {

@@ -19,7 +19,7 @@ mod tasks;
 mod telemetry;
 mod worker;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,14 +200,25 @@ pub async fn serve(
     tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
     on_listening(local);
     let stopping = stop.clone();
-    axum::serve(listener, router(state))
+    let serving = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
             stopping.cancel();
         })
-        .await
-        .map_err(ServerError::Serve)?;
+        .into_future();
+    let grace = Duration::from_secs(config.shutdown_grace_secs.into());
+    let grace_over = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serving => served.map_err(ServerError::Serve)?,
+        () = grace_over => tracing::warn!(
+            ?grace,
+            "requests still open when the shutdown's grace ran out; closing them"
+        ),
+    }
     engine.shutdown().await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Running a node: durability across `kill -9`, graceful shutdown, bad
 //! configuration.
 
+use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,44 @@ fn sigterm_stops_gracefully_with_exit_code_0() {
         Some(200),
         "the waiting fetch was answered"
     );
+}
+
+#[test]
+fn sigterm_closes_connections_still_open_when_the_grace_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("offload.toml");
+    std::fs::write(&config, "shutdown_grace_secs = 1\n").unwrap();
+    let mut server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    // An event stream whose client never reads: once the socket's buffers
+    // are full, the server cannot finish writing it.
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut stalled = std::net::TcpStream::connect(&address).unwrap();
+    stalled
+        .write_all(b"GET /v1/events HTTP/1.1\r\nHost: offload\r\n\r\n")
+        .unwrap();
+    let http = server.http();
+    let payload = "x".repeat(1000);
+    for _ in 0..15 {
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| json!({"type": "t", "payload": payload}))
+            .collect();
+        let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+        assert_eq!(status, 201);
+    }
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a client that stopped reading held the shutdown open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(stalled);
 }
 
 #[test]
