@@ -46,6 +46,40 @@ impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
     }
 }
 
+/// The body of a route that takes none (cancel, retry, delete, pause,
+/// resume): empty, `null` or `{}`. Anything else is refused rather than
+/// ignored, so that a field the caller meant to count (a reason, a force
+/// flag) is not dropped without a word.
+#[derive(Debug)]
+pub struct NoBody;
+
+impl FromRequest<AppState> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = read_limited(req.into_body(), state.limits.body_bytes).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(NoBody);
+        }
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Null) => Ok(NoBody),
+            Ok(serde_json::Value::Object(fields)) => match fields.keys().next() {
+                None => Ok(NoBody),
+                Some(field) => Err(ApiError::invalid(
+                    field,
+                    "unknown field; this route takes no body",
+                )),
+            },
+            Ok(_) => Err(ApiError::invalid_json(
+                "this route takes no body; send none, {} or null",
+            )),
+            Err(e) => Err(ApiError::invalid_json(format!(
+                "the request body is not JSON ({e}); this route takes no body"
+            ))),
+        }
+    }
+}
+
 /// The bytes of a body of at most the batch limit, for a handler that reads
 /// them itself.
 #[derive(Debug)]
@@ -239,16 +273,28 @@ pub fn query_pairs(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, S
     let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    for (key, _) in &pairs {
+    for (i, (key, _)) in pairs.iter().enumerate() {
         if !allowed.contains(&key.as_str()) {
             return Err(ApiError::invalid(
                 key,
                 format!("unknown query parameter; allowed: {}", allowed.join(", ")),
             ));
         }
+        // `type=a&type=b` reads as "a or b" to a person; a filter that kept
+        // only the last one would answer a different question.
+        if !REPEATABLE_PARAMS.contains(&key.as_str()) && pairs[..i].iter().any(|(k, _)| k == key) {
+            return Err(ApiError::invalid(
+                key,
+                "given more than once; it takes one value",
+            ));
+        }
     }
     Ok(pairs)
 }
+
+/// Query parameters that may come more than once: each `state` adds states
+/// (as does `state=a,b`), each `label` one more label to match.
+const REPEATABLE_PARAMS: &[&str] = &["state", "label"];
 
 /// An integer query parameter within `min..=max`.
 pub fn int_param(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiError> {

@@ -7,7 +7,7 @@ use offload_core::{QueueInfo, QueuePatch};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, NoBody};
 use crate::json::Json;
 
 const MAX_CONCURRENCY: i64 = 1_000_000;
@@ -24,6 +24,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<QueueList>> {
 pub async fn pause(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    _: NoBody,
 ) -> ApiResult<Json<QueueInfo>> {
     let patch = QueuePatch {
         paused: Some(true),
@@ -37,6 +38,7 @@ pub async fn pause(
 pub async fn resume(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    _: NoBody,
 ) -> ApiResult<Json<QueueInfo>> {
     let patch = QueuePatch {
         paused: Some(false),

@@ -13,8 +13,8 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    JsonBody, RawBatchBody, int_param, name_filter, parse_json, query_pairs, read_batch_streamed,
-    task_id,
+    JsonBody, NoBody, RawBatchBody, int_param, name_filter, parse_json, query_pairs,
+    read_batch_streamed, task_id,
 };
 use crate::json::{Json, TaskJson, task_list_json};
 
@@ -200,13 +200,21 @@ pub async fn stats(State(state): State<AppState>) -> ApiResult<Json<Stats>> {
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    _: NoBody,
+) -> ApiResult<TaskJson> {
     Ok(TaskJson(state.store().cancel(task_id(&id)?).await?))
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled", body = ErrorBody)))]
-pub async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    _: NoBody,
+) -> ApiResult<TaskJson> {
     Ok(TaskJson(state.store().retry(task_id(&id)?).await?))
 }
 
@@ -215,6 +223,7 @@ pub async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> Api
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    _: NoBody,
 ) -> ApiResult<StatusCode> {
     state.store().delete(task_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -420,6 +420,38 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "type: must be 1 to 128 characters",
     );
+    // `type=a&type=b` is not "a or b": one value, or a 400.
+    assert_error(
+        http.get("/v1/tasks?type=a&type=b"),
+        400,
+        "invalid_argument",
+        "type: given more than once",
+    );
+    assert_eq!(http.get("/v1/tasks?state=pending&state=failed").0, 200);
+    assert_eq!(http.get("/v1/tasks?label=a:1&label=b:2").0, 200);
+    // A route that takes no body refuses one with fields rather than drop them.
+    let id = http.enqueue(json!({"type": "t"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_error(
+        http.post(&format!("/v1/tasks/{id}/cancel"), json!({"reason": "dup"})),
+        400,
+        "invalid_argument",
+        "reason: unknown field; this route takes no body",
+    );
+    assert_error(
+        http.post_raw("/v1/queues/default/pause", "[1]"),
+        400,
+        "invalid_json",
+        "takes no body",
+    );
+    assert_eq!(http.post("/v1/queues/default/pause", json!({})).0, 200);
+    assert_eq!(http.post_raw("/v1/queues/default/resume", "").0, 200);
+    assert_eq!(
+        http.post(&format!("/v1/tasks/{id}/cancel"), json!(null)).0,
+        200
+    );
     assert_error(
         http.post("/v1/tasks/batch", json!({"tasks": [1]})),
         400,
