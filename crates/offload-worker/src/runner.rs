@@ -235,40 +235,44 @@ async fn run_task(
     // this task only. A handler that finishes at its first poll (most short
     // tasks) costs no timer and no select: a task and a timer of their own
     // for every handler were ~1/4 of a busy worker's work (callgrind).
-    let mut handling = std::pin::pin!(AssertUnwindSafe(handler.call(ctx)).catch_unwind());
-    let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
-    let outcome = match first {
-        Poll::Ready(outcome) => outcome.map_err(Interrupted::Panicked),
-        Poll::Pending => {
-            let finished = tokio::select! {
-                outcome = &mut handling => Some(outcome.map_err(Interrupted::Panicked)),
-                _ = tokio::time::sleep_until(deadline) => {
-                    cancellation.cancel(CancelReason::Timeout);
-                    None
-                }
-                _ = cancellation.token().cancelled() => None,
-                _ = shared.hard_stop.cancelled() => {
-                    cancellation.cancel(CancelReason::Shutdown);
-                    None
-                }
-            };
-            match finished {
-                Some(outcome) => outcome,
-                None => {
-                    // The token fired: give the handler time to wind down,
-                    // except when the worker is past its shutdown grace.
-                    // Dropping the handler's future is what stops it.
-                    let grace = if shared.hard_stop.is_cancelled() {
-                        Duration::ZERO
-                    } else {
-                        shared.config.cancel_grace
-                    };
-                    tokio::select! {
-                        outcome = &mut handling => outcome.map_err(Interrupted::Panicked),
-                        _ = tokio::time::sleep(grace) => Err(Interrupted::Aborted),
-                        _ = shared.hard_stop.cancelled() => {
-                            cancellation.cancel(CancelReason::Shutdown);
-                            Err(Interrupted::Aborted)
+    // In a block of its own, so that a handler stopped without an answer is
+    // dropped (and what it held let go) before its task is reported.
+    let outcome = {
+        let mut handling = std::pin::pin!(AssertUnwindSafe(handler.call(ctx)).catch_unwind());
+        let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(outcome) => outcome.map_err(Interrupted::Panicked),
+            Poll::Pending => {
+                let finished = tokio::select! {
+                    outcome = &mut handling => Some(outcome.map_err(Interrupted::Panicked)),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        cancellation.cancel(CancelReason::Timeout);
+                        None
+                    }
+                    _ = cancellation.token().cancelled() => None,
+                    _ = shared.hard_stop.cancelled() => {
+                        cancellation.cancel(CancelReason::Shutdown);
+                        None
+                    }
+                };
+                match finished {
+                    Some(outcome) => outcome,
+                    None => {
+                        // The token fired: give the handler time to wind down,
+                        // except when the worker is past its shutdown grace.
+                        // Dropping the handler's future is what stops it.
+                        let grace = if shared.hard_stop.is_cancelled() {
+                            Duration::ZERO
+                        } else {
+                            shared.config.cancel_grace
+                        };
+                        tokio::select! {
+                            outcome = &mut handling => outcome.map_err(Interrupted::Panicked),
+                            _ = tokio::time::sleep(grace) => Err(Interrupted::Aborted),
+                            _ = shared.hard_stop.cancelled() => {
+                                cancellation.cancel(CancelReason::Shutdown);
+                                Err(Interrupted::Aborted)
+                            }
                         }
                     }
                 }

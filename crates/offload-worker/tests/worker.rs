@@ -1,13 +1,15 @@
 //! The worker runtime, in process, against a real SQLite store.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use offload_core::{ErrorKind, NewTask, State, Store, Task};
+use offload_core::{
+    Ack, ClaimRequest, ErrorKind, HeartbeatAck, HeartbeatRequest, NewTask, State, Store, Task,
+};
 use offload_engine::{Engine, EngineConfig};
 use offload_sqlite::{Durability, SqliteOptions, SqliteStore};
-use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
+use offload_worker::{CancelReason, TaskContext, TaskFailure, TaskSource, Worker};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -375,6 +377,83 @@ async fn shutdown_past_grace_hands_tasks_back_for_retry() {
     );
     assert!(back.error.unwrap().message.contains("shut down"));
     assert!(back.worker_id.is_none());
+}
+
+/// The engine as a task source that notes, at each ack, whether the
+/// handler's future had been dropped by then.
+struct NotingSource {
+    engine: Arc<Engine>,
+    handler_dropped: Arc<AtomicBool>,
+    dropped_at_ack: Mutex<Vec<bool>>,
+}
+
+#[async_trait::async_trait]
+impl TaskSource for NotingSource {
+    async fn fetch(
+        &self,
+        request: &ClaimRequest,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> offload_core::Result<Vec<Task>> {
+        TaskSource::fetch(&*self.engine, request, wait, stop).await
+    }
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> offload_core::Result<HeartbeatAck> {
+        TaskSource::heartbeat(&*self.engine, request).await
+    }
+
+    async fn ack(
+        &self,
+        worker_id: &str,
+        acks: Vec<Ack>,
+    ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
+        let dropped = self.handler_dropped.load(Ordering::SeqCst);
+        self.dropped_at_ack.lock().unwrap().push(dropped);
+        TaskSource::ack(&*self.engine, worker_id, acks).await
+    }
+}
+
+/// Sets its flag once dropped, after a while, as a handler's connection or
+/// lock takes a moment to let go.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_stopped_at_shutdown_is_dropped_before_its_task_is_handed_back() {
+    let s = setup();
+    let handler_dropped = Arc::new(AtomicBool::new(false));
+    let source = Arc::new(NotingSource {
+        engine: Arc::clone(&s.engine),
+        handler_dropped: Arc::clone(&handler_dropped),
+        dropped_at_ack: Mutex::new(Vec::new()),
+    });
+    let started = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&started);
+    let worker = Worker::new(Arc::clone(&source))
+        .shutdown_grace(Duration::from_millis(100))
+        .handle("holder", move |_ctx: TaskContext| {
+            let signal = Arc::clone(&signal);
+            let flag = Arc::clone(&handler_dropped);
+            async move {
+                let _held = SetOnDrop(flag);
+                signal.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("holder")).await;
+    started.notified().await;
+    stop.cancel();
+    handle.await.unwrap();
+    assert_eq!(s.get(task.id).await.state, State::Pending);
+    assert_eq!(*source.dropped_at_ack.lock().unwrap(), [true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
