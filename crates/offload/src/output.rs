@@ -1,11 +1,12 @@
 //! What the commands print: aligned tables for people, JSON for scripts.
 
+use std::future::Future;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use offload_client::Client;
+use offload_client::{Client, ClientError};
 use offload_core::{Counts, QueueInfo, State, Stats, Task, TaskPage};
 use serde::Serialize;
 use uuid::Uuid;
@@ -219,6 +220,33 @@ pub fn queue(queue: &QueueInfo, json: bool) -> Result<()> {
 
 /// Follows a task to its end with a progress bar; the exit code says how
 /// it ended.
+/// How long `watch` keeps trying to reach a server that went away after it
+/// answered once (a restart, a deploy) before it gives up with exit code 3.
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// `call`'s answer, asked again while the server cannot be reached or says
+/// it is unavailable, for up to [`RECONNECT_FOR`].
+async fn reaching<T, F, Fut>(bar: &ProgressBar, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let started = Instant::now();
+    loop {
+        match call().await {
+            Err(e) if is_transient(&e) && started.elapsed() < RECONNECT_FOR => {
+                bar.set_message(format!("reconnecting: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+fn is_transient(e: &ClientError) -> bool {
+    matches!(e, ClientError::Unreachable { .. }) || e.status() == Some(503)
+}
+
 pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     let bar = if json {
         ProgressBar::hidden()
@@ -233,7 +261,11 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     };
     let mut events = client.events(id).await?;
     let task = loop {
-        match events.next().await? {
+        let next = match events.next().await {
+            Err(e) if is_transient(&e) => None,
+            other => other?,
+        };
+        match next {
             Some(event) => {
                 if json {
                     outln!("{}", serde_json::to_string(&event.task)?)?;
@@ -254,12 +286,16 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
             }
             None => {
                 // The stream dropped (the server restarted): look, then follow again.
-                let task = client.get(id).await?;
+                let task = reaching(&bar, || client.get(id)).await?;
                 if task.state.is_finished() {
+                    // It ended while no stream was open: its last line.
+                    if json {
+                        outln!("{}", serde_json::to_string(&task)?)?;
+                    }
                     break task;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                events = client.events(id).await?;
+                events = reaching(&bar, || client.events(id)).await?;
             }
         }
     };

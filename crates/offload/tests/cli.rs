@@ -1,5 +1,6 @@
 //! The command line of SPEC §5: output, exit codes, `watch` and `work`.
 
+use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -195,6 +196,40 @@ fn watch(server: &Server, id: &str) -> std::thread::JoinHandle<i32> {
         .spawn()
         .unwrap();
     std::thread::spawn(move || child.wait().unwrap().code().unwrap())
+}
+
+#[test]
+fn watch_rides_out_a_server_restart() {
+    let mut server = Server::start();
+    let id = server.http().enqueue(json!({"type": "t"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut watcher = Command::new(BIN)
+        .args(["watch", &id, "--json"])
+        .env("OFFLOAD_URL", &server.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its first line: the stream is open.
+    let mut lines = std::io::BufReader::new(watcher.stdout.take().unwrap()).lines();
+    assert!(lines.next().is_some(), "watch printed nothing");
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.restart();
+    let http = server.http();
+    assert_eq!(http.fetch("w", json!({})).len(), 1);
+    http.post(
+        &format!("/v1/tasks/{id}/complete"),
+        json!({"worker_id": "w"}),
+    );
+    let last = lines.last().expect("a line after the restart").unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&last).unwrap()["state"],
+        "completed"
+    );
+    assert_eq!(watcher.wait().unwrap().code(), Some(0));
 }
 
 #[test]

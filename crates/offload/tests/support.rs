@@ -35,6 +35,7 @@ pub fn database_for(dir: &Path) -> String {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    db: String,
     pub dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -61,10 +62,24 @@ impl Server {
 
     /// Starts a server on database `db`, writing its log into `dir`.
     pub fn start_on(db: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_listening("127.0.0.1:0", db, dir, extra)
+    }
+
+    /// Kills the node with `kill -9` and starts it again on the same
+    /// address and database, as a crash and a restart would.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let address = self.url.strip_prefix("http://").expect("an http URL");
+        let mut restarted = Self::start_listening(address, &self.db, &self.dir, &[]);
+        // The dead process goes to `restarted`, whose drop reaps it.
+        std::mem::swap(&mut self.child, &mut restarted.child);
+    }
+
+    fn start_listening(listen: &str, db: &str, dir: &Path, extra: &[&str]) -> Self {
         let log_name = format!("serve-{}.log", uuid::Uuid::now_v7().simple());
         let log = std::fs::File::create(dir.join(log_name)).expect("log file");
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--db", db])
+            .args(["serve", "--listen", listen, "--db", db])
             .args(extra)
             .env("OFFLOAD_LOG", "info")
             .stdout(Stdio::piped())
@@ -84,6 +99,7 @@ impl Server {
         Self {
             child,
             url,
+            db: db.to_owned(),
             dir: dir.to_path_buf(),
             _temp: None,
         }
