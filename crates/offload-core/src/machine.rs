@@ -19,7 +19,9 @@
 //! Two shortcuts of the drawing are allowed: a retry whose delay is zero goes
 //! `running → pending` directly (it would pass through `scheduled` for no
 //! time), and a `blocked` task whose `run_at` lies in the future goes to
-//! `scheduled` when its dependencies complete.
+//! `scheduled` when its dependencies complete. One arrow is added: a manual
+//! retry of a task whose dependencies have not all completed goes back to
+//! `blocked`, as the drawing's first arrow would have it, not to `pending`.
 
 use std::time::Duration;
 
@@ -43,7 +45,7 @@ pub fn transition_allowed(from: State, to: State) -> bool {
                 Running,
                 Scheduled | Pending | Completed | Failed | Cancelled
             )
-            | (Failed | Cancelled, Pending)
+            | (Failed | Cancelled, Pending | Blocked)
     )
 }
 
@@ -352,16 +354,52 @@ impl Task {
         }
     }
 
-    /// SPEC §1.1 manual retry: back to `pending` with one more attempt.
-    pub fn manual_retry(&mut self, now: Timestamp) -> Result<()> {
+    /// SPEC §1.1 manual retry: back to `pending` with one more attempt, or
+    /// to `blocked` while a dependency is still active, so that a retried
+    /// task never runs before what it depends on completes (SPEC §1:
+    /// "stays blocked until all of them complete"). `dependencies` are the
+    /// states of [`Task::depends_on`], `None` for one no longer stored; one
+    /// that ended without completing, or is gone, refuses the retry, since
+    /// the task could never run.
+    pub fn manual_retry(
+        &mut self,
+        dependencies: &[(Uuid, Option<State>)],
+        now: Timestamp,
+    ) -> Result<()> {
         if !matches!(self.state, State::Failed | State::Cancelled) {
             return Err(self.wrong_state("retry (only failed or cancelled tasks can be retried)"));
+        }
+        let mut waits = false;
+        for (dep, state) in dependencies {
+            match state {
+                Some(State::Completed) => {}
+                Some(s @ (State::Failed | State::Cancelled)) => {
+                    return Err(Error::Conflict(format!(
+                        "task {} depends on task {dep}, which ended {s}; retry that one first",
+                        self.id
+                    )));
+                }
+                Some(_) => waits = true,
+                None => {
+                    return Err(Error::Conflict(format!(
+                        "task {} depends on task {dep}, which no longer exists; it can never run",
+                        self.id
+                    )));
+                }
+            }
         }
         self.max_attempts = self.max_attempts.max(self.attempt + 1);
         self.cancel_requested = false;
         self.run_at = now;
         self.finished_at = None;
-        self.move_to(State::Pending, now);
+        self.move_to(
+            if waits {
+                State::Blocked
+            } else {
+                State::Pending
+            },
+            now,
+        );
         Ok(())
     }
 
@@ -434,7 +472,8 @@ mod tests {
     fn finished_states_leave_only_by_manual_retry() {
         for from in State::FINISHED {
             for to in State::ALL {
-                let manual_retry = to == State::Pending && from != State::Completed;
+                let manual_retry =
+                    matches!(to, State::Pending | State::Blocked) && from != State::Completed;
                 assert_eq!(transition_allowed(from, to), manual_retry, "{from} -> {to}");
             }
         }
@@ -467,14 +506,43 @@ mod tests {
         t.fail("w", failure(Some(false)), &Backoff::default(), now)
             .unwrap();
         assert_eq!(t.state, State::Failed);
-        t.manual_retry(now).unwrap();
+        t.manual_retry(&[], now).unwrap();
         assert_eq!((t.state, t.max_attempts), (State::Pending, 2));
         t.claim("w", Duration::from_secs(30), now).unwrap();
         t.fail("w", failure(None), &Backoff::default(), now)
             .unwrap();
         assert_eq!(t.state, State::Failed);
-        t.manual_retry(now).unwrap();
+        t.manual_retry(&[], now).unwrap();
         assert_eq!(t.max_attempts, 3);
+    }
+
+    #[test]
+    fn manual_retry_waits_for_active_dependencies_and_refuses_broken_ones() {
+        let now = Timestamp::from_millis(1_000_000);
+        let (done, active, failed, gone) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        let cancelled = || task(State::Cancelled);
+        let mut t = cancelled();
+        t.manual_retry(&[(done, Some(State::Completed))], now)
+            .unwrap();
+        assert_eq!(t.state, State::Pending);
+        let mut t = cancelled();
+        let deps = [
+            (done, Some(State::Completed)),
+            (active, Some(State::Running)),
+        ];
+        t.manual_retry(&deps, now).unwrap();
+        assert_eq!(t.state, State::Blocked);
+        for broken in [(failed, Some(State::Failed)), (gone, None)] {
+            let mut t = cancelled();
+            let refused = t.manual_retry(&[(active, Some(State::Pending)), broken], now);
+            assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+            assert_eq!(t.state, State::Cancelled, "a refused retry changes nothing");
+        }
     }
 
     #[test]

@@ -518,7 +518,16 @@ pub(crate) async fn cancel(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
 pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
     let mut stored = load_one(tx, id).await?;
     let before = stored.task.state;
-    stored.task.manual_retry(tx.now)?;
+    // Locked as an enqueue locks them: none finishes unseen while the
+    // retry records that it waits for them.
+    let found = ids::find(&mut tx.conn, &stored.task.depends_on, Lock::Share).await?;
+    let dependencies: Vec<(Uuid, Option<State>)> = stored
+        .task
+        .depends_on
+        .iter()
+        .map(|dep| (*dep, found.get(dep).map(|d| d.task.state)))
+        .collect();
+    stored.task.manual_retry(&dependencies, tx.now)?;
     if let Some(key) = stored.task.unique_key.clone() {
         let queue = stored.task.queue.as_str();
         lock_unique_keys(tx, [(queue, key.as_str())]).await?;
@@ -529,6 +538,22 @@ pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
             ))
             .into());
         }
+    }
+    if stored.task.state == State::Blocked {
+        let unmet: Vec<&StoredTask> = found
+            .values()
+            .filter(|d| d.task.state != State::Completed)
+            .collect();
+        sqlx::query(
+            "INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) \
+             SELECT d.id, d.seq, $3 FROM UNNEST($1::uuid[], $2::bigint[]) AS d (id, seq) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(unmet.iter().map(|d| d.task.id).collect::<Vec<_>>())
+        .bind(unmet.iter().map(|d| d.seq).collect::<Vec<_>>())
+        .bind(stored.seq)
+        .execute(&mut *tx.conn)
+        .await?;
     }
     let task = stored.task.clone();
     tx.save(vec![(stored, before)]).await?;

@@ -787,7 +787,13 @@ impl WriteCtx<'_, '_> {
     pub fn retry(&mut self, id: Uuid) -> Result<Task> {
         let mut stored = self.load(id)?;
         let before = stored.task.state;
-        stored.task.manual_retry(self.now)?;
+        let dependencies = stored
+            .task
+            .depends_on
+            .iter()
+            .map(|dep| Ok((*dep, self.state_of(*dep)?)))
+            .collect::<Result<Vec<_>>>()?;
+        stored.task.manual_retry(&dependencies, self.now)?;
         // Back in an active state the task would hold its key again.
         if let Some(key) = &stored.task.unique_key
             && let Some(holder) = self.unique_key_holder(&stored.task.queue, key)?
@@ -797,8 +803,29 @@ impl WriteCtx<'_, '_> {
                 holder.task.id, stored.task.queue
             )));
         }
+        if stored.task.state == State::Blocked {
+            self.wait_for(stored.seq, &dependencies)?;
+        }
         self.save(&stored, before)?;
         Ok(*stored.task)
+    }
+
+    /// Records that the task at `seq` waits for those of `dependencies`
+    /// not yet completed, so that their completion unblocks it.
+    fn wait_for(&mut self, seq: i64, dependencies: &[(Uuid, Option<State>)]) -> Result<()> {
+        self.effects().dependencies_stored = Some(true);
+        for (dep, _) in dependencies
+            .iter()
+            .filter(|(_, state)| *state != Some(State::Completed))
+        {
+            self.conn()?
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
+                )
+                .and_then(|mut stmt| stmt.execute(params![Id(*dep), seq]))
+                .map_err(storage_error)?;
+        }
+        Ok(())
     }
 
     pub fn delete(&mut self, id: Uuid) -> Result<()> {

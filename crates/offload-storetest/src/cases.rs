@@ -1012,6 +1012,62 @@ pub async fn failed_dependency_cancels_dependents_transitively(factory: &dyn Sto
     assert_eq!(f.state(waiting.id).await, State::Cancelled);
 }
 
+pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let first = f.enqueue(NewTask::new("first")).await;
+    let second = f.enqueue(NewTask::new("second")).await;
+    let child = f
+        .enqueue(
+            NewTask::new("child")
+                .depends_on(first.id)
+                .depends_on(second.id),
+        )
+        .await;
+    f.store.cancel(first.id).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Cancelled);
+    // Its dependency ended without completing: the child could never run.
+    assert_conflict(f.store.retry(child.id).await);
+    assert_eq!(f.state(child.id).await, State::Cancelled);
+    assert_eq!(f.store.retry(first.id).await.unwrap().state, State::Pending);
+    let retried = f.store.retry(child.id).await.unwrap();
+    assert_eq!(retried.state, State::Blocked, "it waits, it does not run");
+    let claimed: Vec<Uuid> = f.claim("w", 10).await.iter().map(|t| t.id).collect();
+    assert_eq!(claimed.len(), 2);
+    assert!(
+        !claimed.contains(&child.id),
+        "a blocked task is not claimable"
+    );
+    f.complete("w", first.id, None).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Blocked);
+    f.complete("w", second.id, None).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Pending);
+    assert_eq!(f.claim_one("w").await.id, child.id);
+    f.fail("w", child.id, Some(false), None).await.unwrap();
+    // Every dependency completed: a retry goes straight to pending.
+    assert_eq!(f.store.retry(child.id).await.unwrap().state, State::Pending);
+
+    // A dependency deleted since: refused too.
+    let gone = f.enqueue(NewTask::new("gone")).await;
+    let orphan = f.enqueue(NewTask::new("orphan").depends_on(gone.id)).await;
+    f.store.cancel(gone.id).await.unwrap();
+    f.store.delete(gone.id).await.unwrap();
+    assert_conflict(f.store.retry(orphan.id).await);
+
+    // Waiting again, it is cancelled again if a dependency ends badly.
+    let dep = f.enqueue(NewTask::new("dep")).await;
+    let dependent = f
+        .enqueue(NewTask::new("dependent").depends_on(dep.id))
+        .await;
+    f.store.cancel(dep.id).await.unwrap();
+    f.store.retry(dep.id).await.unwrap();
+    let waiting = f.store.retry(dependent.id).await.unwrap();
+    assert_eq!(waiting.state, State::Blocked);
+    f.store.cancel(dep.id).await.unwrap();
+    let cancelled = f.get(dependent.id).await;
+    assert_eq!(cancelled.state, State::Cancelled);
+    assert_eq!(cancelled.error.unwrap().kind, ErrorKind::DependencyFailed);
+}
+
 // ---- queues ------------------------------------------------------------------------
 
 pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {

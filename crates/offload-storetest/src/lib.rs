@@ -64,6 +64,7 @@ macro_rules! conformance_tests {
             concurrent_replaces_of_one_key_all_succeed,
             dependencies_block_until_completed,
             failed_dependency_cancels_dependents_transitively,
+            a_retried_dependent_waits_for_its_dependencies_again,
             paused_queue_and_concurrency_limit,
             list_filters_and_keyset_pagination,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,

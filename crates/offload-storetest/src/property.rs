@@ -297,8 +297,18 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                                     && other.queue == before[&id].queue
                             })
                         });
-                    let expect_ok =
-                        matches!(was, Some(State::Failed | State::Cancelled)) && !key_taken;
+                    // Refused when a dependency ended without completing
+                    // or is gone: the task could never run.
+                    let dependency_broken = before.get(&id).is_some_and(|t| {
+                        t.depends_on.iter().any(|dep| {
+                            before
+                                .get(dep)
+                                .is_none_or(|d| matches!(d.state, State::Failed | State::Cancelled))
+                        })
+                    });
+                    let expect_ok = matches!(was, Some(State::Failed | State::Cancelled))
+                        && !key_taken
+                        && !dependency_broken;
                     assert_eq!(
                         outcome.is_ok(),
                         expect_ok,

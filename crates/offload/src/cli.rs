@@ -37,7 +37,8 @@ pub enum Command {
     List(ListArgs),
     /// Cancel a task (a running one is asked to stop).
     Cancel { id: String },
-    /// Put a failed or cancelled task back to pending with one more attempt.
+    /// Put a failed or cancelled task back to pending with one more attempt
+    /// (to blocked while a dependency is still active).
     Retry { id: String },
     /// Delete a finished task.
     Delete { id: String },
