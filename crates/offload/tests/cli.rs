@@ -124,11 +124,14 @@ fn exit_codes_say_what_went_wrong() {
     assert!(message.contains("--batch-answer"), "{message}");
     // A server's address without its scheme is a slip in the call, not a
     // server that is down.
-    let schemeless = Command::new(BIN)
-        .args(["stats"])
-        .env("OFFLOAD_URL", "127.0.0.1:6490")
-        .output()
-        .unwrap();
+    let stats_at = |url: &str| {
+        Command::new(BIN)
+            .args(["stats"])
+            .env("OFFLOAD_URL", url)
+            .output()
+            .unwrap()
+    };
+    let schemeless = stats_at("127.0.0.1:6490");
     assert_eq!(schemeless.status.code(), Some(2));
     let message = String::from_utf8_lossy(&schemeless.stderr);
     assert!(message.contains("--url: must be http://"), "{message}");
@@ -138,11 +141,7 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["delete", &id]), 1);
     assert_eq!(code(&["get", "01a2041e-d5a1-730d-971c-a89e0eec346a"]), 1);
     // 3: no server there.
-    let unreachable = Command::new(BIN)
-        .args(["stats"])
-        .env("OFFLOAD_URL", "http://127.0.0.1:1")
-        .output()
-        .unwrap();
+    let unreachable = stats_at("http://127.0.0.1:1");
     assert_eq!(unreachable.status.code(), Some(3));
     let message = String::from_utf8_lossy(&unreachable.stderr);
     assert_eq!(

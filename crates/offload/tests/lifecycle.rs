@@ -75,19 +75,10 @@ fn sigterm_stops_gracefully_with_exit_code_0() {
             .map(|r| r.status().as_u16())
     });
     std::thread::sleep(Duration::from_millis(300));
-    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the server did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        sigterm_and_wait(&mut server, "the server did not stop"),
+        Some(0)
+    );
     assert_eq!(
         poll.join().unwrap().ok(),
         Some(200),
@@ -117,20 +108,27 @@ fn sigterm_closes_connections_still_open_when_the_grace_runs_out() {
         let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
         assert_eq!(status, 201);
     }
+    assert_eq!(
+        sigterm_and_wait(
+            &mut server,
+            "a client that stopped reading held the shutdown open"
+        ),
+        Some(0)
+    );
+    drop(stalled);
+}
+
+/// Sends SIGTERM and waits, 30 s at most, for the node to exit; its code.
+fn sigterm_and_wait(server: &mut Server, if_it_hangs: &str) -> Option<i32> {
     kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
     let started = Instant::now();
-    let status = loop {
+    loop {
         if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
+            return status.code();
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "a client that stopped reading held the shutdown open"
-        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{if_it_hangs}");
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
-    drop(stalled);
+    }
 }
 
 #[test]
