@@ -372,16 +372,7 @@ echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": 
 fn work_kills_the_process_group_on_cancel() {
     let server = Server::start();
     let http = server.http();
-    let pid_file = server.dir.join("child.pid");
-    // The command starts a grandchild; both must die with the group.
-    let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
-    let _worker = work(&server, "long", &script);
-    let id = http.enqueue(json!({"type": "long"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    http.wait_for(&id, "running", |t| t["state"] == "running");
-    let grandchild = read_pid_file(&pid_file);
+    let (_worker, id, grandchild) = a_command_with_a_grandchild(&server, &[]);
     http.post(&format!("/v1/tasks/{id}/cancel"), json!(null));
     let cancelled = http.wait_for(&id, "cancelled", |t| t["state"] == "cancelled");
     assert_eq!(cancelled["error"]["kind"], "cancelled");
@@ -392,21 +383,30 @@ fn work_kills_the_process_group_on_cancel() {
 fn work_kills_the_process_group_when_its_shutdown_grace_runs_out() {
     let server = Server::start();
     let http = server.http();
-    let pid_file = server.dir.join("child.pid");
-    let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
-    let mut worker = work_with(&server, "long", &["--grace", "1"], &script);
-    let id = http.enqueue(json!({"type": "long"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    http.wait_for(&id, "running", |t| t["state"] == "running");
-    let grandchild = read_pid_file(&pid_file);
+    let (mut worker, id, grandchild) = a_command_with_a_grandchild(&server, &["--grace", "1"]);
     kill(Pid::from_raw(worker.0.id() as i32), Signal::SIGTERM).unwrap();
     let status = worker.0.wait().unwrap();
     assert!(status.success(), "offload work after SIGTERM: {status}");
     let handed_back = http.task(&id);
     assert_eq!(handed_back["state"], "pending", "{handed_back}");
     wait_until_dead(grandchild, "its worker's shutdown");
+}
+
+/// `offload work` (with `options`) running a task whose command started a
+/// grandchild, which must die with the command's group; the worker, the
+/// task's id and the grandchild's pid.
+fn a_command_with_a_grandchild(server: &Server, options: &[&str]) -> (WorkProcess, String, u32) {
+    let http = server.http();
+    let pid_file = server.dir.join("child.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
+    let worker = work_with(server, "long", options, &script);
+    let id = http.enqueue(json!({"type": "long"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http.wait_for(&id, "running", |t| t["state"] == "running");
+    let grandchild = read_pid_file(&pid_file);
+    (worker, id, grandchild)
 }
 
 /// The pid a command wrote to `path`, once it has; the process is alive.
