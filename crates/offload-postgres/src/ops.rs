@@ -194,17 +194,7 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             broken.push((stored, State::Blocked));
         }
     }
-    if !deps_dep.is_empty() {
-        sqlx::query(
-            "INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) \
-             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) ON CONFLICT DO NOTHING",
-        )
-        .bind(&deps_dep)
-        .bind(&deps_dep_seq)
-        .bind(&deps_task)
-        .execute(&mut *tx.conn)
-        .await?;
-    }
+    wait_for(tx, &deps_dep, &deps_dep_seq, &deps_task).await?;
     for (stored, _) in &broken {
         if let Some(item) = fresh.iter_mut().find(|f| f.task.id == stored.task.id) {
             item.task = stored.task.clone();
@@ -218,6 +208,29 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             Answer::Fresh(i, created) => (fresh[i].task.clone(), created),
         })
         .collect())
+}
+
+/// Records that each task of `task_seqs` waits for the dependency beside
+/// it, not yet completed, so that its completion unblocks the task.
+async fn wait_for(
+    tx: &mut Tx,
+    dep_ids: &[Uuid],
+    dep_seqs: &[i64],
+    task_seqs: &[i64],
+) -> PgResult<()> {
+    if dep_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(dep_ids)
+    .bind(dep_seqs)
+    .bind(task_seqs)
+    .execute(&mut *tx.conn)
+    .await?;
+    Ok(())
 }
 
 /// Unmet dependencies, and one that already ended badly if any. Locks the
@@ -544,16 +557,9 @@ pub(crate) async fn retry(tx: &mut Tx, id: Uuid) -> PgResult<Task> {
             .values()
             .filter(|d| d.task.state != State::Completed)
             .collect();
-        sqlx::query(
-            "INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) \
-             SELECT d.id, d.seq, $3 FROM UNNEST($1::uuid[], $2::bigint[]) AS d (id, seq) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(unmet.iter().map(|d| d.task.id).collect::<Vec<_>>())
-        .bind(unmet.iter().map(|d| d.seq).collect::<Vec<_>>())
-        .bind(stored.seq)
-        .execute(&mut *tx.conn)
-        .await?;
+        let dep_ids: Vec<Uuid> = unmet.iter().map(|d| d.task.id).collect();
+        let dep_seqs: Vec<i64> = unmet.iter().map(|d| d.seq).collect();
+        wait_for(tx, &dep_ids, &dep_seqs, &vec![stored.seq; unmet.len()]).await?;
     }
     let task = stored.task.clone();
     tx.save(vec![(stored, before)]).await?;

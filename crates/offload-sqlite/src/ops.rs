@@ -457,17 +457,7 @@ impl WriteCtx<'_, '_> {
         let (id, seq) = self.ids.next(now);
         let task = Task::new_from_spec(id, spec, now, blocked);
         self.insert_row(&task, seq)?;
-        if !unmet.is_empty() {
-            self.effects().dependencies_stored = Some(true);
-        }
-        for dep in &unmet {
-            self.conn()?
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
-                )
-                .and_then(|mut stmt| stmt.execute(params![Id(*dep), seq]))
-                .map_err(storage_error)?;
-        }
+        self.wait_for(seq, unmet.iter().copied())?;
         self.count(&task.queue, &task.task_type, None, Some(task.state));
         self.event(EventKind::State, &task);
         let Some((dep, dep_state)) = broken else {
@@ -804,25 +794,26 @@ impl WriteCtx<'_, '_> {
             )));
         }
         if stored.task.state == State::Blocked {
-            self.wait_for(stored.seq, &dependencies)?;
+            let unmet = dependencies
+                .iter()
+                .filter(|(_, state)| *state != Some(State::Completed))
+                .map(|(dep, _)| *dep);
+            self.wait_for(stored.seq, unmet)?;
         }
         self.save(&stored, before)?;
         Ok(*stored.task)
     }
 
-    /// Records that the task at `seq` waits for those of `dependencies`
-    /// not yet completed, so that their completion unblocks it.
-    fn wait_for(&mut self, seq: i64, dependencies: &[(Uuid, Option<State>)]) -> Result<()> {
-        self.effects().dependencies_stored = Some(true);
-        for (dep, _) in dependencies
-            .iter()
-            .filter(|(_, state)| *state != Some(State::Completed))
-        {
+    /// Records that the task at `seq` waits for `unmet`, dependencies not
+    /// yet completed, so that their completion unblocks it.
+    fn wait_for(&mut self, seq: i64, unmet: impl Iterator<Item = Uuid>) -> Result<()> {
+        for dep in unmet {
+            self.effects().dependencies_stored = Some(true);
             self.conn()?
                 .prepare_cached(
                     "INSERT OR IGNORE INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
                 )
-                .and_then(|mut stmt| stmt.execute(params![Id(*dep), seq]))
+                .and_then(|mut stmt| stmt.execute(params![Id(dep), seq]))
                 .map_err(storage_error)?;
         }
         Ok(())
