@@ -18,7 +18,7 @@ mod events;
 mod source;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use offload_api::{
     AckBody, AckResults, BatchIds, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest,
@@ -58,7 +58,17 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether asking again later may succeed: the server could not be
+    /// reached (a restart, a deploy) or said it is unavailable.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. }) || self.status() == Some(503)
+    }
 }
+
+/// How long [`Client::wait`] keeps asking a server that went away after it
+/// answered once, before it gives up with the last error.
+pub const WAIT_THROUGH_OUTAGE: Duration = Duration::from_secs(60);
 
 pub type ClientResult<T> = Result<T, ClientError>;
 
@@ -454,21 +464,44 @@ impl Client {
     /// Waits until the task finishes and returns it. Follows the event
     /// stream, reconnecting if it drops.
     pub async fn wait(&self, id: Uuid) -> ClientResult<Task> {
+        let mut reached = false;
+        // Since when the server has been out of reach, while it is.
+        let mut away_since: Option<Instant> = None;
         loop {
-            let mut events = self.events(id).await?;
-            while let Some(event) = events.next().await? {
-                if event.task.state.is_finished() {
-                    return Ok(event.task);
+            match self.follow(id, &mut reached).await {
+                Ok(Some(task)) => return Ok(task),
+                Ok(None) => away_since = None,
+                // A server that never answered is not there: say so at once.
+                Err(e) if e.is_transient() && reached => {
+                    let since = *away_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= WAIT_THROUGH_OUTAGE {
+                        return Err(e);
+                    }
                 }
-            }
-            // The stream ended without a terminal event (the server went
-            // away); look, then follow again.
-            let task = self.get(id).await?;
-            if task.state.is_finished() {
-                return Ok(task);
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Follows task `id`'s events: the task once it finished, or `None`
+    /// when the stream ended before (the server went away). `reached` is
+    /// set once the server answered.
+    async fn follow(&self, id: Uuid, reached: &mut bool) -> ClientResult<Option<Task>> {
+        let mut events = self.events(id).await?;
+        *reached = true;
+        loop {
+            match events.next().await {
+                Ok(Some(event)) if event.task.state.is_finished() => return Ok(Some(event.task)),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) if e.is_transient() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Look before following again: it may have finished meanwhile.
+        let task = self.get(id).await?;
+        Ok(task.state.is_finished().then_some(task))
     }
 }
 

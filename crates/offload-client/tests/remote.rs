@@ -51,6 +51,72 @@ async fn server() -> Running {
     }
 }
 
+/// Serves `db` on `listen` until `stop`; the bound address, and the task
+/// that ends when the server has.
+async fn serve_until(
+    listen: std::net::SocketAddr,
+    db: String,
+    stop: CancellationToken,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let (address_tx, address_rx) = tokio::sync::oneshot::channel();
+    let config = Config {
+        listen,
+        db,
+        ..Config::default()
+    };
+    let serving = tokio::spawn(async move {
+        offload_server::serve(config, async move { stop.cancelled().await }, |address| {
+            let _ = address_tx.send(address);
+        })
+        .await
+        .unwrap();
+    });
+    (address_rx.await.unwrap(), serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_rides_out_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("restart.db").display());
+    let first = CancellationToken::new();
+    let (address, serving) =
+        serve_until("127.0.0.1:0".parse().unwrap(), db.clone(), first.clone()).await;
+    let client = Client::new(format!("http://{address}"));
+    let (task, _) = client.enqueue(&NewTask::new("t")).await.unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait(task.id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.cancel();
+    serving.await.unwrap();
+    // The waiter finds no server for a while.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "wait gave up while the server was away"
+    );
+    let second = CancellationToken::new();
+    let (_, serving) = serve_until(address, db, second.clone()).await;
+    client.cancel(task.id).await.unwrap();
+    let ended = waiting.await.unwrap().unwrap();
+    assert_eq!(ended.state, State::Cancelled);
+    second.cancel();
+    serving.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_fails_at_once_where_no_server_ever_answered() {
+    let client = Client::new("http://127.0.0.1:1");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), client.wait(uuid::Uuid::now_v7()))
+        .await
+        .expect("wait to give up");
+    assert!(
+        matches!(outcome, Err(ClientError::Unreachable { .. })),
+        "{outcome:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runtime_runs_unchanged_against_a_remote_server() {
     let server = server().await;

@@ -221,8 +221,9 @@ pub fn queue(queue: &QueueInfo, json: bool) -> Result<()> {
 /// Follows a task to its end with a progress bar; the exit code says how
 /// it ended.
 /// How long `watch` keeps trying to reach a server that went away after it
-/// answered once (a restart, a deploy) before it gives up with exit code 3.
-const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// answered once (a restart, a deploy) before it gives up with exit code 3:
+/// as long as the client's own `wait`.
+const RECONNECT_FOR: Duration = offload_client::WAIT_THROUGH_OUTAGE;
 
 /// `call`'s answer, asked again while the server cannot be reached or says
 /// it is unavailable, for up to [`RECONNECT_FOR`].
@@ -234,17 +235,13 @@ where
     let started = Instant::now();
     loop {
         match call().await {
-            Err(e) if is_transient(&e) && started.elapsed() < RECONNECT_FOR => {
+            Err(e) if e.is_transient() && started.elapsed() < RECONNECT_FOR => {
                 bar.set_message(format!("reconnecting: {e}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             answer => return answer,
         }
     }
-}
-
-fn is_transient(e: &ClientError) -> bool {
-    matches!(e, ClientError::Unreachable { .. }) || e.status() == Some(503)
 }
 
 pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
@@ -262,7 +259,7 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     let mut events = client.events(id).await?;
     let task = loop {
         let next = match events.next().await {
-            Err(e) if is_transient(&e) => None,
+            Err(e) if e.is_transient() => None,
             other => other?,
         };
         match next {
