@@ -461,19 +461,58 @@ impl Client {
         Ok(TaskEvents::new(response))
     }
 
-    /// Waits until the task finishes and returns it. Follows the event
-    /// stream, reconnecting if it drops.
+    /// Waits until the task finishes and returns it, following it through
+    /// restarts of the server ([`Client::follow`]).
     pub async fn wait(&self, id: Uuid) -> ClientResult<Task> {
-        let mut reached = false;
-        // Since when the server has been out of reach, while it is.
-        let mut away_since: Option<Instant> = None;
+        let mut following = self.follow(id);
         loop {
-            match self.follow(id, &mut reached).await {
-                Ok(Some(task)) => return Ok(task),
-                Ok(None) => away_since = None,
-                // A server that never answered is not there: say so at once.
-                Err(e) if e.is_transient() && reached => {
-                    let since = *away_since.get_or_insert_with(Instant::now);
+            let task = following.next().await?;
+            if task.state.is_finished() {
+                return Ok(task);
+            }
+        }
+    }
+
+    /// Task `id`'s states as they change, over its event stream, followed
+    /// again when the stream drops: for up to [`WAIT_THROUGH_OUTAGE`] while
+    /// a server that answered once cannot be reached or is unavailable (a
+    /// restart, a deploy). A server that never answered fails the first
+    /// [`Following::next`] at once.
+    pub fn follow(&self, id: Uuid) -> Following<'_> {
+        Following {
+            client: self,
+            id,
+            events: None,
+            reached: false,
+            away_since: None,
+        }
+    }
+}
+
+/// A task followed through its changes; see [`Client::follow`].
+#[derive(Debug)]
+pub struct Following<'c> {
+    client: &'c Client,
+    id: Uuid,
+    events: Option<TaskEvents>,
+    reached: bool,
+    /// Since when the server has been out of reach, while it is.
+    away_since: Option<Instant>,
+}
+
+impl Following<'_> {
+    /// The task's next state; the caller stops at a finished one.
+    pub async fn next(&mut self) -> ClientResult<Task> {
+        loop {
+            match self.step().await {
+                Ok(Some(task)) => {
+                    self.away_since = None;
+                    return Ok(task);
+                }
+                // The stream ended with the task still active: follow again.
+                Ok(None) => self.away_since = None,
+                Err(e) if e.is_transient() && self.reached => {
+                    let since = *self.away_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= WAIT_THROUGH_OUTAGE {
                         return Err(e);
                     }
@@ -484,23 +523,23 @@ impl Client {
         }
     }
 
-    /// Follows task `id`'s events: the task once it finished, or `None`
-    /// when the stream ended before (the server went away). `reached` is
-    /// set once the server answered.
-    async fn follow(&self, id: Uuid, reached: &mut bool) -> ClientResult<Option<Task>> {
-        let mut events = self.events(id).await?;
-        *reached = true;
-        loop {
-            match events.next().await {
-                Ok(Some(event)) if event.task.state.is_finished() => return Ok(Some(event.task)),
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) if e.is_transient() => break,
-                Err(e) => return Err(e),
+    /// One event, or, where the stream dropped, one look at the task:
+    /// `Some` if it finished meanwhile.
+    async fn step(&mut self) -> ClientResult<Option<Task>> {
+        let events = match &mut self.events {
+            Some(events) => events,
+            None => {
+                let events = self.client.events(self.id).await?;
+                self.reached = true;
+                self.events.insert(events)
             }
+        };
+        match events.next().await {
+            Ok(Some(event)) => return Ok(Some(event.task)),
+            Err(e) if !e.is_transient() => return Err(e),
+            Ok(None) | Err(_) => self.events = None,
         }
-        // Look before following again: it may have finished meanwhile.
-        let task = self.get(id).await?;
+        let task = self.client.get(self.id).await?;
         Ok(task.state.is_finished().then_some(task))
     }
 }

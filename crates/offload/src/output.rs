@@ -1,12 +1,11 @@
 //! What the commands print: aligned tables for people, JSON for scripts.
 
-use std::future::Future;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use offload_client::{Client, ClientError};
+use offload_client::Client;
 use offload_core::{Counts, QueueInfo, State, Stats, Task, TaskPage};
 use serde::Serialize;
 use uuid::Uuid;
@@ -220,30 +219,6 @@ pub fn queue(queue: &QueueInfo, json: bool) -> Result<()> {
 
 /// Follows a task to its end with a progress bar; the exit code says how
 /// it ended.
-/// How long `watch` keeps trying to reach a server that went away after it
-/// answered once (a restart, a deploy) before it gives up with exit code 3:
-/// as long as the client's own `wait`.
-const RECONNECT_FOR: Duration = offload_client::WAIT_THROUGH_OUTAGE;
-
-/// `call`'s answer, asked again while the server cannot be reached or says
-/// it is unavailable, for up to [`RECONNECT_FOR`].
-async fn reaching<T, F, Fut>(bar: &ProgressBar, mut call: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ClientError>>,
-{
-    let started = Instant::now();
-    loop {
-        match call().await {
-            Err(e) if e.is_transient() && started.elapsed() < RECONNECT_FOR => {
-                bar.set_message(format!("reconnecting: {e}"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            answer => return answer,
-        }
-    }
-}
-
 pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     let bar = if json {
         ProgressBar::hidden()
@@ -256,44 +231,24 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     };
-    let mut events = client.events(id).await?;
+    // Followed through a restart of the server, as `Client::wait` is.
+    let mut following = client.follow(id);
     let task = loop {
-        let next = match events.next().await {
-            Err(e) if e.is_transient() => None,
-            other => other?,
-        };
-        match next {
-            Some(event) => {
-                if json {
-                    outln!("{}", serde_json::to_string(&event.task)?)?;
-                }
-                let task = event.task;
-                if let Some(p) = task.progress.as_ref().and_then(|p| p.percent) {
-                    bar.set_position(p.clamp(0.0, 100.0) as u64);
-                }
-                let note = task
-                    .progress
-                    .as_ref()
-                    .and_then(|p| p.message.clone())
-                    .unwrap_or_default();
-                bar.set_message(format!("{} {note}", task.state));
-                if task.state.is_finished() {
-                    break task;
-                }
-            }
-            None => {
-                // The stream dropped (the server restarted): look, then follow again.
-                let task = reaching(&bar, || client.get(id)).await?;
-                if task.state.is_finished() {
-                    // It ended while no stream was open: its last line.
-                    if json {
-                        outln!("{}", serde_json::to_string(&task)?)?;
-                    }
-                    break task;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                events = reaching(&bar, || client.events(id)).await?;
-            }
+        let task = following.next().await?;
+        if json {
+            outln!("{}", serde_json::to_string(&task)?)?;
+        }
+        if let Some(p) = task.progress.as_ref().and_then(|p| p.percent) {
+            bar.set_position(p.clamp(0.0, 100.0) as u64);
+        }
+        let note = task
+            .progress
+            .as_ref()
+            .and_then(|p| p.message.clone())
+            .unwrap_or_default();
+        bar.set_message(format!("{} {note}", task.state));
+        if task.state.is_finished() {
+            break task;
         }
     };
     if task.state == State::Completed {
