@@ -310,16 +310,11 @@ impl NewTask {
             ));
         }
         for (key, value) in &labels {
-            if key.is_empty() || key.chars().count() > 64 || key.contains(':') {
-                return Err(Error::invalid(
-                    field("labels"),
-                    format!("keys must be 1 to 64 characters without ':'; got {key:?}"),
-                ));
-            }
-            if value.chars().count() > 256 {
+            validate_label_key(field("labels"), key)?;
+            if value.chars().count() > MAX_LABEL_VALUE_CHARS {
                 return Err(Error::invalid(
                     position.field(format_args!("labels.{key}")),
-                    "must be at most 256 characters",
+                    format!("must be at most {MAX_LABEL_VALUE_CHARS} characters"),
                 ));
             }
         }
@@ -348,13 +343,8 @@ impl NewTask {
             }
         }
 
-        if let Some(owner) = &self.owner
-            && (owner.is_empty() || owner.chars().count() > 128)
-        {
-            return Err(Error::invalid(
-                field("owner"),
-                "must be 1 to 128 characters",
-            ));
+        if let Some(owner) = &self.owner {
+            validate_owner(field("owner"), owner)?;
         }
 
         let payload = self.payload.unwrap_or_else(json_null);
@@ -510,6 +500,32 @@ pub fn validate_queue_name(field: impl fmt::Display, value: &str) -> Result<()> 
 
 pub fn validate_task_type(field: impl fmt::Display, value: &str) -> Result<()> {
     validate_name(field, value, 128, true)
+}
+
+/// An owner as a task carries it, and so as a filter can match it: a
+/// filter no task could ever match is a mistake in the call, said as one.
+pub fn validate_owner(field: impl fmt::Display, value: &str) -> Result<()> {
+    if value.is_empty() || value.chars().count() > 128 {
+        return Err(Error::invalid(
+            field.to_string(),
+            "must be 1 to 128 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The longest value a label may have.
+pub const MAX_LABEL_VALUE_CHARS: usize = 256;
+
+/// A label's key, on a task and in a `key:value` filter alike.
+pub fn validate_label_key(field: impl fmt::Display, key: &str) -> Result<()> {
+    if key.is_empty() || key.chars().count() > 64 || key.contains(':') {
+        return Err(Error::invalid(
+            field.to_string(),
+            format!("keys must be 1 to 64 characters without ':'; got {key:?}"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn validate_worker_id(value: &str) -> Result<()> {

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{name_filter, query_pairs, task_id};
+use crate::extract::{name_filter, owner_filter, query_pairs, task_id};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -92,7 +92,7 @@ pub async fn all_events(
         match key.as_str() {
             "queue" => queue = Some(name_filter(&key, value)?),
             "type" => task_type = Some(name_filter(&key, value)?),
-            _ => owner = Some(value),
+            _ => owner = Some(owner_filter(value)?),
         }
     }
     let mut changes = state.store().hub().subscribe();

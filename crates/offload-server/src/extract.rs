@@ -263,6 +263,11 @@ pub fn name_filter(key: &str, value: String) -> Result<String, ApiError> {
     Ok(value)
 }
 
+pub fn owner_filter(value: String) -> Result<String, ApiError> {
+    offload_core::validate_owner("owner", &value)?;
+    Ok(value)
+}
+
 pub fn task_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::invalid("id", format!("must be a task id (a UUID); got {raw:?}")))

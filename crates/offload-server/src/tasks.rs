@@ -13,7 +13,7 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    JsonBody, NoBody, RawBatchBody, int_param, name_filter, parse_json, query_pairs,
+    JsonBody, NoBody, RawBatchBody, int_param, name_filter, owner_filter, parse_json, query_pairs,
     read_batch_streamed, task_id,
 };
 use crate::json::{Json, TaskJson, task_list_json};
@@ -163,11 +163,22 @@ pub async fn list(
             "state" => query.states.extend(parse_states("state", &value)?),
             "type" => query.task_type = Some(name_filter(&key, value)?),
             "queue" => query.queue = Some(name_filter(&key, value)?),
-            "owner" => query.owner = Some(value),
+            "owner" => query.owner = Some(owner_filter(value)?),
             "label" => {
                 let (k, v) = value.split_once(':').ok_or_else(|| {
                     ApiError::invalid("label", format!("must be key:value; got {value:?}"))
                 })?;
+                // What no task's labels can hold, no filter can match.
+                offload_core::validate_label_key("label", k)?;
+                if v.chars().count() > offload_core::MAX_LABEL_VALUE_CHARS {
+                    return Err(ApiError::invalid(
+                        "label",
+                        format!(
+                            "values must be at most {} characters",
+                            offload_core::MAX_LABEL_VALUE_CHARS
+                        ),
+                    ));
+                }
                 query.labels.push((k.to_owned(), v.to_owned()));
             }
             "created_after" => query.created_after = Some(parse_time("created_after", &value)?),

@@ -3,7 +3,8 @@
 //! line on stderr and maps them to exit codes; the work is in the crates.
 //!
 //! Exit codes: 0 success, 1 the operation failed (the server said no),
-//! 2 bad usage, 3 cannot reach the server.
+//! 2 bad usage (caught here, or a 400 from the server that names the
+//! argument), 3 cannot reach the server.
 
 // Output goes through `outln!`, which a closed stdout cannot panic.
 #![warn(clippy::print_stdout)]
@@ -125,6 +126,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => 3,
+        // The server's 400 names an argument and the rule it broke: the
+        // same slip as one caught here before sending, and the same code,
+        // wherever the check happens to live.
+        Some(ClientError::Api { status: 400, .. }) => 2,
         _ => 1,
     }
 }

@@ -420,6 +420,32 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "type: must be 1 to 128 characters",
     );
+    // An owner or a label no task can carry is no filter either.
+    assert_error(
+        http.get("/v1/tasks?owner="),
+        400,
+        "invalid_argument",
+        "owner: must be 1 to 128 characters",
+    );
+    assert_error(
+        http.get("/v1/events?owner="),
+        400,
+        "invalid_argument",
+        "owner: must be 1 to 128 characters",
+    );
+    assert_error(
+        http.get("/v1/tasks?label=:v"),
+        400,
+        "invalid_argument",
+        "label: keys must be 1 to 64 characters without ':'; got \"\"",
+    );
+    assert_error(
+        http.get(&format!("/v1/tasks?label=k:{}", "v".repeat(257))),
+        400,
+        "invalid_argument",
+        "label: values must be at most 256 characters",
+    );
+    assert_eq!(http.get("/v1/tasks?owner=u1&label=k:v").0, 200);
     // `type=a&type=b` is not "a or b": one value, or a 400.
     assert_error(
         http.get("/v1/tasks?type=a&type=b"),
