@@ -114,6 +114,16 @@ pub struct QueueConfig {
     pub paused: Option<bool>,
 }
 
+/// The largest `payload_limit_bytes`. A task's payload, its result and its
+/// progress data each become one value in the store, and SQLite and
+/// PostgreSQL each refuse a value past about 1 GB: with a higher limit a
+/// payload the server accepted failed in the store ("string or blob too
+/// big") as a 500.
+pub const MAX_PAYLOAD_LIMIT_BYTES: usize = 256 << 20;
+
+/// The most tasks of one queue that may run at once, where a limit is set.
+pub const MAX_QUEUE_CONCURRENCY: u32 = 1_000_000;
+
 impl Config {
     pub fn from_toml_file(path: &str) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -162,8 +172,18 @@ impl Config {
                 self.db_pool_size
             ));
         }
-        if self.payload_limit_bytes == 0 {
-            return invalid("payload_limit_bytes must be above 0".into());
+        if !(1..=MAX_PAYLOAD_LIMIT_BYTES).contains(&self.payload_limit_bytes) {
+            return invalid(format!(
+                "payload_limit_bytes must be 1 to {MAX_PAYLOAD_LIMIT_BYTES}; got {}",
+                self.payload_limit_bytes
+            ));
+        }
+        if self.batch_body_limit_bytes < self.payload_limit_bytes {
+            return invalid(format!(
+                "batch_body_limit_bytes must be at least payload_limit_bytes ({}), so that \
+                 a batch or an ack can carry one task of the largest payload or result; got {}",
+                self.payload_limit_bytes, self.batch_body_limit_bytes
+            ));
         }
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return invalid(format!(
@@ -171,9 +191,19 @@ impl Config {
                 self.backoff.jitter
             ));
         }
-        for name in self.queues.keys() {
+        for (name, settings) in &self.queues {
             offload_core::validate_queue_name("queues", name)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            // 0 would be a queue that never runs a task, said nowhere but
+            // in its stalled counts; PATCH /v1/queues refuses it too.
+            if let Some(n) = settings.concurrency
+                && !(1..=MAX_QUEUE_CONCURRENCY).contains(&n)
+            {
+                return invalid(format!(
+                    "queues.{name}.concurrency must be 1 to {MAX_QUEUE_CONCURRENCY}, or left out \
+                     for no limit; got {n}"
+                ));
+            }
         }
         Ok(())
     }
@@ -213,5 +243,61 @@ fn one_line(text: &str, error: &toml::de::Error) -> String {
             format!("line {line}, column {column}: {message}")
         }
         None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(edit: impl FnOnce(&mut Config)) -> String {
+        let mut config = Config::default();
+        edit(&mut config);
+        match config.validate() {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("accepted {config:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn limits_the_stores_cannot_hold_are_refused() {
+        let message = refused(|c| c.payload_limit_bytes = 2_000_000_000);
+        assert!(
+            message.contains("payload_limit_bytes must be 1 to 268435456; got 2000000000"),
+            "{message}"
+        );
+        let message = refused(|c| c.payload_limit_bytes = 0);
+        assert!(
+            message.contains("payload_limit_bytes must be 1 to"),
+            "{message}"
+        );
+        let message = refused(|c| c.batch_body_limit_bytes = 0);
+        assert!(
+            message
+                .contains("batch_body_limit_bytes must be at least payload_limit_bytes (1048576)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_queue_limited_to_no_task_at_all_is_refused() {
+        let stalled = QueueConfig {
+            concurrency: Some(0),
+            paused: None,
+        };
+        let message = refused(|c| {
+            c.queues.insert("emails".into(), stalled);
+        });
+        assert!(
+            message.contains(
+                "queues.emails.concurrency must be 1 to 1000000, or left out for no limit; got 0"
+            ),
+            "{message}"
+        );
     }
 }
