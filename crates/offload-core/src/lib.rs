@@ -27,7 +27,7 @@ pub use hub::{EventKind, Hub, TaskEvent};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
 pub use new_task::{
     Limits, MAX_LABEL_VALUE_CHARS, NewTask, OnConflict, Position, PriorityInput, Schedule,
-    TaskSpec, check_json, validate_label_key, validate_owner, validate_queue_name,
+    TaskSpec, check_json, no_nul, validate_label_key, validate_owner, validate_queue_name,
     validate_task_type, validate_worker_id,
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};

@@ -287,13 +287,14 @@ impl NewTask {
         )?
         .unwrap_or(DEFAULT_TIMEOUT_SECS);
 
-        if let Some(key) = &self.unique_key
-            && (key.is_empty() || key.chars().count() > 256)
-        {
-            return Err(Error::invalid(
-                field("unique_key"),
-                "must be 1 to 256 characters",
-            ));
+        if let Some(key) = &self.unique_key {
+            if key.is_empty() || key.chars().count() > 256 {
+                return Err(Error::invalid(
+                    field("unique_key"),
+                    "must be 1 to 256 characters",
+                ));
+            }
+            no_nul(field("unique_key"), key)?;
         }
         if self.on_conflict.is_some() && self.unique_key.is_none() {
             return Err(Error::invalid(
@@ -311,6 +312,7 @@ impl NewTask {
         }
         for (key, value) in &labels {
             validate_label_key(field("labels"), key)?;
+            no_nul(position.field(format_args!("labels.{key}")), value)?;
             if value.chars().count() > MAX_LABEL_VALUE_CHARS {
                 return Err(Error::invalid(
                     position.field(format_args!("labels.{key}")),
@@ -511,6 +513,21 @@ pub fn validate_owner(field: impl fmt::Display, value: &str) -> Result<()> {
             "must be 1 to 128 characters",
         ));
     }
+    no_nul(field, value)
+}
+
+/// Refuses U+0000 in a string a store keeps as text of its own (owner,
+/// unique key, labels, worker id). PostgreSQL's `text` and `jsonb` cannot
+/// hold it, so it failed there as a 500 while SQLite kept it: one rule for
+/// every backend. Payloads, results, messages and progress are JSON text,
+/// where it travels escaped, and may carry it.
+pub fn no_nul(field: impl fmt::Display, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(Error::invalid(
+            field.to_string(),
+            "must not contain the character U+0000 (NUL)",
+        ));
+    }
     Ok(())
 }
 
@@ -519,10 +536,10 @@ pub const MAX_LABEL_VALUE_CHARS: usize = 256;
 
 /// A label's key, on a task and in a `key:value` filter alike.
 pub fn validate_label_key(field: impl fmt::Display, key: &str) -> Result<()> {
-    if key.is_empty() || key.chars().count() > 64 || key.contains(':') {
+    if key.is_empty() || key.chars().count() > 64 || key.contains([':', '\0']) {
         return Err(Error::invalid(
             field.to_string(),
-            format!("keys must be 1 to 64 characters without ':'; got {key:?}"),
+            format!("keys must be 1 to 64 characters without ':' or U+0000; got {key:?}"),
         ));
     }
     Ok(())
@@ -532,7 +549,7 @@ pub fn validate_worker_id(value: &str) -> Result<()> {
     if value.is_empty() || value.chars().count() > 128 {
         return Err(Error::invalid("worker_id", "must be 1 to 128 characters"));
     }
-    Ok(())
+    no_nul("worker_id", value)
 }
 
 /// Enforces the size and nesting limits on a JSON value the caller sent.

@@ -170,6 +170,7 @@ pub async fn list(
                 })?;
                 // What no task's labels can hold, no filter can match.
                 offload_core::validate_label_key("label", k)?;
+                offload_core::no_nul("label", v)?;
                 if v.chars().count() > offload_core::MAX_LABEL_VALUE_CHARS {
                     return Err(ApiError::invalid(
                         "label",

@@ -76,6 +76,7 @@ pub async fn heartbeat(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<HeartbeatBody>,
 ) -> ApiResult<Json<HeartbeatAck>> {
+    validate_worker_id(&body.worker_id)?;
     let request = HeartbeatRequest {
         id: task_id(&id)?,
         worker_id: body.worker_id,
@@ -115,6 +116,7 @@ pub async fn fail(
 }
 
 async fn single_ack(state: &AppState, worker_id: &str, ack: Ack) -> ApiResult<Task> {
+    validate_worker_id(worker_id)?;
     let mut outcomes = state.store().ack(worker_id, vec![ack]).await?;
     let task = outcomes.pop().ok_or_else(|| {
         ApiError::from(offload_core::Error::Storage("ack answered nothing".into()))
@@ -153,6 +155,7 @@ pub async fn ack(
     State(state): State<AppState>,
     BatchBody(body): BatchBody<AckBody>,
 ) -> ApiResult<AckResultsJson> {
+    validate_worker_id(&body.worker_id)?;
     let mut acks = Vec::with_capacity(body.completed.len() + body.failed.len());
     for done in body.completed {
         acks.push(Ack::Complete {
