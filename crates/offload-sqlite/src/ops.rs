@@ -9,6 +9,7 @@ use offload_core::{
 };
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{OptionalExtension, params};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 use crate::ids;
@@ -29,6 +30,23 @@ const DUTY_BATCH: usize = 1000;
 const STREAM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Sql<T> = rusqlite::Result<T>;
+
+/// An operation's answer for a task that a later task of the same
+/// operation replaced (`on_conflict: "replace"`, SPEC §1.2), or for the
+/// holder a `keep` returned before that, was taken before the replacement:
+/// it must say what holds when the operation answers, as the task is
+/// cancelled by then.
+fn restate_replaced(answers: &mut [(Task, bool)], replaced: &[Task]) {
+    if replaced.is_empty() {
+        return;
+    }
+    let by_id: HashMap<Uuid, &Task> = replaced.iter().map(|task| (task.id, task)).collect();
+    for (task, _) in answers {
+        if let Some(now) = by_id.get(&task.id) {
+            *task = (*now).clone();
+        }
+    }
+}
 
 /// The queues an enqueue already made sure exist. A batch's tasks mostly
 /// share a queue, so a task's is compared with the last one before the set
@@ -280,7 +298,10 @@ impl WriteCtx<'_, '_> {
 
     pub fn enqueue(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
         self.sync_ids()?;
-        self.enqueue_more(specs, &mut KnownQueues::default())
+        let mut replaced = Vec::new();
+        let mut answers = self.enqueue_more(specs, &mut KnownQueues::default(), &mut replaced)?;
+        restate_replaced(&mut answers, &replaced);
+        Ok(answers)
     }
 
     /// Rows may have gone since the last insert (deleted, or rolled back
@@ -296,11 +317,14 @@ impl WriteCtx<'_, '_> {
     }
 
     /// Enqueues the next tasks of an operation, after [`Self::sync_ids`];
-    /// `known_queues` holds the queues it already made sure exist.
+    /// `known_queues` holds the queues it already made sure exist, and
+    /// `replaced` gets each task an `on_conflict: "replace"` cancelled, for
+    /// [`restate_replaced`].
     fn enqueue_more(
         &mut self,
         specs: Vec<TaskSpec>,
         known_queues: &mut KnownQueues,
+        replaced: &mut Vec<Task>,
     ) -> Result<Vec<(Task, bool)>> {
         let mut answers = Vec::with_capacity(specs.len());
         // Tasks with neither a unique key nor dependencies, inserted many to
@@ -332,6 +356,7 @@ impl WriteCtx<'_, '_> {
                             self.cancel_requested(holder.task.id);
                         }
                         self.save(&holder, before)?;
+                        replaced.push(*holder.task);
                     }
                 }
             }
@@ -355,12 +380,16 @@ impl WriteCtx<'_, '_> {
     ) -> Result<Vec<Vec<(Task, bool)>>> {
         self.sync_ids()?;
         let mut known_queues = KnownQueues::default();
+        let mut replaced = Vec::new();
         let mut chunks = Vec::new();
         let mut count = 0;
         while let Some(specs) = batch.next_blocking(STREAM_PATIENCE)? {
             count += specs.len();
             self.shared.limits.check_batch("tasks", count)?;
-            chunks.push(self.enqueue_more(specs, &mut known_queues)?);
+            chunks.push(self.enqueue_more(specs, &mut known_queues, &mut replaced)?);
+        }
+        for answers in &mut chunks {
+            restate_replaced(answers, &replaced);
         }
         Ok(chunks)
     }

@@ -922,6 +922,34 @@ pub async fn unique_key_replace_cancels_existing(factory: &dyn StoreFactory) {
     assert_eq!(f.store.retry(old.id).await.unwrap().state, State::Pending);
 }
 
+/// A batch whose later task replaces an earlier one of the same batch
+/// answers the earlier one as it is when the batch is answered: cancelled,
+/// also where a `keep` between them returned it.
+pub async fn a_batch_answers_the_task_its_own_replace_cancelled(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let limits = Limits::default();
+    let specs = [OnConflict::Keep, OnConflict::Keep, OnConflict::Replace]
+        .into_iter()
+        .enumerate()
+        .map(|(i, on_conflict)| {
+            NewTask::new("t")
+                .unique_key("k", on_conflict)
+                .validate(&limits, Position::InBatch(i))
+                .expect("a valid task")
+        })
+        .collect();
+    let answers = f.store.enqueue(specs).await.expect("enqueue");
+    let created: Vec<bool> = answers.iter().map(|(_, created)| *created).collect();
+    assert_eq!(created, [true, false, true]);
+    let (first, kept, replacement) = (&answers[0].0, &answers[1].0, &answers[2].0);
+    assert_eq!(kept.id, first.id, "the keep returned the first task");
+    for answered in [first, kept, replacement] {
+        assert_same(&f.get(answered.id).await, answered, "answered as stored");
+    }
+    assert_eq!(first.state, State::Cancelled);
+    assert_eq!(replacement.state, State::Pending);
+}
+
 /// Writers that name one key at once take turns: every replace succeeds,
 /// and exactly one task holds the key after them.
 pub async fn concurrent_replaces_of_one_key_all_succeed(factory: &dyn StoreFactory) {

@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             manual_retry_grants_one_more_attempt,
             unique_key_keep_returns_existing,
             unique_key_replace_cancels_existing,
+            a_batch_answers_the_task_its_own_replace_cancelled,
             concurrent_replaces_of_one_key_all_succeed,
             dependencies_block_until_completed,
             failed_dependency_cancels_dependents_transitively,

@@ -81,6 +81,25 @@ fn unique_key_returns_the_existing_task_with_200() {
         http.task(first["id"].as_str().unwrap())["state"],
         "cancelled"
     );
+    // Within one batch: the answer says what holds when the batch is
+    // answered, for the task a later one replaced and for the keep that
+    // returned it before.
+    let (status, batch) = http.post(
+        "/v1/tasks/batch",
+        json!({"tasks": [
+            {"type": "t", "unique_key": "b"},
+            {"type": "t", "unique_key": "b"},
+            {"type": "t", "unique_key": "b", "on_conflict": "replace"},
+        ]}),
+    );
+    assert_eq!(status, 201, "{batch}");
+    let states: Vec<&str> = batch["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["cancelled", "cancelled", "pending"], "{batch}");
 }
 
 /// `Prefer: return=minimal` (RFC 7240, among other preferences) answers a
