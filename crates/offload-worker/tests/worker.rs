@@ -245,6 +245,51 @@ async fn timeout_fires_the_token_and_fails_the_attempt() {
     handle.await.unwrap();
 }
 
+/// A worker that lost its lease (here: its heartbeats come later than the
+/// lease lasts, as for a worker paused or cut off) learns it at its next
+/// heartbeat: the handler's token fires, and what the handler then answers
+/// is dropped, since the store already failed that attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_lease_fires_the_token_and_drops_the_answer() {
+    let s = setup();
+    let seen: Arc<Mutex<Option<CancelReason>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let config = offload_worker::WorkerConfig {
+        lease: Duration::from_secs(1),
+        heartbeat_interval: Duration::from_secs(3),
+        ..offload_worker::WorkerConfig::default()
+    };
+    let worker = Worker::new(Arc::clone(&s.engine))
+        .with_config(config)
+        .handle("held", move |ctx: TaskContext| {
+            let record = Arc::clone(&record);
+            async move {
+                ctx.cancellation().cancelled().await;
+                *record.lock().unwrap() = ctx.cancel_reason();
+                Ok::<_, TaskFailure>("finished after all")
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("held").max_attempts(1)).await;
+    let failed = s
+        .wait_for(task.id, "failed", |t| t.state == State::Failed)
+        .await;
+    assert_eq!(failed.error.as_ref().unwrap().kind, ErrorKind::LeaseExpired);
+    for _ in 0..3000 {
+        if seen.lock().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*seen.lock().unwrap(), Some(CancelReason::LeaseLost));
+    stop.cancel();
+    handle.await.unwrap();
+    let after = s.get(task.id).await;
+    assert_eq!(after.state, State::Failed);
+    assert!(after.result.is_none(), "the late answer was dropped");
+    assert_eq!(after.error.unwrap().kind, ErrorKind::LeaseExpired);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_task_not_the_worker() {
     let s = setup();
