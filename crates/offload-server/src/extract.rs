@@ -2,7 +2,6 @@
 //! with a size limit, task ids in paths, and query strings that refuse
 //! unknown parameters.
 
-use axum::body::Body;
 use axum::extract::{FromRequest, Request};
 use http_body_util::BodyExt;
 use offload_core::NewTask;
@@ -32,7 +31,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req.into_body(), state.limits.body_bytes).await?;
+        let bytes = read_limited(req, state.limits.body_bytes).await?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -41,7 +40,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req.into_body(), state.limits.batch_body_bytes).await?;
+        let bytes = read_limited(req, state.limits.batch_body_bytes).await?;
         parse_json(&bytes).map(BatchBody)
     }
 }
@@ -57,7 +56,7 @@ impl FromRequest<AppState> for NoBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req.into_body(), state.limits.body_bytes).await?;
+        let bytes = read_limited(req, state.limits.body_bytes).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(NoBody);
         }
@@ -89,7 +88,7 @@ impl FromRequest<AppState> for RawBatchBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        read_limited(req.into_body(), state.limits.batch_body_bytes)
+        read_limited(req, state.limits.batch_body_bytes)
             .await
             .map(RawBatchBody)
     }
@@ -177,7 +176,22 @@ impl<'de> Visitor<'de> for TasksSeed<'_, '_> {
 /// Reads a body of at most `limit` bytes. A longer one is read to its end
 /// (up to [`DRAIN_LIMIT`]) and dropped before the 413 goes out: a client
 /// still sending when the server closes would never see the answer.
-async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+/// The body of `req`, refused past `limit` bytes. A compressed body is
+/// refused by name: read as JSON it would fail as "not valid JSON", which
+/// sends its sender looking in the wrong place.
+async fn read_limited(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    if let Some(encoding) = req.headers().get(axum::http::header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(ApiError::invalid(
+            "content-encoding",
+            format!(
+                "{:?} is not accepted; send the body uncompressed",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ),
+        ));
+    }
+    let mut body = req.into_body();
     let mut collected = bytes::BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {

@@ -439,6 +439,21 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "type: must be 1 to 128 characters",
     );
+    // A compressed body is refused by name, not as JSON that does not parse.
+    let gzipped = http
+        .client
+        .post(format!("{}/v1/tasks", http.base))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 0x08, 0x00])
+        .send()
+        .unwrap();
+    assert_eq!(gzipped.status().as_u16(), 400);
+    let body: Value = gzipped.json().unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "content-encoding: \"gzip\" is not accepted; send the body uncompressed"
+    );
     // An owner or a label no task can carry is no filter either.
     assert_error(
         http.get("/v1/tasks?owner="),
