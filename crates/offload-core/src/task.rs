@@ -104,6 +104,25 @@ pub enum ErrorKind {
     DependencyFailed,
 }
 
+impl ErrorKind {
+    /// The name the API gives it (SPEC §1).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Error => "error",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::LeaseExpired => "lease_expired",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::DependencyFailed => "dependency_failed",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The last error of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

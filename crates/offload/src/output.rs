@@ -64,8 +64,26 @@ pub fn task(task: &Task, json: bool) -> Result<()> {
         ("created_at", task.created_at.to_string()),
         ("started_at", opt(task.started_at)),
         ("finished_at", opt(task.finished_at)),
-        ("payload", task.payload.get().to_owned()),
     ];
+    if let Some(owner) = &task.owner {
+        rows.push(("owner", owner.clone()));
+    }
+    if !task.labels.is_empty() {
+        let labels: Vec<String> = task
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        rows.push(("labels", labels.join(" ")));
+    }
+    if let Some(key) = &task.unique_key {
+        rows.push(("unique_key", key.clone()));
+    }
+    if !task.depends_on.is_empty() {
+        let ids: Vec<String> = task.depends_on.iter().map(Uuid::to_string).collect();
+        rows.push(("depends_on", ids.join(" ")));
+    }
+    rows.push(("payload", task.payload.get().to_owned()));
     if let Some(progress) = &task.progress {
         rows.push((
             "progress",
@@ -80,7 +98,7 @@ pub fn task(task: &Task, json: bool) -> Result<()> {
         rows.push(("result", result.get().to_owned()));
     }
     if let Some(error) = &task.error {
-        rows.push(("error", format!("{:?}: {}", error.kind, error.message)));
+        rows.push(("error", format!("{}: {}", error.kind, error.message)));
     }
     if task.cancel_requested {
         rows.push(("cancel_requested", "true".into()));
@@ -88,10 +106,38 @@ pub fn task(task: &Task, json: bool) -> Result<()> {
     if let Some(worker) = &task.worker_id {
         rows.push(("worker_id", worker.clone()));
     }
+    if let Some(lease) = task.lease_expires_at {
+        rows.push(("lease_expires_at", lease.to_string()));
+    }
+    const KEY_WIDTH: usize = 17;
     for (key, value) in rows {
-        outln!("{key:<17}{value}")?;
+        // A message's further lines start under its first.
+        let value = printable(&value).replace('\n', &format!("\n{:KEY_WIDTH$}", ""));
+        outln!("{key:<KEY_WIDTH$}{value}")?;
     }
     Ok(())
+}
+
+/// `text` as it is safe to show on a terminal. Owners, labels and the
+/// messages of workers are anyone's text: an escape sequence in one
+/// (`ESC [2J`, a title change, a carriage return over the line before)
+/// would act on the terminal of the person reading it. Control characters
+/// other than newline and tab are shown escaped (`\u{1b}`) instead.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(unsafe_char) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 pub fn task_list(page: &TaskPage, json: bool) -> Result<()> {
@@ -244,8 +290,10 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
         let note = task
             .progress
             .as_ref()
-            .and_then(|p| p.message.clone())
+            .and_then(|p| p.message.as_deref())
             .unwrap_or_default();
+        // One line under the bar: a newline would break its redraw.
+        let note = printable(note).replace(['\n', '\t'], " ");
         bar.set_message(format!("{} {note}", task.state));
         if task.state.is_finished() {
             break task;
@@ -258,7 +306,9 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
     if !json {
         match (&task.state, &task.error) {
             (State::Completed, _) => outln!("completed {}", task.id),
-            (state, Some(error)) => outln!("{state} {}: {}", task.id, error.message),
+            (state, Some(error)) => {
+                outln!("{state} {}: {}", task.id, printable(&error.message))
+            }
             (state, None) => outln!("{state} {}", task.id),
         }?;
     }
@@ -267,4 +317,19 @@ pub async fn watch(client: &Client, id: Uuid, json: bool) -> Result<ExitCode> {
         State::Failed => 1,
         _ => 2,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escape_sequences_are_shown_not_acted_on() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(printable("a\nb\tc"), "a\nb\tc");
+        assert_eq!(
+            printable("boom\u{1b}[2J\rX\u{7}"),
+            "boom\\u{1b}[2J\\rX\\u{7}"
+        );
+    }
 }

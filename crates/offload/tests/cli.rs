@@ -59,6 +59,10 @@ fn commands_print_for_people_and_for_scripts() {
         people.contains("report.build") && people.contains("pending"),
         "{people}"
     );
+    assert!(
+        people.contains("labels           project_id=p1"),
+        "{people}"
+    );
     let table = stdout(&server.cli(&["list", "--queue", "reports"]));
     assert!(table.starts_with("ID") && table.contains(&id), "{table}");
     let listed = json_of(&server.cli(&["list", "--label", "project_id=p1", "--json"]));
@@ -87,6 +91,34 @@ fn commands_print_for_people_and_for_scripts() {
     let child = json_of(&server.cli(&["get", &stdout(&after), "--json"]));
     assert_eq!(child["state"], "blocked");
     assert_eq!(child["depends_on"], json!([id]));
+    let child_for_people = stdout(&server.cli(&["get", &stdout(&after)]));
+    for row in [
+        format!("depends_on       {id}"),
+        "unique_key       pub-1".to_owned(),
+    ] {
+        assert!(child_for_people.contains(&row), "{child_for_people}");
+    }
+
+    // What a worker wrote is shown, never acted on by the terminal, and a
+    // message's lines line up under its first.
+    let http = server.http();
+    let marked = http.enqueue(json!({"type": "shown", "owner": "user\u{1b}]0;title\u{7}"}));
+    let marked_id = marked["id"].as_str().unwrap();
+    http.post("/v1/fetch", json!({"worker_id": "w", "types": ["shown"]}));
+    http.post(
+        &format!("/v1/tasks/{marked_id}/fail"),
+        json!({"worker_id": "w", "error": {"message": "boom\u{1b}[2J\n  at step 2"}, "retry": false}),
+    );
+    let shown = stdout(&server.cli(&["get", marked_id]));
+    assert!(!shown.contains('\u{1b}'), "{shown:?}");
+    assert!(
+        shown.contains("owner            user\\u{1b}]0;title\\u{7}"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("error            error: boom\\u{1b}[2J\n                   at step 2"),
+        "{shown}"
+    );
 
     assert!(server.cli(&["cancel", &id]).status.success());
     assert_eq!(
