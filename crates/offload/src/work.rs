@@ -260,12 +260,14 @@ fn parse_progress(report: &str) -> (Option<f64>, Option<String>) {
     let (first, rest) = report
         .split_once(char::is_whitespace)
         .unwrap_or((report, ""));
+    // Rust reads "nan", "inf" and "infinity" as numbers; a person writing
+    // them meant words, and NaN would reach the server as no percent at all.
     match first.trim_end_matches('%').parse::<f64>() {
-        Ok(p) => (
+        Ok(p) if p.is_finite() => (
             Some(p.clamp(0.0, 100.0)),
             Some(rest.trim().to_owned()).filter(|m| !m.is_empty()),
         ),
-        Err(_) => (None, Some(report.to_owned()).filter(|m| !m.is_empty())),
+        _ => (None, Some(report.to_owned()).filter(|m| !m.is_empty())),
     }
 }
 
@@ -298,6 +300,11 @@ mod tests {
         assert_eq!(
             parse_progress("warming up"),
             (None, Some("warming up".into()))
+        );
+        assert_eq!(parse_progress("NaN"), (None, Some("NaN".into())));
+        assert_eq!(
+            parse_progress("infinity and beyond"),
+            (None, Some("infinity and beyond".into()))
         );
     }
 }
