@@ -46,6 +46,12 @@ pub enum ClientError {
         code: String,
         message: String,
     },
+    /// The client's URL cannot name a server (`127.0.0.1:6490` without its
+    /// scheme, say): no request was sent.
+    #[error(
+        "{url:?} is not an Offload server's URL: it must be http:// or https:// and a host, as in http://127.0.0.1:6490 ({message})"
+    )]
+    InvalidUrl { url: String, message: String },
     /// The server's answer made no sense to this client.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
@@ -207,6 +213,15 @@ impl Client {
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> ClientError {
+        // Said as a server that is down, a bad URL would be asked again
+        // and again by callers that wait out outages.
+        if e.is_builder() {
+            return ClientError::InvalidUrl {
+                url: self.base.clone(),
+                message: std::error::Error::source(e)
+                    .map_or_else(|| e.to_string(), ToString::to_string),
+            };
+        }
         let mut message = e.to_string();
         let mut source = std::error::Error::source(e);
         while let Some(cause) = source {

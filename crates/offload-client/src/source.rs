@@ -28,6 +28,7 @@ impl From<ClientError> for Error {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Unreachable { .. } => Error::Unavailable(e.to_string()),
+            ClientError::InvalidUrl { .. } => Error::invalid("url", e.to_string()),
             ClientError::Api {
                 status: 404,
                 message,

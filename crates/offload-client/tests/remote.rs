@@ -117,6 +117,59 @@ async fn wait_fails_at_once_where_no_server_ever_answered() {
     );
 }
 
+/// A URL without its scheme names no server: said so, and not asked again
+/// as a server that is down would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_names_no_server_is_said_to_be_one() {
+    let client = Client::new("127.0.0.1:6490");
+    let outcome = client.stats().await;
+    let Err(e @ ClientError::InvalidUrl { .. }) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("must be http:// or https://"), "{e}");
+    let waited = tokio::time::timeout(Duration::from_secs(10), client.wait(uuid::Uuid::now_v7()))
+        .await
+        .expect("wait to give up");
+    assert!(
+        matches!(waited, Err(ClientError::InvalidUrl { .. })),
+        "{waited:?}"
+    );
+}
+
+/// A worker whose every fetch the server refuses as bad input (here a
+/// queue name the server does not take) stops and says why, where it
+/// asked again forever, logging a warning each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_fetch_is_refused_stops_and_says_why() {
+    let server = server().await;
+    let worker = Worker::new(Arc::new(server.client.clone()))
+        .queues(["no spaces allowed"])
+        .handle("t", |_ctx: TaskContext| async move { Ok(()) });
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        worker.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the worker to stop by itself");
+    let error = ended.expect_err("a refused fetch is an error");
+    assert!(error.to_string().contains("queues[0]"), "{error}");
+
+    let unnamed = Worker::new(Arc::new(Client::new("127.0.0.1:6490")))
+        .handle("t", |_ctx: TaskContext| async move { Ok(()) });
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        unnamed.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the worker to stop by itself");
+    let error = ended.expect_err("a URL that names no server is an error");
+    assert!(
+        error.to_string().contains("not an Offload server's URL"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runtime_runs_unchanged_against_a_remote_server() {
     let server = server().await;

@@ -87,6 +87,10 @@ pub(crate) async fn run(
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut types: Vec<String> = handlers.keys().cloned().collect();
     types.sort();
+    // A fetch refused as bad input (a type or queue name the server does
+    // not take, a URL that names no server) is refused the same way every
+    // time: the worker stops and says why rather than asking forever.
+    let mut refused = None;
 
     loop {
         let first = tokio::select! {
@@ -119,6 +123,11 @@ pub(crate) async fn run(
             .await
         {
             Ok(tasks) => tasks,
+            Err(e @ Error::InvalidArgument { .. }) => {
+                tracing::error!(error = %e, "the fetch was refused; stopping");
+                refused = Some(e);
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "fetching tasks failed");
                 tokio::select! {
@@ -178,7 +187,7 @@ pub(crate) async fn run(
     let _ = heartbeats.await;
     let _ = listener.await;
     let _ = acker.await;
-    Ok(())
+    refused.map_or(Ok(()), Err)
 }
 
 /// Waits while runners are still handing their permits back, so that a

@@ -290,6 +290,34 @@ async fn losing_the_lease_fires_the_token_and_drops_the_answer() {
     assert_eq!(after.error.unwrap().kind, ErrorKind::LeaseExpired);
 }
 
+/// Settings no store would take are refused before the first fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_set_up_wrong_refuses_to_start_and_says_why() {
+    let s = setup();
+    let started = |worker: Worker| async move {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            worker.run(CancellationToken::new()),
+        )
+        .await
+        .expect("refused at once")
+        .expect_err("refused")
+        .to_string()
+    };
+    let no_handlers = Worker::new(Arc::clone(&s.engine));
+    assert!(started(no_handlers).await.contains("handlers"));
+    for lease in [Duration::from_millis(500), Duration::from_secs(7200)] {
+        let worker = Worker::new(Arc::clone(&s.engine))
+            .lease(lease)
+            .handle("t", |_ctx: TaskContext| async move { Ok(()) });
+        let message = started(worker).await;
+        assert!(
+            message.contains("lease: must be 1 s to 3600 s"),
+            "{message}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_task_not_the_worker() {
     let s = setup();
