@@ -359,8 +359,16 @@ impl Task {
     /// task never runs before what it depends on completes (SPEC §1:
     /// "stays blocked until all of them complete"). `dependencies` are the
     /// states of [`Task::depends_on`], `None` for one no longer stored; one
-    /// that ended without completing, or is gone, refuses the retry, since
-    /// the task could never run.
+    /// that ended without completing refuses the retry, since the task
+    /// could never run.
+    ///
+    /// One no longer stored counts as completed once the task has run: it
+    /// ran only after every dependency completed, and a completed task
+    /// leaves `completed` only by being deleted, which retention does a
+    /// day after completion by default, long before it deletes a failed
+    /// dependent. A task that never ran cannot tell a dependency that
+    /// completed from one that failed before both were deleted, and is
+    /// refused.
     pub fn manual_retry(
         &mut self,
         dependencies: &[(Uuid, Option<State>)],
@@ -369,6 +377,7 @@ impl Task {
         if !matches!(self.state, State::Failed | State::Cancelled) {
             return Err(self.wrong_state("retry (only failed or cancelled tasks can be retried)"));
         }
+        let ran = self.attempt > 0;
         let mut waits = false;
         for (dep, state) in dependencies {
             match state {
@@ -380,6 +389,7 @@ impl Task {
                     )));
                 }
                 Some(_) => waits = true,
+                None if ran => {}
                 None => {
                     return Err(Error::Conflict(format!(
                         "task {} depends on task {dep}, which no longer exists; it can never run",
@@ -543,6 +553,12 @@ mod tests {
             assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
             assert_eq!(t.state, State::Cancelled, "a refused retry changes nothing");
         }
+        // A task that ran found its dependencies completed; one deleted
+        // since (by retention) completed before it went.
+        let mut ran = task(State::Failed);
+        ran.attempt = 1;
+        ran.manual_retry(&[(gone, None)], now).unwrap();
+        assert_eq!(ran.state, State::Pending);
     }
 
     #[test]

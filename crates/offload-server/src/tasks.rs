@@ -221,7 +221,7 @@ pub async fn cancel(
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(("id" = String, Path)),
-    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled, or a dependency failed, was cancelled or is gone; a task whose dependencies are still active goes back to blocked", body = ErrorBody)))]
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled, or a dependency failed or was cancelled, or is gone from a task that never ran; a task whose dependencies are still active goes back to blocked", body = ErrorBody)))]
 pub async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,

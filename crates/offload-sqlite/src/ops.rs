@@ -825,7 +825,7 @@ impl WriteCtx<'_, '_> {
         if stored.task.state == State::Blocked {
             let unmet = dependencies
                 .iter()
-                .filter(|(_, state)| *state != Some(State::Completed))
+                .filter(|(_, state)| state.is_some_and(|s| !s.is_finished()))
                 .map(|(dep, _)| *dep);
             self.wait_for(stored.seq, unmet)?;
         }

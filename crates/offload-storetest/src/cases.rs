@@ -1074,7 +1074,15 @@ pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn 
     // Every dependency completed: a retry goes straight to pending.
     assert_eq!(f.store.retry(child.id).await.unwrap().state, State::Pending);
 
-    // A dependency deleted since: refused too.
+    // A dependency deleted since, by retention a day after it completed
+    // say: the child ran after it completed, so it may run again.
+    assert_eq!(f.claim_one("w").await.id, child.id);
+    f.fail("w", child.id, Some(false), None).await.unwrap();
+    f.store.delete(first.id).await.unwrap();
+    assert_eq!(f.store.retry(child.id).await.unwrap().state, State::Pending);
+
+    // A dependency deleted before the task ever ran: refused, as nothing
+    // tells whether it completed.
     let gone = f.enqueue(NewTask::new("gone")).await;
     let orphan = f.enqueue(NewTask::new("orphan").depends_on(gone.id)).await;
     f.store.cancel(gone.id).await.unwrap();

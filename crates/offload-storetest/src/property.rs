@@ -297,13 +297,13 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                                     && other.queue == before[&id].queue
                             })
                         });
-                    // Refused when a dependency ended without completing
-                    // or is gone: the task could never run.
+                    // Refused when a dependency ended without completing,
+                    // or is gone and the task never ran (one that ran saw
+                    // it complete): the task could never run.
                     let dependency_broken = before.get(&id).is_some_and(|t| {
-                        t.depends_on.iter().any(|dep| {
-                            before
-                                .get(dep)
-                                .is_none_or(|d| matches!(d.state, State::Failed | State::Cancelled))
+                        t.depends_on.iter().any(|dep| match before.get(dep) {
+                            Some(d) => matches!(d.state, State::Failed | State::Cancelled),
+                            None => t.attempt == 0,
                         })
                     });
                     let expect_ok = matches!(was, Some(State::Failed | State::Cancelled))
