@@ -259,7 +259,11 @@ impl WriteCtx<'_, '_> {
         Ok(stored)
     }
 
-    /// Dependencies of task `seq` not yet completed.
+    /// Dependencies of task `seq` not yet completed. One no longer stored
+    /// completed before it was deleted: only a finished task can be, and
+    /// one that failed or was cancelled would have cancelled the dependent
+    /// already. Counted as unmet, a dependency deleted by retention while
+    /// another ran on left its dependent blocked for good.
     fn unmet_dependencies(&mut self, seq: i64) -> Result<i64> {
         let deps: Vec<Uuid> = {
             let mut stmt = self
@@ -273,7 +277,7 @@ impl WriteCtx<'_, '_> {
         };
         let mut unmet = 0;
         for dep in deps {
-            if self.state_of(dep)? != Some(State::Completed) {
+            if !matches!(self.state_of(dep)?, Some(State::Completed) | None) {
                 unmet += 1;
             }
         }

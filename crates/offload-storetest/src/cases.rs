@@ -1040,6 +1040,31 @@ pub async fn failed_dependency_cancels_dependents_transitively(factory: &dyn Sto
     assert_eq!(f.state(waiting.id).await, State::Cancelled);
 }
 
+/// A dependency that completed and was then deleted (by retention, a day
+/// after completion by default, or by hand) while another dependency was
+/// still running does not hold its dependent back once the other completes.
+pub async fn a_dependency_deleted_after_completing_does_not_hold_its_dependent(
+    factory: &dyn StoreFactory,
+) {
+    let f = fixture(factory).await;
+    let quick = f.enqueue(NewTask::new("quick")).await;
+    let slow = f.enqueue(NewTask::new("slow")).await;
+    let child = f
+        .enqueue(
+            NewTask::new("child")
+                .depends_on(quick.id)
+                .depends_on(slow.id),
+        )
+        .await;
+    let claimed = f.claim("w", 2).await;
+    assert_eq!(claimed.len(), 2);
+    f.complete("w", quick.id, None).await.unwrap();
+    f.store.delete(quick.id).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Blocked);
+    f.complete("w", slow.id, None).await.unwrap();
+    assert_eq!(f.state(child.id).await, State::Pending);
+}
+
 pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     let first = f.enqueue(NewTask::new("first")).await;

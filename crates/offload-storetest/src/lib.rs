@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             dependencies_block_until_completed,
             failed_dependency_cancels_dependents_transitively,
             a_retried_dependent_waits_for_its_dependencies_again,
+            a_dependency_deleted_after_completing_does_not_hold_its_dependent,
             paused_queue_and_concurrency_limit,
             list_filters_and_keyset_pagination,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,
