@@ -105,12 +105,16 @@ async fn wait_rides_out_a_server_restart() {
     serving.await.unwrap();
 }
 
+/// `client.wait` of some task, which must give up rather than ask on.
+async fn wait_giving_up(client: &Client) -> offload_client::ClientResult<offload_core::Task> {
+    tokio::time::timeout(Duration::from_secs(10), client.wait(uuid::Uuid::now_v7()))
+        .await
+        .expect("wait to give up")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_fails_at_once_where_no_server_ever_answered() {
-    let client = Client::new("http://127.0.0.1:1");
-    let outcome = tokio::time::timeout(Duration::from_secs(10), client.wait(uuid::Uuid::now_v7()))
-        .await
-        .expect("wait to give up");
+    let outcome = wait_giving_up(&Client::new("http://127.0.0.1:1")).await;
     assert!(
         matches!(outcome, Err(ClientError::Unreachable { .. })),
         "{outcome:?}"
@@ -128,9 +132,7 @@ async fn a_url_that_names_no_server_is_said_to_be_one() {
     };
     assert!(!e.is_transient());
     assert!(e.to_string().contains("must be http:// or https://"), "{e}");
-    let waited = tokio::time::timeout(Duration::from_secs(10), client.wait(uuid::Uuid::now_v7()))
-        .await
-        .expect("wait to give up");
+    let waited = wait_giving_up(&client).await;
     assert!(
         matches!(waited, Err(ClientError::InvalidUrl { .. })),
         "{waited:?}"
@@ -142,32 +144,27 @@ async fn a_url_that_names_no_server_is_said_to_be_one() {
 /// asked again forever, logging a warning each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_fetch_is_refused_stops_and_says_why() {
+    // The error a worker of one no-op handler stops with, by itself.
+    let stopped = |client: Client, queues: &[&str]| {
+        let worker = Worker::new(Arc::new(client))
+            .queues(queues.iter().copied())
+            .handle("t", |_ctx: TaskContext| async move { Ok(()) });
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                worker.run(CancellationToken::new()),
+            )
+            .await
+            .expect("the worker to stop by itself")
+            .expect_err("stopped by an error")
+            .to_string()
+        }
+    };
     let server = server().await;
-    let worker = Worker::new(Arc::new(server.client.clone()))
-        .queues(["no spaces allowed"])
-        .handle("t", |_ctx: TaskContext| async move { Ok(()) });
-    let ended = tokio::time::timeout(
-        Duration::from_secs(30),
-        worker.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the worker to stop by itself");
-    let error = ended.expect_err("a refused fetch is an error");
-    assert!(error.to_string().contains("queues[0]"), "{error}");
-
-    let unnamed = Worker::new(Arc::new(Client::new("127.0.0.1:6490")))
-        .handle("t", |_ctx: TaskContext| async move { Ok(()) });
-    let ended = tokio::time::timeout(
-        Duration::from_secs(30),
-        unnamed.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the worker to stop by itself");
-    let error = ended.expect_err("a URL that names no server is an error");
-    assert!(
-        error.to_string().contains("not an Offload server's URL"),
-        "{error}"
-    );
+    let refused = stopped(server.client.clone(), &["no spaces allowed"]).await;
+    assert!(refused.contains("queues[0]"), "{refused}");
+    let unnamed = stopped(Client::new("127.0.0.1:6490"), &[]).await;
+    assert!(unnamed.contains("not an Offload server's URL"), "{unnamed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,20 @@ impl Fixture {
         Ok(answers.pop().expect("one answer per task"))
     }
 
+    /// Two tasks, `first` and `second`, and a `child` that depends on both.
+    async fn a_child_of_two(&self) -> (Task, Task, Task) {
+        let first = self.enqueue(NewTask::new("first")).await;
+        let second = self.enqueue(NewTask::new("second")).await;
+        let child = self
+            .enqueue(
+                NewTask::new("child")
+                    .depends_on(first.id)
+                    .depends_on(second.id),
+            )
+            .await;
+        (first, second, child)
+    }
+
     async fn enqueue(&self, task: NewTask) -> Task {
         self.try_enqueue(task).await.expect("enqueue").0
     }
@@ -1047,15 +1061,7 @@ pub async fn a_dependency_deleted_after_completing_does_not_hold_its_dependent(
     factory: &dyn StoreFactory,
 ) {
     let f = fixture(factory).await;
-    let quick = f.enqueue(NewTask::new("quick")).await;
-    let slow = f.enqueue(NewTask::new("slow")).await;
-    let child = f
-        .enqueue(
-            NewTask::new("child")
-                .depends_on(quick.id)
-                .depends_on(slow.id),
-        )
-        .await;
+    let (quick, slow, child) = f.a_child_of_two().await;
     let claimed = f.claim("w", 2).await;
     assert_eq!(claimed.len(), 2);
     f.complete("w", quick.id, None).await.unwrap();
@@ -1067,15 +1073,7 @@ pub async fn a_dependency_deleted_after_completing_does_not_hold_its_dependent(
 
 pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
-    let first = f.enqueue(NewTask::new("first")).await;
-    let second = f.enqueue(NewTask::new("second")).await;
-    let child = f
-        .enqueue(
-            NewTask::new("child")
-                .depends_on(first.id)
-                .depends_on(second.id),
-        )
-        .await;
+    let (first, second, child) = f.a_child_of_two().await;
     f.store.cancel(first.id).await.unwrap();
     assert_eq!(f.state(child.id).await, State::Cancelled);
     // Its dependency ended without completing: the child could never run.
