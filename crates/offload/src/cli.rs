@@ -111,7 +111,7 @@ pub struct ServeArgs {
 pub struct EnqueueArgs {
     /// The task's type, e.g. email.send.
     pub task_type: String,
-    /// The payload: JSON text, or @FILE to read it from a file.
+    /// The payload: JSON text, @FILE to read it from a file, or @- from stdin.
     #[arg(long)]
     pub payload: Option<String>,
     #[arg(long)]

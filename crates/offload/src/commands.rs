@@ -205,6 +205,9 @@ fn new_task(args: EnqueueArgs) -> Result<NewTask> {
         None => None,
         Some(text) => {
             let text = match text.strip_prefix('@') {
+                // As curl reads `@-`: the payload of a pipeline.
+                Some("-") => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| usage(format!("--payload: cannot read stdin: {e}")))?,
                 Some(path) => std::fs::read_to_string(path)
                     .map_err(|e| usage(format!("--payload: cannot read {path}: {e}")))?,
                 None => text,

@@ -44,6 +44,7 @@ fn commands_print_for_people_and_for_scripts() {
 
     let task = json_of(&server.cli(&["get", &id, "--json"]));
     assert_eq!(task["payload"], json!({"month": 5}));
+
     assert_eq!(
         (task["queue"].clone(), task["priority"].clone()),
         (json!("reports"), json!(8))
@@ -77,6 +78,20 @@ fn commands_print_for_people_and_for_scripts() {
     let queues = json_of(&server.cli(&["queues", "--json"]));
     assert_eq!(queues["queues"][0]["paused"], true);
     assert!(stdout(&server.cli(&["resume", "reports"])).contains("active"));
+
+    // `--payload @-` reads it from a pipeline, as curl's `@-` does.
+    let mut piped = Command::new(BIN)
+        .args(["enqueue", "from.stdin", "--payload", "@-"])
+        .env("OFFLOAD_URL", &server.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut piped.stdin.take().unwrap(), br#"{"from": "stdin"}"#).unwrap();
+    let piped = piped.wait_with_output().unwrap();
+    assert!(piped.status.success(), "{piped:?}");
+    let from_stdin = json_of(&server.cli(&["get", &stdout(&piped), "--json"]));
+    assert_eq!(from_stdin["payload"], json!({"from": "stdin"}));
 
     let after = server.cli(&[
         "enqueue",
