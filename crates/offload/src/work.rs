@@ -43,6 +43,9 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     for t in &args.types {
         offload_core::validate_task_type("--type", t).map_err(|e| usage(e.to_string()))?;
     }
+    for q in &args.queues {
+        offload_core::validate_queue_name("--queue", q).map_err(|e| usage(e.to_string()))?;
+    }
     // Fail fast, with exit code 3, if the server is not there.
     client.health().await?;
     let command = Arc::new(args.command);

@@ -167,6 +167,10 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["enqueue"]), 2);
     let bench = server.cli(&["bench", "--batch-answer", "everything"]);
     assert_eq!(bench.status.code(), Some(2));
+    assert_eq!(
+        code(&["work", "--type", "t", "--queue", "no spaces", "--", "true"]),
+        2
+    );
     // The same slips, caught by the server: its 400 names the argument.
     assert_eq!(code(&["pause", "no spaces"]), 2);
     assert_eq!(code(&["clear", "--state", "pending"]), 2);
