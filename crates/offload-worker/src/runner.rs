@@ -31,8 +31,11 @@ const MAX_FETCH: usize = 1000;
 const GATHER_TURNS: usize = 16;
 /// Pause after a failed fetch.
 const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
-/// Tries to deliver one batch of acks before leaving it to lease expiry.
+/// Tries to deliver one batch of acks the source refused for a reason of
+/// its own, before leaving it to lease expiry.
 const ACK_TRIES: u32 = 6;
+/// Longest pause between two offers of a batch of acks.
+const ACK_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// Longest a worker without a cancellation feed (a remote one) goes without
 /// a heartbeat, since heartbeats are how it learns of a cancel.
 const CANCEL_CHECK: Duration = Duration::from_secs(2);
@@ -417,10 +420,18 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
 
 /// Sends one batch; answers the failures to send for completions whose
 /// result the store refused.
+///
+/// While the source is unavailable (a server restarting, PostgreSQL
+/// failing over) the batch is offered again for as long as a lease lasts:
+/// until then the answers still count, and given up sooner, work that was
+/// done would run again once the leases expired. Six tries over three
+/// seconds, as it was, lost the answers of every task that ended during a
+/// restart of a few seconds.
 async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
+    let offered = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
-    for attempt in 1..=ACK_TRIES {
-        match shared
+    for attempt in 1.. {
+        let error = match shared
             .source
             .ack(&shared.config.worker_id, batch.clone())
             .await
@@ -432,15 +443,19 @@ async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
                     .filter_map(|(ack, outcome)| refused_result(ack, outcome.err()?))
                     .collect();
             }
-            Err(e) if attempt < ACK_TRIES => {
-                tracing::warn!(error = %e, attempt, "sending acknowledgements failed; trying again");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, tasks = batch.len(), "giving up on acknowledgements; their leases will expire and the tasks run again");
-            }
+            Err(e) => e,
+        };
+        let again = match error {
+            Error::Unavailable(_) => offered.elapsed() + pause < shared.config.lease,
+            _ => attempt < ACK_TRIES,
+        };
+        if !again {
+            tracing::error!(error = %error, tasks = batch.len(), "giving up on acknowledgements; their leases will expire and the tasks run again");
+            break;
         }
+        tracing::warn!(error = %error, attempt, "sending acknowledgements failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(ACK_PAUSE_MAX);
     }
     Vec::new()
 }

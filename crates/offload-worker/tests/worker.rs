@@ -452,6 +452,74 @@ async fn shutdown_past_grace_hands_tasks_back_for_retry() {
     assert!(back.worker_id.is_none());
 }
 
+/// The engine as a task source whose acks fail as unavailable until
+/// `down_until`, as a server restarting would answer them.
+struct RestartingSource {
+    engine: Arc<Engine>,
+    down_until: tokio::time::Instant,
+    refused: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl TaskSource for RestartingSource {
+    async fn fetch(
+        &self,
+        request: &ClaimRequest,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> offload_core::Result<Vec<Task>> {
+        TaskSource::fetch(&*self.engine, request, wait, stop).await
+    }
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> offload_core::Result<HeartbeatAck> {
+        TaskSource::heartbeat(&*self.engine, request).await
+    }
+
+    async fn ack(
+        &self,
+        worker_id: &str,
+        acks: Vec<Ack>,
+    ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
+        if tokio::time::Instant::now() < self.down_until {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(offload_core::Error::Unavailable("restarting".into()));
+        }
+        TaskSource::ack(&*self.engine, worker_id, acks).await
+    }
+}
+
+/// A task that ends while its server restarts is reported once the server
+/// is back, within its lease, instead of being given up after a few
+/// seconds and run again when the lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_outlasts_a_restart_shorter_than_the_lease() {
+    let s = setup();
+    let source = Arc::new(RestartingSource {
+        engine: Arc::clone(&s.engine),
+        down_until: tokio::time::Instant::now() + Duration::from_secs(5),
+        refused: AtomicUsize::new(0),
+    });
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let worker = Worker::from_source(source.clone()).handle("once", move |_ctx: TaskContext| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, TaskFailure>("done") }
+    });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("once")).await;
+    let done = s
+        .wait_for(task.id, "completed", |t| t.state == State::Completed)
+        .await;
+    assert_eq!(done.attempt, 1, "it ran once");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        source.refused.load(Ordering::SeqCst) > 1,
+        "the outage was met"
+    );
+    stop.cancel();
+    handle.await.unwrap();
+}
+
 /// The engine as a task source that notes, at each ack, whether the
 /// handler's future had been dropped by then.
 struct NotingSource {
