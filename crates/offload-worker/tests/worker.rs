@@ -452,16 +452,27 @@ async fn shutdown_past_grace_hands_tasks_back_for_retry() {
     assert!(back.worker_id.is_none());
 }
 
-/// The engine as a task source whose acks fail as unavailable until
-/// `down_until`, as a server restarting would answer them.
-struct RestartingSource {
+/// The engine as a task source, with a hook that runs before each ack and
+/// may refuse it.
+struct HookedSource {
     engine: Arc<Engine>,
-    down_until: tokio::time::Instant,
-    refused: AtomicUsize,
+    before_ack: Box<dyn Fn() -> offload_core::Result<()> + Send + Sync>,
+}
+
+impl HookedSource {
+    fn new(
+        engine: &Arc<Engine>,
+        before_ack: impl Fn() -> offload_core::Result<()> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine: Arc::clone(engine),
+            before_ack: Box::new(before_ack),
+        })
+    }
 }
 
 #[async_trait::async_trait]
-impl TaskSource for RestartingSource {
+impl TaskSource for HookedSource {
     async fn fetch(
         &self,
         request: &ClaimRequest,
@@ -480,10 +491,7 @@ impl TaskSource for RestartingSource {
         worker_id: &str,
         acks: Vec<Ack>,
     ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
-        if tokio::time::Instant::now() < self.down_until {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(offload_core::Error::Unavailable("restarting".into()));
-        }
+        (self.before_ack)()?;
         TaskSource::ack(&*self.engine, worker_id, acks).await
     }
 }
@@ -494,14 +502,20 @@ impl TaskSource for RestartingSource {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_outlasts_a_restart_shorter_than_the_lease() {
     let s = setup();
-    let source = Arc::new(RestartingSource {
-        engine: Arc::clone(&s.engine),
-        down_until: tokio::time::Instant::now() + Duration::from_secs(5),
-        refused: AtomicUsize::new(0),
+    // Acks fail as unavailable for 5 s, as a restarting server answers them.
+    let down_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted_refusals = Arc::clone(&refused);
+    let source = HookedSource::new(&s.engine, move || {
+        if tokio::time::Instant::now() < down_until {
+            counted_refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(offload_core::Error::Unavailable("restarting".into()));
+        }
+        Ok(())
     });
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&runs);
-    let worker = Worker::from_source(source.clone()).handle("once", move |_ctx: TaskContext| {
+    let worker = Worker::from_source(source).handle("once", move |_ctx: TaskContext| {
         counted.fetch_add(1, Ordering::SeqCst);
         async move { Ok::<_, TaskFailure>("done") }
     });
@@ -512,46 +526,9 @@ async fn an_answer_outlasts_a_restart_shorter_than_the_lease() {
         .await;
     assert_eq!(done.attempt, 1, "it ran once");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert!(
-        source.refused.load(Ordering::SeqCst) > 1,
-        "the outage was met"
-    );
+    assert!(refused.load(Ordering::SeqCst) > 1, "the outage was met");
     stop.cancel();
     handle.await.unwrap();
-}
-
-/// The engine as a task source that notes, at each ack, whether the
-/// handler's future had been dropped by then.
-struct NotingSource {
-    engine: Arc<Engine>,
-    handler_dropped: Arc<AtomicBool>,
-    dropped_at_ack: Mutex<Vec<bool>>,
-}
-
-#[async_trait::async_trait]
-impl TaskSource for NotingSource {
-    async fn fetch(
-        &self,
-        request: &ClaimRequest,
-        wait: Duration,
-        stop: &CancellationToken,
-    ) -> offload_core::Result<Vec<Task>> {
-        TaskSource::fetch(&*self.engine, request, wait, stop).await
-    }
-
-    async fn heartbeat(&self, request: HeartbeatRequest) -> offload_core::Result<HeartbeatAck> {
-        TaskSource::heartbeat(&*self.engine, request).await
-    }
-
-    async fn ack(
-        &self,
-        worker_id: &str,
-        acks: Vec<Ack>,
-    ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
-        let dropped = self.handler_dropped.load(Ordering::SeqCst);
-        self.dropped_at_ack.lock().unwrap().push(dropped);
-        TaskSource::ack(&*self.engine, worker_id, acks).await
-    }
 }
 
 /// Sets its flag once dropped, after a while, as a handler's connection or
@@ -569,10 +546,12 @@ impl Drop for SetOnDrop {
 async fn a_handler_stopped_at_shutdown_is_dropped_before_its_task_is_handed_back() {
     let s = setup();
     let handler_dropped = Arc::new(AtomicBool::new(false));
-    let source = Arc::new(NotingSource {
-        engine: Arc::clone(&s.engine),
-        handler_dropped: Arc::clone(&handler_dropped),
-        dropped_at_ack: Mutex::new(Vec::new()),
+    // Whether the handler's future had been dropped, noted at each ack.
+    let dropped_at_ack: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let (noted, flag) = (Arc::clone(&dropped_at_ack), Arc::clone(&handler_dropped));
+    let source = HookedSource::new(&s.engine, move || {
+        noted.lock().unwrap().push(flag.load(Ordering::SeqCst));
+        Ok(())
     });
     let started = Arc::new(tokio::sync::Notify::new());
     let signal = Arc::clone(&started);
@@ -594,7 +573,7 @@ async fn a_handler_stopped_at_shutdown_is_dropped_before_its_task_is_handed_back
     stop.cancel();
     handle.await.unwrap();
     assert_eq!(s.get(task.id).await.state, State::Pending);
-    assert_eq!(*source.dropped_at_ack.lock().unwrap(), [true]);
+    assert_eq!(*dropped_at_ack.lock().unwrap(), [true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
