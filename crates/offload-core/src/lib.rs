@@ -26,9 +26,9 @@ pub use error::{Error, Result};
 pub use hub::{EventKind, Hub, TaskEvent};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
 pub use new_task::{
-    Limits, MAX_LABEL_VALUE_CHARS, NewTask, OnConflict, Position, PriorityInput, Schedule,
-    TaskSpec, check_json, no_nul, validate_label_key, validate_owner, validate_queue_name,
-    validate_task_type, validate_worker_id,
+    Limits, MAX_LABEL_VALUE_CHARS, MAX_LEASE_SECS, NewTask, OnConflict, Position, PriorityInput,
+    Schedule, TaskSpec, check_json, no_nul, validate_label_key, validate_owner,
+    validate_queue_name, validate_task_type, validate_worker_id,
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use store::{

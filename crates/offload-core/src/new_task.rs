@@ -59,6 +59,11 @@ pub const DEFAULT_PRIORITY: u8 = 5;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
 const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+
+/// The longest lease a worker may hold or ask for, in seconds (SPEC §1.3:
+/// 1 to 3600); the server, its configuration, the worker runtime and
+/// `offload work` all bound it by this.
+pub const MAX_LEASE_SECS: u64 = 3600;
 const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
 
 /// `priority` as callers may give it: a number or a name.
@@ -288,13 +293,7 @@ impl NewTask {
         .unwrap_or(DEFAULT_TIMEOUT_SECS);
 
         if let Some(key) = &self.unique_key {
-            if key.is_empty() || key.chars().count() > 256 {
-                return Err(Error::invalid(
-                    field("unique_key"),
-                    "must be 1 to 256 characters",
-                ));
-            }
-            no_nul(field("unique_key"), key)?;
+            free_text(field("unique_key"), key, 256)?;
         }
         if self.on_conflict.is_some() && self.unique_key.is_none() {
             return Err(Error::invalid(
@@ -507,10 +506,16 @@ pub fn validate_task_type(field: impl fmt::Display, value: &str) -> Result<()> {
 /// An owner as a task carries it, and so as a filter can match it: a
 /// filter no task could ever match is a mistake in the call, said as one.
 pub fn validate_owner(field: impl fmt::Display, value: &str) -> Result<()> {
-    if value.is_empty() || value.chars().count() > 128 {
+    free_text(field, value, 128)
+}
+
+/// Text the caller chooses freely (an owner, a unique key, a worker id): 1
+/// to `max_chars` characters, none of them U+0000.
+fn free_text(field: impl fmt::Display, value: &str, max_chars: usize) -> Result<()> {
+    if value.is_empty() || value.chars().count() > max_chars {
         return Err(Error::invalid(
             field.to_string(),
-            "must be 1 to 128 characters",
+            format!("must be 1 to {max_chars} characters"),
         ));
     }
     no_nul(field, value)
@@ -546,10 +551,7 @@ pub fn validate_label_key(field: impl fmt::Display, key: &str) -> Result<()> {
 }
 
 pub fn validate_worker_id(value: &str) -> Result<()> {
-    if value.is_empty() || value.chars().count() > 128 {
-        return Err(Error::invalid("worker_id", "must be 1 to 128 characters"));
-    }
-    no_nul("worker_id", value)
+    free_text("worker_id", value, 128)
 }
 
 /// Enforces the size and nesting limits on a JSON value the caller sent.

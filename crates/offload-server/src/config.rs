@@ -154,9 +154,10 @@ impl Config {
                 self.durability
             ));
         }
-        if !(1..=3600).contains(&self.default_lease_secs) {
+        if !(1..=offload_core::MAX_LEASE_SECS).contains(&u64::from(self.default_lease_secs)) {
             return invalid(format!(
-                "default_lease_secs must be 1 to 3600; got {}",
+                "default_lease_secs must be 1 to {}; got {}",
+                offload_core::MAX_LEASE_SECS,
                 self.default_lease_secs
             ));
         }

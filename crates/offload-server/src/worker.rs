@@ -21,7 +21,6 @@ use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
-const MAX_LEASE_SECS: i64 = 3600;
 const MAX_RETRY_IN_SECS: i64 = 366 * 24 * 3600;
 
 fn in_range(field: &str, value: Option<i64>, min: i64, max: i64, default: i64) -> ApiResult<i64> {
@@ -37,7 +36,13 @@ fn in_range(field: &str, value: Option<i64>, min: i64, max: i64, default: i64) -
 
 fn lease(state: &AppState, lease_secs: Option<i64>) -> ApiResult<Duration> {
     let default = state.default_lease.as_secs() as i64;
-    let secs = in_range("lease_secs", lease_secs, 1, MAX_LEASE_SECS, default)?;
+    let secs = in_range(
+        "lease_secs",
+        lease_secs,
+        1,
+        offload_core::MAX_LEASE_SECS as i64,
+        default,
+    )?;
     Ok(Duration::from_secs(secs as u64))
 }
 

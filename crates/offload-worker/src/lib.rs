@@ -241,10 +241,14 @@ impl Worker {
         offload_core::validate_worker_id(&self.config.worker_id)?;
         // What every store and server takes (SPEC §1.3): a lease they would
         // refuse is said here, before the first fetch.
-        if !(1..=3600).contains(&self.config.lease.as_secs()) {
+        if !(1..=offload_core::MAX_LEASE_SECS).contains(&self.config.lease.as_secs()) {
             return Err(Error::invalid(
                 "lease",
-                format!("must be 1 s to 3600 s; got {:?}", self.config.lease),
+                format!(
+                    "must be 1 s to {} s; got {:?}",
+                    offload_core::MAX_LEASE_SECS,
+                    self.config.lease
+                ),
             ));
         }
         runner::run(self.source, self.handlers, self.config, shutdown).await

@@ -37,8 +37,11 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     if args.concurrency == 0 {
         return Err(usage("--concurrency: must be at least 1"));
     }
-    if !(1..=3600).contains(&args.lease_secs) {
-        return Err(usage("--lease: must be 1 to 3600 seconds"));
+    if !(1..=offload_core::MAX_LEASE_SECS).contains(&args.lease_secs) {
+        return Err(usage(format!(
+            "--lease: must be 1 to {} seconds",
+            offload_core::MAX_LEASE_SECS
+        )));
     }
     for t in &args.types {
         offload_core::validate_task_type("--type", t).map_err(|e| usage(e.to_string()))?;
