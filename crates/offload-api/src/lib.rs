@@ -19,8 +19,9 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// One of `invalid_json`, `invalid_argument`, `unauthenticated`,
-    /// `forbidden`, `not_found`, `conflict`, `payload_too_large`,
-    /// `rate_limited`, `unavailable`, `internal`.
+    /// `forbidden`, `not_found`, `conflict`, `request_timeout` (a body that
+    /// stopped arriving), `payload_too_large`, `rate_limited`, `unavailable`,
+    /// `internal`.
     pub code: String,
     pub message: String,
 }

@@ -162,6 +162,10 @@ impl Client {
         let base = url.into().trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // Below the server's `idle_timeout_secs` (75 s by default), so
+            // that this side closes an idle connection first: a request
+            // sent as the server closes one fails.
+            .pool_idle_timeout(Duration::from_secs(50))
             .build()
             .unwrap_or_default();
         Self {

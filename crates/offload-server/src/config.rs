@@ -47,6 +47,13 @@ pub struct Config {
     /// connections still open then are closed. Without a bound, a client
     /// that stopped reading its event stream would hold the node open.
     pub shutdown_grace_secs: u32,
+    /// Seconds a connection may wait for a request's head, before its
+    /// first request and between requests, and a request's body may go
+    /// without a byte, before the node closes it. Longer than the idle
+    /// time of the connection pools in front (Offload's client keeps an
+    /// idle connection 50 s; load balancers often 60 s), so that the
+    /// client, not the node, closes an idle one.
+    pub idle_timeout_secs: u32,
     pub retention: RetentionConfig,
     pub backoff: BackoffConfig,
     /// Settings applied to queues at start, by queue name.
@@ -64,6 +71,7 @@ impl Default for Config {
             batch_body_limit_bytes: 256 << 20,
             default_lease_secs: 60,
             shutdown_grace_secs: 10,
+            idle_timeout_secs: 75,
             retention: RetentionConfig::default(),
             backoff: BackoffConfig::default(),
             queues: BTreeMap::new(),
@@ -165,6 +173,12 @@ impl Config {
             return invalid(format!(
                 "shutdown_grace_secs must be 0 to 3600; got {}",
                 self.shutdown_grace_secs
+            ));
+        }
+        if !(1..=3600).contains(&self.idle_timeout_secs) {
+            return invalid(format!(
+                "idle_timeout_secs must be 1 to 3600; got {}",
+                self.idle_timeout_secs
             ));
         }
         if !(2..=1000).contains(&self.db_pool_size) {
@@ -281,6 +295,16 @@ mod tests {
         assert!(
             message
                 .contains("batch_body_limit_bytes must be at least payload_limit_bytes (1048576)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_idle_timeout_of_nothing_is_refused() {
+        // 0 would close every connection before its first request.
+        let message = refused(|c| c.idle_timeout_secs = 0);
+        assert!(
+            message.contains("idle_timeout_secs must be 1 to 3600; got 0"),
             "{message}"
         );
     }

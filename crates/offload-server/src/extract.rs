@@ -2,7 +2,10 @@
 //! with a size limit, task ids in paths, and query strings that refuse
 //! unknown parameters.
 
+use std::time::Duration;
+
 use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use offload_core::NewTask;
 use offload_engine::BatchSink;
@@ -31,7 +34,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req, state.limits.body_bytes).await?;
+        let bytes = read_limited(req, state.limits.body_bytes, state.limits.stall).await?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -40,7 +43,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req, state.limits.batch_body_bytes).await?;
+        let bytes = read_limited(req, state.limits.batch_body_bytes, state.limits.stall).await?;
         parse_json(&bytes).map(BatchBody)
     }
 }
@@ -56,7 +59,7 @@ impl FromRequest<AppState> for NoBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_limited(req, state.limits.body_bytes).await?;
+        let bytes = read_limited(req, state.limits.body_bytes, state.limits.stall).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(NoBody);
         }
@@ -88,7 +91,7 @@ impl FromRequest<AppState> for RawBatchBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        read_limited(req, state.limits.batch_body_bytes)
+        read_limited(req, state.limits.batch_body_bytes, state.limits.stall)
             .await
             .map(RawBatchBody)
     }
@@ -173,13 +176,18 @@ impl<'de> Visitor<'de> for TasksSeed<'_, '_> {
     }
 }
 
-/// Reads a body of at most `limit` bytes. A longer one is read to its end
-/// (up to [`DRAIN_LIMIT`]) and dropped before the 413 goes out: a client
-/// still sending when the server closes would never see the answer.
-/// The body of `req`, refused past `limit` bytes. A compressed body is
-/// refused by name: read as JSON it would fail as "not valid JSON", which
-/// sends its sender looking in the wrong place.
-async fn read_limited(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+/// The body of `req`, refused past `limit` bytes. A longer one is read to
+/// its end (up to [`DRAIN_LIMIT`]) and dropped before the 413 goes out: a
+/// client still sending when the server closes would never see the answer.
+/// A compressed body is refused by name: read as JSON it would fail as "not
+/// valid JSON", which sends its sender looking in the wrong place. A body
+/// that goes `limits.stall` without a byte is given up (408), or a client
+/// that stopped sending would hold its handler for good.
+async fn read_limited(
+    req: Request,
+    limit: usize,
+    stall: Duration,
+) -> Result<bytes::Bytes, ApiError> {
     if let Some(encoding) = req.headers().get(axum::http::header::CONTENT_ENCODING)
         && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
     {
@@ -194,7 +202,20 @@ async fn read_limited(req: Request, limit: usize) -> Result<bytes::Bytes, ApiErr
     let mut body = req.into_body();
     let mut collected = bytes::BytesMut::new();
     let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body stopped arriving: no byte for {} s",
+                    stall.as_secs()
+                ),
+            ));
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = frame.map_err(|e| {
             ApiError::invalid_json(format!("the request body could not be read: {e}"))
         })?;

@@ -8,6 +8,7 @@
 //! here.
 
 mod config;
+mod connections;
 mod error;
 mod events;
 mod extract;
@@ -19,7 +20,7 @@ mod tasks;
 mod telemetry;
 mod worker;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ pub enum ServerError {
 pub(crate) struct BodyLimits {
     pub body_bytes: usize,
     pub batch_body_bytes: usize,
+    /// How long a body may go without a byte arriving before the request
+    /// is given up: hyper bounds the wait for a head, not for a body.
+    pub stall: Duration,
 }
 
 /// What every handler can reach.
@@ -187,6 +191,7 @@ pub async fn serve(
         limits: BodyLimits {
             body_bytes: config.payload_limit_bytes + (64 << 10),
             batch_body_bytes: config.batch_body_limit_bytes,
+            stall: Duration::from_secs(config.idle_timeout_secs.into()),
         },
         default_lease: Duration::from_secs(config.default_lease_secs.into()),
         durability: if config.durability == "relaxed" {
@@ -199,21 +204,22 @@ pub async fn serve(
     };
     tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
     on_listening(local);
+    let idle = Duration::from_secs(config.idle_timeout_secs.into());
+    let serving = connections::serve_until_stopped(listener, router(state), idle, stop.clone());
     let stopping = stop.clone();
-    let serving = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            stopping.cancel();
-        })
-        .into_future();
+    let signalled = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        stopping.cancel();
+    };
+    let serving = async { tokio::join!(serving, signalled) };
     let grace = Duration::from_secs(config.shutdown_grace_secs.into());
     let grace_over = async {
         stop.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        served = serving => served.map_err(ServerError::Serve)?,
+        _ = serving => {}
         () = grace_over => tracing::warn!(
             ?grace,
             "requests still open when the shutdown's grace ran out; closing them"

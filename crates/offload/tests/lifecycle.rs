@@ -118,6 +118,69 @@ fn sigterm_closes_connections_still_open_when_the_grace_runs_out() {
     drop(stalled);
 }
 
+#[test]
+fn a_connection_that_goes_quiet_is_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("offload.toml");
+    std::fs::write(&config, "idle_timeout_secs = 1\n").unwrap();
+    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let open = |sent: &[u8]| {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream.write_all(sent).unwrap();
+        // Far past the timeout, so that a node that never closes fails
+        // the read rather than hangs the test.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+    };
+    // What the node answers before it closes, and how long it took.
+    let read_until_closed = |mut stream: std::net::TcpStream| {
+        let started = Instant::now();
+        let mut answer = String::new();
+        let closed = stream.read_to_string(&mut answer);
+        assert!(closed.is_ok(), "not closed within 20 s: {closed:?}");
+        (answer, started.elapsed())
+    };
+
+    let silent = open(b"");
+    let head_cut_off = open(b"GET /health HTTP/1.1\r\nHost: offload\r\n");
+    let body_cut_off = open(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: offload\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"type\": ",
+    );
+    let mut idle_after_an_answer = open(b"GET /health HTTP/1.1\r\nHost: offload\r\n\r\n");
+    let mut first = [0; 15];
+    idle_after_an_answer.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
+
+    for (what, stream) in [
+        ("a connection that sent nothing", silent),
+        ("a request whose head stopped", head_cut_off),
+    ] {
+        let (answer, took) = read_until_closed(stream);
+        assert_eq!(answer, "", "{what}");
+        assert!(
+            took < Duration::from_secs(15),
+            "{what}: closed after {took:?}"
+        );
+    }
+    let (answer, _) = read_until_closed(body_cut_off);
+    assert!(
+        answer.starts_with("HTTP/1.1 408")
+            && answer.contains(r#""code":"request_timeout""#)
+            && answer.contains("the request body stopped arriving: no byte for 1 s"),
+        "{answer}"
+    );
+    let (rest, _) = read_until_closed(idle_after_an_answer);
+    assert!(rest.contains(r#""status":"ok""#), "{rest}");
+    // The node still serves.
+    let (status, _) = server.http().get("/health");
+    assert_eq!(status, 200);
+}
+
 /// Sends SIGTERM and waits, 30 s at most, for the node to exit; its code.
 fn sigterm_and_wait(server: &mut Server, if_it_hangs: &str) -> Option<i32> {
     kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
