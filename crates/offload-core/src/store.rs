@@ -164,6 +164,13 @@ pub struct ListQuery {
 
 pub const MAX_LIST_LIMIT: usize = 1000;
 
+/// A page of a list ends after the task that brings the bytes of its
+/// tasks' payloads, results and progress data to this or past it, even
+/// short of `limit`; `next_cursor` then goes on from there. Without it a
+/// page of 1,000 tasks of the largest payloads was a gigabyte, which the
+/// node held in memory two or three times over while answering it.
+pub const LIST_PAGE_BYTES: usize = 8 << 20;
+
 impl ListQuery {
     /// `limit` must be 1 to [`MAX_LIST_LIMIT`].
     pub fn check_limit(&self) -> Result<()> {
@@ -177,10 +184,43 @@ impl ListQuery {
     }
 }
 
+/// How full a page of a list is, as a store reads it task by task, newest
+/// first: it holds `limit` tasks or [`LIST_PAGE_BYTES`] at most, and one
+/// task at least.
+#[derive(Debug)]
+pub struct PageFill {
+    limit: usize,
+    tasks: usize,
+    bytes: usize,
+}
+
+impl PageFill {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            tasks: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Counts `task` in if the page has room for it; `false` when the page
+    /// was full, so that `task` tells that another page follows.
+    pub fn take(&mut self, task: &Task) -> bool {
+        if self.tasks >= self.limit || self.bytes >= LIST_PAGE_BYTES {
+            return false;
+        }
+        self.tasks += 1;
+        self.bytes = self.bytes.saturating_add(task.bulk_bytes());
+        true
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskPage {
     pub tasks: Vec<Task>,
+    /// Set while tasks are left to list, also after a page cut short by
+    /// [`LIST_PAGE_BYTES`]; null on the last page.
     pub next_cursor: Option<String>,
 }
 

@@ -193,6 +193,18 @@ impl Task {
         serde_json::from_str(self.payload.get())
     }
 
+    /// The bytes of the parts of the task a user sizes: its payload, result
+    /// and progress data, each up to the payload limit. The rest is bounded
+    /// by small limits of its own.
+    pub fn bulk_bytes(&self) -> usize {
+        let progress_data = self.progress.as_ref().and_then(|p| p.data.as_ref());
+        [Some(&self.payload), self.result.as_ref(), progress_data]
+            .into_iter()
+            .flatten()
+            .map(|json| json.get().len())
+            .sum()
+    }
+
     /// When the running attempt must end, per `timeout_secs`.
     pub fn deadline(&self) -> Option<Timestamp> {
         self.started_at

@@ -25,10 +25,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use offload_core::{
     Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Error, HeartbeatAck,
-    HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch, Result,
-    Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
+    HeartbeatRequest, Hub, Limits, ListQuery, PageFill, PromoteReport, QueueInfo, QueuePatch,
+    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
     encode_cursor, validate_queue_name, validate_worker_id,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -452,14 +453,22 @@ impl Store for PgStore {
         }
         sql.push(" ORDER BY seq DESC LIMIT ")
             .push_bind(query.limit as i64 + 1);
-        let rows = sql
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage_error)?;
-        let mut tasks = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if tasks.len() > query.limit {
-            tasks.truncate(query.limit);
+        // Rows are taken as they arrive, so that a page that fills up on
+        // bytes stops there; the first row it has no room for tells that
+        // another page follows.
+        let mut page = PageFill::new(query.limit);
+        let mut tasks = Vec::new();
+        let mut more = false;
+        let mut rows = sql.build().fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(storage_error)? {
+            let stored = decode(&row)?;
+            if !page.take(&stored.task) {
+                more = true;
+                break;
+            }
+            tasks.push(stored);
+        }
+        let next_cursor = if more {
             tasks.last().map(|last| encode_cursor(last.seq))
         } else {
             None

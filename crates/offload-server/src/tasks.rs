@@ -147,7 +147,7 @@ const LIST_PARAMS: &[&str] = &[
         ("label" = Option<String>, Query, description = "key:value; may repeat"),
         ("created_after" = Option<String>, Query, description = "RFC 3339"),
         ("created_before" = Option<String>, Query, description = "RFC 3339"),
-        ("limit" = Option<u32>, Query, description = "1–1000, default 50"),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 50. A page also ends after the task that brings its tasks' payloads, results and progress data to 8 MiB (at least one task a page), with next_cursor set"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody)))]
 pub async fn list(

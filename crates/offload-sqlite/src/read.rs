@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use offload_core::{Error, ListQuery, Result, State, TaskPage, decode_cursor, encode_cursor};
+use offload_core::{
+    Error, ListQuery, PageFill, Result, State, TaskPage, decode_cursor, encode_cursor,
+};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
@@ -109,10 +111,7 @@ pub(crate) fn list(
     };
     let (mut sql, mut args) = match from_memory {
         // `?1` is bound below, one slice of the seqs at a time.
-        Some(state) => (
-            sql::IN_STATE_AMONG.to_owned(),
-            vec![Value::Null, Value::Integer(state.code())],
-        ),
+        Some(_) => (sql::SEQS_AMONG.to_owned(), vec![Value::Null]),
         None => (
             format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1"),
             Vec::new(),
@@ -165,43 +164,75 @@ pub(crate) fn list(
         args.push(Value::Integer(before.as_millis()));
         sql.push_str(&format!(" AND created_at < ?{}", args.len()));
     }
-    let read = |sql: &str, args: &[Value]| -> Result<Vec<StoredTask>> {
-        conn.prepare_cached(sql)
-            .and_then(|mut stmt| {
-                stmt.query_map(rusqlite::params_from_iter(args), decode)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(storage_error)
-    };
-    // One row more than asked tells whether another page follows.
-    let mut rows = match from_memory {
-        // Without ORDER BY, so that SQLite looks the seqs up rather than
-        // walk the table in seq order; each slice is sorted here.
+    // Rows are read one at a time, so that a page that fills up on bytes
+    // stops reading there; the first row it has no room for tells that
+    // another page follows.
+    let mut page = PageFill::new(query.limit);
+    let mut rows: Vec<StoredTask> = Vec::new();
+    let mut more = false;
+    match from_memory {
+        // The seqs that match first, without the rows' bulk; then the rows
+        // in order, each confirmed still in its state.
         Some(state) => {
-            let mut rows = Vec::new();
+            let mut seqs_matching = conn.prepare_cached(&sql).map_err(storage_error)?;
+            let mut task_in_state = conn
+                .prepare_cached(sql::TASK_IN_STATE)
+                .map_err(storage_error)?;
             let mut below = below;
-            while rows.len() <= query.limit {
-                let seqs = memory.newest_first(state, below, SEQS_PER_READ);
-                let Some(&oldest) = seqs.last() else {
-                    break;
+            let mut candidates = Vec::new().into_iter();
+            'page: loop {
+                let Some(seq) = candidates.next() else {
+                    let seqs = memory.newest_first(state, below, SEQS_PER_READ);
+                    let Some(&oldest) = seqs.last() else {
+                        break;
+                    };
+                    below = Some(oldest);
+                    let seqs_json = serde_json::to_string(&seqs)
+                        .map_err(|e| Error::Storage(format!("cannot list seqs as JSON: {e}")))?;
+                    args[0] = Value::Text(seqs_json);
+                    // Without ORDER BY, so that SQLite looks the seqs up
+                    // rather than walk the table in seq order.
+                    let mut found = seqs_matching
+                        .query_map(rusqlite::params_from_iter(&args), |row| {
+                            row.get::<_, i64>(0)
+                        })
+                        .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+                        .map_err(storage_error)?;
+                    found.sort_unstable_by_key(|&seq| std::cmp::Reverse(seq));
+                    candidates = found.into_iter();
+                    continue;
                 };
-                below = Some(oldest);
-                let seqs_json = serde_json::to_string(&seqs)
-                    .map_err(|e| Error::Storage(format!("cannot list seqs as JSON: {e}")))?;
-                args[0] = Value::Text(seqs_json);
-                let mut found = read(&sql, &args)?;
-                found.sort_unstable_by_key(|row| std::cmp::Reverse(row.seq));
-                rows.extend(found);
+                let mut found = task_in_state
+                    .query_map(rusqlite::params![seq, state.code()], decode)
+                    .map_err(storage_error)?;
+                // Gone from the state since its seq was read: not listed.
+                if let Some(row) = found.next() {
+                    let row = row.map_err(storage_error)?;
+                    if !page.take(&row.task) {
+                        more = true;
+                        break 'page;
+                    }
+                    rows.push(row);
+                }
             }
-            rows
         }
         None => {
             sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
-            read(&sql, &args)?
+            let mut statement = conn.prepare_cached(&sql).map_err(storage_error)?;
+            let found = statement
+                .query_map(rusqlite::params_from_iter(&args), decode)
+                .map_err(storage_error)?;
+            for row in found {
+                let row = row.map_err(storage_error)?;
+                if !page.take(&row.task) {
+                    more = true;
+                    break;
+                }
+                rows.push(row);
+            }
         }
-    };
-    let next_cursor = if rows.len() > query.limit {
-        rows.truncate(query.limit);
+    }
+    let next_cursor = if more {
         rows.last().map(|last| encode_cursor(last.seq))
     } else {
         None

@@ -66,13 +66,19 @@ pub const DUE: &str = concat!(
 /// When the next scheduled task comes due.
 pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 
-/// Tasks in state `?2` among the seqs of JSON array `?1`, taken from the
+/// The seqs among JSON array `?1` that are still rows, taken from the
 /// writer's memory: no index holds the pending (`ready.rs`) or running
-/// (`running.rs`) tasks. Listing appends its filters.
-pub const IN_STATE_AMONG: &str = concat!(
+/// (`running.rs`) tasks. Listing appends its filters, then reads the rows
+/// its page takes with [`TASK_IN_STATE`], which checks the state: the state
+/// is stored after the payload, and checking it here would read every
+/// candidate's payload from its overflow pages.
+pub const SEQS_AMONG: &str = "SELECT seq FROM tasks WHERE seq IN (SELECT value FROM json_each(?1))";
+
+/// The task of seq `?1` if it is still in state `?2`.
+pub const TASK_IN_STATE: &str = concat!(
     "SELECT ",
     task_columns!(),
-    " FROM tasks WHERE seq IN (SELECT value FROM json_each(?1)) AND state = ?2"
+    " FROM tasks WHERE seq = ?1 AND state = ?2"
 );
 
 /// A task by id `?1`, through the seq `?2` its id carries (`ids.rs`).
@@ -192,7 +198,8 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("STATE_BY_ID", STATE_BY_ID),
     ("STATE_BY_ID_BEFORE_V4", STATE_BY_ID_BEFORE_V4),
     ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
-    ("IN_STATE_AMONG", IN_STATE_AMONG),
+    ("SEQS_AMONG", SEQS_AMONG),
+    ("TASK_IN_STATE", TASK_IN_STATE),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),
     ("WRITE_ROW", WRITE_ROW),

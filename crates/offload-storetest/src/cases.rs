@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, Position,
-    ProgressUpdate, QueuePatch, Retention, State, Store, Task, Timestamp,
+    HeartbeatAck, HeartbeatRequest, LIST_PAGE_BYTES, Limits, ListQuery, ManualClock, NewTask,
+    OnConflict, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, Timestamp,
 };
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -1338,6 +1338,61 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
             .await,
         "cursor",
     );
+}
+
+/// A page ends where its tasks' payloads, results and progress data reach
+/// [`LIST_PAGE_BYTES`], short of `limit`, and the next goes on from there:
+/// through the rows (every state) and through the writer's memory (pending).
+pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let bulky = serde_json::json!({ "text": "x".repeat(900_000) });
+    let mut made = Vec::new();
+    for i in 0..24 {
+        let task = NewTask::new("t");
+        // A few small ones among them, to be carried along in a page.
+        let task = if i % 6 == 0 {
+            task
+        } else {
+            task.payload(&bulky).expect("a payload")
+        };
+        made.push(f.enqueue(task).await.id);
+    }
+    made.reverse();
+    for states in [vec![], vec![State::Pending]] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = f
+                .store
+                .list(&ListQuery {
+                    states: states.clone(),
+                    limit: 1000,
+                    cursor: cursor.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let sizes: Vec<usize> = page.tasks.iter().map(Task::bulk_bytes).collect();
+            let (last, before_last) = sizes.split_last().expect("never an empty page");
+            let bytes_before_last: usize = before_last.iter().sum();
+            assert!(
+                bytes_before_last < LIST_PAGE_BYTES,
+                "{states:?}: the page went on past its budget: {sizes:?}"
+            );
+            seen.extend(ids(&page.tasks));
+            match page.next_cursor {
+                Some(next) => {
+                    assert!(
+                        bytes_before_last + last >= LIST_PAGE_BYTES,
+                        "{states:?}: a page with room left said another follows: {sizes:?}"
+                    );
+                    cursor = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, made, "{states:?}: every task once, newest first");
+    }
 }
 
 /// Pending and running tasks listed by state alone, hundreds of each among
