@@ -42,7 +42,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List(args) => {
-            let page = client.list(&list_params(args)?).await?;
+            let mut params = list_params(args)?;
+            let wanted = params.limit.unwrap_or(1);
+            let mut page = client.list(&params).await?;
+            // The server cuts a page of large tasks short (8 MiB of
+            // payloads and results); --limit is how many the user asked to
+            // see, so the pages that follow make up the rest.
+            while page.tasks.len() < wanted
+                && let Some(cursor) = page.next_cursor.take()
+            {
+                params.limit = Some(wanted - page.tasks.len());
+                params.cursor = Some(cursor);
+                let next = client.list(&params).await?;
+                page.tasks.extend(next.tasks);
+                page.next_cursor = next.next_cursor;
+            }
             output::task_list(&page, json)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -150,6 +150,35 @@ fn commands_print_for_people_and_for_scripts() {
 }
 
 #[test]
+fn list_shows_as_many_tasks_as_its_limit_asks_across_pages_the_server_cut_short() {
+    let server = Server::start();
+    let http = server.http();
+    let bulky = "x".repeat(900_000);
+    for _ in 0..12 {
+        http.enqueue(json!({"type": "t", "queue": "bulky", "payload": {"text": bulky}}));
+    }
+    // The server ends a page at 8 MiB of payloads: ten of these.
+    let (_, page) = http.get("/v1/tasks?queue=bulky&limit=12");
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 10);
+
+    let listed = |limit: &str| {
+        json_of(&server.cli(&["list", "--queue", "bulky", "--limit", limit, "--json"]))
+    };
+    let eleven = listed("11");
+    assert_eq!(eleven["tasks"].as_array().unwrap().len(), 11);
+    assert!(eleven["next_cursor"].is_string(), "one task is left");
+    let all = listed("12");
+    assert_eq!(all["tasks"].as_array().unwrap().len(), 12);
+    assert_eq!(all["next_cursor"], Value::Null);
+    let table = stdout(&server.cli(&["list", "--queue", "bulky", "--limit", "12"]));
+    assert_eq!(
+        table.lines().count(),
+        13,
+        "a header and twelve rows: {table}"
+    );
+}
+
+#[test]
 fn exit_codes_say_what_went_wrong() {
     let server = Server::start();
     let code = |args: &[&str]| server.cli(args).status.code().unwrap();
