@@ -180,7 +180,7 @@ pub(crate) fn list(
                 .map_err(storage_error)?;
             let mut below = below;
             let mut candidates = Vec::new().into_iter();
-            'page: loop {
+            loop {
                 let Some(seq) = candidates.next() else {
                     let seqs = memory.newest_first(state, below, SEQS_PER_READ);
                     let Some(&oldest) = seqs.last() else {
@@ -210,7 +210,7 @@ pub(crate) fn list(
                     let row = row.map_err(storage_error)?;
                     if !page.take(&row.task) {
                         more = true;
-                        break 'page;
+                        break;
                     }
                     rows.push(row);
                 }
