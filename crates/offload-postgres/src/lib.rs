@@ -32,7 +32,7 @@ use offload_core::{
     Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
     encode_cursor, validate_queue_name, validate_worker_id,
 };
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -408,65 +408,35 @@ impl Store for PgStore {
 
     async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
         query.check_limit()?;
-        let mut sql = QueryBuilder::new(format!(
-            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE true"
-        ));
-        if let Some(cursor) = &query.cursor {
-            sql.push(" AND seq < ").push_bind(decode_cursor(cursor)?);
-        }
-        match query.states.as_slice() {
-            [] => {}
-            // Running tasks are few, and only offload_tasks_running holds them.
-            [State::Running] => {
-                sql.push(" AND state = 3");
-            }
-            states => {
-                let codes: Vec<i16> = states.iter().map(|s| s.code() as i16).collect();
-                sql.push(" AND state = ANY(").push_bind(codes).push(")");
-                // Spelled as offload_tasks_by_state's own condition, so the
-                // planner sees that the partial index covers the query.
-                if !states.contains(&State::Running) {
-                    sql.push(" AND state <> 3");
-                }
-            }
-        }
-        if let Some(t) = &query.task_type {
-            sql.push(" AND type = ").push_bind(t.clone());
-        }
-        if let Some(q) = &query.queue {
-            sql.push(" AND queue = ").push_bind(q.clone());
-        }
-        if let Some(o) = &query.owner {
-            sql.push(" AND owner = ").push_bind(o.clone());
-        }
-        for (key, value) in &query.labels {
-            let wanted = serde_json::json!({ key: value });
-            sql.push(" AND labels @> ")
-                .push_bind(wanted)
-                .push("::jsonb");
-        }
-        if let Some(after) = query.created_after {
-            sql.push(" AND created_at > ").push_bind(after.as_millis());
-        }
-        if let Some(before) = query.created_before {
-            sql.push(" AND created_at < ").push_bind(before.as_millis());
-        }
-        sql.push(" ORDER BY seq DESC LIMIT ")
-            .push_bind(query.limit as i64 + 1);
+        let mut below = query.cursor.as_deref().map(decode_cursor).transpose()?;
         // Rows are taken as they arrive, so that a page that fills up on
         // bytes stops there; the first row it has no room for tells that
-        // another page follows.
+        // another page follows. They are asked for in rounds sized by
+        // what the page has room for: rows past the page are still sent
+        // by PostgreSQL and read off the connection, a gigabyte a page
+        // for tasks of the largest payloads if every page asked for
+        // `limit`.
         let mut page = PageFill::new(query.limit);
         let mut tasks = Vec::new();
         let mut more = false;
-        let mut rows = sql.build().fetch(&self.pool);
-        while let Some(row) = rows.try_next().await.map_err(storage_error)? {
-            let stored = decode(&row)?;
-            if !page.take(&stored.task) {
-                more = true;
+        while !more {
+            let asked = page.rows_to_ask();
+            let mut sql = list_sql(query, below, asked);
+            let mut rows = sql.build().fetch(&self.pool);
+            let mut sent = 0;
+            while let Some(row) = rows.try_next().await.map_err(storage_error)? {
+                sent += 1;
+                let stored = decode(&row)?;
+                if !page.take(&stored.task) {
+                    more = true;
+                    break;
+                }
+                below = Some(stored.seq);
+                tasks.push(stored);
+            }
+            if sent < asked {
                 break;
             }
-            tasks.push(stored);
         }
         let next_cursor = if more {
             tasks.last().map(|last| encode_cursor(last.seq))
@@ -634,4 +604,54 @@ impl PgStore {
         .map_err(storage_error)?;
         Ok(())
     }
+}
+
+/// The tasks `query` lists below seq `below`, newest first, `rows` of
+/// them at most.
+fn list_sql(query: &ListQuery, below: Option<i64>, rows: usize) -> QueryBuilder<'static, Postgres> {
+    let mut sql = QueryBuilder::new(format!(
+        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE true"
+    ));
+    if let Some(below) = below {
+        sql.push(" AND seq < ").push_bind(below);
+    }
+    match query.states.as_slice() {
+        [] => {}
+        // Running tasks are few, and only offload_tasks_running holds them.
+        [State::Running] => {
+            sql.push(" AND state = 3");
+        }
+        states => {
+            let codes: Vec<i16> = states.iter().map(|s| s.code() as i16).collect();
+            sql.push(" AND state = ANY(").push_bind(codes).push(")");
+            // Spelled as offload_tasks_by_state's own condition, so the
+            // planner sees that the partial index covers the query.
+            if !states.contains(&State::Running) {
+                sql.push(" AND state <> 3");
+            }
+        }
+    }
+    if let Some(t) = &query.task_type {
+        sql.push(" AND type = ").push_bind(t.clone());
+    }
+    if let Some(q) = &query.queue {
+        sql.push(" AND queue = ").push_bind(q.clone());
+    }
+    if let Some(o) = &query.owner {
+        sql.push(" AND owner = ").push_bind(o.clone());
+    }
+    for (key, value) in &query.labels {
+        let wanted = serde_json::json!({ key: value });
+        sql.push(" AND labels @> ")
+            .push_bind(wanted)
+            .push("::jsonb");
+    }
+    if let Some(after) = query.created_after {
+        sql.push(" AND created_at > ").push_bind(after.as_millis());
+    }
+    if let Some(before) = query.created_before {
+        sql.push(" AND created_at < ").push_bind(before.as_millis());
+    }
+    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
+    sql
 }
