@@ -218,7 +218,7 @@ impl PageFill {
     /// twice what would fill the page at the sizes taken so far, and one
     /// more to tell whether another page follows, within what `limit`
     /// leaves. A first round knows no sizes and asks for up to
-    /// [`FIRST_LIST_ROUND`].
+    /// 64 rows (`FIRST_LIST_ROUND`).
     pub fn rows_to_ask(&self) -> usize {
         let left = self.limit.saturating_sub(self.tasks) + 1;
         if self.tasks == 0 {
