@@ -6,7 +6,8 @@ use std::time::Duration;
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
     HeartbeatAck, HeartbeatRequest, LIST_PAGE_BYTES, Limits, ListQuery, ManualClock, NewTask,
-    OnConflict, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, Timestamp,
+    OnConflict, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, TaskPage,
+    Timestamp,
 };
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -157,6 +158,19 @@ fn assert_same(stored: &Task, answered: &Task, what: &str) {
 
 fn ids(tasks: &[Task]) -> Vec<Uuid> {
     tasks.iter().map(|t| t.id).collect()
+}
+
+/// Every page `query` lists, following `next_cursor` from its first.
+async fn every_page(store: &dyn Store, mut query: ListQuery) -> Vec<TaskPage> {
+    let mut pages = Vec::new();
+    loop {
+        let page = store.list(&query).await.expect("list");
+        query.cursor = page.next_cursor.clone();
+        pages.push(page);
+        if query.cursor.is_none() {
+            return pages;
+        }
+    }
 }
 
 // ---- enqueue ---------------------------------------------------------------
@@ -1213,24 +1227,15 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
         made.push(f.enqueue(task).await);
         f.clock.advance(Duration::from_millis(10));
     }
-    let mut seen = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = f
-            .store
-            .list(&ListQuery {
-                limit: 10,
-                cursor: cursor.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        seen.extend(ids(&page.tasks));
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
+    let pages = every_page(
+        &*f.store,
+        ListQuery {
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    let seen: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
     let newest_first: Vec<Uuid> = made.iter().rev().map(|t| t.id).collect();
     assert_eq!(seen, newest_first, "every task once, newest first");
 
@@ -1365,19 +1370,13 @@ pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFac
     made.reverse();
     for limit in [1000, 64, 7] {
         for states in [vec![], vec![State::Pending]] {
+            let query = ListQuery {
+                states: states.clone(),
+                limit,
+                ..Default::default()
+            };
             let mut seen = Vec::new();
-            let mut cursor = None;
-            loop {
-                let page = f
-                    .store
-                    .list(&ListQuery {
-                        states: states.clone(),
-                        limit,
-                        cursor: cursor.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+            for page in every_page(&*f.store, query).await {
                 let sizes: Vec<usize> = page.tasks.iter().map(Task::bulk_bytes).collect();
                 let (last, before_last) = sizes.split_last().expect("never an empty page");
                 let bytes_before_last: usize = before_last.iter().sum();
@@ -1385,18 +1384,13 @@ pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFac
                     bytes_before_last < LIST_PAGE_BYTES && sizes.len() <= limit,
                     "{limit} {states:?}: the page went on past its budget: {sizes:?}"
                 );
+                assert!(
+                    page.next_cursor.is_none()
+                        || sizes.len() == limit
+                        || bytes_before_last + last >= LIST_PAGE_BYTES,
+                    "{limit} {states:?}: a page with room left said another follows: {sizes:?}"
+                );
                 seen.extend(ids(&page.tasks));
-                match page.next_cursor {
-                    Some(next) => {
-                        assert!(
-                            sizes.len() == limit || bytes_before_last + last >= LIST_PAGE_BYTES,
-                            "{limit} {states:?}: a page with room left said another follows: \
-                             {sizes:?}"
-                        );
-                        cursor = Some(next);
-                    }
-                    None => break,
-                }
             }
             assert_eq!(
                 seen, made,
@@ -1435,25 +1429,22 @@ pub async fn pending_and_running_tasks_are_listed_page_by_page_newest_first(
     let listed = |state: State, query: ListQuery| {
         let store = Arc::clone(&f.store);
         async move {
-            let mut seen = Vec::new();
-            let mut cursor = None;
-            loop {
-                let page = store
-                    .list(&ListQuery {
-                        states: vec![state],
-                        limit: 130,
-                        cursor,
-                        ..query.clone()
-                    })
-                    .await
-                    .expect("list");
-                assert!(page.tasks.iter().all(|t| t.state == state));
-                seen.extend(ids(&page.tasks));
-                match page.next_cursor {
-                    Some(next) => cursor = Some(next),
-                    None => break seen,
-                }
-            }
+            let query = ListQuery {
+                states: vec![state],
+                limit: 130,
+                ..query
+            };
+            let pages = every_page(&*store, query).await;
+            assert!(
+                pages
+                    .iter()
+                    .flat_map(|p| &p.tasks)
+                    .all(|t| t.state == state)
+            );
+            pages
+                .iter()
+                .flat_map(|page| ids(&page.tasks))
+                .collect::<Vec<_>>()
         }
     };
     // Listed in the order they were stored, newest first.

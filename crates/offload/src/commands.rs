@@ -42,8 +42,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List(args) => {
+            let wanted = args.limit;
             let mut params = list_params(args)?;
-            let wanted = params.limit.unwrap_or(1);
             let mut page = client.list(&params).await?;
             // The server cuts a page of large tasks short (8 MiB of
             // payloads and results); --limit is how many the user asked to
