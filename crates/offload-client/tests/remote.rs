@@ -139,6 +139,28 @@ async fn a_url_that_names_no_server_is_said_to_be_one() {
     );
 }
 
+/// A worker runtime hears of a server it cannot reach as unavailable (so
+/// it tries again), in words that name the server, not the storage.
+#[tokio::test]
+async fn an_unreachable_server_is_named_as_the_server() {
+    let client = Client::new("http://127.0.0.1:1");
+    let outcome = client.stats().await;
+    let Err(e @ ClientError::Unreachable { .. }) = outcome else {
+        panic!("{outcome:?}");
+    };
+    let heard = offload_core::Error::from(e);
+    assert!(
+        matches!(heard, offload_core::Error::Unavailable(_)),
+        "{heard:?}"
+    );
+    assert!(
+        heard
+            .to_string()
+            .starts_with("cannot reach the Offload server at http://127.0.0.1:1"),
+        "{heard}"
+    );
+}
+
 /// A worker whose every fetch the server refuses as bad input (here a
 /// queue name the server does not take) stops and says why, where it
 /// asked again forever, logging a warning each time.

@@ -20,8 +20,11 @@ pub enum Error {
     /// holds it.
     #[error("{0}")]
     Conflict(String),
-    /// The database cannot be reached now; the caller may try again.
-    #[error("storage unavailable: {0}")]
+    /// The database, or the server behind a remote source, cannot be
+    /// reached now; the caller may try again. The message says which: a
+    /// worker whose server was down logged "storage unavailable: cannot
+    /// reach the Offload server", which sent its reader to the database.
+    #[error("{0}")]
     Unavailable(String),
     /// A fault inside the storage layer (corruption, a bug); not the caller's.
     #[error("storage failure: {0}")]

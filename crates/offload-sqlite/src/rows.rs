@@ -139,7 +139,7 @@ pub(crate) fn storage_error(e: rusqlite::Error) -> Error {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
         Some(DatabaseBusy | DatabaseLocked | DiskFull | CannotOpen | SystemIoFailure) => {
-            Error::Unavailable(e.to_string())
+            Error::Unavailable(format!("storage unavailable: {e}"))
         }
         _ => Error::Storage(e.to_string()),
     }
