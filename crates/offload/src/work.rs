@@ -19,7 +19,7 @@ use anyhow::Result;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use offload_client::Client;
-use offload_worker::{TaskContext, TaskFailure, Worker};
+use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
@@ -176,8 +176,17 @@ async fn run_command(
         }
         _ = ctx.cancellation().cancelled() => {
             group.kill();
-            let why = ctx.cancel_reason().map_or("it was stopped".to_owned(), |r| r.to_string());
-            Err(TaskFailure::new(format!("the command's process group was killed: {why}")))
+            let killed = "the command's process group was killed";
+            match ctx.cancel_reason() {
+                // The worker runtime puts the timeout before the message;
+                // said here too, it read "ran longer than its timeout of
+                // 1s: … killed: the attempt ran past its timeout".
+                Some(CancelReason::Timeout) => Err(TaskFailure::new(killed)),
+                reason => {
+                    let why = reason.map_or("it was stopped".to_owned(), |r| r.to_string());
+                    Err(TaskFailure::new(format!("{killed}: {why}")))
+                }
+            }
         }
     }
 }

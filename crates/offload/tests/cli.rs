@@ -463,6 +463,23 @@ fn work_kills_the_process_group_on_cancel() {
 }
 
 #[test]
+fn work_fails_a_command_past_its_timeout_and_says_so_once() {
+    let server = Server::start();
+    let http = server.http();
+    let id = http.enqueue(json!({"type": "slow", "timeout_secs": 1, "max_attempts": 1}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _worker = work(&server, "slow", "sleep 30");
+    let failed = http.wait_for(&id, "failed", |t| t["state"] == "failed");
+    assert_eq!(failed["error"]["kind"], "timeout");
+    assert_eq!(
+        failed["error"]["message"],
+        "the attempt ran longer than its timeout of 1s: the command's process group was killed"
+    );
+}
+
+#[test]
 fn work_kills_the_process_group_when_its_shutdown_grace_runs_out() {
     let server = Server::start();
     let http = server.http();
