@@ -32,6 +32,13 @@ pub enum Error {
 }
 
 impl Error {
+    /// The database cannot be reached now, in the stores' words: an
+    /// [`Error::Unavailable`] names what is unavailable, and a store's is
+    /// the storage.
+    pub fn storage_unavailable(reason: impl std::fmt::Display) -> Self {
+        Self::Unavailable(format!("storage unavailable: {reason}"))
+    }
+
     pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field: field.into(),

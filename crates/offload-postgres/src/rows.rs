@@ -33,9 +33,9 @@ impl PgError {
     /// The store's error, for a caller that will not run the operation again.
     pub(crate) fn into_core(self) -> Error {
         match self {
-            PgError::Retry(reason) => Error::Unavailable(format!(
-                "storage unavailable: too much contention, try again: {reason}"
-            )),
+            PgError::Retry(reason) => {
+                Error::storage_unavailable(format!("too much contention, try again: {reason}"))
+            }
             PgError::Core(e) => e,
         }
     }
@@ -69,13 +69,13 @@ pub(crate) fn storage_error(e: sqlx::Error) -> Error {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => Error::Unavailable(format!("storage unavailable: {e}")),
+        | sqlx::Error::Tls(_) => Error::storage_unavailable(&e),
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             // Class 08: connection exceptions; 57P0x: the server is shutting
             // down or starting; 53300: too many connections.
             if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
-                Error::Unavailable(format!("storage unavailable: {e}"))
+                Error::storage_unavailable(&e)
             } else {
                 Error::Storage(e.to_string())
             }

@@ -186,12 +186,13 @@ pub async fn serve(
         })?;
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     let stop = CancellationToken::new();
+    let idle = Duration::from_secs(config.idle_timeout_secs.into());
     let state = AppState {
         engine: Arc::clone(&engine),
         limits: BodyLimits {
             body_bytes: config.payload_limit_bytes + (64 << 10),
             batch_body_bytes: config.batch_body_limit_bytes,
-            stall: Duration::from_secs(config.idle_timeout_secs.into()),
+            stall: idle,
         },
         default_lease: Duration::from_secs(config.default_lease_secs.into()),
         durability: if config.durability == "relaxed" {
@@ -204,7 +205,6 @@ pub async fn serve(
     };
     tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
     on_listening(local);
-    let idle = Duration::from_secs(config.idle_timeout_secs.into());
     let serving = connections::serve_until_stopped(listener, router(state), idle, stop.clone());
     let stopping = stop.clone();
     let signalled = async move {

@@ -139,7 +139,7 @@ pub(crate) fn storage_error(e: rusqlite::Error) -> Error {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
         Some(DatabaseBusy | DatabaseLocked | DiskFull | CannotOpen | SystemIoFailure) => {
-            Error::Unavailable(format!("storage unavailable: {e}"))
+            Error::storage_unavailable(&e)
         }
         _ => Error::Storage(e.to_string()),
     }
