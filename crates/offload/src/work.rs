@@ -176,17 +176,7 @@ async fn run_command(
         }
         _ = ctx.cancellation().cancelled() => {
             group.kill();
-            let killed = "the command's process group was killed";
-            match ctx.cancel_reason() {
-                // The worker runtime puts the timeout before the message;
-                // said here too, it read "ran longer than its timeout of
-                // 1s: … killed: the attempt ran past its timeout".
-                Some(CancelReason::Timeout) => Err(TaskFailure::new(killed)),
-                reason => {
-                    let why = reason.map_or("it was stopped".to_owned(), |r| r.to_string());
-                    Err(TaskFailure::new(format!("{killed}: {why}")))
-                }
-            }
+            Err(TaskFailure::new(killed_message(ctx.cancel_reason())))
         }
     }
 }
@@ -286,9 +276,41 @@ fn parse_progress(report: &str) -> (Option<f64>, Option<String>) {
     }
 }
 
+/// Why a command's process group was killed, for its failure.
+fn killed_message(reason: Option<CancelReason>) -> String {
+    let killed = "the command's process group was killed";
+    match reason {
+        // The worker runtime puts the timeout before the message; said here
+        // too, it read "ran longer than its timeout of 1s: … killed: the
+        // attempt ran past its timeout".
+        Some(CancelReason::Timeout) => killed.to_owned(),
+        reason => {
+            let why = reason.map_or("it was stopped".to_owned(), |r| r.to_string());
+            format!("{killed}: {why}")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Line, next_line, parse_progress};
+    use offload_worker::CancelReason;
+
+    use super::{Line, killed_message, next_line, parse_progress};
+
+    #[test]
+    fn a_kill_says_why_unless_the_runtime_does() {
+        assert_eq!(
+            killed_message(Some(CancelReason::Timeout)),
+            "the command's process group was killed"
+        );
+        assert_eq!(
+            killed_message(Some(CancelReason::Cancelled)),
+            format!(
+                "the command's process group was killed: {}",
+                CancelReason::Cancelled
+            )
+        );
+    }
 
     #[tokio::test]
     async fn stdout_lines_take_any_bytes_and_hold_at_most_the_limit() {
