@@ -89,7 +89,9 @@ pub struct FetchRequest {
     /// Queues served; absent or empty means all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<Vec<String>>,
-    /// 1–1000, default 1.
+    /// 1–1000, default 1. A claim also ends after the task that brings its
+    /// tasks' payloads to 8 MiB (at least one task), so an answer may hold
+    /// fewer while more are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<i64>,
     /// 0–60000, default 0: how long to wait for a task if none is ready.

@@ -164,12 +164,13 @@ pub struct ListQuery {
 
 pub const MAX_LIST_LIMIT: usize = 1000;
 
-/// A page of a list ends after the task that brings the bytes of its
-/// tasks' payloads, results and progress data to this or past it, even
-/// short of `limit`; `next_cursor` then goes on from there. Without it a
-/// page of 1,000 tasks of the largest payloads was a gigabyte, which the
-/// node held in memory two or three times over while answering it.
-pub const LIST_PAGE_BYTES: usize = 8 << 20;
+/// A page of a list, and the tasks one claim takes, end after the task
+/// that brings the bytes of their payloads, results and progress data to
+/// this or past it, even short of `limit`. A list's `next_cursor` then
+/// goes on from there; a worker's next fetch claims the rest. Without it
+/// an answer of 1,000 tasks of the largest payloads was a gigabyte, which
+/// the node held in memory two or three times over while answering it.
+pub const PAGE_BYTES: usize = 8 << 20;
 
 impl ListQuery {
     /// `limit` must be 1 to [`MAX_LIST_LIMIT`].
@@ -184,9 +185,9 @@ impl ListQuery {
     }
 }
 
-/// How full a page of a list is, as a store reads it task by task, newest
-/// first: it holds `limit` tasks or [`LIST_PAGE_BYTES`] at most, and one
-/// task at least.
+/// How full a page is, as a store reads it task by task (a list's, newest
+/// first, or a claim's, in claim order): it holds `limit` tasks or
+/// [`PAGE_BYTES`] at most, and one task at least.
 #[derive(Debug)]
 pub struct PageFill {
     limit: usize,
@@ -206,11 +207,17 @@ impl PageFill {
     /// Counts `task` in if the page has room for it; `false` when the page
     /// was full, so that `task` tells that another page follows.
     pub fn take(&mut self, task: &Task) -> bool {
-        if self.tasks >= self.limit || self.bytes >= LIST_PAGE_BYTES {
+        self.take_sized(task.bulk_bytes())
+    }
+
+    /// [`PageFill::take`] for a task whose [`Task::bulk_bytes`] the store
+    /// knows without holding them all.
+    pub fn take_sized(&mut self, bulk_bytes: usize) -> bool {
+        if self.tasks >= self.limit || self.bytes >= PAGE_BYTES {
             return false;
         }
         self.tasks += 1;
-        self.bytes = self.bytes.saturating_add(task.bulk_bytes());
+        self.bytes = self.bytes.saturating_add(bulk_bytes);
         true
     }
 
@@ -225,7 +232,7 @@ impl PageFill {
             return left.min(FIRST_LIST_ROUND);
         }
         let per_task = (self.bytes / self.tasks).max(1);
-        let fit = LIST_PAGE_BYTES.saturating_sub(self.bytes) / per_task;
+        let fit = PAGE_BYTES.saturating_sub(self.bytes) / per_task;
         left.min(fit.saturating_mul(2) + 1)
     }
 }
@@ -240,7 +247,7 @@ const FIRST_LIST_ROUND: usize = 64;
 pub struct TaskPage {
     pub tasks: Vec<Task>,
     /// Set while tasks are left to list, also after a page cut short by
-    /// [`LIST_PAGE_BYTES`]; null on the last page.
+    /// [`PAGE_BYTES`]; null on the last page.
     pub next_cursor: Option<String>,
 }
 

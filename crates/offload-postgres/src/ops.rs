@@ -6,14 +6,17 @@ use std::collections::HashMap;
 
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, Error, EventKind, HeartbeatAck,
-    HeartbeatRequest, OnConflict, PromoteReport, QueueInfo, QueuePatch, State, Task, TaskSpec,
-    Timestamp, admit, check_json, id_carrying_seq,
+    HeartbeatRequest, OnConflict, PageFill, PromoteReport, QueueInfo, QueuePatch, State, Task,
+    TaskSpec, Timestamp, admit, check_json, id_carrying_seq,
 };
 use sqlx::Row;
 use uuid::Uuid;
 
 use crate::ids::{self, Lock};
-use crate::rows::{PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+use crate::rows::{
+    CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, TASK_COLUMNS, decode,
+    encode_json, payload,
+};
 use crate::tx::Tx;
 
 /// Rows a duty handles per transaction.
@@ -399,7 +402,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         for task_type in &types {
             rows.extend(
                 sqlx::query(&format!(
-                    "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+                    "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
                      ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
                 ))
                 .bind(&name)
@@ -411,19 +414,41 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         }
         for row in &rows {
             let stored = decode(row)?;
+            let payload_bytes: i32 = row.try_get("payload_bytes")?;
             candidates.push(Candidate {
                 queue: queue_index,
                 priority: stored.task.priority,
                 run_at: stored.task.run_at,
                 position: stored.seq,
-                item: stored,
+                item: (stored, payload_bytes),
             });
         }
     }
+    let mut page = PageFill::new(req.limit);
     let mut claimed = Vec::new();
-    for mut stored in admit(candidates, capacity, req.limit) {
+    let mut unread_payloads = HashMap::new();
+    for (mut stored, payload_bytes) in admit(candidates, capacity, req.limit) {
+        let read = stored.task.payload.get().len();
+        let bulk_bytes = stored.task.bulk_bytes() - read + payload_bytes as usize;
+        if !page.take_sized(bulk_bytes) {
+            break;
+        }
+        if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
+            unread_payloads.insert(stored.seq, claimed.len());
+        }
         stored.task.claim(&req.worker_id, req.lease, tx.now)?;
         claimed.push((stored, State::Pending));
+    }
+    if !unread_payloads.is_empty() {
+        let seqs: Vec<i64> = unread_payloads.keys().copied().collect();
+        let rows = sqlx::query("SELECT seq, payload FROM offload_tasks WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .fetch_all(&mut *tx.conn)
+            .await?;
+        for row in rows {
+            let at = unread_payloads[&row.try_get::<i64, _>("seq")?];
+            claimed[at].0.task.payload = payload(&row)?;
+        }
     }
     let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
     tx.save(claimed).await?;

@@ -13,6 +13,23 @@ pub(crate) const TASK_COLUMNS: &str = "seq, id, type, queue, payload, priority, 
      error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
      lease_expires_at, worker_id";
 
+/// Payloads a claim's candidates carry as they are read; a larger one is
+/// read once its task is taken. A claim reads up to `limit` candidates a
+/// type and keeps at most `limit` in all, and those of the largest payloads
+/// only up to [`offload_core::PAGE_BYTES`]: read whole, 300 candidates of
+/// 1 MB took the node to 839 MB.
+pub(crate) const CANDIDATE_PAYLOAD_BYTES: i32 = 8 << 10;
+
+/// [`TASK_COLUMNS`] for a claim's candidates: a payload larger than
+/// [`CANDIDATE_PAYLOAD_BYTES`] reads as JSON null, and `payload_bytes`
+/// tells its size (PostgreSQL knows it without reading the value).
+pub(crate) const CANDIDATE_COLUMNS: &str = "seq, id, type, queue, \
+     CASE WHEN octet_length(payload) <= 8192 THEN payload ELSE 'null' END AS payload, \
+     octet_length(payload) AS payload_bytes, priority, state, attempt, \
+     max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, progress, result, \
+     error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
+     lease_expires_at, worker_id";
+
 /// A task with its row position, which orders lists and breaks FIFO ties.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredTask {
@@ -112,6 +129,11 @@ fn ts(ms: Option<i64>) -> Option<Timestamp> {
     ms.map(Timestamp::from_millis)
 }
 
+/// The `payload` column of `row`.
+pub(crate) fn payload(row: &PgRow) -> Result<Json, Error> {
+    Ok(raw_json(Some(column(row, "payload")?), "payload")?.unwrap_or_else(offload_core::json_null))
+}
+
 pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
     let state_code: i16 = column(row, "state")?;
     let state = State::from_code(state_code.into())
@@ -131,8 +153,7 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
             id: column::<Uuid>(row, "id")?,
             task_type: column(row, "type")?,
             queue: column(row, "queue")?,
-            payload: raw_json(Some(column(row, "payload")?), "payload")?
-                .unwrap_or_else(offload_core::json_null),
+            payload: payload(row)?,
             priority: priority as u8,
             state,
             attempt: attempt as u32,
@@ -160,4 +181,25 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
 
 pub(crate) fn encode_json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
     serde_json::to_string(value).map_err(|e| Error::Storage(format!("encoding JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_read_every_column_of_a_task_and_bound_the_payload_by_its_constant() {
+        let bound = format!("octet_length(payload) <= {CANDIDATE_PAYLOAD_BYTES} THEN");
+        assert!(CANDIDATE_COLUMNS.contains(&bound), "{CANDIDATE_COLUMNS}");
+        let names = |columns: &str| -> Vec<String> {
+            columns
+                .split(',')
+                .map(|c| c.split_whitespace().last().unwrap_or_default().to_owned())
+                .collect()
+        };
+        let mut expected = names(TASK_COLUMNS);
+        let payload = expected.iter().position(|c| c == "payload").unwrap_or(0);
+        expected.insert(payload + 1, "payload_bytes".to_owned());
+        assert_eq!(names(CANDIDATE_COLUMNS), expected);
+    }
 }

@@ -4,8 +4,8 @@
 
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, ClearRequest, Error, EventKind,
-    HeartbeatAck, HeartbeatRequest, PromoteReport, QueueInfo, QueuePatch, Result, Retention, State,
-    Task, TaskSpec, admit, check_json,
+    HeartbeatAck, HeartbeatRequest, PageFill, PromoteReport, QueueInfo, QueuePatch, Result,
+    Retention, State, Task, TaskSpec, admit, check_json,
 };
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{OptionalExtension, params};
@@ -589,15 +589,25 @@ impl WriteCtx<'_, '_> {
             );
         }
         let chosen = admit(candidates, capacity, req.limit);
-        // Every row read before any is written back, so that the writes
-        // stay buffered together.
-        let rows = self.tasks_by_seq(&chosen)?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for mut stored in rows {
-            stored.task.claim(&req.worker_id, req.lease, self.now)?;
-            self.save(&stored, State::Pending)?;
-            claimed.push(Task::clone(&stored.task));
-            self.claimed_rows.keep(stored);
+        // Read in rounds, as a list is (`PageFill`), so that a claim of
+        // large tasks ends at `PAGE_BYTES` without reading every row it
+        // was allowed. Rows read and left unclaimed stay pending; the
+        // next claim reads them again.
+        let mut page = PageFill::new(chosen.len());
+        let mut claimed = Vec::with_capacity(chosen.len());
+        let mut unread = chosen.as_slice();
+        'rounds: while !unread.is_empty() {
+            let (round, rest) = unread.split_at(page.rows_to_ask().min(unread.len()));
+            unread = rest;
+            for mut stored in self.tasks_by_seq(round)? {
+                if !page.take(&stored.task) {
+                    break 'rounds;
+                }
+                stored.task.claim(&req.worker_id, req.lease, self.now)?;
+                self.save(&stored, State::Pending)?;
+                claimed.push(Task::clone(&stored.task));
+                self.claimed_rows.keep(stored);
+            }
         }
         if let Some(first) = claimed.first() {
             let lease_expires_at = first.lease_expires_at.unwrap_or(self.now);

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    HeartbeatAck, HeartbeatRequest, LIST_PAGE_BYTES, Limits, ListQuery, ManualClock, NewTask,
-    OnConflict, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, TaskPage,
+    HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict,
+    PAGE_BYTES, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, TaskPage,
     Timestamp,
 };
 use serde_json::value::RawValue;
@@ -1346,7 +1346,7 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
 }
 
 /// A page ends where its tasks' payloads, results and progress data reach
-/// [`LIST_PAGE_BYTES`], short of `limit`, and the next goes on from there:
+/// [`PAGE_BYTES`], short of `limit`, and the next goes on from there:
 /// through the rows (every state) and through the writer's memory (pending).
 pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
@@ -1381,13 +1381,13 @@ pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFac
                 let (last, before_last) = sizes.split_last().expect("never an empty page");
                 let bytes_before_last: usize = before_last.iter().sum();
                 assert!(
-                    bytes_before_last < LIST_PAGE_BYTES && sizes.len() <= limit,
+                    bytes_before_last < PAGE_BYTES && sizes.len() <= limit,
                     "{limit} {states:?}: the page went on past its budget: {sizes:?}"
                 );
                 assert!(
                     page.next_cursor.is_none()
                         || sizes.len() == limit
-                        || bytes_before_last + last >= LIST_PAGE_BYTES,
+                        || bytes_before_last + last >= PAGE_BYTES,
                     "{limit} {states:?}: a page with room left said another follows: {sizes:?}"
                 );
                 seen.extend(ids(&page.tasks));
@@ -1397,6 +1397,69 @@ pub async fn a_page_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFac
                 "{limit} {states:?}: every task once, newest first"
             );
         }
+    }
+}
+
+/// A claim ends where its tasks' payloads reach [`PAGE_BYTES`], short of
+/// `limit`, and leaves the rest pending for the next, in claim order; every
+/// task reaches a worker once, with its payload whole. More bulk than the
+/// SQLite writer keeps in memory, so that some rows come from the table;
+/// two types, which PostgreSQL reads candidates for one by one; payloads
+/// either side of the size PostgreSQL's candidates carry.
+pub async fn a_claim_ends_where_its_bytes_reach_the_budget(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut made = Vec::new();
+    for i in 0..60 {
+        let size = match i % 5 {
+            0 => 10,
+            1 => 8192 - 8,
+            2 => 8192 - 7,
+            _ => 1_000_000,
+        };
+        // `{"b":"…"}` is 8 bytes besides the text.
+        let payload = serde_json::json!({ "b": "x".repeat(size) });
+        let task = NewTask::new(if i % 2 == 0 { "a" } else { "b" })
+            .payload(&payload)
+            .expect("a payload");
+        let task = f.enqueue(task).await;
+        made.push((task.id, serde_json::to_string(&payload).expect("json")));
+    }
+    let mut claimed = Vec::new();
+    loop {
+        let tasks = f.claim("w", 1000).await;
+        let Some((last, before_last)) = tasks.split_last() else {
+            break;
+        };
+        let bytes_before_last: usize = before_last.iter().map(Task::bulk_bytes).sum();
+        assert!(
+            bytes_before_last < PAGE_BYTES,
+            "the claim went on past its budget: {} tasks, {bytes_before_last} bytes before the last",
+            tasks.len()
+        );
+        let left = made.len() - claimed.len() - tasks.len();
+        assert!(
+            left == 0 || bytes_before_last + last.bulk_bytes() >= PAGE_BYTES,
+            "a claim with room left took {} tasks and left {left}",
+            tasks.len()
+        );
+        claimed.extend(tasks);
+        assert!(claimed.len() <= made.len(), "a task was claimed twice");
+    }
+    let got: Vec<(Uuid, String)> = claimed
+        .iter()
+        .map(|t| (t.id, t.payload.get().to_owned()))
+        .collect();
+    assert!(
+        got == made,
+        "every task once, in claim order, its payload whole"
+    );
+    for (id, payload) in made.iter().step_by(3) {
+        let task = f.store.get(*id).await.expect("get").expect("stored");
+        assert_eq!(task.state, State::Running);
+        assert!(
+            task.payload.get() == payload,
+            "{id}: the stored payload changed"
+        );
     }
 }
 

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             paused_queue_and_concurrency_limit,
             list_filters_and_keyset_pagination,
             a_page_ends_where_its_bytes_reach_the_budget,
+            a_claim_ends_where_its_bytes_reach_the_budget,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,
             stats_and_queues_count_every_task,
             a_batch_makes_each_of_its_queues,
