@@ -83,10 +83,11 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 #[serde(deny_unknown_fields)]
 pub struct FetchRequest {
     pub worker_id: String,
-    /// Task types the worker handles; absent or empty means any.
+    /// Task types the worker handles, at most 1000; absent or empty means
+    /// any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<Vec<String>>,
-    /// Queues served; absent or empty means all.
+    /// Queues served, at most 1000; absent or empty means all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<Vec<String>>,
     /// 1–1000, default 1. A claim also ends after the task that brings its

@@ -18,13 +18,15 @@ pub struct Candidate<T> {
     pub queue: usize,
     pub priority: u8,
     pub run_at: Timestamp,
-    /// Insertion order: the FIFO tie-break.
+    /// Insertion order: the FIFO tie-break, and the task's identity: a task
+    /// named twice among the candidates is admitted once.
     pub position: i64,
 }
 
 /// The candidates to claim, in claim order: highest priority first, then
 /// oldest `run_at`, then first enqueued; never more than `limit`, nor more
-/// from a queue than `room[queue]`.
+/// from a queue than `room[queue]`, nor a task twice (a request that names
+/// its type or queue twice gathers it twice).
 pub fn admit<T>(mut candidates: Vec<Candidate<T>>, mut room: Vec<usize>, limit: usize) -> Vec<T> {
     candidates.sort_by(|a, b| {
         b.priority
@@ -33,9 +35,14 @@ pub fn admit<T>(mut candidates: Vec<Candidate<T>>, mut room: Vec<usize>, limit: 
             .then(a.position.cmp(&b.position))
     });
     let mut admitted = Vec::with_capacity(limit.min(candidates.len()));
+    let mut last_position = None;
     for candidate in candidates {
         if admitted.len() == limit {
             break;
+        }
+        // Sorted, so a task's copies are neighbours.
+        if last_position.replace(candidate.position) == Some(candidate.position) {
+            continue;
         }
         let Some(left) = room.get_mut(candidate.queue) else {
             continue;
@@ -98,5 +105,16 @@ mod tests {
             vec!["a"],
             "the request's limit"
         );
+    }
+
+    #[test]
+    fn a_task_among_the_candidates_twice_is_admitted_once() {
+        let candidates = vec![
+            candidate("a", 0, 5, 0, 1),
+            candidate("b", 0, 5, 1, 2),
+            candidate("a again", 0, 5, 0, 1),
+            candidate("b again", 0, 5, 1, 2),
+        ];
+        assert_eq!(admit(candidates, vec![10], 10), vec!["a", "b"]);
     }
 }

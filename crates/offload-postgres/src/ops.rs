@@ -2,7 +2,7 @@
 //! the SQLite store's operations step for step; the conformance suite holds
 //! the two to the same behaviour.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use offload_core::{
     Ack, AckOutcome, CancelEffect, Candidate, ClaimRequest, Error, EventKind, HeartbeatAck,
@@ -19,6 +19,9 @@ use crate::rows::{
 };
 use crate::tx::Tx;
 
+/// Types a claim may name and still read candidates for each named one;
+/// past this it reads them for the named ones pending in the queue.
+const FEW_TYPES: usize = 8;
 /// Rows a duty handles per transaction.
 const DUTY_BATCH: i64 = 1000;
 /// Advisory locks that writes naming a unique key take turns on.
@@ -395,6 +398,13 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         capacity.push(room);
         let types = if req.types.is_empty() {
             pending_types(tx, &name).await?
+        } else if req.types.len() > FEW_TYPES {
+            // One walk of the types pending here rather than a statement for
+            // each type named: a fetch naming 50,000 types took 4 s.
+            let named: HashSet<&str> = req.types.iter().map(String::as_str).collect();
+            let mut types = pending_types(tx, &name).await?;
+            types.retain(|t| named.contains(t.as_str()));
+            types
         } else {
             req.types.clone()
         };

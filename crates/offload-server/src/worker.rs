@@ -20,6 +20,10 @@ use crate::extract::{BatchBody, JsonBody, task_id};
 use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
+/// Names a fetch's `types` or `queues` may list. A worker lists the types
+/// it has handlers for; past this it is a mistake or an attack, and
+/// PostgreSQL reads a claim's candidates a type at a time.
+const MAX_FETCH_NAMES: usize = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
 const MAX_RETRY_IN_SECS: i64 = 366 * 24 * 3600;
 
@@ -53,14 +57,10 @@ pub async fn fetch(
     JsonBody(body): JsonBody<FetchRequest>,
 ) -> ApiResult<TaskListJson> {
     validate_worker_id(&body.worker_id)?;
-    let types = body.types.unwrap_or_default();
-    for (i, t) in types.iter().enumerate() {
-        validate_task_type(format_args!("types[{i}]"), t)?;
-    }
-    let queues = body.queues.unwrap_or_default();
-    for (i, q) in queues.iter().enumerate() {
-        validate_queue_name(format_args!("queues[{i}]"), q)?;
-    }
+    let types = fetch_names("types", body.types, |at, name| validate_task_type(at, name))?;
+    let queues = fetch_names("queues", body.queues, |at, name| {
+        validate_queue_name(at, name)
+    })?;
     let request = ClaimRequest {
         worker_id: body.worker_id,
         types,
@@ -72,6 +72,27 @@ pub async fn fetch(
     let tasks = state.engine.fetch(&request, wait, &state.stop).await?;
     state.metrics.claimed(&tasks);
     Ok(TaskListJson(tasks))
+}
+
+/// A fetch's `types` or `queues`, each name checked, each once.
+fn fetch_names(
+    field: &str,
+    names: Option<Vec<String>>,
+    validate: impl Fn(std::fmt::Arguments<'_>, &str) -> offload_core::Result<()>,
+) -> ApiResult<Vec<String>> {
+    let mut names = names.unwrap_or_default();
+    if names.len() > MAX_FETCH_NAMES {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_FETCH_NAMES} names; got {}", names.len()),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        validate(format_args!("{field}[{i}]"), name)?;
+    }
+    names.sort_unstable();
+    names.dedup();
+    Ok(names)
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/heartbeat", tag = "workers", params(("id" = String, Path)), request_body = HeartbeatBody,

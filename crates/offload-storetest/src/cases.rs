@@ -468,6 +468,34 @@ pub async fn claim_respects_limit_types_and_queues(factory: &dyn StoreFactory) {
     );
 }
 
+/// A claim that names a type or a queue twice takes each task once: it
+/// had answered a task twice, counted running twice. Few names and many.
+pub async fn a_claim_naming_a_type_twice_takes_each_task_once(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let (mut t, mut u) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        t.push(f.enqueue(NewTask::new("t")).await.id);
+        u.push(f.enqueue(NewTask::new("u").queue("q")).await.id);
+        f.enqueue(NewTask::new("v").queue("q")).await;
+    }
+    let mut claimed = ids(&f.claim_from("w", 10, &["t", "t"], &[]).await);
+    claimed.sort();
+    t.sort();
+    assert_eq!(claimed, t, "each t once");
+    // Enough names that PostgreSQL looks among the pending types for them.
+    let many = ["u", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "u"];
+    let mut claimed = ids(&f.claim_from("w", 10, &many, &["q", "q"]).await);
+    claimed.sort();
+    u.sort();
+    assert_eq!(claimed, u, "each u once, and no v");
+    let stats = f.store.stats().await.expect("stats");
+    assert_eq!((stats.total.running, stats.total.pending), (6, 3));
+    f.store
+        .verify_bookkeeping()
+        .await
+        .expect("the store's bookkeeping agrees with its rows");
+}
+
 pub async fn claimed_task_is_not_handed_out_again(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     for _ in 0..20 {

@@ -389,6 +389,15 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "lease_secs",
     );
+    let many: Vec<String> = (0..1001).map(|i| format!("t{i}")).collect();
+    for field in ["types", "queues"] {
+        assert_error(
+            http.post("/v1/fetch", json!({"worker_id": "w", field: many})),
+            400,
+            "invalid_argument",
+            &format!("{field}: at most 1000 names; got 1001"),
+        );
+    }
     assert_error(
         http.post("/v1/fetch", json!({"worker_id": ""})),
         400,
