@@ -225,11 +225,11 @@ impl PageFill {
     /// twice what would fill the page at the sizes taken so far, and one
     /// more to tell whether another page follows, within what `limit`
     /// leaves. A first round knows no sizes and asks for up to
-    /// 64 rows (`FIRST_LIST_ROUND`).
+    /// 64 rows (`FIRST_ROUND`).
     pub fn rows_to_ask(&self) -> usize {
         let left = self.limit.saturating_sub(self.tasks) + 1;
         if self.tasks == 0 {
-            return left.min(FIRST_LIST_ROUND);
+            return left.min(FIRST_ROUND);
         }
         let per_task = (self.bytes / self.tasks).max(1);
         let fit = PAGE_BYTES.saturating_sub(self.bytes) / per_task;
@@ -238,9 +238,9 @@ impl PageFill {
 }
 
 /// The rows a first round of reading a page asks for: a whole default
-/// page of 50, and at most 64 of the largest payloads read past an
-/// 8 MiB page.
-const FIRST_LIST_ROUND: usize = 64;
+/// list page of 50 (a claim of small tasks reads the rest in its second
+/// round), and at most 64 of the largest payloads read past an 8 MiB page.
+const FIRST_ROUND: usize = 64;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

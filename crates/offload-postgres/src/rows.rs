@@ -7,11 +7,21 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
+/// Every column a task is read from, with `payload` read as given.
+macro_rules! task_columns {
+    ($payload:literal) => {
+        concat!(
+            "seq, id, type, queue, ",
+            $payload,
+            ", priority, state, attempt, max_attempts, timeout_secs, run_at, owner, labels, \
+             unique_key, depends_on, progress, result, error, errors, cancel_requested, \
+             created_at, updated_at, started_at, finished_at, lease_expires_at, worker_id"
+        )
+    };
+}
+
 /// Every column a task is read from.
-pub(crate) const TASK_COLUMNS: &str = "seq, id, type, queue, payload, priority, state, attempt, \
-     max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, progress, result, \
-     error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
-     lease_expires_at, worker_id";
+pub(crate) const TASK_COLUMNS: &str = task_columns!("payload");
 
 /// Payloads a claim's candidates carry as they are read; a larger one is
 /// read once its task is taken. A claim reads up to `limit` candidates a
@@ -23,12 +33,10 @@ pub(crate) const CANDIDATE_PAYLOAD_BYTES: i32 = 8 << 10;
 /// [`TASK_COLUMNS`] for a claim's candidates: a payload larger than
 /// [`CANDIDATE_PAYLOAD_BYTES`] reads as JSON null, and `payload_bytes`
 /// tells its size (PostgreSQL knows it without reading the value).
-pub(crate) const CANDIDATE_COLUMNS: &str = "seq, id, type, queue, \
-     CASE WHEN octet_length(payload) <= 8192 THEN payload ELSE 'null' END AS payload, \
-     octet_length(payload) AS payload_bytes, priority, state, attempt, \
-     max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, progress, result, \
-     error, errors, cancel_requested, created_at, updated_at, started_at, finished_at, \
-     lease_expires_at, worker_id";
+pub(crate) const CANDIDATE_COLUMNS: &str = task_columns!(
+    "CASE WHEN octet_length(payload) <= 8192 THEN payload ELSE 'null' END AS payload, \
+     octet_length(payload) AS payload_bytes"
+);
 
 /// A task with its row position, which orders lists and breaks FIFO ties.
 #[derive(Debug, Clone)]
