@@ -408,20 +408,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         } else {
             req.types.clone()
         };
-        let mut rows = Vec::new();
-        for task_type in &types {
-            rows.extend(
-                sqlx::query(&format!(
-                    "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
-                     ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
-                ))
-                .bind(&name)
-                .bind(task_type)
-                .bind(room as i64)
-                .fetch_all(&mut *tx.conn)
-                .await?,
-            );
-        }
+        let rows = candidates_of_types(tx, &name, &types, room).await?;
         for row in &rows {
             let stored = decode(row)?;
             let payload_bytes: i32 = row.try_get("payload_bytes")?;
@@ -464,6 +451,70 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     tx.save(claimed).await?;
     Ok(tasks)
 }
+
+/// The rows of up to `room` pending tasks of `queue` of each of `types`,
+/// locked, which hold the `room` first in claim order among those not
+/// locked by another claim.
+///
+/// Of several types, locking `room` rows of each was most of a claim's
+/// cost: a burn-down of 20,000 tasks of 20 types, fetched 500 at a time,
+/// ran at 6.9k tasks a second where one type ran at 17.9k. So it first
+/// picks the `room` first in claim order among them all, unlocked and
+/// without their rows, and locks those; only when another claim holds
+/// some of them does it fall back to locking `room` of each type (a task
+/// read twice is admitted once).
+async fn candidates_of_types(
+    tx: &mut Tx,
+    queue: &str,
+    types: &[String],
+    room: usize,
+) -> PgResult<Vec<sqlx::postgres::PgRow>> {
+    let room = room as i64;
+    if types.len() > 1 {
+        let first: Vec<i64> = sqlx::query_scalar(FIRST_PENDING_OF_TYPES)
+            .bind(queue)
+            .bind(types)
+            .bind(room)
+            .fetch_all(&mut *tx.conn)
+            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
+             FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(&first)
+        .fetch_all(&mut *tx.conn)
+        .await?;
+        if rows.len() == first.len() {
+            return Ok(rows);
+        }
+    }
+    let mut rows = Vec::new();
+    for task_type in types {
+        rows.extend(
+            sqlx::query(&format!(
+                "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+                 ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(queue)
+            .bind(task_type)
+            .bind(room)
+            .fetch_all(&mut *tx.conn)
+            .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// The seqs of the first `$3` pending tasks of queue `$1` in claim order
+/// among those of the types `$2`: a short walk of
+/// offload_tasks_ready_by_type for each type, merged.
+const FIRST_PENDING_OF_TYPES: &str = "SELECT c.seq FROM unnest($2::text[]) AS t(type) \
+     CROSS JOIN LATERAL ( \
+       SELECT seq, priority, run_at FROM offload_tasks \
+       WHERE state = 2 AND queue = $1 AND type = t.type \
+       ORDER BY priority DESC, run_at, seq LIMIT $3 \
+     ) c \
+     ORDER BY c.priority DESC, c.run_at, c.seq LIMIT $3";
 
 /// The types with pending tasks in `queue`: one short walk of
 /// offload_tasks_ready_by_type per type (a loose index scan) rather than a

@@ -206,10 +206,16 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
         node(&schema).await,
         node(&schema).await,
     ];
-    let spec = NewTask::new("t")
-        .validate(&Limits::default(), Position::Alone)
-        .unwrap();
-    nodes[0].enqueue(vec![spec; 300]).await.unwrap();
+    // Of several types, so that claims also take the path that picks
+    // among them all before it locks, and meet each other's locks there.
+    let specs = (0..300)
+        .map(|i| {
+            NewTask::new(format!("t{}", i % 5))
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    nodes[0].enqueue(specs).await.unwrap();
     let mut handles = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         for w in 0..3 {

@@ -441,6 +441,34 @@ pub async fn claim_orders_by_priority_then_run_at(factory: &dyn StoreFactory) {
     assert_eq!(ids(&f.claim("w", 10).await), vec![high.id, mid.id, low.id]);
 }
 
+/// Claim order holds across types: highest priority first, then first
+/// enqueued, whichever type each task is, a few at a time.
+pub async fn claim_order_holds_across_types(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut made = Vec::new();
+    for i in 0..30 {
+        let priority: i64 = 1 + (i * 7) % 10;
+        let task = NewTask::new(["a", "b", "c"][(i % 3) as usize]).priority(priority);
+        made.push((std::cmp::Reverse(priority), i, f.enqueue(task).await.id));
+    }
+    made.sort();
+    let expected: Vec<Uuid> = made.into_iter().map(|(_, _, id)| id).collect();
+    let mut claimed = Vec::new();
+    loop {
+        let types = if claimed.len() % 2 == 0 {
+            &["a", "b", "c"][..]
+        } else {
+            &[][..]
+        };
+        let tasks = f.claim_from("w", 4, types, &[]).await;
+        if tasks.is_empty() {
+            break;
+        }
+        claimed.extend(ids(&tasks));
+    }
+    assert_eq!(claimed, expected);
+}
+
 pub async fn claim_respects_limit_types_and_queues(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     for _ in 0..3 {
