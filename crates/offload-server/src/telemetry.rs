@@ -5,7 +5,8 @@
 //! fetch, ack); tasks handled by in-process workers of another program do not
 //! pass here. Queue depth is read from the store at scrape time.
 
-use std::sync::OnceLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -59,6 +60,7 @@ impl Metrics {
     /// Counts tasks just created.
     pub fn enqueued<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
+            let task_type = type_label(queue, task_type);
             counter!("offload_tasks_enqueued_total", "queue" => queue.to_owned(), "type" => task_type.to_owned())
                 .increment(group.len() as u64);
         }
@@ -80,6 +82,7 @@ impl Metrics {
     /// finished ones ran.
     pub fn acked<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
+            let task_type = type_label(queue, task_type);
             let labels = [("queue", queue.to_owned()), ("type", task_type.to_owned())];
             let (mut completed, mut failed, mut cancelled, mut retried) = (0, 0, 0, 0);
             // Registered only once there is a duration to record, as before.
@@ -125,6 +128,49 @@ impl Metrics {
             .unwrap_or_default()
     }
 }
+
+/// (queue, type) pairs that get a `type` label of their own, in the order
+/// first counted. Types are the applications' names: one that put an id in
+/// a type would add series without end, each kept as long as the process
+/// runs and sent on every scrape.
+const MAX_LABELLED_TYPES: usize = 1000;
+
+/// The `type` label of the tasks of `task_type` in `queue`: the type, or
+/// [`OTHER_TYPES`] once [`MAX_LABELLED_TYPES`] pairs have labels.
+fn type_label<'t>(queue: &str, task_type: &'t str) -> &'t str {
+    #[derive(Default)]
+    struct Labelled {
+        by_queue: HashMap<String, HashSet<String>>,
+        pairs: usize,
+    }
+    static LABELLED: OnceLock<Mutex<Labelled>> = OnceLock::new();
+    let mut labelled = LABELLED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let labelled = &mut *labelled;
+    if labelled
+        .by_queue
+        .get(queue)
+        .is_some_and(|types| types.contains(task_type))
+    {
+        return task_type;
+    }
+    if labelled.pairs >= MAX_LABELLED_TYPES {
+        return OTHER_TYPES;
+    }
+    labelled.pairs += 1;
+    labelled
+        .by_queue
+        .entry(queue.to_owned())
+        .or_default()
+        .insert(task_type.to_owned());
+    task_type
+}
+
+/// The `type` label of the types past [`MAX_LABELLED_TYPES`]: not a valid
+/// type name, so never one of them.
+const OTHER_TYPES: &str = "(other)";
 
 /// Tasks grouped by (queue, type), in the order first seen. A metric
 /// handle is a registry lookup (hashing the name and labels, cloning the

@@ -815,6 +815,38 @@ fn queues_pause_resume_and_limit_concurrency() {
     assert_eq!(http.fetch("w", json!({"limit": 10})).len(), 3);
 }
 
+/// Task types are the application's names: past 1,000 (queue, type)
+/// pairs, tasks are counted under `type="(other)"`, so that types made of
+/// ids do not add series without end.
+#[test]
+fn metrics_label_at_most_a_thousand_task_types() {
+    let server = Server::start();
+    let http = server.http();
+    let tasks: Vec<Value> = (0..1005)
+        .map(|i| json!({"type": format!("t{i}"), "queue": "q"}))
+        .collect();
+    let (status, body) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201, "{body}");
+    // A labelled type keeps its label after the budget is spent.
+    http.enqueue(json!({"type": "t0", "queue": "q"}));
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
+        .unwrap()
+        .text()
+        .unwrap();
+    let enqueued: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("offload_tasks_enqueued_total{"))
+        .collect();
+    assert_eq!(enqueued.len(), 1001, "{enqueued:?}");
+    for needle in [
+        "offload_tasks_enqueued_total{queue=\"q\",type=\"(other)\"} 5",
+        "offload_tasks_enqueued_total{queue=\"q\",type=\"t0\"} 2",
+        "offload_tasks_enqueued_total{queue=\"q\",type=\"t999\"} 1",
+    ] {
+        assert!(enqueued.contains(&needle), "no {needle} in {enqueued:?}");
+    }
+}
+
 #[test]
 fn health_metrics_and_openapi() {
     let server = Server::start();
