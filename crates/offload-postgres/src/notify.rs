@@ -4,19 +4,19 @@
 //! Notifications are hints. A lost one costs at most the engine's fallback
 //! poll (one second); nothing waits on a notification alone.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use std::sync::Weak;
-
-use offload_core::{EventKind, Store, TaskEvent};
+use offload_core::{EventKind, State, Task, TaskEvent, Timestamp};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Node, PgStore};
+use crate::{Node, PgStore, ids};
 
 /// Pause before listening again after the connection failed.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
@@ -33,6 +33,7 @@ pub(crate) async fn listen(
     listening: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut listening = Some(listening);
+    let mut streamed = Streamed::default();
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -66,7 +67,7 @@ pub(crate) async fn listen(
                 Ok(Some(n)) => {
                     // The store is gone: so is the reason to listen.
                     let Some(store) = store.upgrade() else { return };
-                    handle(&node, &*store, n.payload()).await;
+                    handle(&node, &store, &mut streamed, n.payload()).await;
                 }
                 // The connection dropped; try_recv reconnects next time, and
                 // what was missed is covered by waking everyone.
@@ -93,7 +94,7 @@ async fn pause(stop: &CancellationToken) -> bool {
     }
 }
 
-async fn handle(node: &Node, store: &dyn Store, payload: &str) {
+async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: &str) {
     match payload.as_bytes().first() {
         Some(b'r') => node.hub.notify_ready(),
         Some(b's') => node.hub.notify_scheduled(),
@@ -110,24 +111,154 @@ async fn handle(node: &Node, store: &dyn Store, payload: &str) {
             if origin == node.id || !node.hub.has_listeners() {
                 return;
             }
-            for change in changes.split(',') {
-                let kind = if change.starts_with('p') {
-                    EventKind::Progress
-                } else {
-                    EventKind::State
-                };
-                let Ok(id) = Uuid::parse_str(change.get(1..).unwrap_or("")) else {
-                    continue;
-                };
-                if let Ok(Some(task)) = store.get(id).await {
-                    node.hub.publish(TaskEvent {
-                        kind,
-                        task: Arc::new(task),
-                    });
-                }
-            }
+            stream_changes(node, store, streamed, changed_tasks(changes)).await;
         }
         _ => {}
+    }
+}
+
+/// Each task a notification names once, in the order named, with the
+/// kind of event it calls for: a state change if any of its changes was
+/// one (that event carries the progress too).
+fn changed_tasks(changes: &str) -> Vec<(Uuid, EventKind)> {
+    let mut kinds: HashMap<Uuid, EventKind> = HashMap::new();
+    let mut order = Vec::new();
+    for change in changes.split(',') {
+        let kind = if change.starts_with('p') {
+            EventKind::Progress
+        } else {
+            EventKind::State
+        };
+        let Ok(id) = Uuid::parse_str(change.get(1..).unwrap_or("")) else {
+            continue;
+        };
+        match kinds.get_mut(&id) {
+            Some(known) => {
+                if kind == EventKind::State {
+                    *known = EventKind::State;
+                }
+            }
+            None => {
+                kinds.insert(id, kind);
+                order.push(id);
+            }
+        }
+    }
+    order.into_iter().map(|id| (id, kinds[&id])).collect()
+}
+
+/// Tasks read per statement when streaming another node's changes: a
+/// batch's notification names up to ~180, and each may carry a payload
+/// of up to the payload limit.
+const STREAM_READ_CHUNK: usize = 32;
+
+/// Reads the tasks another node changed, as they are now, and streams
+/// each that this node has not streamed as it is now already.
+async fn stream_changes(
+    node: &Node,
+    store: &PgStore,
+    streamed: &mut Streamed,
+    changed: Vec<(Uuid, EventKind)>,
+) {
+    let mut conn = match store.pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read other nodes' changes to stream them");
+            return;
+        }
+    };
+    for chunk in changed.chunks(STREAM_READ_CHUNK) {
+        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+        let mut found = match ids::find(&mut conn, &ids, ids::Lock::None).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e.into_core(), "cannot read other nodes' changes to stream them");
+                return;
+            }
+        };
+        for (id, kind) in chunk {
+            let Some(stored) = found.remove(id) else {
+                continue;
+            };
+            if streamed.is_news(&stored.task, *kind) {
+                node.hub.publish(TaskEvent {
+                    kind: *kind,
+                    task: Arc::new(stored.task),
+                });
+            }
+        }
+    }
+}
+
+/// The tasks this node streamed last, heard of from other nodes, as
+/// they were when streamed. A task is read when its notification comes,
+/// not when it changed: a task enqueued, claimed and completed before the
+/// first of its three notifications reaches this node is read completed
+/// three times, and would be streamed as completed three times.
+#[derive(Default)]
+struct Streamed {
+    versions: HashMap<Uuid, Streaming>,
+    /// The ids of `versions`, oldest first, to forget the oldest by.
+    order: VecDeque<Uuid>,
+}
+
+struct Streaming {
+    version: Version,
+    /// Whether a state event carried this version; a progress event that
+    /// did may be followed by the state event of the same version.
+    as_state: bool,
+}
+
+/// What tells one stored version of a task from another: every change
+/// that is streamed moves one of them. `updated_at` alone is not enough,
+/// as two changes may fall in one millisecond.
+#[derive(PartialEq, Eq)]
+struct Version {
+    updated_at: Timestamp,
+    state: State,
+    attempt: u32,
+    progress_at: Option<Timestamp>,
+    cancel_requested: bool,
+}
+
+impl Version {
+    fn of(task: &Task) -> Self {
+        Version {
+            updated_at: task.updated_at,
+            state: task.state,
+            attempt: task.attempt,
+            progress_at: task.progress.as_ref().map(|p| p.updated_at),
+            cancel_requested: task.cancel_requested,
+        }
+    }
+}
+
+/// Tasks [`Streamed`] remembers: a few hundred kilobytes; a task changed
+/// again after ten thousand others is streamed again, at worst twice.
+const STREAMED_REMEMBERED: usize = 10_000;
+
+impl Streamed {
+    /// Whether an event of `kind` for `task` as it is now tells a
+    /// subscriber anything it was not told, and if so remembers it.
+    fn is_news(&mut self, task: &Task, kind: EventKind) -> bool {
+        let version = Version::of(task);
+        let as_state = kind == EventKind::State;
+        if let Some(known) = self.versions.get_mut(&task.id) {
+            if known.version == version && (known.as_state || !as_state) {
+                return false;
+            }
+            *known = Streaming { version, as_state };
+            return true;
+        }
+        if self.order.len() >= STREAMED_REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.versions.remove(&oldest);
+        }
+        self.order.push_back(task.id);
+        self.versions
+            .insert(task.id, Streaming { version, as_state });
+        true
     }
 }
 
@@ -168,5 +299,90 @@ pub(crate) async fn lead(node: Arc<Node>, options: PgConnectOptions, stop: Cance
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use offload_core::{Limits, NewTask, Position};
+
+    fn pending_task() -> Task {
+        let spec = NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
+        Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(1_000), false)
+    }
+
+    #[test]
+    fn a_notification_names_each_task_once_and_a_state_change_wins() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let changes = format!("p{a},s{b},s{a},p{b},p{a},nonsense,s");
+        assert_eq!(
+            changed_tasks(&changes),
+            vec![(a, EventKind::State), (b, EventKind::State)]
+        );
+        assert_eq!(
+            changed_tasks(&format!("p{a}")),
+            vec![(a, EventKind::Progress)]
+        );
+    }
+
+    #[test]
+    fn a_task_read_as_already_streamed_is_not_streamed_again() {
+        let mut streamed = Streamed::default();
+        let mut task = pending_task();
+        assert!(streamed.is_news(&task, EventKind::State));
+        // Three notifications of one task, each read after its last change.
+        task.claim("w", Duration::from_secs(30), Timestamp::from_millis(2_000))
+            .unwrap();
+        task.complete("w", None, Timestamp::from_millis(3_000))
+            .unwrap();
+        assert!(streamed.is_news(&task, EventKind::State));
+        assert!(!streamed.is_news(&task, EventKind::State));
+        assert!(!streamed.is_news(&task, EventKind::Progress));
+    }
+
+    #[test]
+    fn a_progress_event_is_followed_by_the_state_event_of_the_same_version() {
+        let mut streamed = Streamed::default();
+        let mut task = pending_task();
+        task.claim("w", Duration::from_secs(30), Timestamp::from_millis(2_000))
+            .unwrap();
+        assert!(streamed.is_news(&task, EventKind::Progress));
+        assert!(streamed.is_news(&task, EventKind::State));
+        assert!(!streamed.is_news(&task, EventKind::State));
+    }
+
+    #[test]
+    fn changes_within_one_millisecond_are_each_news() {
+        let mut streamed = Streamed::default();
+        let mut task = pending_task();
+        let now = Timestamp::from_millis(2_000);
+        task.claim("w", Duration::from_secs(30), now).unwrap();
+        assert!(streamed.is_news(&task, EventKind::State));
+        task.heartbeat(
+            "w",
+            Duration::from_secs(30),
+            Some((Some(50.0), None, None)),
+            now,
+        )
+        .unwrap();
+        assert!(streamed.is_news(&task, EventKind::Progress));
+        task.complete("w", None, now).unwrap();
+        assert!(streamed.is_news(&task, EventKind::State));
+    }
+
+    #[test]
+    fn the_oldest_task_streamed_is_forgotten_past_the_bound() {
+        let mut streamed = Streamed::default();
+        let first = pending_task();
+        assert!(streamed.is_news(&first, EventKind::State));
+        for _ in 0..STREAMED_REMEMBERED {
+            assert!(streamed.is_news(&pending_task(), EventKind::State));
+        }
+        assert_eq!(streamed.versions.len(), STREAMED_REMEMBERED);
+        assert_eq!(streamed.order.len(), STREAMED_REMEMBERED);
+        assert!(streamed.is_news(&first, EventKind::State), "forgotten");
     }
 }

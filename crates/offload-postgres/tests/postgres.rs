@@ -195,6 +195,76 @@ async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
     assert_eq!(heard, running.id);
 }
 
+/// Another node reads a changed task when the notification comes, which
+/// may be after later changes: tasks enqueued, claimed and completed in
+/// quick turns were read completed three times each, and streamed as
+/// completed three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_streams_each_version_of_a_task_once() {
+    if !available() {
+        return;
+    }
+    let (a, b) = two_nodes().await;
+    let mut events = b.hub().subscribe();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    let enqueued = a.enqueue(vec![spec; 500]).await.unwrap();
+    let claimed = a.claim(&claim_by("w", 500)).await.unwrap();
+    assert_eq!(claimed.len(), enqueued.len());
+    let acks = claimed
+        .iter()
+        .map(|t| Ack::Complete {
+            id: t.id,
+            result: None,
+        })
+        .collect();
+    a.ack("w", acks).await.unwrap();
+    let mut state_events: std::collections::HashMap<Uuid, Vec<(State, String)>> =
+        std::collections::HashMap::new();
+    let completed = |seen: &std::collections::HashMap<Uuid, Vec<(State, String)>>| {
+        seen.values()
+            .filter(|v| v.iter().any(|(s, _)| *s == State::Completed))
+            .count()
+    };
+    // Until every task was streamed completed, then a second more for
+    // whatever would follow.
+    let mut quiet_until = None;
+    loop {
+        let wait = match quiet_until {
+            Some(until) => until - tokio::time::Instant::now(),
+            None => Duration::from_secs(20),
+        };
+        match tokio::time::timeout(wait, events.recv()).await {
+            Ok(event) => {
+                let event = event.expect("no event lost to a full channel");
+                if event.kind == offload_core::EventKind::State {
+                    state_events
+                        .entry(event.task.id)
+                        .or_default()
+                        .push((event.task.state, event.task.updated_at.to_string()));
+                }
+            }
+            Err(_) if quiet_until.is_some() => break,
+            Err(_) => panic!(
+                "{} of 500 were streamed completed",
+                completed(&state_events)
+            ),
+        }
+        if quiet_until.is_none() && completed(&state_events) == enqueued.len() {
+            quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+    }
+    for (id, seen) in &state_events {
+        let mut versions = seen.clone();
+        versions.dedup();
+        assert_eq!(
+            &versions, seen,
+            "task {id} streamed as one version more than once"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     if !available() {
