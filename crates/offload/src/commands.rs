@@ -265,8 +265,36 @@ fn new_task(args: EnqueueArgs) -> Result<NewTask> {
     };
     task.clone()
         .validate(&lenient, offload_core::Position::Alone)
-        .map_err(|e| usage(e.to_string()))?;
+        .map_err(|e| match e {
+            offload_core::Error::InvalidArgument { field, rule } => {
+                usage(format!("{}: {rule}", enqueue_argument(&field)))
+            }
+            other => usage(other.to_string()),
+        })?;
     Ok(task)
+}
+
+/// The argument of `offload enqueue` that sets an enqueue request's
+/// field, so that a mistake is named as it was typed: `--at`, not
+/// `run_at`.
+fn enqueue_argument(field: &str) -> &str {
+    let name = field.split(['[', '.']).next().unwrap_or(field);
+    match name {
+        "type" => "TYPE",
+        "payload" => "--payload",
+        "queue" => "--queue",
+        "priority" => "--priority",
+        "run_at" => "--at",
+        "delay_secs" => "--delay",
+        "max_attempts" => "--max-attempts",
+        "timeout_secs" => "--timeout",
+        "unique_key" => "--unique-key",
+        "on_conflict" => "--replace",
+        "labels" => "--label",
+        "depends_on" => "--after",
+        "owner" => "--owner",
+        _ => field,
+    }
 }
 
 fn list_params(args: ListArgs) -> Result<ListParams> {

@@ -194,6 +194,19 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code(&["list", "--state", "sleeping"]), 2);
     assert_eq!(code(&["frobnicate"]), 2);
     assert_eq!(code(&["enqueue"]), 2);
+    // Named as typed, not by the request field behind it.
+    for (args, named) in [
+        (&["enqueue", "t", "--at", "tomorrow"][..], "--at: "),
+        (&["enqueue", "t", "--delay", "999999999999"], "--delay: "),
+        (&["enqueue", "t", "--max-attempts", "0"], "--max-attempts: "),
+        (&["enqueue", "t", "--after", "nope"], "--after: "),
+        (&["enqueue", "no spaces"], "TYPE: "),
+    ] {
+        let slip = server.cli(args);
+        assert_eq!(slip.status.code(), Some(2), "{args:?}");
+        let message = String::from_utf8_lossy(&slip.stderr);
+        assert!(message.contains(named), "{args:?}: {message}");
+    }
     let bench = server.cli(&["bench", "--batch-answer", "everything"]);
     assert_eq!(bench.status.code(), Some(2));
     assert_eq!(
