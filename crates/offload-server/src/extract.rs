@@ -21,6 +21,13 @@ use crate::error::ApiError;
 /// connection is closed instead.
 const DRAIN_LIMIT: usize = 64 << 20;
 
+/// The slowest a body may arrive, on average, once its first stall period
+/// has passed. Without it a body that sent a byte just inside each stall
+/// period held its handler and its socket for as long as its sender
+/// liked: one byte every 74 s was never given up. A megabyte may take 17
+/// minutes.
+const MIN_BODY_BYTES_PER_SEC: u32 = 1024;
+
 /// A JSON body of at most the single-request limit (payload limit plus room
 /// for the other fields).
 #[derive(Debug)]
@@ -181,8 +188,10 @@ impl<'de> Visitor<'de> for TasksSeed<'_, '_> {
 /// client still sending when the server closes would never see the answer.
 /// A compressed body is refused by name: read as JSON it would fail as "not
 /// valid JSON", which sends its sender looking in the wrong place. A body
-/// that goes `limits.stall` without a byte is given up (408), or a client
-/// that stopped sending would hold its handler for good.
+/// that goes `stall` without a byte is given up (408), or a client that
+/// stopped sending would hold its handler for good; so is one that, after
+/// its first `stall`, has sent less than [`MIN_BODY_BYTES_PER_SEC`] a
+/// second since.
 async fn read_limited(
     req: Request,
     limit: usize,
@@ -202,15 +211,31 @@ async fn read_limited(
     let mut body = req.into_body();
     let mut collected = bytes::BytesMut::new();
     let mut seen = 0usize;
+    let started = tokio::time::Instant::now();
     loop {
-        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+        let due = started
+            + stall
+            + Duration::from_secs_f64(seen as f64 / f64::from(MIN_BODY_BYTES_PER_SEC));
+        let wait = stall.min(due.saturating_duration_since(tokio::time::Instant::now()));
+        let Ok(frame) = tokio::time::timeout(wait, body.frame()).await else {
+            let message = if wait == stall {
                 format!(
                     "the request body stopped arriving: no byte for {} s",
                     stall.as_secs()
-                ),
+                )
+            } else {
+                format!(
+                    "the request body arrives too slowly: {seen} bytes in {:.0} s; after its \
+                     first {} s a body must arrive at {MIN_BODY_BYTES_PER_SEC} bytes a second \
+                     or faster",
+                    started.elapsed().as_secs_f64(),
+                    stall.as_secs()
+                )
+            };
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                message,
             ));
         };
         let Some(frame) = frame else {

@@ -174,6 +174,30 @@ fn a_connection_that_goes_quiet_is_closed_after_the_idle_timeout() {
             && answer.contains("the request body stopped arriving: no byte for 1 s"),
         "{answer}"
     );
+    // A byte well inside each second, but far below the slowest rate a
+    // body may arrive at once its first second has passed.
+    let mut trickle = open(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: offload\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n",
+    );
+    let trickled = Instant::now();
+    let mut answer = String::new();
+    for byte in std::iter::repeat_n(b' ', 30) {
+        if trickle.write_all(&[byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if trickled.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert!(trickle.read_to_string(&mut answer).is_ok(), "not closed");
+    assert!(
+        answer.starts_with("HTTP/1.1 408")
+            && answer.contains(r#""code":"request_timeout""#)
+            && answer.contains("the request body arrives too slowly"),
+        "{answer}"
+    );
     let (rest, _) = read_until_closed(idle_after_an_answer);
     assert!(rest.contains(r#""status":"ok""#), "{rest}");
     // The node still serves.
