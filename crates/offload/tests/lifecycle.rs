@@ -205,6 +205,53 @@ fn a_connection_that_goes_quiet_is_closed_after_the_idle_timeout() {
     assert_eq!(status, 200);
 }
 
+/// A client that asks for answers and reads none of them: each waits in
+/// the node's memory (a page of a list is up to 8 MiB) until the
+/// connection is closed, which it is once its writes have made no progress
+/// for the idle timeout.
+#[test]
+fn a_client_that_reads_no_answer_is_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("offload.toml");
+    std::fs::write(&config, "idle_timeout_secs = 1\n").unwrap();
+    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let http = server.http();
+    let payload = "x".repeat(8000);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| json!({"type": "t", "payload": payload}))
+        .collect();
+    let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201);
+    // Four pages of 8 MB asked for at once: more than the kernel's
+    // buffers on both ends hold, so the node's writes stall.
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut unread = std::net::TcpStream::connect(&address).unwrap();
+    let ask = "GET /v1/tasks?limit=1000 HTTP/1.1\r\nHost: offload\r\n\r\n";
+    unread.write_all(ask.repeat(4).as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    unread
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut received = 0;
+    let mut buffer = vec![0; 1 << 20];
+    let ended = loop {
+        match unread.read(&mut buffer) {
+            Ok(0) => break "closed",
+            Ok(n) => received += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("not closed within 20 s of reading: {e}"),
+        }
+    };
+    assert!(
+        received < 16_000_000,
+        "the node sent {received} bytes to a client that read nothing for 4 s, \
+         then the connection {ended}"
+    );
+    let (status, _) = http.get("/health");
+    assert_eq!(status, 200);
+}
+
 /// Sends SIGTERM and waits, 30 s at most, for the node to exit; its code.
 fn sigterm_and_wait(server: &mut Server, if_it_hangs: &str) -> Option<i32> {
     kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
