@@ -220,9 +220,10 @@ async fn another_node_streams_each_version_of_a_task_once() {
         })
         .collect();
     a.ack("w", acks).await.unwrap();
-    let mut state_events: std::collections::HashMap<Uuid, Vec<(State, String)>> =
-        std::collections::HashMap::new();
-    let completed = |seen: &std::collections::HashMap<Uuid, Vec<(State, String)>>| {
+    // Each task's state events: its state and updated_at in each.
+    type Streamed = std::collections::HashMap<Uuid, Vec<(State, String)>>;
+    let mut state_events = Streamed::new();
+    let completed = |seen: &Streamed| {
         seen.values()
             .filter(|v| v.iter().any(|(s, _)| *s == State::Completed))
             .count()
