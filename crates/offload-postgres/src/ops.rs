@@ -471,12 +471,7 @@ async fn candidates_of_types(
 ) -> PgResult<Vec<sqlx::postgres::PgRow>> {
     let room = room as i64;
     if types.len() > 1 {
-        let first: Vec<i64> = sqlx::query_scalar(FIRST_PENDING_OF_TYPES)
-            .bind(queue)
-            .bind(types)
-            .bind(room)
-            .fetch_all(&mut *tx.conn)
-            .await?;
+        let first = first_pending_of_types(tx, queue, types, room as usize).await?;
         let rows = sqlx::query(&format!(
             "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
              FOR UPDATE SKIP LOCKED"
@@ -505,16 +500,86 @@ async fn candidates_of_types(
     Ok(rows)
 }
 
-/// The seqs of the first `$3` pending tasks of queue `$1` in claim order
-/// among those of the types `$2`: a short walk of
-/// offload_tasks_ready_by_type for each type, merged.
-const FIRST_PENDING_OF_TYPES: &str = "SELECT c.seq FROM unnest($2::text[]) AS t(type) \
+/// The seqs of the first `room` pending tasks of `queue` in claim order
+/// among those of `types`, unlocked: a walk of offload_tasks_ready_by_type
+/// for each type, merged.
+///
+/// A walk of `room` entries of each type would always be enough, and was
+/// most of a claim's cost over many types: 50,000 tasks of 200 types,
+/// fetched 500 at a time, ran at 10.1k tasks a second where one type ran
+/// at 21.5k. So each walk first reads a fair share of `room` and one entry
+/// more. A type whose last entry read is not among the first `room` of all
+/// read has nothing more that would be (its others come after it); one
+/// whose last entry is among them is read again, four times as far.
+async fn first_pending_of_types(
+    tx: &mut Tx,
+    queue: &str,
+    types: &[String],
+    room: usize,
+) -> PgResult<Vec<i64>> {
+    #[derive(Clone, Copy)]
+    struct Entry {
+        priority: i16,
+        run_at: i64,
+        seq: i64,
+    }
+    let mut walks = vec![room.div_ceil(types.len()) + 1; types.len()];
+    let mut read: Vec<Vec<Entry>> = vec![Vec::new(); types.len()];
+    let mut to_read: Vec<usize> = (0..types.len()).collect();
+    loop {
+        let names: Vec<&str> = to_read.iter().map(|&t| types[t].as_str()).collect();
+        let limits: Vec<i64> = to_read.iter().map(|&t| walks[t] as i64).collect();
+        let rows = sqlx::query(PENDING_OF_TYPES)
+            .bind(queue)
+            .bind(&names)
+            .bind(&limits)
+            .fetch_all(&mut *tx.conn)
+            .await?;
+        for &t in &to_read {
+            read[t].clear();
+        }
+        for row in &rows {
+            let nth: i64 = row.try_get("nth")?;
+            read[to_read[nth as usize - 1]].push(Entry {
+                priority: row.try_get("priority")?,
+                run_at: row.try_get("run_at")?,
+                seq: row.try_get("seq")?,
+            });
+        }
+        let mut first: Vec<(Entry, usize)> = read
+            .iter()
+            .enumerate()
+            .flat_map(|(t, entries)| entries.iter().map(move |e| (*e, t)))
+            .collect();
+        first.sort_unstable_by_key(|(e, _)| (std::cmp::Reverse(e.priority), e.run_at, e.seq));
+        first.truncate(room);
+        let mut kept = vec![0; types.len()];
+        for (_, t) in &first {
+            kept[*t] += 1;
+        }
+        to_read = (0..types.len())
+            .filter(|&t| read[t].len() == walks[t] && kept[t] == read[t].len())
+            .collect();
+        if to_read.is_empty() {
+            return Ok(first.into_iter().map(|(e, _)| e.seq).collect());
+        }
+        for &t in &to_read {
+            // At room + 1 the last entry read comes after the type's first
+            // room, so it is never among the first room of all.
+            walks[t] = (walks[t] * 4).min(room + 1);
+        }
+    }
+}
+
+/// Up to `$3[i]` pending tasks of queue `$1` of type `$2[i]` in claim order,
+/// each with the `nth` (from 1) of the type it is of.
+const PENDING_OF_TYPES: &str = "SELECT t.nth, c.seq, c.priority, c.run_at \
+     FROM unnest($2::text[], $3::int8[]) WITH ORDINALITY AS t(type, walk, nth) \
      CROSS JOIN LATERAL ( \
        SELECT seq, priority, run_at FROM offload_tasks \
        WHERE state = 2 AND queue = $1 AND type = t.type \
-       ORDER BY priority DESC, run_at, seq LIMIT $3 \
-     ) c \
-     ORDER BY c.priority DESC, c.run_at, c.seq LIMIT $3";
+       ORDER BY priority DESC, run_at, seq LIMIT t.walk \
+     ) c";
 
 /// The types with pending tasks in `queue`: one short walk of
 /// offload_tasks_ready_by_type per type (a loose index scan) rather than a

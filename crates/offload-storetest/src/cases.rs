@@ -469,6 +469,47 @@ pub async fn claim_order_holds_across_types(factory: &dyn StoreFactory) {
     assert_eq!(claimed, expected);
 }
 
+/// Claim order across types however the front is spread among them: one
+/// type holding all of it, then another, then all of them evenly. A store
+/// that reads a share of each type first must read further where the
+/// front is.
+pub async fn claim_order_holds_when_one_type_holds_the_front(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut made = Vec::new();
+    let mut enqueue = async |task_type: &str, priority: i64| {
+        let id = f
+            .enqueue(NewTask::new(task_type).priority(priority))
+            .await
+            .id;
+        made.push((std::cmp::Reverse(priority), made.len(), id));
+    };
+    for i in 0..45 {
+        enqueue(["b", "c", "d"][i % 3], 5).await;
+    }
+    for _ in 0..40 {
+        enqueue("a", 9).await;
+    }
+    for _ in 0..30 {
+        enqueue("b", 9).await;
+    }
+    made.sort();
+    let expected: Vec<Uuid> = made.into_iter().map(|(_, _, id)| id).collect();
+    let mut claimed = Vec::new();
+    loop {
+        let types = if claimed.len() % 2 == 0 {
+            &["a", "b", "c", "d"][..]
+        } else {
+            &[][..]
+        };
+        let tasks = f.claim_from("w", 25, types, &[]).await;
+        if tasks.is_empty() {
+            break;
+        }
+        claimed.extend(ids(&tasks));
+    }
+    assert_eq!(claimed, expected);
+}
+
 pub async fn claim_respects_limit_types_and_queues(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     for _ in 0..3 {

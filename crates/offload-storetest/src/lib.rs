@@ -48,6 +48,7 @@ macro_rules! conformance_tests {
             claim_orders_by_priority_then_run_at,
             claim_respects_limit_types_and_queues,
             claim_order_holds_across_types,
+            claim_order_holds_when_one_type_holds_the_front,
             a_claim_naming_a_type_twice_takes_each_task_once,
             claimed_task_is_not_handed_out_again,
             parked_claim_is_answered_by_the_next_ready_task,
