@@ -554,7 +554,7 @@ impl WriteCtx<'_, '_> {
                 .map_err(storage_error)?;
             rows.collect::<Sql<_>>().map_err(storage_error)?
         };
-        // Candidates from every eligible queue, each lane's in claim order.
+        // Candidates from every eligible queue, each queue's in claim order.
         let mut candidates = Vec::new();
         let mut capacity: Vec<usize> = Vec::new();
         for (name, paused, concurrency) in &queues {
@@ -579,6 +579,7 @@ impl WriteCtx<'_, '_> {
             candidates.extend(
                 self.ready
                     .candidates(name, &req.types, room)
+                    .into_iter()
                     .map(|key| Candidate {
                         queue: queue_index,
                         priority: key.priority.0,
