@@ -204,8 +204,9 @@ struct Streamed {
 
 struct Streaming {
     version: Version,
-    /// Whether a state event carried this version; a progress event that
-    /// did may be followed by the state event of the same version.
+    /// Whether a state event carried this version. One that only a
+    /// progress event carried is streamed again by the state event a
+    /// later notification asks for.
     as_state: bool,
 }
 
