@@ -453,20 +453,23 @@ pub async fn claim_order_holds_across_types(factory: &dyn StoreFactory) {
     }
     made.sort();
     let expected: Vec<Uuid> = made.into_iter().map(|(_, _, id)| id).collect();
+    assert_eq!(claim_all_in_turns(&f, 4, &["a", "b", "c"]).await, expected);
+}
+
+/// Claims `limit` at a time until none is left, naming `types` in one
+/// claim and none in the next, and answers the ids in the order claimed.
+async fn claim_all_in_turns(f: &Fixture, limit: usize, types: &[&str]) -> Vec<Uuid> {
     let mut claimed = Vec::new();
-    loop {
-        let types = if claimed.len() % 2 == 0 {
-            &["a", "b", "c"][..]
-        } else {
-            &[][..]
-        };
-        let tasks = f.claim_from("w", 4, types, &[]).await;
+    for named in [true, false].into_iter().cycle() {
+        let tasks = f
+            .claim_from("w", limit, if named { types } else { &[] }, &[])
+            .await;
         if tasks.is_empty() {
             break;
         }
         claimed.extend(ids(&tasks));
     }
-    assert_eq!(claimed, expected);
+    claimed
 }
 
 /// Claim order across types however the front is spread among them: one
@@ -494,20 +497,10 @@ pub async fn claim_order_holds_when_one_type_holds_the_front(factory: &dyn Store
     }
     made.sort();
     let expected: Vec<Uuid> = made.into_iter().map(|(_, _, id)| id).collect();
-    let mut claimed = Vec::new();
-    loop {
-        let types = if claimed.len() % 2 == 0 {
-            &["a", "b", "c", "d"][..]
-        } else {
-            &[][..]
-        };
-        let tasks = f.claim_from("w", 25, types, &[]).await;
-        if tasks.is_empty() {
-            break;
-        }
-        claimed.extend(ids(&tasks));
-    }
-    assert_eq!(claimed, expected);
+    assert_eq!(
+        claim_all_in_turns(&f, 25, &["a", "b", "c", "d"]).await,
+        expected
+    );
 }
 
 pub async fn claim_respects_limit_types_and_queues(factory: &dyn StoreFactory) {
