@@ -469,9 +469,8 @@ async fn candidates_of_types(
     types: &[String],
     room: usize,
 ) -> PgResult<Vec<sqlx::postgres::PgRow>> {
-    let room = room as i64;
     if types.len() > 1 {
-        let first = first_pending_of_types(tx, queue, types, room as usize).await?;
+        let first = first_pending_of_types(tx, queue, types, room).await?;
         let rows = sqlx::query(&format!(
             "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
              FOR UPDATE SKIP LOCKED"
@@ -492,7 +491,7 @@ async fn candidates_of_types(
             ))
             .bind(queue)
             .bind(task_type)
-            .bind(room)
+            .bind(room as i64)
             .fetch_all(&mut *tx.conn)
             .await?,
         );
