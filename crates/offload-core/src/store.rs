@@ -510,8 +510,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn promote_due(&self) -> Result<PromoteReport>;
 
     /// Fails running attempts whose lease expired or whose `timeout_secs`
-    /// passed, retrying them per SPEC §1.1.
-    async fn recover_expired(&self) -> Result<u64>;
+    /// passed, retrying them per SPEC §1.1; answers those tasks as it left
+    /// them (`scheduled`, `failed` or `cancelled`).
+    async fn recover_expired(&self) -> Result<Vec<Task>>;
 
     /// Deletes up to `batch` finished tasks past their retention.
     async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64>;

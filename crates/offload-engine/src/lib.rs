@@ -32,6 +32,16 @@ pub struct EngineConfig {
     /// wake-up was lost (a backend whose notifications can drop).
     pub fetch_fallback_poll: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Told of the attempts the duties end; `None` tells no one.
+    pub observer: Option<Arc<dyn DutyObserver>>,
+}
+
+/// What the engine's duties did to tasks, for whatever counts it (the
+/// server's metrics): attempts no worker reported the end of.
+pub trait DutyObserver: Send + Sync + std::fmt::Debug {
+    /// Attempts ended because their lease or timeout ran out, each task as
+    /// the recovery left it (`scheduled`, `failed` or `cancelled`).
+    fn attempts_expired(&self, tasks: &[Task]);
 }
 
 impl Default for EngineConfig {
@@ -44,6 +54,7 @@ impl Default for EngineConfig {
             purge_batch: 1000,
             fetch_fallback_poll: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
+            observer: None,
         }
     }
 }
@@ -321,11 +332,17 @@ async fn recoverer(engine: Arc<Engine>) {
         engine.config.recovery_interval,
         "recovering expired tasks",
         |e| async move {
-            let n = e.store.recover_expired().await?;
-            if n > 0 {
-                tracing::info!(tasks = n, "failed attempts whose lease or timeout ran out");
+            let expired = e.store.recover_expired().await?;
+            if !expired.is_empty() {
+                tracing::info!(
+                    tasks = expired.len(),
+                    "failed attempts whose lease or timeout ran out"
+                );
+                if let Some(observer) = &e.config.observer {
+                    observer.attempts_expired(&expired);
+                }
             }
-            Ok(n)
+            Ok(expired.len() as u64)
         },
     )
     .await;

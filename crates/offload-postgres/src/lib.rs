@@ -541,7 +541,7 @@ impl Store for PgStore {
         in_tx!(self, |tx| ops::promote_due(&mut tx).await?)
     }
 
-    async fn recover_expired(&self) -> Result<u64> {
+    async fn recover_expired(&self) -> Result<Vec<Task>> {
         in_tx!(self, |tx| ops::recover_expired(&mut tx).await?)
     }
 

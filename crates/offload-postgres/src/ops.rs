@@ -831,7 +831,7 @@ pub(crate) async fn promote_due(tx: &mut Tx) -> PgResult<PromoteReport> {
     })
 }
 
-pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<u64> {
+pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<Vec<Task>> {
     let now = tx.now.as_millis();
     let rows = sqlx::query(&format!(
         "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE state = 3 \
@@ -850,7 +850,7 @@ pub(crate) async fn recover_expired(tx: &mut Tx) -> PgResult<u64> {
         stored.task.expire(kind, &tx.node.backoff, tx.now)?;
         expired.push((stored, State::Running));
     }
-    let recovered = expired.len() as u64;
+    let recovered = expired.iter().map(|(s, _)| s.task.clone()).collect();
     tx.save(expired).await?;
     Ok(recovered)
 }

@@ -159,11 +159,13 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let store = open_store(&config.db, &config).await?;
+    let metrics = telemetry::Metrics::install();
     let engine = Engine::start(
         store,
         EngineConfig {
             limits: config.limits(),
             retention: config.retention(),
+            observer: Some(Arc::new(metrics.clone())),
             ..EngineConfig::default()
         },
     );
@@ -201,7 +203,7 @@ pub async fn serve(
             "durable"
         },
         stop: stop.clone(),
-        metrics: telemetry::Metrics::install(),
+        metrics,
     };
     tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
     on_listening(local);

@@ -217,7 +217,9 @@ pub async fn cancel(
     Path(id): Path<String>,
     _: NoBody,
 ) -> ApiResult<TaskJson> {
-    Ok(TaskJson(state.store().cancel(task_id(&id)?).await?))
+    let task = state.store().cancel(task_id(&id)?).await?;
+    state.metrics.cancel_answered(&task);
+    Ok(TaskJson(task))
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(("id" = String, Path)),

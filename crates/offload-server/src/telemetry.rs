@@ -1,9 +1,12 @@
 //! Prometheus metrics: what happens to tasks through this server, queue
 //! depth, and HTTP latency.
 //!
-//! Task counters are recorded where the server sees the outcome (enqueue,
-//! fetch, ack); tasks handled by in-process workers of another program do not
-//! pass here. Queue depth is read from the store at scrape time.
+//! Task counters are recorded where this node sees the outcome: enqueue,
+//! fetch, ack and cancel requests, and the attempts its engine ends when
+//! their lease or timeout runs out (on PostgreSQL, the node that leads ends
+//! them all, so a cluster counts each once). Not counted: tasks handled by
+//! in-process workers of another program, and dependents cancelled because
+//! a dependency failed. Queue depth is read from the store at scrape time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
@@ -78,9 +81,9 @@ impl Metrics {
         }
     }
 
-    /// Counts each acknowledged attempt by its outcome, and how long the
-    /// finished ones ran.
-    pub fn acked<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
+    /// Counts each ended attempt by its outcome (reported by its worker, or
+    /// its lease or timeout ran out), and how long the finished ones ran.
+    pub fn attempts_ended<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
             let task_type = type_label(queue, task_type);
             let labels = [("queue", queue.to_owned()), ("type", task_type.to_owned())];
@@ -113,6 +116,16 @@ impl Metrics {
         }
     }
 
+    /// Counts a task a cancel request ended; one running is only asked to
+    /// stop, and counted when its attempt ends.
+    pub fn cancel_answered(&self, task: &Task) {
+        if task.state == State::Cancelled {
+            let task_type = type_label(&task.queue, &task.task_type);
+            counter!("offload_tasks_cancelled_total", "queue" => task.queue.clone(), "type" => task_type.to_owned())
+                .increment(1);
+        }
+    }
+
     pub async fn render(&self, state: &AppState) -> String {
         if let Ok(stats) = state.store().stats().await {
             for (queue, counts) in &stats.queues {
@@ -126,6 +139,12 @@ impl Metrics {
             .as_ref()
             .map(PrometheusHandle::render)
             .unwrap_or_default()
+    }
+}
+
+impl offload_engine::DutyObserver for Metrics {
+    fn attempts_expired(&self, tasks: &[Task]) {
+        self.attempts_ended(tasks);
     }
 }
 

@@ -147,7 +147,7 @@ async fn single_ack(state: &AppState, worker_id: &str, ack: Ack) -> ApiResult<Ta
     let task = outcomes.pop().ok_or_else(|| {
         ApiError::from(offload_core::Error::Storage("ack answered nothing".into()))
     })??;
-    state.metrics.acked([&task]);
+    state.metrics.attempts_ended([&task]);
     Ok(task)
 }
 
@@ -167,6 +167,12 @@ fn failure(
             ));
         }
     };
+    if retry == Some(false) && retry_in.is_some() {
+        return Err(ApiError::invalid(
+            &format!("{prefix}retry_in_secs"),
+            "must not be given with retry: false, which fails the task at once".to_owned(),
+        ));
+    }
     Ok(Failure {
         message: error.message,
         kind: error.kind.unwrap_or_default(),
@@ -205,7 +211,7 @@ pub async fn ack(
     let outcomes = state.store().ack(&body.worker_id, acks).await?;
     state
         .metrics
-        .acked(outcomes.iter().filter_map(|outcome| outcome.as_ref().ok()));
+        .attempts_ended(outcomes.iter().filter_map(|outcome| outcome.as_ref().ok()));
     let results = ids
         .into_iter()
         .zip(outcomes)

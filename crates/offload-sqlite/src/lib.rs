@@ -635,7 +635,7 @@ impl Store for SqliteStore {
         self.writer.run(|ctx| ctx.promote_due()).await
     }
 
-    async fn recover_expired(&self) -> Result<u64> {
+    async fn recover_expired(&self) -> Result<Vec<Task>> {
         self.writer.run(|ctx| ctx.recover_expired()).await
     }
 

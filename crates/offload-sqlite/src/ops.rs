@@ -972,11 +972,11 @@ impl WriteCtx<'_, '_> {
     /// writer's set of running tasks (`running.rs`). A listed seq whose row
     /// is not running would be a bug in keeping that set: it is logged and
     /// dropped from it.
-    pub fn recover_expired(&mut self) -> Result<u64> {
+    pub fn recover_expired(&mut self) -> Result<Vec<Task>> {
         let now = self.now.as_millis();
         let seqs = self.shared.running.expired(now, DUTY_BATCH);
         let mut rows = self.rows_by_seq(&seqs)?;
-        let mut recovered = 0;
+        let mut recovered = Vec::new();
         for seq in seqs {
             let Some(mut stored) = rows.remove(&seq).filter(|s| s.task.state == State::Running)
             else {
@@ -994,7 +994,7 @@ impl WriteCtx<'_, '_> {
             self.forget_kept(&stored);
             stored.task.expire(kind, &self.shared.backoff, self.now)?;
             self.save(&stored, State::Running)?;
-            recovered += 1;
+            recovered.push(*stored.task);
         }
         Ok(recovered)
     }

@@ -168,7 +168,7 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
     );
     clock.advance(Duration::from_secs(31));
     assert_eq!(store.count_stuck(Duration::ZERO).await.unwrap(), 1);
-    assert_eq!(store.recover_expired().await.unwrap(), 1);
+    assert_eq!(store.recover_expired().await.unwrap().len(), 1);
     assert_eq!(
         store.get(claimed).await.unwrap().unwrap().state,
         State::Scheduled,

@@ -161,6 +161,10 @@ fn ids(tasks: &[Task]) -> Vec<Uuid> {
 }
 
 /// Every page `query` lists, following `next_cursor` from its first.
+fn ids_and_states(tasks: &[Task]) -> Vec<(Uuid, State)> {
+    tasks.iter().map(|t| (t.id, t.state)).collect()
+}
+
 async fn every_page(store: &dyn Store, mut query: ListQuery) -> Vec<TaskPage> {
     let mut pages = Vec::new();
     loop {
@@ -761,7 +765,7 @@ pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: 
     f.claim_one("old").await;
     f.advance(29);
     assert_eq!(
-        f.store.recover_expired().await.unwrap(),
+        f.store.recover_expired().await.unwrap().len(),
         0,
         "lease still valid"
     );
@@ -775,7 +779,11 @@ pub async fn expired_lease_fails_the_attempt_and_fences_the_old_worker(factory: 
         f.store.count_stuck(Duration::from_secs(5)).await.unwrap(),
         0
     );
-    assert_eq!(f.store.recover_expired().await.unwrap(), 1);
+    assert_eq!(
+        ids_and_states(&f.store.recover_expired().await.unwrap()),
+        [(task.id, State::Scheduled)],
+        "answered as it was left"
+    );
     assert_eq!(f.store.count_stuck(Duration::ZERO).await.unwrap(), 0);
     let recovered = f.get(task.id).await;
     assert_eq!(recovered.state, State::Scheduled);
@@ -822,7 +830,7 @@ pub async fn heartbeat_extends_lease_and_records_progress(factory: &dyn StoreFac
     );
     f.advance(20);
     assert_eq!(
-        f.store.recover_expired().await.unwrap(),
+        f.store.recover_expired().await.unwrap().len(),
         0,
         "the heartbeat extended the lease"
     );
@@ -853,9 +861,12 @@ pub async fn timeout_fails_the_attempt(factory: &dyn StoreFactory) {
         .await;
     f.claim_one("w").await;
     f.advance(4);
-    assert_eq!(f.store.recover_expired().await.unwrap(), 0);
+    assert_eq!(f.store.recover_expired().await.unwrap().len(), 0);
     f.advance(1);
-    assert_eq!(f.store.recover_expired().await.unwrap(), 1);
+    assert_eq!(
+        ids_and_states(&f.store.recover_expired().await.unwrap()),
+        [(task.id, State::Failed)]
+    );
     let timed_out = f.get(task.id).await;
     assert_eq!(timed_out.state, State::Failed);
     assert_eq!(timed_out.error.unwrap().kind, ErrorKind::Timeout);
@@ -927,7 +938,10 @@ pub async fn cancel_requested_then_lease_expiry_cancels(factory: &dyn StoreFacto
     f.claim_one("w").await;
     f.store.cancel(task.id).await.unwrap();
     f.advance(31);
-    f.store.recover_expired().await.unwrap();
+    assert_eq!(
+        ids_and_states(&f.store.recover_expired().await.unwrap()),
+        [(task.id, State::Cancelled)]
+    );
     let ended = f.get(task.id).await;
     assert_eq!(ended.state, State::Cancelled);
     assert_eq!(ended.error.unwrap().kind, ErrorKind::Cancelled);

@@ -138,6 +138,8 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
         // Tasks a retry or a deletion may legitimately change or remove.
         let mut may_change_finished: HashSet<Uuid> = HashSet::new();
         let mut may_remove_finished = false;
+        // What a recovery answered, checked against the listing after it.
+        let mut recovered = None;
         match op {
             Op::Enqueue {
                 queue,
@@ -368,7 +370,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
                 store.promote_due().await.expect("promote");
             }
             Op::Recover => {
-                store.recover_expired().await.expect("recover");
+                recovered = Some(store.recover_expired().await.expect("recover"));
             }
             Op::Purge => {
                 let short = Retention {
@@ -385,6 +387,9 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
             panic!("{context}: {e}");
         }
         let after = snapshot(&*store).await;
+        if let Some(recovered) = recovered {
+            check_recovered(&before, &after, &recovered, &context);
+        }
         check_snapshot(
             &*store,
             &before,
@@ -396,6 +401,39 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
         .await;
         known.retain(|id| after.contains_key(id));
         before = after;
+    }
+}
+
+/// A recovery answers exactly the tasks that left `running` through it,
+/// each as the store now holds it.
+fn check_recovered(
+    before: &HashMap<Uuid, Task>,
+    after: &HashMap<Uuid, Task>,
+    recovered: &[Task],
+    context: &str,
+) {
+    let left_running: HashSet<Uuid> = before
+        .values()
+        .filter(|t| t.state == State::Running)
+        .filter(|t| {
+            after
+                .get(&t.id)
+                .is_none_or(|now| now.state != State::Running)
+        })
+        .map(|t| t.id)
+        .collect();
+    let answered: HashSet<Uuid> = recovered.iter().map(|t| t.id).collect();
+    assert_eq!(
+        answered, left_running,
+        "{context}: recovery answered other tasks than those it ended"
+    );
+    let json = |t: &Task| serde_json::to_value(t).expect("a task serializes");
+    for task in recovered {
+        assert_eq!(
+            after.get(&task.id).map(json),
+            Some(json(task)),
+            "{context}: recovery answered a task other than as it left it"
+        );
     }
 }
 

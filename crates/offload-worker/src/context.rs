@@ -203,10 +203,13 @@ impl TaskFailure {
         }
     }
 
-    /// Retries after `delay` instead of the backoff.
+    /// Retries after `delay` instead of the backoff. A permanent failure is
+    /// not retried, so it keeps no delay: the server refuses the two together.
     #[must_use]
     pub fn retry_in(mut self, delay: Duration) -> Self {
-        self.retry_in = Some(delay);
+        if self.retry != Some(false) {
+            self.retry_in = Some(delay);
+        }
         self
     }
 
@@ -239,6 +242,19 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server refuses `retry: false` with `retry_in_secs`, and one such
+    /// failure would fail the whole batch of acks it travels in.
+    #[test]
+    fn a_permanent_failure_keeps_no_retry_delay() {
+        let permanent = TaskFailure::permanent("gone").retry_in(Duration::from_secs(5));
+        assert_eq!((permanent.retry, permanent.retry_in), (Some(false), None));
+        let later = TaskFailure::new("busy").retry_in(Duration::from_secs(5));
+        assert_eq!(
+            (later.retry, later.retry_in),
+            (None, Some(Duration::from_secs(5)))
+        );
+    }
 
     /// The token is made lazily, so a cancel that comes before anyone asked
     /// for it must leave it fired for whoever asks later.

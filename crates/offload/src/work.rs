@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::WorkArgs;
 use crate::usage;
 
+/// Commands running at once, each a process with its pipes: past this a
+/// worker runs into the machine's process and file limits before it runs
+/// anything faster, and its tasks fail one by one saying so.
+const MAX_CONCURRENCY: usize = 10_000;
 /// Bytes of stderr kept for the failure message.
 const STDERR_TAIL: usize = 4096;
 /// The longest stdout line kept: far above a result's default limit
@@ -34,8 +38,11 @@ const STDERR_TAIL: usize = 4096;
 const STDOUT_LINE_LIMIT: usize = 64 << 20;
 
 pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
-    if args.concurrency == 0 {
-        return Err(usage("--concurrency: must be at least 1"));
+    if !(1..=MAX_CONCURRENCY).contains(&args.concurrency) {
+        return Err(usage(format!(
+            "--concurrency: must be 1 to {MAX_CONCURRENCY}; got {}",
+            args.concurrency
+        )));
     }
     if !(1..=offload_core::MAX_LEASE_SECS).contains(&args.lease_secs) {
         return Err(usage(format!(

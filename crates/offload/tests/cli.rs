@@ -201,6 +201,18 @@ fn exit_codes_say_what_went_wrong() {
         (&["enqueue", "t", "--max-attempts", "0"], "--max-attempts: "),
         (&["enqueue", "t", "--after", "nope"], "--after: "),
         (&["enqueue", "no spaces"], "TYPE: "),
+        (
+            &[
+                "work",
+                "--type",
+                "t",
+                "--concurrency",
+                "100000",
+                "--",
+                "true",
+            ],
+            "--concurrency: must be 1 to 10000",
+        ),
     ] {
         let slip = server.cli(args);
         assert_eq!(slip.status.code(), Some(2), "{args:?}");

@@ -884,6 +884,20 @@ fn health_metrics_and_openapi() {
         }),
     );
     assert_eq!(status, 200, "{acked}");
+    // Attempts no worker reports the end of count too: one whose timeout
+    // ran out, and a task cancelled before it ran.
+    let slow = http.enqueue(
+        json!({"type": "slow.job", "queue": "mail", "max_attempts": 1, "timeout_secs": 1}),
+    );
+    let slow = slow["id"].as_str().unwrap();
+    assert_eq!(http.fetch("w", json!({"types": ["slow.job"]})).len(), 1);
+    let unwanted = http.enqueue(json!({"type": "mail.send", "queue": "mail"}));
+    let (status, _) = http.post(
+        &format!("/v1/tasks/{}/cancel", unwanted["id"].as_str().unwrap()),
+        json!(null),
+    );
+    assert_eq!(status, 200);
+    http.wait_for(slow, "its timeout to fail it", |t| t["state"] == "failed");
 
     let (status, health) = http.get("/health");
     assert_eq!(status, 200);
@@ -904,12 +918,14 @@ fn health_metrics_and_openapi() {
         .unwrap();
     for needle in [
         "offload_tasks_enqueued_total{queue=\"reports\",type=\"report.build\"} 3",
-        "offload_tasks_enqueued_total{queue=\"mail\",type=\"mail.send\"} 1",
+        "offload_tasks_enqueued_total{queue=\"mail\",type=\"mail.send\"} 2",
         "offload_tasks_completed_total{queue=\"reports\",type=\"report.build\"} 3",
         "offload_tasks_failed_total{queue=\"mail\",type=\"mail.send\"} 1",
+        "offload_tasks_failed_total{queue=\"mail\",type=\"slow.job\"} 1",
+        "offload_tasks_cancelled_total{queue=\"mail\",type=\"mail.send\"} 1",
         "offload_task_duration_seconds_count{queue=\"reports\",type=\"report.build\"} 3",
         "offload_task_pickup_seconds_count{queue=\"reports\"} 3",
-        "offload_task_pickup_seconds_count{queue=\"mail\"} 1",
+        "offload_task_pickup_seconds_count{queue=\"mail\"} 2",
         "offload_http_request_duration_seconds_bucket",
         "offload_queue_tasks{queue=\"reports\",state=\"completed\"} 3",
     ] {

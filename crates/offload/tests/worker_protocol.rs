@@ -67,6 +67,24 @@ fn fetch_heartbeat_complete_and_fail() {
 
     let other = low["id"].as_str().unwrap();
     http.fetch("w2", json!({}));
+    assert_error(
+        http.post(
+            &format!("/v1/tasks/{other}/fail"),
+            json!({"worker_id": "w2", "error": {"message": "no"}, "retry": false, "retry_in_secs": 5}),
+        ),
+        400,
+        "invalid_argument",
+        "retry_in_secs: must not be given with retry: false",
+    );
+    assert_error(
+        http.post(
+            "/v1/ack",
+            json!({"worker_id": "w2", "failed": [{"id": other, "error": {"message": "no"}, "retry": false, "retry_in_secs": 0}]}),
+        ),
+        400,
+        "invalid_argument",
+        "failed[0].retry_in_secs: must not be given with retry: false",
+    );
     let (status, failed) = http.post(
         &format!("/v1/tasks/{other}/fail"),
         json!({"worker_id": "w2", "error": {"message": "disk full"}, "retry_in_secs": 120}),
