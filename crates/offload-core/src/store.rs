@@ -386,8 +386,9 @@ impl Retention {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PromoteReport {
     pub promoted: u64,
-    /// The earliest `run_at` still waiting, if any.
-    pub next_due: Option<Timestamp>,
+    /// How long until the earliest `run_at` still waiting, if any, by the
+    /// store's own time (which may be its database's, not this machine's).
+    pub next_due_in: Option<Duration>,
 }
 
 /// The answer of [`Store::enqueue_streamed`], to come.

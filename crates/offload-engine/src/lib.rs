@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use offload_core::{
-    Claim, ClaimRequest, Clock, Limits, NewTask, Position, Result, Retention, Store, SystemClock,
-    Task, TaskSpec, Tentative,
+    Claim, ClaimRequest, Limits, NewTask, Position, Result, Retention, Store, Task, TaskSpec,
+    Tentative,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,6 @@ pub struct EngineConfig {
     /// Longest a waiting fetch goes without looking at the store, in case a
     /// wake-up was lost (a backend whose notifications can drop).
     pub fetch_fallback_poll: Duration,
-    pub clock: Arc<dyn Clock>,
     /// Told of the attempts the duties end; `None` tells no one.
     pub observer: Option<Arc<dyn DutyObserver>>,
 }
@@ -53,7 +52,6 @@ impl Default for EngineConfig {
             purge_interval: Duration::from_secs(1),
             purge_batch: 1000,
             fetch_fallback_poll: Duration::from_secs(1),
-            clock: Arc::new(SystemClock),
             observer: None,
         }
     }
@@ -306,9 +304,9 @@ async fn promoter(engine: Arc<Engine>) {
         let pause = match engine.store.promote_due().await {
             // More may be due than one pass takes.
             Ok(report) if report.promoted > 0 => Duration::ZERO,
-            Ok(report) => report.next_due.map_or(PROMOTER_IDLE, |due| {
-                engine.config.clock.now().until(due).min(PROMOTER_IDLE)
-            }),
+            Ok(report) => report
+                .next_due_in
+                .map_or(PROMOTER_IDLE, |wait| wait.min(PROMOTER_IDLE)),
             Err(e) => {
                 tracing::warn!(error = %e, "promoting due tasks failed");
                 DUTY_ERROR_PAUSE

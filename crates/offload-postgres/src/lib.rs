@@ -13,6 +13,7 @@
 //!
 //! The schema and the reasons for its shape are in `migrations/`.
 
+mod clock;
 mod ids;
 mod notify;
 mod ops;
@@ -61,7 +62,13 @@ pub struct PgOptions {
     pub max_connections: u32,
     pub limits: Limits,
     pub backoff: Backoff,
+    /// The node's clock.
     pub clock: Arc<dyn Clock>,
+    /// Reads time as the database's, through `clock` and an offset measured
+    /// every 30 s, so nodes whose clocks disagree still agree on leases,
+    /// timeouts and `run_at` (`clock.rs`). Tests that drive `clock` turn
+    /// it off.
+    pub follow_database_clock: bool,
 }
 
 impl Default for PgOptions {
@@ -72,6 +79,7 @@ impl Default for PgOptions {
             limits: Limits::default(),
             backoff: Backoff::default(),
             clock: Arc::new(SystemClock),
+            follow_database_clock: true,
         }
     }
 }
@@ -83,7 +91,7 @@ pub(crate) struct Node {
     pub id: String,
     pub channel: String,
     pub lock_key: i64,
-    pub clock: Arc<dyn Clock>,
+    pub clock: Arc<clock::NodeClock>,
     pub hub: Hub,
     pub limits: Limits,
     pub backoff: Backoff,
@@ -142,12 +150,17 @@ impl PgStore {
             .map_err(storage_error)?;
         migrate(pool.clone(), schema.clone()).await?;
         warn_without_autovacuum(&pool).await;
+        let follows_database = options.follow_database_clock;
+        let clock = Arc::new(clock::NodeClock::new(options.clock));
+        if follows_database {
+            clock::follow_once(&clock, &pool).await;
+        }
         let unique = Uuid::now_v7().simple().to_string();
         let node = Arc::new(Node {
             id: unique[unique.len() - 12..].to_owned(),
             channel: format!("offload_{schema}"),
             lock_key: lock_key(&format!("offload-leader:{schema}")),
-            clock: options.clock,
+            clock: Arc::clone(&clock),
             hub: Hub::new(),
             limits: options.limits,
             backoff: options.backoff,
@@ -159,6 +172,9 @@ impl PgStore {
             node: Arc::clone(&node),
             stop: stop.clone(),
         });
+        if follows_database {
+            tokio::spawn(clock::follow(clock, pool.clone(), stop.clone()));
+        }
         let (listening, listens) = tokio::sync::oneshot::channel();
         tokio::spawn(notify::listen(
             Arc::clone(&node),

@@ -827,7 +827,7 @@ pub(crate) async fn promote_due(tx: &mut Tx) -> PgResult<PromoteReport> {
             .await?;
     Ok(PromoteReport {
         promoted,
-        next_due: next_due.map(Timestamp::from_millis),
+        next_due_in: next_due.map(|due| tx.now.until(Timestamp::from_millis(due))),
     })
 }
 

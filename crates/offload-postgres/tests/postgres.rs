@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, Limits, ManualClock, NewTask, Position, State, Store, SystemClock,
+    Ack, ClaimRequest, Clock, Limits, ManualClock, NewTask, Position, State, Store, SystemClock,
 };
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
@@ -49,6 +49,7 @@ impl StoreFactory for FreshSchemas {
             schema: fresh_schema(),
             max_connections: 4,
             clock,
+            follow_database_clock: false,
             ..PgOptions::default()
         };
         PgStore::open(&url, options).await.expect("open the store")
@@ -84,7 +85,6 @@ async fn node(schema: &str) -> Arc<PgStore> {
     let options = PgOptions {
         schema: schema.to_owned(),
         max_connections: 4,
-        clock: Arc::new(SystemClock),
         ..PgOptions::default()
     };
     PgStore::open(&database_url().expect("checked"), options)
@@ -342,6 +342,55 @@ async fn generic_plan(url: &str, types: &str, statement: &str, args: &str) -> St
     plan.join("\n")
 }
 
+/// A node whose clock runs an hour ahead reads time as the database's, as
+/// every other node does: its tasks fall due, and its leases and timeouts
+/// end, when the others think so too.
+#[tokio::test]
+async fn a_node_whose_clock_is_off_reads_time_as_the_databases() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let hour = Duration::from_secs(3600);
+    let open = |follow_database_clock| {
+        let options = PgOptions {
+            schema: schema.clone(),
+            max_connections: 2,
+            clock: Arc::new(ManualClock::new(SystemClock.now().saturating_add(hour))),
+            follow_database_clock,
+            ..PgOptions::default()
+        };
+        PgStore::open(&url, options)
+    };
+    let on_its_own = open(false).await.expect("open");
+    let following = open(true).await.expect("open");
+    let spec = || {
+        NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
+    let run_at = |store: Arc<PgStore>| async move {
+        let (task, _) = store
+            .enqueue(vec![spec()])
+            .await
+            .expect("enqueue")
+            .remove(0);
+        task.run_at
+    };
+    let real = SystemClock.now();
+    let off = run_at(on_its_own).await;
+    assert!(
+        off >= real.saturating_add(hour - Duration::from_secs(60)),
+        "the clock given is an hour ahead: {off:?} against {real:?}"
+    );
+    let followed = run_at(following).await;
+    let apart = followed.as_millis().abs_diff(real.as_millis());
+    assert!(
+        apart < 10_000,
+        "a node following the database's clock set run_at {apart} ms from the database's time"
+    );
+}
+
 /// The retention pass must reach finished tasks through a partial index on
 /// their state.
 #[tokio::test]
@@ -492,7 +541,6 @@ async fn operations_dropped_midway_leave_no_transaction_open() {
     let options = PgOptions {
         schema: fresh_schema(),
         max_connections: 2,
-        clock: Arc::new(SystemClock),
         ..PgOptions::default()
     };
     let store = PgStore::open(&tagged, options).await.expect("open");

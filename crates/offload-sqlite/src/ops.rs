@@ -964,7 +964,8 @@ impl WriteCtx<'_, '_> {
             .map_err(storage_error)?;
         Ok(PromoteReport {
             promoted,
-            next_due: next_due.map(offload_core::Timestamp::from_millis),
+            next_due_in: next_due
+                .map(|due| self.now.until(offload_core::Timestamp::from_millis(due))),
         })
     }
 

@@ -666,10 +666,10 @@ pub async fn scheduled_task_waits_for_run_at(factory: &dyn StoreFactory) {
     assert!(f.claim("w", 10).await.is_empty());
     let report = f.store.promote_due().await.unwrap();
     assert_eq!(report.promoted, 0);
-    assert_eq!(report.next_due, Some(later.run_at));
+    assert_eq!(report.next_due_in, Some(Duration::from_secs(10)));
     f.advance(10);
     let report = f.store.promote_due().await.unwrap();
-    assert_eq!((report.promoted, report.next_due), (1, None));
+    assert_eq!((report.promoted, report.next_due_in), (1, None));
     assert_eq!(f.state(later.id).await, State::Pending);
     assert_eq!(f.claim_one("w").await.id, later.id);
 }
