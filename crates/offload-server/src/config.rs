@@ -54,6 +54,10 @@ pub struct Config {
     /// idle connection 50 s; load balancers often 60 s), so that the
     /// client, not the node, closes an idle one.
     pub idle_timeout_secs: u32,
+    /// Bytes of large answers to reads (pages of tasks, a task) the node
+    /// holds while their clients have not read them; past it such reads
+    /// are answered 503 until some are read (`unread.rs`).
+    pub unread_answers_limit_bytes: usize,
     pub retention: RetentionConfig,
     pub backoff: BackoffConfig,
     /// Settings applied to queues at start, by queue name.
@@ -72,6 +76,7 @@ impl Default for Config {
             default_lease_secs: 60,
             shutdown_grace_secs: 10,
             idle_timeout_secs: 75,
+            unread_answers_limit_bytes: 256 << 20,
             retention: RetentionConfig::default(),
             backoff: BackoffConfig::default(),
             queues: BTreeMap::new(),
@@ -128,6 +133,10 @@ pub struct QueueConfig {
 /// payload the server accepted failed in the store ("string or blob too
 /// big") as a 500.
 pub const MAX_PAYLOAD_LIMIT_BYTES: usize = 256 << 20;
+/// Two of the largest pages of a list.
+const MIN_UNREAD_ANSWERS_LIMIT_BYTES: usize = 16 << 20;
+/// 1 TiB: counted in KiB, the budget's permits fit a `u32`.
+const MAX_UNREAD_ANSWERS_LIMIT_BYTES: usize = 1 << 40;
 
 /// The most tasks of one queue that may run at once, where a limit is set.
 pub const MAX_QUEUE_CONCURRENCY: u32 = 1_000_000;
@@ -179,6 +188,15 @@ impl Config {
             return invalid(format!(
                 "idle_timeout_secs must be 1 to 3600; got {}",
                 self.idle_timeout_secs
+            ));
+        }
+        if !(MIN_UNREAD_ANSWERS_LIMIT_BYTES..=MAX_UNREAD_ANSWERS_LIMIT_BYTES)
+            .contains(&self.unread_answers_limit_bytes)
+        {
+            return invalid(format!(
+                "unread_answers_limit_bytes must be {MIN_UNREAD_ANSWERS_LIMIT_BYTES} (two of the \
+                 largest pages of a list) to {MAX_UNREAD_ANSWERS_LIMIT_BYTES}; got {}",
+                self.unread_answers_limit_bytes
             ));
         }
         if !(2..=1000).contains(&self.db_pool_size) {

@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use offload_core::{Task, TimestampMemo};
 use serde::Serialize;
 
+use crate::error::ApiError;
+
 /// A value answered as `application/json`.
 #[derive(Debug)]
 pub struct Json<T>(pub T);
@@ -75,6 +77,23 @@ fn task_list<'t>(tasks: impl IntoIterator<Item = &'t Task>) -> serde_json::Resul
     }
     body.extend_from_slice(b"]}");
     Ok(body)
+}
+
+/// A value's JSON, for an answer that goes out through the budget of
+/// unread answers (`unread.rs`).
+pub fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(value).map_err(not_written)
+}
+
+/// [`TaskJson`]'s bytes, for the same.
+pub fn task_bytes(task: &Task) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::with_capacity(640);
+    task.write_json(&mut body).map_err(not_written)?;
+    Ok(body)
+}
+
+fn not_written(e: serde_json::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
 }
 
 fn answer(body: serde_json::Result<Vec<u8>>) -> Response {

@@ -18,6 +18,7 @@ mod queues;
 mod system;
 mod tasks;
 mod telemetry;
+mod unread;
 mod worker;
 
 use std::future::Future;
@@ -70,6 +71,7 @@ pub(crate) struct AppState {
     /// Fires when the server stops: waiting fetches and event streams end.
     pub stop: CancellationToken,
     pub metrics: telemetry::Metrics,
+    pub unread: unread::UnreadAnswers,
 }
 
 impl AppState {
@@ -204,6 +206,7 @@ pub async fn serve(
         },
         stop: stop.clone(),
         metrics,
+        unread: unread::UnreadAnswers::new(config.unread_answers_limit_bytes),
     };
     tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
     on_listening(local);

@@ -16,7 +16,7 @@ use crate::extract::{
     JsonBody, NoBody, RawBatchBody, int_param, name_filter, owner_filter, parse_json, query_pairs,
     read_batch_streamed, task_id,
 };
-use crate::json::{Json, TaskJson, task_list_json};
+use crate::json::{Json, TaskJson, json_bytes, task_bytes, task_list_json};
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = NewTask,
     responses(
@@ -119,14 +119,24 @@ fn prefers_minimal_return(headers: &HeaderMap) -> bool {
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")),
-    responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<TaskJson> {
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, description = "The node holds as many unread answers as it allows (unread_answers_limit_bytes); retry", body = ErrorBody)))]
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = task_id(&id)?;
     match state.store().get(id).await? {
-        Some(task) => Ok(TaskJson(task)),
+        Some(task) => state.unread.answer(task_bytes(&task)?),
         None => Err(ApiError::not_found(format!("task {id} not found"))),
     }
 }
+
+/// Room a page of a list takes before it is read, at most: its tasks'
+/// payloads, results and progress data ([`offload_core::PAGE_BYTES`]) and
+/// the rest of their fields. A page past what it reserved (one of large
+/// tasks) takes what more it needs once it is written.
+const PAGE_ANSWER_BYTES: usize = offload_core::PAGE_BYTES + (1 << 20);
+/// Room reserved for each task a page may hold, up to [`PAGE_ANSWER_BYTES`]:
+/// a short page of small tasks reserves little, and goes out while larger
+/// pages wait to be read.
+const TASK_ANSWER_BYTES: usize = 16 << 10;
 
 const LIST_PARAMS: &[&str] = &[
     "state",
@@ -149,11 +159,8 @@ const LIST_PARAMS: &[&str] = &[
         ("created_before" = Option<String>, Query, description = "RFC 3339"),
         ("limit" = Option<u32>, Query, description = "1–1000, default 50. A page also ends after the task that brings its tasks' payloads, results and progress data to 8 MiB (at least one task a page), with next_cursor set"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody)))]
-pub async fn list(
-    State(state): State<AppState>,
-    RawQuery(raw): RawQuery,
-) -> ApiResult<Json<TaskPage>> {
+    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody), (status = 503, description = "The node holds as many unread answers as it allows (unread_answers_limit_bytes); retry", body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
     let mut query = ListQuery {
         limit: 50,
         ..ListQuery::default()
@@ -189,7 +196,11 @@ pub async fn list(
             _ => unreachable!("query_pairs admits only LIST_PARAMS"),
         }
     }
-    Ok(Json(state.store().list(&query).await?))
+    let room = state
+        .unread
+        .reserve((query.limit * TASK_ANSWER_BYTES).min(PAGE_ANSWER_BYTES))?;
+    let page = state.store().list(&query).await?;
+    room.answer(json_bytes(&page)?)
 }
 
 fn parse_states(field: &str, value: &str) -> ApiResult<Vec<offload_core::State>> {

@@ -252,6 +252,50 @@ fn a_client_that_reads_no_answer_is_closed_after_the_idle_timeout() {
     assert_eq!(status, 200);
 }
 
+/// Large answers waiting for their clients hold memory up to
+/// `unread_answers_limit_bytes`; past it a read is a 503 to retry, and
+/// once the answer held is read, the same read is answered.
+#[test]
+fn large_answers_unread_are_bounded_by_the_budget() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("offload.toml");
+    std::fs::write(&config, "unread_answers_limit_bytes = 16777216\n").unwrap();
+    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let http = server.http();
+    let payload = "x".repeat(8000);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| json!({"type": "t", "payload": payload}))
+        .collect();
+    let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201);
+    // A page of 8.6 MB asked for on a connection that reads nothing yet.
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut unread = std::net::TcpStream::connect(&address).unwrap();
+    unread
+        .write_all(
+            b"GET /v1/tasks?limit=1000 HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, refused) = http.get("/v1/tasks?limit=1000");
+    assert_eq!(
+        status, 503,
+        "a second page does not fit beside the first: {refused}"
+    );
+    assert_eq!(refused["error"]["code"], "unavailable");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("unread_answers_limit_bytes"), "{message}");
+    let (status, small) = http.get("/v1/tasks?limit=5");
+    assert_eq!(status, 200, "small answers go out as ever: {small}");
+    let mut held = Vec::new();
+    unread.read_to_end(&mut held).unwrap();
+    assert!(held.len() > 8_000_000, "the page held came whole");
+    let (status, page) = http.get("/v1/tasks?limit=1000");
+    assert_eq!(status, 200, "{}", page["error"]);
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1000);
+}
+
 /// Sends SIGTERM and waits, 30 s at most, for the node to exit; its code.
 fn sigterm_and_wait(server: &mut Server, if_it_hangs: &str) -> Option<i32> {
     kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
