@@ -76,8 +76,8 @@ impl UnreadAnswers {
         let held = kib(self.limit_bytes) - self.kib.available_permits();
         ApiError::unavailable(format!(
             "this node holds {:.1} MiB of answers its clients have not read yet, of the \
-             {:.1} MiB it allows (unread_answers_limit_bytes), and this one is {:.1} MiB: \
-             try again shortly",
+             {:.1} MiB it allows (unread_answers_limit_bytes), and this answer needs room \
+             for up to {:.1} MiB: try again shortly",
             mib(held),
             mib(kib(self.limit_bytes)),
             mib(kib(wanted))
