@@ -43,10 +43,14 @@ pub struct TaskJson(pub Task);
 
 impl IntoResponse for TaskJson {
     fn into_response(self) -> Response {
-        let mut body = Vec::with_capacity(640);
-        let written = self.0.write_json(&mut body);
-        answer(written.map(|()| body))
+        answer(task_json(&self.0))
     }
+}
+
+fn task_json(task: &Task) -> serde_json::Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(640);
+    task.write_json(&mut body)?;
+    Ok(body)
 }
 
 /// `{"tasks": [...]}`, answered as `Json(TaskList { tasks })` would answer it.
@@ -87,9 +91,7 @@ pub fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
 
 /// [`TaskJson`]'s bytes, for the same.
 pub fn task_bytes(task: &Task) -> Result<Vec<u8>, ApiError> {
-    let mut body = Vec::with_capacity(640);
-    task.write_json(&mut body).map_err(not_written)?;
-    Ok(body)
+    task_json(task).map_err(not_written)
 }
 
 fn not_written(e: serde_json::Error) -> ApiError {

@@ -645,10 +645,7 @@ fn json_nested_past_64_is_refused_where_it_comes_in() {
 
 #[test]
 fn a_payload_over_the_limit_is_413() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("offload.toml");
-    std::fs::write(&config, "payload_limit_bytes = 1000\n").unwrap();
-    let server = Server::start_with(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_configured("payload_limit_bytes = 1000\n");
     let http = server.http();
     let big = "x".repeat(2000);
     assert_error(

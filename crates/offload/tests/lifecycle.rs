@@ -9,7 +9,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::support::{BIN, Server};
+use crate::support::{BIN, Http, Server};
 
 #[test]
 fn kill_9_loses_no_acknowledged_write() {
@@ -88,10 +88,7 @@ fn sigterm_stops_gracefully_with_exit_code_0() {
 
 #[test]
 fn sigterm_closes_connections_still_open_when_the_grace_runs_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("offload.toml");
-    std::fs::write(&config, "shutdown_grace_secs = 1\n").unwrap();
-    let mut server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let mut server = Server::start_configured("shutdown_grace_secs = 1\n");
     // An event stream whose client never reads: once the socket's buffers
     // are full, the server cannot finish writing it.
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
@@ -121,10 +118,7 @@ fn sigterm_closes_connections_still_open_when_the_grace_runs_out() {
 #[test]
 fn a_connection_that_goes_quiet_is_closed_after_the_idle_timeout() {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("offload.toml");
-    std::fs::write(&config, "idle_timeout_secs = 1\n").unwrap();
-    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let server = Server::start_configured("idle_timeout_secs = 1\n");
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
     let open = |sent: &[u8]| {
         let mut stream = std::net::TcpStream::connect(&address).unwrap();
@@ -212,17 +206,9 @@ fn a_connection_that_goes_quiet_is_closed_after_the_idle_timeout() {
 #[test]
 fn a_client_that_reads_no_answer_is_closed_after_the_idle_timeout() {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("offload.toml");
-    std::fs::write(&config, "idle_timeout_secs = 1\n").unwrap();
-    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let server = Server::start_configured("idle_timeout_secs = 1\n");
     let http = server.http();
-    let payload = "x".repeat(8000);
-    let tasks: Vec<_> = (0..1000)
-        .map(|_| json!({"type": "t", "payload": payload}))
-        .collect();
-    let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-    assert_eq!(status, 201);
+    enqueue_a_page_of_8_mb(&http);
     // Four pages of 8 MB asked for at once: more than the kernel's
     // buffers on both ends hold, so the node's writes stall.
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
@@ -258,17 +244,9 @@ fn a_client_that_reads_no_answer_is_closed_after_the_idle_timeout() {
 #[test]
 fn large_answers_unread_are_bounded_by_the_budget() {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("offload.toml");
-    std::fs::write(&config, "unread_answers_limit_bytes = 16777216\n").unwrap();
-    let server = Server::start_in(dir.path(), &["--config", config.to_str().unwrap()]);
+    let server = Server::start_configured("unread_answers_limit_bytes = 16777216\n");
     let http = server.http();
-    let payload = "x".repeat(8000);
-    let tasks: Vec<_> = (0..1000)
-        .map(|_| json!({"type": "t", "payload": payload}))
-        .collect();
-    let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-    assert_eq!(status, 201);
+    enqueue_a_page_of_8_mb(&http);
     // A page of 8.6 MB asked for on a connection that reads nothing yet.
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
     let mut unread = std::net::TcpStream::connect(&address).unwrap();
@@ -294,6 +272,16 @@ fn large_answers_unread_are_bounded_by_the_budget() {
     let (status, page) = http.get("/v1/tasks?limit=1000");
     assert_eq!(status, 200, "{}", page["error"]);
     assert_eq!(page["tasks"].as_array().unwrap().len(), 1000);
+}
+
+/// 1,000 tasks of 8,000-byte payloads: a page of `limit=1000` is 8.6 MB.
+fn enqueue_a_page_of_8_mb(http: &Http) {
+    let payload = "x".repeat(8000);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| json!({"type": "t", "payload": payload}))
+        .collect();
+    let (status, _) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201);
 }
 
 /// Sends SIGTERM and waits, 30 s at most, for the node to exit; its code.

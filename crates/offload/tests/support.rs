@@ -53,6 +53,18 @@ impl Server {
         server
     }
 
+    /// Starts a server in a directory of its own with `settings` as its
+    /// `offload.toml`.
+    pub fn start_configured(settings: &str) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let config = temp.path().join("offload.toml");
+        std::fs::write(&config, settings).expect("write offload.toml");
+        let config = config.to_str().expect("a UTF-8 path").to_owned();
+        let mut server = Self::start_in(temp.path(), &["--config", &config]);
+        server._temp = Some(temp);
+        server
+    }
+
     /// Starts a server on the database of `dir`, on a free port: SQLite in
     /// `dir`, or with `OFFLOAD_TEST_BACKEND=postgres` a PostgreSQL schema
     /// named after `dir`.
