@@ -151,7 +151,7 @@ fn assert_invalid<T: std::fmt::Debug>(outcome: Result<T, Error>, expected_field:
 }
 
 /// Every field alike, as a client would see them.
-fn assert_same(stored: &Task, answered: &Task, what: &str) {
+pub(crate) fn assert_same(stored: &Task, answered: &Task, what: &str) {
     let json = |t: &Task| serde_json::to_value(t).expect("a task serializes");
     assert_eq!(json(stored), json(answered), "{what}");
 }
@@ -160,11 +160,11 @@ fn ids(tasks: &[Task]) -> Vec<Uuid> {
     tasks.iter().map(|t| t.id).collect()
 }
 
-/// Every page `query` lists, following `next_cursor` from its first.
 fn ids_and_states(tasks: &[Task]) -> Vec<(Uuid, State)> {
     tasks.iter().map(|t| (t.id, t.state)).collect()
 }
 
+/// Every page `query` lists, following `next_cursor` from its first.
 async fn every_page(store: &dyn Store, mut query: ListQuery) -> Vec<TaskPage> {
     let mut pages = Vec::new();
     loop {
