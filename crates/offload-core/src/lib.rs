@@ -11,6 +11,7 @@ mod batch_stream;
 mod claim;
 mod error;
 mod hub;
+mod log_throttle;
 mod machine;
 mod new_task;
 mod park;
@@ -24,6 +25,7 @@ pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
 pub use claim::{Candidate, admit};
 pub use error::{Error, Result};
 pub use hub::{EventKind, Hub, TaskEvent};
+pub use log_throttle::{LOG_LINES_PER_SECOND, LogThrottle};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
 pub use new_task::{
     Limits, MAX_LABEL_VALUE_CHARS, MAX_LEASE_SECS, NewTask, OnConflict, Position, PriorityInput,

@@ -286,7 +286,11 @@ impl Tx {
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
         };
-        tracing::warn!(%error, "rollback failed");
+        // Throttled: an unreachable database fails every rollback alike.
+        static ROLLBACK_FAILED: offload_core::LogThrottle = offload_core::LogThrottle::new();
+        if let Some(not_logged) = ROLLBACK_FAILED.admit() {
+            tracing::warn!(%error, not_logged, "rollback failed");
+        }
     }
 
     /// Records the counts and notifications, commits, and announces the

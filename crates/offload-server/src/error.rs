@@ -5,6 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use offload_api::{ErrorBody, ErrorDetail};
+use offload_core::LogThrottle;
 
 use crate::json::Json;
 
@@ -75,7 +76,7 @@ impl From<offload_core::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(status = %self.status, message = %self.message, "request failed");
+            log_failure(self.status, &self.message);
         }
         let retry_soon = self.status == StatusCode::SERVICE_UNAVAILABLE;
         let mut response = (
@@ -95,3 +96,21 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Logs a request that failed on the node's side. A node that cannot write
+/// fails every request alike, so such lines are throttled, 503s apart from
+/// 500s so that a flood of the one does not hide the other; every failure
+/// is still counted in `offload_http_request_duration_seconds` by status,
+/// and `not_logged` says how many went unlogged since the line before.
+fn log_failure(status: StatusCode, message: &str) {
+    static UNAVAILABLE: LogThrottle = LogThrottle::new();
+    static OTHER: LogThrottle = LogThrottle::new();
+    let throttle = if status == StatusCode::SERVICE_UNAVAILABLE {
+        &UNAVAILABLE
+    } else {
+        &OTHER
+    };
+    if let Some(not_logged) = throttle.admit() {
+        tracing::error!(%status, message, not_logged, "request failed");
+    }
+}

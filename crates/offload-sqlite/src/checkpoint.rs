@@ -47,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use offload_core::LogThrottle;
 use rusqlite::Connection;
 
 /// Frames waiting in the WAL that call for a checkpoint: SQLite's default
@@ -110,7 +111,7 @@ impl Checkpoints {
             false
         };
         if inline && let Err(e) = checkpoint(conn) {
-            tracing::warn!(error = %e, "checkpoint failed; a later one will try again");
+            log_failed_checkpoint(&e);
         }
     }
 
@@ -125,6 +126,15 @@ impl Checkpoints {
 
 fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+/// A full disk fails the checkpoint after every commit (the writer's and
+/// the thread's alike), so the lines are throttled.
+fn log_failed_checkpoint(e: &rusqlite::Error) {
+    static FAILED: LogThrottle = LogThrottle::new();
+    if let Some(not_logged) = FAILED.admit() {
+        tracing::warn!(error = %e, not_logged, "checkpoint failed; a later one will try again");
+    }
 }
 
 /// The checkpoint thread; stopped and joined when dropped.
@@ -159,7 +169,7 @@ impl Thread {
                 move || {
                     while shared.wait_for_request() {
                         if let Err(e) = checkpoint(&conn) {
-                            tracing::warn!(error = %e, "checkpoint failed; a later one will try again");
+                            log_failed_checkpoint(&e);
                         }
                         shared.done.fetch_add(1, Ordering::AcqRel);
                         shared.busy.store(false, Ordering::Release);

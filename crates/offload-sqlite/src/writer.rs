@@ -19,8 +19,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use offload_core::{
-    Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, Hub, Limits, ParkedClaim,
-    Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
+    Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, Hub, Limits, LogThrottle,
+    ParkedClaim, Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
 };
 use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
@@ -770,7 +770,10 @@ fn run_writer(
         if let Err(e) = run_kept(conn, "BEGIN IMMEDIATE") {
             // Dropping the group answers each caller that its operation did
             // not run; the cause goes to the log.
-            tracing::error!(error = %storage_error(e), "cannot begin a write transaction");
+            static BEGIN_FAILED: LogThrottle = LogThrottle::new();
+            if let Some(not_logged) = BEGIN_FAILED.admit() {
+                tracing::error!(error = %storage_error(e), not_logged, "cannot begin a write transaction");
+            }
             drop(group);
             continue;
         }
@@ -794,7 +797,11 @@ fn run_writer(
                 state.claims.commit();
             }
             Err(err) => {
-                tracing::error!(error = %err, "group commit failed; its operations are rolled back");
+                // Throttled: a full disk fails every commit alike.
+                static COMMIT_FAILED: LogThrottle = LogThrottle::new();
+                if let Some(not_logged) = COMMIT_FAILED.admit() {
+                    tracing::error!(error = %err, not_logged, "group commit failed; its operations are rolled back");
+                }
                 let _ = run_kept(conn, "ROLLBACK");
                 state.rows.discard();
                 state.claimed_rows.forget_all();

@@ -247,15 +247,7 @@ fn large_answers_unread_are_bounded_by_the_budget() {
     let server = Server::start_configured("unread_answers_limit_bytes = 16777216\n");
     let http = server.http();
     enqueue_a_page_of_8_mb(&http);
-    // A page of 8.6 MB asked for on a connection that reads nothing yet.
-    let address = server.url.strip_prefix("http://").unwrap().to_owned();
-    let mut unread = std::net::TcpStream::connect(&address).unwrap();
-    unread
-        .write_all(
-            b"GET /v1/tasks?limit=1000 HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut unread = ask_for_a_page_and_read_nothing(&server);
     let (status, refused) = http.get("/v1/tasks?limit=1000");
     assert_eq!(
         status, 503,
@@ -272,6 +264,51 @@ fn large_answers_unread_are_bounded_by_the_budget() {
     let (status, page) = http.get("/v1/tasks?limit=1000");
     assert_eq!(status, 200, "{}", page["error"]);
     assert_eq!(page["tasks"].as_array().unwrap().len(), 1000);
+}
+
+/// A failure that repeats with every request reaches the log a few times
+/// a second, and the lines written account for every one.
+#[test]
+fn a_failure_repeated_by_every_request_is_logged_a_few_times_a_second() {
+    let server = Server::start_configured("unread_answers_limit_bytes = 16777216\n");
+    let http = server.http();
+    enqueue_a_page_of_8_mb(&http);
+    let _unread = ask_for_a_page_and_read_nothing(&server);
+    let refusals = 100;
+    for _ in 0..refusals {
+        assert_eq!(http.get("/v1/tasks?limit=1000").0, 503);
+    }
+    // Past the second, one more: its line counts those left out before it.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(http.get("/v1/tasks?limit=1000").0, 503);
+    let log = server.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request failed") && l.contains("status=503"))
+        .collect();
+    let not_logged: usize = lines
+        .iter()
+        .map(|line| {
+            let (_, count) = line.rsplit_once("not_logged=").expect("a count");
+            count.trim().parse::<usize>().expect("a number")
+        })
+        .sum();
+    assert!(lines.len() < refusals, "{} lines: {log}", lines.len());
+    assert_eq!(lines.len() + not_logged, refusals + 1, "{log}");
+}
+
+/// Asks for a page of `limit=1000` on a connection of its own that reads
+/// nothing yet, and waits for the node to have built the answer.
+fn ask_for_a_page_and_read_nothing(server: &Server) -> std::net::TcpStream {
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut unread = std::net::TcpStream::connect(&address).unwrap();
+    unread
+        .write_all(
+            b"GET /v1/tasks?limit=1000 HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    unread
 }
 
 /// 1,000 tasks of 8,000-byte payloads: a page of `limit=1000` is 8.6 MB.

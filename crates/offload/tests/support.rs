@@ -37,6 +37,7 @@ pub struct Server {
     pub url: String,
     db: String,
     pub dir: PathBuf,
+    log: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -85,11 +86,13 @@ impl Server {
         let mut restarted = Self::start_listening(address, &self.db, &self.dir, &[]);
         // The dead process goes to `restarted`, whose drop reaps it.
         std::mem::swap(&mut self.child, &mut restarted.child);
+        std::mem::swap(&mut self.log, &mut restarted.log);
     }
 
     fn start_listening(listen: &str, db: &str, dir: &Path, extra: &[&str]) -> Self {
         let log_name = format!("serve-{}.log", uuid::Uuid::now_v7().simple());
-        let log = std::fs::File::create(dir.join(log_name)).expect("log file");
+        let log_path = dir.join(log_name);
+        let log = std::fs::File::create(&log_path).expect("log file");
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", listen, "--db", db])
             .args(extra)
@@ -113,8 +116,14 @@ impl Server {
             url,
             db: db.to_owned(),
             dir: dir.to_path_buf(),
+            log: log_path,
             _temp: None,
         }
+    }
+
+    /// What the node has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("the node's log")
     }
 
     pub fn kill9(&mut self) {
