@@ -10,6 +10,7 @@
 mod batch_stream;
 mod claim;
 mod error;
+mod finished;
 mod hub;
 mod log_throttle;
 mod machine;
@@ -24,6 +25,7 @@ mod time;
 pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
 pub use claim::{Candidate, admit};
 pub use error::{Error, Result};
+pub use finished::{Finished, FinishedTally};
 pub use hub::{EventKind, Hub, TaskEvent};
 pub use log_throttle::{LOG_LINES_PER_SECOND, LogThrottle};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};

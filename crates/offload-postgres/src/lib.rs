@@ -96,6 +96,8 @@ pub(crate) struct Node {
     pub limits: Limits,
     pub backoff: Backoff,
     pub leader: AtomicBool,
+    /// Tasks this node's commits finished, for the metrics.
+    pub finished: offload_core::FinishedTally,
 }
 
 #[derive(Debug)]
@@ -165,6 +167,7 @@ impl PgStore {
             limits: options.limits,
             backoff: options.backoff,
             leader: AtomicBool::new(false),
+            finished: offload_core::FinishedTally::default(),
         });
         let stop = CancellationToken::new();
         let store = Arc::new(Self {
@@ -578,6 +581,10 @@ impl Store for PgStore {
         }
         self.compact_counts().await?;
         Ok(purged)
+    }
+
+    fn finished_totals(&self) -> Vec<(String, String, offload_core::Finished)> {
+        self.node.finished.snapshot()
     }
 
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64> {

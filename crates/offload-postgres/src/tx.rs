@@ -33,6 +33,9 @@ pub(crate) struct Tx {
     pub now: offload_core::Timestamp,
     pub node: Arc<Node>,
     deltas: HashMap<(String, String, i16), i64>,
+    /// Tasks that entered a finished state, apart from the net `deltas`:
+    /// a transaction may both finish a task of a pair and delete another.
+    finished: HashMap<(String, String, State), u64>,
     effects: Effects,
     /// (kind, id) of changed tasks, announced to the other nodes.
     changed: Vec<(char, Uuid)>,
@@ -45,6 +48,7 @@ impl Tx {
             now: node.clock.now(),
             node,
             deltas: HashMap::new(),
+            finished: HashMap::new(),
             effects: Effects::default(),
             changed: Vec::new(),
         }
@@ -63,6 +67,12 @@ impl Tx {
         match to {
             Some(State::Pending) => self.effects.ready = true,
             Some(State::Scheduled) => self.effects.scheduled = true,
+            Some(state) if state.is_finished() => {
+                *self
+                    .finished
+                    .entry((queue.to_owned(), task_type.to_owned(), state))
+                    .or_default() += 1;
+            }
             _ => {}
         }
         if from == Some(State::Running) && to != Some(State::Running) {
@@ -334,6 +344,11 @@ impl Tx {
             .await?;
         }
         self.conn.commit().await?;
+        self.node
+            .finished
+            .record(self.finished.iter().map(|((queue, task_type, state), n)| {
+                (queue.as_str(), task_type.as_str(), *state, *n)
+            }));
         let hub = &self.node.hub;
         for event in self.effects.events {
             hub.publish(event);

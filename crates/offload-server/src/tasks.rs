@@ -229,7 +229,6 @@ pub async fn cancel(
     _: NoBody,
 ) -> ApiResult<TaskJson> {
     let task = state.store().cancel(task_id(&id)?).await?;
-    state.metrics.cancel_answered(&task);
     Ok(TaskJson(task))
 }
 

@@ -1,12 +1,16 @@
 //! Prometheus metrics: what happens to tasks through this server, queue
 //! depth, and HTTP latency.
 //!
-//! Task counters are recorded where this node sees the outcome: enqueue,
-//! fetch, ack and cancel requests, and the attempts its engine ends when
-//! their lease or timeout runs out (on PostgreSQL, the node that leads ends
-//! them all, so a cluster counts each once). Not counted: tasks handled by
-//! in-process workers of another program, and dependents cancelled because
-//! a dependency failed. Queue depth is read from the store at scrape time.
+//! Tasks finished (completed, failed, cancelled) are counted by the store,
+//! where each change is committed, however the task finished: a worker's
+//! ack, a cancel, a lease or timeout that ran out, a dependency that
+//! failed, a task `on_conflict: "replace"` displaced (on PostgreSQL each
+//! node counts its own commits, so a cluster counts each task once).
+//! The rest is recorded where this node sees it: tasks enqueued, pickup
+//! delays, retried attempts and how long finished attempts ran, from
+//! enqueue, fetch and ack requests and the attempts its engine ends when
+//! their lease or timeout runs out. Queue depth and the finished counts are
+//! read from the store at scrape time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
@@ -17,7 +21,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use offload_core::{State, Task};
+use offload_core::{Finished, State, Task};
 
 use crate::AppState;
 
@@ -81,21 +85,20 @@ impl Metrics {
         }
     }
 
-    /// Counts each ended attempt by its outcome (reported by its worker, or
-    /// its lease or timeout ran out), and how long the finished ones ran.
+    /// Counts the attempts that ended and are to be tried again, and
+    /// records how long the finished ones ran (reported by their worker, or
+    /// their lease or timeout ran out). The store counts the finished tasks
+    /// themselves ([`offload_core::Store::finished_totals`]).
     pub fn attempts_ended<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
             let task_type = type_label(queue, task_type);
             let labels = [("queue", queue.to_owned()), ("type", task_type.to_owned())];
-            let (mut completed, mut failed, mut cancelled, mut retried) = (0, 0, 0, 0);
-            // Registered only once there is a duration to record, as before.
+            let mut retried = 0;
+            // Registered only once there is a duration to record.
             let mut duration = None;
             for task in group {
-                match task.state {
-                    State::Completed => completed += 1,
-                    State::Failed => failed += 1,
-                    State::Cancelled => cancelled += 1,
-                    _ => retried += 1,
+                if !task.state.is_finished() {
+                    retried += 1;
                 }
                 if let (Some(started), Some(finished)) = (task.started_at, task.finished_at) {
                     duration
@@ -103,30 +106,14 @@ impl Metrics {
                         .record(started.until(finished).as_secs_f64());
                 }
             }
-            for (name, n) in [
-                ("offload_tasks_completed_total", completed),
-                ("offload_tasks_failed_total", failed),
-                ("offload_tasks_cancelled_total", cancelled),
-                ("offload_attempts_retried_total", retried),
-            ] {
-                if n > 0 {
-                    counter!(name, &labels).increment(n);
-                }
+            if retried > 0 {
+                counter!("offload_attempts_retried_total", &labels).increment(retried);
             }
         }
     }
 
-    /// Counts a task a cancel request ended; one running is only asked to
-    /// stop, and counted when its attempt ends.
-    pub fn cancel_answered(&self, task: &Task) {
-        if task.state == State::Cancelled {
-            let task_type = type_label(&task.queue, &task.task_type);
-            counter!("offload_tasks_cancelled_total", "queue" => task.queue.clone(), "type" => task_type.to_owned())
-                .increment(1);
-        }
-    }
-
     pub async fn render(&self, state: &AppState) -> String {
+        record_finished(state.store().finished_totals());
         if let Ok(stats) = state.store().stats().await {
             for (queue, counts) in &stats.queues {
                 for s in State::ALL {
@@ -145,6 +132,32 @@ impl Metrics {
 impl offload_engine::DutyObserver for Metrics {
     fn attempts_expired(&self, tasks: &[Task]) {
         self.attempts_ended(tasks);
+    }
+}
+
+/// Sets the counters of finished tasks to the store's totals. The pairs
+/// past [`MAX_LABELLED_TYPES`] share a label, so they are summed first.
+fn record_finished(totals: Vec<(String, String, Finished)>) {
+    let mut by_label: HashMap<(String, String), Finished> = HashMap::new();
+    for (queue, task_type, finished) in &totals {
+        let label = type_label(queue, task_type).to_owned();
+        by_label
+            .entry((queue.clone(), label))
+            .or_default()
+            .add(finished);
+    }
+    for ((queue, task_type), finished) in by_label {
+        for (name, n) in [
+            ("offload_tasks_completed_total", finished.completed),
+            ("offload_tasks_failed_total", finished.failed),
+            ("offload_tasks_cancelled_total", finished.cancelled),
+        ] {
+            // A series appears with its first task, as an incremented
+            // counter's would.
+            if n > 0 {
+                counter!(name, "queue" => queue.clone(), "type" => task_type.clone()).absolute(n);
+            }
+        }
     }
 }
 

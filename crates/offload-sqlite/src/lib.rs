@@ -197,6 +197,7 @@ impl SqliteStore {
             unwritten: Arc::default(),
             wal_failed: std::sync::OnceLock::new(),
             wal_syncs: std::sync::atomic::AtomicU64::new(0),
+            finished: offload_core::FinishedTally::default(),
         });
         let writer = Writer::start(conn, lock, &path, Arc::clone(&shared), ready, wal_sync)
             .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
@@ -644,6 +645,10 @@ impl Store for SqliteStore {
         self.writer
             .run(move |ctx| ctx.purge_finished(&retention, batch))
             .await
+    }
+
+    fn finished_totals(&self) -> Vec<(String, String, offload_core::Finished)> {
+        self.shared.finished.snapshot()
     }
 
     async fn count_stuck(&self, expired_for: std::time::Duration) -> Result<u64> {

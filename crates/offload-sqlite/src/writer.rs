@@ -19,8 +19,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use offload_core::{
-    Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, Hub, Limits, LogThrottle,
-    ParkedClaim, Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
+    Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, FinishedTally, Hub, Limits,
+    LogThrottle, ParkedClaim, Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
 };
 use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub wal_failed: OnceLock<String>,
     /// Syncs of the WAL made for durable mode's answers.
     pub wal_syncs: AtomicU64,
+    /// Tasks this store's commits finished, for the metrics.
+    pub finished: FinishedTally,
 }
 
 impl Shared {
@@ -203,9 +205,32 @@ impl Effects {
     fn publish(self, shared: &Shared) -> bool {
         if !self.deltas.is_empty() {
             let mut by_pair = vec![[0i64; State::ALL.len()]; self.pairs.len()];
+            // Entries alone, apart from the net change: a group may both
+            // finish a task of a pair and delete another finished one.
+            let mut entered = vec![[0u64; State::ALL.len()]; self.pairs.len()];
             for delta in &self.deltas {
                 by_pair[delta.pair][delta.state as usize] += delta.change;
+                if delta.change > 0 {
+                    entered[delta.pair][delta.state as usize] += 1;
+                }
             }
+            shared
+                .finished
+                .record(self.pairs.iter().zip(&entered).flat_map(
+                    |((queue, task_type), entered)| {
+                        State::ALL
+                            .into_iter()
+                            .filter(|state| state.is_finished() && entered[*state as usize] > 0)
+                            .map(|state| {
+                                (
+                                    queue.as_str(),
+                                    task_type.as_str(),
+                                    state,
+                                    entered[state as usize],
+                                )
+                            })
+                    },
+                ));
             let mut counts = shared.counts();
             for (pair, changes) in self.pairs.into_iter().zip(by_pair) {
                 let entry = counts.entry(pair).or_default();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict,
+    Finished, HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict,
     PAGE_BYTES, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, TaskPage,
     Timestamp,
 };
@@ -1170,6 +1170,58 @@ pub async fn failed_dependency_cancels_dependents_transitively(factory: &dyn Sto
         .await;
     f.store.cancel(other.id).await.unwrap();
     assert_eq!(f.state(waiting.id).await, State::Cancelled);
+}
+
+/// The store counts every task it finishes, by (queue, type), however it
+/// finishes: an ack, a lease that ran out, a cancel, a dependency that
+/// failed, a replace. A manual retry takes nothing back; the task counts
+/// again when it finishes again.
+pub async fn finished_totals_count_every_way_a_task_finishes(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    assert_eq!(f.store.finished_totals(), []);
+    let root = f.enqueue(NewTask::new("root")).await;
+    let mid = f.enqueue(NewTask::new("mid").depends_on(root.id)).await;
+    f.enqueue(NewTask::new("leaf").depends_on(mid.id)).await;
+    f.claim_from("w", 1, &["root"], &[]).await;
+    f.fail("w", root.id, Some(false), None).await.unwrap();
+    let done = f.enqueue(NewTask::new("done").queue("other")).await;
+    f.claim_from("w", 1, &["done"], &[]).await;
+    f.complete("w", done.id, None).await.unwrap();
+    f.enqueue(NewTask::new("keyed").unique_key("k", OnConflict::Keep))
+        .await;
+    f.enqueue(NewTask::new("keyed").unique_key("k", OnConflict::Replace))
+        .await;
+    let lapsed = f.enqueue(NewTask::new("lapsed").max_attempts(1)).await;
+    f.claim_from("w", 1, &["lapsed"], &[]).await;
+    f.advance(30);
+    assert_eq!(ids(&f.store.recover_expired().await.unwrap()), [lapsed.id]);
+    let unwanted = f.enqueue(NewTask::new("unwanted")).await;
+    f.store.cancel(unwanted.id).await.unwrap();
+    // Retried and failed again: counted twice.
+    f.store.retry(root.id).await.unwrap();
+    f.claim_from("w", 1, &["root"], &[]).await;
+    f.fail("w", root.id, Some(false), None).await.unwrap();
+
+    let mut totals = f.store.finished_totals();
+    totals.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let finished = |completed, failed, cancelled| Finished {
+        completed,
+        failed,
+        cancelled,
+    };
+    let expected: Vec<(String, String, Finished)> = [
+        ("default", "keyed", finished(0, 0, 1)),
+        ("default", "lapsed", finished(0, 1, 0)),
+        ("default", "leaf", finished(0, 0, 1)),
+        ("default", "mid", finished(0, 0, 1)),
+        ("default", "root", finished(0, 2, 0)),
+        ("default", "unwanted", finished(0, 0, 1)),
+        ("other", "done", finished(1, 0, 0)),
+    ]
+    .into_iter()
+    .map(|(queue, task_type, counts)| (queue.to_owned(), task_type.to_owned(), counts))
+    .collect();
+    assert_eq!(totals, expected);
 }
 
 /// A dependency that completed and was then deleted (by retention, a day

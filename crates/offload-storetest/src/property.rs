@@ -11,16 +11,18 @@
 //! - running tasks, and only they, carry a worker and a lease;
 //! - at most one active task holds a (queue, unique key);
 //! - what the store keeps beside its tables agrees with them
-//!   (`Store::verify_bookkeeping`).
+//!   (`Store::verify_bookkeeping`);
+//! - the store's tally of finished tasks grows by exactly the tasks that
+//!   entered a finished state (`Store::finished_totals`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, ClearRequest, Counts, Error, Failure, FailureKind, HeartbeatRequest, Limits,
-    ListQuery, ManualClock, NewTask, OnConflict, QueuePatch, Retention, State, Store, Task,
-    transition_allowed,
+    Ack, ClaimRequest, ClearRequest, Counts, Error, Failure, FailureKind, Finished,
+    HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict, QueuePatch, Retention,
+    State, Store, Task, transition_allowed,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -129,6 +131,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
     let store = factory.open(Arc::clone(&clock)).await;
     let mut known: Vec<Uuid> = Vec::new();
     let mut before: HashMap<Uuid, Task> = HashMap::new();
+    let mut finished_before = finished_totals(&*store);
     // Queue settings as the test set them: (paused, concurrency).
     let mut queues: HashMap<String, (bool, Option<u32>)> = HashMap::new();
     let pick = |known: &Vec<Uuid>, i: usize| (!known.is_empty()).then(|| known[i % known.len()]);
@@ -390,6 +393,9 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
         if let Some(recovered) = recovered {
             check_recovered(&before, &after, &recovered, &context);
         }
+        let finished_after = finished_totals(&*store);
+        check_finished(&before, &after, &finished_before, &finished_after, &context);
+        finished_before = finished_after;
         check_snapshot(
             &*store,
             &before,
@@ -437,6 +443,42 @@ fn check_recovered(
             &format!("{context}: recovery answered a task other than as it left it"),
         );
     }
+}
+
+fn finished_totals(store: &dyn Store) -> BTreeMap<(String, String), Finished> {
+    store
+        .finished_totals()
+        .into_iter()
+        .map(|(queue, task_type, finished)| ((queue, task_type), finished))
+        .collect()
+}
+
+/// The store's tally of finished tasks grew by exactly the tasks that
+/// entered a finished state in this step.
+fn check_finished(
+    before: &HashMap<Uuid, Task>,
+    after: &HashMap<Uuid, Task>,
+    totals_before: &BTreeMap<(String, String), Finished>,
+    totals_after: &BTreeMap<(String, String), Finished>,
+    context: &str,
+) {
+    let mut expected = totals_before.clone();
+    for task in after.values() {
+        let entered = task.state.is_finished()
+            && before
+                .get(&task.id)
+                .is_none_or(|prior| prior.state != task.state);
+        if entered {
+            let pair = (task.queue.clone(), task.task_type.clone());
+            if let Some(count) = expected.entry(pair).or_default().slot(task.state) {
+                *count += 1;
+            }
+        }
+    }
+    assert_eq!(
+        totals_after, &expected,
+        "{context}: the finished tasks counted"
+    );
 }
 
 /// An ack or heartbeat succeeds exactly when the worker held the task.

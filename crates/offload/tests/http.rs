@@ -872,6 +872,10 @@ fn health_metrics_and_openapi() {
     let id_of = |t: &Value| t["id"].clone();
     let (reports, mail): (Vec<&Value>, Vec<&Value>) =
         claimed.iter().partition(|t| t["queue"] == "reports");
+    // Cancelled when the mail it waits for fails: no answer names it.
+    let followup = http
+        .enqueue(json!({"type": "mail.followup", "queue": "mail", "depends_on": [id_of(mail[0])]}));
+    assert_eq!(followup["state"], "blocked");
     let (status, acked) = http.post(
         "/v1/ack",
         json!({
@@ -895,6 +899,10 @@ fn health_metrics_and_openapi() {
     );
     assert_eq!(status, 200);
     http.wait_for(slow, "its timeout to fail it", |t| t["state"] == "failed");
+    // Displaced by a replace: the answer names the new task, not the old.
+    for _ in 0..2 {
+        http.enqueue(json!({"type": "mail.digest", "queue": "mail", "unique_key": "daily", "on_conflict": "replace"}));
+    }
 
     let (status, health) = http.get("/health");
     assert_eq!(status, 200);
@@ -920,6 +928,8 @@ fn health_metrics_and_openapi() {
         "offload_tasks_failed_total{queue=\"mail\",type=\"mail.send\"} 1",
         "offload_tasks_failed_total{queue=\"mail\",type=\"slow.job\"} 1",
         "offload_tasks_cancelled_total{queue=\"mail\",type=\"mail.send\"} 1",
+        "offload_tasks_cancelled_total{queue=\"mail\",type=\"mail.followup\"} 1",
+        "offload_tasks_cancelled_total{queue=\"mail\",type=\"mail.digest\"} 1",
         "offload_task_duration_seconds_count{queue=\"reports\",type=\"report.build\"} 3",
         "offload_task_pickup_seconds_count{queue=\"reports\"} 3",
         "offload_task_pickup_seconds_count{queue=\"mail\"} 2",
