@@ -151,6 +151,43 @@ fn split_schema(url: &str) -> (String, Option<String>) {
     (url, schema)
 }
 
+/// A `--db` URL fit for a log: a PostgreSQL password, given in the URL's
+/// user part or as its `password` parameter, becomes `***`. Logs travel
+/// further than the configuration they came from.
+fn without_password(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            let authority = match authority.rsplit_once('@') {
+                Some((user_info, host)) => match user_info.split_once(':') {
+                    Some((user, _password)) => format!("{user}:***@{host}"),
+                    None => authority.to_owned(),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key == "password" => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
 /// Runs a node until `shutdown` completes, then stops taking work, lets
 /// in-flight requests finish and returns. `on_listening` is told the bound
 /// address (useful with port 0).
@@ -208,7 +245,7 @@ pub async fn serve(
         metrics,
         unread: unread::UnreadAnswers::new(config.unread_answers_limit_bytes),
     };
-    tracing::info!(address = %local, db = %config.db, durability = state.durability, "offload is serving");
+    tracing::info!(address = %local, db = %without_password(&config.db), durability = state.durability, "offload is serving");
     on_listening(local);
     let serving = connections::serve_until_stopped(listener, router(state), idle, stop.clone());
     let stopping = stop.clone();
@@ -284,5 +321,28 @@ mod tests {
             super::split_schema("postgres://u@h/db?schema=x"),
             ("postgres://u@h/db".to_owned(), Some("x".to_owned()))
         );
+    }
+
+    #[test]
+    fn a_database_url_is_logged_without_its_password() {
+        for (url, logged) in [
+            (
+                "postgres://offload:s3cr:et@db.internal:5432/tasks?schema=a",
+                "postgres://offload:***@db.internal:5432/tasks?schema=a",
+            ),
+            (
+                "postgresql://u@h/db?sslmode=require&password=s3cret&schema=b",
+                "postgresql://u@h/db?sslmode=require&password=***&schema=b",
+            ),
+            ("postgres://u:p@h", "postgres://u:***@h"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("sqlite://offload.db", "sqlite://offload.db"),
+            (
+                "sqlite:///var/lib/a@b:c/o.db",
+                "sqlite:///var/lib/a@b:c/o.db",
+            ),
+        ] {
+            assert_eq!(super::without_password(url), logged, "{url}");
+        }
     }
 }

@@ -199,11 +199,11 @@ async fn start_server(args: &BenchArgs, role: Role, made: &MadeSchemas) -> Resul
             "serve",
             "--listen",
             "127.0.0.1:0",
-            "--db",
-            &db,
             "--durability",
             &args.durability,
         ])
+        // Not a flag: a password in the URL would show in every `ps`.
+        .env("OFFLOAD_DB", &db)
         .env("OFFLOAD_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
