@@ -144,12 +144,29 @@ impl PgStore {
         if connect.get_application_name().is_none() {
             connect = connect.application_name("offload");
         }
-        let pool = PgPoolOptions::new()
+        let pool = match PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(connect.clone())
             .await
-            .map_err(storage_error)?;
+        {
+            Ok(pool) => pool,
+            // The pool retries a refused connection until its timeout and
+            // then says only that it timed out; one connection of its own
+            // says why.
+            Err(sqlx::Error::PoolTimedOut) => {
+                let why = match sqlx::PgConnection::connect_with(&connect).await {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "it answered only after 5 s".to_owned(),
+                };
+                return Err(Error::storage_unavailable(format_args!(
+                    "cannot connect to PostgreSQL at {}:{} for 5 s: {why}",
+                    connect.get_host(),
+                    connect.get_port()
+                )));
+            }
+            Err(e) => return Err(storage_error(e)),
+        };
         migrate(pool.clone(), schema.clone()).await?;
         warn_without_autovacuum(&pool).await;
         let follows_database = options.follow_database_clock;

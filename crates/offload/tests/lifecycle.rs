@@ -376,6 +376,25 @@ fn serve_refuses_bad_settings_with_exit_code_2() {
     assert!(String::from_utf8_lossy(&other_database.stderr).contains("db must be sqlite://PATH"));
 }
 
+/// A PostgreSQL that refuses connections is named with the reason, not
+/// only as a pool's timeout. Port 1 of this machine refuses at once.
+#[test]
+fn serve_says_why_it_cannot_reach_postgresql() {
+    let refused = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--db", "postgres://offload:s3cret@127.0.0.1:1/tasks"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("cannot connect to PostgreSQL at 127.0.0.1:1")
+            && message.contains("Connection refused"),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+}
+
 #[test]
 fn a_second_node_on_the_same_sqlite_file_is_refused() {
     if crate::support::on_postgres() {
