@@ -42,6 +42,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("opening the database: {0}")]
     Store(Error),
+    #[error("applying [queues.{queue}]: {source}")]
+    QueueSettings { queue: String, source: Error },
     #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
@@ -217,7 +219,10 @@ pub async fn serve(
             .store()
             .update_queue(name, patch)
             .await
-            .map_err(ServerError::Store)?;
+            .map_err(|source| ServerError::QueueSettings {
+                queue: name.clone(),
+                source,
+            })?;
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
