@@ -98,16 +98,21 @@ fn not_written(e: serde_json::Error) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
 }
 
+/// `body`, JSON already written, as an `application/json` answer.
+pub fn json_response(body: impl Into<axum::body::Body>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.into(),
+    )
+        .into_response()
+}
+
 fn answer(body: serde_json::Result<Vec<u8>>) -> Response {
     match body {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
+        Ok(body) => json_response(body),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(

@@ -14,12 +14,12 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
+use crate::json::json_response;
 
 /// Answers smaller than this go out without the budget: most answers are,
 /// and the kernel's socket buffers take them whole.
@@ -125,14 +125,7 @@ impl Reserved {
                 body,
             }))
         };
-        Ok((
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response())
+        Ok(json_response(body))
     }
 }
 
