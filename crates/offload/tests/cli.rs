@@ -525,6 +525,16 @@ fn work_kills_the_process_group_when_its_shutdown_grace_runs_out() {
     wait_until_dead(grandchild, "its worker's shutdown");
 }
 
+#[test]
+fn work_kills_the_process_group_when_it_is_killed() {
+    let server = Server::start();
+    let (mut worker, _id, grandchild) = a_command_with_a_grandchild(&server, &[]);
+    // SIGKILL: the worker itself has no chance to kill anything.
+    worker.0.kill().unwrap();
+    worker.0.wait().unwrap();
+    wait_until_dead(grandchild, "its worker's SIGKILL");
+}
+
 /// `offload work` (with `options`) running a task whose command started a
 /// grandchild, which must die with the command's group; the worker, the
 /// task's id and the grandchild's pid.
