@@ -63,6 +63,10 @@ pub enum Command {
     /// completed, 1 failed, 2 cancelled.
     Watch { id: String },
     /// Run a worker that runs COMMAND once per task.
+    ///
+    /// Each command runs in a process group of its own, killed whole on
+    /// cancel, on timeout, when a shutdown's grace runs out, and when this
+    /// worker dies, even by SIGKILL.
     Work(WorkArgs),
     /// Measure this machine: enqueue, processing, pickup latency, claim
     /// scaling and server memory, against a server it starts (or --url).
