@@ -71,6 +71,11 @@ pub enum Command {
     /// Measure this machine: enqueue, processing, pickup latency, claim
     /// scaling and server memory, against a server it starts (or --url).
     Bench(BenchArgs),
+    /// Started by `offload work` beside each command where there is no
+    /// shell to do it: kills the command's process group when the worker
+    /// dies (`work::Guard`).
+    #[command(name = "work-guard", hide = true)]
+    WorkGuard,
 }
 
 #[derive(Debug, Args)]

@@ -58,6 +58,10 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if matches!(cli.command, cli::Command::WorkGuard) {
+        // One beside each running command: no logging, no runtime.
+        return work::guard();
+    }
     let serving = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Work(_));
     init_logging(if serving { "info" } else { "warn" });
     let runtime_threads = match std::env::var("TOKIO_WORKER_THREADS") {

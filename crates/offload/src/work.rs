@@ -11,17 +11,19 @@
 //!   process group is killed;
 //! - and so it is when the worker's own process ends without killing it,
 //!   even by SIGKILL: a guard process leads each command's group and kills
-//!   it then (see [`GUARD_SCRIPT`]), so a task whose lease runs out is not
+//!   it then (see [`Guard`]), so a task whose lease runs out is not
 //!   run again elsewhere while its first run goes on here.
 
 use std::collections::VecDeque;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, getpgrp, getpid};
 use offload_client::Client;
 use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -35,15 +37,6 @@ use crate::usage;
 /// worker runs into the machine's process and file limits before it runs
 /// anything faster, and its tasks fail one by one saying so.
 const MAX_CONCURRENCY: usize = 10_000;
-/// The guard of one command: the leader of the command's process group,
-/// with a pipe from this worker on its stdin that the worker never writes
-/// to. The pipe ends when the worker's process does, however it ends (a
-/// SIGKILL leaves the worker no chance to kill anything itself); the guard
-/// then kills the group: the command, all it started, and itself. When the
-/// command ends first, the worker kills the guard alone. A shell, as the
-/// smallest program every Unix has: it starts in a third of the time this
-/// one takes, which a worker of short commands would pay for each task.
-const GUARD_SCRIPT: &str = "while read -r _; do :; done; kill -KILL 0";
 /// Bytes of stderr kept for the failure message.
 const STDERR_TAIL: usize = 4096;
 /// The longest stdout line kept: far above a result's default limit
@@ -72,6 +65,7 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     // Fail fast, with exit code 3, if the server is not there.
     client.health().await?;
     let command = Arc::new(args.command);
+    let guard = Arc::new(Guard::find()?);
     let mut worker = Worker::new(Arc::new(client))
         .concurrency(args.concurrency)
         .queues(args.queues)
@@ -82,9 +76,11 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
         .cancel_grace(Duration::from_secs(5));
     for task_type in &args.types {
         let command = Arc::clone(&command);
+        let guard = Arc::clone(&guard);
         worker = worker.handle(task_type.clone(), move |ctx: TaskContext| {
             let command = Arc::clone(&command);
-            async move { run_command(&ctx, &command).await }
+            let guard = Arc::clone(&guard);
+            async move { run_command(&ctx, &command, &guard).await }
         });
     }
     tracing::info!(types = ?args.types, command = ?command, "worker started");
@@ -102,14 +98,14 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
 async fn run_command(
     ctx: &TaskContext,
     command: &[String],
+    guard: &Guard,
 ) -> Result<Option<Box<serde_json::value::RawValue>>, TaskFailure> {
     let task = ctx.task();
     // The guard first, so that the command starts in a group that its
     // guard already leads: there is no moment when the command runs
     // unguarded.
-    let mut guard = Command::new("/bin/sh")
-        .arg0("offload-work-guard")
-        .args(["-c", GUARD_SCRIPT])
+    let mut guard = guard
+        .command()
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -222,6 +218,81 @@ async fn run_command(
             Err(TaskFailure::new(killed_message(ctx.cancel_reason())))
         }
     }
+}
+
+/// The guard of one command: the leader of the command's process group,
+/// with a pipe from this worker on its stdin that the worker never writes
+/// to. The pipe ends when the worker's process does, however it ends (a
+/// SIGKILL leaves the worker no chance to kill anything itself); the guard
+/// then kills the group: the command, all it started, and itself. When the
+/// command ends first, the worker kills the guard alone.
+enum Guard {
+    /// A shell running [`GUARD_SCRIPT`]: it starts in a third of the time
+    /// this program takes, which a worker of short commands pays each task.
+    Shell,
+    /// This program's `offload work-guard` ([`guard`]), where there is no
+    /// shell: an image that holds only the programs it runs.
+    ThisProgram(PathBuf),
+}
+
+const SHELL: &str = "/bin/sh";
+const GUARD_SCRIPT: &str = "while read -r _; do :; done; kill -KILL 0";
+
+impl Guard {
+    fn find() -> Result<Self> {
+        if Path::new(SHELL).exists() {
+            return Ok(Self::Shell);
+        }
+        // Linux's /proc/self/exe names this program even after a deploy
+        // replaced or removed the file it was started from.
+        let this = Path::new("/proc/self/exe");
+        if this.exists() {
+            return Ok(Self::ThisProgram(this.to_owned()));
+        }
+        let this = std::env::current_exe().map_err(|e| {
+            anyhow::anyhow!("cannot find the offload program to guard commands with: {e}")
+        })?;
+        Ok(Self::ThisProgram(this))
+    }
+
+    fn command(&self) -> Command {
+        let mut command = match self {
+            Self::Shell => {
+                let mut shell = Command::new(SHELL);
+                shell.args(["-c", GUARD_SCRIPT]);
+                shell
+            }
+            Self::ThisProgram(path) => {
+                let mut this = Command::new(path);
+                this.arg("work-guard");
+                this
+            }
+        };
+        // What `ps` shows.
+        command.arg0("offload-work-guard");
+        command
+    }
+}
+
+/// `offload work-guard`: a [`Guard`] where there is no shell.
+pub fn guard() -> ExitCode {
+    // Started any other way, the group it is in is someone else's.
+    if getpgrp() != getpid() {
+        eprintln!("offload: work-guard is started by `offload work`, as a process group's leader");
+        return ExitCode::from(2);
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buffer = [0u8; 64];
+    loop {
+        match stdin.read(&mut buffer) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = killpg(getpgrp(), Signal::SIGKILL);
+    ExitCode::FAILURE
 }
 
 /// A line of a command's stdout.

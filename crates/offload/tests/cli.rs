@@ -1,6 +1,7 @@
 //! The command line of SPEC §5: output, exit codes, `watch` and `work`.
 
 use std::io::BufRead;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -533,6 +534,65 @@ fn work_kills_the_process_group_when_it_is_killed() {
     worker.0.kill().unwrap();
     worker.0.wait().unwrap();
     wait_until_dead(grandchild, "its worker's SIGKILL");
+}
+
+#[test]
+fn work_guard_kills_its_group_when_its_pipe_ends() {
+    // The guard `offload work` starts where there is no shell, as it
+    // starts it: leading a group, with a pipe from the worker on stdin.
+    let mut guard = Command::new(BIN)
+        .arg("work-guard")
+        .stdin(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut command = Command::new("sleep")
+        .arg("300")
+        .process_group(guard.id() as i32)
+        .spawn()
+        .unwrap();
+    drop(guard.stdin.take());
+    let started = Instant::now();
+    let ended = loop {
+        if let Some(status) = command.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = command.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        ended.and_then(|status| status.signal()),
+        Some(9),
+        "the command in the guard's group outlived its pipe"
+    );
+    assert_eq!(
+        guard.wait().unwrap().signal(),
+        Some(9),
+        "the guard's own end"
+    );
+}
+
+#[test]
+fn work_guard_started_by_hand_kills_nothing() {
+    // Not its group's leader, as `offload work` makes it: the group is the
+    // shell's, which must live on to say so.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("{BIN} work-guard </dev/null; echo \"exit $?\""),
+        ])
+        .process_group(0)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exit 2\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("started by `offload work`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `offload work` (with `options`) running a task whose command started a
