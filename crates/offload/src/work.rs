@@ -270,6 +270,9 @@ impl Guard {
         };
         // What `ps` shows.
         command.arg0("offload-work-guard");
+        // It needs none, and a shell would run what `ENV` or `BASH_ENV`
+        // name before its script.
+        command.env_clear();
         command
     }
 }
