@@ -16,8 +16,9 @@ use crate::runner::Shared;
 pub enum CancelReason {
     /// Someone cancelled the task.
     Cancelled,
-    /// The worker no longer holds the task (its lease expired and it may be
-    /// running elsewhere); its result will be dropped.
+    /// The worker no longer holds the task (a heartbeat was refused, or none
+    /// reached the server for a whole lease, and it may be running
+    /// elsewhere); its result will be dropped.
     LeaseLost,
     /// The attempt ran past the task's `timeout_secs`.
     Timeout,
@@ -157,12 +158,14 @@ impl TaskContext {
             progress: Some(progress),
             lease: self.shared.config.lease,
         };
-        let answer = {
+        let (answer, sent) = {
             let _in_order = self.reporting.lock().await;
-            self.shared.source.heartbeat(request).await
+            let sent = tokio::time::Instant::now();
+            (self.shared.source.heartbeat(request).await, sent)
         };
         match answer {
             Ok(ack) => {
+                self.shared.renew(self.task.id, sent);
                 if ack.cancel_requested {
                     self.cancellation.cancel(CancelReason::Cancelled);
                 }

@@ -54,7 +54,10 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Queues served; empty serves every queue.
     pub queues: Vec<String>,
-    /// Lease taken on each claim and renewed by heartbeats.
+    /// Lease taken on each claim and renewed by heartbeats. A handler whose
+    /// lease no heartbeat renewed for this long (the server down or out of
+    /// reach) is stopped, as one whose lease was refused: the server may
+    /// have given its task to another worker.
     pub lease: Duration,
     /// How often running tasks' leases are renewed. A worker whose source
     /// cannot announce cancellations (a remote one) renews at least every

@@ -18,6 +18,7 @@ use offload_core::{
 };
 use rustc_hash::FxHashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -45,7 +46,7 @@ pub(crate) struct Shared {
     pub config: WorkerConfig,
     /// Keyed by ids the server chose, so a fast hash: SipHash's defence
     /// against chosen keys was 2% of a busy worker's instructions.
-    in_flight: Mutex<FxHashMap<Uuid, Cancellation>>,
+    in_flight: Mutex<FxHashMap<Uuid, Running>>,
     acks: mpsc::UnboundedSender<Ack>,
     /// Fired when the shutdown grace runs out: every runner stops its
     /// handler. Kept here, not cloned into each runner, whose clone and
@@ -53,14 +54,30 @@ pub(crate) struct Shared {
     hard_stop: CancellationToken,
 }
 
+/// A task whose handler runs, as the worker's helpers see it.
+struct Running {
+    cancellation: Cancellation,
+    /// The server holds this worker's lease at least this long: a lease
+    /// counted from when the fetch answered or when a heartbeat the server
+    /// took was sent, both no earlier than the server's own count began.
+    leased_until: Instant,
+}
+
 impl Shared {
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, FxHashMap<Uuid, Cancellation>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, FxHashMap<Uuid, Running>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cancel(&self, id: Uuid, reason: CancelReason) {
-        if let Some(c) = self.in_flight().get(&id) {
-            c.cancel(reason);
+        if let Some(running) = self.in_flight().get(&id) {
+            running.cancellation.cancel(reason);
+        }
+    }
+
+    /// The server took a heartbeat of `id` sent at `sent`.
+    pub(crate) fn renew(&self, id: Uuid, sent: Instant) {
+        if let Some(running) = self.in_flight().get_mut(&id) {
+            running.leased_until = running.leased_until.max(sent + self.config.lease);
         }
     }
 }
@@ -82,6 +99,7 @@ pub(crate) async fn run(
     let helpers_stop = CancellationToken::new();
     let acker = tokio::spawn(acker(Arc::clone(&shared), ack_queue, helpers_stop.clone()));
     let heartbeats = tokio::spawn(heartbeater(Arc::clone(&shared), helpers_stop.clone()));
+    let lease_watch = tokio::spawn(lease_watch(Arc::clone(&shared), helpers_stop.clone()));
     let listener = tokio::spawn(cancellation_listener(
         Arc::clone(&shared),
         helpers_stop.clone(),
@@ -140,6 +158,8 @@ pub(crate) async fn run(
                 continue;
             }
         };
+        // The server claimed them as it answered.
+        let leased_until = Instant::now() + shared.config.lease;
         // Permits left over return to the semaphore when `free` drops.
         for (task, permit) in tasks.into_iter().zip(free) {
             match handlers.get(&task.task_type) {
@@ -154,6 +174,7 @@ pub(crate) async fn run(
                         Arc::clone(&shared),
                         Arc::clone(handler),
                         task,
+                        leased_until,
                         permit,
                     )));
                 }
@@ -188,6 +209,7 @@ pub(crate) async fn run(
     // Every runner has queued its ack; the acker sends them all, then stops.
     helpers_stop.cancel();
     let _ = heartbeats.await;
+    let _ = lease_watch.await;
     let _ = listener.await;
     let _ = acker.await;
     refused.map_or(Ok(()), Err)
@@ -232,13 +254,20 @@ async fn run_task(
     shared: Arc<Shared>,
     handler: Arc<dyn Handler>,
     task: Task,
+    leased_until: Instant,
     _permit: OwnedSemaphorePermit,
 ) {
     let id = task.id;
     let timeout = Duration::from_secs(task.timeout_secs.into());
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     let cancellation = Cancellation::default();
-    shared.in_flight().insert(id, cancellation.clone());
+    shared.in_flight().insert(
+        id,
+        Running {
+            cancellation: cancellation.clone(),
+            leased_until,
+        },
+    );
     if task.cancel_requested {
         cancellation.cancel(CancelReason::Cancelled);
     }
@@ -428,7 +457,7 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
 /// seconds, as it was, lost the answers of every task that ended during a
 /// restart of a few seconds.
 async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
-    let offered = tokio::time::Instant::now();
+    let offered = Instant::now();
     let mut pause = Duration::from_millis(100);
     for attempt in 1.. {
         let error = match shared
@@ -512,9 +541,14 @@ async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
                     progress: None,
                     lease: shared.config.lease,
                 };
+                let sent = Instant::now();
                 match shared.source.heartbeat(request).await {
-                    Ok(ack) if ack.cancel_requested => shared.cancel(id, CancelReason::Cancelled),
-                    Ok(_) => {}
+                    Ok(ack) => {
+                        shared.renew(id, sent);
+                        if ack.cancel_requested {
+                            shared.cancel(id, CancelReason::Cancelled);
+                        }
+                    }
                     Err(Error::Conflict(_) | Error::NotFound(_)) => {
                         shared.cancel(id, CancelReason::LeaseLost)
                     }
@@ -523,6 +557,37 @@ async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
             }
         });
         futures::future::join_all(beats).await;
+    }
+}
+
+/// Stops the handler of a task whose lease may have run out on the server:
+/// no heartbeat reached it for a whole lease (it is down, or unreachable
+/// from here). The server may then give the task to another worker, and
+/// two runs of one task must not overlap; the task is left to its lease's
+/// expiry, as one whose lease was refused.
+async fn lease_watch(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let now = Instant::now();
+        // A task fetched from now on is leased at least a lease from now,
+        // and a renewal only moves a task's end later: the earliest end
+        // known now is the next moment to look.
+        let mut next = now + shared.config.lease;
+        for (id, running) in shared.in_flight().iter() {
+            if running.leased_until > now {
+                next = next.min(running.leased_until);
+            } else if !running.cancellation.is_cancelled() {
+                tracing::warn!(
+                    task = %id,
+                    lease = ?shared.config.lease,
+                    "no heartbeat reached the server for a whole lease: stopping the task, which the server may give to another worker"
+                );
+                running.cancellation.cancel(CancelReason::LeaseLost);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

@@ -537,6 +537,17 @@ fn work_kills_the_process_group_when_it_is_killed() {
 }
 
 #[test]
+fn work_stops_a_command_whose_lease_ran_out_unrenewed() {
+    let mut server = Server::start();
+    let (_worker, _id, grandchild) = a_command_with_a_grandchild(&server, &["--lease", "2"]);
+    // No heartbeat reaches a server that is gone. Once the lease it last
+    // renewed has run out, the server (back, or another node) may give the
+    // task to another worker: this run must be over by then.
+    server.kill9();
+    wait_until_dead(grandchild, "its lease, with no server to renew it");
+}
+
+#[test]
 fn work_guard_kills_its_group_when_its_pipe_ends() {
     // The guard `offload work` starts where there is no shell, as it
     // starts it: leading a group, with a pipe from the worker on stdin.
