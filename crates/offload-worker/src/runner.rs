@@ -1,5 +1,6 @@
 //! The machinery behind [`crate::Worker::run`]: the fetch loop, one runner
-//! per task, the heartbeater, the cancellation listener and the acker.
+//! per task, the heartbeater, the lease watcher, the cancellation listener
+//! and the acker.
 //!
 //! Concurrency is a semaphore: the fetch loop asks for as many tasks as
 //! there are free permits, and each task keeps its permit until its handler
