@@ -563,21 +563,11 @@ fn work_guard_kills_its_group_when_its_pipe_ends() {
         .spawn()
         .unwrap();
     drop(guard.stdin.take());
-    let started = Instant::now();
-    let ended = loop {
-        if let Some(status) = command.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = command.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    wait_until_dead(command.id(), "its guard's pipe closing");
     assert_eq!(
-        ended.and_then(|status| status.signal()),
+        command.wait().unwrap().signal(),
         Some(9),
-        "the command in the guard's group outlived its pipe"
+        "the command's end"
     );
     assert_eq!(
         guard.wait().unwrap().signal(),
@@ -647,7 +637,7 @@ fn wait_until_dead(pid: u32, after: &str) {
     while is_alive(pid) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "the grandchild {pid} outlived {after}"
+            "process {pid} outlived {after}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
