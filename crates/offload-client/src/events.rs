@@ -1,5 +1,7 @@
 //! A reader of `text/event-stream` answers.
 
+use std::time::Duration;
+
 use offload_core::{EventKind, Task};
 
 use crate::{ClientError, ClientResult};
@@ -16,13 +18,17 @@ pub struct TaskEvent {
 pub struct TaskEvents {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// Longest silence taken for a live stream: the server sends
+    /// keep-alives, so a longer one is a connection that died unannounced.
+    silence: Duration,
 }
 
 impl TaskEvents {
-    pub(crate) fn new(response: reqwest::Response) -> Self {
+    pub(crate) fn new(response: reqwest::Response, silence: Duration) -> Self {
         Self {
             response,
             buffer: Vec::new(),
+            silence,
         }
     }
 
@@ -36,7 +42,16 @@ impl TaskEvents {
                 }
                 continue;
             }
-            match self.response.chunk().await {
+            let Ok(read) = tokio::time::timeout(self.silence, self.response.chunk()).await else {
+                return Err(ClientError::Unreachable {
+                    url: self.response.url().to_string(),
+                    message: format!(
+                        "the event stream sent nothing, not even a keep-alive, for {}s",
+                        self.silence.as_secs()
+                    ),
+                });
+            };
+            match read {
                 Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
                 Ok(None) => return Ok(None),
                 Err(e) => {

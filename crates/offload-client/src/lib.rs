@@ -72,6 +72,22 @@ impl ClientError {
     }
 }
 
+/// How long a request may take, from sending it to the last byte of its
+/// answer, unless [`Client::timeout`] says otherwise; a long poll's fetch
+/// gets its wait on top, and a batch enqueue and a clear, which take as
+/// long as what they carry or delete, have no limit of their own. Without
+/// one, a request on a connection that went silent (the server's host gone
+/// without a word, a firewall or NAT that forgot the connection, a hung
+/// server) waited as long as the kernel kept retransmitting, about a
+/// quarter of an hour, and a worker's heartbeats, fetches and
+/// acknowledgements with it.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the server sends an event stream a keep-alive (SPEC §4.2). A
+/// stream silent for this long and the client's timeout is taken for a
+/// connection that died.
+const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 /// How long [`Client::wait`] keeps asking a server that went away after it
 /// answered once, before it gives up with the last error.
 pub const WAIT_THROUGH_OUTAGE: Duration = Duration::from_secs(60);
@@ -98,6 +114,7 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    timeout: Duration,
     buffers: Arc<Buffers>,
 }
 
@@ -158,6 +175,10 @@ impl Drop for Body {
 }
 
 impl Client {
+    /// A client of the server at `url`, whose connections are kept open
+    /// between requests; one whose far end stops acknowledging is closed
+    /// within about half a minute (TCP keepalives, and on Linux
+    /// `TCP_USER_TIMEOUT`), whatever request it carries.
     pub fn new(url: impl Into<String>) -> Self {
         let base = url.into().trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
@@ -166,12 +187,21 @@ impl Client {
             // that this side closes an idle connection first: a request
             // sent as the server closes one fails.
             .pool_idle_timeout(Duration::from_secs(50))
-            .build()
-            .unwrap_or_default();
+            // A connection whose far end stopped acknowledging anything (its
+            // host gone, a partition) is closed by the kernel within about
+            // half a minute, also under a request without a timeout of its
+            // own: probed once idle, and nothing sent left unacknowledged
+            // for longer.
+            .tcp_keepalive(Duration::from_secs(15))
+            .tcp_keepalive_interval(Duration::from_secs(5));
+        #[cfg(target_os = "linux")]
+        let http = http.tcp_user_timeout(Duration::from_secs(30));
+        let http = http.build().unwrap_or_default();
         Self {
             http,
             base,
             token: None,
+            timeout: DEFAULT_TIMEOUT,
             buffers: Arc::default(),
         }
     }
@@ -183,11 +213,30 @@ impl Client {
         self
     }
 
+    /// How long a request may take before it fails as
+    /// [`ClientError::Unreachable`]; [`DEFAULT_TIMEOUT`] unless set. A
+    /// fetch may take its long poll's wait longer; an event stream may stay
+    /// silent this long past the server's keep-alives.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn url(&self) -> &str {
         &self.base
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.untimed_request(method, path).timeout(self.timeout)
+    }
+
+    /// A request without a limit on its whole answer: an event stream's,
+    /// which lasts as long as its task does, and those whose work grows
+    /// with what they carry (a batch of 256 MiB) or find (a clear of
+    /// millions). A dead connection under them is the kernel's to end
+    /// (see [`Client::new`]).
+    fn untimed_request(&self, method: Method, path: &str) -> RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
             Some(token) => builder.bearer_auth(token),
@@ -226,7 +275,11 @@ impl Client {
                     .map_or_else(|| e.to_string(), ToString::to_string),
             };
         }
-        let mut message = e.to_string();
+        let mut message = if e.is_timeout() {
+            "no answer before the request's timeout".to_owned()
+        } else {
+            e.to_string()
+        };
         let mut source = std::error::Error::source(e);
         while let Some(cause) = source {
             message = format!("{message}: {cause}");
@@ -284,7 +337,7 @@ impl Client {
     /// tasks in the same order.
     pub async fn enqueue_batch(&self, tasks: &[NewTask]) -> ClientResult<Vec<Task>> {
         let request = self
-            .request(Method::POST, "/v1/tasks/batch")
+            .untimed_request(Method::POST, "/v1/tasks/batch")
             .json(&BatchOf { tasks });
         let bytes = self.answer(request).await?;
         // The answer carries the payloads back; the ones sent need no
@@ -298,7 +351,7 @@ impl Client {
     /// answers `Prefer: return=minimal` without the tasks themselves.
     pub async fn enqueue_batch_ids(&self, tasks: &[NewTask]) -> ClientResult<Vec<Uuid>> {
         let request = self
-            .request(Method::POST, "/v1/tasks/batch")
+            .untimed_request(Method::POST, "/v1/tasks/batch")
             .header("prefer", "return=minimal")
             .json(&BatchOf { tasks });
         let BatchIds { ids } = parse(&self.answer(request).await?)?;
@@ -381,7 +434,7 @@ impl Client {
             query.push(("older_than_secs", d.as_secs().to_string()));
         }
         let deleted: Deleted = self
-            .json(self.request(Method::DELETE, "/v1/tasks").query(&query))
+            .json(self.untimed_request(Method::DELETE, "/v1/tasks").query(&query))
             .await?;
         Ok(deleted.deleted)
     }
@@ -424,7 +477,11 @@ impl Client {
     // ---- the worker protocol ----------------------------------------------
 
     pub async fn fetch(&self, request: &FetchRequest) -> ClientResult<Vec<Task>> {
-        let request = self.request(Method::POST, "/v1/fetch").json(request);
+        let wait = Duration::from_millis(request.wait_ms.unwrap_or(0).max(0) as u64);
+        let request = self
+            .request(Method::POST, "/v1/fetch")
+            .timeout(self.timeout + wait)
+            .json(request);
         parse_tasks(&self.answer(request).await?)
     }
 
@@ -456,10 +513,8 @@ impl Client {
     /// The task's changes as server-sent events, starting with its current
     /// state; ends after its terminal event.
     pub async fn events(&self, id: Uuid) -> ClientResult<TaskEvents> {
-        let response = self
-            .send(self.request(Method::GET, &format!("/v1/tasks/{id}/events")))
-            .await?;
-        Ok(TaskEvents::new(response))
+        self.stream(self.untimed_request(Method::GET, &format!("/v1/tasks/{id}/events")))
+            .await
     }
 
     /// Every task change (optionally only of one queue, type or owner) as
@@ -474,10 +529,21 @@ impl Client {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect();
-        let response = self
-            .send(self.request(Method::GET, "/v1/events").query(&query))
-            .await?;
-        Ok(TaskEvents::new(response))
+        self.stream(self.untimed_request(Method::GET, "/v1/events").query(&query))
+            .await
+    }
+
+    /// Opens an event stream: its first answer within the client's timeout,
+    /// then no silence longer than the server's keep-alive interval and the
+    /// timeout together.
+    async fn stream(&self, builder: RequestBuilder) -> ClientResult<TaskEvents> {
+        let response = tokio::time::timeout(self.timeout, self.send(builder))
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: "no answer before the request's timeout".to_owned(),
+            })??;
+        Ok(TaskEvents::new(response, STREAM_KEEP_ALIVE + self.timeout))
     }
 
     /// Waits until the task finishes and returns it, following it through

@@ -347,3 +347,148 @@ async fn a_worker_stopped_mid_stream_leaves_no_task_claimed_and_unseen() {
     assert_eq!(total.completed, ran);
     assert_eq!(total.pending, 20_000 - ran);
 }
+
+/// A relay to `target` on a port of its own. Each call of the answered
+/// function silences the connections open at that moment, as a connection
+/// does whose far end died unannounced or that a firewall forgot: they stay
+/// open and carry nothing either way. Connections opened later relay.
+async fn silencing_relay(target: std::net::SocketAddr) -> (String, impl Fn()) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pass(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        silenced: impl Fn() -> bool,
+    ) {
+        let mut buffer = vec![0u8; 64 << 10];
+        while let Ok(read @ 1..) = from.read(&mut buffer).await {
+            if !silenced() && to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+        if silenced() {
+            // Closing would tell the far end; a silent connection never does.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let epoch = Arc::new(AtomicU64::new(0));
+    let relaying = Arc::clone(&epoch);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            let opened = relaying.load(Ordering::SeqCst);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (from, to) in [(client_read, server_write), (server_read, client_write)] {
+                let epoch = Arc::clone(&relaying);
+                tokio::spawn(pass(from, to, move || {
+                    epoch.load(Ordering::SeqCst) != opened
+                }));
+            }
+        }
+    });
+    let silence = move || {
+        epoch.fetch_add(1, Ordering::SeqCst);
+    };
+    (format!("http://{address}"), silence)
+}
+
+fn address_of(client: &Client) -> std::net::SocketAddr {
+    client
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap()
+}
+
+/// A request on a connection that went silent fails once the client's
+/// timeout runs out, as a server out of reach; it waited as long as the
+/// kernel retransmitted. The next request takes a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_silent_connection_fails_in_time() {
+    let server = server().await;
+    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let client = Client::new(url).timeout(Duration::from_millis(500));
+    client.stats().await.unwrap();
+    silence();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), client.stats())
+        .await
+        .expect("the request to end at its timeout");
+    let Err(e @ ClientError::Unreachable { .. }) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(e.is_transient());
+    assert!(e.to_string().contains("no answer before the request's timeout"), "{e}");
+    client.stats().await.unwrap();
+}
+
+/// An event stream that went silent, not even sending its keep-alives,
+/// ends as a server out of reach, and `wait` follows the task again on a
+/// new connection; it waited on the silent one for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_follows_again_past_a_silent_event_stream() {
+    let server = server().await;
+    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let client = Client::new(url).timeout(Duration::from_millis(500));
+    let (task, _) = server.client.enqueue(&NewTask::new("quiet")).await.unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait(task.id).await }
+    });
+    // Long enough for the stream to be open and the pending task streamed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    silence();
+    server.client.cancel(task.id).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(40), waiting)
+        .await
+        .expect("wait to see the task's end on a new stream")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, State::Cancelled);
+}
+
+/// The worker runtime renews its leases past a connection that went silent
+/// in the middle of a heartbeat: a later heartbeat goes out, on a new
+/// connection, before the lease ends. A hung heartbeat held up every later
+/// round, and the handler was stopped as one whose lease was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_on_past_a_connection_that_went_silent() {
+    let server = server().await;
+    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let worker = Worker::new(Arc::new(Client::new(url)))
+        .lease(Duration::from_secs(6))
+        .handle("slow", |ctx: TaskContext| async move {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(9)) => Ok("finished"),
+                () = ctx.cancellation().cancelled() => Err(TaskFailure::new(format!(
+                    "stopped: {:?}",
+                    ctx.cancel_reason()
+                ))),
+            }
+        });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let client = &server.client;
+    let (task, _) = client.enqueue(&NewTask::new("slow")).await.unwrap();
+    while client.get(task.id).await.unwrap().state != State::Running {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Heartbeats go every 2 s: silenced after the first, whose connection
+    // the second takes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    silence();
+    let done = tokio::time::timeout(Duration::from_secs(60), client.wait(task.id))
+        .await
+        .expect("the task to end")
+        .unwrap();
+    assert_eq!(
+        (done.state, done.attempt, done.error.map(|e| e.message)),
+        (State::Completed, 1, None)
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -161,7 +161,7 @@ impl TaskContext {
         let (answer, sent) = {
             let _in_order = self.reporting.lock().await;
             let sent = tokio::time::Instant::now();
-            (self.shared.source.heartbeat(request).await, sent)
+            (self.shared.heartbeat(request).await, sent)
         };
         match answer {
             Ok(ack) => {

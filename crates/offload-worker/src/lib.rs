@@ -57,7 +57,9 @@ pub struct WorkerConfig {
     /// Lease taken on each claim and renewed by heartbeats. A handler whose
     /// lease no heartbeat renewed for this long (the server down or out of
     /// reach) is stopped, as one whose lease was refused: the server may
-    /// have given its task to another worker.
+    /// have given its task to another worker. A heartbeat or a send of
+    /// acknowledgements that has no answer after a third of it is given up
+    /// and sent again.
     pub lease: Duration,
     /// How often running tasks' leases are renewed. A worker whose source
     /// cannot announce cancellations (a remote one) renews at least every

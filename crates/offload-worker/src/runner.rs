@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use offload_core::{
-    Ack, ClaimRequest, Error, Failure, FailureKind, HeartbeatRequest, Result, Task,
+    Ack, ClaimRequest, Error, Failure, FailureKind, HeartbeatAck, HeartbeatRequest, LogThrottle,
+    Result, Task,
 };
 use rustc_hash::FxHashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -81,6 +82,34 @@ impl Shared {
             running.leased_until = running.leased_until.max(sent + self.config.lease);
         }
     }
+
+    /// How long a heartbeat or a send of acknowledgements may go
+    /// unanswered before it is given up as unavailable. One that hung (sent
+    /// on a connection that died unannounced) held up every heartbeat
+    /// round after it, or every acknowledgement, and the leases ran out,
+    /// renewed by nothing, while the server answered other requests; a
+    /// third of a lease leaves time to send again before the lease ends.
+    fn patience(&self) -> Duration {
+        self.config.lease / 3
+    }
+
+    pub(crate) async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
+        let patience = self.patience();
+        tokio::time::timeout(patience, self.source.heartbeat(request))
+            .await
+            .unwrap_or_else(|_| Err(unanswered("a heartbeat", patience)))
+    }
+
+    async fn ack(&self, batch: Vec<Ack>) -> Result<Vec<Result<()>>> {
+        let patience = self.patience();
+        tokio::time::timeout(patience, self.source.ack(&self.config.worker_id, batch))
+            .await
+            .unwrap_or_else(|_| Err(unanswered("acknowledgements", patience)))
+    }
+}
+
+fn unanswered(what: &str, patience: Duration) -> Error {
+    Error::Unavailable(format!("no answer to {what} within {patience:?}"))
 }
 
 pub(crate) async fn run(
@@ -461,11 +490,7 @@ async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
     let offered = Instant::now();
     let mut pause = Duration::from_millis(100);
     for attempt in 1.. {
-        let error = match shared
-            .source
-            .ack(&shared.config.worker_id, batch.clone())
-            .await
-        {
+        let error = match shared.ack(batch.clone()).await {
             Ok(outcomes) => {
                 return batch
                     .iter()
@@ -533,6 +558,8 @@ async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         let running: Vec<Uuid> = shared.in_flight().keys().copied().collect();
+        // A round waits for its slowest heartbeat, which `Shared::heartbeat`
+        // bounds.
         let beats = running.into_iter().map(|id| {
             let shared = Arc::clone(&shared);
             async move {
@@ -543,7 +570,7 @@ async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
                     lease: shared.config.lease,
                 };
                 let sent = Instant::now();
-                match shared.source.heartbeat(request).await {
+                match shared.heartbeat(request).await {
                     Ok(ack) => {
                         shared.renew(id, sent);
                         if ack.cancel_requested {
@@ -551,9 +578,15 @@ async fn heartbeater(shared: Arc<Shared>, stop: CancellationToken) {
                         }
                     }
                     Err(Error::Conflict(_) | Error::NotFound(_)) => {
-                        shared.cancel(id, CancelReason::LeaseLost)
+                        shared.cancel(id, CancelReason::LeaseLost);
                     }
-                    Err(e) => tracing::warn!(task = %id, error = %e, "heartbeat failed"),
+                    Err(e) => {
+                        // A server out of reach fails every task's alike.
+                        static FAILED: LogThrottle = LogThrottle::new();
+                        if let Some(not_logged) = FAILED.admit() {
+                            tracing::warn!(task = %id, error = %e, not_logged, "heartbeat failed");
+                        }
+                    }
                 }
             }
         });

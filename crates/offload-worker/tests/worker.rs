@@ -680,3 +680,116 @@ async fn a_fetch_asks_for_every_slot_a_burst_of_short_tasks_freed() {
         asked.len()
     );
 }
+
+/// The engine as a task source whose first few heartbeats and sends of
+/// acknowledgements never get an answer, as requests sent on a connection
+/// whose far end died unannounced.
+struct StallingSource {
+    engine: Arc<Engine>,
+    heartbeats_to_stall: AtomicUsize,
+    acks_to_stall: AtomicUsize,
+}
+
+impl StallingSource {
+    fn new(engine: &Arc<Engine>, heartbeats: usize, acks: usize) -> Arc<Self> {
+        Arc::new(Self {
+            engine: Arc::clone(engine),
+            heartbeats_to_stall: AtomicUsize::new(heartbeats),
+            acks_to_stall: AtomicUsize::new(acks),
+        })
+    }
+}
+
+/// Takes one from `count` if any is left.
+fn take_one(count: &AtomicUsize) -> bool {
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+#[async_trait::async_trait]
+impl TaskSource for StallingSource {
+    async fn fetch(
+        &self,
+        request: &ClaimRequest,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> offload_core::Result<Vec<Task>> {
+        TaskSource::fetch(&*self.engine, request, wait, stop).await
+    }
+
+    async fn heartbeat(&self, request: HeartbeatRequest) -> offload_core::Result<HeartbeatAck> {
+        if take_one(&self.heartbeats_to_stall) {
+            std::future::pending::<()>().await;
+        }
+        TaskSource::heartbeat(&*self.engine, request).await
+    }
+
+    async fn ack(
+        &self,
+        worker_id: &str,
+        acks: Vec<Ack>,
+    ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
+        if take_one(&self.acks_to_stall) {
+            std::future::pending::<()>().await;
+        }
+        TaskSource::ack(&*self.engine, worker_id, acks).await
+    }
+}
+
+/// A heartbeat that never gets an answer holds up the later ones only for
+/// a third of the lease: they renew it in time, and the handler runs to its
+/// end. It held them up for good, and the handler was stopped when the
+/// lease it last renewed ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_that_hangs_holds_up_the_next_ones_only_briefly() {
+    let s = setup();
+    let worker = Worker::from_source(StallingSource::new(&s.engine, 1, 0))
+        .lease(Duration::from_secs(3))
+        .handle("long", |ctx: TaskContext| async move {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => Ok("done"),
+                () = ctx.cancellation().cancelled() => Err(TaskFailure::new(format!(
+                    "stopped: {:?}",
+                    ctx.cancel_reason()
+                ))),
+            }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("long")).await;
+    let done = s
+        .wait_for(task.id, "finished", |t| t.state.is_finished())
+        .await;
+    assert_eq!(
+        (done.state, done.attempt, done.errors.len()),
+        (State::Completed, 1, 0),
+        "{:?}",
+        done.errors
+    );
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+/// A send of acknowledgements that never gets an answer is given up after
+/// a third of the lease and sent again. It waited for good, and the task
+/// ran again once its lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_that_hangs_is_sent_again() {
+    let s = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let worker = Worker::from_source(StallingSource::new(&s.engine, 0, 1))
+        .lease(Duration::from_secs(3))
+        .handle("once", move |_ctx: TaskContext| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, TaskFailure>("done") }
+        });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("once")).await;
+    let done = s
+        .wait_for(task.id, "completed", |t| t.state == State::Completed)
+        .await;
+    assert_eq!((done.attempt, runs.load(Ordering::SeqCst)), (1, 1));
+    stop.cancel();
+    handle.await.unwrap();
+}
