@@ -434,7 +434,10 @@ impl Client {
             query.push(("older_than_secs", d.as_secs().to_string()));
         }
         let deleted: Deleted = self
-            .json(self.untimed_request(Method::DELETE, "/v1/tasks").query(&query))
+            .json(
+                self.untimed_request(Method::DELETE, "/v1/tasks")
+                    .query(&query),
+            )
             .await?;
         Ok(deleted.deleted)
     }
@@ -529,8 +532,11 @@ impl Client {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect();
-        self.stream(self.untimed_request(Method::GET, "/v1/events").query(&query))
-            .await
+        self.stream(
+            self.untimed_request(Method::GET, "/v1/events")
+                .query(&query),
+        )
+        .await
     }
 
     /// Opens an event stream: its first answer within the client's timeout,

@@ -398,11 +398,7 @@ async fn silencing_relay(target: std::net::SocketAddr) -> (String, impl Fn()) {
 }
 
 fn address_of(client: &Client) -> std::net::SocketAddr {
-    client
-        .url()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap()
+    client.url().trim_start_matches("http://").parse().unwrap()
 }
 
 /// A request on a connection that went silent fails once the client's
@@ -422,7 +418,11 @@ async fn a_request_on_a_silent_connection_fails_in_time() {
         panic!("{outcome:?}");
     };
     assert!(e.is_transient());
-    assert!(e.to_string().contains("no answer before the request's timeout"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no answer before the request's timeout"),
+        "{e}"
+    );
     client.stats().await.unwrap();
 }
 
