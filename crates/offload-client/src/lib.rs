@@ -88,6 +88,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection that died.
 const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// What a request that ran out of time is said to have met.
+const NO_ANSWER_IN_TIME: &str = "no answer before the request's timeout";
+
 /// How long [`Client::wait`] keeps asking a server that went away after it
 /// answered once, before it gives up with the last error.
 pub const WAIT_THROUGH_OUTAGE: Duration = Duration::from_secs(60);
@@ -276,7 +279,7 @@ impl Client {
             };
         }
         let mut message = if e.is_timeout() {
-            "no answer before the request's timeout".to_owned()
+            NO_ANSWER_IN_TIME.to_owned()
         } else {
             e.to_string()
         };
@@ -547,7 +550,7 @@ impl Client {
             .await
             .map_err(|_| ClientError::Unreachable {
                 url: self.base.clone(),
-                message: "no answer before the request's timeout".to_owned(),
+                message: NO_ANSWER_IN_TIME.to_owned(),
             })??;
         Ok(TaskEvents::new(response, STREAM_KEEP_ALIVE + self.timeout))
     }

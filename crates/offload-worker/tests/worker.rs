@@ -744,11 +744,13 @@ impl TaskSource for StallingSource {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_that_hangs_holds_up_the_next_ones_only_briefly() {
     let s = setup();
+    // Heartbeats every 2 s; the first hangs, the second renews the lease
+    // 2 s before it ends.
     let worker = Worker::from_source(StallingSource::new(&s.engine, 1, 0))
-        .lease(Duration::from_secs(3))
+        .lease(Duration::from_secs(6))
         .handle("long", |ctx: TaskContext| async move {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(5)) => Ok("done"),
+                () = tokio::time::sleep(Duration::from_secs(8)) => Ok("done"),
                 () = ctx.cancellation().cancelled() => Err(TaskFailure::new(format!(
                     "stopped: {:?}",
                     ctx.cancel_reason()
