@@ -7,6 +7,7 @@ use std::time::Duration;
 use offload_client::{Client, ClientError, ListParams};
 use offload_core::{NewTask, State};
 use offload_server::Config;
+use offload_storetest::relay::silencing_relay;
 use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -348,55 +349,6 @@ async fn a_worker_stopped_mid_stream_leaves_no_task_claimed_and_unseen() {
     assert_eq!(total.pending, 20_000 - ran);
 }
 
-/// A relay to `target` on a port of its own. Each call of the answered
-/// function silences the connections open at that moment, as a connection
-/// does whose far end died unannounced or that a firewall forgot: they stay
-/// open and carry nothing either way. Connections opened later relay.
-async fn silencing_relay(target: std::net::SocketAddr) -> (String, impl Fn()) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn pass(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        silenced: impl Fn() -> bool,
-    ) {
-        let mut buffer = vec![0u8; 64 << 10];
-        while let Ok(read @ 1..) = from.read(&mut buffer).await {
-            if !silenced() && to.write_all(&buffer[..read]).await.is_err() {
-                return;
-            }
-        }
-        if silenced() {
-            // Closing would tell the far end; a silent connection never does.
-            std::future::pending::<()>().await;
-        }
-    }
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let epoch = Arc::new(AtomicU64::new(0));
-    let relaying = Arc::clone(&epoch);
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(target).await.unwrap();
-            let opened = relaying.load(Ordering::SeqCst);
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            for (from, to) in [(client_read, server_write), (server_read, client_write)] {
-                let epoch = Arc::clone(&relaying);
-                tokio::spawn(pass(from, to, move || {
-                    epoch.load(Ordering::SeqCst) != opened
-                }));
-            }
-        }
-    });
-    let silence = move || {
-        epoch.fetch_add(1, Ordering::SeqCst);
-    };
-    (format!("http://{address}"), silence)
-}
-
 fn address_of(client: &Client) -> std::net::SocketAddr {
     client.url().trim_start_matches("http://").parse().unwrap()
 }
@@ -407,7 +359,8 @@ fn address_of(client: &Client) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_a_silent_connection_fails_in_time() {
     let server = server().await;
-    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
+    let url = format!("http://{relay}");
     let client = Client::new(url).timeout(Duration::from_millis(500));
     client.stats().await.unwrap();
     silence();
@@ -432,7 +385,8 @@ async fn a_request_on_a_silent_connection_fails_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_follows_again_past_a_silent_event_stream() {
     let server = server().await;
-    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
+    let url = format!("http://{relay}");
     let client = Client::new(url).timeout(Duration::from_millis(500));
     let (task, _) = server.client.enqueue(&NewTask::new("quiet")).await.unwrap();
     let waiting = tokio::spawn({
@@ -458,7 +412,8 @@ async fn wait_follows_again_past_a_silent_event_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_go_on_past_a_connection_that_went_silent() {
     let server = server().await;
-    let (url, silence) = silencing_relay(address_of(&server.client)).await;
+    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
+    let url = format!("http://{relay}");
     let worker = Worker::new(Arc::new(Client::new(url)))
         .lease(Duration::from_secs(6))
         .handle("slow", |ctx: TaskContext| async move {

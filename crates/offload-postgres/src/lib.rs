@@ -69,6 +69,13 @@ pub struct PgOptions {
     /// timeouts and `run_at` (`clock.rs`). Tests that drive `clock` turn
     /// it off.
     pub follow_database_clock: bool,
+    /// How often the node sends a notification to itself over the
+    /// database. Its notification connection is otherwise quiet for as long
+    /// as nothing happens, and a NAT or firewall that forgets a quiet
+    /// connection, or a database host gone without a word, leaves it open
+    /// and silent for good: the node would hear no other node again. One
+    /// that carries nothing, not even these, for three of them is replaced.
+    pub listener_keepalive: Duration,
 }
 
 impl Default for PgOptions {
@@ -80,6 +87,7 @@ impl Default for PgOptions {
             backoff: Backoff::default(),
             clock: Arc::new(SystemClock),
             follow_database_clock: true,
+            listener_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -135,10 +143,19 @@ impl PgStore {
             // PostgreSQL's notices (a `CREATE … IF NOT EXISTS` that found
             // its object, on every start) are not the operator's concern;
             // warnings and errors still come through.
+            //
+            // The client library sets no keepalives on its side. Asked of
+            // the server, they keep a quiet connection's state alive in a
+            // NAT or firewall between, and end within half a minute a
+            // session whose node is gone, with the leader lock it held;
+            // the server's default waits two hours.
             .options([
                 ("search_path", schema.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
                 ("client_min_messages", "warning"),
+                ("tcp_keepalives_idle", "15"),
+                ("tcp_keepalives_interval", "5"),
+                ("tcp_keepalives_count", "3"),
             ]);
         // An application_name in the URL tells nodes apart in pg_stat_activity.
         if connect.get_application_name().is_none() {
@@ -204,6 +221,7 @@ impl PgStore {
             Arc::clone(&node),
             Arc::downgrade(&store),
             pool,
+            options.listener_keepalive,
             stop.clone(),
             listening,
         ));

@@ -24,16 +24,27 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// lock connection is alive.
 const LEADER_CHECK: Duration = Duration::from_secs(1);
 
-/// Turns notifications into signals on this node's hub.
+/// Turns notifications into signals on this node's hub. Every `keepalive`
+/// the node notifies itself, so that its connection is never quiet for
+/// long; one that carries nothing for three of them is taken for dead
+/// (`PgOptions::listener_keepalive`) and replaced.
 pub(crate) async fn listen(
     node: Arc<Node>,
     store: Weak<PgStore>,
     pool: PgPool,
+    keepalive: Duration,
     stop: CancellationToken,
     listening: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut listening = Some(listening);
     let mut streamed = Streamed::default();
+    tokio::spawn(send_keepalives(
+        Arc::clone(&node),
+        pool.clone(),
+        keepalive,
+        stop.clone(),
+    ));
+    let silence = keepalive * 3;
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -60,8 +71,15 @@ pub(crate) async fn listen(
         }
         loop {
             let notification = tokio::select! {
-                n = listener.try_recv() => n,
+                n = tokio::time::timeout(silence, listener.try_recv()) => n,
                 _ = stop.cancelled() => return,
+            };
+            let Ok(notification) = notification else {
+                tracing::warn!(
+                    ?silence,
+                    "the notification connection carried nothing, not even this node's keep-alives; connecting again"
+                );
+                break;
             };
             match notification {
                 Ok(Some(n)) => {
@@ -83,6 +101,33 @@ pub(crate) async fn listen(
         }
         if pause(&stop).await {
             return;
+        }
+    }
+}
+
+/// Notifies this node's channel every `keepalive`; see [`listen`]. Sent
+/// through the pool and not awaited by the listener, which must not stop
+/// reading while a send waits.
+async fn send_keepalives(
+    node: Arc<Node>,
+    pool: PgPool,
+    keepalive: Duration,
+    stop: CancellationToken,
+) {
+    let payload = format!("k{}", node.id);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(keepalive) => {}
+            _ = stop.cancelled() => return,
+        }
+        let sent = sqlx::query(crate::sql::NOTIFY_KEEPALIVE)
+            .bind(&node.channel)
+            .bind(&payload)
+            .execute(&pool);
+        // A send that fails or hangs is the listener's to notice: nothing
+        // arrives.
+        if let Ok(Err(e)) = tokio::time::timeout(keepalive, sent).await {
+            tracing::debug!(error = %e, "sending a keep-alive notification failed");
         }
     }
 }
@@ -113,6 +158,7 @@ async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: 
             }
             stream_changes(node, store, streamed, changed_tasks(changes)).await;
         }
+        // A node's keep-alive (`k`): arriving is all it is for.
         _ => {}
     }
 }

@@ -17,3 +17,7 @@ pub const DELETE_FINISHED: &str = "DELETE FROM offload_tasks WHERE seq IN (SELEC
 /// ids do not carry their seq, through `offload_tasks_id_not_carrying_seq`,
 /// whose own condition it repeats.
 pub const BY_ID_NOT_CARRYING_SEQ: &str = "id = ANY($1) AND NOT offload_id_carries_seq(id, seq)";
+
+/// A node's keep-alive to itself on its notification channel ($1); the
+/// payload ($2) is `k` and the node's id, which every node ignores.
+pub const NOTIFY_KEEPALIVE: &str = "SELECT pg_notify($1, $2)";

@@ -686,3 +686,95 @@ async fn drop_schema_removes_an_installation_and_refuses_public() {
     assert_eq!(schemas_named("public".into()).await, 1);
     store.close();
 }
+
+/// A node whose notification connection went silent (a NAT or firewall
+/// that forgot it while it was quiet, a database host gone without a word)
+/// notices that not even its own keep-alives arrive and listens again on a
+/// new connection; it heard no other node again, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
+    let Some(url) = database_url() else { return };
+    let options = PgConnectOptionsParts::of(&url);
+    let (relay, silence) = offload_storetest::relay::silencing_relay(options.address).await;
+    let schema = fresh_schema();
+    let direct = node(&schema).await;
+    let relayed = PgStore::open(
+        &options.through(relay),
+        PgOptions {
+            schema: schema.clone(),
+            max_connections: 4,
+            listener_keepalive: Duration::from_millis(300),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .expect("open through the relay");
+    let mut events = relayed.hub().subscribe();
+    silence();
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    // Changes made while it cannot hear are lost to it (notifications are
+    // hints); one made after it listens again reaches it.
+    let heard = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let task = direct
+                .enqueue(vec![spec.clone()])
+                .await
+                .unwrap()
+                .remove(0)
+                .0;
+            let wait = tokio::time::sleep(Duration::from_millis(500));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        if event.is_ok_and(|event| event.task.id == task.id) {
+                            return;
+                        }
+                    }
+                    () = &mut wait => break,
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        heard.is_ok(),
+        "the relayed node never heard the other again"
+    );
+}
+
+/// The host and port of a PostgreSQL URL, and the URL with another address.
+struct PgConnectOptionsParts {
+    url: String,
+    address: std::net::SocketAddr,
+}
+
+impl PgConnectOptionsParts {
+    fn of(url: &str) -> Self {
+        let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+        let host = match options.get_host() {
+            "localhost" => "127.0.0.1",
+            host => host,
+        };
+        let address = format!("{host}:{}", options.get_port())
+            .parse()
+            .expect("a numeric host, or localhost, in OFFLOAD_TEST_PG_URL");
+        Self {
+            url: url.to_owned(),
+            address,
+        }
+    }
+
+    fn through(&self, relay: std::net::SocketAddr) -> String {
+        let port = format!(":{}/", self.address.port());
+        assert!(
+            self.url.contains(&port),
+            "OFFLOAD_TEST_PG_URL names its port, as in postgres://u@127.0.0.1:5432/db"
+        );
+        self.url
+            .replacen(&port, &format!(":{}/", relay.port()), 1)
+            .replacen("localhost", "127.0.0.1", 1)
+    }
+}

@@ -11,9 +11,13 @@
 //!
 //! Every case drives time with a [`ManualClock`], so backoff, leases, timeouts
 //! and retention are checked exactly and without sleeping.
+//!
+//! Beside it, [`relay`]: a TCP relay whose connections can be silenced, for
+//! the tests of what talks to a server or a database over the network.
 
 pub mod cases;
 pub mod property;
+pub mod relay;
 
 use std::sync::Arc;
 
