@@ -349,8 +349,17 @@ async fn a_worker_stopped_mid_stream_leaves_no_task_claimed_and_unseen() {
     assert_eq!(total.pending, 20_000 - ran);
 }
 
-fn address_of(client: &Client) -> std::net::SocketAddr {
-    client.url().trim_start_matches("http://").parse().unwrap()
+/// A relay in front of `server` (see `silencing_relay`): its URL, and
+/// what silences its connections open at the moment it is called.
+async fn relayed(server: &Running) -> (String, impl Fn()) {
+    let address = server
+        .client
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let (relay, silence) = silencing_relay(address).await;
+    (format!("http://{relay}"), silence)
 }
 
 /// A request on a connection that went silent fails once the client's
@@ -359,8 +368,7 @@ fn address_of(client: &Client) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_a_silent_connection_fails_in_time() {
     let server = server().await;
-    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
-    let url = format!("http://{relay}");
+    let (url, silence) = relayed(&server).await;
     let client = Client::new(url).timeout(Duration::from_millis(500));
     client.stats().await.unwrap();
     silence();
@@ -385,8 +393,7 @@ async fn a_request_on_a_silent_connection_fails_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_follows_again_past_a_silent_event_stream() {
     let server = server().await;
-    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
-    let url = format!("http://{relay}");
+    let (url, silence) = relayed(&server).await;
     let client = Client::new(url).timeout(Duration::from_millis(500));
     let (task, _) = server.client.enqueue(&NewTask::new("quiet")).await.unwrap();
     let waiting = tokio::spawn({
@@ -412,8 +419,7 @@ async fn wait_follows_again_past_a_silent_event_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_go_on_past_a_connection_that_went_silent() {
     let server = server().await;
-    let (relay, silence) = silencing_relay(address_of(&server.client)).await;
-    let url = format!("http://{relay}");
+    let (url, silence) = relayed(&server).await;
     let worker = Worker::new(Arc::new(Client::new(url)))
         .lease(Duration::from_secs(6))
         .handle("slow", |ctx: TaskContext| async move {
