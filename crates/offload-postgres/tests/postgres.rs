@@ -694,12 +694,11 @@ async fn drop_schema_removes_an_installation_and_refuses_public() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     let Some(url) = database_url() else { return };
-    let options = PgConnectOptionsParts::of(&url);
-    let (relay, silence) = offload_storetest::relay::silencing_relay(options.address).await;
+    let (relayed_url, silence) = through_relay(&url).await;
     let schema = fresh_schema();
     let direct = node(&schema).await;
     let relayed = PgStore::open(
-        &options.through(relay),
+        &relayed_url,
         PgOptions {
             schema: schema.clone(),
             max_connections: 4,
@@ -745,36 +744,26 @@ async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     );
 }
 
-/// The host and port of a PostgreSQL URL, and the URL with another address.
-struct PgConnectOptionsParts {
-    url: String,
-    address: std::net::SocketAddr,
-}
-
-impl PgConnectOptionsParts {
-    fn of(url: &str) -> Self {
-        let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
-        let host = match options.get_host() {
-            "localhost" => "127.0.0.1",
-            host => host,
-        };
-        let address = format!("{host}:{}", options.get_port())
-            .parse()
-            .expect("a numeric host, or localhost, in OFFLOAD_TEST_PG_URL");
-        Self {
-            url: url.to_owned(),
-            address,
-        }
-    }
-
-    fn through(&self, relay: std::net::SocketAddr) -> String {
-        let port = format!(":{}/", self.address.port());
-        assert!(
-            self.url.contains(&port),
-            "OFFLOAD_TEST_PG_URL names its port, as in postgres://u@127.0.0.1:5432/db"
-        );
-        self.url
-            .replacen(&port, &format!(":{}/", relay.port()), 1)
-            .replacen("localhost", "127.0.0.1", 1)
-    }
+/// A relay in front of the PostgreSQL server `url` names (see
+/// `silencing_relay`): the URL through it, and what silences its
+/// connections open at the moment it is called.
+async fn through_relay(url: &str) -> (String, impl Fn()) {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+    let host = match options.get_host() {
+        "localhost" => "127.0.0.1",
+        host => host,
+    };
+    let server = format!("{host}:{}", options.get_port())
+        .parse()
+        .expect("a numeric host, or localhost, in OFFLOAD_TEST_PG_URL");
+    let (relay, silence) = offload_storetest::relay::silencing_relay(server).await;
+    let port = format!(":{}/", options.get_port());
+    assert!(
+        url.contains(&port),
+        "OFFLOAD_TEST_PG_URL names its port, as in postgres://u@127.0.0.1:5432/db"
+    );
+    let relayed = url
+        .replacen(&port, &format!(":{}/", relay.port()), 1)
+        .replacen("localhost", "127.0.0.1", 1);
+    (relayed, silence)
 }
