@@ -17,6 +17,8 @@ use offload_core::{Clock, Timestamp};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::session::Session;
+
 /// How often the offset is measured again: clocks drift by milliseconds a
 /// day, and one that an operator sets is caught within this.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(30);
@@ -27,6 +29,10 @@ const SAMPLES: usize = 3;
 /// when the database read its clock; a measurement without a better one
 /// keeps the offset it had.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(50);
+/// A measurement gets no answer for longer than this (a session acquired,
+/// three samples) only from a database out of reach; it is given up, its
+/// connection closed (see `session.rs`).
+const MEASURE_LIMIT: Duration = Duration::from_secs(10);
 /// Changes smaller than this are measurement noise: applying them would
 /// only move this node's time back and forth.
 const DEADBAND_MS: i64 = 10;
@@ -70,7 +76,8 @@ impl NodeClock {
 /// off. An error or a measurement without a usable sample keeps the
 /// offset as it was.
 pub(crate) async fn follow_once(clock: &NodeClock, pool: &PgPool) {
-    match measure(&*clock.clock, pool).await {
+    let measured = tokio::time::timeout(MEASURE_LIMIT, measure(&*clock.clock, pool)).await;
+    match measured.unwrap_or(Ok(None)) {
         Ok(Some(offset)) => {
             if clock.adopt(offset) && offset.abs() >= WARN_MS {
                 let (by, way) = (offset.abs(), if offset > 0 { "behind" } else { "ahead of" });
@@ -101,13 +108,13 @@ pub(crate) async fn follow(clock: Arc<NodeClock>, pool: PgPool, stop: Cancellati
 /// with the shortest round trip; `None` if every one took too long.
 async fn measure(clock: &dyn Clock, pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
     const DATABASE_MILLIS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
-    let mut conn = pool.acquire().await?;
+    let mut conn = Session::acquire(pool).await?;
     let mut best: Option<(Duration, i64)> = None;
     for _ in 0..SAMPLES {
         let sent = Instant::now();
         let before = clock.now().as_millis();
         let database: i64 = sqlx::query_scalar(DATABASE_MILLIS)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut *conn as &mut sqlx::PgConnection)
             .await?;
         let after = clock.now().as_millis();
         let round_trip = sent.elapsed();
@@ -116,6 +123,7 @@ async fn measure(clock: &dyn Clock, pool: &PgPool) -> Result<Option<i64>, sqlx::
             best = Some((round_trip, offset));
         }
     }
+    conn.settle();
     Ok(best.map(|(_, offset)| offset))
 }
 

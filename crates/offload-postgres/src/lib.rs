@@ -18,6 +18,7 @@ mod ids;
 mod notify;
 mod ops;
 mod rows;
+mod session;
 pub mod sql;
 mod tx;
 
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::rows::{PgError, TASK_COLUMNS, decode, storage_error};
+use crate::session::on_session;
 use crate::tx::Tx;
 
 /// Versioned migrations, recorded in `offload_schema_migrations`.
@@ -76,6 +78,12 @@ pub struct PgOptions {
     /// and silent for good: the node would hear no other node again. One
     /// that carries nothing, not even these, for three of them is replaced.
     pub listener_keepalive: Duration,
+    /// How long one operation (a transaction, or a read) may wait for
+    /// PostgreSQL before it fails as out of reach (HTTP 503) and its
+    /// connection is closed; see `session.rs`. An operation given up while
+    /// its COMMIT was on the way may still have taken effect, as after any
+    /// lost connection. Long enough for the largest batch to be written.
+    pub operation_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -88,6 +96,7 @@ impl Default for PgOptions {
             clock: Arc::new(SystemClock),
             follow_database_clock: true,
             listener_keepalive: Duration::from_secs(15),
+            operation_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +113,8 @@ pub(crate) struct Node {
     pub limits: Limits,
     pub backoff: Backoff,
     pub leader: AtomicBool,
+    /// `PgOptions::operation_timeout`.
+    pub operation_timeout: Duration,
     /// Tasks this node's commits finished, for the metrics.
     pub finished: offload_core::FinishedTally,
 }
@@ -130,6 +141,7 @@ impl PgStore {
     pub async fn open(url: &str, options: PgOptions) -> Result<Arc<Self>> {
         let schema = options.schema.clone();
         check_schema_name(&schema)?;
+        let idle_in_transaction = options.operation_timeout.as_millis().max(1).to_string();
         let mut connect = connect_options(url)?
             // A prepared statement's first five runs are planned for their
             // parameters: on a table just filled, before autovacuum's
@@ -149,6 +161,12 @@ impl PgStore {
             // NAT or firewall between, and end within half a minute a
             // session whose node is gone, with the leader lock it held;
             // the server's default waits two hours.
+            //
+            // No transaction here waits on its node for long between
+            // statements; one that has waited past the operation's time
+            // limit was given up (`session.rs`), and the server ends it
+            // then, with its locks, even where something between still
+            // keeps the connection up.
             .options([
                 ("search_path", schema.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
@@ -156,6 +174,10 @@ impl PgStore {
                 ("tcp_keepalives_idle", "15"),
                 ("tcp_keepalives_interval", "5"),
                 ("tcp_keepalives_count", "3"),
+                (
+                    "idle_in_transaction_session_timeout",
+                    idle_in_transaction.as_str(),
+                ),
             ]);
         // An application_name in the URL tells nodes apart in pg_stat_activity.
         if connect.get_application_name().is_none() {
@@ -205,6 +227,7 @@ impl PgStore {
             limits: options.limits,
             backoff: options.backoff,
             leader: AtomicBool::new(false),
+            operation_timeout: options.operation_timeout,
             finished: offload_core::FinishedTally::default(),
         });
         let stop = CancellationToken::new();
@@ -221,6 +244,7 @@ impl PgStore {
             Arc::clone(&node),
             Arc::downgrade(&store),
             pool,
+            connect.clone(),
             options.listener_keepalive,
             stop.clone(),
             listening,
@@ -236,19 +260,8 @@ impl PgStore {
     }
 
     async fn begin(&self) -> Result<Tx, PgError> {
-        // sqlx's `Pool::begin` is not cancel-safe on PostgreSQL: dropped
-        // during BEGIN's round trip, it returns its connection to the pool
-        // inside an open transaction, and the next operation on that
-        // connection runs inside it. On a task of its own the BEGIN always
-        // completes; if our caller went away meanwhile, the transaction is
-        // dropped there, which rolls it back properly.
-        let pool = self.pool.clone();
-        let conn = tokio::spawn(async move { pool.begin().await })
-            .await
-            .map_err(|e| {
-                PgError::Core(Error::Storage(format!("beginning a transaction: {e}")))
-            })??;
-        Ok(Tx::new(conn, Arc::clone(&self.node)))
+        let session = session::begin(&self.pool).await?;
+        Ok(Tx::new(session, Arc::clone(&self.node)))
     }
 
     /// Stops listening and leading; the pool closes when the store drops.
@@ -391,7 +404,7 @@ macro_rules! in_tx {
         let mut tries = 0;
         loop {
             tries += 1;
-            let outcome = async {
+            let outcome = crate::session::within($store.node.operation_timeout, async {
                 let mut $tx = $store.begin().await?;
                 let done = async { Ok::<_, PgError>($body) }.await;
                 match done {
@@ -400,14 +413,15 @@ macro_rules! in_tx {
                         Ok::<_, PgError>(value)
                     }
                     Err(e) => {
-                        // Dropping the transaction would only queue its
-                        // rollback, and its row locks would outlive this
-                        // answer: a claim right after would skip them.
+                        // Dropped, the transaction would end with its
+                        // connection's close, which the server may read
+                        // only after this answer: a claim right after
+                        // would skip the rows it locked.
                         $tx.rollback().await;
                         Err(e)
                     }
                 }
-            }
+            })
             .await;
             match outcome {
                 Ok(value) => break Ok(value),
@@ -457,10 +471,7 @@ impl Store for PgStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Task>> {
-        let mut conn = self.pool.acquire().await.map_err(storage_error)?;
-        let mut found = ids::find(&mut conn, &[id], ids::Lock::None)
-            .await
-            .map_err(PgError::into_core)?;
+        let mut found = on_session!(self, |conn| ids::find(conn, &[id], ids::Lock::None).await?)?;
         Ok(found.remove(&id).map(|s| s.task))
     }
 
@@ -474,28 +485,31 @@ impl Store for PgStore {
         // by PostgreSQL and read off the connection, a gigabyte a page
         // for tasks of the largest payloads if every page asked for
         // `limit`.
-        let mut page = PageFill::new(query.limit);
-        let mut tasks = Vec::new();
-        let mut more = false;
-        while !more {
-            let asked = page.rows_to_ask();
-            let mut sql = list_sql(query, below, asked);
-            let mut rows = sql.build().fetch(&self.pool);
-            let mut sent = 0;
-            while let Some(row) = rows.try_next().await.map_err(storage_error)? {
-                sent += 1;
-                let stored = decode(&row)?;
-                if !page.take(&stored.task) {
-                    more = true;
+        let (tasks, more) = on_session!(self, |conn| {
+            let mut page = PageFill::new(query.limit);
+            let mut tasks = Vec::new();
+            let mut more = false;
+            while !more {
+                let asked = page.rows_to_ask();
+                let mut sql = list_sql(query, below, asked);
+                let mut rows = sql.build().fetch(&mut *conn);
+                let mut sent = 0;
+                while let Some(row) = rows.try_next().await.map_err(storage_error)? {
+                    sent += 1;
+                    let stored = decode(&row)?;
+                    if !page.take(&stored.task) {
+                        more = true;
+                        break;
+                    }
+                    below = Some(stored.seq);
+                    tasks.push(stored);
+                }
+                if sent < asked {
                     break;
                 }
-                below = Some(stored.seq);
-                tasks.push(stored);
             }
-            if sent < asked {
-                break;
-            }
-        }
+            (tasks, more)
+        })?;
         let next_cursor = if more {
             tasks.last().map(|last| encode_cursor(last.seq))
         } else {
@@ -508,13 +522,12 @@ impl Store for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let rows = sqlx::query(
+        let rows = on_session!(self, |conn| sqlx::query(
             "SELECT queue, type, state, SUM(delta)::bigint AS n FROM offload_counts \
              GROUP BY queue, type, state HAVING SUM(delta) <> 0",
         )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(storage_error)?;
+        .fetch_all(conn)
+        .await?)?;
         let mut stats = Stats::default();
         for row in &rows {
             let queue: String = row.try_get("queue").map_err(storage_error)?;
@@ -561,11 +574,11 @@ impl Store for PgStore {
     }
 
     async fn queues(&self) -> Result<Vec<QueueInfo>> {
-        let rows =
-            sqlx::query("SELECT name, paused, concurrency FROM offload_queues ORDER BY name")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(storage_error)?;
+        let rows = on_session!(self, |conn| sqlx::query(
+            "SELECT name, paused, concurrency FROM offload_queues ORDER BY name"
+        )
+        .fetch_all(conn)
+        .await?)?;
         let stats = self.stats().await?;
         rows.iter()
             .map(|row| {
@@ -633,13 +646,12 @@ impl Store for PgStore {
             .now()
             .saturating_sub(expired_for)
             .as_millis();
-        let n: i64 = sqlx::query_scalar(
+        let n: i64 = on_session!(self, |conn| sqlx::query_scalar(
             "SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND lease_expires_at <= $1",
         )
         .bind(cutoff)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(storage_error)?;
+        .fetch_one(conn)
+        .await?)?;
         Ok(n as u64)
     }
 
@@ -656,14 +668,15 @@ impl PgStore {
     /// Folds the counts ledger into one row per (queue, type, state). Rows
     /// committed meanwhile are not touched and stay to be folded next time.
     async fn compact_counts(&self) -> Result<()> {
-        sqlx::query(
+        on_session!(self, |conn| {
+            sqlx::query(
             "WITH folded AS (DELETE FROM offload_counts RETURNING queue, type, state, delta) \
              INSERT INTO offload_counts (queue, type, state, delta) \
              SELECT queue, type, state, SUM(delta) FROM folded GROUP BY queue, type, state HAVING SUM(delta) <> 0",
         )
-        .execute(&self.pool)
-        .await
-        .map_err(storage_error)?;
+        .execute(conn)
+        .await?
+        })?;
         Ok(())
     }
 }

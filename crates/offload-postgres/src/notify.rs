@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use offload_core::{EventKind, State, Task, TaskEvent, Timestamp};
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::rows::PgError;
+use crate::session::{self, Session};
 use crate::{Node, PgStore, ids};
 
 /// Pause before listening again after the connection failed.
@@ -23,6 +25,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// How often a follower tries to become leader, and a leader checks that its
 /// lock connection is alive.
 const LEADER_CHECK: Duration = Duration::from_secs(1);
+/// How long connecting and saying LISTEN may take.
+const LISTEN_CONNECT: Duration = Duration::from_secs(5);
 
 /// Turns notifications into signals on this node's hub. Every `keepalive`
 /// the node notifies itself, so that its connection is never quiet for
@@ -32,6 +36,7 @@ pub(crate) async fn listen(
     node: Arc<Node>,
     store: Weak<PgStore>,
     pool: PgPool,
+    connect: PgConnectOptions,
     keepalive: Duration,
     stop: CancellationToken,
     listening: tokio::sync::oneshot::Sender<()>,
@@ -40,29 +45,44 @@ pub(crate) async fn listen(
     let mut streamed = Streamed::default();
     tokio::spawn(send_keepalives(
         Arc::clone(&node),
-        pool.clone(),
+        pool,
         keepalive,
         stop.clone(),
     ));
     let silence = keepalive * 3;
     loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for notifications; trying again");
+        // Each listener has a pool of its own, of one connection: a
+        // listener dropped says UNLISTEN and waits for the answer before it
+        // lets go of its connection, and on a connection gone silent that
+        // is until the kernel gives up on it, a quarter of an hour. From
+        // the store's pool, each such wait would hold one of the
+        // operations' places.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(LISTEN_CONNECT)
+            .connect_lazy_with(connect.clone());
+        let started = async {
+            let mut listener = PgListener::connect_with(&own).await?;
+            listener.ignore_pool_close_event(true);
+            listener.listen(&node.channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match tokio::time::timeout(LISTEN_CONNECT, started).await {
+            Ok(Ok(listener)) => listener,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {LISTEN_CONNECT:?}"),
+                };
+                tracing::warn!(%error, "cannot listen for notifications; trying again");
                 if pause(&stop).await {
                     return;
                 }
                 continue;
             }
         };
-        if let Err(e) = listener.listen(&node.channel).await {
-            tracing::warn!(error = %e, "LISTEN failed; trying again");
-            if pause(&stop).await {
-                return;
-            }
-            continue;
-        }
         // Anything may have happened while nobody listened.
         node.hub.notify_ready();
         node.hub.notify_scheduled();
@@ -120,10 +140,16 @@ async fn send_keepalives(
             _ = tokio::time::sleep(keepalive) => {}
             _ = stop.cancelled() => return,
         }
-        let sent = sqlx::query(crate::sql::NOTIFY_KEEPALIVE)
-            .bind(&node.channel)
-            .bind(&payload)
-            .execute(&pool);
+        let sent = async {
+            let mut session = Session::acquire(&pool).await?;
+            sqlx::query(crate::sql::NOTIFY_KEEPALIVE)
+                .bind(&node.channel)
+                .bind(&payload)
+                .execute(&mut *session as &mut PgConnection)
+                .await?;
+            session.settle();
+            Ok::<_, sqlx::Error>(())
+        };
         // A send that fails or hangs is the listener's to notice: nothing
         // arrives.
         if let Ok(Err(e)) = tokio::time::timeout(keepalive, sent).await {
@@ -206,33 +232,28 @@ async fn stream_changes(
     streamed: &mut Streamed,
     changed: Vec<(Uuid, EventKind)>,
 ) {
-    let mut conn = match store.pool.acquire().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read other nodes' changes to stream them");
-            return;
+    let read = async {
+        let mut conn = Session::acquire(&store.pool).await.map_err(PgError::from)?;
+        for chunk in changed.chunks(STREAM_READ_CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let mut found = ids::find(&mut conn, &ids, ids::Lock::None).await?;
+            for (id, kind) in chunk {
+                let Some(stored) = found.remove(id) else {
+                    continue;
+                };
+                if streamed.is_news(&stored.task, *kind) {
+                    node.hub.publish(TaskEvent {
+                        kind: *kind,
+                        task: Arc::new(stored.task),
+                    });
+                }
+            }
         }
+        conn.settle();
+        Ok(())
     };
-    for chunk in changed.chunks(STREAM_READ_CHUNK) {
-        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        let mut found = match ids::find(&mut conn, &ids, ids::Lock::None).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(error = %e.into_core(), "cannot read other nodes' changes to stream them");
-                return;
-            }
-        };
-        for (id, kind) in chunk {
-            let Some(stored) = found.remove(id) else {
-                continue;
-            };
-            if streamed.is_news(&stored.task, *kind) {
-                node.hub.publish(TaskEvent {
-                    kind: *kind,
-                    task: Arc::new(stored.task),
-                });
-            }
-        }
+    if let Err(e) = session::within(node.operation_timeout, read).await {
+        tracing::warn!(error = %e.into_core(), "cannot read other nodes' changes to stream them");
     }
 }
 

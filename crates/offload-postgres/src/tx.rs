@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use offload_core::{Error, EventKind, State, Task, TaskEvent};
-use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::Node;
 use crate::ids::Lock;
 use crate::rows::{PgError, PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+use crate::session::{self, Session};
 
 /// PostgreSQL's limit on a NOTIFY payload is 8000 bytes; stay well below.
 const NOTIFY_CHUNK: usize = 7000;
@@ -29,7 +29,8 @@ struct Effects {
 }
 
 pub(crate) struct Tx {
-    pub conn: Transaction<'static, Postgres>,
+    /// In a transaction from `new` until `commit` or `rollback` ends it.
+    pub conn: Session,
     pub now: offload_core::Timestamp,
     pub node: Arc<Node>,
     deltas: HashMap<(String, String, i16), i64>,
@@ -42,7 +43,7 @@ pub(crate) struct Tx {
 }
 
 impl Tx {
-    pub fn new(conn: Transaction<'static, Postgres>, node: Arc<Node>) -> Self {
+    pub fn new(conn: Session, node: Arc<Node>) -> Self {
         Self {
             conn,
             now: node.clock.now(),
@@ -287,13 +288,17 @@ impl Tx {
     }
 
     /// Ends the transaction without effect, now, on a task of its own as
-    /// the commit (a rollback dropped half-way would queue another). A
-    /// failed rollback leaves the connection to the pool, which closes
-    /// broken connections.
-    pub async fn rollback(self) {
-        let error = match tokio::spawn(self.conn.rollback()).await {
+    /// the commit, so that its row locks do not outlive the caller's
+    /// answer. A rollback that fails or gets no answer in time closes the
+    /// connection, which ends the transaction on the server's side too.
+    pub async fn rollback(mut self) {
+        let limit = self.node.operation_timeout;
+        let ended = tokio::spawn(async move {
+            session::within(limit, session::end(&mut self.conn, "ROLLBACK")).await
+        });
+        let error = match ended.await {
             Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => e.into_core().to_string(),
             Err(e) => e.to_string(),
         };
         // Throttled: an unreachable database fails every rollback alike.
@@ -305,13 +310,14 @@ impl Tx {
 
     /// Records the counts and notifications, commits, and announces the
     /// effects in this process, on a task of its own: a server drops a
-    /// request's operation when its client goes away, and sqlx's commit is
-    /// not cancel-safe. Dropped while COMMIT's answer is on its way, the
-    /// transaction believes itself still open and queues a ROLLBACK after a
-    /// commit that happened, and the claim or enqueue it made would never
-    /// be announced (a worker waiting for it sleeps on).
+    /// request's operation when its client goes away, and a commit dropped
+    /// while COMMIT's answer is on its way would never announce the claim
+    /// or enqueue it made (a worker waiting for it would sleep on). The
+    /// task has the operation's time limit of its own, since its caller's
+    /// does not reach it.
     pub async fn commit(self) -> PgResult<()> {
-        tokio::spawn(self.commit_and_publish())
+        let limit = self.node.operation_timeout;
+        tokio::spawn(session::within(limit, self.commit_and_publish()))
             .await
             .map_err(|e| PgError::Core(Error::Storage(format!("committing: {e}"))))?
     }
@@ -343,7 +349,7 @@ impl Tx {
             .execute(&mut *self.conn)
             .await?;
         }
-        self.conn.commit().await?;
+        session::end(&mut self.conn, "COMMIT").await?;
         self.node
             .finished
             .record(self.finished.iter().map(|((queue, task_type, state), n)| {

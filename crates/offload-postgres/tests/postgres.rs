@@ -690,7 +690,9 @@ async fn drop_schema_removes_an_installation_and_refuses_public() {
 /// A node whose notification connection went silent (a NAT or firewall
 /// that forgot it while it was quiet, a database host gone without a word)
 /// notices that not even its own keep-alives arrive and listens again on a
-/// new connection; it heard no other node again, for good.
+/// new connection; it heard no other node again, for good. The silent
+/// listener, and the keep-alives sent on connections gone silent, leave
+/// the store's pool all its places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     let Some(url) = database_url() else { return };
@@ -701,7 +703,7 @@ async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
         &relayed_url,
         PgOptions {
             schema: schema.clone(),
-            max_connections: 4,
+            max_connections: 2,
             listener_keepalive: Duration::from_millis(300),
             ..PgOptions::default()
         },
@@ -741,6 +743,102 @@ async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     assert!(
         heard.is_ok(),
         "the relayed node never heard the other again"
+    );
+    // Its idle connections went silent too: the pool's test of each on
+    // taking it out fails at the pool's timeout and drops it.
+    let mut last = None;
+    let served = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match relayed.enqueue(vec![spec.clone()]).await {
+                Ok(_) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "the relayed node's pool had no place for a new connection: {last:?}"
+    );
+}
+
+/// Operations whose connections go silent while their statements are in
+/// flight fail within the operation time limit, and their connections are
+/// closed rather than handed back to the pool. Handed back, each was first
+/// tested by the pool with a round trip of no limit of its own, which held
+/// its place until the kernel gave up on the connection (a quarter of an
+/// hour), and a node whose every place was so held failed every operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_on_connections_gone_silent_fail_in_time_and_free_their_places() {
+    let Some(url) = database_url() else { return };
+    let (relayed_url, silence) = through_relay(&url).await;
+    let schema = fresh_schema();
+    let _leader = node(&schema).await;
+    let limit = Duration::from_secs(2);
+    let relayed = PgStore::open(
+        &relayed_url,
+        PgOptions {
+            schema: schema.clone(),
+            max_connections: 2,
+            operation_timeout: limit,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .expect("open through the relay");
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    // Enqueues wait on the server for this lock: in flight, on both of
+    // the pool's connections, when they go silent.
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {schema}.offload_tasks IN SHARE MODE"
+    ))
+    .execute(&mut locker)
+    .await
+    .unwrap();
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let (relayed, spec) = (Arc::clone(&relayed), spec.clone());
+            tokio::spawn(async move { relayed.enqueue(vec![spec]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    silence();
+    for enqueue in in_flight {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), enqueue)
+            .await
+            .expect("an enqueue on a silent connection answers within its limit")
+            .unwrap();
+        match outcome {
+            Err(offload_core::Error::Unavailable(message)) => {
+                assert!(message.contains("did not answer"), "{message}");
+            }
+            other => panic!("expected the database to count as out of reach: {other:?}"),
+        }
+    }
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    // The given-up enqueues go on in their sessions once the lock is
+    // free, and hold what they inserted until the server ends them, idle
+    // in their transactions for the limit; the relay keeps their
+    // connections up, as a NAT that has not yet forgotten them would.
+    let mut last = None;
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match relayed.enqueue(vec![spec.clone()]).await {
+                Ok(_) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "the node never served again; the pool had no place for a new connection: {last:?}"
     );
 }
 

@@ -1,0 +1,131 @@
+//! A pooled connection that goes back to the pool only when nothing is in
+//! flight on it, and the time limit every store operation runs within.
+//!
+//! Nothing below this crate bounds a statement's wait: the client library
+//! sets no socket timeout, and a connection whose far end went silent (a
+//! database host gone without a word, a failover that moved its address, a
+//! NAT that forgot the connection) keeps an answer waiting until the kernel
+//! gives up retransmitting, a quarter of an hour. Each operation therefore
+//! runs within [`crate::PgOptions::operation_timeout`]. Given up, its
+//! connection must not go back to the pool: the pool would test it with a
+//! round trip of its own, with no limit either, holding one of the pool's
+//! places for as long, and a few such connections leave the node none.
+//! A [`Session`] dropped with a statement or transaction in flight is
+//! closed instead, and the pool opens another.
+
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use offload_core::Error;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
+
+use crate::rows::{PgError, PgResult, storage_error};
+
+pub(crate) struct Session {
+    conn: PoolConnection<Postgres>,
+    settled: bool,
+}
+
+impl Session {
+    pub async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            conn: pool.acquire().await?,
+            settled: false,
+        })
+    }
+
+    /// Says that every statement sent on the connection has been answered
+    /// and no transaction is open: dropped after, it goes back to the pool.
+    pub fn settle(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Deref for Session {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Closing sends a goodbye, which the server, if it ever reads
+            // it, takes as a rollback; the pool's place is free at once.
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// `operation` within `limit`; past it, the database counts as out of
+/// reach, and whatever session the operation held is closed on the way
+/// out (see [`Session`]).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    operation: impl Future<Output = PgResult<T>>,
+) -> PgResult<T> {
+    tokio::time::timeout(limit, operation)
+        .await
+        .unwrap_or_else(|_| Err(PgError::Core(no_answer(limit))))
+}
+
+/// The error of an operation that got no answer in time.
+pub(crate) fn no_answer(limit: Duration) -> Error {
+    Error::storage_unavailable(format_args!(
+        "PostgreSQL did not answer within {}s (PgOptions::operation_timeout); its connection \
+         was closed",
+        limit.as_secs_f64()
+    ))
+}
+
+/// Runs `$body` (which uses `$conn`, a `&mut PgConnection`, and may use
+/// `?`) on a session of `$store`'s pool within the operation time limit,
+/// for reads outside a transaction. A body that ends, even in an error,
+/// has its answers in; the pool's own test on release deals with a
+/// connection the error broke.
+macro_rules! on_session {
+    ($store:expr, |$conn:ident| $body:expr) => {{
+        let store = &$store;
+        crate::session::within(store.node.operation_timeout, async {
+            let mut session = crate::session::Session::acquire(&store.pool)
+                .await
+                .map_err(crate::rows::storage_error)?;
+            let outcome = async {
+                let $conn: &mut sqlx::postgres::PgConnection = &mut session;
+                Ok::<_, crate::rows::PgError>($body)
+            }
+            .await;
+            session.settle();
+            outcome
+        })
+        .await
+        .map_err(crate::rows::PgError::into_core)
+    }};
+}
+pub(crate) use on_session;
+
+/// Opens a transaction on a session of `pool`.
+pub(crate) async fn begin(pool: &PgPool) -> PgResult<Session> {
+    let mut session = Session::acquire(pool).await.map_err(storage_error)?;
+    // A statement without parameters goes by the simple protocol, in one
+    // round trip, as sqlx's own transactions begin.
+    sqlx::Executor::execute(&mut *session as &mut PgConnection, "BEGIN").await?;
+    Ok(session)
+}
+
+/// Ends `session`'s transaction with `statement` (COMMIT or ROLLBACK); the
+/// session settles only if the server answered that it did.
+pub(crate) async fn end(session: &mut Session, statement: &'static str) -> PgResult<()> {
+    sqlx::Executor::execute(&mut **session as &mut PgConnection, statement).await?;
+    session.settle();
+    Ok(())
+}
