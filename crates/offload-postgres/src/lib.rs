@@ -10,6 +10,8 @@
 //! - One node at a time holds a session advisory lock and is the leader,
 //!   which runs the background duties; when it dies its session ends, the
 //!   lock with it, and another node takes over within a second.
+//! - Every operation runs within a time limit, and a connection given up
+//!   on is closed, never handed back to the pool (`session.rs`).
 //!
 //! The schema and the reasons for its shape are in `migrations/`.
 
