@@ -81,8 +81,7 @@ pub(crate) async fn within<T>(
 /// The error of an operation that got no answer in time.
 pub(crate) fn no_answer(limit: Duration) -> Error {
     Error::storage_unavailable(format_args!(
-        "PostgreSQL did not answer within {}s (PgOptions::operation_timeout); its connection \
-         was closed",
+        "PostgreSQL did not answer within {}s; the operation's connection was closed",
         limit.as_secs_f64()
     ))
 }

@@ -35,6 +35,12 @@ pub struct Config {
     pub db: String,
     /// Connections each node keeps to PostgreSQL, at most.
     pub db_pool_size: u32,
+    /// Seconds one PostgreSQL operation may wait for the database before it
+    /// fails as unavailable (503) and its connection is closed: without
+    /// it, an answer lost on a connection gone silent is waited for until
+    /// the system gives up, a quarter of an hour. Long enough for the
+    /// largest batch to be written.
+    pub db_operation_timeout_secs: u32,
     /// `durable` (fsync before answering) or `relaxed`.
     pub durability: String,
     /// Largest payload, result or progress data, in bytes.
@@ -70,6 +76,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
             db: DEFAULT_DB.into(),
             db_pool_size: 16,
+            db_operation_timeout_secs: 60,
             durability: "durable".into(),
             payload_limit_bytes: Limits::default().max_payload_bytes,
             batch_body_limit_bytes: 256 << 20,
@@ -205,6 +212,12 @@ impl Config {
                 self.db_pool_size
             ));
         }
+        if !(1..=3600).contains(&self.db_operation_timeout_secs) {
+            return invalid(format!(
+                "db_operation_timeout_secs must be 1 to 3600; got {}",
+                self.db_operation_timeout_secs
+            ));
+        }
         if !(1..=MAX_PAYLOAD_LIMIT_BYTES).contains(&self.payload_limit_bytes) {
             return invalid(format!(
                 "payload_limit_bytes must be 1 to {MAX_PAYLOAD_LIMIT_BYTES}; got {}",
@@ -323,6 +336,12 @@ mod tests {
         let message = refused(|c| c.idle_timeout_secs = 0);
         assert!(
             message.contains("idle_timeout_secs must be 1 to 3600; got 0"),
+            "{message}"
+        );
+        // 0 would fail every PostgreSQL operation.
+        let message = refused(|c| c.db_operation_timeout_secs = 0);
+        assert!(
+            message.contains("db_operation_timeout_secs must be 1 to 3600; got 0"),
             "{message}"
         );
     }

@@ -89,6 +89,7 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Se
         let options = PgOptions {
             schema: schema.unwrap_or_else(|| "public".into()),
             max_connections: config.db_pool_size,
+            operation_timeout: Duration::from_secs(config.db_operation_timeout_secs.into()),
             limits: config.limits(),
             backoff: config.backoff(),
             ..PgOptions::default()
