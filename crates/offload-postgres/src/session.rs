@@ -60,7 +60,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         if !self.settled {
             // Closing sends a goodbye, which the server, if it ever reads
-            // it, takes as a rollback; the pool's place is free at once.
+            // it, takes as a rollback; the pool's place is free once it is
+            // written to the socket, within 5 s even if it cannot be.
             self.conn.close_on_drop();
         }
     }
