@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, ClaimRequest, Clock, Limits, ManualClock, NewTask, Position, State, Store, SystemClock,
+    TaskSpec,
 };
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
@@ -746,19 +747,10 @@ async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     );
     // Its idle connections went silent too: the pool's test of each on
     // taking it out fails at the pool's timeout and drops it.
-    let mut last = None;
-    let served = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match relayed.enqueue(vec![spec.clone()]).await {
-                Ok(_) => return,
-                Err(e) => last = Some(e),
-            }
-        }
-    })
-    .await;
+    let served = enqueue_until_served(&relayed, &spec, Duration::from_secs(30)).await;
     assert!(
         served.is_ok(),
-        "the relayed node's pool had no place for a new connection: {last:?}"
+        "the relayed node's pool had no place for a new connection: {served:?}"
     );
 }
 
@@ -826,20 +818,31 @@ async fn operations_on_connections_gone_silent_fail_in_time_and_free_their_place
     // free, and hold what they inserted until the server ends them, idle
     // in their transactions for the limit; the relay keeps their
     // connections up, as a NAT that has not yet forgotten them would.
+    let served = enqueue_until_served(&relayed, &spec, Duration::from_secs(20)).await;
+    assert!(
+        served.is_ok(),
+        "the node never served again; the pool had no place for a new connection: {served:?}"
+    );
+}
+
+/// Enqueues `spec` on `store` until an enqueue succeeds, for up to
+/// `patience`; past it, the last error, if any came.
+async fn enqueue_until_served(
+    store: &PgStore,
+    spec: &TaskSpec,
+    patience: Duration,
+) -> Result<(), Option<offload_core::Error>> {
     let mut last = None;
-    let served = tokio::time::timeout(Duration::from_secs(20), async {
+    let served = tokio::time::timeout(patience, async {
         loop {
-            match relayed.enqueue(vec![spec.clone()]).await {
+            match store.enqueue(vec![spec.clone()]).await {
                 Ok(_) => return,
                 Err(e) => last = Some(e),
             }
         }
     })
     .await;
-    assert!(
-        served.is_ok(),
-        "the node never served again; the pool had no place for a new connection: {last:?}"
-    );
+    served.map_err(|_| last)
 }
 
 /// A relay in front of the PostgreSQL server `url` names (see
