@@ -16,8 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::rows::PgError;
-use crate::session::{self, Session};
+use crate::session::{Session, on_session};
 use crate::{Node, PgStore, ids};
 
 /// Pause before listening again after the connection failed.
@@ -232,11 +231,10 @@ async fn stream_changes(
     streamed: &mut Streamed,
     changed: Vec<(Uuid, EventKind)>,
 ) {
-    let read = async {
-        let mut conn = Session::acquire(&store.pool).await.map_err(PgError::from)?;
+    let read = on_session!(store, |conn| {
         for chunk in changed.chunks(STREAM_READ_CHUNK) {
             let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-            let mut found = ids::find(&mut conn, &ids, ids::Lock::None).await?;
+            let mut found = ids::find(conn, &ids, ids::Lock::None).await?;
             for (id, kind) in chunk {
                 let Some(stored) = found.remove(id) else {
                     continue;
@@ -249,11 +247,9 @@ async fn stream_changes(
                 }
             }
         }
-        conn.settle();
-        Ok(())
-    };
-    if let Err(e) = session::within(node.operation_timeout, read).await {
-        tracing::warn!(error = %e.into_core(), "cannot read other nodes' changes to stream them");
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read other nodes' changes to stream them");
     }
 }
 
