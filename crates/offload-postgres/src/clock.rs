@@ -17,7 +17,7 @@ use offload_core::{Clock, Timestamp};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::Session;
+use crate::session::on_session;
 
 /// How often the offset is measured again: clocks drift by milliseconds a
 /// day, and one that an operator sets is caught within this.
@@ -76,8 +76,7 @@ impl NodeClock {
 /// off. An error or a measurement without a usable sample keeps the
 /// offset as it was.
 pub(crate) async fn follow_once(clock: &NodeClock, pool: &PgPool) {
-    let measured = tokio::time::timeout(MEASURE_LIMIT, measure(&*clock.clock, pool)).await;
-    match measured.unwrap_or(Ok(None)) {
+    match measure(&*clock.clock, pool).await {
         Ok(Some(offset)) => {
             if clock.adopt(offset) && offset.abs() >= WARN_MS {
                 let (by, way) = (offset.abs(), if offset > 0 { "behind" } else { "ahead of" });
@@ -106,25 +105,26 @@ pub(crate) async fn follow(clock: Arc<NodeClock>, pool: PgPool, stop: Cancellati
 
 /// The database's clock minus `clock`, in milliseconds, from the sample
 /// with the shortest round trip; `None` if every one took too long.
-async fn measure(clock: &dyn Clock, pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+async fn measure(clock: &dyn Clock, pool: &PgPool) -> offload_core::Result<Option<i64>> {
     const DATABASE_MILLIS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
-    let mut conn = Session::acquire(pool).await?;
-    let mut best: Option<(Duration, i64)> = None;
-    for _ in 0..SAMPLES {
-        let sent = Instant::now();
-        let before = clock.now().as_millis();
-        let database: i64 = sqlx::query_scalar(DATABASE_MILLIS)
-            .fetch_one(&mut *conn as &mut sqlx::PgConnection)
-            .await?;
-        let after = clock.now().as_millis();
-        let round_trip = sent.elapsed();
-        let offset = database - (before + (after - before) / 2);
-        if round_trip <= MAX_ROUND_TRIP && best.is_none_or(|(fastest, _)| round_trip < fastest) {
-            best = Some((round_trip, offset));
+    on_session!(pool, MEASURE_LIMIT, |conn| {
+        let mut best: Option<(Duration, i64)> = None;
+        for _ in 0..SAMPLES {
+            let sent = Instant::now();
+            let before = clock.now().as_millis();
+            let database: i64 = sqlx::query_scalar(DATABASE_MILLIS)
+                .fetch_one(&mut *conn)
+                .await?;
+            let after = clock.now().as_millis();
+            let round_trip = sent.elapsed();
+            let offset = database - (before + (after - before) / 2);
+            if round_trip <= MAX_ROUND_TRIP && best.is_none_or(|(fastest, _)| round_trip < fastest)
+            {
+                best = Some((round_trip, offset));
+            }
         }
-    }
-    conn.settle();
-    Ok(best.map(|(_, offset)| offset))
+        best.map(|(_, offset)| offset)
+    })
 }
 
 #[cfg(test)]

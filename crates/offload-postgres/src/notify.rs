@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::session::{Session, on_session};
+use crate::session::on_session;
 use crate::{Node, PgStore, ids};
 
 /// Pause before listening again after the connection failed.
@@ -139,19 +139,16 @@ async fn send_keepalives(
             _ = tokio::time::sleep(keepalive) => {}
             _ = stop.cancelled() => return,
         }
-        let sent = async {
-            let mut session = Session::acquire(&pool).await?;
-            sqlx::query(crate::sql::NOTIFY_KEEPALIVE)
-                .bind(&node.channel)
-                .bind(&payload)
-                .execute(&mut *session as &mut PgConnection)
-                .await?;
-            session.settle();
-            Ok::<_, sqlx::Error>(())
-        };
+        let sent = on_session!(&pool, keepalive, |conn| sqlx::query(
+            crate::sql::NOTIFY_KEEPALIVE
+        )
+        .bind(&node.channel)
+        .bind(&payload)
+        .execute(conn)
+        .await?);
         // A send that fails or hangs is the listener's to notice: nothing
         // arrives.
-        if let Ok(Err(e)) = tokio::time::timeout(keepalive, sent).await {
+        if let Err(e) = sent {
             tracing::debug!(error = %e, "sending a keep-alive notification failed");
         }
     }

@@ -80,7 +80,7 @@ pub(crate) async fn within<T>(
 }
 
 /// The error of an operation that got no answer in time.
-pub(crate) fn no_answer(limit: Duration) -> Error {
+fn no_answer(limit: Duration) -> Error {
     Error::storage_unavailable(format_args!(
         "PostgreSQL did not answer within {}s; the operation's connection was closed",
         limit.as_secs_f64()
@@ -89,14 +89,19 @@ pub(crate) fn no_answer(limit: Duration) -> Error {
 
 /// Runs `$body` (which uses `$conn`, a `&mut PgConnection`, and may use
 /// `?`) on a session of `$store`'s pool within the operation time limit,
-/// for reads outside a transaction. A body that ends, even in an error,
-/// has its answers in; the pool's own test on release deals with a
-/// connection the error broke.
+/// for reads outside a transaction; or of `$pool` within `$limit`, for
+/// the node's own statements off any request's path. A body that ends,
+/// even in an error, has its answers in; the pool's own test on release
+/// deals with a connection the error broke.
 macro_rules! on_session {
     ($store:expr, |$conn:ident| $body:expr) => {{
         let store = &$store;
-        crate::session::within(store.node.operation_timeout, async {
-            let mut session = crate::session::Session::acquire(&store.pool)
+        crate::session::on_session!(&store.pool, store.node.operation_timeout, |$conn| $body)
+    }};
+    ($pool:expr, $limit:expr, |$conn:ident| $body:expr) => {{
+        let pool: &sqlx::postgres::PgPool = $pool;
+        crate::session::within($limit, async {
+            let mut session = crate::session::Session::acquire(pool)
                 .await
                 .map_err(crate::rows::storage_error)?;
             let outcome = async {
