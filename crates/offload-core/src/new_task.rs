@@ -264,12 +264,10 @@ impl NewTask {
                     "give either run_at or delay_secs, not both",
                 ));
             }
-            (Some(text), None) => Schedule::At(Timestamp::parse(&text).map_err(|e| {
-                Error::invalid(
-                    field("run_at"),
-                    format!("must be an RFC 3339 timestamp ({e})"),
-                )
-            })?),
+            (Some(text), None) => Schedule::At(
+                Timestamp::parse_given(&text)
+                    .map_err(|rule| Error::invalid(field("run_at"), rule))?,
+            ),
             (None, Some(secs)) if (0..=MAX_DELAY_SECS).contains(&secs) => {
                 Schedule::After(Duration::from_secs(secs as u64))
             }

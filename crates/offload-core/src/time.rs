@@ -41,14 +41,48 @@ impl Timestamp {
         Duration::from_millis(u64::try_from(later.0.saturating_sub(self.0)).unwrap_or(0))
     }
 
+    /// The earliest instant a caller may give, `0000-01-01T00:00:00Z`:
+    /// RFC 3339 writes a year in four digits, and an answer naming an
+    /// earlier one could not be read back.
+    pub const EARLIEST: Timestamp = Timestamp(-62_167_219_200_000);
+    /// The latest, `9999-12-30T22:00:00Z`: jiff reads no later instant in
+    /// every form RFC 3339 allows (given with an offset, a later one can
+    /// fall in the year 10000).
+    pub const LATEST: Timestamp = Timestamp(253_402_207_200_000);
+
     /// Parses any RFC 3339 timestamp (any offset, any sub-second precision),
-    /// truncating to milliseconds.
+    /// truncating to milliseconds: what an answer holds.
     pub fn parse(text: &str) -> Result<Self, String> {
         if let Some(ts) = Self::parse_rfc3339_millis(text.as_bytes()) {
             return Ok(ts);
         }
         let ts = jiff::Timestamp::from_str(text).map_err(|e| e.to_string())?;
         Ok(Self(ts.as_millisecond()))
+    }
+
+    /// Parses a timestamp a caller gives (`run_at`, a list's
+    /// `created_after`): RFC 3339 from [`Timestamp::EARLIEST`] to
+    /// [`Timestamp::LATEST`], so that every answer that names it can be read
+    /// back. The error is the rule, for a message that names the field
+    /// before it.
+    pub fn parse_given(text: &str) -> Result<Self, String> {
+        let parsed = match Self::parse(text) {
+            Ok(ts) => ts,
+            // Well formed, but past what jiff holds: out of range, not
+            // malformed.
+            Err(_) if jiff::fmt::temporal::Pieces::parse(text).is_ok() => {
+                return Err(out_of_range(text));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "must be an RFC 3339 timestamp such as 2026-01-15T10:30:05.123Z ({e})"
+                ));
+            }
+        };
+        if !(Self::EARLIEST..=Self::LATEST).contains(&parsed) {
+            return Err(out_of_range(text));
+        }
+        Ok(parsed)
     }
 
     /// The form [`Timestamp::rfc3339`] writes, `2026-01-15T10:00:00.000Z`,
@@ -122,6 +156,10 @@ impl Timestamp {
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
         Some(Self(secs * 1000 + millis))
     }
+}
+
+fn out_of_range(text: &str) -> String {
+    format!("must be from 0000-01-01T00:00:00Z to 9999-12-30T22:00:00Z; got {text:?}")
 }
 
 impl Timestamp {
@@ -335,6 +373,41 @@ mod tests {
         assert_eq!(
             Timestamp::from_millis(-1).to_string(),
             "1969-12-31T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn takes_only_instants_an_answer_can_write_back() {
+        for (text, at) in [
+            ("0000-01-01T00:00:00Z", Timestamp::EARLIEST),
+            ("9999-12-30T22:00:00Z", Timestamp::LATEST),
+            ("9999-12-31T00:00:00+02:00", Timestamp::LATEST),
+            (
+                "1969-07-20T20:17:40Z",
+                Timestamp::from_millis(-14_182_940_000),
+            ),
+        ] {
+            assert_eq!(Timestamp::parse_given(text), Ok(at), "{text}");
+            let written = at.to_string();
+            assert_eq!(Timestamp::parse(&written), Ok(at), "{written}");
+        }
+        for text in [
+            "-000001-06-01T00:00:00Z",
+            "-009999-01-02T00:00:00Z",
+            "9999-12-30T22:00:00.001Z",
+            "9999-12-31T00:00:00Z",
+            "9999-12-31T23:59:59.999Z",
+        ] {
+            let rule = Timestamp::parse_given(text).expect_err(text);
+            assert_eq!(
+                rule,
+                format!("must be from 0000-01-01T00:00:00Z to 9999-12-30T22:00:00Z; got {text:?}")
+            );
+        }
+        let rule = Timestamp::parse_given("tomorrow").unwrap_err();
+        assert!(
+            rule.starts_with("must be an RFC 3339 timestamp such as"),
+            "{rule}"
         );
     }
 

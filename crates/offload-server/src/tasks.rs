@@ -212,8 +212,7 @@ fn parse_states(field: &str, value: &str) -> ApiResult<Vec<offload_core::State>>
 }
 
 fn parse_time(field: &str, value: &str) -> ApiResult<Timestamp> {
-    Timestamp::parse(value)
-        .map_err(|e| ApiError::invalid(field, format!("must be an RFC 3339 timestamp ({e})")))
+    Timestamp::parse_given(value).map_err(|rule| ApiError::invalid(field, rule))
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "tasks", responses((status = 200, body = Stats)))]

@@ -298,6 +298,17 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "run_at",
     );
+    // Well formed, but a year that no answer could write in four digits:
+    // taken, such a task broke every page and fetch that held it.
+    assert_error(
+        http.post(
+            "/v1/tasks",
+            json!({"type": "t", "run_at": "-000001-06-01T00:00:00Z"}),
+        ),
+        400,
+        "invalid_argument",
+        "run_at: must be from 0000-01-01T00:00:00Z to 9999-12-30T22:00:00Z",
+    );
     assert_error(
         http.post(
             "/v1/tasks",
