@@ -364,9 +364,22 @@ async fn relayed(server: &Running) -> (String, impl Fn()) {
 
 /// A request on a connection that went silent fails once the client's
 /// timeout runs out, as a server out of reach; it waited as long as the
-/// kernel retransmitted. The next request takes a new connection.
+/// kernel retransmitted, and a batch enqueue, which had no limit at all,
+/// for good where the kernel still answered for the far end (a server
+/// stopped, or this relay). The next request takes a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_a_silent_connection_fails_in_time() {
+    fn assert_ran_out_of_time<T: std::fmt::Debug>(outcome: Result<T, ClientError>) {
+        let Err(e @ ClientError::Unreachable { .. }) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(e.is_transient());
+        assert!(
+            e.to_string()
+                .contains("no answer before the request's timeout"),
+            "{e}"
+        );
+    }
     let server = server().await;
     let (url, silence) = relayed(&server).await;
     let client = Client::new(url).timeout(Duration::from_millis(500));
@@ -375,16 +388,17 @@ async fn a_request_on_a_silent_connection_fails_in_time() {
     let outcome = tokio::time::timeout(Duration::from_secs(20), client.stats())
         .await
         .expect("the request to end at its timeout");
-    let Err(e @ ClientError::Unreachable { .. }) = outcome else {
-        panic!("{outcome:?}");
-    };
-    assert!(e.is_transient());
-    assert!(
-        e.to_string()
-            .contains("no answer before the request's timeout"),
-        "{e}"
-    );
+    assert_ran_out_of_time(outcome);
     client.stats().await.unwrap();
+
+    // A batch's limit is the timeout and a second for each MiB it carries.
+    let batch = [NewTask::new("quiet"), NewTask::new("quiet")];
+    silence();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), client.enqueue_batch(&batch))
+        .await
+        .expect("the batch to end at its limit");
+    assert_ran_out_of_time(outcome);
+    assert_eq!(client.enqueue_batch_ids(&batch).await.unwrap().len(), 2);
 }
 
 /// An event stream that went silent, not even sending its keep-alives,
