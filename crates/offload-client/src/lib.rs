@@ -76,11 +76,11 @@ impl ClientError {
 /// answer, unless [`Client::timeout`] says otherwise; a long poll's fetch
 /// gets its wait on top, a batch enqueue [`BATCH_TIME_PER_MIB`], and a
 /// clear, which takes as long as what it finds to delete, has no limit of
-/// its own. Without one, a request on a connection that went silent (the server's host gone
-/// without a word, a firewall or NAT that forgot the connection, a hung
-/// server) waited as long as the kernel kept retransmitting, about a
-/// quarter of an hour, and a worker's heartbeats, fetches and
-/// acknowledgements with it.
+/// its own. Without one, a request on a connection that went silent (the
+/// server's host gone without a word, a firewall or NAT that forgot the
+/// connection, a hung server) waited as long as the kernel kept
+/// retransmitting, about a quarter of an hour, and a worker's heartbeats,
+/// fetches and acknowledgements with it.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the server sends an event stream a keep-alive (SPEC §4.2). A

@@ -45,9 +45,9 @@ impl Timestamp {
     /// RFC 3339 writes a year in four digits, and an answer naming an
     /// earlier one could not be read back.
     pub const EARLIEST: Timestamp = Timestamp(-62_167_219_200_000);
-    /// The latest, `9999-12-30T22:00:00Z`: jiff reads no later instant in
-    /// every form RFC 3339 allows (given with an offset, a later one can
-    /// fall in the year 10000).
+    /// The latest, `9999-12-30T22:00:00Z`, the last jiff holds: it keeps
+    /// every instant a date in the year 9999 or before in any offset, and
+    /// so reads no later one in any form.
     pub const LATEST: Timestamp = Timestamp(253_402_207_200_000);
 
     /// Parses any RFC 3339 timestamp (any offset, any sub-second precision),
@@ -68,11 +68,7 @@ impl Timestamp {
     pub fn parse_given(text: &str) -> Result<Self, String> {
         let parsed = match Self::parse(text) {
             Ok(ts) => ts,
-            // Well formed, but past what jiff holds: out of range, not
-            // malformed.
-            Err(_) if jiff::fmt::temporal::Pieces::parse(text).is_ok() => {
-                return Err(out_of_range(text));
-            }
+            Err(_) if is_past_jiffs_range(text) => return Err(out_of_range(text)),
             Err(e) => {
                 return Err(format!(
                     "must be an RFC 3339 timestamp such as 2026-01-15T10:30:05.123Z ({e})"
@@ -156,6 +152,16 @@ impl Timestamp {
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
         Some(Self(secs * 1000 + millis))
     }
+}
+
+/// Whether `text` is a whole timestamp, offset and all, in one of the
+/// years at the ends of jiff's range: well formed, but past what jiff
+/// holds, where jiff's own message speaks of an overflow.
+fn is_past_jiffs_range(text: &str) -> bool {
+    jiff::fmt::temporal::Pieces::parse(text).is_ok_and(|pieces| {
+        let year = pieces.date().year();
+        pieces.offset().is_some() && pieces.time().is_some() && !(-9998..=9998).contains(&year)
+    })
 }
 
 fn out_of_range(text: &str) -> String {
@@ -404,11 +410,19 @@ mod tests {
                 format!("must be from 0000-01-01T00:00:00Z to 9999-12-30T22:00:00Z; got {text:?}")
             );
         }
-        let rule = Timestamp::parse_given("tomorrow").unwrap_err();
-        assert!(
-            rule.starts_with("must be an RFC 3339 timestamp such as"),
-            "{rule}"
-        );
+        // Not a timestamp, or not a whole one: the rule of the form.
+        for text in [
+            "tomorrow",
+            "2026-01-15T10:00:00",
+            "2026-01-15",
+            "2026-02-30T10:00:00Z",
+        ] {
+            let rule = Timestamp::parse_given(text).expect_err(text);
+            assert!(
+                rule.starts_with("must be an RFC 3339 timestamp such as"),
+                "{text}: {rule}"
+            );
+        }
     }
 
     #[test]
