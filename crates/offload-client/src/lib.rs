@@ -17,6 +17,7 @@
 mod events;
 mod source;
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -468,13 +469,19 @@ impl Client {
     }
 
     pub async fn pause(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/pause")))
-            .await
+        self.json(self.request(
+            Method::POST,
+            &format!("/v1/queues/{}/pause", path_segment(queue)),
+        ))
+        .await
     }
 
     pub async fn resume(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/resume")))
-            .await
+        self.json(self.request(
+            Method::POST,
+            &format!("/v1/queues/{}/resume", path_segment(queue)),
+        ))
+        .await
     }
 
     /// Limits how many of the queue's tasks run at once (`None`: no limit).
@@ -487,8 +494,11 @@ impl Client {
             concurrency: Some(limit.map(i64::from)),
         };
         self.json(
-            self.request(Method::PATCH, &format!("/v1/queues/{queue}"))
-                .json(&body),
+            self.request(
+                Method::PATCH,
+                &format!("/v1/queues/{}", path_segment(queue)),
+            )
+            .json(&body),
         )
         .await
     }
@@ -684,6 +694,21 @@ fn parse_task(bytes: &[u8]) -> ClientResult<Task> {
             .filter(|(_, end)| *end == text.len())
             .map(|(task, _)| task)
     })
+}
+
+/// `name` as one segment of a path: a queue name the server would refuse
+/// (`a/b`, `q?x`) reaches it as that name, to be told why, instead of
+/// naming another route.
+fn path_segment(name: &str) -> String {
+    let mut segment = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            segment.push(char::from(byte));
+        } else {
+            let _ = write!(segment, "%{byte:02X}");
+        }
+    }
+    segment
 }
 
 /// `POST /v1/tasks/batch`'s body, borrowed: the same JSON as

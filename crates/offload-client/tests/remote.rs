@@ -276,6 +276,14 @@ async fn the_client_covers_the_routes_and_reports_errors() {
         Some(3)
     );
     assert!(!client.resume("other").await.unwrap().paused);
+    match client.set_concurrency("other/x", None).await {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+            ..
+        }) => assert!(message.contains("name: must be 1 to 64"), "{message}"),
+        other => panic!("expected the name refused, got {other:?}"),
+    }
     assert_eq!(client.queues().await.unwrap().len(), 2);
     assert_eq!(
         client.cancel(tasks[0].id).await.unwrap().state,

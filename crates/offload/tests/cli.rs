@@ -228,6 +228,17 @@ fn exit_codes_say_what_went_wrong() {
     );
     // The same slips, caught by the server: its 400 names the argument.
     assert_eq!(code(&["pause", "no spaces"]), 2);
+    // Names that would have named another route (`/`, `?`, `#`) reach the
+    // server as names all the same.
+    for args in [["pause", "a/b"], ["resume", "q?x"], ["pause", "a#b"]] {
+        let slip = server.cli(&args);
+        assert_eq!(slip.status.code(), Some(2), "{args:?}");
+        let message = String::from_utf8_lossy(&slip.stderr);
+        assert!(
+            message.contains("name: must be 1 to 64"),
+            "{args:?}: {message}"
+        );
+    }
     assert_eq!(code(&["clear", "--state", "pending"]), 2);
     let message = String::from_utf8_lossy(&bench.stderr);
     assert!(message.contains("--batch-answer"), "{message}");
