@@ -469,19 +469,13 @@ impl Client {
     }
 
     pub async fn pause(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(
-            Method::POST,
-            &format!("/v1/queues/{}/pause", path_segment(queue)),
-        ))
-        .await
+        self.json(self.request(Method::POST, &queue_path(queue, "/pause")))
+            .await
     }
 
     pub async fn resume(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(
-            Method::POST,
-            &format!("/v1/queues/{}/resume", path_segment(queue)),
-        ))
-        .await
+        self.json(self.request(Method::POST, &queue_path(queue, "/resume")))
+            .await
     }
 
     /// Limits how many of the queue's tasks run at once (`None`: no limit).
@@ -494,11 +488,8 @@ impl Client {
             concurrency: Some(limit.map(i64::from)),
         };
         self.json(
-            self.request(
-                Method::PATCH,
-                &format!("/v1/queues/{}", path_segment(queue)),
-            )
-            .json(&body),
+            self.request(Method::PATCH, &queue_path(queue, ""))
+                .json(&body),
         )
         .await
     }
@@ -696,19 +687,21 @@ fn parse_task(bytes: &[u8]) -> ClientResult<Task> {
     })
 }
 
-/// `name` as one segment of a path: a queue name the server would refuse
-/// (`a/b`, `q?x`) reaches it as that name, to be told why, instead of
-/// naming another route.
-fn path_segment(name: &str) -> String {
-    let mut segment = String::with_capacity(name.len());
-    for byte in name.bytes() {
+/// The path of `queue`'s route, then `rest`, the name written as one
+/// percent-encoded segment: a name the server would refuse (`a/b`, `q?x`)
+/// reaches it as that name, to be told why, instead of naming another
+/// route or another queue.
+fn queue_path(queue: &str, rest: &str) -> String {
+    let mut path = String::from("/v1/queues/");
+    for byte in queue.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            segment.push(char::from(byte));
+            path.push(char::from(byte));
         } else {
-            let _ = write!(segment, "%{byte:02X}");
+            let _ = write!(path, "%{byte:02X}");
         }
     }
-    segment
+    path.push_str(rest);
+    path
 }
 
 /// `POST /v1/tasks/batch`'s body, borrowed: the same JSON as
