@@ -110,6 +110,11 @@ pub fn json_response(body: impl Into<axum::body::Body>) -> Response {
         .into_response()
 }
 
+/// `body` as an answer, or a plain-text 500 when its JSON could not be
+/// written. Plain text, not an [`ApiError`]: an error's own answer is
+/// written through here, so one whose JSON failed would come back here
+/// again. (None fails: every type answered writes strings, numbers and
+/// JSON already checked.)
 fn answer(body: serde_json::Result<Vec<u8>>) -> Response {
     match body {
         Ok(body) => json_response(body),
