@@ -524,7 +524,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64>;
 
     /// Running tasks whose lease expired at least `expired_for` ago: ones
-    /// recovery should already have retried. Also a cheap database ping.
+    /// recovery should already have retried. Also `/health`'s check of the
+    /// database: an error when the store cannot serve (a database it cannot
+    /// reach, or one it can no longer write to until a restart).
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64>;
 
     /// Checks what the store keeps beside its tables (in memory, say)

@@ -195,7 +195,10 @@ impl SqliteStore {
             pending: ready.pending_seqs(),
             running,
             unwritten: Arc::default(),
-            wal_failed: std::sync::OnceLock::new(),
+            writes_stopped: std::sync::OnceLock::new(),
+            database_file: std::fs::File::open(&path)
+                .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?,
+            database_path: path.clone(),
             wal_syncs: std::sync::atomic::AtomicU64::new(0),
             finished: offload_core::FinishedTally::default(),
         });
@@ -207,6 +210,19 @@ impl SqliteStore {
             readers: Readers::new(path),
             durability: options.durability,
         })
+    }
+
+    /// Why this store no longer writes, if it does not: its WAL could not
+    /// be synced, or the database's path no longer names the file it opened
+    /// (looked at now, not only by the writer's check once a second).
+    /// Neither mends itself before a restart, so `/health` reports them
+    /// (through [`Store::count_stuck`]).
+    fn check_writable(&self) -> Result<()> {
+        self.shared.check_database_file();
+        match self.shared.writes_stopped.get() {
+            Some(reason) => Err(Error::Storage(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     pub fn durability(&self) -> Durability {
@@ -652,6 +668,9 @@ impl Store for SqliteStore {
     }
 
     async fn count_stuck(&self, expired_for: std::time::Duration) -> Result<u64> {
+        // The counts are in memory: what stands for the database's ping is
+        // whether the store can still write.
+        self.check_writable()?;
         let cutoff = self
             .shared
             .clock

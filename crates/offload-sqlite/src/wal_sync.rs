@@ -58,8 +58,9 @@ pub(crate) fn wal_file_sync(database: PathBuf) -> WalSync {
     })
 }
 
+/// Whether `path` still names the file `file` was opened from.
 #[cfg(unix)]
-fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
+pub(crate) fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
@@ -68,7 +69,7 @@ fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
 }
 
 #[cfg(not(unix))]
-fn same_file(_file: &std::fs::File, path: &std::path::Path) -> bool {
+pub(crate) fn same_file(_file: &std::fs::File, path: &std::path::Path) -> bool {
     path.exists()
 }
 
@@ -146,7 +147,7 @@ fn run_syncer(
 }
 
 fn sync_once(sync: &mut WalSync, shared: &Shared) -> Result<()> {
-    if let Some(reason) = shared.wal_failed.get() {
+    if let Some(reason) = shared.writes_stopped.get() {
         return Err(Error::Storage(reason.clone()));
     }
     match sync() {
@@ -166,6 +167,6 @@ fn stop_writing(shared: &Shared, cause: &std::io::Error) -> String {
         "the SQLite WAL could not be synced to disk ({cause}); the store stops writing: restart the server"
     );
     tracing::error!(error = %cause, "fsync of the SQLite WAL failed; the store stops writing");
-    let _ = shared.wal_failed.set(reason.clone());
-    shared.wal_failed.get().cloned().unwrap_or(reason)
+    let _ = shared.writes_stopped.set(reason.clone());
+    shared.writes_stopped.get().cloned().unwrap_or(reason)
 }

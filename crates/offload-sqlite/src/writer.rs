@@ -17,6 +17,7 @@ use std::collections::hash_map::Entry;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use offload_core::{
     Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, FinishedTally, Hub, Limits,
@@ -37,10 +38,14 @@ use crate::running::RunningSet;
 use crate::seq_map::SeqMap;
 use crate::shaped::ShapedStatements;
 use crate::sql;
-use crate::wal_sync::{Syncer, WalSync};
+use crate::wal_sync::{Syncer, WalSync, same_file};
 
 /// Operations committed together at most; bounds the latency of a group.
 const MAX_GROUP: usize = 512;
+/// How often, at most, the writer looks whether the database file it writes
+/// is still the one its path names: a `stat` a second, off the path of
+/// every group but one.
+const DATABASE_FILE_CHECK: Duration = Duration::from_secs(1);
 
 /// Called with the commit's outcome once the group's transaction ended.
 type Reply = Box<dyn FnOnce(Result<()>) + Send>;
@@ -67,9 +72,13 @@ pub(crate) struct Shared {
     pub running: RunningSet,
     /// Claimed tasks whose rows still say pending (`claims.rs`).
     pub unwritten: Arc<UnwrittenSeqs>,
-    /// Why the store stopped writing: an fsync of the WAL failed
-    /// (`wal_sync.rs`).
-    pub wal_failed: OnceLock<String>,
+    /// Why the store stopped writing, for good until a restart: an fsync
+    /// of the WAL failed (`wal_sync.rs`), or the database file was removed
+    /// or replaced under it ([`Shared::check_database_file`]).
+    pub writes_stopped: OnceLock<String>,
+    /// The database file as this store opened it, and its path.
+    pub database_file: std::fs::File,
+    pub database_path: std::path::PathBuf,
     /// Syncs of the WAL made for durable mode's answers.
     pub wal_syncs: AtomicU64,
     /// Tasks this store's commits finished, for the metrics.
@@ -86,6 +95,24 @@ impl Shared {
 
     fn take_parked(&self) -> Vec<ParkedClaim> {
         std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Stops writes once the database's path no longer names the file this
+    /// store opened (removed, or replaced by a copy): in WAL mode SQLite
+    /// goes on committing to the unlinked file, and every write answered
+    /// after that would be gone at the next start.
+    pub fn check_database_file(&self) {
+        if self.writes_stopped.get().is_some()
+            || same_file(&self.database_file, &self.database_path)
+        {
+            return;
+        }
+        let reason = format!(
+            "the database file {} was removed or replaced while this node ran; the store stops writing: restart the node",
+            self.database_path.display()
+        );
+        tracing::error!(database = %self.database_path.display(), "the database file was removed or replaced; the store stops writing");
+        let _ = self.writes_stopped.set(reason);
     }
 
     pub fn counts(&self) -> std::sync::MutexGuard<'_, CountsMap> {
@@ -755,6 +782,7 @@ fn run_writer(
     // (`synchronous = FULL`) or leave it to the syncer; `open` leaves it
     // with NORMAL.
     let mut commits_sync = false;
+    let mut database_checked = Instant::now();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -763,8 +791,12 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        if shared.wal_failed.get().is_some() {
-            // The cause was logged when the fsync failed.
+        if database_checked.elapsed() >= DATABASE_FILE_CHECK {
+            database_checked = Instant::now();
+            shared.check_database_file();
+        }
+        if shared.writes_stopped.get().is_some() {
+            // The cause was logged when the writes stopped.
             drop(group);
             continue;
         }
@@ -1262,6 +1294,12 @@ mod tests {
             assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
         }
         assert_eq!(store.wal_syncs(), 0);
+        // `/health` says so, with the cause, until a restart.
+        let health = offload_core::Store::count_stuck(&store, std::time::Duration::ZERO).await;
+        assert!(
+            matches!(&health, Err(Error::Storage(m)) if m.contains("could not be synced") && m.contains("the disk is gone")),
+            "{health:?}"
+        );
     }
 
     /// An operation that fails answers with its own error, not tentatively.

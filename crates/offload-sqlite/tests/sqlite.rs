@@ -177,6 +177,47 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
     assert_eq!(store.count_stuck(Duration::ZERO).await.unwrap(), 0);
 }
 
+/// A database file removed or replaced under a running node: SQLite in WAL
+/// mode goes on committing to the unlinked file, so every write answered
+/// after it would be gone at the next start. The store stops writing and
+/// `/health` (which reads `count_stuck` as the database's check, where the
+/// counts in memory alone would go on saying all is well) says why, both
+/// until a restart; `/health` looks at once, the writer once a second.
+#[tokio::test]
+async fn a_database_file_removed_or_replaced_under_the_store_stops_its_writes() {
+    let task = |task_type: &str| {
+        NewTask::new(task_type)
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
+    let is_stopped = |err: &Error| matches!(err, Error::Storage(m) if m.contains("was removed or replaced") && m.contains("offload.db"));
+    for (replaced, health_first) in [(false, true), (true, true), (false, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.enqueue(vec![task("before")]).await.unwrap();
+        assert_eq!(store.count_stuck(Duration::ZERO).await.unwrap(), 0);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = format!("{}{suffix}", path.display());
+            let _ = std::fs::remove_file(&file);
+            if replaced {
+                std::fs::write(&file, b"").unwrap();
+            }
+        }
+        if health_first {
+            let err = store.count_stuck(Duration::ZERO).await.unwrap_err();
+            assert!(is_stopped(&err), "replaced: {replaced}: {err}");
+        } else {
+            // Past the writer's interval, its own check finds it first.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let refused = store.enqueue(vec![task("after")]).await;
+        assert!(refused.is_err(), "replaced: {replaced}: {refused:?}");
+        let err = store.count_stuck(Duration::ZERO).await.unwrap_err();
+        assert!(is_stopped(&err), "replaced: {replaced}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn a_second_process_cannot_open_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
