@@ -51,26 +51,35 @@ pub(crate) fn wal_file_sync(database: PathBuf) -> WalSync {
         // SQLite keeps its WAL file while any connection is open, so the
         // handle stays valid; checking that the path still names the same
         // file costs a `stat` a sync and covers a WAL removed and made anew.
-        if !file.as_ref().is_some_and(|f| same_file(f, &path)) {
+        if file.as_ref().and_then(|f| same_file(f, &path)) != Some(true) {
             file = Some(std::fs::OpenOptions::new().write(true).open(&path)?);
         }
         file.as_ref().map_or(Ok(()), std::fs::File::sync_data)
     })
 }
 
-/// Whether `path` still names the file `file` was opened from.
+/// Whether `path` still names the file `file` was opened from; `None`
+/// when that cannot be told (a `stat` failed, and not because the path is
+/// gone).
 #[cfg(unix)]
-pub(crate) fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
+pub(crate) fn same_file(file: &std::fs::File, path: &std::path::Path) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
-        _ => false,
-    }
+    let named = match std::fs::metadata(path) {
+        Ok(named) => named,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    let open = file.metadata().ok()?;
+    Some(open.dev() == named.dev() && open.ino() == named.ino())
 }
 
 #[cfg(not(unix))]
-pub(crate) fn same_file(_file: &std::fs::File, path: &std::path::Path) -> bool {
-    path.exists()
+pub(crate) fn same_file(_file: &std::fs::File, path: &std::path::Path) -> Option<bool> {
+    match std::fs::metadata(path) {
+        Ok(_) => Some(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// The syncer thread and the way to it.

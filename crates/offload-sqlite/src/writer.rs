@@ -100,10 +100,11 @@ impl Shared {
     /// Stops writes once the database's path no longer names the file this
     /// store opened (removed, or replaced by a copy): in WAL mode SQLite
     /// goes on committing to the unlinked file, and every write answered
-    /// after that would be gone at the next start.
+    /// after that would be gone at the next start. A `stat` that fails for
+    /// another reason stops nothing.
     pub fn check_database_file(&self) {
         if self.writes_stopped.get().is_some()
-            || same_file(&self.database_file, &self.database_path)
+            || same_file(&self.database_file, &self.database_path) != Some(false)
         {
             return;
         }
