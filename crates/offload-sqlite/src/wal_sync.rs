@@ -176,6 +176,5 @@ fn stop_writing(shared: &Shared, cause: &std::io::Error) -> String {
         "the SQLite WAL could not be synced to disk ({cause}); the store stops writing: restart the server"
     );
     tracing::error!(error = %cause, "fsync of the SQLite WAL failed; the store stops writing");
-    let _ = shared.writes_stopped.set(reason.clone());
-    shared.writes_stopped.get().cloned().unwrap_or(reason)
+    shared.stop_writes(reason)
 }

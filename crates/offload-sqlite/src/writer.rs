@@ -113,7 +113,13 @@ impl Shared {
             self.database_path.display()
         );
         tracing::error!(database = %self.database_path.display(), "the database file was removed or replaced; the store stops writing");
-        let _ = self.writes_stopped.set(reason);
+        self.stop_writes(reason);
+    }
+
+    /// Stops the store's writes for good, for `reason` unless they stopped
+    /// already; returns the reason that stands, the first.
+    pub fn stop_writes(&self, reason: String) -> String {
+        self.writes_stopped.get_or_init(|| reason).clone()
     }
 
     pub fn counts(&self) -> std::sync::MutexGuard<'_, CountsMap> {
