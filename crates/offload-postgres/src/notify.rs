@@ -237,10 +237,7 @@ async fn stream_changes(
                     continue;
                 };
                 if streamed.is_news(&stored.task, *kind) {
-                    node.hub.publish(TaskEvent {
-                        kind: *kind,
-                        task: Arc::new(stored.task),
-                    });
+                    node.hub.publish(TaskEvent::new(*kind, stored.task));
                 }
             }
         }

@@ -91,10 +91,7 @@ impl Tx {
             task.id,
         ));
         if self.node.hub.has_listeners() {
-            self.effects.events.push(TaskEvent {
-                kind,
-                task: Arc::new(task.clone()),
-            });
+            self.effects.events.push(TaskEvent::new(kind, task.clone()));
         }
     }
 

@@ -12,7 +12,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use futures::StreamExt;
-use offload_core::{EventKind, Task, TaskEvent};
+use offload_core::{EventKind, TaskEvent};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
@@ -21,19 +21,21 @@ use crate::extract::{name_filter, owner_filter, query_pairs, task_id};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-fn event(kind: EventKind, task: &Task) -> Event {
-    let name = match kind {
+/// The SSE event for a change. Its JSON is written once for every stream
+/// that sends it (the first one writes it).
+fn event(change: &TaskEvent) -> Event {
+    let name = match change.kind {
         EventKind::State => "task.state",
         EventKind::Progress => "task.progress",
     };
-    Event::default()
-        .event(name)
-        .json_data(task)
-        .unwrap_or_else(|e| Event::default().comment(format!("could not encode the task: {e}")))
+    match change.json() {
+        Ok(json) => Event::default().event(name).data(json),
+        Err(e) => Event::default().comment(format!("could not encode the task: {e}")),
+    }
 }
 
-fn is_terminal(kind: EventKind, task: &Task) -> bool {
-    kind == EventKind::State && task.state.is_finished()
+fn is_terminal(change: &TaskEvent) -> bool {
+    change.kind == EventKind::State && change.task.state.is_finished()
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "events", params(("id" = String, Path)),
@@ -52,8 +54,8 @@ pub async fn task_events(
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
     let store = state.store().clone();
     let stream = async_stream(move |tx| async move {
-        let done = current.state.is_finished();
-        if tx.send(event(EventKind::State, &current)).await.is_err() || done {
+        let current = TaskEvent::new(EventKind::State, current);
+        if tx.send(event(&current)).await.is_err() || is_terminal(&current) {
             return;
         }
         loop {
@@ -62,17 +64,17 @@ pub async fn task_events(
                 // The client left: stop now, not at the next change.
                 _ = tx.closed() => return,
             };
-            let (kind, task) = match received {
-                Ok(TaskEvent { kind, task }) if task.id == id => (kind, (*task).clone()),
+            let change = match received {
+                Ok(change) if change.task.id == id => change,
                 Ok(_) => continue,
                 // Missed events: the task as it is now stands in for them.
                 Err(RecvError::Lagged(_)) => match store.get(id).await {
-                    Ok(Some(task)) => (EventKind::State, task),
+                    Ok(Some(task)) => TaskEvent::new(EventKind::State, task),
                     _ => return,
                 },
                 Err(RecvError::Closed) => return,
             };
-            if tx.send(event(kind, &task)).await.is_err() || is_terminal(kind, &task) {
+            if tx.send(event(&change)).await.is_err() || is_terminal(&change) {
                 return;
             }
         }
@@ -103,7 +105,8 @@ pub async fn all_events(
                 _ = tx.closed() => return,
             };
             let next = match received {
-                Ok(TaskEvent { kind, task }) => {
+                Ok(change) => {
+                    let task = &change.task;
                     let wanted = queue.as_ref().is_none_or(|q| *q == task.queue)
                         && task_type.as_ref().is_none_or(|t| *t == task.task_type)
                         && owner
@@ -112,7 +115,7 @@ pub async fn all_events(
                     if !wanted {
                         continue;
                     }
-                    event(kind, &task)
+                    event(&change)
                 }
                 Err(RecvError::Lagged(n)) => {
                     Event::default().comment(format!("{n} events were missed"))

@@ -547,10 +547,7 @@ impl<'c> WriteCtx<'c, '_> {
 
     pub fn event(&mut self, kind: EventKind, task: &Task) {
         if self.shared.hub.has_listeners() {
-            self.effects.events.push(TaskEvent {
-                kind,
-                task: Arc::new(task.clone()),
-            });
+            self.effects.events.push(TaskEvent::new(kind, task.clone()));
         }
     }
 
