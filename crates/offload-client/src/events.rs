@@ -18,6 +18,10 @@ pub struct TaskEvent {
 pub struct TaskEvents {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` has been searched for the end of an event
+    /// without finding one: a large event arrives in many chunks, and
+    /// searching it again from its start at each was quadratic.
+    searched: usize,
     /// Longest silence taken for a live stream: the server sends
     /// keep-alives, so a longer one is a connection that died unannounced.
     silence: Duration,
@@ -28,6 +32,7 @@ impl TaskEvents {
         Self {
             response,
             buffer: Vec::new(),
+            searched: 0,
             silence,
         }
     }
@@ -35,13 +40,15 @@ impl TaskEvents {
     /// The next event, or `None` when the stream ends.
     pub async fn next(&mut self) -> ClientResult<Option<TaskEvent>> {
         loop {
-            if let Some(end) = find_blank_line(&self.buffer) {
+            if let Some(end) = find_blank_line(&self.buffer, self.searched) {
+                self.searched = 0;
                 let block: Vec<u8> = self.buffer.drain(..end.1).collect();
                 if let Some(event) = parse_block(&block[..end.0])? {
                     return Ok(Some(event));
                 }
                 continue;
             }
+            self.searched = self.buffer.len();
             let Ok(read) = tokio::time::timeout(self.silence, self.response.chunk()).await else {
                 return Err(ClientError::Unreachable {
                     url: self.response.url().to_string(),
@@ -66,20 +73,19 @@ impl TaskEvents {
 }
 
 /// Where the first event block ends: (end of its text, end including the
-/// blank line).
-fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
-    let lf = buffer
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| (i, i + 2));
-    let crlf = buffer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
+/// blank line). The first `searched` bytes are known to hold no blank line
+/// (though one may begin in their last three).
+fn find_blank_line(buffer: &[u8], searched: usize) -> Option<(usize, usize)> {
+    (searched.saturating_sub(3)..buffer.len()).find_map(|i| {
+        let rest = &buffer[i..];
+        if rest.starts_with(b"\n\n") {
+            Some((i, i + 2))
+        } else if rest.starts_with(b"\r\n\r\n") {
+            Some((i, i + 4))
+        } else {
+            None
+        }
+    })
 }
 
 fn parse_block(block: &[u8]) -> ClientResult<Option<TaskEvent>> {
@@ -105,4 +111,31 @@ fn parse_block(block: &[u8]) -> ClientResult<Option<TaskEvent>> {
     let task = serde_json::from_str(&data)
         .map_err(|e| ClientError::Protocol(format!("bad event data: {e}")))?;
     Ok(Some(TaskEvent { kind, task }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_split_anywhere_across_chunks_ends_where_it_ends_whole() {
+        for (stream, end) in [
+            (&b"event: task.state\ndata: {}\n\nevent: next"[..], (26, 28)),
+            (
+                &b"event: task.state\r\ndata: {}\r\n\r\n: keep-alive"[..],
+                (27, 31),
+            ),
+        ] {
+            assert_eq!(find_blank_line(stream, 0), Some(end));
+            for arrived in 0..=stream.len() {
+                let found_early = find_blank_line(&stream[..arrived], 0);
+                let searched = if found_early.is_some() { 0 } else { arrived };
+                assert_eq!(
+                    found_early.or_else(|| find_blank_line(stream, searched)),
+                    Some(end),
+                    "the first {arrived} bytes arrived alone"
+                );
+            }
+        }
+    }
 }
