@@ -204,9 +204,10 @@ pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Api
 }
 
 fn parse_states(field: &str, value: &str) -> ApiResult<Vec<offload_core::State>> {
+    // An empty piece is an error, not skipped: `state=` from a script's
+    // unset variable would otherwise list, or clear, every state.
     value
         .split(',')
-        .filter(|s| !s.is_empty())
         .map(|s| s.parse().map_err(|e: String| ApiError::invalid(field, e)))
         .collect()
 }

@@ -370,6 +370,12 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "state",
     );
     assert_error(
+        http.get("/v1/tasks?state="),
+        400,
+        "invalid_argument",
+        "state: must be one of",
+    );
+    assert_error(
         http.get("/v1/tasks?cursor=zzz"),
         400,
         "invalid_argument",
@@ -781,6 +787,16 @@ fn cancel_retry_delete_and_clear() {
             .unwrap()
             .to_owned();
         http.post(&format!("/v1/tasks/{other}/cancel"), json!(null));
+    }
+    // An empty state, such as a script's unset variable writes, is not
+    // taken for every finished state: a clear names what it deletes.
+    for empty in ["state=", "state=cancelled,", "state=,"] {
+        assert_error(
+            http.delete(&format!("/v1/tasks?{empty}")),
+            400,
+            "invalid_argument",
+            "state: must be one of",
+        );
     }
     let (status, cleared) = http.delete("/v1/tasks?state=completed,cancelled&older_than_secs=0");
     assert_eq!((status, cleared), (200, json!({"deleted": 3})));
