@@ -52,6 +52,32 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// A node holds a descriptor for each connection, and each long-polling
+/// worker and each event stream keeps one open. Many systems start a
+/// program with a soft limit of 1,024 open files under a far higher hard
+/// one; past the soft limit the node cannot accept another connection, and
+/// new clients wait unanswered. The hard limit is what the administrator
+/// allows, so the node takes it. (`offload work` does not: the commands it
+/// starts would inherit the raised limit, which programs built around
+/// `select` cannot use.)
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+        Err(e) => tracing::warn!(
+            limit = soft,
+            error = %e,
+            "cannot raise the open files limit; this node accepts at most about this many connections"
+        ),
+    }
+}
+
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
     UsageError(message.into()).into()
 }
@@ -64,6 +90,9 @@ fn main() -> ExitCode {
     }
     let serving = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Work(_));
     init_logging(if serving { "info" } else { "warn" });
+    if matches!(cli.command, cli::Command::Serve(_)) {
+        raise_open_files_limit();
+    }
     let runtime_threads = match std::env::var("TOKIO_WORKER_THREADS") {
         Ok(n) => match n.parse::<usize>() {
             Ok(n) if n > 0 => Some(n),

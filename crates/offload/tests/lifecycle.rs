@@ -59,6 +59,36 @@ fn kill_9_loses_no_acknowledged_write() {
     );
 }
 
+/// Started with a soft limit of 64 open files, a node takes its hard limit,
+/// so that 150 idle connections (long polls, event streams) do not keep the
+/// next client from being accepted.
+#[test]
+fn serve_takes_the_hard_open_files_limit() {
+    let server = Server::start_through_shell(r#"ulimit -S -n 64 && exec "$0" "$@""#);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id()))
+        .expect("the node's /proc limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a line of open files")
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (open_files[3], open_files[4]);
+    assert_eq!(soft, hard, "{limits}");
+    let address = server.url.strip_prefix("http://").expect("an http URL");
+    let idle: Vec<std::net::TcpStream> = (0..150)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    let answer = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/tasks", server.url))
+        .body(r#"{"type": "t"}"#)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .expect("an answer beside 150 idle connections");
+    assert_eq!(answer.status(), 201);
+    drop(idle);
+}
+
 #[test]
 fn sigterm_stops_gracefully_with_exit_code_0() {
     let mut server = Server::start();

@@ -89,11 +89,33 @@ impl Server {
         std::mem::swap(&mut self.log, &mut restarted.log);
     }
 
+    /// Starts a server as [`Server::start`] does, through `sh -c SCRIPT`,
+    /// where `exec "$0" "$@"` starts the server: for the limits a shell's
+    /// `ulimit` sets.
+    pub fn start_through_shell(script: &str) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", script, BIN]);
+        let mut server = Self::spawn(
+            command,
+            "127.0.0.1:0",
+            &database_for(temp.path()),
+            temp.path(),
+            &[],
+        );
+        server._temp = Some(temp);
+        server
+    }
+
     fn start_listening(listen: &str, db: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(Command::new(BIN), listen, db, dir, extra)
+    }
+
+    fn spawn(mut command: Command, listen: &str, db: &str, dir: &Path, extra: &[&str]) -> Self {
         let log_name = format!("serve-{}.log", uuid::Uuid::now_v7().simple());
         let log_path = dir.join(log_name);
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut child = Command::new(BIN)
+        let mut child = command
             .args(["serve", "--listen", listen, "--db", db])
             .args(extra)
             .env("OFFLOAD_LOG", "info")
