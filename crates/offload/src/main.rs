@@ -53,13 +53,14 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// A node holds a descriptor for each connection, and each long-polling
-/// worker and each event stream keeps one open. Many systems start a
-/// program with a soft limit of 1,024 open files under a far higher hard
-/// one; past the soft limit the node cannot accept another connection, and
-/// new clients wait unanswered. The hard limit is what the administrator
-/// allows, so the node takes it. (`offload work` does not: the commands it
-/// starts would inherit the raised limit, which programs built around
-/// `select` cannot use.)
+/// worker and each event stream keeps one open; `offload work` holds about
+/// four for each command it runs (its pipes and its guard's). Many systems
+/// start a program with a soft limit of 1,024 open files under a far
+/// higher hard one: past it a node accepts no connection, new clients
+/// waiting unanswered, and a worker's commands fail to start, each failure
+/// an attempt spent. The hard limit is what the administrator allows, so
+/// both take it. The commands a worker starts inherit it, as they do in a
+/// container whose soft limit is its hard one.
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
@@ -73,7 +74,7 @@ fn raise_open_files_limit() {
         Err(e) => tracing::warn!(
             limit = soft,
             error = %e,
-            "cannot raise the open files limit; this node accepts at most about this many connections"
+            "cannot raise the open files limit; connections and commands past it fail"
         ),
     }
 }
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
     }
     let serving = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Work(_));
     init_logging(if serving { "info" } else { "warn" });
-    if matches!(cli.command, cli::Command::Serve(_)) {
+    if serving {
         raise_open_files_limit();
     }
     let runtime_threads = match std::env::var("TOKIO_WORKER_THREADS") {

@@ -488,6 +488,47 @@ echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": 
     assert_eq!(failed["attempt"], 1, "{failed}");
 }
 
+/// Started with a soft limit of 64 open files, a worker running 40 commands
+/// at once (about four descriptors each) takes its hard limit: every
+/// command starts, and none spends an attempt failing to.
+#[test]
+fn work_takes_the_hard_open_files_limit() {
+    let server = Server::start();
+    let http = server.http();
+    let tasks: Vec<Value> = (0..40).map(|_| json!({"type": "fd"})).collect();
+    assert_eq!(http.post("/v1/tasks/batch", json!({"tasks": tasks})).0, 201);
+    let worker = Command::new("/bin/sh")
+        .args(["-c", r#"ulimit -S -n 64 && exec "$0" "$@""#, BIN])
+        .args([
+            "work",
+            "--type",
+            "fd",
+            "--concurrency",
+            "40",
+            "--",
+            "sleep",
+            "1",
+        ])
+        .env("OFFLOAD_URL", &server.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _worker = WorkProcess(worker);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let finished = loop {
+        let (_, page) = http.get("/v1/tasks?type=fd&limit=100");
+        let tasks = page["tasks"].as_array().unwrap().clone();
+        if tasks.iter().all(|t| t["state"] == "completed") {
+            break tasks;
+        }
+        assert!(Instant::now() < deadline, "not all completed: {page}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let retried: Vec<&Value> = finished.iter().filter(|t| t["attempt"] != 1).collect();
+    assert!(retried.is_empty(), "tasks run more than once: {retried:?}");
+}
+
 #[test]
 fn work_kills_the_process_group_on_cancel() {
     let server = Server::start();
