@@ -92,7 +92,8 @@ fn parse_block(block: &[u8]) -> ClientResult<Option<TaskEvent>> {
     let text = String::from_utf8_lossy(block);
     let mut name = None;
     let mut data = String::new();
-    for line in text.lines() {
+    // The event-stream format ends a line at CRLF, LF or a lone CR.
+    for line in text.split(['\r', '\n']) {
         if let Some(value) = line.strip_prefix("event:") {
             name = Some(value.trim().to_owned());
         } else if let Some(value) = line.strip_prefix("data:") {
@@ -116,6 +117,32 @@ fn parse_block(block: &[u8]) -> ClientResult<Option<TaskEvent>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_field_over_lines_ended_by_cr_lf_or_crlf_is_read_whole() {
+        let spec = offload_core::NewTask::new("t")
+            .validate(
+                &offload_core::Limits::default(),
+                offload_core::Position::Alone,
+            )
+            .unwrap();
+        let task = Task::new_from_spec(
+            uuid::Uuid::now_v7(),
+            spec,
+            offload_core::Timestamp::from_millis(5),
+            false,
+        );
+        let json = serde_json::to_string(&task).unwrap();
+        // Cut after a comma: the line break that joins the pieces again is
+        // whitespace between tokens.
+        let cut = json.find(',').unwrap() + 1;
+        let (head, tail) = json.split_at(cut);
+        for end in ["\n", "\r", "\r\n"] {
+            let block = format!("event: task.state{end}data: {head}{end}data: {tail}");
+            let event = parse_block(block.as_bytes()).unwrap().expect("an event");
+            assert_eq!(event.task.id, task.id, "lines ended by {end:?}");
+        }
+    }
 
     #[test]
     fn an_event_split_anywhere_across_chunks_ends_where_it_ends_whole() {

@@ -30,7 +30,7 @@ pub enum EventKind {
 pub struct TaskEvent {
     pub kind: EventKind,
     pub task: Arc<Task>,
-    /// The task's JSON, written by the first stream that sends the event
+    /// The task's JSON line, written by the first stream that sends the event
     /// and shared by every other: each stream writing it for itself made
     /// the server's CPU grow by ~2 µs an event for each open stream.
     json: Arc<OnceLock<Result<Box<str>, Box<str>>>>,
@@ -45,13 +45,25 @@ impl TaskEvent {
         }
     }
 
-    /// The task as JSON, the same text as an answer's; or why it could not
-    /// be written.
-    pub fn json(&self) -> Result<&str, &str> {
+    /// The task as JSON on one line, as an event stream's `data:` field
+    /// takes it; or why it could not be written. A payload, result or
+    /// progress data is kept as its sender wrote it, line breaks included;
+    /// JSON allows a raw line break only as whitespace between tokens (in a
+    /// string it must be escaped), so each becomes a space and no value
+    /// changes. Split across `data:` lines instead, a bare CR ended a line
+    /// only for readers that follow the event-stream rules to the letter.
+    pub fn json_line(&self) -> Result<&str, &str> {
         let written = self.json.get_or_init(|| {
             let mut out = Vec::with_capacity(512);
             self.task
                 .write_json(&mut out)
+                .map(|()| {
+                    for byte in &mut out {
+                        if matches!(*byte, b'\r' | b'\n') {
+                            *byte = b' ';
+                        }
+                    }
+                })
                 .map_err(|e| e.to_string())
                 .and_then(|()| String::from_utf8(out).map_err(|e| e.to_string()))
                 .map(String::into_boxed_str)
@@ -146,11 +158,31 @@ mod tests {
         let (mut first, mut second) = (hub.subscribe(), hub.subscribe());
         hub.publish(TaskEvent::new(EventKind::State, task.clone()));
         let (a, b) = (first.try_recv().unwrap(), second.try_recv().unwrap());
-        let written = a.json().unwrap();
+        let written = a.json_line().unwrap();
         assert_eq!(written, serde_json::to_string(&task).unwrap());
         assert!(
-            std::ptr::eq(written, b.json().unwrap()),
+            std::ptr::eq(written, b.json_line().unwrap()),
             "the second receiver reads the text the first one wrote"
+        );
+    }
+
+    #[test]
+    fn an_event_of_a_payload_written_over_lines_is_one_line_of_the_same_json() {
+        let pretty = "{\r\n  \"note\": \"a\\r\\nb\",\n  \"rows\": [1,\r2]\n}";
+        let spec = NewTask {
+            payload: Some(serde_json::value::RawValue::from_string(pretty.into()).unwrap()),
+            ..NewTask::new("report")
+        }
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+        let task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(5), false);
+        let event = TaskEvent::new(EventKind::State, task);
+        let line = event.json_line().unwrap();
+        assert!(!line.contains(['\r', '\n']), "{line:?}");
+        let read: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            read["payload"],
+            serde_json::json!({"note": "a\r\nb", "rows": [1, 2]})
         );
     }
 }

@@ -21,14 +21,14 @@ use crate::extract::{name_filter, owner_filter, query_pairs, task_id};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// The SSE event for a change. Its JSON is written once for every stream
-/// that sends it (the first one writes it).
+/// The SSE event for a change: one `data:` line, written once for every
+/// stream that sends it (the first one writes it).
 fn event(change: &TaskEvent) -> Event {
     let name = match change.kind {
         EventKind::State => "task.state",
         EventKind::Progress => "task.progress",
     };
-    match change.json() {
+    match change.json_line() {
         Ok(json) => Event::default().event(name).data(json),
         Err(e) => Event::default().comment(format!("could not encode the task: {e}")),
     }

@@ -357,10 +357,13 @@ fn watch_follows_a_task_and_exits_by_its_outcome() {
     let http = server.http();
     let outcomes = [("complete", 0), ("fail", 1), ("cancel", 2)];
     for (outcome, expected) in outcomes {
-        let id = http.enqueue(json!({"type": "t", "max_attempts": 1}))["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        // A payload written over CRLF lines, as it is kept and streamed.
+        let (status, task) = http.post_raw(
+            "/v1/tasks",
+            "{\"type\": \"t\", \"max_attempts\": 1, \"payload\": {\r\n  \"a\": 1\r\n}}",
+        );
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
         let watcher = watch(&server, &id);
         std::thread::sleep(Duration::from_millis(300));
         http.fetch("w", json!({}));
