@@ -64,6 +64,15 @@ pub enum Command {
     Watch { id: String },
     /// Run a worker that runs COMMAND once per task.
     ///
+    /// The task's payload JSON is on the command's stdin; OFFLOAD_TASK_ID,
+    /// OFFLOAD_ATTEMPT and OFFLOAD_TASK_TYPE are in its environment. Lines
+    /// `progress: PERCENT [MESSAGE]` on its stdout report progress (the
+    /// latest goes to the server when the one before was answered). Exit 0
+    /// completes the task, with the last other stdout line as its result if
+    /// that line is JSON; any other exit fails the attempt with the tail of
+    /// stderr as the message, and the task is retried while it has attempts
+    /// left.
+    ///
     /// Each command runs in a process group of its own, killed whole on
     /// cancel, on timeout, when a shutdown's grace runs out, and when this
     /// worker dies, even by SIGKILL.
