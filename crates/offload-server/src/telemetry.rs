@@ -21,7 +21,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use offload_core::{Finished, State, Task};
+use offload_core::{Counts, Finished, State, Task};
 
 use crate::AppState;
 
@@ -67,7 +67,7 @@ impl Metrics {
     /// Counts tasks just created.
     pub fn enqueued<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
-            let task_type = type_label(queue, task_type);
+            let (queue, task_type) = labels(queue, task_type);
             counter!("offload_tasks_enqueued_total", "queue" => queue.to_owned(), "type" => task_type.to_owned())
                 .increment(group.len() as u64);
         }
@@ -76,7 +76,8 @@ impl Metrics {
     /// Time from when each task could run to when a worker claimed it.
     pub fn claimed<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, _), group) in by_pair(tasks) {
-            let pickup = histogram!("offload_task_pickup_seconds", "queue" => queue.to_owned());
+            let pickup =
+                histogram!("offload_task_pickup_seconds", "queue" => queue_label(queue).to_owned());
             for task in group {
                 if let Some(started) = task.started_at {
                     pickup.record(task.run_at.until(started).as_secs_f64());
@@ -91,7 +92,7 @@ impl Metrics {
     /// themselves ([`offload_core::Store::finished_totals`]).
     pub fn attempts_ended<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
-            let task_type = type_label(queue, task_type);
+            let (queue, task_type) = labels(queue, task_type);
             let labels = [("queue", queue.to_owned()), ("type", task_type.to_owned())];
             let mut retried = 0;
             // Registered only once there is a duration to record.
@@ -115,9 +116,14 @@ impl Metrics {
     pub async fn render(&self, state: &AppState) -> String {
         record_finished(state.store().finished_totals());
         if let Ok(stats) = state.store().stats().await {
+            // The queues past the budget share a label, so they are summed.
+            let mut by_label: HashMap<&str, Counts> = HashMap::new();
             for (queue, counts) in &stats.queues {
+                by_label.entry(queue_label(queue)).or_default().add(counts);
+            }
+            for (queue, counts) in by_label {
                 for s in State::ALL {
-                    gauge!("offload_queue_tasks", "queue" => queue.clone(), "state" => s.as_str())
+                    gauge!("offload_queue_tasks", "queue" => queue.to_owned(), "state" => s.as_str())
                         .set(counts.get(s) as f64);
                 }
             }
@@ -135,14 +141,14 @@ impl offload_engine::DutyObserver for Metrics {
     }
 }
 
-/// Sets the counters of finished tasks to the store's totals. The pairs
-/// past [`MAX_LABELLED_TYPES`] share a label, so they are summed first.
+/// Sets the counters of finished tasks to the store's totals. The queues
+/// and pairs past the budgets share labels, so they are summed first.
 fn record_finished(totals: Vec<(String, String, Finished)>) {
     let mut by_label: HashMap<(String, String), Finished> = HashMap::new();
     for (queue, task_type, finished) in &totals {
-        let label = type_label(queue, task_type).to_owned();
+        let (queue, task_type) = labels(queue, task_type);
         by_label
-            .entry((queue.clone(), label))
+            .entry((queue.to_owned(), task_type.to_owned()))
             .or_default()
             .add(finished);
     }
@@ -161,35 +167,37 @@ fn record_finished(totals: Vec<(String, String, Finished)>) {
     }
 }
 
+/// Queues that get a `queue` label of their own, in the order first
+/// counted. Queues are made on first use: an application that made one for
+/// each of its users would add series without end (each queue's gauges and
+/// pickup histogram are some thirty lines of every scrape: 9.5 MB and half
+/// a second of the server's CPU with 20,000 queues), each kept as long as
+/// the process runs.
+const MAX_LABELLED_QUEUES: usize = 1000;
+
 /// (queue, type) pairs that get a `type` label of their own, in the order
 /// first counted. Types are the applications' names: one that put an id in
-/// a type would add series without end, each kept as long as the process
-/// runs and sent on every scrape.
+/// a type would add series without end, as such queues would.
 const MAX_LABELLED_TYPES: usize = 1000;
 
-/// The `type` label of the tasks of `task_type` in `queue`: the type, or
-/// [`OTHER_TYPES`] once [`MAX_LABELLED_TYPES`] pairs have labels.
-fn type_label<'t>(queue: &str, task_type: &'t str) -> &'t str {
-    #[derive(Default)]
-    struct Labelled {
-        by_queue: HashMap<String, HashSet<String>>,
-        pairs: usize,
-    }
-    static LABELLED: OnceLock<Mutex<Labelled>> = OnceLock::new();
-    let mut labelled = LABELLED
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let labelled = &mut *labelled;
-    if labelled
-        .by_queue
-        .get(queue)
-        .is_some_and(|types| types.contains(task_type))
-    {
-        return task_type;
+/// The label of the queues past [`MAX_LABELLED_QUEUES`] and of the types
+/// past [`MAX_LABELLED_TYPES`]: neither a valid queue nor a valid type
+/// name, so never one of them.
+const OTHER: &str = "(other)";
+
+/// The `queue` and `type` labels of the tasks of `task_type` in `queue`:
+/// their names, or [`OTHER`] for a queue once [`MAX_LABELLED_QUEUES`]
+/// queues have labels, and for a type once [`MAX_LABELLED_TYPES`] (queue,
+/// type) pairs have (counted under the queue's label).
+fn labels<'t>(queue: &'t str, task_type: &'t str) -> (&'t str, &'t str) {
+    let mut labelled = labelled();
+    let queue = labelled.queue(queue);
+    let types = labelled.by_queue.get(queue);
+    if types.is_some_and(|types| types.contains(task_type)) {
+        return (queue, task_type);
     }
     if labelled.pairs >= MAX_LABELLED_TYPES {
-        return OTHER_TYPES;
+        return (queue, OTHER);
     }
     labelled.pairs += 1;
     labelled
@@ -197,12 +205,45 @@ fn type_label<'t>(queue: &str, task_type: &'t str) -> &'t str {
         .entry(queue.to_owned())
         .or_default()
         .insert(task_type.to_owned());
-    task_type
+    (queue, task_type)
 }
 
-/// The `type` label of the types past [`MAX_LABELLED_TYPES`]: not a valid
-/// type name, so never one of them.
-const OTHER_TYPES: &str = "(other)";
+/// The `queue` label of `queue`, as [`labels`] gives it.
+fn queue_label(queue: &str) -> &str {
+    labelled().queue(queue)
+}
+
+/// The queues and (queue, type) pairs that have labels of their own.
+#[derive(Default)]
+struct Labelled {
+    /// By queue label, the types labelled in it.
+    by_queue: HashMap<String, HashSet<String>>,
+    pairs: usize,
+}
+
+impl Labelled {
+    fn queue<'q>(&mut self, queue: &'q str) -> &'q str {
+        if self.by_queue.contains_key(queue) {
+            return queue;
+        }
+        // `OTHER`'s own entry, made once the budget is spent, is not a queue.
+        let queues = self.by_queue.len() - usize::from(self.by_queue.contains_key(OTHER));
+        if queues >= MAX_LABELLED_QUEUES {
+            self.by_queue.entry(OTHER.to_owned()).or_default();
+            return OTHER;
+        }
+        self.by_queue.insert(queue.to_owned(), HashSet::new());
+        queue
+    }
+}
+
+fn labelled() -> std::sync::MutexGuard<'static, Labelled> {
+    static LABELLED: OnceLock<Mutex<Labelled>> = OnceLock::new();
+    LABELLED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
 
 /// Tasks grouped by (queue, type), in the order first seen. A metric
 /// handle is a registry lookup (hashing the name and labels, cloning the

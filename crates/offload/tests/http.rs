@@ -871,6 +871,47 @@ fn metrics_label_at_most_a_thousand_task_types() {
     }
 }
 
+/// Queues are made on first use: past 1,000 of them, their tasks are
+/// counted under `queue="(other)"`, so that a queue for each of an
+/// application's users does not add series without end. The API still
+/// answers every queue.
+#[test]
+fn metrics_label_at_most_a_thousand_queues() {
+    let server = Server::start();
+    let http = server.http();
+    let tasks: Vec<Value> = (0..1005)
+        .map(|i| json!({"type": "t", "queue": format!("q{i}")}))
+        .collect();
+    let (status, body) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201, "{body}");
+    // A labelled queue keeps its label after the budget is spent.
+    http.enqueue(json!({"type": "t", "queue": "q0"}));
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
+        .unwrap()
+        .text()
+        .unwrap();
+    let pending: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("offload_queue_tasks{") && l.contains("state=\"pending\""))
+        .collect();
+    assert_eq!(pending.len(), 1001, "{pending:?}");
+    for needle in [
+        "offload_queue_tasks{queue=\"(other)\",state=\"pending\"} 5",
+        "offload_queue_tasks{queue=\"q0\",state=\"pending\"} 2",
+        "offload_queue_tasks{queue=\"q999\",state=\"pending\"} 1",
+    ] {
+        assert!(pending.contains(&needle), "no {needle} in {pending:?}");
+    }
+    // The counters share it; the thousand labelled queues also spent the
+    // budget of (queue, type) pairs.
+    assert!(
+        metrics.contains("offload_tasks_enqueued_total{queue=\"(other)\",type=\"(other)\"} 5"),
+        "{metrics}"
+    );
+    let (_, queues) = http.get("/v1/queues");
+    assert_eq!(queues["queues"].as_array().unwrap().len(), 1005);
+}
+
 #[test]
 fn health_metrics_and_openapi() {
     let server = Server::start();
