@@ -253,11 +253,24 @@ fn by_pair<'t>(
     tasks: impl IntoIterator<Item = &'t Task>,
 ) -> Vec<((&'t str, &'t str), Vec<&'t Task>)> {
     let mut groups: Vec<((&str, &str), Vec<&Task>)> = Vec::new();
+    // Where each pair is in `groups`: a batch of 10,000 tasks of as many
+    // types searched the groups for each task.
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
     for task in tasks {
         let pair = (task.queue.as_str(), task.task_type.as_str());
-        match groups.iter_mut().rev().find(|(p, _)| *p == pair) {
-            Some((_, group)) => group.push(task),
-            None => groups.push((pair, vec![task])),
+        // Tasks come in runs of one pair.
+        if let Some((last, group)) = groups.last_mut()
+            && *last == pair
+        {
+            group.push(task);
+            continue;
+        }
+        match index.get(&pair) {
+            Some(&at) => groups[at].1.push(task),
+            None => {
+                index.insert(pair, groups.len());
+                groups.push((pair, vec![task]));
+            }
         }
     }
     groups
