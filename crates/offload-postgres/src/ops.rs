@@ -178,7 +178,9 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     let mut deps_dep_seq = Vec::new();
     let mut deps_task = Vec::new();
     let mut broken = Vec::new();
-    for item in &fresh {
+    // Where each of `broken` is in `fresh`.
+    let mut broken_at = Vec::new();
+    for (at, item) in fresh.iter().enumerate() {
         tx.count(
             &item.task.queue,
             &item.task.task_type,
@@ -198,13 +200,12 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             };
             stored.task.fail_dependency(dep, dep_state, tx.now)?;
             broken.push((stored, State::Blocked));
+            broken_at.push(at);
         }
     }
     wait_for(tx, &deps_dep, &deps_dep_seq, &deps_task).await?;
-    for (stored, _) in &broken {
-        if let Some(item) = fresh.iter_mut().find(|f| f.task.id == stored.task.id) {
-            item.task = stored.task.clone();
-        }
+    for ((stored, _), at) in broken.iter().zip(broken_at) {
+        fresh[at].task = stored.task.clone();
     }
     tx.save(broken).await?;
     Ok(answers

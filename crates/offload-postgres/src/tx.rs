@@ -246,12 +246,17 @@ impl Tx {
         .await?;
         let mut moved: HashMap<i64, StoredTask> = HashMap::new();
         let mut order = Vec::new();
+        // A group may finish thousands of tasks, each with dependents.
+        let mut finished_state: HashMap<Uuid, State> = HashMap::with_capacity(finished.len());
+        for (id, state) in finished {
+            finished_state.entry(*id).or_insert(*state);
+        }
         for row in &rows {
             let dep_id: Uuid = sqlx::Row::try_get(row, "dep_id")?;
-            let dep_state = finished
-                .iter()
-                .find(|(id, _)| *id == dep_id)
-                .map_or(State::Completed, |(_, s)| *s);
+            let dep_state = finished_state
+                .get(&dep_id)
+                .copied()
+                .unwrap_or(State::Completed);
             let stored = decode(row)?;
             let seq = stored.seq;
             let entry = moved.entry(seq).or_insert_with(|| {
