@@ -228,6 +228,12 @@ impl Engine {
         wait: Duration,
         stop: &CancellationToken,
     ) -> Result<Vec<Task>> {
+        if wait.is_zero() {
+            // Nothing to wait for: a claim parked only to be withdrawn cost
+            // an empty answer a timer's tick, which rounds up to the next
+            // millisecond (1.26 ms where it takes 0.3).
+            return self.store.claim(request).await;
+        }
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = self.store.hub().watch_ready();
         loop {
