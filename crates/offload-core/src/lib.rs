@@ -28,7 +28,7 @@ pub use error::{Error, Result};
 pub use finished::{Finished, FinishedTally};
 pub use hub::{EventKind, Hub, TaskEvent};
 pub use log_throttle::{LOG_LINES_PER_SECOND, LogThrottle};
-pub use machine::{AttemptFailure, Backoff, CancelEffect, transition_allowed};
+pub use machine::{AttemptFailure, Backoff, CancelEffect, MAX_RETRY_DELAY, transition_allowed};
 pub use new_task::{
     Limits, MAX_LABEL_VALUE_CHARS, MAX_LEASE_SECS, NewTask, OnConflict, Position, PriorityInput,
     Schedule, TaskSpec, check_json, no_nul, validate_label_key, validate_owner,

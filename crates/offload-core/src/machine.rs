@@ -49,6 +49,12 @@ pub fn transition_allowed(from: State, to: State) -> bool {
     )
 }
 
+/// The longest a failed attempt waits for its retry, whether a worker
+/// names the delay (`retry_in_secs`) or the backoff makes it: a year. A
+/// delay without bound would put `run_at` past the year 9999, which no
+/// answer can write.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Retry delays: `min(2^attempt, max_secs)` seconds, ± `jitter`.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -326,7 +332,8 @@ impl Task {
         } else {
             let delay = failure
                 .retry_in
-                .unwrap_or_else(|| backoff.delay(self.attempt, &mut rand::rng()));
+                .unwrap_or_else(|| backoff.delay(self.attempt, &mut rand::rng()))
+                .min(MAX_RETRY_DELAY);
             self.run_at = now.saturating_add(delay);
             let next = self.ready_state(now);
             self.move_to(next, now);
@@ -506,6 +513,31 @@ mod tests {
         assert_eq!(t.state, State::Failed);
         assert_eq!(t.errors.len(), 2);
         assert_eq!(t.finished_at, Some(now));
+    }
+
+    /// An embedded worker's delay and an operator's backoff reach the
+    /// machine unchecked; neither may put `run_at` past what an answer can
+    /// write.
+    #[test]
+    fn a_retry_waits_at_most_a_year() {
+        let now = Timestamp::from_millis(1_000_000);
+        let unbounded = Backoff {
+            max_secs: u64::MAX,
+            jitter: 0.0,
+        };
+        for (attempt, retry_in) in [(1, Some(Duration::MAX)), (60, None)] {
+            let mut t = task(State::Pending);
+            t.max_attempts = 100;
+            t.attempt = attempt - 1;
+            t.claim("w", Duration::from_secs(30), now).unwrap();
+            let failure = AttemptFailure {
+                retry_in,
+                ..failure(None)
+            };
+            t.fail("w", failure, &unbounded, now).unwrap();
+            assert_eq!(t.state, State::Scheduled);
+            assert_eq!(now.until(t.run_at), MAX_RETRY_DELAY, "attempt {attempt}");
+        }
     }
 
     #[test]

@@ -231,6 +231,13 @@ impl Config {
                 self.payload_limit_bytes, self.batch_body_limit_bytes
             ));
         }
+        let max_retry_delay_secs = offload_core::MAX_RETRY_DELAY.as_secs();
+        if self.backoff.max_secs > max_retry_delay_secs {
+            return invalid(format!(
+                "backoff.max_secs must be 0 to {max_retry_delay_secs} (a year); got {}",
+                self.backoff.max_secs
+            ));
+        }
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return invalid(format!(
                 "backoff.jitter must be 0 to 1; got {}",
@@ -326,6 +333,17 @@ mod tests {
         assert!(
             message
                 .contains("batch_body_limit_bytes must be at least payload_limit_bytes (1048576)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_backoff_past_a_year_is_refused() {
+        // Past it, the attempts after the 38th would be due after the
+        // year 9999.
+        let message = refused(|c| c.backoff.max_secs = u64::MAX);
+        assert!(
+            message.contains("backoff.max_secs must be 0 to 31622400 (a year); got"),
             "{message}"
         );
     }

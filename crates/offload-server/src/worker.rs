@@ -25,7 +25,7 @@ const MAX_FETCH: i64 = 1000;
 /// PostgreSQL reads a claim's candidates a type at a time.
 const MAX_FETCH_NAMES: usize = 1000;
 const MAX_WAIT_MS: i64 = 60_000;
-const MAX_RETRY_IN_SECS: i64 = 366 * 24 * 3600;
+const MAX_RETRY_IN_SECS: i64 = offload_core::MAX_RETRY_DELAY.as_secs() as i64;
 
 fn in_range(field: &str, value: Option<i64>, min: i64, max: i64, default: i64) -> ApiResult<i64> {
     match value {

@@ -206,12 +206,15 @@ impl TaskFailure {
         }
     }
 
-    /// Retries after `delay` instead of the backoff. A permanent failure is
-    /// not retried, so it keeps no delay: the server refuses the two together.
+    /// Retries after `delay` instead of the backoff; a delay over
+    /// [`offload_core::MAX_RETRY_DELAY`] (a year) is that long. A permanent
+    /// failure is not retried, so it keeps no delay. The server refuses
+    /// either kind of delay, and with it the whole batch of acks the
+    /// failure travels in.
     #[must_use]
     pub fn retry_in(mut self, delay: Duration) -> Self {
         if self.retry != Some(false) {
-            self.retry_in = Some(delay);
+            self.retry_in = Some(delay.min(offload_core::MAX_RETRY_DELAY));
         }
         self
     }
@@ -246,8 +249,9 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskFailure {
 mod tests {
     use super::*;
 
-    /// The server refuses `retry: false` with `retry_in_secs`, and one such
-    /// failure would fail the whole batch of acks it travels in.
+    /// The server refuses `retry: false` with `retry_in_secs`, and a
+    /// `retry_in_secs` over a year; one such failure would fail the whole
+    /// batch of acks it travels in.
     #[test]
     fn a_permanent_failure_keeps_no_retry_delay() {
         let permanent = TaskFailure::permanent("gone").retry_in(Duration::from_secs(5));
@@ -257,6 +261,8 @@ mod tests {
             (later.retry, later.retry_in),
             (None, Some(Duration::from_secs(5)))
         );
+        let much_later = TaskFailure::new("closed").retry_in(Duration::MAX);
+        assert_eq!(much_later.retry_in, Some(offload_core::MAX_RETRY_DELAY));
     }
 
     /// The token is made lazily, so a cancel that comes before anyone asked
