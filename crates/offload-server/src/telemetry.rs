@@ -191,6 +191,14 @@ const OTHER: &str = "(other)";
 /// type) pairs have (counted under the queue's label).
 fn labels<'t>(queue: &'t str, task_type: &'t str) -> (&'t str, &'t str) {
     let mut labelled = labelled();
+    // Nearly always a labelled queue and type.
+    if labelled
+        .by_queue
+        .get(queue)
+        .is_some_and(|types| types.contains(task_type))
+    {
+        return (queue, task_type);
+    }
     let queue = labelled.queue(queue);
     let types = labelled.by_queue.get(queue);
     if types.is_some_and(|types| types.contains(task_type)) {
@@ -253,9 +261,10 @@ fn by_pair<'t>(
     tasks: impl IntoIterator<Item = &'t Task>,
 ) -> Vec<((&'t str, &'t str), Vec<&'t Task>)> {
     let mut groups: Vec<((&str, &str), Vec<&Task>)> = Vec::new();
-    // Where each pair is in `groups`: a batch of 10,000 tasks of as many
-    // types searched the groups for each task.
-    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    // Where each pair is in `groups`, once there are more than a few: a
+    // batch of 10,000 tasks of as many types searched the groups for each
+    // task.
+    let mut index: Option<HashMap<(&str, &str), usize>> = None;
     for task in tasks {
         let pair = (task.queue.as_str(), task.task_type.as_str());
         // Tasks come in runs of one pair.
@@ -265,16 +274,33 @@ fn by_pair<'t>(
             group.push(task);
             continue;
         }
-        match index.get(&pair) {
-            Some(&at) => groups[at].1.push(task),
+        let found = if groups.len() < INDEXED_GROUPS {
+            groups.iter().rposition(|(p, _)| *p == pair)
+        } else {
+            let index = index.get_or_insert_with(|| {
+                groups
+                    .iter()
+                    .enumerate()
+                    .map(|(at, (p, _))| (*p, at))
+                    .collect()
+            });
+            index.get(&pair).copied()
+        };
+        match found {
+            Some(at) => groups[at].1.push(task),
             None => {
-                index.insert(pair, groups.len());
+                if let Some(index) = &mut index {
+                    index.insert(pair, groups.len());
+                }
                 groups.push((pair, vec![task]));
             }
         }
     }
     groups
 }
+
+/// Groups [`by_pair`] searches one by one before it indexes them.
+const INDEXED_GROUPS: usize = 16;
 
 /// Records every routed request's latency by method, route and status.
 pub async fn track_http(request: Request, next: Next) -> Response {
@@ -293,4 +319,55 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     )
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use offload_core::{Limits, NewTask, Position, Task, Timestamp};
+    use uuid::Uuid;
+
+    use super::by_pair;
+
+    fn task(queue: &str, task_type: &str) -> Task {
+        let spec = NewTask::new(task_type)
+            .queue(queue)
+            .validate(&Limits::default(), Position::Alone)
+            .expect("a valid task");
+        Task::new_from_spec(
+            Uuid::now_v7(),
+            spec,
+            Timestamp::from_millis(1_795_000_000_000),
+            false,
+        )
+    }
+
+    /// Past the pairs it searches one by one, the groups are indexed; both
+    /// ways group every task with its pair, in the order first seen.
+    #[test]
+    fn tasks_are_grouped_by_pair_in_the_order_first_seen() {
+        for pairs in [3, 40] {
+            let tasks: Vec<Task> = (0..pairs * 5)
+                .map(|i| task(&format!("q{}", i % 2), &format!("t{}", (i * 7) % pairs)))
+                .collect();
+            let groups = by_pair(&tasks);
+            let mut first_seen: Vec<(&str, &str)> = Vec::new();
+            for t in &tasks {
+                let pair = (t.queue.as_str(), t.task_type.as_str());
+                if !first_seen.contains(&pair) {
+                    first_seen.push(pair);
+                }
+            }
+            let grouped: Vec<(&str, &str)> = groups.iter().map(|(pair, _)| *pair).collect();
+            assert_eq!(grouped, first_seen, "{pairs} pairs");
+            for (pair, group) in &groups {
+                let of_pair: Vec<&Task> = tasks
+                    .iter()
+                    .filter(|t| (t.queue.as_str(), t.task_type.as_str()) == *pair)
+                    .collect();
+                let same = of_pair.len() == group.len()
+                    && of_pair.iter().zip(group).all(|(a, b)| a.id == b.id);
+                assert!(same, "{pair:?} of {pairs} pairs");
+            }
+        }
+    }
 }
