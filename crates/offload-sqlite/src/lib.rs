@@ -19,6 +19,7 @@ mod checkpoint;
 mod claims;
 mod ids;
 mod ops;
+mod pair_names;
 mod pending_rows;
 mod read;
 mod ready;

@@ -17,11 +17,12 @@
 //! the ones a claim reads, within a bound on their memory; a row not kept
 //! is read from `tasks` as before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use offload_core::{Json, State, Task, Timestamp};
 use uuid::Uuid;
 
+use crate::pair_names::PairNames;
 use crate::seq_map::SeqMap;
 
 /// Bytes the kept rows may take, as [`PendingRows`] estimates them: about
@@ -36,11 +37,7 @@ pub(crate) struct PendingRows {
     rows: SeqMap<KeptRow>,
     /// The (queue, type) pairs of the rows kept so far, each once; as few
     /// as the lanes of claim order (`ready.rs`), which keep theirs too.
-    names: Vec<(String, String)>,
-    /// Where each pair is in `names`: queue, then type. SipHash, as the
-    /// names are the callers'.
-    index: HashMap<String, HashMap<String, usize>>,
-    last_names: Option<usize>,
+    names: PairNames,
     bytes: usize,
 }
 
@@ -124,7 +121,7 @@ impl PendingRows {
             owner.is_none() && labels.is_empty() && unique_key.is_none() && depends_on.is_empty();
         let row = KeptRow {
             id: *id,
-            names: self.names_of(queue, task_type),
+            names: self.names.place(queue, task_type),
             payload: payload.clone(),
             priority: *priority,
             max_attempts: *max_attempts,
@@ -150,33 +147,6 @@ impl PendingRows {
         self.bytes += size;
     }
 
-    /// The index of (queue, type) in `names`. Tasks come in runs of one
-    /// pair (a batch), so the last pair found is tried first.
-    fn names_of(&mut self, queue: &str, task_type: &str) -> usize {
-        if let Some(last) = self.last_names
-            && self.names[last].0 == queue
-            && self.names[last].1 == task_type
-        {
-            return last;
-        }
-        let found = self
-            .index
-            .get(queue)
-            .and_then(|types| types.get(task_type))
-            .copied();
-        let at = found.unwrap_or_else(|| {
-            self.names.push((queue.to_owned(), task_type.to_owned()));
-            let at = self.names.len() - 1;
-            self.index
-                .entry(queue.to_owned())
-                .or_default()
-                .insert(task_type.to_owned(), at);
-            at
-        });
-        self.last_names = Some(at);
-        at
-    }
-
     /// Takes out the row of `seq`, if kept, as the task it is.
     pub fn take(&mut self, seq: i64) -> Option<Box<Task>> {
         let row = self.rows.remove(&seq)?;
@@ -185,7 +155,7 @@ impl PendingRows {
     }
 
     fn task(&self, row: KeptRow) -> Box<Task> {
-        let (queue, task_type) = &self.names[row.names];
+        let (queue, task_type) = self.names.get(row.names);
         let extra = row.extra.map_or(
             Extra {
                 owner: None,

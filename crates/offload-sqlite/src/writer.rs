@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::checkpoint::Checkpoints;
 use crate::claims::{Claims, UnwrittenSeqs};
 use crate::ids::SeqIds;
+use crate::pair_names::PairNames;
 use crate::pending_rows::PendingRows;
 use crate::ready::{PendingSeqs, ReadyIndex};
 use crate::row_writes::{RowWrite, RowWrites};
@@ -135,12 +136,7 @@ pub(crate) struct Effects {
     /// The (queue, type) pairs this group touched; `deltas` points into it,
     /// so a group of thousands of changes to one pair allocates its names
     /// once instead of per change.
-    pairs: Vec<(String, String)>,
-    /// Where each pair is in `pairs`, queue then type, once the group has
-    /// touched [`INDEXED_PAIRS`] of them: a batch of 10,000 tasks of as
-    /// many types searched `pairs` for each, and took 0.5 s where one of a
-    /// single type took 0.02.
-    pair_index: HashMap<String, HashMap<String, usize>>,
+    pairs: PairNames,
     deltas: Vec<Delta>,
     events: Vec<TaskEvent>,
     cancels: Vec<Uuid>,
@@ -182,52 +178,7 @@ struct Mark {
     scheduled: bool,
 }
 
-/// Pairs a group searches one by one before it indexes them.
-const INDEXED_PAIRS: usize = 16;
-
 impl Effects {
-    /// The place of (queue, type) in `pairs`, added if new.
-    fn pair(&mut self, queue: &str, task_type: &str) -> usize {
-        // Groups touch few pairs, and the latest is the likeliest again.
-        if let Some((q, t)) = self.pairs.last()
-            && q == queue
-            && t == task_type
-        {
-            return self.pairs.len() - 1;
-        }
-        if self.pairs.len() < INDEXED_PAIRS {
-            if let Some(pair) = self
-                .pairs
-                .iter()
-                .rposition(|(q, t)| q == queue && t == task_type)
-            {
-                return pair;
-            }
-        } else {
-            if self.pair_index.is_empty() {
-                for (pair, (q, t)) in self.pairs.iter().enumerate() {
-                    self.pair_index
-                        .entry(q.clone())
-                        .or_default()
-                        .insert(t.clone(), pair);
-                }
-            }
-            if let Some(&pair) = self
-                .pair_index
-                .get(queue)
-                .and_then(|types| types.get(task_type))
-            {
-                return pair;
-            }
-            self.pair_index
-                .entry(queue.to_owned())
-                .or_default()
-                .insert(task_type.to_owned(), self.pairs.len());
-        }
-        self.pairs.push((queue.to_owned(), task_type.to_owned()));
-        self.pairs.len() - 1
-    }
-
     /// For each (queue, type) pair this group touched: whether a task of it
     /// became pending, and whether a running one ended (freeing a slot of a
     /// limited queue). Summed up once per group, so checking each parked
@@ -273,15 +224,6 @@ impl Effects {
     }
 
     fn reset(&mut self, mark: Mark) {
-        if mark.pairs < INDEXED_PAIRS {
-            self.pair_index.clear();
-        } else {
-            for (q, t) in &self.pairs[mark.pairs..] {
-                if let Some(types) = self.pair_index.get_mut(q) {
-                    types.remove(t);
-                }
-            }
-        }
         self.pairs.truncate(mark.pairs);
         self.deltas.truncate(mark.deltas);
         self.events.truncate(mark.events);
@@ -325,7 +267,7 @@ impl Effects {
                     },
                 ));
             let mut counts = shared.counts();
-            for (pair, changes) in self.pairs.into_iter().zip(by_pair) {
+            for (pair, changes) in self.pairs.into_pairs().into_iter().zip(by_pair) {
                 let entry = counts.entry(pair).or_default();
                 for state in State::ALL {
                     let slot = entry.slot(state);
@@ -572,7 +514,7 @@ impl<'c> WriteCtx<'c, '_> {
     /// `None` is outside the store (inserted or deleted).
     pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
         let effects = &mut *self.effects;
-        let pair = effects.pair(queue, task_type);
+        let pair = effects.pairs.place(queue, task_type);
         for (state, change) in [(from, -1), (to, 1)] {
             if let Some(state) = state {
                 effects.deltas.push(Delta {
@@ -988,34 +930,6 @@ mod tests {
 
     use super::*;
     use crate::{SqliteOptions, SqliteStore};
-
-    #[test]
-    fn a_group_finds_each_pair_it_touched_through_savepoints_rolled_back() {
-        let names = |i: usize| (format!("q{}", i % 7), format!("t{i}"));
-        // A savepoint taken before the index was made, and one after.
-        for mark_at in [10, 25] {
-            let mut effects = Effects::default();
-            for i in 0..40 {
-                let (q, t) = names(i);
-                assert_eq!(effects.pair(&q, &t), i);
-                assert_eq!(effects.pair(&q, &t), i, "found again");
-            }
-            effects.reset(Mark {
-                pairs: mark_at,
-                ..effects.mark()
-            });
-            for i in 0..mark_at {
-                let (q, t) = names(i);
-                assert_eq!(effects.pair(&q, &t), i, "pair {i} kept");
-            }
-            // The pairs rolled back are new again, in a new order.
-            for (at, i) in (mark_at..40).rev().enumerate() {
-                let (q, t) = names(i);
-                assert_eq!(effects.pair(&q, &t), mark_at + at, "pair {i} added again");
-                assert_eq!(effects.pairs.len(), mark_at + at + 1);
-            }
-        }
-    }
 
     #[test]
     fn a_kept_claimed_row_is_found_by_its_id_alone() {
