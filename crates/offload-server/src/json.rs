@@ -133,22 +133,15 @@ fn answer(body: serde_json::Result<Vec<u8>>) -> Response {
 #[cfg(test)]
 mod tests {
     use offload_api::TaskList;
-    use offload_core::{Limits, NewTask, Task, Timestamp};
-    use uuid::Uuid;
+    use offload_core::{NewTask, Task};
 
     use super::task_list;
 
     fn task(n: u32) -> Task {
-        let spec = NewTask::new("report.build")
-            .payload(&serde_json::json!({ "n": n }))
-            .expect("a JSON payload")
-            .validate(&Limits::default(), offload_core::Position::Alone)
-            .expect("a valid task");
-        Task::new_from_spec(
-            Uuid::now_v7(),
-            spec,
-            Timestamp::from_millis(1_795_000_000_000),
-            false,
+        crate::test_task(
+            NewTask::new("report.build")
+                .payload(&serde_json::json!({ "n": n }))
+                .expect("a JSON payload"),
         )
     }
 

@@ -308,6 +308,24 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A task as a store makes it from `new`, at a fixed time: what the
+/// modules' own tests write and group.
+#[cfg(test)]
+fn test_task(new: offload_core::NewTask) -> offload_core::Task {
+    let spec = new
+        .validate(
+            &offload_core::Limits::default(),
+            offload_core::Position::Alone,
+        )
+        .expect("a valid task");
+    offload_core::Task::new_from_spec(
+        uuid::Uuid::now_v7(),
+        spec,
+        offload_core::Timestamp::from_millis(1_795_000_000_000),
+        false,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -323,22 +323,12 @@ pub async fn track_http(request: Request, next: Next) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use offload_core::{Limits, NewTask, Position, Task, Timestamp};
-    use uuid::Uuid;
+    use offload_core::{NewTask, Task};
 
     use super::by_pair;
 
     fn task(queue: &str, task_type: &str) -> Task {
-        let spec = NewTask::new(task_type)
-            .queue(queue)
-            .validate(&Limits::default(), Position::Alone)
-            .expect("a valid task");
-        Task::new_from_spec(
-            Uuid::now_v7(),
-            spec,
-            Timestamp::from_millis(1_795_000_000_000),
-            false,
-        )
+        crate::test_task(NewTask::new(task_type).queue(queue))
     }
 
     /// Past the pairs it searches one by one, the groups are indexed; both
