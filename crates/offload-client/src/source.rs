@@ -39,8 +39,10 @@ impl From<ClientError> for Error {
                 message,
                 ..
             } => Error::Conflict(message),
+            // A body over the server's limit is refused the same every
+            // time, as bad input is: the worker splits it, not repeats it.
             ClientError::Api {
-                status: 400,
+                status: 400 | 413,
                 message,
                 ..
             } => Error::invalid("request", message),

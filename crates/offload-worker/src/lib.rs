@@ -75,6 +75,11 @@ pub struct WorkerConfig {
     pub cancel_grace: Duration,
     /// Acknowledgements sent in one call, at most.
     pub max_ack_batch: usize,
+    /// Bytes of results and failure messages sent in one call, at most (one
+    /// larger result goes alone). A server refuses a whole request over its
+    /// `batch_body_limit_bytes`; a call refused so is split until its
+    /// halves go through, and this keeps it from coming to that.
+    pub max_ack_batch_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -90,6 +95,7 @@ impl Default for WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
             max_ack_batch: 1000,
+            max_ack_batch_bytes: 8 << 20,
         }
     }
 }

@@ -272,7 +272,9 @@ fn fail(
     Ack::Fail {
         id,
         failure: Failure {
-            message,
+            // What the store keeps; a handler's error of megabytes would
+            // otherwise travel whole, to be cut there.
+            message: offload_core::truncate_message(message),
             kind,
             retry,
             retry_in,
@@ -446,22 +448,36 @@ async fn acker(
     mut queue: mpsc::UnboundedReceiver<Ack>,
     stop: CancellationToken,
 ) {
+    // The ack that would have taken the last batch past its bytes.
+    let mut carried = None;
     loop {
-        let first = tokio::select! {
-            ack = queue.recv() => match ack {
-                Some(ack) => ack,
-                None => return,
-            },
-            _ = stop.cancelled() => match queue.try_recv() {
-                Ok(ack) => ack,
-                Err(_) => return,
+        let first = match carried.take() {
+            Some(ack) => ack,
+            None => tokio::select! {
+                ack = queue.recv() => match ack {
+                    Some(ack) => ack,
+                    None => return,
+                },
+                _ = stop.cancelled() => match queue.try_recv() {
+                    Ok(ack) => ack,
+                    Err(_) => return,
+                },
             },
         };
+        let mut bytes = ack_bytes(&first);
         let mut batch = Vec::with_capacity((queue.len() + 1).min(shared.config.max_ack_batch));
         batch.push(first);
         while batch.len() < shared.config.max_ack_batch {
             match queue.try_recv() {
-                Ok(ack) => batch.push(ack),
+                Ok(ack) => {
+                    let size = ack_bytes(&ack);
+                    if bytes + size > shared.config.max_ack_batch_bytes {
+                        carried = Some(ack);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(ack);
+                }
                 Err(_) => break,
             }
         }
@@ -469,16 +485,66 @@ async fn acker(
     }
 }
 
+/// Roughly what an ack adds to the body it travels in: its result or
+/// message, and its id and the names around them.
+fn ack_bytes(ack: &Ack) -> usize {
+    const FRAME: usize = 128;
+    FRAME
+        + match ack {
+            Ack::Complete { result, .. } => result.as_ref().map_or(0, |json| json.get().len()),
+            Ack::Fail { failure, .. } => failure.message.len(),
+        }
+}
+
+/// Sends a batch, then the failures for the results the store refused.
+///
+/// A call refused whole as bad input (over the server's body limit, or one
+/// ack in it the server takes from no one) is refused the same however
+/// often it is sent: it is split in halves, each sent on its own, so that
+/// the acks that can go through do, and one refused alone is answered as
+/// an ack refused in a batch's answer. Sent again as it was, six times,
+/// every completion in it was given up, and its task ran again once its
+/// lease ran out, to be refused again.
 async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
-    let mut batch = batch;
-    // At most once more: the failures sent for refused results.
-    while !batch.is_empty() {
-        batch = send_ack_batch(shared, batch).await;
+    let mut to_send = vec![batch];
+    while let Some(batch) = to_send.pop() {
+        match send_ack_batch(shared, batch).await {
+            Sent::Answered(failures) => {
+                if !failures.is_empty() {
+                    to_send.push(failures);
+                }
+            }
+            Sent::Refused(mut batch, _) if batch.len() > 1 => {
+                let second_half = batch.split_off(batch.len() / 2);
+                to_send.push(second_half);
+                to_send.push(batch);
+            }
+            Sent::Refused(batch, refusal) => {
+                for ack in batch {
+                    if let Ack::Complete { .. } = ack {
+                        to_send.extend(refused_result(&ack, refusal.clone()).map(|f| vec![f]));
+                    } else {
+                        tracing::error!(task = %ack.id(), error = %refusal, "the server refused the failure report; the task's lease will expire and it will run again");
+                    }
+                }
+            }
+            Sent::GivenUp => {}
+        }
     }
 }
 
-/// Sends one batch; answers the failures to send for completions whose
-/// result the store refused.
+/// What became of one call of acks.
+enum Sent {
+    /// The source answered each ack; these are the failures to send for
+    /// completions whose result it refused.
+    Answered(Vec<Ack>),
+    /// The source refused the whole call as bad input.
+    Refused(Vec<Ack>, Error),
+    /// No answer came in the time the answers still count.
+    GivenUp,
+}
+
+/// Sends one batch.
 ///
 /// While the source is unavailable (a server restarting, PostgreSQL
 /// failing over) the batch is offered again for as long as a lease lasts:
@@ -486,17 +552,23 @@ async fn send_acks(shared: &Shared, batch: Vec<Ack>) {
 /// done would run again once the leases expired. Six tries over three
 /// seconds, as it was, lost the answers of every task that ended during a
 /// restart of a few seconds.
-async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
+async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Sent {
     let offered = Instant::now();
     let mut pause = Duration::from_millis(100);
     for attempt in 1.. {
         let error = match shared.ack(batch.clone()).await {
             Ok(outcomes) => {
-                return batch
-                    .iter()
-                    .zip(outcomes)
-                    .filter_map(|(ack, outcome)| refused_result(ack, outcome.err()?))
-                    .collect();
+                return Sent::Answered(
+                    batch
+                        .iter()
+                        .zip(outcomes)
+                        .filter_map(|(ack, outcome)| refused_result(ack, outcome.err()?))
+                        .collect(),
+                );
+            }
+            Err(e @ (Error::InvalidArgument { .. } | Error::PayloadTooLarge { .. })) => {
+                tracing::warn!(error = %e, tasks = batch.len(), "the acknowledgements were refused as a whole");
+                return Sent::Refused(batch, e);
             }
             Err(e) => e,
         };
@@ -512,7 +584,7 @@ async fn send_ack_batch(shared: &Shared, batch: Vec<Ack>) -> Vec<Ack> {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(ACK_PAUSE_MAX);
     }
-    Vec::new()
+    Sent::GivenUp
 }
 
 /// A completion refused for its result (over the size or nesting limit)

@@ -452,17 +452,19 @@ async fn shutdown_past_grace_hands_tasks_back_for_retry() {
     assert!(back.worker_id.is_none());
 }
 
-/// The engine as a task source, with a hook that runs before each ack and
-/// may refuse it.
+/// The engine as a task source, with a hook that sees each call of acks
+/// before it is sent and may refuse it.
 struct HookedSource {
     engine: Arc<Engine>,
-    before_ack: Box<dyn Fn() -> offload_core::Result<()> + Send + Sync>,
+    before_ack: AckHook,
 }
+
+type AckHook = Box<dyn Fn(&[Ack]) -> offload_core::Result<()> + Send + Sync>;
 
 impl HookedSource {
     fn new(
         engine: &Arc<Engine>,
-        before_ack: impl Fn() -> offload_core::Result<()> + Send + Sync + 'static,
+        before_ack: impl Fn(&[Ack]) -> offload_core::Result<()> + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             engine: Arc::clone(engine),
@@ -491,7 +493,7 @@ impl TaskSource for HookedSource {
         worker_id: &str,
         acks: Vec<Ack>,
     ) -> offload_core::Result<Vec<offload_core::Result<()>>> {
-        (self.before_ack)()?;
+        (self.before_ack)(&acks)?;
         TaskSource::ack(&*self.engine, worker_id, acks).await
     }
 }
@@ -506,7 +508,7 @@ async fn an_answer_outlasts_a_restart_shorter_than_the_lease() {
     let down_until = tokio::time::Instant::now() + Duration::from_secs(5);
     let refused = Arc::new(AtomicUsize::new(0));
     let counted_refusals = Arc::clone(&refused);
-    let source = HookedSource::new(&s.engine, move || {
+    let source = HookedSource::new(&s.engine, move |_| {
         if tokio::time::Instant::now() < down_until {
             counted_refusals.fetch_add(1, Ordering::SeqCst);
             return Err(offload_core::Error::Unavailable("restarting".into()));
@@ -531,6 +533,150 @@ async fn an_answer_outlasts_a_restart_shorter_than_the_lease() {
     handle.await.unwrap();
 }
 
+/// The bytes of results and failure messages in one call of acks.
+fn body_bytes(acks: &[Ack]) -> usize {
+    acks.iter()
+        .map(|ack| match ack {
+            Ack::Complete { result, .. } => result.as_ref().map_or(0, |json| json.get().len()),
+            Ack::Fail { failure, .. } => failure.message.len(),
+        })
+        .sum()
+}
+
+/// Runs `TASKS` tasks whose results together are over `LIMIT` bytes, all
+/// ending at once, through a source that refuses as bad input any call of
+/// acks over `LIMIT` (as a server refuses a body over its limit); answers
+/// each call's (acks, bytes, refused) and the handlers' runs.
+async fn complete_large_results(
+    config: offload_worker::WorkerConfig,
+) -> (Vec<(usize, usize, bool)>, usize) {
+    const TASKS: usize = 12;
+    const RESULT_CHARS: usize = 300_000;
+    const LIMIT: usize = 1_000_000;
+    let s = setup();
+    let calls: Arc<Mutex<Vec<(usize, usize, bool)>>> = Arc::default();
+    let noted = Arc::clone(&calls);
+    let source = HookedSource::new(&s.engine, move |acks| {
+        let bytes = body_bytes(acks);
+        let first = noted.lock().unwrap().is_empty();
+        noted
+            .lock()
+            .unwrap()
+            .push((acks.len(), bytes, bytes > LIMIT));
+        if first {
+            // The first completion's call holds the acker while the others
+            // queue, so that the next call carries them all.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if bytes > LIMIT {
+            return Err(offload_core::Error::invalid(
+                "request",
+                format!("the request body is over the limit of {LIMIT} bytes"),
+            ));
+        }
+        Ok(())
+    });
+    let runs = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let (counted, barrier) = (Arc::clone(&runs), Arc::clone(&all_done));
+    let worker = Worker::new(source)
+        .with_config(config)
+        .concurrency(TASKS)
+        .handle("report", move |_ctx: TaskContext| {
+            let (counted, barrier) = (Arc::clone(&counted), Arc::clone(&barrier));
+            async move {
+                barrier.wait().await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, TaskFailure>("r".repeat(RESULT_CHARS))
+            }
+        });
+    s.engine
+        .enqueue_batch((0..TASKS).map(|_| NewTask::new("report")).collect())
+        .await
+        .unwrap();
+    let (stop, handle) = s.spawn(worker);
+    s.wait_for_count("all completed", |stats| {
+        stats.total.completed == TASKS as u64
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    let all = offload_core::ListQuery {
+        limit: TASKS,
+        ..Default::default()
+    };
+    for task in s.store().list(&all).await.unwrap().tasks {
+        assert_eq!(task.attempt, 1, "ran once: {task:?}");
+        assert_eq!(task.result.unwrap().get().len(), RESULT_CHARS + 2);
+    }
+    let calls = calls.lock().unwrap().clone();
+    (calls, runs.load(Ordering::SeqCst))
+}
+
+/// A call of acks refused whole for its size is split until its halves go
+/// through. Sent again as it was, it was given up after six tries, and its
+/// tasks, done, ran again when their leases ran out, to be refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_refused_together_for_their_size_are_split_not_given_up() {
+    let (calls, runs) = complete_large_results(offload_worker::WorkerConfig::default()).await;
+    assert_eq!(runs, 12, "each handler ran once");
+    assert!(
+        calls.iter().any(|&(acks, _, refused)| refused && acks > 1),
+        "a call over the limit was made and refused: {calls:?}"
+    );
+    let delivered: usize = calls
+        .iter()
+        .filter(|&&(_, _, refused)| !refused)
+        .map(|&(acks, _, _)| acks)
+        .sum();
+    assert_eq!(delivered, 12, "each completion delivered once: {calls:?}");
+}
+
+/// The worker keeps each call of acks under its byte budget, so a server
+/// whose limit is the budget refuses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_sent_in_calls_under_the_byte_budget() {
+    let config = offload_worker::WorkerConfig {
+        max_ack_batch_bytes: 1_000_000,
+        ..Default::default()
+    };
+    let (calls, runs) = complete_large_results(config).await;
+    assert_eq!(runs, 12);
+    assert!(
+        calls.iter().all(|&(_, _, refused)| !refused),
+        "no call was over the budget: {calls:?}"
+    );
+    assert!(
+        calls.iter().any(|&(acks, _, _)| acks > 1),
+        "completions still went together: {calls:?}"
+    );
+}
+
+/// A handler's error of a megabyte travels cut to what the store keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_error_is_cut_before_it_is_sent() {
+    let s = setup();
+    let longest = Arc::new(AtomicUsize::new(0));
+    let noted = Arc::clone(&longest);
+    let source = HookedSource::new(&s.engine, move |acks| {
+        noted.fetch_max(body_bytes(acks), Ordering::SeqCst);
+        Ok(())
+    });
+    let worker = Worker::new(source).handle("verbose", |_ctx: TaskContext| async {
+        Err::<(), _>(TaskFailure::permanent("e".repeat(1 << 20)))
+    });
+    let (stop, handle) = s.spawn(worker);
+    let task = s.enqueue(NewTask::new("verbose")).await;
+    let failed = s
+        .wait_for(task.id, "failed", |t| t.state == State::Failed)
+        .await;
+    stop.cancel();
+    handle.await.unwrap();
+    let kept = failed.error.unwrap().message;
+    assert_eq!(kept.chars().count(), offload_core::MAX_MESSAGE_CHARS + 1);
+    assert_eq!(longest.load(Ordering::SeqCst), kept.len());
+}
+
 /// Sets its flag once dropped, after a while, as a handler's connection or
 /// lock takes a moment to let go.
 struct SetOnDrop(Arc<AtomicBool>);
@@ -549,7 +695,7 @@ async fn a_handler_stopped_at_shutdown_is_dropped_before_its_task_is_handed_back
     // Whether the handler's future had been dropped, noted at each ack.
     let dropped_at_ack: Arc<Mutex<Vec<bool>>> = Arc::default();
     let (noted, flag) = (Arc::clone(&dropped_at_ack), Arc::clone(&handler_dropped));
-    let source = HookedSource::new(&s.engine, move || {
+    let source = HookedSource::new(&s.engine, move |_| {
         noted.lock().unwrap().push(flag.load(Ordering::SeqCst));
         Ok(())
     });

@@ -491,6 +491,41 @@ echo "{{\"task\": \"$OFFLOAD_TASK_ID\", \"attempt\": $OFFLOAD_ATTEMPT, \"got\": 
     assert_eq!(failed["attempt"], 1, "{failed}");
 }
 
+/// Results that together pass the server's `batch_body_limit_bytes` all
+/// reach it: the worker splits the call the server refuses for its size.
+/// Sent again whole, it was given up, and the tasks ran again once their
+/// leases ran out.
+#[test]
+fn work_delivers_results_whose_sum_is_over_the_body_limit() {
+    let server = Server::start_configured("batch_body_limit_bytes = 1048576\n");
+    let http = server.http();
+    // Eight results of 300 KB that end together: 2.4 MB in one call.
+    let script = r#"cat > /dev/null; sleep 0.5; printf '"%0300000d"\n' 0"#;
+    let _worker = WorkProcess(
+        Command::new(BIN)
+            .args(["work", "--type", "report", "--concurrency", "8"])
+            .args(["--", "sh", "-c", script])
+            .env("OFFLOAD_URL", &server.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ids: Vec<String> = (0..8)
+        .map(|_| {
+            http.enqueue(json!({"type": "report"}))["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for id in &ids {
+        let done = http.wait_for(id, "completed", |t| t["state"] == "completed");
+        assert_eq!(done["attempt"], 1, "ran once");
+        assert_eq!(done["result"].as_str().map(str::len), Some(300_000));
+    }
+}
+
 /// Started with a soft limit of 64 open files, a worker running 40 commands
 /// at once (about four descriptors each) takes its hard limit: every
 /// command starts, and none spends an attempt failing to.
