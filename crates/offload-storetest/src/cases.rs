@@ -1501,6 +1501,79 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
     );
 }
 
+/// A label filter matches a whole key and a whole value, whatever they
+/// hold (quotes, backslashes, text beyond ASCII, a colon, a value that
+/// begins another), among a task's other labels, in every state's list.
+pub async fn a_label_filter_matches_whole_keys_and_values(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    type Labels<'a> = &'a [(&'a str, &'a str)];
+    let labelled: &[Labels] = &[
+        &[("k", "p1")],
+        &[("k", "p17")],
+        &[("k2", "p1")],
+        &[("a", "1"), ("k", "p1"), ("z", "x")],
+        &[("k", "say \"hi\" \\ there")],
+        &[("k", "café ✓")],
+        &[("k", "p1:x")],
+        &[("k", "line\nbreak\t")],
+        &[("\"k\"", "p1")],
+    ];
+    let mut made = Vec::new();
+    for labels in labelled {
+        let task = labels.iter().fold(NewTask::new("t"), |task, (key, value)| {
+            task.label(*key, *value)
+        });
+        made.push(f.enqueue(task).await.id);
+    }
+    let listed = |labels: Labels, states: Vec<State>| {
+        let query = ListQuery {
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            states,
+            limit: 100,
+            ..Default::default()
+        };
+        let store = Arc::clone(&f.store);
+        async move {
+            let mut found = ids(&store.list(&query).await.unwrap().tasks);
+            found.sort();
+            found
+        }
+    };
+    let expect: &[(Labels, &[usize])] = &[
+        (&[("k", "p1")], &[0, 3]),
+        (&[("k", "p17")], &[1]),
+        (&[("k2", "p1")], &[2]),
+        (&[("a", "1"), ("k", "p1")], &[3]),
+        (&[("a", "1"), ("k", "p17")], &[]),
+        (&[("k", "say \"hi\" \\ there")], &[4]),
+        (&[("k", "café ✓")], &[5]),
+        (&[("k", "café")], &[]),
+        (&[("k", "p1:x")], &[6]),
+        (&[("k", "line\nbreak\t")], &[7]),
+        (&[("\"k\"", "p1")], &[8]),
+        (&[("k", "")], &[]),
+        (&[("z", "x")], &[3]),
+    ];
+    for (labels, indexes) in expect {
+        let mut wanted: Vec<Uuid> = indexes.iter().map(|&i| made[i]).collect();
+        wanted.sort();
+        for states in [
+            vec![],
+            vec![State::Pending],
+            vec![State::Pending, State::Running],
+        ] {
+            assert_eq!(
+                listed(labels, states.clone()).await,
+                wanted,
+                "labels {labels:?} in states {states:?}"
+            );
+        }
+    }
+}
+
 /// A page ends where its tasks' payloads, results and progress data reach
 /// [`PAGE_BYTES`], short of `limit`, and the next goes on from there:
 /// through the rows (every state) and through the writer's memory (pending).

@@ -77,6 +77,7 @@ macro_rules! conformance_tests {
             a_dependency_deleted_after_completing_does_not_hold_its_dependent,
             paused_queue_and_concurrency_limit,
             list_filters_and_keyset_pagination,
+            a_label_filter_matches_whole_keys_and_values,
             a_page_ends_where_its_bytes_reach_the_budget,
             a_claim_ends_where_its_bytes_reach_the_budget,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,
