@@ -122,7 +122,9 @@ impl TaskSource for Client {
                     body.failed.push(AckFailed {
                         id,
                         error: AttemptErrorBody {
-                            message: failure.message,
+                            // What the store keeps: a handler's error of
+                            // megabytes would travel whole, to be cut there.
+                            message: offload_core::truncate_message(failure.message),
                             kind: Some(failure.kind),
                         },
                         retry: failure.retry,

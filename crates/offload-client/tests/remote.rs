@@ -24,12 +24,18 @@ impl Drop for Running {
 }
 
 async fn server() -> Running {
+    server_with(|_| {}).await
+}
+
+/// A server whose configuration `adjust` changes first.
+async fn server_with(adjust: impl FnOnce(&mut Config)) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         db: format!("sqlite://{}", dir.path().join("remote.db").display()),
         ..Config::default()
     };
+    adjust(&mut config);
     let stop = CancellationToken::new();
     let (address_tx, address_rx) = tokio::sync::oneshot::channel();
     let stopping = stop.clone();
@@ -238,6 +244,43 @@ async fn the_worker_runtime_runs_unchanged_against_a_remote_server() {
     assert_eq!(cancelled.state, State::Cancelled);
     assert_eq!(cancelled.error.unwrap().message, "stopped on request");
 
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A handler's error and progress message of 2 MiB reach a server whose
+/// bodies may hold 1 MiB: they travel cut to what the store keeps. Sent
+/// whole, the failure was refused, and the task ran again once its lease
+/// ran out, to fail the same way; the progress report failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_messages_travel_cut_to_what_the_store_keeps() {
+    let server =
+        server_with(|config| config.batch_body_limit_bytes = config.payload_limit_bytes).await;
+    let client = server.client.clone();
+    let long = "e".repeat(2 << 20);
+    let worker =
+        Worker::new(Arc::new(client.clone())).handle("verbose", move |ctx: TaskContext| {
+            let long = long.clone();
+            async move {
+                ctx.progress(None, long.as_str()).await?;
+                Err::<(), _>(TaskFailure::permanent(long))
+            }
+        });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let (task, _) = client.enqueue(&NewTask::new("verbose")).await.unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(30), client.wait(task.id))
+        .await
+        .expect("the failure reached the server")
+        .unwrap();
+    assert_eq!((failed.state, failed.attempt), (State::Failed, 1));
+    let kept = failed.error.unwrap().message;
+    assert_eq!(kept.chars().count(), offload_core::MAX_MESSAGE_CHARS + 1);
+    let progress = failed.progress.expect("the progress report went through");
+    assert_eq!(
+        progress.message.map(|m| m.chars().count()),
+        Some(offload_core::MAX_MESSAGE_CHARS + 1)
+    );
     stop.cancel();
     running.await.unwrap().unwrap();
 }

@@ -272,9 +272,7 @@ fn fail(
     Ack::Fail {
         id,
         failure: Failure {
-            // What the store keeps; a handler's error of megabytes would
-            // otherwise travel whole, to be cut there.
-            message: offload_core::truncate_message(message),
+            message,
             kind,
             retry,
             retry_in,
@@ -487,6 +485,7 @@ async fn acker(
 
 /// Roughly what an ack adds to the body it travels in: its result or
 /// message, and its id and the names around them.
+#[inline]
 fn ack_bytes(ack: &Ack) -> usize {
     const FRAME: usize = 128;
     FRAME

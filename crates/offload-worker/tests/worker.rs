@@ -652,31 +652,6 @@ async fn acks_are_sent_in_calls_under_the_byte_budget() {
     );
 }
 
-/// A handler's error of a megabyte travels cut to what the store keeps.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_error_is_cut_before_it_is_sent() {
-    let s = setup();
-    let longest = Arc::new(AtomicUsize::new(0));
-    let noted = Arc::clone(&longest);
-    let source = HookedSource::new(&s.engine, move |acks| {
-        noted.fetch_max(body_bytes(acks), Ordering::SeqCst);
-        Ok(())
-    });
-    let worker = Worker::new(source).handle("verbose", |_ctx: TaskContext| async {
-        Err::<(), _>(TaskFailure::permanent("e".repeat(1 << 20)))
-    });
-    let (stop, handle) = s.spawn(worker);
-    let task = s.enqueue(NewTask::new("verbose")).await;
-    let failed = s
-        .wait_for(task.id, "failed", |t| t.state == State::Failed)
-        .await;
-    stop.cancel();
-    handle.await.unwrap();
-    let kept = failed.error.unwrap().message;
-    assert_eq!(kept.chars().count(), offload_core::MAX_MESSAGE_CHARS + 1);
-    assert_eq!(longest.load(Ordering::SeqCst), kept.len());
-}
-
 /// Sets its flag once dropped, after a while, as a handler's connection or
 /// lock takes a moment to let go.
 struct SetOnDrop(Arc<AtomicBool>);
