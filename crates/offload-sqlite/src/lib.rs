@@ -197,6 +197,8 @@ impl SqliteStore {
             running,
             unwritten: Arc::default(),
             writes_stopped: std::sync::OnceLock::new(),
+            write_failure: std::sync::Mutex::new(None),
+            write_failing: std::sync::atomic::AtomicBool::new(false),
             database_file: std::fs::File::open(&path)
                 .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?,
             database_path: path.clone(),
@@ -672,6 +674,21 @@ impl Store for SqliteStore {
         // The counts are in memory: what stands for the database's ping is
         // whether the store can still write.
         self.check_writable()?;
+        if self.shared.write_failure().is_some() {
+            // Only a write tells whether writes go through again (a disk
+            // that had filled may have room now): one that changes nothing
+            // but is committed as any other. It clears the failure when it
+            // goes through.
+            let (version, _) = MIGRATIONS[MIGRATIONS.len() - 1];
+            self.writer
+                .run(move |ctx| {
+                    ctx.conn()?
+                        .execute_batch(&format!("PRAGMA user_version = {version}"))
+                        .map_err(storage_error)
+                })
+                .await
+                .map_err(|e| Error::Unavailable(format!("writes fail: {e}")))?;
+        }
         let cutoff = self
             .shared
             .clock

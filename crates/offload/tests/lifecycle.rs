@@ -89,6 +89,59 @@ fn serve_takes_the_hard_open_files_limit() {
     drop(idle);
 }
 
+/// A node whose writes fail, as on a full disk (here its files may grow
+/// no further), answers `/health` 503 with the cause while it still reads;
+/// once they may grow again, `/health` finds it out with a write of its
+/// own and answers ok, and writes go through. Before, `/health` answered
+/// ok throughout, reading only.
+#[test]
+fn health_says_when_writes_fail_and_when_they_go_through_again() {
+    if crate::support::on_postgres() {
+        // The database server's disk, not this node's files.
+        return;
+    }
+    // SIGXFSZ ignored, a write past the limit fails with EFBIG, as one on a
+    // full disk fails with ENOSPC. The hard limit stays, to be raised to.
+    let server = Server::start_through_shell(
+        r#"trap '' XFSZ; exec prlimit --fsize=600000:unlimited -- "$0" "$@""#,
+    );
+    let http = server.http();
+    let batch = json!({"tasks": vec![json!({"type": "fill", "payload": "y".repeat(200)}); 20]});
+    let mut refused = None;
+    for _ in 0..500 {
+        let (status, answer) = http.post("/v1/tasks/batch", batch.clone());
+        if status != 201 {
+            refused = Some((status, answer));
+            break;
+        }
+    }
+    let (status, answer) = refused.expect("a write past the files' limit");
+    assert_eq!(status, 503, "{answer}");
+    let (status, health) = http.get("/health");
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "unavailable");
+    let cause = health["database"].as_str().unwrap();
+    assert!(
+        cause.starts_with("writes fail: storage unavailable"),
+        "{cause}"
+    );
+    assert_eq!(http.get("/v1/stats").0, 200, "reads go on");
+
+    let raised = Command::new("prlimit")
+        .args([
+            "--pid",
+            &server.child.id().to_string(),
+            "--fsize=unlimited:unlimited",
+        ])
+        .status()
+        .expect("run prlimit");
+    assert!(raised.success());
+    let (status, health) = http.get("/health");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["database"], "ok");
+    http.enqueue(json!({"type": "after"}));
+}
+
 #[test]
 fn sigterm_stops_gracefully_with_exit_code_0() {
     let mut server = Server::start();
