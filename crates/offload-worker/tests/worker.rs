@@ -66,6 +66,17 @@ impl Setup {
         panic!("never {what}: {:?}", self.store().stats().await.unwrap());
     }
 
+    /// Runs `worker` until `tasks` tasks are completed, then stops it.
+    async fn run_until_completed(&self, worker: Worker, tasks: usize) {
+        let (stop, handle) = self.spawn(worker);
+        self.wait_for_count("all completed", |stats| {
+            stats.total.completed == tasks as u64
+        })
+        .await;
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
     fn spawn(&self, worker: Worker) -> (CancellationToken, JoinHandle<()>) {
         let stop = CancellationToken::new();
         let handle = tokio::spawn({
@@ -594,13 +605,7 @@ async fn complete_large_results(
         .enqueue_batch((0..TASKS).map(|_| NewTask::new("report")).collect())
         .await
         .unwrap();
-    let (stop, handle) = s.spawn(worker);
-    s.wait_for_count("all completed", |stats| {
-        stats.total.completed == TASKS as u64
-    })
-    .await;
-    stop.cancel();
-    handle.await.unwrap();
+    s.run_until_completed(worker, TASKS).await;
     let all = offload_core::ListQuery {
         limit: TASKS,
         ..Default::default()
@@ -786,13 +791,7 @@ async fn a_fetch_asks_for_every_slot_a_burst_of_short_tasks_freed() {
     let worker = Worker::new(Arc::clone(&source))
         .concurrency(SLOTS)
         .handle("short", |_ctx: TaskContext| async { Ok(()) });
-    let (stop, handle) = s.spawn(worker);
-    s.wait_for_count("all completed", |stats| {
-        stats.total.completed == TASKS as u64
-    })
-    .await;
-    stop.cancel();
-    handle.await.unwrap();
+    s.run_until_completed(worker, TASKS).await;
     let asked = source.asked.lock().unwrap().clone();
     let partial = asked.iter().filter(|&&n| n < SLOTS / 2).count();
     assert!(
