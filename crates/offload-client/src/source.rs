@@ -5,7 +5,9 @@ use std::time::Duration;
 use offload_api::{
     AckBody, AckCompleted, AckFailed, AttemptErrorBody, FetchRequest, HeartbeatBody,
 };
-use offload_core::{Ack, ClaimRequest, Error, HeartbeatAck, HeartbeatRequest, Result, Task};
+use offload_core::{
+    Ack, ClaimRequest, Error, HeartbeatAck, HeartbeatRequest, ProgressUpdate, Result, Task,
+};
 use offload_worker::TaskSource;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +98,11 @@ impl TaskSource for Client {
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
         let body = HeartbeatBody {
             worker_id: request.worker_id,
-            progress: request.progress,
+            // Its message cut to what the store keeps, as a failure's below.
+            progress: request.progress.map(|progress| ProgressUpdate {
+                message: progress.message.map(offload_core::truncate_message),
+                ..progress
+            }),
             lease_secs: Some(request.lease.as_secs().max(1) as i64),
         };
         Ok(Client::heartbeat(self, request.id, &body).await?)

@@ -151,9 +151,8 @@ impl TaskContext {
     }
 
     /// Reports progress with structured data. A message is kept up to
-    /// [`offload_core::MAX_MESSAGE_CHARS`], and cut here, not sent whole.
-    pub async fn report(&self, mut progress: ProgressUpdate) -> Result<()> {
-        progress.message = progress.message.map(offload_core::truncate_message);
+    /// [`offload_core::MAX_MESSAGE_CHARS`].
+    pub async fn report(&self, progress: ProgressUpdate) -> Result<()> {
         let request = HeartbeatRequest {
             id: self.task.id,
             worker_id: self.shared.config.worker_id.clone(),
