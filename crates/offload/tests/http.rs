@@ -839,24 +839,41 @@ fn queues_pause_resume_and_limit_concurrency() {
     assert_eq!(http.fetch("w", json!({"limit": 10})).len(), 3);
 }
 
+/// The node's `/metrics` text.
+fn metrics_text(server: &Server) -> String {
+    reqwest::blocking::get(format!("{}/metrics", server.url))
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+/// Enqueues 1,005 tasks in one batch, the `i`th made by `task`, then
+/// `again`; answers the metrics that follow.
+fn metrics_after_a_thousand_and_five(
+    server: &Server,
+    task: impl Fn(usize) -> Value,
+    again: Value,
+) -> String {
+    let http = server.http();
+    let tasks: Vec<Value> = (0..1005).map(task).collect();
+    let (status, body) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+    assert_eq!(status, 201, "{body}");
+    http.enqueue(again);
+    metrics_text(server)
+}
+
 /// Task types are the application's names: past 1,000 (queue, type)
 /// pairs, tasks are counted under `type="(other)"`, so that types made of
 /// ids do not add series without end.
 #[test]
 fn metrics_label_at_most_a_thousand_task_types() {
     let server = Server::start();
-    let http = server.http();
-    let tasks: Vec<Value> = (0..1005)
-        .map(|i| json!({"type": format!("t{i}"), "queue": "q"}))
-        .collect();
-    let (status, body) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-    assert_eq!(status, 201, "{body}");
     // A labelled type keeps its label after the budget is spent.
-    http.enqueue(json!({"type": "t0", "queue": "q"}));
-    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_after_a_thousand_and_five(
+        &server,
+        |i| json!({"type": format!("t{i}"), "queue": "q"}),
+        json!({"type": "t0", "queue": "q"}),
+    );
     let enqueued: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("offload_tasks_enqueued_total{"))
@@ -878,18 +895,12 @@ fn metrics_label_at_most_a_thousand_task_types() {
 #[test]
 fn metrics_label_at_most_a_thousand_queues() {
     let server = Server::start();
-    let http = server.http();
-    let tasks: Vec<Value> = (0..1005)
-        .map(|i| json!({"type": "t", "queue": format!("q{i}")}))
-        .collect();
-    let (status, body) = http.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-    assert_eq!(status, 201, "{body}");
     // A labelled queue keeps its label after the budget is spent.
-    http.enqueue(json!({"type": "t", "queue": "q0"}));
-    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_after_a_thousand_and_five(
+        &server,
+        |i| json!({"type": "t", "queue": format!("q{i}")}),
+        json!({"type": "t", "queue": "q0"}),
+    );
     let pending: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("offload_queue_tasks{") && l.contains("state=\"pending\""))
@@ -908,7 +919,7 @@ fn metrics_label_at_most_a_thousand_queues() {
         metrics.contains("offload_tasks_enqueued_total{queue=\"(other)\",type=\"(other)\"} 5"),
         "{metrics}"
     );
-    let (_, queues) = http.get("/v1/queues");
+    let (_, queues) = server.http().get("/v1/queues");
     assert_eq!(queues["queues"].as_array().unwrap().len(), 1005);
 }
 
@@ -985,10 +996,7 @@ fn health_metrics_and_openapi() {
     assert_eq!(health["durability"], "durable");
     assert_eq!(health["counts"]["completed"], 3);
 
-    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&server);
     for needle in [
         "offload_tasks_enqueued_total{queue=\"reports\",type=\"report.build\"} 3",
         "offload_tasks_enqueued_total{queue=\"mail\",type=\"mail.send\"} 2",
