@@ -21,6 +21,7 @@ mod task;
 mod task_id;
 mod task_json;
 mod time;
+mod write_failure;
 
 pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
 pub use claim::{Candidate, admit};
@@ -45,3 +46,4 @@ pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, 
 pub use task_id::{id_carrying_seq, seq_carried_by};
 pub use task_json::TimestampMemo;
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use write_failure::WriteFailure;

@@ -51,6 +51,14 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
     (3, include_str!("../migrations/0003_ids_carry_seq.sql")),
 ];
+/// Running tasks whose leases expired by `$1`, and whether the database
+/// takes writes, for `/health`.
+const STUCK_AND_READ_ONLY: &str = "SELECT COUNT(*), current_setting('transaction_read_only') = 'on' \
+     FROM offload_tasks WHERE state = 3 AND lease_expires_at <= $1";
+/// A write that changes nothing: a row of the counts ledger that counts
+/// nothing (`stats` skips it, and the leader's folding drops it).
+const PROBE_WRITE: &str =
+    "INSERT INTO offload_counts (queue, type, state, delta) VALUES ('', '', 1, 0)";
 /// Attempts at an operation that keeps meeting serialization failures.
 const MAX_TRIES: u32 = 5;
 /// Rows deleted per transaction by `clear`.
@@ -119,6 +127,9 @@ pub(crate) struct Node {
     pub operation_timeout: Duration,
     /// Tasks this node's commits finished, for the metrics.
     pub finished: offload_core::FinishedTally,
+    /// Why this node's last write failed, until one that changes tasks
+    /// goes through (see `count_stuck`).
+    pub write_failure: offload_core::WriteFailure,
 }
 
 #[derive(Debug)]
@@ -231,6 +242,7 @@ impl PgStore {
             leader: AtomicBool::new(false),
             operation_timeout: options.operation_timeout,
             finished: offload_core::FinishedTally::default(),
+            write_failure: offload_core::WriteFailure::default(),
         });
         let stop = CancellationToken::new();
         let store = Arc::new(Self {
@@ -428,7 +440,13 @@ macro_rules! in_tx {
             match outcome {
                 Ok(value) => break Ok(value),
                 Err(PgError::Retry(_)) if tries < MAX_TRIES => continue,
-                Err(e) => break Err(e.into_core()),
+                Err(e) => {
+                    let e = e.into_core();
+                    if matches!(e, Error::Unavailable(_)) {
+                        $store.node.write_failure.note(Some(&e));
+                    }
+                    break Err(e);
+                }
             }
         }
     }};
@@ -642,19 +660,34 @@ impl Store for PgStore {
     }
 
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64> {
+        if self.node.write_failure.current().is_some() {
+            // Only a write tells whether writes go through again (a disk
+            // that had filled may have room now): a row of the counts
+            // ledger that counts nothing, committed as an enqueue's are.
+            on_session!(self, |conn| sqlx::query(PROBE_WRITE).execute(conn).await?)
+                .map_err(|e| Error::Unavailable(format!("writes fail: {e}")))?;
+            self.node.write_failure.note(None);
+        }
         let cutoff = self
             .node
             .clock
             .now()
             .saturating_sub(expired_for)
             .as_millis();
-        let n: i64 = on_session!(self, |conn| sqlx::query_scalar(
-            "SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND lease_expires_at <= $1",
-        )
-        .bind(cutoff)
-        .fetch_one(conn)
-        .await?)?;
-        Ok(n as u64)
+        // A database that has turned read-only (a primary demoted to a
+        // standby, default_transaction_read_only switched on) answers
+        // reads; it says so before a write fails.
+        let (stuck, read_only): (i64, bool) =
+            on_session!(self, |conn| sqlx::query_as(STUCK_AND_READ_ONLY)
+                .bind(cutoff)
+                .fetch_one(conn)
+                .await?)?;
+        if read_only {
+            return Err(Error::Unavailable(
+                "writes fail: the database is read-only (a standby, or default_transaction_read_only is on)".into(),
+            ));
+        }
+        Ok(stuck as u64)
     }
 
     fn is_leader(&self) -> bool {

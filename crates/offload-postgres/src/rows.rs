@@ -97,9 +97,7 @@ pub(crate) fn storage_error(e: sqlx::Error) -> Error {
         | sqlx::Error::Tls(_) => Error::storage_unavailable(&e),
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            // Class 08: connection exceptions; 57P0x: the server is shutting
-            // down or starting; 53300: too many connections.
-            if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+            if is_unavailable(&code) {
                 Error::storage_unavailable(&e)
             } else {
                 Error::Storage(e.to_string())
@@ -107,6 +105,26 @@ pub(crate) fn storage_error(e: sqlx::Error) -> Error {
         }
         _ => Error::Storage(e.to_string()),
     }
+}
+
+/// Whether an error PostgreSQL answered with says that it cannot take the
+/// operation now, not that the operation is wrong: a database that is full
+/// or read-only is out of service for writes as one that cannot be reached
+/// is, and a caller told 503 tries again later, where a 500 says Offload
+/// is broken.
+fn is_unavailable(code: &str) -> bool {
+    // 08: connection exceptions. 53: insufficient resources (a full disk,
+    // out of memory, too many connections). 57: operator intervention
+    // (shutting down, starting, a statement cancelled by an operator or
+    // by their statement_timeout). 58: system errors (an I/O error).
+    // 25006: a read-only transaction, on a standby or with
+    // default_transaction_read_only on. 55P03: a lock not had within the
+    // operator's lock_timeout.
+    ["08", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "25006"
+        || code == "55P03"
 }
 
 fn column<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(

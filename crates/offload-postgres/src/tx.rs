@@ -352,6 +352,10 @@ impl Tx {
             .await?;
         }
         session::end(&mut self.conn, "COMMIT").await?;
+        if !self.changed.is_empty() {
+            // A commit that changed tasks went through: writes do.
+            self.node.write_failure.note(None);
+        }
         self.node
             .finished
             .record(self.finished.iter().map(|((queue, task_type, state), n)| {

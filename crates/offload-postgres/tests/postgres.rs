@@ -868,3 +868,152 @@ async fn through_relay(url: &str) -> (String, impl Fn()) {
         .replacen("localhost", "127.0.0.1", 1);
     (relayed, silence)
 }
+
+/// An enqueue of one task named `t`.
+fn one_task() -> Vec<TaskSpec> {
+    vec![
+        NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap(),
+    ]
+}
+
+/// A database whose disk is full answers writes with an error of its own
+/// (`disk_full`, SQLSTATE 53100) and reads as before. That is the database
+/// out of service for writes, as one out of reach is (HTTP 503, try
+/// again), not a fault of Offload's (500, which it was); and `/health`
+/// (`count_stuck`) says so until a write goes through again, where it
+/// only read and said ok.
+#[tokio::test]
+async fn a_full_disk_is_out_of_service_and_health_says_so_until_writes_go_through() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    store.enqueue(one_task()).await.expect("writes go through");
+    assert!(store.count_stuck(Duration::from_secs(5)).await.is_ok());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    // What PostgreSQL answers when a table's file cannot grow, for every
+    // table, as on a full disk.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {schema}.full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; \
+         END $$; \
+         CREATE TRIGGER full_disk BEFORE INSERT ON {schema}.offload_tasks \
+           FOR EACH STATEMENT EXECUTE FUNCTION {schema}.full_disk(); \
+         CREATE TRIGGER full_disk BEFORE INSERT ON {schema}.offload_counts \
+           FOR EACH STATEMENT EXECUTE FUNCTION {schema}.full_disk();"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    match store.enqueue(one_task()).await {
+        Err(offload_core::Error::Unavailable(message)) => {
+            assert!(message.contains("No space left on device"), "{message}");
+        }
+        other => panic!("expected the database to be out of service: {other:?}"),
+    }
+    match store.count_stuck(Duration::from_secs(5)).await {
+        Err(offload_core::Error::Unavailable(message)) => {
+            assert!(message.starts_with("writes fail:"), "{message}");
+            assert!(message.contains("No space left on device"), "{message}");
+        }
+        other => panic!("expected /health to say that writes fail: {other:?}"),
+    }
+    assert_eq!(store.stats().await.unwrap().total.pending, 1, "reads go on");
+    sqlx::raw_sql(&format!(
+        "DROP TRIGGER full_disk ON {schema}.offload_tasks; \
+         DROP TRIGGER full_disk ON {schema}.offload_counts;"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        store.count_stuck(Duration::from_secs(5)).await.is_ok(),
+        "/health finds with a write of its own that writes go through again"
+    );
+    store.enqueue(one_task()).await.expect("writes go through");
+    assert_eq!(store.stats().await.unwrap().total.pending, 2);
+}
+
+/// A database that has turned read-only under a running node (a primary
+/// demoted to a standby in a failover, or `default_transaction_read_only`
+/// switched on) ends the node's sessions and takes new ones read-only:
+/// its writes are out of service (503), not faults (500), and `/health`
+/// says so before any write has failed.
+#[tokio::test]
+async fn a_database_turned_read_only_is_out_of_service_and_health_says_so() {
+    let Some(url) = database_url() else { return };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let role = format!("offload_{}", Uuid::now_v7().simple());
+    sqlx::raw_sql(&format!("CREATE ROLE {role} LOGIN SUPERUSER"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = PgStore::open(
+        &format!("{url}{separator}user={role}"),
+        PgOptions {
+            schema: fresh_schema(),
+            max_connections: 2,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .expect("open as the role");
+    store.enqueue(one_task()).await.expect("writes go through");
+    // The failover: the role's sessions end, and those that the node
+    // opens again are read-only.
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE {role} SET default_transaction_read_only = on; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+           WHERE usename = '{role}' AND pid <> pg_backend_pid();"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let health = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match store.count_stuck(Duration::from_secs(5)).await {
+                Err(offload_core::Error::Unavailable(message)) if message.contains("read-only") => {
+                    return message;
+                }
+                // A session the failover ended, met before the pool opens
+                // another.
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("/health says that the database is read-only");
+    assert!(health.starts_with("writes fail:"), "{health}");
+    let enqueued = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match store.enqueue(one_task()).await {
+                Err(offload_core::Error::Unavailable(message))
+                    if message.contains("read-only transaction") =>
+                {
+                    return Ok(message);
+                }
+                Err(offload_core::Error::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .expect("an enqueue answers");
+    assert!(
+        enqueued.is_ok(),
+        "expected the database to be out of service for writes: {enqueued:?}"
+    );
+    store.close();
+    drop(store);
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+         DROP OWNED BY {role}; DROP ROLE {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}

@@ -197,8 +197,7 @@ impl SqliteStore {
             running,
             unwritten: Arc::default(),
             writes_stopped: std::sync::OnceLock::new(),
-            write_failure: std::sync::Mutex::new(None),
-            write_failing: std::sync::atomic::AtomicBool::new(false),
+            write_failure: offload_core::WriteFailure::default(),
             database_file: std::fs::File::open(&path)
                 .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?,
             database_path: path.clone(),
@@ -674,7 +673,7 @@ impl Store for SqliteStore {
         // The counts are in memory: what stands for the database's ping is
         // whether the store can still write.
         self.check_writable()?;
-        if self.shared.write_failure().is_some() {
+        if self.shared.write_failure.current().is_some() {
             // Only a write tells whether writes go through again (a disk
             // that had filled may have room now): one that changes nothing
             // but is committed as any other. It clears the failure when it

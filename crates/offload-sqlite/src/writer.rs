@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use offload_core::{
     Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, FinishedTally, Hub, Limits,
     LogThrottle, ParkedClaim, Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
+    WriteFailure,
 };
 use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
@@ -77,12 +78,8 @@ pub(crate) struct Shared {
     /// of the WAL failed (`wal_sync.rs`), or the database file was removed
     /// or replaced under it ([`Shared::check_database_file`]).
     pub writes_stopped: OnceLock<String>,
-    /// Why the last commit failed (a full disk), until one goes through:
-    /// reads go on meanwhile, so a health check that only reads said ok
-    /// while every write failed. Looked at after every commit, hence the
-    /// flag.
-    pub write_failure: Mutex<Option<String>>,
-    pub write_failing: AtomicBool,
+    /// Why the last commit failed (a full disk), until one goes through.
+    pub write_failure: WriteFailure,
     /// The database file as this store opened it, and its path.
     pub database_file: std::fs::File,
     pub database_path: std::path::PathBuf,
@@ -121,29 +118,6 @@ impl Shared {
         );
         tracing::error!(database = %self.database_path.display(), "the database file was removed or replaced; the store stops writing");
         self.stop_writes(reason);
-    }
-
-    /// Notes how a commit (or the BEGIN before it) went: its failure, or
-    /// none.
-    fn note_commit(&self, failed: Option<&dyn std::fmt::Display>) {
-        if failed.is_none() && !self.write_failing.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut failure = self.write_failure.lock().unwrap_or_else(|p| p.into_inner());
-        *failure = failed.map(ToString::to_string);
-        self.write_failing
-            .store(failure.is_some(), Ordering::Relaxed);
-    }
-
-    /// Why the last commit failed, if the last one did.
-    pub fn write_failure(&self) -> Option<String> {
-        if !self.write_failing.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.write_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// Stops the store's writes for good, for `reason` unless they stopped
@@ -848,7 +822,7 @@ fn run_writer(
             }
         }
         if let Err(e) = run_kept(conn, "BEGIN IMMEDIATE") {
-            shared.note_commit(Some(&e));
+            shared.write_failure.note(Some(&e));
             // Dropping the group answers each caller that its operation did
             // not run; the cause goes to the log.
             static BEGIN_FAILED: LogThrottle = LogThrottle::new();
@@ -870,7 +844,9 @@ fn run_writer(
             .settle_rows()
             .and_then(|()| run_kept(conn, "COMMIT").map_err(storage_error));
         state.group_failure = None;
-        shared.note_commit(committed.as_ref().err().map(|e| e as _));
+        shared
+            .write_failure
+            .note(committed.as_ref().err().map(|e| e as _));
         match &committed {
             Ok(()) => {
                 debug_assert!(state.rows.is_empty(), "a row write outlived its commit");
