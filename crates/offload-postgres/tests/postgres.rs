@@ -1017,3 +1017,56 @@ async fn a_database_turned_read_only_is_out_of_service_and_health_says_so() {
     .await
     .unwrap();
 }
+
+/// Managed PostgreSQL services take connections over TLS only, and a URL
+/// says so with `sslmode=require` (or `verify-ca`, `verify-full` with
+/// `sslrootcert`): each of the node's connections (the pool's, the
+/// listener's, the leader's) is then encrypted. A server without TLS
+/// refuses such a URL with the reason.
+#[tokio::test]
+async fn a_url_that_asks_for_tls_gets_only_encrypted_connections() {
+    let Some(url) = database_url() else { return };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let server_tls: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    let name = format!("offload_tls_{}", Uuid::now_v7().simple());
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let opened = PgStore::open(
+        &format!("{url}{separator}sslmode=require&application_name={name}"),
+        PgOptions {
+            schema: fresh_schema(),
+            max_connections: 2,
+            ..PgOptions::default()
+        },
+    )
+    .await;
+    if server_tls != "on" {
+        let refused = opened.expect_err("a server without TLS refuses a URL that requires it");
+        assert!(refused.to_string().contains("TLS"), "{refused}");
+        eprintln!(
+            "this PostgreSQL has ssl = {server_tls}: checked only that a URL requiring TLS is refused with the reason"
+        );
+        return;
+    }
+    let store = opened.expect("open over TLS");
+    store
+        .enqueue(one_task())
+        .await
+        .expect("an enqueue over TLS");
+    assert_eq!(store.stats().await.unwrap().total.pending, 1);
+    let (connections, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+    )
+    .bind(&name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        connections >= 2,
+        "the pool's and the listener's: {connections}"
+    );
+    assert_eq!(encrypted, connections, "every connection is encrypted");
+}
