@@ -167,7 +167,8 @@ print(f"This disk, on average over 500 writes: a 128-byte append and its fsync {
 if pg is not None:
     print(f"The PostgreSQL server, shared by Offload's PostgreSQL row and graphile-worker's, runs as this machine "
           f"configures it: synchronous_commit={pg['synchronous_commit']}, fsync={pg['fsync']}, "
-          f"full_page_writes={pg['full_page_writes']}, autovacuum={pg['autovacuum']}.\n")
+          f"full_page_writes={pg['full_page_writes']}, autovacuum={pg['autovacuum']}; both connect over "
+          f"loopback without TLS (`sslmode=disable`).\n")
 print("| system | enqueue, one per request | enqueue, batch | process (HTTP for Offload) | process in process | pickup p50 / p99 ms | claim scaling | server peak MB | durability |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for r in rows:
