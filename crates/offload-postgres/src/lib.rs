@@ -16,6 +16,7 @@
 //! The schema and the reasons for its shape are in `migrations/`.
 
 mod clock;
+mod connect;
 mod ids;
 mod notify;
 mod ops;
@@ -24,7 +25,6 @@ mod session;
 pub mod sql;
 mod tx;
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -36,11 +36,12 @@ use offload_core::{
     Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
     encode_cursor, validate_queue_name, validate_worker_id,
 };
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgPool, Postgres};
 use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::connect::{Connector, connect_options};
 use crate::rows::{PgError, TASK_COLUMNS, decode, storage_error};
 use crate::session::on_session;
 use crate::tx::Tx;
@@ -154,52 +155,12 @@ impl PgStore {
     pub async fn open(url: &str, options: PgOptions) -> Result<Arc<Self>> {
         let schema = options.schema.clone();
         check_schema_name(&schema)?;
-        let idle_in_transaction = options.operation_timeout.as_millis().max(1).to_string();
-        let mut connect = connect_options(url)?
-            // A prepared statement's first five runs are planned for their
-            // parameters: on a table just filled, before autovacuum's
-            // ANALYZE, a claim's or an ack's 500 seqs or ids looked cheaper
-            // to hash against a sequential scan of every task than to look
-            // up one by one, ~10 ms a batch on 60,000 tasks, on each of the
-            // pool's connections. The generic plan, which PostgreSQL settles
-            // on after those five for most statements, looks them up by
-            // index, and every statement here is written for it (see `sql`).
-            //
-            // PostgreSQL's notices (a `CREATE … IF NOT EXISTS` that found
-            // its object, on every start) are not the operator's concern;
-            // warnings and errors still come through.
-            //
-            // The client library sets no keepalives on its side. Asked of
-            // the server, they keep a quiet connection's state alive in a
-            // NAT or firewall between, and end within half a minute a
-            // session whose node is gone, with the leader lock it held;
-            // the server's default waits two hours.
-            //
-            // No transaction here waits on its node for long between
-            // statements; one that has waited past the operation's time
-            // limit was given up (`session.rs`), and the server ends it
-            // then, with its locks, even where something between still
-            // keeps the connection up.
-            .options([
-                ("search_path", schema.as_str()),
-                ("plan_cache_mode", "force_generic_plan"),
-                ("client_min_messages", "warning"),
-                ("tcp_keepalives_idle", "15"),
-                ("tcp_keepalives_interval", "5"),
-                ("tcp_keepalives_count", "3"),
-                (
-                    "idle_in_transaction_session_timeout",
-                    idle_in_transaction.as_str(),
-                ),
-            ]);
-        // An application_name in the URL tells nodes apart in pg_stat_activity.
-        if connect.get_application_name().is_none() {
-            connect = connect.application_name("offload");
-        }
-        let pool = match PgPoolOptions::new()
+        let connector = Connector::new(url, &schema, options.operation_timeout)?;
+        let pool = match connector
+            .pool()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(connect.clone())
+            .connect_with(connector.options.clone())
             .await
         {
             Ok(pool) => pool,
@@ -207,7 +168,7 @@ impl PgStore {
             // then says only that it timed out; one connection of its own
             // says why.
             Err(sqlx::Error::PoolTimedOut) => {
-                let attempt = sqlx::PgConnection::connect_with(&connect);
+                let attempt = connector.connect();
                 let why = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
                     Ok(Err(e)) => e.to_string(),
                     Ok(Ok(_)) => "it answered only after 5 s".to_owned(),
@@ -217,8 +178,8 @@ impl PgStore {
                 };
                 return Err(Error::storage_unavailable(format_args!(
                     "cannot connect to PostgreSQL at {}:{} for 5 s: {why}",
-                    connect.get_host(),
-                    connect.get_port()
+                    connector.options.get_host(),
+                    connector.options.get_port()
                 )));
             }
             Err(e) => return Err(storage_error(e)),
@@ -258,12 +219,12 @@ impl PgStore {
             Arc::clone(&node),
             Arc::downgrade(&store),
             pool,
-            connect.clone(),
+            connector.clone(),
             options.listener_keepalive,
             stop.clone(),
             listening,
         ));
-        tokio::spawn(notify::lead(node, connect, stop));
+        tokio::spawn(notify::lead(node, connector, stop));
         // A node that has opened hears what other nodes do from then on.
         // Without a LISTEN within the bound it works all the same, on the
         // engine's fallback poll, and keeps trying to listen.
@@ -325,11 +286,6 @@ fn check_schema_name(schema: &str) -> Result<()> {
     Ok(())
 }
 
-fn connect_options(url: &str) -> Result<PgConnectOptions> {
-    PgConnectOptions::from_str(url)
-        .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))
-}
-
 /// How long [`drop_schema`] waits for a table lock before it gives up.
 const DROP_LOCK_WAIT: &str = "10s";
 
@@ -343,14 +299,15 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
     }
     // A node that was just killed may still hold locks until its backend
     // notices; waiting forever for one would hang the caller.
-    let connect = connect_options(url)?.options([("lock_timeout", DROP_LOCK_WAIT)]);
-    let mut conn = sqlx::PgConnection::connect_with(&connect)
+    let mut conn = sqlx::PgConnection::connect_with(&connect_options(url)?)
         .await
         .map_err(storage_error)?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .execute(&mut conn)
-        .await
-        .map_err(storage_error)?;
+    sqlx::raw_sql(&format!(
+        "SET lock_timeout = '{DROP_LOCK_WAIT}'; DROP SCHEMA IF EXISTS {schema} CASCADE"
+    ))
+    .execute(&mut conn)
+    .await
+    .map_err(storage_error)?;
     conn.close().await.map_err(storage_error)
 }
 

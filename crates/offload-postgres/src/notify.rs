@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use offload_core::{EventKind, State, Task, TaskEvent, Timestamp};
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::connect::Connector;
 use crate::session::on_session;
 use crate::{Node, PgStore, ids};
 
@@ -35,7 +36,7 @@ pub(crate) async fn listen(
     node: Arc<Node>,
     store: Weak<PgStore>,
     pool: PgPool,
-    connect: PgConnectOptions,
+    connector: Connector,
     keepalive: Duration,
     stop: CancellationToken,
     listening: tokio::sync::oneshot::Sender<()>,
@@ -56,12 +57,13 @@ pub(crate) async fn listen(
         // is until the kernel gives up on it, a quarter of an hour. From
         // the store's pool, each such wait would hold one of the
         // operations' places.
-        let own = PgPoolOptions::new()
+        let own = connector
+            .pool()
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(LISTEN_CONNECT)
-            .connect_lazy_with(connect.clone());
+            .connect_lazy_with(connector.options.clone());
         let started = async {
             let mut listener = PgListener::connect_with(&own).await?;
             listener.ignore_pool_close_event(true);
@@ -323,12 +325,12 @@ impl Streamed {
 /// Holds the leader lock (a session advisory lock) while this node can,
 /// and tries to take it while it cannot. A leader whose connection dies
 /// loses the lock with it, and another node takes over within a second.
-pub(crate) async fn lead(node: Arc<Node>, options: PgConnectOptions, stop: CancellationToken) {
+pub(crate) async fn lead(node: Arc<Node>, connector: Connector, stop: CancellationToken) {
     let mut held: Option<PgConnection> = None;
     loop {
         match held.as_mut() {
             None => {
-                if let Ok(mut conn) = PgConnection::connect_with(&options).await {
+                if let Ok(mut conn) = connector.connect().await {
                     let won: Result<bool, _> =
                         sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                             .bind(node.lock_key)

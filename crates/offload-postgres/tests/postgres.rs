@@ -1070,3 +1070,120 @@ async fn a_url_that_asks_for_tls_gets_only_encrypted_connections() {
     );
     assert_eq!(encrypted, connections, "every connection is encrypted");
 }
+
+/// The startup parameters PgBouncer takes from a client; it refuses a
+/// connection that carries any other, unless told to ignore it.
+const POOLER_TAKES: &[&str] = &[
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+/// A relay to the PostgreSQL server `url` names that does at a
+/// connection's start what PgBouncer does: it declines TLS, and refuses a
+/// startup message with a parameter outside [`POOLER_TAKES`], with
+/// PgBouncer's error. The URL through it, and the parameters it refused.
+async fn through_pooler(url: &str) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SSL_REQUEST: u32 = 80_877_103;
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refusing = Arc::clone(&refused);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (server, refusing) = (server.clone(), Arc::clone(&refusing));
+            tokio::spawn(async move {
+                let message = loop {
+                    let length = client.read_u32().await.unwrap() as usize;
+                    let mut body = vec![0; length - 4];
+                    client.read_exact(&mut body).await.unwrap();
+                    if body[..4] == SSL_REQUEST.to_be_bytes() {
+                        client.write_all(b"N").await.unwrap();
+                        continue;
+                    }
+                    let mut message = (length as u32).to_be_bytes().to_vec();
+                    message.extend_from_slice(&body);
+                    break message;
+                };
+                let fields: Vec<&[u8]> = message[8..].split(|b| *b == 0).collect();
+                let unsupported = fields
+                    .chunks(2)
+                    .map(|pair| String::from_utf8_lossy(pair[0]).into_owned())
+                    .find(|key| !key.is_empty() && !POOLER_TAKES.contains(&key.as_str()));
+                if let Some(key) = unsupported {
+                    let mut error = b"SFATAL\0C08P01\0M".to_vec();
+                    error.extend_from_slice(
+                        format!("unsupported startup parameter: {key}\0\0").as_bytes(),
+                    );
+                    let mut answer = vec![b'E'];
+                    answer.extend_from_slice(&(error.len() as u32 + 4).to_be_bytes());
+                    answer.extend_from_slice(&error);
+                    let _ = client.write_all(&answer).await;
+                    refusing.lock().unwrap().push(key);
+                    return;
+                }
+                let mut upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                upstream.write_all(&message).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    let relayed = url.replacen(
+        &format!(":{}/", options.get_port()),
+        &format!(":{port}/"),
+        1,
+    );
+    assert_ne!(relayed, url, "OFFLOAD_TEST_PG_URL names its port");
+    (relayed.replacen("localhost", "127.0.0.1", 1), refused)
+}
+
+/// A connection pooler before PostgreSQL, PgBouncer in session mode, takes
+/// a handful of startup parameters and refuses any other: it refused
+/// every node (`unsupported startup parameter: extra_float_digits`, then
+/// `options`, which carried the node's session settings). The settings
+/// are SET once a connection is open, and they hold: the node works in
+/// its own schema, and hears another node's enqueue over its LISTEN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_works_through_a_pooler_that_takes_only_the_usual_startup_parameters() {
+    let Some(url) = database_url() else { return };
+    let (pooled_url, refused) = through_pooler(&url).await;
+    let schema = fresh_schema();
+    let pooled = PgStore::open(
+        &pooled_url,
+        PgOptions {
+            schema: schema.clone(),
+            max_connections: 2,
+            ..PgOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(*refused.lock().unwrap(), Vec::<String>::new());
+    let pooled = pooled.expect("open through the pooler");
+    let direct = node(&schema).await;
+    let mut ready = pooled.hub().watch_ready();
+    ready.borrow_and_update();
+    let task = direct.enqueue(one_task()).await.unwrap().remove(0).0;
+    tokio::time::timeout(Duration::from_secs(10), ready.changed())
+        .await
+        .expect("the node behind the pooler heard of the task")
+        .unwrap();
+    let claimed = pooled.claim(&claim_by("w", 10)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, task.id);
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let stored: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM {schema}.offload_tasks WHERE state = 3"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(stored, 1, "the node works in its own schema");
+    assert_eq!(*refused.lock().unwrap(), Vec::<String>::new());
+}
