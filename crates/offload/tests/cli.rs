@@ -743,3 +743,93 @@ fn is_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Offload served over HTTPS by a proxy whose certificate an
+/// organisation's own CA signed, as internal services are: the command
+/// line (and `offload work` and the Rust client, which share its HTTP
+/// client) trusts the system's roots, or `SSL_CERT_FILE`'s as curl and
+/// OpenSSL do, besides the public ones it carries. It trusted only the
+/// public ones, and no setting could reach such a server.
+#[test]
+fn the_command_line_reaches_a_server_behind_tls_that_a_private_ca_signed() {
+    let server = Server::start();
+    let upstream = server.url.strip_prefix("http://").expect("an http URL");
+    let (port, ca) = tls_front(upstream.to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let enqueue = |trusted: Option<&std::path::Path>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["enqueue", "hello"])
+            .env("OFFLOAD_URL", format!("https://localhost:{port}"))
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(ca_file) = trusted {
+            command.env("SSL_CERT_FILE", ca_file);
+        }
+        command.output().expect("run offload")
+    };
+    let untrusted = enqueue(None);
+    assert_eq!(untrusted.status.code(), Some(3), "{untrusted:?}");
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("UnknownIssuer"),
+        "{untrusted:?}"
+    );
+    let trusted = enqueue(Some(&ca_file));
+    assert!(trusted.status.success(), "{trusted:?}");
+    let id = stdout(&trusted);
+    assert_eq!(server.http().task(&id)["state"], "pending");
+}
+
+/// A TLS front for `upstream` (`host:port`) on a port of its own, whose
+/// certificate for `localhost` a CA made here signed: the port, and that
+/// CA's certificate in PEM.
+fn tls_front(upstream: String) -> (u16, String) {
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Offload tests' own CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certificate.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate ends
+                    // the handshake.
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+    });
+    (port, ca.pem())
+}
