@@ -869,6 +869,22 @@ async fn through_relay(url: &str) -> (String, impl Fn()) {
     (relayed, silence)
 }
 
+/// `url` with the query parameters `params` (`key=value&…`) added.
+fn with_params(url: &str, params: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{params}")
+}
+
+/// A node of two connections at `url`, in `schema`.
+async fn small_node(url: &str, schema: &str) -> offload_core::Result<Arc<PgStore>> {
+    let options = PgOptions {
+        schema: schema.to_owned(),
+        max_connections: 2,
+        ..PgOptions::default()
+    };
+    PgStore::open(url, options).await
+}
+
 /// An enqueue of one task named `t`.
 fn one_task() -> Vec<TaskSpec> {
     vec![
@@ -949,17 +965,9 @@ async fn a_database_turned_read_only_is_out_of_service_and_health_says_so() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = PgStore::open(
-        &format!("{url}{separator}user={role}"),
-        PgOptions {
-            schema: fresh_schema(),
-            max_connections: 2,
-            ..PgOptions::default()
-        },
-    )
-    .await
-    .expect("open as the role");
+    let store = small_node(&with_params(&url, &format!("user={role}")), &fresh_schema())
+        .await
+        .expect("open as the role");
     store.enqueue(one_task()).await.expect("writes go through");
     // The failover: the role's sessions end, and those that the node
     // opens again are read-only.
@@ -1032,14 +1040,9 @@ async fn a_url_that_asks_for_tls_gets_only_encrypted_connections() {
         .await
         .unwrap();
     let name = format!("offload_tls_{}", Uuid::now_v7().simple());
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let opened = PgStore::open(
-        &format!("{url}{separator}sslmode=require&application_name={name}"),
-        PgOptions {
-            schema: fresh_schema(),
-            max_connections: 2,
-            ..PgOptions::default()
-        },
+    let opened = small_node(
+        &with_params(&url, &format!("sslmode=require&application_name={name}")),
+        &fresh_schema(),
     )
     .await;
     if server_tls != "on" {
@@ -1155,15 +1158,7 @@ async fn a_node_works_through_a_pooler_that_takes_only_the_usual_startup_paramet
     let Some(url) = database_url() else { return };
     let (pooled_url, refused) = through_pooler(&url).await;
     let schema = fresh_schema();
-    let pooled = PgStore::open(
-        &pooled_url,
-        PgOptions {
-            schema: schema.clone(),
-            max_connections: 2,
-            ..PgOptions::default()
-        },
-    )
-    .await;
+    let pooled = small_node(&pooled_url, &schema).await;
     assert_eq!(*refused.lock().unwrap(), Vec::<String>::new());
     let pooled = pooled.expect("open through the pooler");
     let direct = node(&schema).await;
