@@ -315,10 +315,22 @@ async fn migrate(pool: PgPool, schema: String) -> Result<()> {
     let fail = |e: sqlx::Error| Error::Storage(format!("migrating the PostgreSQL schema: {e}"));
     let mut lock = pool.acquire().await.map_err(storage_error)?;
     let key = lock_key(&format!("offload-migrate:{schema}"));
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(&mut *lock)
-        .await
-        .map_err(fail)?;
+    // CREATE SCHEMA asks for the right to create in the database even
+    // when the schema is there, IF NOT EXISTS or not: a role that was
+    // given a schema of its own (or `public`) and nothing more could not
+    // start. So only a schema that is missing is created.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&schema)
+            .fetch_one(&mut *lock)
+            .await
+            .map_err(fail)?;
+    if !exists {
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&mut *lock)
+            .await
+            .map_err(fail)?;
+    }
     // One node migrates at a time; the others wait, then find it done.
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(key)

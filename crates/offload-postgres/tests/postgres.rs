@@ -1182,3 +1182,43 @@ async fn a_node_works_through_a_pooler_that_takes_only_the_usual_startup_paramet
     assert_eq!(stored, 1, "the node works in its own schema");
     assert_eq!(*refused.lock().unwrap(), Vec::<String>::new());
 }
+
+/// A database's owner gives an application a schema of its own and no
+/// right to create anything else, as managed databases are run: a node
+/// whose role owns its schema starts, migrates it and works. It refused to
+/// start (`permission denied for database`): `CREATE SCHEMA IF NOT
+/// EXISTS` asks for the right to create schemas even when the schema is
+/// there.
+#[tokio::test]
+async fn a_role_that_owns_only_its_schema_starts_a_node_in_it() {
+    let Some(url) = database_url() else { return };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let role = format!("offload_{}", Uuid::now_v7().simple());
+    let schema = fresh_schema();
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN; CREATE SCHEMA {schema} AUTHORIZATION {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let may_create: bool = sqlx::query_scalar(&format!(
+        "SELECT has_database_privilege('{role}', current_database(), 'CREATE')"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(!may_create, "the role may not create schemas");
+    let opened = small_node(&with_params(&url, &format!("user={role}")), &schema).await;
+    let store = opened.expect("a node starts in the schema its role owns");
+    store.enqueue(one_task()).await.expect("an enqueue");
+    assert_eq!(store.claim(&claim_by("w", 1)).await.unwrap().len(), 1);
+    store.close();
+    drop(store);
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+         DROP SCHEMA {schema} CASCADE; DROP ROLE {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
