@@ -84,7 +84,7 @@ impl AppState {
 
 /// Opens the store a `--db` URL names.
 pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, ServerError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    let Some(path) = sqlite_path(url)? else {
         let (url, schema) = split_schema(url);
         let options = PgOptions {
             schema: schema.unwrap_or_else(|| "public".into()),
@@ -98,17 +98,11 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Se
             .await
             .map_err(ServerError::Store)?;
         return Ok(store);
-    }
+    };
     let durability = match config.durability.as_str() {
         "relaxed" => Durability::Relaxed,
         _ => Durability::Durable,
     };
-    let path = url.strip_prefix("sqlite://").unwrap_or(url);
-    if path.is_empty() {
-        return Err(ServerError::Config(ConfigError::Invalid(format!(
-            "db: {url:?} names no file; use sqlite://PATH"
-        ))));
-    }
     let options = SqliteOptions {
         durability,
         limits: config.limits(),
@@ -117,6 +111,21 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Se
     };
     let store = SqliteStore::open(path, options).map_err(ServerError::Store)?;
     Ok(Arc::new(store))
+}
+
+/// The SQLite file a `--db` URL names (`sqlite://PATH` or a plain path), or
+/// `None` for a PostgreSQL URL.
+pub fn sqlite_path(url: &str) -> Result<Option<&str>, ConfigError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(None);
+    }
+    let path = url.strip_prefix("sqlite://").unwrap_or(url);
+    if path.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "db: {url:?} names no file; use sqlite://PATH"
+        )));
+    }
+    Ok(Some(path))
 }
 
 /// Drops the PostgreSQL schema a `--db` URL names with its `schema`

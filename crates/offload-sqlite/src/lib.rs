@@ -15,6 +15,7 @@
 //! the process but not a power cut.
 
 mod append_set;
+mod backup;
 mod checkpoint;
 mod claims;
 mod ids;
@@ -45,6 +46,7 @@ use offload_core::{
 use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
+pub use crate::backup::{BackupError, BackupReport, backup};
 use crate::read::Readers;
 use crate::ready::ReadyIndex;
 use crate::rows::storage_error;

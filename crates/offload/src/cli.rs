@@ -77,6 +77,10 @@ pub enum Command {
     /// cancel, on timeout, when a shutdown's grace runs out, and when this
     /// worker dies, even by SIGKILL.
     Work(WorkArgs),
+    /// Copy a node's SQLite database to DESTINATION while the node serves
+    /// it: one consistent snapshot, compacted, synced to disk before it
+    /// takes its name. Back up a PostgreSQL database with pg_dump.
+    Backup(BackupArgs),
     /// Measure this machine: enqueue, processing, pickup latency, claim
     /// scaling and server memory, against a server it starts (or --url).
     Bench(BenchArgs),
@@ -106,6 +110,18 @@ pub struct BenchArgs {
     /// or ids (`Prefer: return=minimal`).
     #[arg(long, default_value = "tasks")]
     pub batch_answer: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The file to write; it must not exist yet.
+    pub destination: PathBuf,
+    /// The node's database: sqlite://PATH [env: OFFLOAD_DB] [default: sqlite://offload.db]
+    #[arg(long, env = "OFFLOAD_DB", hide_env = true)]
+    pub db: Option<String>,
+    /// The node's TOML file, for its `db` [env: OFFLOAD_CONFIG]
+    #[arg(long, env = "OFFLOAD_CONFIG", hide_env = true)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,7 @@ use offload_core::{Limits, NewTask, OnConflict, PriorityInput, State};
 use offload_server::Config;
 use uuid::Uuid;
 
-use crate::cli::{Cli, Command, EnqueueArgs, ListArgs, ServeArgs};
+use crate::cli::{BackupArgs, Cli, Command, EnqueueArgs, ListArgs, ServeArgs};
 use crate::{output, usage, work};
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:6490";
@@ -118,20 +118,76 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Watch { id } => output::watch(&client, parse_id(&id)?, json).await,
         Command::Work(args) => work::run(client, args).await,
+        Command::Backup(args) => backup(args, json).await,
         Command::Bench(args) => crate::bench::run(args, cli.url, json).await,
         // `main` runs it before there is a runtime; it never comes here.
         Command::WorkGuard => Ok(work::guard()),
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let mut config = match &args.config {
+/// The node's settings from its `--config` file, or the defaults.
+fn node_config(path: Option<&std::path::Path>) -> Result<Config> {
+    match path {
         // A file that cannot be read or parsed is a bad setting, as a bad
         // flag is.
         Some(path) => Config::from_toml_file(&path.to_string_lossy())
-            .map_err(|e| usage(format!("--config: {:#}", anyhow::Error::from(e))))?,
-        None => Config::default(),
+            .map_err(|e| usage(format!("--config: {:#}", anyhow::Error::from(e)))),
+        None => Ok(Config::default()),
+    }
+}
+
+async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
+    let mut config = node_config(args.config.as_deref())?;
+    if let Some(db) = args.db {
+        config.db = db;
+    }
+    let source = match offload_server::sqlite_path(&config.db) {
+        Ok(Some(path)) => std::path::PathBuf::from(path),
+        Ok(None) => {
+            return Err(usage(
+                "--db: offload backup copies a SQLite database; back up a PostgreSQL one \
+                 with pg_dump (a node's schema alone: pg_dump --schema=NAME)",
+            ));
+        }
+        Err(e) => return Err(usage(e.to_string())),
     };
+    let destination = args.destination;
+    let started = std::time::Instant::now();
+    let (source, destination, report) = tokio::task::spawn_blocking(move || {
+        let report = offload_sqlite::backup(&source, &destination);
+        (source, destination, report)
+    })
+    .await?;
+    let report = report.map_err(|e| match e {
+        offload_sqlite::BackupError::NoSource(_)
+        | offload_sqlite::BackupError::NotOffload(_)
+        | offload_sqlite::BackupError::DestinationExists(_) => usage(e.to_string()),
+        _ => e.into(),
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        output::print_json(&serde_json::json!({
+            "source": source,
+            "destination": destination,
+            "tasks": report.tasks,
+            "bytes": report.bytes,
+            "schema_version": report.schema_version,
+            "seconds": seconds,
+        }))?;
+    } else {
+        outln!(
+            "backed up {} to {}: {} tasks, {:.1} MB, in {seconds:.2} s",
+            source.display(),
+            destination.display(),
+            report.tasks,
+            report.bytes as f64 / 1e6,
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let mut config = node_config(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.listen = listen.parse().map_err(|e| {
             usage(format!(

@@ -59,6 +59,161 @@ fn kill_9_loses_no_acknowledged_write() {
     );
 }
 
+/// `offload backup` copies a node's database while the node serves it and
+/// writes go on: the copy holds every write answered before the backup
+/// began (most of them still in the WAL, not yet in the database file), a
+/// node starts on it, and its tasks are as they were: claimed ones running
+/// under their worker, completed ones completed.
+#[test]
+fn a_backup_taken_while_a_node_serves_holds_every_write_answered_before_it() {
+    if crate::support::on_postgres() {
+        return; // PostgreSQL is backed up with its own tools.
+    }
+    let server = Server::start();
+    let http = server.http();
+    let ids = |tasks: &[serde_json::Value]| -> Vec<String> {
+        tasks
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, batch) = http.post(
+        "/v1/tasks/batch",
+        json!({"tasks": (0..300).map(|i| json!({"type": "t", "payload": {"i": i}})).collect::<Vec<_>>()}),
+    );
+    assert_eq!(status, 201, "{batch}");
+    let enqueued = ids(batch["tasks"].as_array().unwrap());
+    let claimed = ids(&http.fetch("w", json!({"types": ["t"], "limit": 50})));
+    let completed = &claimed[..20];
+    for id in completed {
+        let (status, answer) = http.post(
+            &format!("/v1/tasks/{id}/complete"),
+            json!({"worker_id": "w", "result": {"ok": true}}),
+        );
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    // Writes go on beside the backup; the ones answered before it began
+    // must be in it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (stop, answered, http) = (stop.clone(), answered.clone(), server.http());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = http.enqueue(json!({"type": "later"}))["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                answered.lock().unwrap().push(id);
+            }
+        })
+    };
+    while answered.lock().unwrap().len() < 100 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let answered_before: Vec<String> = answered.lock().unwrap().clone();
+    let copy = server.dir.join("copy.db");
+    let backup = Command::new(BIN)
+        .args(["backup", "--db"])
+        .arg(format!(
+            "sqlite://{}",
+            server.dir.join("offload.db").display()
+        ))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(backup.status.success(), "{backup:?}");
+    let said = crate::support::stdout(&backup);
+    assert!(
+        said.starts_with("backed up ") && said.contains(" tasks, "),
+        "{said}"
+    );
+
+    let restored_dir = tempfile::tempdir().unwrap();
+    let restored = Server::start_on(
+        &format!("sqlite://{}", copy.display()),
+        restored_dir.path(),
+        &[],
+    );
+    let http = restored.http();
+    for id in &enqueued {
+        let task = http.task(id);
+        let expected = if completed.contains(id) {
+            "completed"
+        } else if claimed.contains(id) {
+            "running"
+        } else {
+            "pending"
+        };
+        assert_eq!(task["state"], expected, "task {id} in the copy: {task}");
+        if expected == "running" {
+            assert_eq!(task["worker_id"], "w", "{task}");
+        }
+        if expected == "completed" {
+            assert_eq!(task["result"], json!({"ok": true}), "{task}");
+        }
+    }
+    for id in &answered_before {
+        assert_eq!(http.task(id)["state"], "pending", "task {id} in the copy");
+    }
+    // The copy is a file of its own: the node on it takes work the
+    // original's node goes on without.
+    let (_, stats) = http.get("/v1/stats");
+    assert_eq!(stats["total"]["completed"], json!(20), "{stats}");
+    assert_eq!(stats["total"]["running"], json!(30), "{stats}");
+}
+
+/// What `offload backup` cannot do, it says in one line with exit code 2,
+/// and writes nothing.
+#[test]
+fn backup_refuses_what_it_cannot_copy_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = |db: &str, destination: &std::path::Path| {
+        Command::new(BIN)
+            .args(["backup", "--db", db])
+            .arg(destination)
+            .output()
+            .unwrap()
+    };
+    let refused = |output: &std::process::Output, needle: &str| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert!(stderr.contains(needle), "{stderr:?} should say {needle:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
+    };
+    let destination = dir.path().join("copy.db");
+    let missing = dir.path().join("missing.db");
+    refused(
+        &backup(&format!("sqlite://{}", missing.display()), &destination),
+        "there is no database at",
+    );
+    assert!(!missing.exists(), "the backup created its source");
+    refused(
+        &backup("postgres://postgres@127.0.0.1:5432/test", &destination),
+        "pg_dump",
+    );
+    let other = dir.path().join("other.db");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (x)")
+        .unwrap();
+    refused(
+        &backup(&format!("sqlite://{}", other.display()), &destination),
+        "is not an Offload database",
+    );
+    assert!(!destination.exists());
+
+    let server = Server::start();
+    server.http().enqueue(json!({"type": "t"}));
+    let source = format!("sqlite://{}", server.dir.join("offload.db").display());
+    std::fs::write(&destination, "kept").unwrap();
+    refused(&backup(&source, &destination), "exists");
+    assert_eq!(std::fs::read_to_string(&destination).unwrap(), "kept");
+}
+
 /// Started with a soft limit of 64 open files, a node takes its hard limit,
 /// so that 150 idle connections (long polls, event streams) do not keep the
 /// next client from being accepted.
