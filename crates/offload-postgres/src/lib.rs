@@ -315,29 +315,21 @@ async fn migrate(pool: PgPool, schema: String) -> Result<()> {
     let fail = |e: sqlx::Error| Error::Storage(format!("migrating the PostgreSQL schema: {e}"));
     let mut lock = pool.acquire().await.map_err(storage_error)?;
     let key = lock_key(&format!("offload-migrate:{schema}"));
-    // CREATE SCHEMA asks for the right to create in the database even
-    // when the schema is there, IF NOT EXISTS or not: a role that was
-    // given a schema of its own (or `public`) and nothing more could not
-    // start. So only a schema that is missing is created.
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(&schema)
-            .fetch_one(&mut *lock)
-            .await
-            .map_err(fail)?;
-    if !exists {
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            .execute(&mut *lock)
-            .await
-            .map_err(fail)?;
-    }
-    // One node migrates at a time; the others wait, then find it done.
+    // One node migrates at a time; the others wait, then find it done. The
+    // lock comes before the schema too: nodes started together on a new
+    // one would each find it missing, and all but one fail to create it
+    // (CREATE SCHEMA IF NOT EXISTS is no guard against a concurrent one).
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(key)
         .execute(&mut *lock)
         .await
         .map_err(fail)?;
-    let outcome = apply_migrations(pool.clone()).await.map_err(fail);
+    let outcome = async {
+        create_schema(&mut lock, &schema).await?;
+        apply_migrations(pool.clone()).await
+    }
+    .await
+    .map_err(fail);
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(key)
         .execute(&mut *lock)
@@ -348,6 +340,24 @@ async fn migrate(pool: PgPool, schema: String) -> Result<()> {
         return Err(Error::Storage(format!(
             "the database has schema version {current}, newer than this Offload knows ({latest})"
         )));
+    }
+    Ok(())
+}
+
+/// Creates `schema` if it is missing. CREATE SCHEMA asks for the right to
+/// create in the database even when the schema is there, IF NOT EXISTS or
+/// not: a role that was given a schema of its own (or `public`) and
+/// nothing more could not start. So only a missing schema is created.
+async fn create_schema(conn: &mut sqlx::PgConnection, schema: &str) -> Result<(), sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *conn)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

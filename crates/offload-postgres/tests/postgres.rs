@@ -1222,3 +1222,29 @@ async fn a_role_that_owns_only_its_schema_starts_a_node_in_it() {
     .await
     .unwrap();
 }
+
+/// Nodes started together on a schema that does not exist yet (a first
+/// deployment of several nodes, or its restart after the schema was
+/// dropped) all start: one creates the schema and migrates it, the others
+/// wait for it and find it done. Each found the schema missing and all but
+/// one failed to create it ("duplicate key value violates unique
+/// constraint pg_namespace_nspname_index") before the migration's lock
+/// came first.
+#[tokio::test]
+async fn nodes_started_together_on_a_new_schema_all_start() {
+    let Some(url) = database_url() else { return };
+    for _ in 0..3 {
+        let schema = fresh_schema();
+        let opened = futures::future::join_all((0..6).map(|_| small_node(&url, &schema))).await;
+        for node in &opened {
+            if let Err(e) = node {
+                panic!("a node did not start on the new schema {schema}: {e}");
+            }
+        }
+        let node = opened.into_iter().next().unwrap().unwrap();
+        node.enqueue(one_task())
+            .await
+            .expect("enqueue on the new schema");
+        offload_postgres::drop_schema(&url, &schema).await.unwrap();
+    }
+}
