@@ -140,6 +140,9 @@ pub struct PgStore {
     stop: CancellationToken,
 }
 
+/// How long an operation waits for a connection of the pool's.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A stable 64-bit key for advisory locks, from a name.
 pub(crate) fn lock_key(name: &str) -> i64 {
     // FNV-1a: stable across builds, unlike the std hasher.
@@ -156,10 +159,11 @@ impl PgStore {
         let schema = options.schema.clone();
         check_schema_name(&schema)?;
         let connector = Connector::new(url, &schema, options.operation_timeout)?;
+        let most_connections = options.max_connections.max(2);
         let pool = match connector
             .pool()
-            .max_connections(options.max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(5))
+            .max_connections(most_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(connector.options.clone())
             .await
         {
@@ -186,6 +190,7 @@ impl PgStore {
         };
         migrate(pool.clone(), schema.clone()).await?;
         warn_without_autovacuum(&pool).await;
+        warn_when_connections_may_run_out(&pool, most_connections).await;
         let follows_database = options.follow_database_clock;
         let clock = Arc::new(clock::NodeClock::new(options.clock));
         if follows_database {
@@ -267,6 +272,52 @@ async fn warn_without_autovacuum(pool: &PgPool) {
             "PostgreSQL's autovacuum is off: the dead row versions that claims, completions \
              and retention leave are never reclaimed unless VACUUM runs some other way, and \
              Offload's tables and queries slow as they grow; set autovacuum = on"
+        );
+    }
+}
+
+/// Connections left for the node: under `max_connections`, less the
+/// slots kept for superusers where the role is not one, and under the
+/// role's own connection limit, less what is open. A server whose figures
+/// cannot be read answers nothing.
+const CONNECTION_ROOM: &str = "\
+    WITH role AS (SELECT rolsuper, rolconnlimit FROM pg_roles WHERE rolname = current_user), \
+         open AS (SELECT count(*) FILTER (WHERE backend_type = 'client backend') AS all_roles, \
+                         count(*) FILTER (WHERE usename = current_user) AS this_role \
+                  FROM pg_stat_activity) \
+    SELECT least( \
+        current_setting('max_connections')::int - open.all_roles::int \
+          - CASE WHEN role.rolsuper THEN 0 ELSE \
+              current_setting('superuser_reserved_connections')::int \
+              + coalesce(current_setting('reserved_connections', true)::int, 0) END, \
+        CASE WHEN role.rolconnlimit < 0 THEN 2147483647 \
+             ELSE role.rolconnlimit - open.this_role::int END), \
+      current_setting('max_connections')::int \
+    FROM role, open";
+
+/// Each node may open its pool's connections and two more (its listener
+/// and its leader's). When PostgreSQL has less room than that, the nodes'
+/// pools together outgrow it, and a request that needs a connection past
+/// the room waits for the pool's timeout and fails 503: the operator hears
+/// it once, at start, with the figures to size by.
+async fn warn_when_connections_may_run_out(pool: &PgPool, most: u32) {
+    let Ok((room, max)) = sqlx::query_as::<_, (i32, i32)>(CONNECTION_ROOM)
+        .fetch_one(pool)
+        .await
+    else {
+        return;
+    };
+    let more = i64::from(most + 2) - i64::from(pool.size());
+    if i64::from(room) < more {
+        tracing::warn!(
+            room,
+            max_connections = max,
+            db_pool_size = most,
+            "PostgreSQL has room for {room} more connections and this node may open {more} \
+             more (db_pool_size {most}, its listener and its leader's): a request that needs \
+             a connection past the room waits {}s and fails 503; lower db_pool_size (each \
+             node's) or raise max_connections",
+            ACQUIRE_TIMEOUT.as_secs()
         );
     }
 }

@@ -28,11 +28,15 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            conn: pool.acquire().await?,
-            settled: false,
-        })
+    pub async fn acquire(pool: &PgPool) -> Result<Self, Error> {
+        match pool.acquire().await {
+            Ok(conn) => Ok(Self {
+                conn,
+                settled: false,
+            }),
+            Err(sqlx::Error::PoolTimedOut) => Err(no_connection(pool).await),
+            Err(e) => Err(storage_error(e)),
+        }
     }
 
     /// Says that every statement sent on the connection has been answered
@@ -79,6 +83,45 @@ pub(crate) async fn within<T>(
         .unwrap_or_else(|_| Err(PgError::Core(no_answer(limit))))
 }
 
+/// How long [`no_connection`] waits for PostgreSQL to take or refuse a
+/// connection of its own.
+const DIAGNOSIS_CONNECT: Duration = Duration::from_secs(2);
+
+/// Why the pool gave no connection within its wait, which it does not
+/// say. With all of the node's connections open and busy, the node is
+/// short of them (`db_pool_size`). With fewer open, the pool was trying to
+/// open one, and one connection of its own says why it could not: most
+/// often PostgreSQL refusing more ("sorry, too many clients already", when
+/// the nodes' pools together outgrow `max_connections`).
+async fn no_connection(pool: &PgPool) -> Error {
+    let (open, most) = (pool.size(), pool.options().get_max_connections());
+    let why = if open >= most {
+        format!("all of this node's {most} connections were busy (db_pool_size)")
+    } else {
+        let options = pool.connect_options();
+        match tokio::time::timeout(DIAGNOSIS_CONNECT, sqlx::ConnectOptions::connect(&*options))
+            .await
+        {
+            Ok(Err(e)) => {
+                format!("this node has {open} of its {most} open, and PostgreSQL refuses more: {e}")
+            }
+            Ok(Ok(conn)) => {
+                let _ =
+                    tokio::time::timeout(DIAGNOSIS_CONNECT, sqlx::Connection::close(conn)).await;
+                format!("this node has {open} of its {most} open and could not open more")
+            }
+            Err(_) => format!(
+                "this node has {open} of its {most} open, and PostgreSQL did not answer a new connection within {}s",
+                DIAGNOSIS_CONNECT.as_secs()
+            ),
+        }
+    };
+    Error::storage_unavailable(format_args!(
+        "no connection to PostgreSQL came free within {}s: {why}",
+        pool.options().get_acquire_timeout().as_secs()
+    ))
+}
+
 /// The error of an operation that got no answer in time.
 fn no_answer(limit: Duration) -> Error {
     Error::storage_unavailable(format_args!(
@@ -103,7 +146,7 @@ macro_rules! on_session {
         crate::session::within($limit, async {
             let mut session = crate::session::Session::acquire(pool)
                 .await
-                .map_err(crate::rows::storage_error)?;
+                .map_err(crate::rows::PgError::Core)?;
             let outcome = async {
                 let $conn: &mut sqlx::postgres::PgConnection = &mut session;
                 Ok::<_, crate::rows::PgError>($body)
@@ -120,7 +163,7 @@ pub(crate) use on_session;
 
 /// Opens a transaction on a session of `pool`.
 pub(crate) async fn begin(pool: &PgPool) -> PgResult<Session> {
-    let mut session = Session::acquire(pool).await.map_err(storage_error)?;
+    let mut session = Session::acquire(pool).await.map_err(PgError::Core)?;
     // A statement without parameters goes by the simple protocol, in one
     // round trip, as sqlx's own transactions begin.
     sqlx::Executor::execute(&mut *session as &mut PgConnection, "BEGIN").await?;

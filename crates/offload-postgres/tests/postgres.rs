@@ -1248,3 +1248,87 @@ async fn nodes_started_together_on_a_new_schema_all_start() {
         offload_postgres::drop_schema(&url, &schema).await.unwrap();
     }
 }
+
+/// When PostgreSQL refuses the node another connection (its
+/// `max_connections`, or here the role's connection limit, which nodes'
+/// pools together outgrow), a request that waited for one in vain is told
+/// why, where it was told only that the pool timed out.
+#[tokio::test]
+async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more() {
+    let Some(url) = database_url() else { return };
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let role = format!("offload_{}", Uuid::now_v7().simple());
+    let schema = fresh_schema();
+    // The node's listener and its leader's connection, and three in its
+    // pool; the pool may open eight.
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 5; CREATE SCHEMA {schema} AUTHORIZATION {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let options = PgOptions {
+        schema: schema.clone(),
+        max_connections: 8,
+        ..PgOptions::default()
+    };
+    let store = PgStore::open(&with_params(&url, &format!("user={role}")), options)
+        .await
+        .expect("open as the role");
+    store.enqueue(one_task()).await.expect("an enqueue");
+    // Enqueues wait on a lock, each holding its connection, until the
+    // pool has opened all the role may and the next finds none.
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {schema}.offload_tasks IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut locker)
+    .await
+    .unwrap();
+    let waiting: Vec<_> = (0..6)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.enqueue(one_task()).await })
+        })
+        .collect();
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(done) = waiting.iter().position(|w| w.is_finished()) {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("an enqueue left without a connection is answered");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for w in waiting {
+        outcomes.push(w.await.unwrap());
+    }
+    match &outcomes[refused] {
+        Err(offload_core::Error::Unavailable(message)) => assert!(
+            message.contains("PostgreSQL refuses more")
+                && message.contains("too many connections for role"),
+            "{message}"
+        ),
+        other => panic!("expected the enqueue to be out of service: {other:?}"),
+    }
+    // The ones that had a connection went through once the lock went.
+    assert!(
+        outcomes.iter().filter(|o| o.is_ok()).count() >= 3,
+        "{outcomes:?}"
+    );
+    store.close();
+    drop(store);
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+         DROP SCHEMA {schema} CASCADE; DROP ROLE {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}

@@ -651,6 +651,23 @@ fn a_second_node_on_the_same_sqlite_file_is_refused() {
     );
 }
 
+/// A node whose pool PostgreSQL has no room for says so at start, with
+/// the figures to size by: past the room, requests fail 503 after waiting
+/// for a connection.
+#[test]
+fn serve_warns_when_postgresql_has_no_room_for_its_connections() {
+    if !crate::support::on_postgres() {
+        return; // SQLite has no connections to run out of.
+    }
+    let server = Server::start_configured("db_pool_size = 1000");
+    let log = server.log();
+    assert!(
+        log.contains("PostgreSQL has room for") && log.contains("db_pool_size 1000"),
+        "{log}"
+    );
+    assert_eq!(server.http().get("/health").0, 200);
+}
+
 /// The `bench_*` schemas of the PostgreSQL database at `url`.
 fn bench_schemas(url: &str) -> std::collections::BTreeSet<String> {
     use sqlx::Connection;
