@@ -206,9 +206,10 @@ fn backup_refuses_what_it_cannot_copy_with_exit_code_2() {
     );
     assert!(!destination.exists());
 
-    let server = Server::start();
+    // A SQLite node in either pass of the suite.
+    let source = format!("sqlite://{}", dir.path().join("offload.db").display());
+    let server = Server::start_on(&source, dir.path(), &[]);
     server.http().enqueue(json!({"type": "t"}));
-    let source = format!("sqlite://{}", server.dir.join("offload.db").display());
     std::fs::write(&destination, "kept").unwrap();
     refused(&backup(&source, &destination), "exists");
     assert_eq!(std::fs::read_to_string(&destination).unwrap(), "kept");
