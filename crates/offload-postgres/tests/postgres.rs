@@ -1249,6 +1249,74 @@ async fn nodes_started_together_on_a_new_schema_all_start() {
     }
 }
 
+/// A node whose role PostgreSQL lets open five connections: its listener,
+/// its leader's and three in its pool, which may open eight. In a schema
+/// and as a role of its own, both removed by [`LimitedNode::remove`].
+struct LimitedNode {
+    store: Arc<PgStore>,
+    role: String,
+    schema: String,
+}
+
+impl LimitedNode {
+    async fn open(url: &str) -> Self {
+        let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+        let role = format!("offload_{}", Uuid::now_v7().simple());
+        let schema = fresh_schema();
+        sqlx::raw_sql(&format!(
+            "CREATE ROLE {role} LOGIN CONNECTION LIMIT 5; \
+             CREATE SCHEMA {schema} AUTHORIZATION {role};"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let options = PgOptions {
+            schema: schema.clone(),
+            max_connections: 8,
+            ..PgOptions::default()
+        };
+        let store = PgStore::open(&with_params(url, &format!("user={role}")), options)
+            .await
+            .expect("open as the role");
+        store.enqueue(one_task()).await.expect("an enqueue");
+        Self {
+            store,
+            role,
+            schema,
+        }
+    }
+
+    /// A connection of the test's own holding a lock on the node's tasks
+    /// until it rolls back: every enqueue waits on it, holding its
+    /// connection.
+    async fn lock_tasks(&self, url: &str) -> sqlx::PgConnection {
+        let mut locker = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "BEGIN; LOCK TABLE {}.offload_tasks IN ACCESS EXCLUSIVE MODE;",
+            self.schema
+        ))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+        locker
+    }
+
+    async fn remove(self, url: &str) {
+        self.store.close();
+        drop(self.store);
+        let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+             DROP SCHEMA {schema} CASCADE; DROP ROLE {role};",
+            role = self.role,
+            schema = self.schema
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+}
+
 /// When PostgreSQL refuses the node another connection (its
 /// `max_connections`, or here the role's connection limit, which nodes'
 /// pools together outgrow), a request that waited for one in vain is told
@@ -1256,35 +1324,11 @@ async fn nodes_started_together_on_a_new_schema_all_start() {
 #[tokio::test]
 async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more() {
     let Some(url) = database_url() else { return };
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    let role = format!("offload_{}", Uuid::now_v7().simple());
-    let schema = fresh_schema();
-    // The node's listener and its leader's connection, and three in its
-    // pool; the pool may open eight.
-    sqlx::raw_sql(&format!(
-        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 5; CREATE SCHEMA {schema} AUTHORIZATION {role};"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    let options = PgOptions {
-        schema: schema.clone(),
-        max_connections: 8,
-        ..PgOptions::default()
-    };
-    let store = PgStore::open(&with_params(&url, &format!("user={role}")), options)
-        .await
-        .expect("open as the role");
-    store.enqueue(one_task()).await.expect("an enqueue");
+    let limited = LimitedNode::open(&url).await;
+    let store = Arc::clone(&limited.store);
     // Enqueues wait on a lock, each holding its connection, until the
     // pool has opened all the role may and the next finds none.
-    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "BEGIN; LOCK TABLE {schema}.offload_tasks IN ACCESS EXCLUSIVE MODE;"
-    ))
-    .execute(&mut locker)
-    .await
-    .unwrap();
+    let mut locker = limited.lock_tasks(&url).await;
     let waiting: Vec<_> = (0..6)
         .map(|_| {
             let store = Arc::clone(&store);
@@ -1322,13 +1366,45 @@ async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more()
         outcomes.iter().filter(|o| o.is_ok()).count() >= 3,
         "{outcomes:?}"
     );
-    store.close();
     drop(store);
-    sqlx::raw_sql(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
-         DROP SCHEMA {schema} CASCADE; DROP ROLE {role};"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    limited.remove(&url).await;
+}
+
+/// When PostgreSQL refuses the node more connections, an operation that
+/// finds none free takes one that another operation frees, where it waited
+/// for the pool to open one, refusal after refusal, and failed after 5 s
+/// though the node's connections had come free meanwhile.
+#[tokio::test]
+async fn when_postgresql_refuses_more_connections_requests_take_the_ones_freed() {
+    let Some(url) = database_url() else { return };
+    let limited = LimitedNode::open(&url).await;
+    let store = Arc::clone(&limited.store);
+    // Three enqueues wait on a lock, each holding a connection, and three
+    // more find none; the lock goes a second later.
+    let mut locker = limited.lock_tasks(&url).await;
+    let started = std::time::Instant::now();
+    let waiting: Vec<_> = (0..6)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.enqueue(one_task()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for w in waiting {
+        outcomes.push(w.await.unwrap());
+    }
+    let failed: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "enqueues failed after {:?} though connections came free after 1 s: {failed:?}",
+        started.elapsed()
+    );
+    assert_eq!(store.stats().await.unwrap().total.pending, 7);
+    drop(store);
+    limited.remove(&url).await;
 }
