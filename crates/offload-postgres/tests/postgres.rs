@@ -1017,13 +1017,7 @@ async fn a_database_turned_read_only_is_out_of_service_and_health_says_so() {
     );
     store.close();
     drop(store);
-    sqlx::raw_sql(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
-         DROP OWNED BY {role}; DROP ROLE {role};"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    remove_role(&url, &role).await;
 }
 
 /// Managed PostgreSQL services take connections over TLS only, and a URL
@@ -1214,13 +1208,7 @@ async fn a_role_that_owns_only_its_schema_starts_a_node_in_it() {
     assert_eq!(store.claim(&claim_by("w", 1)).await.unwrap().len(), 1);
     store.close();
     drop(store);
-    sqlx::raw_sql(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
-         DROP SCHEMA {schema} CASCADE; DROP ROLE {role};"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    remove_role(&url, &role).await;
 }
 
 /// Nodes started together on a schema that does not exist yet (a first
@@ -1304,17 +1292,21 @@ impl LimitedNode {
     async fn remove(self, url: &str) {
         self.store.close();
         drop(self.store);
-        let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
-        sqlx::raw_sql(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
-             DROP SCHEMA {schema} CASCADE; DROP ROLE {role};",
-            role = self.role,
-            schema = self.schema
-        ))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+        remove_role(url, &self.role).await;
     }
+}
+
+/// Ends a test's role's sessions and drops the role with all it owns (its
+/// schema, and the node's tables in it).
+async fn remove_role(url: &str, role: &str) {
+    let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+         DROP OWNED BY {role}; DROP ROLE {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
 }
 
 /// When PostgreSQL refuses the node another connection (its
