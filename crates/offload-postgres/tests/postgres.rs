@@ -1289,11 +1289,35 @@ impl LimitedNode {
         locker
     }
 
+    /// `n` enqueues of one task each, started together.
+    fn enqueues_at_once(&self, n: usize) -> Vec<tokio::task::JoinHandle<offload_core::Result<()>>> {
+        (0..n)
+            .map(|_| {
+                let store = Arc::clone(&self.store);
+                tokio::spawn(async move { store.enqueue(one_task()).await.map(drop) })
+            })
+            .collect()
+    }
+
     async fn remove(self, url: &str) {
         self.store.close();
         drop(self.store);
         remove_role(url, &self.role).await;
     }
+}
+
+/// Rolls back `locker`'s transaction, letting the enqueues it held go on,
+/// and collects what each of `waiting` answered.
+async fn unlock_and_collect(
+    mut locker: sqlx::PgConnection,
+    waiting: Vec<tokio::task::JoinHandle<offload_core::Result<()>>>,
+) -> Vec<offload_core::Result<()>> {
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let outcomes = futures::future::join_all(waiting).await;
+    outcomes.into_iter().map(Result::unwrap).collect()
 }
 
 /// Ends a test's role's sessions and drops the role with all it owns (its
@@ -1317,16 +1341,10 @@ async fn remove_role(url: &str, role: &str) {
 async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more() {
     let Some(url) = database_url() else { return };
     let limited = LimitedNode::open(&url).await;
-    let store = Arc::clone(&limited.store);
     // Enqueues wait on a lock, each holding its connection, until the
     // pool has opened all the role may and the next finds none.
-    let mut locker = limited.lock_tasks(&url).await;
-    let waiting: Vec<_> = (0..6)
-        .map(|_| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { store.enqueue(one_task()).await })
-        })
-        .collect();
+    let locker = limited.lock_tasks(&url).await;
+    let waiting = limited.enqueues_at_once(6);
     let refused = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Some(done) = waiting.iter().position(|w| w.is_finished()) {
@@ -1337,14 +1355,7 @@ async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more()
     })
     .await
     .expect("an enqueue left without a connection is answered");
-    sqlx::raw_sql("ROLLBACK")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    let mut outcomes = Vec::new();
-    for w in waiting {
-        outcomes.push(w.await.unwrap());
-    }
+    let outcomes = unlock_and_collect(locker, waiting).await;
     match &outcomes[refused] {
         Err(offload_core::Error::Unavailable(message)) => assert!(
             message.contains("PostgreSQL refuses more")
@@ -1358,7 +1369,6 @@ async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more()
         outcomes.iter().filter(|o| o.is_ok()).count() >= 3,
         "{outcomes:?}"
     );
-    drop(store);
     limited.remove(&url).await;
 }
 
@@ -1370,33 +1380,19 @@ async fn a_request_left_without_a_connection_says_that_postgresql_refuses_more()
 async fn when_postgresql_refuses_more_connections_requests_take_the_ones_freed() {
     let Some(url) = database_url() else { return };
     let limited = LimitedNode::open(&url).await;
-    let store = Arc::clone(&limited.store);
     // Three enqueues wait on a lock, each holding a connection, and three
     // more find none; the lock goes a second later.
-    let mut locker = limited.lock_tasks(&url).await;
+    let locker = limited.lock_tasks(&url).await;
     let started = std::time::Instant::now();
-    let waiting: Vec<_> = (0..6)
-        .map(|_| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { store.enqueue(one_task()).await })
-        })
-        .collect();
+    let waiting = limited.enqueues_at_once(6);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    sqlx::raw_sql("ROLLBACK")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    let mut outcomes = Vec::new();
-    for w in waiting {
-        outcomes.push(w.await.unwrap());
-    }
+    let outcomes = unlock_and_collect(locker, waiting).await;
     let failed: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(
         failed.is_empty(),
         "enqueues failed after {:?} though connections came free after 1 s: {failed:?}",
         started.elapsed()
     );
-    assert_eq!(store.stats().await.unwrap().total.pending, 7);
-    drop(store);
+    assert_eq!(limited.store.stats().await.unwrap().total.pending, 7);
     limited.remove(&url).await;
 }
