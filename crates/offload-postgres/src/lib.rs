@@ -297,9 +297,10 @@ const CONNECTION_ROOM: &str = "\
 
 /// Each node may open its pool's connections and two more (its listener
 /// and its leader's). When PostgreSQL has less room than that, the nodes'
-/// pools together outgrow it, and a request that needs a connection past
-/// the room waits for the pool's timeout and fails 503: the operator hears
-/// it once, at start, with the figures to size by.
+/// pools together outgrow it: a node then works with the connections it
+/// got, its requests waiting for one another frees, and failing 503 when
+/// none comes free in time. The operator hears it once, at start, with the
+/// figures to size by.
 async fn warn_when_connections_may_run_out(pool: &PgPool, most: u32) {
     let Ok((room, max)) = sqlx::query_as::<_, (i32, i32)>(CONNECTION_ROOM)
         .fetch_one(pool)
@@ -314,9 +315,9 @@ async fn warn_when_connections_may_run_out(pool: &PgPool, most: u32) {
             max_connections = max,
             db_pool_size = most,
             "PostgreSQL has room for {room} more connections and this node may open {more} \
-             more (db_pool_size {most}, its listener and its leader's): a request that needs \
-             a connection past the room waits {}s and fails 503; lower db_pool_size (each \
-             node's) or raise max_connections",
+             more (db_pool_size {most}, its listener and its leader's): past the room, requests \
+             wait for a connection another frees and fail 503 when none comes free within {}s; \
+             lower db_pool_size (each node's) or raise max_connections",
             ACQUIRE_TIMEOUT.as_secs()
         );
     }
