@@ -141,6 +141,7 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
     if let Some(db) = args.db {
         config.db = db;
     }
+    config.validate().map_err(|e| usage(e.to_string()))?;
     let source = match offload_server::sqlite_path(&config.db) {
         Ok(Some(path)) => std::path::PathBuf::from(path),
         Ok(None) => {
