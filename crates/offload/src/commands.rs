@@ -177,10 +177,11 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
         }))?;
     } else {
         outln!(
-            "backed up {} to {}: {} tasks, {:.1} MB, in {seconds:.2} s",
+            "backed up {} to {}: {} task{}, {:.1} MB, in {seconds:.2} s",
             source.display(),
             destination.display(),
             report.tasks,
+            if report.tasks == 1 { "" } else { "s" },
             report.bytes as f64 / 1e6,
         )?;
     }
