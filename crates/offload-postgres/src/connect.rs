@@ -99,3 +99,28 @@ pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions> {
     PgConnectOptions::from_str(url)
         .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))
 }
+
+/// What one connection of the node's own meets, where the pool, whose
+/// attempts timed out, says only that they did.
+pub(crate) enum Probe {
+    /// PostgreSQL (or the way to it) refused, with its reason.
+    Refused(sqlx::Error),
+    /// The connection opened (and was closed again).
+    Opened,
+    /// No answer within the limit: a host that drops the packets, whose
+    /// own connect timeout runs to minutes.
+    Silent,
+}
+
+/// Opens one connection with `options` within `limit`, to say why the
+/// pool could not.
+pub(crate) async fn probe(options: &PgConnectOptions, limit: Duration) -> Probe {
+    match tokio::time::timeout(limit, PgConnection::connect_with(options)).await {
+        Ok(Err(e)) => Probe::Refused(e),
+        Ok(Ok(conn)) => {
+            let _ = tokio::time::timeout(limit, conn.close()).await;
+            Probe::Opened
+        }
+        Err(_) => Probe::Silent,
+    }
+}

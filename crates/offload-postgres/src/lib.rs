@@ -172,13 +172,10 @@ impl PgStore {
             // then says only that it timed out; one connection of its own
             // says why.
             Err(sqlx::Error::PoolTimedOut) => {
-                let attempt = connector.connect();
-                let why = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(_)) => "it answered only after 5 s".to_owned(),
-                    // A host that drops the packets: the system's own
-                    // connect timeout runs to minutes.
-                    Err(_) => "no answer".to_owned(),
+                let why = match connect::probe(&connector.options, Duration::from_secs(5)).await {
+                    connect::Probe::Refused(e) => e.to_string(),
+                    connect::Probe::Opened => "it answered only after 5 s".to_owned(),
+                    connect::Probe::Silent => "no answer".to_owned(),
                 };
                 return Err(Error::storage_unavailable(format_args!(
                     "cannot connect to PostgreSQL at {}:{} for 5 s: {why}",

@@ -20,6 +20,7 @@ use offload_core::Error;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 
+use crate::connect::Probe;
 use crate::rows::{PgError, PgResult, storage_error};
 
 pub(crate) struct Session {
@@ -151,24 +152,12 @@ async fn no_connection(pool: &PgPool) -> Error {
     let why = if open >= most {
         format!("all of this node's {most} connections were busy (db_pool_size)")
     } else {
-        let options = pool.connect_options();
-        match tokio::time::timeout(DIAGNOSIS_CONNECT, sqlx::ConnectOptions::connect(&*options))
-            .await
-        {
-            Ok(Err(e)) => {
-                format!(
-                    "this node has {open} of its {most} connections open or opening, and PostgreSQL refuses more: {e}"
-                )
-            }
-            Ok(Ok(conn)) => {
-                let _ =
-                    tokio::time::timeout(DIAGNOSIS_CONNECT, sqlx::Connection::close(conn)).await;
-                format!(
-                    "this node has {open} of its {most} connections open or opening and could not open more"
-                )
-            }
-            Err(_) => format!(
-                "this node has {open} of its {most} connections open or opening, and PostgreSQL did not answer a new connection within {}s",
+        let held = format!("this node has {open} of its {most} connections open or opening");
+        match crate::connect::probe(&pool.connect_options(), DIAGNOSIS_CONNECT).await {
+            Probe::Refused(e) => format!("{held}, and PostgreSQL refuses more: {e}"),
+            Probe::Opened => format!("{held} and could not open more"),
+            Probe::Silent => format!(
+                "{held}, and PostgreSQL did not answer a new connection within {}s",
                 DIAGNOSIS_CONNECT.as_secs()
             ),
         }
