@@ -71,7 +71,10 @@ pub enum Command {
     /// completes the task, with the last other stdout line as its result if
     /// that line is JSON; any other exit fails the attempt with the tail of
     /// stderr as the message, and the task is retried while it has attempts
-    /// left.
+    /// left. The command's exit ends its task: a process it leaves running
+    /// (`sleep 60 &`) is not waited for, and the worker closes its ends of
+    /// the pipes that process holds soon after the exit (redirect its
+    /// output, as for a daemon).
     ///
     /// Each command runs in a process group of its own, killed whole on
     /// cancel, on timeout, when a shutdown's grace runs out, and when this

@@ -9,6 +9,9 @@
 //! - exit 0 completes the task, with the last stdout line as the result if
 //!   it is JSON (a last line over 64 MiB fails the task instead); any other
 //!   exit fails the attempt with stderr's tail;
+//! - the command's exit ends its task even while a process it left running
+//!   holds its pipes open: what they hold then is read until they go quiet
+//!   ([`Exit`]), and their ends are closed;
 //! - on cancel or timeout, or when a shutdown's grace runs out, its whole
 //!   process group is killed;
 //! - and so it is when the worker's own process ends without killing it,
@@ -30,6 +33,8 @@ use offload_client::Client;
 use offload_worker::{CancelReason, TaskContext, TaskFailure, Worker};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::WorkArgs;
@@ -44,6 +49,12 @@ const STDERR_TAIL: usize = 4096;
 /// The longest stdout line kept: far above a result's default limit
 /// (1 MiB), and a bound on what one command's output holds in memory.
 const STDOUT_LINE_LIMIT: usize = 64 << 20;
+/// After the command exits, its pipes are read on until they have been
+/// silent this long: what the command wrote before it exited is in them
+/// already, and a process it left running may hold them open for ever.
+const QUIET_AFTER_EXIT: Duration = Duration::from_millis(100);
+/// ... and at most this long, however much a process left running writes.
+const READ_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     if !(1..=MAX_CONCURRENCY).contains(&args.concurrency) {
@@ -138,21 +149,32 @@ async fn run_command(
         .spawn()
         .map_err(|e| TaskFailure::new(format!("cannot start {:?}: {e}", command[0])))?;
 
+    let (exit_tx, exit) = Exit::channel();
     let payload = task.payload.get().as_bytes().to_vec();
     let mut stdin = child.stdin.take();
+    let mut feed_exit = exit.clone();
     let feed = async move {
         if let Some(stdin) = stdin.as_mut() {
-            // A command that does not read its stdin is not an error.
-            let _ = stdin.write_all(&payload).await;
-            let _ = stdin.shutdown().await;
+            let write = async {
+                // A command that does not read its stdin is not an error.
+                let _ = stdin.write_all(&payload).await;
+                let _ = stdin.shutdown().await;
+            };
+            // Past the command's exit a write would wait on whatever it
+            // left running with stdin open.
+            tokio::select! {
+                () = write => {}
+                _ = feed_exit.exited() => {}
+            }
         }
         drop(stdin);
     };
     let stdout = child.stdout.take();
+    let stdout_exit = exit.clone();
     let read_stdout = async {
         match stdout {
             Some(stdout) => {
-                read_stdout(stdout, |percent, message| async move {
+                read_stdout(stdout, stdout_exit, |percent, message| async move {
                     // A report that fails (the lease is gone) fires the token.
                     let _ = ctx.progress(percent, message.as_deref()).await;
                 })
@@ -162,14 +184,20 @@ async fn run_command(
         }
     };
     let stderr = child.stderr.take();
+    let mut stderr_exit = exit;
     let read_stderr = async {
         let mut tail: VecDeque<u8> = VecDeque::new();
         if let Some(mut stderr) = stderr {
             let mut chunk = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut chunk).await {
-                if n == 0 {
-                    break;
-                }
+            loop {
+                let n = tokio::select! {
+                    biased;
+                    read = stderr.read(&mut chunk) => match read {
+                        Ok(n) if n > 0 => n,
+                        _ => break,
+                    },
+                    () = stderr_exit.gone_quiet() => break,
+                };
                 tail.extend(&chunk[..n]);
                 let excess = tail.len().saturating_sub(STDERR_TAIL);
                 tail.drain(..excess);
@@ -179,7 +207,12 @@ async fn run_command(
             .trim()
             .to_owned()
     };
-    let finish = async { tokio::join!(feed, read_stdout, read_stderr, child.wait()) };
+    let wait = async {
+        let status = child.wait().await;
+        exit_tx.send_replace(Some(Instant::now()));
+        status
+    };
+    let finish = async { tokio::join!(feed, read_stdout, read_stderr, wait) };
 
     tokio::select! {
         (_, last_line, stderr_tail, status) = finish => {
@@ -289,6 +322,39 @@ pub fn guard() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// When the command exited, for the readers of its pipes: a process it
+/// started inherits them, and one left running after the command exits
+/// keeps them open (`sleep 300 &` in a script). Read to their end, the
+/// task stayed `running` until its timeout, the command long gone.
+#[derive(Clone)]
+struct Exit(watch::Receiver<Option<Instant>>);
+
+impl Exit {
+    fn channel() -> (watch::Sender<Option<Instant>>, Self) {
+        let (sender, receiver) = watch::channel(None);
+        (sender, Self(receiver))
+    }
+
+    /// When the command exited, once it has; never, if the sender is
+    /// dropped first.
+    async fn exited(&mut self) -> Instant {
+        let exited = self.0.wait_for(Option::is_some).await.map(|at| *at);
+        match exited {
+            Ok(Some(at)) => at,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Resolves once the command has exited and then [`QUIET_AFTER_EXIT`]
+    /// has passed, or [`READ_AFTER_EXIT`] after the exit if that is sooner:
+    /// raced with one read of a pipe, it ends the reading.
+    async fn gone_quiet(&mut self) {
+        let exited = self.exited().await;
+        let deadline = (Instant::now() + QUIET_AFTER_EXIT).min(exited + READ_AFTER_EXIT);
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
 /// A line of a command's stdout.
 enum Line {
     /// Without its line ending; bytes that are not UTF-8 are replaced.
@@ -297,18 +363,23 @@ enum Line {
     TooLong,
 }
 
-/// The next line of `reader`, or `None` at its end. Unlike
-/// `AsyncBufReadExt::lines` it takes any bytes and holds at most `limit`
-/// of them.
+/// The next line of `reader`, or `None` at its end, or once `exit` says
+/// it has gone quiet. Unlike `AsyncBufReadExt::lines` it takes any bytes
+/// and holds at most `limit` of them.
 async fn next_line(
     reader: &mut (impl AsyncBufRead + Unpin),
+    exit: &mut Exit,
     limit: usize,
 ) -> std::io::Result<Option<Line>> {
     let mut line = Vec::new();
     let mut too_long = false;
     let mut read_any = false;
     loop {
-        let available = reader.fill_buf().await?;
+        let available = tokio::select! {
+            biased;
+            available = reader.fill_buf() => available?,
+            () = exit.gone_quiet() => &[],
+        };
         if available.is_empty() {
             if !read_any {
                 return Ok(None);
@@ -355,7 +426,7 @@ type ProgressLine = (Option<f64>, Option<String>);
 /// where it ran alone in 0.2), and only the latest report is worth
 /// sending. The last one is sent before this returns, so it reaches the
 /// server before the task's completion does.
-async fn read_stdout<R, F, Fut>(stdout: R, report: F) -> Option<Line>
+async fn read_stdout<R, F, Fut>(stdout: R, mut exit: Exit, report: F) -> Option<Line>
 where
     R: tokio::io::AsyncRead + Unpin,
     F: Fn(Option<f64>, Option<String>) -> Fut,
@@ -370,7 +441,7 @@ where
         // Read to the end whatever it holds: a reader that stopped early
         // would close the pipe, and the command die of SIGPIPE.
         let mut stdout = BufReader::new(stdout);
-        while let Ok(Some(line)) = next_line(&mut stdout, STDOUT_LINE_LIMIT).await {
+        while let Ok(Some(line)) = next_line(&mut stdout, &mut exit, STDOUT_LINE_LIMIT).await {
             match &line {
                 Line::Text(text) => {
                     if let Some(progress) = text.strip_prefix("progress:") {
@@ -466,10 +537,14 @@ mod tests {
     use offload_worker::CancelReason;
 
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use tokio::io::AsyncWriteExt;
 
-    use super::{Line, killed_message, next_line, parse_progress, read_stdout};
+    use super::{
+        Exit, Instant, Line, QUIET_AFTER_EXIT, READ_AFTER_EXIT, killed_message, next_line,
+        parse_progress, read_stdout,
+    };
 
     #[test]
     fn a_kill_says_why_unless_the_runtime_does() {
@@ -491,7 +566,8 @@ mod tests {
         let output = b"ab\r\ncaf\xe9\n123456\n\nlast";
         let mut reader = tokio::io::BufReader::with_capacity(2, &output[..]);
         let mut lines = Vec::new();
-        while let Some(line) = next_line(&mut reader, 5).await.unwrap() {
+        let (_running, mut exit) = Exit::channel();
+        while let Some(line) = next_line(&mut reader, &mut exit, 5).await.unwrap() {
             lines.push(match line {
                 Line::Text(text) => text,
                 Line::TooLong => "(too long)".to_owned(),
@@ -509,8 +585,10 @@ mod tests {
         let (release, released) = tokio::sync::watch::channel(false);
         let reader = tokio::spawn({
             let reported = Arc::clone(&reported);
+            let (running, exit) = Exit::channel();
             async move {
-                read_stdout(stdout, |percent, message| {
+                let _running = running;
+                read_stdout(stdout, exit, |percent, message| {
                     let reported = Arc::clone(&reported);
                     let mut released = released.clone();
                     async move {
@@ -551,6 +629,49 @@ mod tests {
             *reported.lock().unwrap(),
             [first, (Some(99.0), Some("item 999".to_owned()))]
         );
+    }
+
+    /// A process the command left running holds its stdout: what the
+    /// command wrote before it exited is read, and the reading ends though
+    /// the pipe stays open, at the latest a second after the exit however
+    /// much comes.
+    #[tokio::test(start_paused = true)]
+    async fn stdout_is_read_after_the_exit_only_until_it_goes_quiet() {
+        let (mut left_running, stdout) = tokio::io::duplex(1 << 16);
+        left_running
+            .write_all(b"progress: 10\n{\"the\": \"result\"}\n")
+            .await
+            .unwrap();
+        let (exited, exit) = Exit::channel();
+        exited.send_replace(Some(Instant::now()));
+        let started = Instant::now();
+        let last_line = read_stdout(stdout, exit, |_, _| async {}).await;
+        assert!(matches!(last_line, Some(Line::Text(ref t)) if t == r#"{"the": "result"}"#));
+        assert_eq!(started.elapsed(), QUIET_AFTER_EXIT);
+
+        let (mut left_running, stdout) = tokio::io::duplex(1 << 16);
+        let (exited, exit) = Exit::channel();
+        let chatter = tokio::spawn(async move {
+            for i in 0.. {
+                let line = format!("line {i}\n");
+                if left_running.write_all(line.as_bytes()).await.is_err() {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            unreachable!()
+        });
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        exited.send_replace(Some(Instant::now()));
+        let last_line = read_stdout(stdout, exit, |_, _| async {}).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(500) + READ_AFTER_EXIT
+        );
+        assert!(matches!(last_line, Some(Line::Text(ref t)) if t.starts_with("line ")));
+        // The pipe's end is closed: its writer learns it.
+        chatter.await.unwrap();
     }
 
     #[test]

@@ -567,6 +567,49 @@ fn work_takes_the_hard_open_files_limit() {
     assert!(retried.is_empty(), "tasks run more than once: {retried:?}");
 }
 
+/// A command that exits while a process it started still holds its
+/// stdout, stderr and stdin ends its task: the worker waited for the pipes
+/// to close, and the task stayed `running` until its timeout, half an hour
+/// by default, though the command had long answered.
+#[test]
+fn work_ends_a_task_when_its_command_exits_though_what_it_started_holds_its_pipes() {
+    let server = Server::start();
+    let http = server.http();
+    // The payload is more than a pipe holds, and nothing reads it: the
+    // process left running holds stdin open unread.
+    let script = format!(
+        r#"sleep 300 & echo $! > {}/left.$OFFLOAD_ATTEMPT.pid
+echo "progress: 50 half"
+case "$OFFLOAD_ATTEMPT" in
+  1) echo "it went wrong" >&2; exit 4 ;;
+esac
+echo '{{"done": true}}'"#,
+        server.dir.display()
+    );
+    let _worker = work(&server, "leaves", &script);
+    let big = "x".repeat(256 * 1024);
+    let id = http.enqueue(json!({"type": "leaves", "payload": big}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let retried = http.wait_for(&id, "failed once", |t| t["errors"][0].is_object());
+    let message = retried["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("exit status: 4") && message.contains("it went wrong"),
+        "{message}"
+    );
+    // The retry's backoff is a few seconds; `wait_for` waits longer.
+    let done = http.wait_for(&id, "completed", |t| t["state"] == "completed");
+    assert_eq!(done["result"], json!({"done": true}));
+    assert_eq!(done["progress"]["percent"], 50.0);
+    // What the command left running is its own: not killed with the task.
+    for attempt in [1, 2] {
+        let pid = read_pid_file(&server.dir.join(format!("left.{attempt}.pid")));
+        assert!(is_alive(pid), "process {pid} left running was killed");
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
 #[test]
 fn work_kills_the_process_group_on_cancel() {
     let server = Server::start();
