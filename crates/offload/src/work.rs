@@ -75,6 +75,9 @@ pub async fn run(client: Client, args: WorkArgs) -> Result<ExitCode> {
     for q in &args.queues {
         offload_core::validate_queue_name("--queue", q).map_err(|e| usage(e.to_string()))?;
     }
+    // A command that cannot start would fail every task this worker
+    // claims, attempt after attempt.
+    runnable(&args.command[0]).map_err(|why| usage(format!("cannot run {why}")))?;
     // Fail fast, with exit code 3, if the server is not there.
     client.health().await?;
     let command = Arc::new(args.command);
@@ -241,6 +244,33 @@ async fn run_command(
             group_killer.kill();
             Err(TaskFailure::new(killed_message(ctx.cancel_reason())))
         }
+    }
+}
+
+/// Whether `program` names a file this process could run, found as the
+/// command's own start will find it: a path as it is, a bare name in
+/// `PATH`. Why not, otherwise, beginning with the name.
+fn runnable(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let check = |path: &Path| match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("no such file".to_owned()),
+        Err(e) => Err(e.to_string()),
+        Ok(meta) if !meta.is_file() => Err("it is not a file".to_owned()),
+        Ok(meta) if meta.permissions().mode() & 0o111 == 0 => {
+            Err("it is not executable".to_owned())
+        }
+        Ok(_) => Ok(()),
+    };
+    if program.contains('/') {
+        return check(Path::new(program)).map_err(|why| format!("{program}: {why}"));
+    }
+    // Where PATH is unset the C library looks in its default places.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let found = std::env::split_paths(&path).any(|dir| check(&dir.join(program)).is_ok());
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{program}: not found in PATH"))
     }
 }
 

@@ -567,6 +567,71 @@ fn work_takes_the_hard_open_files_limit() {
     assert!(retried.is_empty(), "tasks run more than once: {retried:?}");
 }
 
+/// A worker whose command cannot run says so and exits at once, before it
+/// claims anything. It started, and failed every task it claimed, each
+/// attempt after attempt: a typo in a deploy failed the whole backlog.
+#[test]
+fn work_refuses_a_command_it_cannot_run() {
+    let server = Server::start();
+    let http = server.http();
+    let id = http.enqueue(json!({"type": "typo"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let not_executable = server.dir.join("notes.txt");
+    std::fs::write(&not_executable, "not a program").unwrap();
+    let not_executable = not_executable.display().to_string();
+    let dir = server.dir.display().to_string();
+    for (command, says) in [
+        ("/no/such/program", "/no/such/program: no such file"),
+        (
+            "no-such-program-xyz",
+            "no-such-program-xyz: not found in PATH",
+        ),
+        (not_executable.as_str(), "is not executable"),
+        (dir.as_str(), "is not a file"),
+    ] {
+        let mut worker = Command::new(BIN)
+            .args(["work", "--type", "typo", "--", command, "arg"])
+            .env("OFFLOAD_URL", &server.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = worker.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = worker.kill();
+                let task = http.task(&id);
+                panic!("a worker of {command} started; its task: {task}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("cannot run") && stderr.contains(says),
+            "{command}: {stderr}"
+        );
+    }
+    // A program PATH finds, as the command's own PATH would.
+    let found = Command::new(BIN)
+        .args(["work", "--type", "typo", "--", "true"])
+        .env("OFFLOAD_URL", &server.url)
+        .env("PATH", "/nowhere:/usr/bin:/bin")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _found = WorkProcess(found);
+    let done = http.wait_for(&id, "completed", |t| t["state"] == "completed");
+    assert_eq!(done["attempt"], 1, "{done}");
+}
+
 /// A command that exits while a process it started still holds its
 /// stdout, stderr and stdin ends its task: the worker waited for the pipes
 /// to close, and the task stayed `running` until its timeout, half an hour
