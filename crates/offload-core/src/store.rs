@@ -497,6 +497,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn stats(&self) -> Result<Stats>;
 
+    /// The counts by state of all tasks: `stats().total` without the
+    /// breakdown by queue and type, which `/health` has no use for and
+    /// which grows with every queue and type ever used.
+    async fn totals(&self) -> Result<Counts> {
+        Ok(self.stats().await?.total)
+    }
+
     /// Deletes a finished task; an active one is a conflict.
     async fn delete(&self, id: Uuid) -> Result<()>;
 

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use offload_core::{
-    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Error, HeartbeatAck,
+    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
     HeartbeatRequest, Hub, Limits, ListQuery, PageFill, PromoteReport, QueueInfo, QueuePatch,
     Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
     encode_cursor, validate_queue_name, validate_worker_id,
@@ -590,6 +590,23 @@ impl Store for PgStore {
             *stats.types.entry(task_type).or_default().slot(state) += n;
         }
         Ok(stats)
+    }
+
+    async fn totals(&self) -> Result<Counts> {
+        let rows = on_session!(self, |conn| sqlx::query(
+            "SELECT state, SUM(delta)::bigint AS n FROM offload_counts GROUP BY state",
+        )
+        .fetch_all(conn)
+        .await?)?;
+        let mut total = Counts::default();
+        for row in &rows {
+            let code: i16 = row.try_get("state").map_err(storage_error)?;
+            let n: i64 = row.try_get("n").map_err(storage_error)?;
+            let state = State::from_code(code.into())
+                .ok_or_else(|| Error::Storage(format!("state code {code}")))?;
+            *total.slot(state) += n.max(0) as u64;
+        }
+        Ok(total)
     }
 
     async fn delete(&self, id: Uuid) -> Result<()> {

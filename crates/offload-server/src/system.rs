@@ -19,12 +19,7 @@ const STUCK_AFTER: Duration = Duration::from_secs(5);
 #[utoipa::path(get, path = "/health", tag = "system",
     responses((status = 200, body = Health), (status = 503, description = "The database cannot be reached", body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Response {
-    let counts = state
-        .store()
-        .stats()
-        .await
-        .map(|s| s.total)
-        .unwrap_or_default();
+    let counts = state.store().totals().await.unwrap_or_default();
     let (status, database, stuck) = match state.store().count_stuck(STUCK_AFTER).await {
         Ok(stuck) => (StatusCode::OK, "ok".to_owned(), stuck),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string(), 0),

@@ -68,6 +68,10 @@ impl<K: Ord + Copy> AppendSet<K> {
         }
     }
 
+    pub fn len(&self) -> usize {
+        self.tree.len() + self.tail.len()
+    }
+
     /// Every key, ascending.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &K> {
         self.tree.iter().chain(self.tail.iter())

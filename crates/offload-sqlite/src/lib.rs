@@ -22,6 +22,7 @@ mod ids;
 mod ops;
 mod pair_names;
 mod pending_rows;
+mod queue_rules;
 mod read;
 mod ready;
 mod row_writes;
@@ -585,8 +586,17 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
+        // Copied out first: the writer publishes each commit's counts under
+        // this lock, and building the answer's maps under it held every
+        // write up for seconds with a million (queue, type) pairs.
+        let counts: Vec<((String, String), Counts)> = self
+            .shared
+            .counts()
+            .iter()
+            .map(|(pair, counts)| (pair.clone(), *counts))
+            .collect();
         let mut stats = Stats::default();
-        for ((queue, task_type), counts) in self.shared.counts().iter() {
+        for ((queue, task_type), counts) in &counts {
             stats.total.add(counts);
             stats.queues.entry(queue.clone()).or_default().add(counts);
             stats
@@ -596,6 +606,14 @@ impl Store for SqliteStore {
                 .add(counts);
         }
         Ok(stats)
+    }
+
+    async fn totals(&self) -> Result<Counts> {
+        let mut total = Counts::default();
+        for counts in self.shared.counts().values() {
+            total.add(counts);
+        }
+        Ok(total)
     }
 
     async fn delete(&self, id: Uuid) -> Result<()> {

@@ -544,24 +544,31 @@ impl WriteCtx<'_, '_> {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        let queues: Vec<(String, bool, Option<i64>)> = {
-            let mut stmt = self
-                .conn()?
-                .prepare_cached("SELECT name, paused, concurrency FROM queues")
-                .map_err(storage_error)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .map_err(storage_error)?;
-            rows.collect::<Sql<_>>().map_err(storage_error)?
+        let conn = self.conn_beside_tasks();
+        let rules = self.queue_rules.restricted(conn)?;
+        // Only queues with pending tasks, each once.
+        let queues: Vec<&str> = if req.queues.is_empty() {
+            self.ready.busy_queues().collect()
+        } else {
+            let mut named: Vec<&str> = req
+                .queues
+                .iter()
+                .map(String::as_str)
+                .filter(|queue| self.ready.has_pending(queue))
+                .collect();
+            named.sort_unstable();
+            named.dedup();
+            named
         };
         // Candidates from every eligible queue, each queue's in claim order.
         let mut candidates = Vec::new();
         let mut capacity: Vec<usize> = Vec::new();
-        for (name, paused, concurrency) in &queues {
-            if *paused || !(req.queues.is_empty() || req.queues.contains(name)) {
+        for name in queues {
+            let rule = rules.get(name).copied().unwrap_or_default();
+            if rule.paused {
                 continue;
             }
-            let room = match concurrency {
+            let room = match rule.concurrency {
                 None => req.limit,
                 Some(limit) => {
                     let running =
@@ -921,6 +928,7 @@ impl WriteCtx<'_, '_> {
 
     pub fn update_queue(&mut self, name: &str, patch: QueuePatch) -> Result<QueueInfo> {
         self.ensure_queue(name)?;
+        self.queue_rules.changing();
         if let Some(paused) = patch.paused {
             self.conn()?
                 .prepare_cached("UPDATE queues SET paused = ?1 WHERE name = ?2")

@@ -1816,6 +1816,7 @@ pub async fn stats_and_queues_count_every_task(factory: &dyn StoreFactory) {
     assert_eq!(stats.types["b"].completed, 1);
     assert_eq!(stats.queues["q2"].running, 1);
     assert_eq!(stats.queues["default"].total(), 3);
+    assert_eq!(f.store.totals().await.unwrap(), stats.total);
     let queues = f.store.queues().await.unwrap();
     let names: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(names, vec!["default", "q2"]);
@@ -1925,6 +1926,7 @@ pub async fn retention_deletes_old_finished_tasks_in_batches(factory: &dyn Store
     f.advance(6 * 24 * 3600);
     assert_eq!(f.store.purge_finished(&retention, 100).await.unwrap(), 1);
     assert_eq!(f.store.stats().await.unwrap().total.total(), 0);
+    assert_eq!(f.store.totals().await.unwrap().total(), 0);
 }
 
 pub async fn unknown_ids_are_not_found(factory: &dyn StoreFactory) {

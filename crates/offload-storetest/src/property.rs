@@ -549,6 +549,11 @@ async fn check_snapshot(
         stats.queues, by_queue,
         "{context}: per-queue stats disagree with the listing"
     );
+    assert_eq!(
+        store.totals().await.expect("totals"),
+        total,
+        "{context}: totals disagree with the listing"
+    );
 
     // Listing by one state finds that state's tasks, and only them (the
     // SQLite store lists pending and running tasks from its memory).
