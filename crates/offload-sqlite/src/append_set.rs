@@ -68,8 +68,9 @@ impl<K: Ord + Copy> AppendSet<K> {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.tree.len() + self.tail.len()
+    /// The smallest key.
+    pub fn first(&self) -> Option<&K> {
+        self.tree.first().or_else(|| self.tail.front())
     }
 
     /// Every key, ascending.

@@ -9,6 +9,7 @@ use offload_core::{
 };
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{OptionalExtension, params};
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -546,55 +547,61 @@ impl WriteCtx<'_, '_> {
         }
         let conn = self.conn_beside_tasks();
         let rules = self.queue_rules.restricted(conn)?;
-        // Only queues with pending tasks, each once.
-        let queues: Vec<&str> = if req.queues.is_empty() {
-            self.ready.busy_queues().collect()
-        } else {
-            let mut named: Vec<&str> = req
-                .queues
-                .iter()
-                .map(String::as_str)
-                .filter(|queue| self.ready.has_pending(queue))
-                .collect();
-            named.sort_unstable();
-            named.dedup();
-            named
-        };
-        // Candidates from every eligible queue, each queue's in claim order.
-        let mut candidates = Vec::new();
-        let mut capacity: Vec<usize> = Vec::new();
-        for name in queues {
-            let rule = rules.get(name).copied().unwrap_or_default();
-            if rule.paused {
-                continue;
-            }
-            let room = match rule.concurrency {
+        let running = &self.shared.running;
+        let room_in = |queue: &str| {
+            let rule = rules.get(queue).copied().unwrap_or_default();
+            match rule.concurrency {
+                _ if rule.paused => 0,
                 None => req.limit,
                 Some(limit) => {
-                    let running =
-                        i64::try_from(self.shared.running.in_queue(name)).unwrap_or(i64::MAX);
+                    let running = i64::try_from(running.in_queue(queue)).unwrap_or(i64::MAX);
                     usize::try_from(limit.saturating_sub(running))
                         .unwrap_or(0)
                         .min(req.limit)
                 }
-            };
-            if room == 0 {
-                continue;
             }
-            let queue_index = capacity.len();
-            capacity.push(room);
-            candidates.extend(
-                self.ready
-                    .candidates(name, &req.types, room)
-                    .into_iter()
-                    .map(|key| Candidate {
-                        queue: queue_index,
-                        priority: key.priority.0,
-                        run_at: key.run_at(),
-                        position: key.seq,
-                        item: key,
-                    }),
-            );
+        };
+        let candidate = |queue: usize, key: ReadyKey| Candidate {
+            queue,
+            priority: key.priority.0,
+            run_at: key.run_at(),
+            position: key.seq,
+            item: key,
+        };
+        let mut candidates = Vec::new();
+        let mut capacity: Vec<usize> = Vec::new();
+        if req.queues.is_empty() {
+            // Already in claim order and within each queue's room.
+            let mut index_of: FxHashMap<&str, usize> = FxHashMap::default();
+            for (key, queue) in self
+                .ready
+                .first_across_queues(&req.types, req.limit, room_in)
+            {
+                let at = *index_of.entry(queue).or_insert_with(|| {
+                    capacity.push(req.limit);
+                    capacity.len() - 1
+                });
+                candidates.push(candidate(at, key));
+            }
+        } else {
+            // Each queue named, once, with its first tasks in claim order.
+            let mut named: Vec<&str> = req.queues.iter().map(String::as_str).collect();
+            named.sort_unstable();
+            named.dedup();
+            for queue in named {
+                let room = room_in(queue);
+                if room == 0 {
+                    continue;
+                }
+                let at = capacity.len();
+                capacity.push(room);
+                candidates.extend(
+                    self.ready
+                        .candidates(queue, &req.types, room)
+                        .into_iter()
+                        .map(|key| candidate(at, key)),
+                );
+            }
         }
         let chosen = admit(candidates, capacity, req.limit);
         // Read in rounds, as a list is (`PageFill`), so that a claim of

@@ -26,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::sync::{Arc, Mutex};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use offload_core::{State, Task, Timestamp};
 
@@ -97,22 +97,23 @@ pub(crate) struct ReadyIndex {
     pending_seqs: Arc<PendingSeqs>,
     /// queue → type → lane.
     lane_of: FxHashMap<String, FxHashMap<String, usize>>,
-    /// The queue of each lane, by its number in `queues`.
-    lane_queue: Vec<usize>,
-    /// Every queue a lane was made for, with its pending tasks.
-    queues: Vec<QueuePending>,
-    /// The numbers of the queues with pending tasks: a claim looks at
-    /// those alone. It looked at every queue ever made, and with a million
-    /// of them each claim took 0.8 s of the writer.
-    busy: FxHashSet<usize>,
+    /// Each lane's (queue, type).
+    lane_names: Vec<(String, String)>,
+    /// The first key of every lane that has one, with the lane, in claim
+    /// order: a claim from all queues walks these, best first, and stops
+    /// when it has enough ([`ReadyIndex::first_across_queues`]). It asked
+    /// every queue for its first tasks and sorted them all, and with
+    /// 10,000 queues with tasks each claim took the writer 7 ms.
+    heads: BTreeSet<(ReadyKey, usize)>,
+    /// Each lane's first key as `heads` holds it.
+    head_of: Vec<Option<ReadyKey>>,
+    /// Lanes changed since `heads` last followed them: it is brought up
+    /// to date when a claim needs it, once for each lane however many of
+    /// its tasks came and went.
+    stale: Vec<usize>,
+    is_stale: Vec<bool>,
     /// Changes since the last commit, oldest first.
     changes: Vec<Change>,
-}
-
-#[derive(Debug)]
-struct QueuePending {
-    name: String,
-    pending: usize,
 }
 
 impl ReadyIndex {
@@ -120,44 +121,34 @@ impl ReadyIndex {
     /// (`load_memory` in `lib.rs`); unlogged, as nothing rolls it back.
     pub fn load_pending(&mut self, queue: &str, task_type: &str, key: ReadyKey) {
         let lane = self.lane(queue, task_type);
-        if self.lanes[lane].insert(key) {
-            self.entered(lane);
+        self.lanes[lane].insert(key);
+        self.changed(lane);
+    }
+
+    /// Notes that `lane` changed, for `heads`.
+    fn changed(&mut self, lane: usize) {
+        if !self.is_stale[lane] {
+            self.is_stale[lane] = true;
+            self.stale.push(lane);
         }
     }
 
-    /// Counts a task put in `lane`.
-    fn entered(&mut self, lane: usize) {
-        let queue = self.lane_queue[lane];
-        let pending = &mut self.queues[queue].pending;
-        *pending += 1;
-        if *pending == 1 {
-            self.busy.insert(queue);
+    /// Brings `heads` up to date with the lanes.
+    fn refresh_heads(&mut self) {
+        for lane in self.stale.drain(..) {
+            self.is_stale[lane] = false;
+            let first = self.lanes[lane].first().copied();
+            if first == self.head_of[lane] {
+                continue;
+            }
+            if let Some(old) = self.head_of[lane] {
+                self.heads.remove(&(old, lane));
+            }
+            if let Some(new) = first {
+                self.heads.insert((new, lane));
+            }
+            self.head_of[lane] = first;
         }
-    }
-
-    /// Counts a task taken out of `lane`.
-    fn left(&mut self, lane: usize) {
-        let queue = self.lane_queue[lane];
-        let pending = &mut self.queues[queue].pending;
-        *pending -= 1;
-        if *pending == 0 {
-            self.busy.remove(&queue);
-        }
-    }
-
-    /// The queues with pending tasks, in no order.
-    pub fn busy_queues(&self) -> impl Iterator<Item = &str> {
-        self.busy
-            .iter()
-            .map(|&queue| self.queues[queue].name.as_str())
-    }
-
-    /// Whether `queue` has pending tasks.
-    pub fn has_pending(&self, queue: &str) -> bool {
-        self.lane_of
-            .get(queue)
-            .and_then(|types| types.values().next())
-            .is_some_and(|&lane| self.queues[self.lane_queue[lane]].pending > 0)
     }
 
     /// Ends the load: the pending seqs readers list follow the lanes.
@@ -193,23 +184,14 @@ impl ReadyIndex {
         }
         let lane = self.lanes.len();
         self.lanes.push(AppendSet::default());
-        let types = match self.lane_of.get_mut(queue) {
-            Some(types) => types,
-            None => self.lane_of.entry(queue.to_owned()).or_default(),
-        };
-        // A queue's lanes share its number: that of its first lane's.
-        let number = match types.values().next() {
-            Some(&first) => self.lane_queue[first],
-            None => {
-                self.queues.push(QueuePending {
-                    name: queue.to_owned(),
-                    pending: 0,
-                });
-                self.queues.len() - 1
-            }
-        };
-        types.insert(task_type.to_owned(), lane);
-        self.lane_queue.push(number);
+        self.lane_names
+            .push((queue.to_owned(), task_type.to_owned()));
+        self.head_of.push(None);
+        self.is_stale.push(false);
+        self.lane_of
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(task_type.to_owned(), lane);
         lane
     }
 
@@ -222,7 +204,7 @@ impl ReadyIndex {
         if task.state == State::Pending {
             let lane = self.lane(&task.queue, &task.task_type);
             if self.lanes[lane].insert(key) {
-                self.entered(lane);
+                self.changed(lane);
                 self.pending_seqs.set(seq, true);
                 self.changes.push(Change::Added(lane, key));
             }
@@ -232,7 +214,7 @@ impl ReadyIndex {
             .and_then(|types| types.get(&task.task_type))
             && self.lanes[lane].remove(&key)
         {
-            self.left(lane);
+            self.changed(lane);
             self.pending_seqs.set(seq, false);
             self.changes.push(Change::Removed(lane, key));
         }
@@ -242,11 +224,75 @@ impl ReadyIndex {
     pub fn drop_key(&mut self, key: &ReadyKey) {
         for lane in 0..self.lanes.len() {
             if self.lanes[lane].remove(key) {
-                self.left(lane);
+                self.changed(lane);
                 self.pending_seqs.set(key.seq, false);
                 self.changes.push(Change::Removed(lane, *key));
             }
         }
+    }
+
+    /// The first `limit` pending tasks of all queues in claim order, of
+    /// the given types (any when empty), with each one's queue; no more of
+    /// a queue than `room_in` it (asked once for each queue met).
+    ///
+    /// A merge that starts from the lanes' first tasks (`heads`) and opens
+    /// a lane when its first is the best left: it looks at the lanes that
+    /// give tasks and those it passes over (of other types, of queues
+    /// paused or full), never at all of them.
+    pub fn first_across_queues(
+        &mut self,
+        types: &[String],
+        limit: usize,
+        mut room_in: impl FnMut(&str) -> usize,
+    ) -> Vec<(ReadyKey, &str)> {
+        self.refresh_heads();
+        let lanes = &self.lanes;
+        let names = &self.lane_names;
+        let mut room: FxHashMap<&str, usize> = FxHashMap::default();
+        let mut heads = self.heads.iter().peekable();
+        // Opened lanes: their keys after those taken, and the next of each.
+        let mut opened: Vec<(usize, std::iter::Skip<_>)> = Vec::new();
+        let mut next: BinaryHeap<Reverse<(ReadyKey, usize)>> = BinaryHeap::new();
+        let mut first = Vec::with_capacity(limit.min(1024));
+        while first.len() < limit {
+            let next_opened = next.peek().map(|Reverse((key, _))| *key);
+            let next_head = heads.peek().map(|(key, _)| *key);
+            let (key, lane, at) = match (next_opened, next_head) {
+                (None, None) => break,
+                (Some(opened_key), head) if head.is_none_or(|head| opened_key < head) => {
+                    let Some(Reverse((key, at))) = next.pop() else {
+                        break;
+                    };
+                    (key, opened[at].0, Some(at))
+                }
+                _ => {
+                    let Some(&(key, lane)) = heads.next() else {
+                        break;
+                    };
+                    let (_, task_type) = &names[lane];
+                    if !types.is_empty() && !types.contains(task_type) {
+                        continue;
+                    }
+                    (key, lane, None)
+                }
+            };
+            let queue = names[lane].0.as_str();
+            let left = room.entry(queue).or_insert_with(|| room_in(queue));
+            if *left == 0 {
+                // The queue is full: its lanes give nothing more.
+                continue;
+            }
+            *left -= 1;
+            first.push((key, queue));
+            let at = at.unwrap_or_else(|| {
+                opened.push((lane, lanes[lane].iter().skip(1)));
+                opened.len() - 1
+            });
+            if let Some(after) = opened[at].1.next() {
+                next.push(Reverse((*after, at)));
+            }
+        }
+        first
     }
 
     /// The first `room` pending tasks of `queue` in claim order, of the
@@ -299,19 +345,20 @@ impl ReadyIndex {
                 "claim order holds {in_lanes:?}, the table's pending tasks are {pending:?}"
             ));
         }
-        for (number, queue) in self.queues.iter().enumerate() {
-            let in_lanes: usize = self.lane_of[&queue.name]
-                .values()
-                .map(|&lane| self.lanes[lane].len())
-                .sum();
-            if queue.pending != in_lanes || self.busy.contains(&number) != (in_lanes > 0) {
+        for (lane, ready) in self.lanes.iter().enumerate() {
+            let held = self.head_of[lane];
+            let in_heads = held.is_some_and(|head| self.heads.contains(&(head, lane)));
+            if held.is_some() != in_heads
+                || (!self.is_stale[lane] && held.as_ref() != ready.first())
+            {
                 return Some(format!(
-                    "queue {} is counted with {} pending tasks (busy: {}), its lanes hold {in_lanes}",
-                    queue.name,
-                    queue.pending,
-                    self.busy.contains(&number)
+                    "lane {lane}'s first task is {:?}, the heads hold {held:?}",
+                    ready.first()
                 ));
             }
+        }
+        if self.heads.len() != self.head_of.iter().flatten().count() {
+            return Some("the heads hold a lane twice".to_owned());
         }
         let listed: BTreeSet<i64> = self.pending_seqs.seqs().iter().copied().collect();
         (&listed != pending)
@@ -328,15 +375,13 @@ impl ReadyIndex {
         while self.changes.len() > mark {
             match self.changes.pop() {
                 Some(Change::Added(lane, key)) => {
-                    if self.lanes[lane].remove(&key) {
-                        self.left(lane);
-                    }
+                    self.lanes[lane].remove(&key);
+                    self.changed(lane);
                     self.pending_seqs.set(key.seq, false);
                 }
                 Some(Change::Removed(lane, key)) => {
-                    if self.lanes[lane].insert(key) {
-                        self.entered(lane);
-                    }
+                    self.lanes[lane].insert(key);
+                    self.changed(lane);
                     self.pending_seqs.set(key.seq, true);
                 }
                 None => break,
@@ -395,6 +440,55 @@ mod tests {
         assert_eq!(seqs(&index, "q", &["b", "a"], 4), [2, 3, 4, 1]);
         assert_eq!(seqs(&index, "q", &["a", "a"], 10), [2, 3, 4, 1]);
         assert!(seqs(&index, "none", &[], 10).is_empty());
+    }
+
+    fn across(index: &mut ReadyIndex, types: &[&str], limit: usize, full: &[&str]) -> Vec<i64> {
+        let types: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+        let mut asked = Vec::new();
+        let first = index
+            .first_across_queues(&types, limit, |queue| {
+                asked.push(queue.to_owned());
+                if full.contains(&queue) { 0 } else { 2 }
+            })
+            .into_iter()
+            .map(|(key, _)| key.seq)
+            .collect();
+        asked.sort();
+        let before = asked.len();
+        asked.dedup();
+        assert_eq!(before, asked.len(), "a queue's room asked twice");
+        first
+    }
+
+    #[test]
+    fn the_first_across_queues_come_in_claim_order_within_each_queues_room() {
+        let mut index = ReadyIndex::default();
+        index.note(&task("q1", "a", 5, 10), 1);
+        index.note(&task("q1", "a", 9, 20), 2);
+        index.note(&task("q1", "b", 5, 5), 3);
+        index.note(&task("q2", "a", 5, 5), 4);
+        index.note(&task("q2", "a", 5, 1), 5);
+        index.note(&task("q3", "b", 1, 0), 6);
+        index.note(&task("q3", "a", 9, 30), 7);
+        // Room of two a queue: q1 gives 2 and 3, not 1.
+        assert_eq!(across(&mut index, &[], 10, &[]), [2, 7, 5, 3, 4, 6]);
+        assert_eq!(across(&mut index, &[], 3, &[]), [2, 7, 5]);
+        assert_eq!(across(&mut index, &["a"], 10, &[]), [2, 7, 5, 4, 1]);
+        assert_eq!(across(&mut index, &["b", "c"], 10, &[]), [3, 6]);
+        assert_eq!(across(&mut index, &[], 10, &["q1", "q3"]), [5, 4]);
+        assert!(across(&mut index, &["c"], 10, &[]).is_empty());
+
+        // The heads follow claims, enqueues and rollbacks.
+        index.commit();
+        let mark = index.mark();
+        let mut claimed = task("q1", "a", 9, 20);
+        claimed.state = State::Running;
+        index.note(&claimed, 2);
+        index.note(&task("q4", "a", 10, 50), 8);
+        assert_eq!(across(&mut index, &[], 3, &[]), [8, 7, 5]);
+        index.roll_back_to(mark);
+        assert_eq!(across(&mut index, &[], 3, &[]), [2, 7, 5]);
+        assert_eq!(index.disagreement(&[1, 2, 3, 4, 5, 6, 7].into()), None);
     }
 
     #[test]
