@@ -391,7 +391,8 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     }
     let mut candidates = Vec::new();
     let mut capacity: Vec<usize> = Vec::new();
-    let mut push = |rows: Vec<sqlx::postgres::PgRow>, queue_index: &mut dyn FnMut(&str) -> usize| {
+    let mut push = |rows: Vec<sqlx::postgres::PgRow>,
+                    queue_index: &mut dyn FnMut(&str) -> usize| {
         for row in &rows {
             let stored = decode(row)?;
             let payload_bytes: i32 = row.try_get("payload_bytes")?;
@@ -424,12 +425,11 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
             .bind(&name)
             .execute(&mut *tx.conn)
             .await?;
-        let running: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = $1",
-        )
-        .bind(&name)
-        .fetch_one(&mut *tx.conn)
-        .await?;
+        let running: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = $1")
+                .bind(&name)
+                .fetch_one(&mut *tx.conn)
+                .await?;
         let room = usize::try_from(i64::from(limit) - running)
             .unwrap_or(0)
             .min(req.limit);

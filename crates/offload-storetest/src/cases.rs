@@ -1299,6 +1299,75 @@ pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn 
 
 // ---- queues ------------------------------------------------------------------------
 
+/// Claims from all queues across many queues and types come in claim
+/// order, skip paused queues and keep within each limited queue's room,
+/// whether a claim takes one task or many. The stores gather candidates
+/// across queues without asking each queue (`ready.rs`, PostgreSQL's
+/// `first_pending_of_pairs`); the order must be that of asking each.
+pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut expected: Vec<(i64, i64, usize, Uuid)> = Vec::new();
+    let mut enqueued = 0;
+    for queue in 0..24 {
+        for (t, task_type) in ["a", "b"].into_iter().enumerate() {
+            for n in 0..3 {
+                // Priorities and delays that interleave the queues.
+                let priority = 1 + ((queue * 7 + t * 3 + n * 5) % 10) as i64;
+                let task = f
+                    .enqueue(
+                        NewTask::new(task_type)
+                            .queue(format!("q{queue}"))
+                            .priority(priority),
+                    )
+                    .await;
+                enqueued += 1;
+                if queue != 5 && queue != 9 {
+                    expected.push((-priority, task.run_at.as_millis(), enqueued, task.id));
+                }
+            }
+        }
+        f.advance(1);
+    }
+    let set = |paused, concurrency| QueuePatch {
+        paused: Some(paused),
+        concurrency: Some(concurrency),
+    };
+    f.store.update_queue("q5", set(true, None)).await.unwrap();
+    // q9 runs one at a time: of its six tasks, one is claimed.
+    f.store
+        .update_queue("q9", set(false, Some(1)))
+        .await
+        .unwrap();
+    let q9_first = f.claim_from("other", 1, &[], &["q9"]).await;
+    assert_eq!(q9_first.len(), 1);
+    expected.sort();
+    let expected: Vec<Uuid> = expected.into_iter().map(|(_, _, _, id)| id).collect();
+
+    let mut claimed: Vec<Uuid> = Vec::new();
+    for limit in [1, 1, 3, 7, 1, 50, 1000] {
+        claimed.extend(f.claim("w", limit).await.iter().map(|t| t.id));
+    }
+    assert_eq!(claimed.len(), expected.len(), "claimed {claimed:?}");
+    assert_eq!(claimed, expected, "claim order across queues");
+    assert!(f.claim("w", 10).await.is_empty(), "q5 is paused, q9 full");
+
+    // Of one type, across the queues, the same order.
+    f.store.update_queue("q5", set(false, None)).await.unwrap();
+    let q5_b: Vec<Uuid> = f
+        .claim_from("w", 2, &["b"], &[])
+        .await
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let q5_a: Vec<Uuid> = f
+        .claim_from("w", 10, &["a", "c"], &[])
+        .await
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!((q5_b.len(), q5_a.len()), (2, 3), "q5 resumed");
+}
+
 pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     for _ in 0..3 {
