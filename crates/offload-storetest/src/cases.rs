@@ -1303,12 +1303,13 @@ pub async fn a_retried_dependent_waits_for_its_dependencies_again(factory: &dyn 
 /// order, skip paused queues and keep within each limited queue's room,
 /// whether a claim takes one task or many. The stores gather candidates
 /// across queues without asking each queue (`ready.rs`, PostgreSQL's
-/// `first_pending_of_pairs`); the order must be that of asking each.
+/// `first_pending_of_pairs`, past its 64 queues asked one by one); the
+/// order must be that of asking each.
 pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     let mut expected: Vec<(i64, i64, usize, Uuid)> = Vec::new();
     let mut enqueued = 0;
-    for queue in 0..24 {
+    for queue in 0..70 {
         for (t, task_type) in ["a", "b"].into_iter().enumerate() {
             for n in 0..3 {
                 // Priorities and delays that interleave the queues.
