@@ -151,8 +151,11 @@ impl ReadyIndex {
         }
     }
 
-    /// Ends the load: the pending seqs readers list follow the lanes.
-    pub fn loaded(self) -> Self {
+    /// Ends the load: the pending seqs readers list follow the lanes, and
+    /// the lanes' first tasks are in order before the first claim needs
+    /// them (with a million lanes, 0.22 s that claim waited).
+    pub fn loaded(mut self) -> Self {
+        self.refresh_heads();
         // In ascending order, so that every seq is appended.
         let mut seqs: Vec<i64> = self
             .lanes
