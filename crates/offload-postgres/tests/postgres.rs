@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, Clock, Limits, ManualClock, NewTask, Position, State, Store, SystemClock,
-    TaskSpec,
+    Ack, ClaimRequest, Clock, Limits, ManualClock, NewTask, Position, QueuePatch, State, Store,
+    SystemClock, TaskSpec,
 };
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
@@ -314,6 +314,69 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     let unique: std::collections::HashSet<_> = all.iter().collect();
     assert_eq!(all.len(), 300);
     assert_eq!(unique.len(), 300, "no task claimed twice");
+}
+
+/// Claims from three nodes at once, over many queues limited to one task
+/// running each, never run two of a queue's tasks at once: the queues'
+/// rows, locked together for a claim, make the claims take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_from_several_nodes_keep_each_queues_limit() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let nodes = [
+        node(&schema).await,
+        node(&schema).await,
+        node(&schema).await,
+    ];
+    let specs = (0..200)
+        .map(|i| {
+            NewTask::new("t")
+                .queue(format!("q{}", i % 40))
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    nodes[0].enqueue(specs).await.unwrap();
+    for q in 0..40 {
+        nodes[0]
+            .update_queue(
+                &format!("q{q}"),
+                QueuePatch {
+                    concurrency: Some(Some(1)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let mut handles = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for w in 0..3 {
+            let store = Arc::clone(n);
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..4 {
+                    let claimed = store
+                        .claim(&claim_by(&format!("n{i}w{w}"), 9))
+                        .await
+                        .unwrap();
+                    got.extend(claimed.into_iter().map(|t| t.queue));
+                }
+                got
+            }));
+        }
+    }
+    let mut by_queue: std::collections::HashMap<String, usize> = Default::default();
+    for h in handles {
+        for queue in h.await.unwrap() {
+            *by_queue.entry(queue).or_default() += 1;
+        }
+    }
+    assert_eq!(by_queue.len(), 40, "each queue gave a task: {by_queue:?}");
+    let over: Vec<_> = by_queue.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(over.is_empty(), "queues running past their limit: {over:?}");
 }
 
 /// The plan of `statement` (parameters of `types`, run with `args`) under a
