@@ -272,12 +272,7 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     if !available() {
         return;
     }
-    let schema = fresh_schema();
-    let nodes = [
-        node(&schema).await,
-        node(&schema).await,
-        node(&schema).await,
-    ];
+    let nodes = three_nodes().await;
     // Of several types, so that claims also take the path that picks
     // among them all before it locks, and meet each other's locks there.
     let specs = (0..300)
@@ -288,22 +283,51 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
         })
         .collect();
     nodes[0].enqueue(specs).await.unwrap();
+    let all: Vec<Uuid> = claim_on_every_node(&nodes, 7, None)
+        .await
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 300);
+    assert_eq!(unique.len(), 300, "no task claimed twice");
+}
+
+/// Three nodes sharing a schema of their own.
+async fn three_nodes() -> [Arc<PgStore>; 3] {
+    let schema = fresh_schema();
+    [
+        node(&schema).await,
+        node(&schema).await,
+        node(&schema).await,
+    ]
+}
+
+/// Three claimers on each of `nodes` at once, each taking up to `limit` a
+/// claim, `rounds` times or, without, until a claim comes back empty:
+/// every task they claimed.
+async fn claim_on_every_node(
+    nodes: &[Arc<PgStore>],
+    limit: usize,
+    rounds: Option<usize>,
+) -> Vec<offload_core::Task> {
     let mut handles = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         for w in 0..3 {
             let store = Arc::clone(n);
             handles.push(tokio::spawn(async move {
                 let mut got = Vec::new();
-                loop {
+                for _ in 0..rounds.unwrap_or(usize::MAX) {
                     let claimed = store
-                        .claim(&claim_by(&format!("n{i}w{w}"), 7))
+                        .claim(&claim_by(&format!("n{i}w{w}"), limit))
                         .await
                         .unwrap();
-                    if claimed.is_empty() {
-                        return got;
+                    if claimed.is_empty() && rounds.is_none() {
+                        break;
                     }
-                    got.extend(claimed.into_iter().map(|t| t.id));
+                    got.extend(claimed);
                 }
+                got
             }));
         }
     }
@@ -311,9 +335,7 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     for h in handles {
         all.extend(h.await.unwrap());
     }
-    let unique: std::collections::HashSet<_> = all.iter().collect();
-    assert_eq!(all.len(), 300);
-    assert_eq!(unique.len(), 300, "no task claimed twice");
+    all
 }
 
 /// Claims from three nodes at once, over many queues limited to one task
@@ -324,12 +346,7 @@ async fn concurrent_claims_from_several_nodes_keep_each_queues_limit() {
     if !available() {
         return;
     }
-    let schema = fresh_schema();
-    let nodes = [
-        node(&schema).await,
-        node(&schema).await,
-        node(&schema).await,
-    ];
+    let nodes = three_nodes().await;
     let specs = (0..200)
         .map(|i| {
             NewTask::new("t")
@@ -351,28 +368,9 @@ async fn concurrent_claims_from_several_nodes_keep_each_queues_limit() {
             .await
             .unwrap();
     }
-    let mut handles = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for w in 0..3 {
-            let store = Arc::clone(n);
-            handles.push(tokio::spawn(async move {
-                let mut got = Vec::new();
-                for _ in 0..4 {
-                    let claimed = store
-                        .claim(&claim_by(&format!("n{i}w{w}"), 9))
-                        .await
-                        .unwrap();
-                    got.extend(claimed.into_iter().map(|t| t.queue));
-                }
-                got
-            }));
-        }
-    }
     let mut by_queue: std::collections::HashMap<String, usize> = Default::default();
-    for h in handles {
-        for queue in h.await.unwrap() {
-            *by_queue.entry(queue).or_default() += 1;
-        }
+    for task in claim_on_every_node(&nodes, 9, Some(4)).await {
+        *by_queue.entry(task.queue).or_default() += 1;
     }
     assert_eq!(by_queue.len(), 40, "each queue gave a task: {by_queue:?}");
     let over: Vec<_> = by_queue.iter().filter(|(_, n)| **n > 1).collect();
