@@ -580,11 +580,7 @@ impl Store for PgStore {
         for row in &rows {
             let queue: String = row.try_get("queue").map_err(storage_error)?;
             let task_type: String = row.try_get("type").map_err(storage_error)?;
-            let code: i16 = row.try_get("state").map_err(storage_error)?;
-            let n: i64 = row.try_get("n").map_err(storage_error)?;
-            let state = State::from_code(code.into())
-                .ok_or_else(|| Error::Storage(format!("state code {code}")))?;
-            let n = n.max(0) as u64;
+            let (state, n) = state_count(row)?;
             *stats.total.slot(state) += n;
             *stats.queues.entry(queue).or_default().slot(state) += n;
             *stats.types.entry(task_type).or_default().slot(state) += n;
@@ -600,11 +596,8 @@ impl Store for PgStore {
         .await?)?;
         let mut total = Counts::default();
         for row in &rows {
-            let code: i16 = row.try_get("state").map_err(storage_error)?;
-            let n: i64 = row.try_get("n").map_err(storage_error)?;
-            let state = State::from_code(code.into())
-                .ok_or_else(|| Error::Storage(format!("state code {code}")))?;
-            *total.slot(state) += n.max(0) as u64;
+            let (state, n) = state_count(row)?;
+            *total.slot(state) += n;
         }
         Ok(total)
     }
@@ -809,4 +802,14 @@ fn list_sql(query: &ListQuery, below: Option<i64>, rows: usize) -> QueryBuilder<
     }
     sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
     sql
+}
+
+/// A row of `offload_counts` summed by state: its `state` and its count
+/// `n` (a sum of deltas, never below nothing).
+fn state_count(row: &sqlx::postgres::PgRow) -> Result<(State, u64)> {
+    let code: i16 = row.try_get("state").map_err(storage_error)?;
+    let n: i64 = row.try_get("n").map_err(storage_error)?;
+    let state = State::from_code(code.into())
+        .ok_or_else(|| Error::Storage(format!("state code {code}")))?;
+    Ok((state, n.max(0) as u64))
 }
