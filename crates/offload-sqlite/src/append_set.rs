@@ -69,6 +69,10 @@ impl<K: Ord + Copy> AppendSet<K> {
     }
 
     /// The smallest key.
+    pub fn is_empty(&self) -> bool {
+        self.tail.is_empty() && self.tree.is_empty()
+    }
+
     pub fn first(&self) -> Option<&K> {
         self.tree.first().or_else(|| self.tail.front())
     }

@@ -29,7 +29,6 @@ use crate::seq_map::SeqMap;
 /// 150,000 tasks with small payloads.
 const MAX_BYTES: usize = 32 << 20;
 
-#[derive(Default)]
 pub(crate) struct PendingRows {
     /// In seq order: rows are kept and taken mostly in seq order (an
     /// enqueue's, then claim order); with a hash that scattered them,
@@ -38,8 +37,16 @@ pub(crate) struct PendingRows {
     /// The (queue, type) pairs of the rows kept so far, each once; as few
     /// as the lanes of claim order (`ready.rs`), which keep theirs too.
     names: PairNames,
+    /// When `names` holds this many pairs, those no kept row names are
+    /// dropped: with a queue per customer or per job, the pairs of rows
+    /// long claimed would otherwise stay for as long as the node runs.
+    compact_names_at: usize,
     bytes: usize,
 }
+
+/// The fewest pairs [`PendingRows::names`] is let hold before it drops
+/// the unused ones.
+const COMPACT_NAMES_FROM: usize = 1024;
 
 /// A task row as its enqueue left it, without what every new task has
 /// (no attempt yet, no worker, no result, ...): kept small, so that more
@@ -65,6 +72,17 @@ struct Extra {
     labels: BTreeMap<String, String>,
     unique_key: Option<String>,
     depends_on: Vec<Uuid>,
+}
+
+impl Default for PendingRows {
+    fn default() -> Self {
+        Self {
+            rows: SeqMap::default(),
+            names: PairNames::default(),
+            compact_names_at: COMPACT_NAMES_FROM,
+            bytes: 0,
+        }
+    }
 }
 
 impl PendingRows {
@@ -116,6 +134,9 @@ impl PendingRows {
         // copied.
         if !as_enqueued || self.bytes + KeptRow::SMALLEST > MAX_BYTES {
             return;
+        }
+        if self.names.len() >= self.compact_names_at {
+            self.drop_unused_names();
         }
         let plain =
             owner.is_none() && labels.is_empty() && unique_key.is_none() && depends_on.is_empty();
@@ -203,7 +224,21 @@ impl PendingRows {
 
     pub fn forget_all(&mut self) {
         self.rows.clear();
+        self.names = PairNames::default();
+        self.compact_names_at = COMPACT_NAMES_FROM;
         self.bytes = 0;
+    }
+
+    /// Keeps only the pairs kept rows name: a pass over the rows, once
+    /// the pairs have doubled since the last.
+    fn drop_unused_names(&mut self) {
+        let mut names = PairNames::default();
+        for row in self.rows.values_mut() {
+            let (queue, task_type) = self.names.get(row.names);
+            row.names = names.place(queue, task_type);
+        }
+        self.names = names;
+        self.compact_names_at = COMPACT_NAMES_FROM.max(2 * self.names.len());
     }
 
     /// Every kept row as the task it is, for `WriteCtx::verify_bookkeeping`.
@@ -460,6 +495,33 @@ mod tests {
             rows.take(5).map(names),
             Some(("default".into(), "t".into()))
         );
+    }
+
+    #[test]
+    fn pairs_no_kept_row_names_are_dropped_as_new_ones_come() {
+        let mut rows = PendingRows::default();
+        let in_queue = |i: i64| {
+            let mut task = task(10);
+            task.queue = format!("q{i}");
+            task
+        };
+        // Every tenth row stays kept; the others are claimed at once.
+        for seq in 0..10 * COMPACT_NAMES_FROM as i64 {
+            rows.remember(seq, &in_queue(seq));
+            if seq % 10 != 0 {
+                rows.take(seq).unwrap();
+            }
+        }
+        assert!(
+            rows.names.len() < COMPACT_NAMES_FROM * 2,
+            "{} pairs held for {} rows",
+            rows.names.len(),
+            rows.len()
+        );
+        for seq in (0..10 * COMPACT_NAMES_FROM as i64).step_by(10) {
+            assert_eq!(rows.take(seq).map(|t| t.queue), Some(format!("q{seq}")));
+        }
+        assert_eq!((rows.len(), rows.bytes), (0, 0));
     }
 
     #[test]

@@ -97,8 +97,17 @@ pub(crate) struct ReadyIndex {
     pending_seqs: Arc<PendingSeqs>,
     /// queue → type → lane.
     lane_of: FxHashMap<String, FxHashMap<String, usize>>,
-    /// Each lane's (queue, type).
+    /// Each lane's (queue, type); empty names for a free lane.
     lane_names: Vec<(String, String)>,
+    /// Lanes emptied and forgotten at a commit, whose places new lanes
+    /// take: an application that makes a queue per customer or per job
+    /// would otherwise keep every (queue, type) it ever used, ~1.4 KB each
+    /// across the writer's memory (400,000 such queues, all their tasks
+    /// done and cleared: 583 MB resident; 13 MB after a restart).
+    free: Vec<usize>,
+    /// Lanes a rollback emptied: they are freed at the next commit if
+    /// still empty, as those a claim emptied are.
+    emptied_by_rollback: Vec<usize>,
     /// The first key of every lane that has one, with the lane, in claim
     /// order: a claim from all queues walks these, best first, and stops
     /// when it has enough ([`ReadyIndex::first_across_queues`]). It asked
@@ -185,12 +194,17 @@ impl ReadyIndex {
         {
             return lane;
         }
-        let lane = self.lanes.len();
-        self.lanes.push(AppendSet::default());
-        self.lane_names
-            .push((queue.to_owned(), task_type.to_owned()));
-        self.head_of.push(None);
-        self.is_stale.push(false);
+        let names = (queue.to_owned(), task_type.to_owned());
+        let lane = if let Some(lane) = self.free.pop() {
+            self.lane_names[lane] = names;
+            lane
+        } else {
+            self.lanes.push(AppendSet::default());
+            self.lane_names.push(names);
+            self.head_of.push(None);
+            self.is_stale.push(false);
+            self.lanes.len() - 1
+        };
         self.lane_of
             .entry(queue.to_owned())
             .or_default()
@@ -360,6 +374,41 @@ impl ReadyIndex {
                 ));
             }
         }
+        let mut named = 0;
+        for (queue, types) in &self.lane_of {
+            for (task_type, &lane) in types {
+                named += 1;
+                if self.lane_names[lane] != (queue.clone(), task_type.clone()) {
+                    return Some(format!(
+                        "lane {lane} of ({queue}, {task_type}) is named {:?}",
+                        self.lane_names[lane]
+                    ));
+                }
+            }
+        }
+        let listed_free: rustc_hash::FxHashSet<usize> = self.free.iter().copied().collect();
+        if listed_free.len() != self.free.len() {
+            return Some("a lane is listed free twice".to_owned());
+        }
+        for (lane, (queue, _)) in self.lane_names.iter().enumerate() {
+            let free = queue.is_empty();
+            if free && (!self.lanes[lane].is_empty() || !listed_free.contains(&lane)) {
+                return Some(format!(
+                    "free lane {lane} holds tasks or is not listed free"
+                ));
+            }
+            // Only what a rollback emptied waits for a commit to be freed.
+            if !free && self.lanes[lane].is_empty() && !self.emptied_by_rollback.contains(&lane) {
+                return Some(format!("lane {lane} of {queue} is empty and kept"));
+            }
+        }
+        if named + self.free.len() != self.lanes.len() {
+            return Some(format!(
+                "{named} lanes named and {} free of {}",
+                self.free.len(),
+                self.lanes.len()
+            ));
+        }
         if self.heads.len() != self.head_of.iter().flatten().count() {
             return Some("the heads hold a lane twice".to_owned());
         }
@@ -381,6 +430,7 @@ impl ReadyIndex {
                     self.lanes[lane].remove(&key);
                     self.changed(lane);
                     self.pending_seqs.set(key.seq, false);
+                    self.emptied_by_rollback.push(lane);
                 }
                 Some(Change::Removed(lane, key)) => {
                     self.lanes[lane].insert(key);
@@ -392,9 +442,38 @@ impl ReadyIndex {
         }
     }
 
-    /// The transaction committed: its changes stay.
+    /// The transaction committed: its changes stay, and the lanes it
+    /// emptied are forgotten. Only here: until the commit, the log names
+    /// lanes by their places, and a rollback may fill them again.
     pub fn commit(&mut self) {
-        self.changes.clear();
+        let mut changes = std::mem::take(&mut self.changes);
+        let emptied = changes
+            .drain(..)
+            .filter_map(|change| match change {
+                Change::Removed(lane, _) => Some(lane),
+                Change::Added(..) => None,
+            })
+            .chain(std::mem::take(&mut self.emptied_by_rollback));
+        let mut freed = Vec::new();
+        for lane in emptied {
+            if self.lanes[lane].is_empty() && !self.lane_names[lane].0.is_empty() {
+                freed.push(lane);
+                // Names emptied now, so that a lane emptied twice is freed once.
+                let (queue, task_type) = std::mem::take(&mut self.lane_names[lane]);
+                if let Some(types) = self.lane_of.get_mut(&queue) {
+                    types.remove(&task_type);
+                    if types.is_empty() {
+                        self.lane_of.remove(&queue);
+                    }
+                }
+                if let Some(head) = self.head_of[lane].take() {
+                    self.heads.remove(&(head, lane));
+                }
+            }
+        }
+        self.free.extend(freed);
+        // The log's allocation is kept for the next transaction.
+        self.changes = changes;
     }
 }
 
@@ -517,6 +596,49 @@ mod tests {
         index.note(&again, 2);
         index.roll_back_to(mark);
         assert_eq!(seqs(&index, "q", &[], 10), [1, 2]);
+    }
+
+    #[test]
+    fn a_lane_emptied_is_forgotten_at_the_commit_and_its_place_taken_by_the_next() {
+        let mut index = ReadyIndex::default();
+        let mut only = task("q1", "a", 5, 0);
+        index.note(&only, 1);
+        index.note(&task("q2", "a", 5, 0), 2);
+        index.commit();
+        only.state = State::Running;
+        index.note(&only, 1);
+        // Until the commit the lane is named: a rollback may fill it again.
+        assert_eq!(index.lane_of.len(), 2);
+        let mark = index.mark();
+        index.roll_back_to(mark);
+        index.commit();
+        assert_eq!(index.lane_of.len(), 1, "q1's lane forgotten");
+        assert!(seqs(&index, "q1", &[], 10).is_empty());
+        assert_eq!(index.disagreement(&[2].into()), None);
+
+        // A claim rolled back leaves its lane as it was.
+        let mark = index.mark();
+        let mut second = task("q2", "a", 5, 0);
+        second.state = State::Running;
+        index.note(&second, 2);
+        index.roll_back_to(mark);
+        index.commit();
+        assert_eq!(seqs(&index, "q2", &[], 10), [2]);
+
+        // A new pair takes the free place; one a rollback emptied is freed.
+        index.note(&task("q3", "b", 5, 0), 3);
+        assert_eq!(index.lanes.len(), 2, "the free place taken");
+        index.commit();
+        let mark = index.mark();
+        index.note(&task("q4", "c", 5, 0), 4);
+        index.roll_back_to(mark);
+        assert_eq!(index.disagreement(&[2, 3].into()), None);
+        index.commit();
+        assert_eq!(index.lane_of.len(), 2);
+        assert_eq!(index.free.len(), 1);
+        assert_eq!(index.disagreement(&[2, 3].into()), None);
+        assert_eq!(across(&mut index, &[], 10, &[]), [2, 3]);
+        assert_eq!(seqs(&index, "q3", &["b"], 10), [3]);
     }
 
     #[test]

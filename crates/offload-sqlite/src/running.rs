@@ -49,12 +49,20 @@ struct Change {
 #[derive(Debug, Default)]
 struct Inner {
     tasks: SeqMap<Running>,
-    /// Queue names by number, and the number of running tasks of each.
+    /// Queue names by number, and the number of running tasks of each; an
+    /// empty name for a free number.
     queues: Vec<String>,
     queue_numbers: FxHashMap<String, usize>,
     running_in_queue: Vec<usize>,
+    /// Numbers of queues left with no running task at a commit, forgotten
+    /// and given to the next new queue: a queue per customer or per job
+    /// would otherwise be kept for as long as the node runs.
+    free: Vec<usize>,
     /// Changes since the last commit, oldest first.
     changes: Vec<Change>,
+    /// Queues a rollback left with fewer running tasks: freed at the next
+    /// commit if left with none, as those a commit empties are.
+    emptied_by_rollback: Vec<usize>,
 }
 
 impl Inner {
@@ -62,11 +70,28 @@ impl Inner {
         if let Some(&number) = self.queue_numbers.get(queue) {
             return number;
         }
-        let number = self.queues.len();
-        self.queues.push(queue.to_owned());
+        let number = if let Some(number) = self.free.pop() {
+            queue.clone_into(&mut self.queues[number]);
+            number
+        } else {
+            self.queues.push(queue.to_owned());
+            self.running_in_queue.push(0);
+            self.queues.len() - 1
+        };
         self.queue_numbers.insert(queue.to_owned(), number);
-        self.running_in_queue.push(0);
         number
+    }
+
+    /// Forgets the queues among `numbers` that have no running task.
+    fn free_idle(&mut self, numbers: impl IntoIterator<Item = usize>) {
+        for number in numbers {
+            // A name emptied when freed, so that a number is freed once.
+            if self.running_in_queue[number] == 0 && !self.queues[number].is_empty() {
+                let queue = std::mem::take(&mut self.queues[number]);
+                self.queue_numbers.remove(&queue);
+                self.free.push(number);
+            }
+        }
     }
 
     /// Sets what `seq` holds, without logging it.
@@ -219,6 +244,24 @@ impl RunningSet {
             }
             in_queue[running.queue] += 1;
         }
+        for (number, queue) in inner.queues.iter().enumerate() {
+            let free = queue.is_empty();
+            if free == inner.queue_numbers.get(queue).is_some_and(|&n| n == number) {
+                return Some(format!("queue number {number} ({queue:?}) is misnumbered"));
+            }
+            // Only what a rollback emptied waits for a commit to be freed.
+            if !free && in_queue[number] == 0 && !inner.emptied_by_rollback.contains(&number) {
+                return Some(format!("queue {queue} has no running task and is kept"));
+            }
+        }
+        if inner.queue_numbers.len() + inner.free.len() != inner.queues.len() {
+            return Some(format!(
+                "{} queues numbered and {} free of {}",
+                inner.queue_numbers.len(),
+                inner.free.len(),
+                inner.queues.len()
+            ));
+        }
         (in_queue != inner.running_in_queue).then(|| {
             format!(
                 "running tasks by queue {:?} in memory, {in_queue:?} in the table",
@@ -249,13 +292,28 @@ impl RunningSet {
             let Some(change) = inner.changes.pop() else {
                 break;
             };
-            inner.set(change.seq, change.before);
+            if let Some(undone) = inner.set(change.seq, change.before) {
+                inner.emptied_by_rollback.push(undone.queue);
+            }
         }
     }
 
-    /// The transaction committed: its changes stay.
+    /// The transaction committed: its changes stay, and the queues it left
+    /// with no running task are forgotten. Only here: until the commit the
+    /// log names queues by number, and a rollback may bring tasks back.
     pub fn commit(&self) {
-        self.inner().changes.clear();
+        let mut inner = self.inner();
+        let inner = &mut *inner;
+        let changes = std::mem::take(&mut inner.changes);
+        let rolled_back = std::mem::take(&mut inner.emptied_by_rollback);
+        inner.free_idle(
+            changes
+                .iter()
+                .filter_map(|change| change.before.map(|before| before.queue))
+                .chain(rolled_back),
+        );
+        inner.changes = changes;
+        inner.changes.clear();
     }
 }
 
@@ -304,6 +362,40 @@ mod tests {
         assert_eq!(set.lease_expired_by(100), 3);
         assert_eq!(set.in_queue("q"), 2);
         assert_eq!(set.newest_first(Some(3), 10), [2, 1]);
+    }
+
+    #[test]
+    fn a_queue_left_with_no_running_task_is_forgotten_at_the_commit() {
+        let set = RunningSet::default();
+        let mut first = running("q", 0, 100);
+        set.note(&first, 1);
+        set.commit();
+        first.state = State::Completed;
+        set.note(&first, 1);
+        assert_eq!(set.inner().queue_numbers.len(), 1, "kept until the commit");
+        set.commit();
+        assert!(set.inner().queue_numbers.is_empty());
+        assert_eq!(set.in_queue("q"), 0);
+
+        // A new queue takes the free number; one a rollback emptied is
+        // freed at the next commit.
+        set.note(&running("other", 0, 100), 2);
+        set.commit();
+        assert_eq!(set.inner().queues, ["other"]);
+        let mark = set.mark();
+        set.note(&running("third", 0, 100), 3);
+        set.roll_back_to(mark);
+        assert_eq!(
+            set.disagreement(&[(2, "other".into(), Some(100), Some(10_000))]),
+            None
+        );
+        set.commit();
+        assert_eq!(set.inner().queues, ["other", ""]);
+        assert_eq!(set.in_queue("other"), 1);
+        assert_eq!(
+            set.disagreement(&[(2, "other".into(), Some(100), Some(10_000))]),
+            None
+        );
     }
 
     #[test]
