@@ -38,8 +38,11 @@ impl Finished {
     }
 }
 
-/// A store's running tally of [`Finished`] tasks by (queue, type), since it
-/// opened. Only ever grows: a counter, as Prometheus means one.
+/// A store's tally of [`Finished`] tasks by (queue, type), since it was
+/// last taken. Whoever takes it keeps the totals (the server's metrics add
+/// it to their counters): kept here, the totals held every (queue, type)
+/// the node ever finished a task of, and with a queue per customer or per
+/// job they grew for as long as it ran.
 #[derive(Debug, Default)]
 pub struct FinishedTally {
     by_queue: Mutex<HashMap<String, HashMap<String, Finished>>>,
@@ -75,15 +78,17 @@ impl FinishedTally {
         }
     }
 
-    /// Every (queue, type) counted so far, with its tally.
-    pub fn snapshot(&self) -> Vec<(String, String, Finished)> {
-        let by_queue = self.by_queue.lock().unwrap_or_else(|p| p.into_inner());
+    /// Every (queue, type) counted since the last take, with its tally;
+    /// the tally starts again from nothing.
+    pub fn take(&self) -> Vec<(String, String, Finished)> {
+        let by_queue =
+            std::mem::take(&mut *self.by_queue.lock().unwrap_or_else(|p| p.into_inner()));
         by_queue
-            .iter()
+            .into_iter()
             .flat_map(|(queue, types)| {
                 types
-                    .iter()
-                    .map(|(task_type, finished)| (queue.clone(), task_type.clone(), *finished))
+                    .into_iter()
+                    .map(move |(task_type, finished)| (queue.clone(), task_type, finished))
             })
             .collect()
     }
@@ -103,10 +108,10 @@ mod tests {
             ("mail", "digest", State::Cancelled, 2),
         ]);
         tally.record([("mail", "send", State::Completed, 1)]);
-        let mut snapshot = tally.snapshot();
-        snapshot.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut taken = tally.take();
+        taken.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         assert_eq!(
-            snapshot,
+            taken,
             vec![
                 (
                     "mail".to_owned(),
@@ -126,6 +131,19 @@ mod tests {
                     }
                 ),
             ]
+        );
+        assert_eq!(tally.take(), [], "taken once");
+        tally.record([("mail", "send", State::Failed, 2)]);
+        assert_eq!(
+            tally.take(),
+            [(
+                "mail".to_owned(),
+                "send".to_owned(),
+                Finished {
+                    failed: 2,
+                    ..Finished::default()
+                }
+            )]
         );
     }
 }

@@ -523,9 +523,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn recover_expired(&self) -> Result<Vec<Task>>;
 
     /// The tasks this store's own commits moved into a finished state since
-    /// it opened, by (queue, type): every way a task finishes, counted
-    /// once, by the node that committed it (see [`crate::FinishedTally`]).
-    fn finished_totals(&self) -> Vec<(String, String, crate::Finished)>;
+    /// the last call, by (queue, type): every way a task finishes, counted
+    /// once, by the node that committed it. The caller keeps the totals
+    /// (see [`crate::FinishedTally`]).
+    fn take_finished(&self) -> Vec<(String, String, crate::Finished)>;
 
     /// Deletes up to `batch` finished tasks past their retention.
     async fn purge_finished(&self, retention: &Retention, batch: usize) -> Result<u64>;

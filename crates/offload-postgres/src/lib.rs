@@ -693,8 +693,8 @@ impl Store for PgStore {
         Ok(purged)
     }
 
-    fn finished_totals(&self) -> Vec<(String, String, offload_core::Finished)> {
-        self.node.finished.snapshot()
+    fn take_finished(&self) -> Vec<(String, String, offload_core::Finished)> {
+        self.node.finished.take()
     }
 
     async fn count_stuck(&self, expired_for: Duration) -> Result<u64> {

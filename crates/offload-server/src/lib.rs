@@ -260,6 +260,9 @@ pub async fn serve(
         metrics,
         unread: unread::UnreadAnswers::new(config.unread_answers_limit_bytes),
     };
+    let taking_finished = AbortOnDrop(tokio::spawn(telemetry::take_finished_from(Arc::clone(
+        engine.store(),
+    ))));
     tracing::info!(address = %local, db = %without_password(&config.db), durability = state.durability, "offload is serving");
     on_listening(local);
     let serving = connections::serve_until_stopped(listener, router(state), idle, stop.clone());
@@ -282,8 +285,18 @@ pub async fn serve(
             "requests still open when the shutdown's grace ran out; closing them"
         ),
     }
+    drop(taking_finished);
     engine.shutdown().await;
     Ok(())
+}
+
+/// Stops a spawned task when dropped, however `serve` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub(crate) fn router(state: AppState) -> Router {

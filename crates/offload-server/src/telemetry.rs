@@ -9,8 +9,9 @@
 //! The rest is recorded where this node sees it: tasks enqueued, pickup
 //! delays, retried attempts and how long finished attempts ran, from
 //! enqueue, fetch and ack requests and the attempts its engine ends when
-//! their lease or timeout runs out. Queue depth and the finished counts are
-//! read from the store at scrape time.
+//! their lease or timeout runs out. Queue depth is read from the store at
+//! scrape time; the finished counts are taken from it then and every
+//! [`FINISHED_TAKEN_EVERY`], and added to the counters here.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
@@ -89,7 +90,7 @@ impl Metrics {
     /// Counts the attempts that ended and are to be tried again, and
     /// records how long the finished ones ran (reported by their worker, or
     /// their lease or timeout ran out). The store counts the finished tasks
-    /// themselves ([`offload_core::Store::finished_totals`]).
+    /// themselves ([`offload_core::Store::take_finished`]).
     pub fn attempts_ended<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) {
         for ((queue, task_type), group) in by_pair(tasks) {
             let (queue, task_type) = labels(queue, task_type);
@@ -114,7 +115,7 @@ impl Metrics {
     }
 
     pub async fn render(&self, state: &AppState) -> String {
-        record_finished(state.store().finished_totals());
+        record_finished(state.store().take_finished());
         if let Ok(stats) = state.store().stats().await {
             // The queues past the budget share a label, so they are summed.
             let mut by_label: HashMap<&str, Counts> = HashMap::new();
@@ -141,11 +142,27 @@ impl offload_engine::DutyObserver for Metrics {
     }
 }
 
-/// Sets the counters of finished tasks to the store's totals. The queues
+/// How often the finished counts are taken from the store between scrapes:
+/// its tally holds each (queue, type) finished since the last take, and a
+/// node nobody scrapes would otherwise keep every one it ever finished.
+pub const FINISHED_TAKEN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Adds the finished tasks taken from the store to their counters, every
+/// [`FINISHED_TAKEN_EVERY`], until dropped.
+pub async fn take_finished_from(store: std::sync::Arc<dyn offload_core::Store>) {
+    let mut every = tokio::time::interval(FINISHED_TAKEN_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        record_finished(store.take_finished());
+    }
+}
+
+/// Adds finished tasks taken from the store to their counters. The queues
 /// and pairs past the budgets share labels, so they are summed first.
-fn record_finished(totals: Vec<(String, String, Finished)>) {
+fn record_finished(taken: Vec<(String, String, Finished)>) {
     let mut by_label: HashMap<(String, String), Finished> = HashMap::new();
-    for (queue, task_type, finished) in &totals {
+    for (queue, task_type, finished) in &taken {
         let (queue, task_type) = labels(queue, task_type);
         by_label
             .entry((queue.to_owned(), task_type.to_owned()))
@@ -161,7 +178,7 @@ fn record_finished(totals: Vec<(String, String, Finished)>) {
             // A series appears with its first task, as an incremented
             // counter's would.
             if n > 0 {
-                counter!(name, "queue" => queue.clone(), "type" => task_type.clone()).absolute(n);
+                counter!(name, "queue" => queue.clone(), "type" => task_type.clone()).increment(n);
             }
         }
     }

@@ -685,8 +685,8 @@ impl Store for SqliteStore {
             .await
     }
 
-    fn finished_totals(&self) -> Vec<(String, String, offload_core::Finished)> {
-        self.shared.finished.snapshot()
+    fn take_finished(&self) -> Vec<(String, String, offload_core::Finished)> {
+        self.shared.finished.take()
     }
 
     async fn count_stuck(&self, expired_for: std::time::Duration) -> Result<u64> {

@@ -1175,10 +1175,10 @@ pub async fn failed_dependency_cancels_dependents_transitively(factory: &dyn Sto
 /// The store counts every task it finishes, by (queue, type), however it
 /// finishes: an ack, a lease that ran out, a cancel, a dependency that
 /// failed, a replace. A manual retry takes nothing back; the task counts
-/// again when it finishes again.
-pub async fn finished_totals_count_every_way_a_task_finishes(factory: &dyn StoreFactory) {
+/// again when it finishes again. What is taken is not given again.
+pub async fn finished_tasks_are_counted_every_way_a_task_finishes(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
-    assert_eq!(f.store.finished_totals(), []);
+    assert_eq!(f.store.take_finished(), []);
     let root = f.enqueue(NewTask::new("root")).await;
     let mid = f.enqueue(NewTask::new("mid").depends_on(root.id)).await;
     f.enqueue(NewTask::new("leaf").depends_on(mid.id)).await;
@@ -1202,7 +1202,7 @@ pub async fn finished_totals_count_every_way_a_task_finishes(factory: &dyn Store
     f.claim_from("w", 1, &["root"], &[]).await;
     f.fail("w", root.id, Some(false), None).await.unwrap();
 
-    let mut totals = f.store.finished_totals();
+    let mut totals = f.store.take_finished();
     totals.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     let finished = |completed, failed, cancelled| Finished {
         completed,
@@ -1222,6 +1222,14 @@ pub async fn finished_totals_count_every_way_a_task_finishes(factory: &dyn Store
     .map(|(queue, task_type, counts)| (queue.to_owned(), task_type.to_owned(), counts))
     .collect();
     assert_eq!(totals, expected);
+    assert_eq!(f.store.take_finished(), [], "taken once");
+    f.store.cancel(mid.id).await.unwrap_err();
+    let again = f.enqueue(NewTask::new("again").queue("other")).await;
+    f.store.cancel(again.id).await.unwrap();
+    assert_eq!(
+        f.store.take_finished(),
+        [("other".to_owned(), "again".to_owned(), finished(0, 0, 1))]
+    );
 }
 
 /// A dependency that completed and was then deleted (by retention, a day

@@ -64,7 +64,7 @@ macro_rules! conformance_tests {
             heartbeat_extends_lease_and_records_progress,
             timeout_fails_the_attempt,
             cancel_pending_and_running,
-            finished_totals_count_every_way_a_task_finishes,
+            finished_tasks_are_counted_every_way_a_task_finishes,
             cancel_requested_then_lease_expiry_cancels,
             manual_retry_grants_one_more_attempt,
             unique_key_keep_returns_existing,

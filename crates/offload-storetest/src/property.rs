@@ -13,7 +13,7 @@
 //! - what the store keeps beside its tables agrees with them
 //!   (`Store::verify_bookkeeping`);
 //! - the store's tally of finished tasks grows by exactly the tasks that
-//!   entered a finished state (`Store::finished_totals`).
+//!   entered a finished state (`Store::take_finished`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -131,7 +131,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
     let store = factory.open(Arc::clone(&clock)).await;
     let mut known: Vec<Uuid> = Vec::new();
     let mut before: HashMap<Uuid, Task> = HashMap::new();
-    let mut finished_before = finished_totals(&*store);
+    let mut finished_before = finished_totals(&*store, BTreeMap::new());
     // Queue settings as the test set them: (paused, concurrency).
     let mut queues: HashMap<String, (bool, Option<u32>)> = HashMap::new();
     let pick = |known: &Vec<Uuid>, i: usize| (!known.is_empty()).then(|| known[i % known.len()]);
@@ -393,7 +393,7 @@ async fn run_sequence(factory: &dyn StoreFactory, ops: Vec<Op>) {
         if let Some(recovered) = recovered {
             check_recovered(&before, &after, &recovered, &context);
         }
-        let finished_after = finished_totals(&*store);
+        let finished_after = finished_totals(&*store, finished_before.clone());
         check_finished(&before, &after, &finished_before, &finished_after, &context);
         finished_before = finished_after;
         check_snapshot(
@@ -445,12 +445,15 @@ fn check_recovered(
     }
 }
 
-fn finished_totals(store: &dyn Store) -> BTreeMap<(String, String), Finished> {
-    store
-        .finished_totals()
-        .into_iter()
-        .map(|(queue, task_type, finished)| ((queue, task_type), finished))
-        .collect()
+/// `totals` with what the store finished since it was last taken added.
+fn finished_totals(
+    store: &dyn Store,
+    mut totals: BTreeMap<(String, String), Finished>,
+) -> BTreeMap<(String, String), Finished> {
+    for (queue, task_type, finished) in store.take_finished() {
+        totals.entry((queue, task_type)).or_default().add(&finished);
+    }
+    totals
 }
 
 /// The store's tally of finished tasks grew by exactly the tasks that

@@ -1017,6 +1017,25 @@ fn health_metrics_and_openapi() {
             "/metrics lacks {needle}:\n{metrics}"
         );
     }
+    // The store's tally is taken at each scrape: the counters keep what
+    // earlier scrapes took and add what finished since.
+    let another = http.enqueue(json!({"type": "report.build", "queue": "reports"}));
+    assert_eq!(http.fetch("w", json!({"types": ["report.build"]})).len(), 1);
+    let (status, _) = http.post(
+        &format!("/v1/tasks/{}/complete", another["id"].as_str().unwrap()),
+        json!({"worker_id": "w"}),
+    );
+    assert_eq!(status, 200);
+    let metrics = metrics_text(&server);
+    for needle in [
+        "offload_tasks_completed_total{queue=\"reports\",type=\"report.build\"} 4",
+        "offload_tasks_failed_total{queue=\"mail\",type=\"mail.send\"} 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle} at the second scrape:\n{metrics}"
+        );
+    }
 
     let (status, doc) = http.get("/openapi.json");
     assert_eq!(status, 200);
