@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_fewer_index_writes.sql")),
     (3, include_str!("../migrations/0003_ids_carry_seq.sql")),
+    (4, include_str!("../migrations/0004_count_totals.sql")),
 ];
 /// Running tasks whose leases expired by `$1`, and whether the database
 /// takes writes, for `/health`.
@@ -60,6 +61,21 @@ const STUCK_AND_READ_ONLY: &str = "SELECT COUNT(*), current_setting('transaction
 /// nothing (`stats` skips it, and the leader's folding drops it).
 const PROBE_WRITE: &str =
     "INSERT INTO offload_counts (queue, type, state, delta) VALUES ('', '', 1, 0)";
+/// Every count as rows of (queue, type, state, n): the folded totals and
+/// the ledger's rows appended since the leader last folded it.
+const COUNT_ROWS: &str = "SELECT queue, type, state, n FROM offload_count_totals \
+     UNION ALL SELECT queue, type, state, delta FROM offload_counts";
+/// Moves the ledger's rows into the totals, one row per (queue, type,
+/// state), touching only the totals of the pairs the ledger names. Rows
+/// committed meanwhile are not in this statement's snapshot and stay for
+/// the next pass.
+const FOLD_COUNTS: &str = "WITH moved AS (DELETE FROM offload_counts RETURNING queue, type, state, delta) \
+     INSERT INTO offload_count_totals AS totals (queue, type, state, n) \
+     SELECT queue, type, state, SUM(delta) FROM moved \
+     GROUP BY queue, type, state HAVING SUM(delta) <> 0 \
+     ON CONFLICT (queue, type, state) DO UPDATE SET n = totals.n + EXCLUDED.n";
+/// The totals a fold brought to nothing.
+const DROP_EMPTIED_TOTALS: &str = "DELETE FROM offload_count_totals WHERE n = 0";
 /// Attempts at an operation that keeps meeting serialization failures.
 const MAX_TRIES: u32 = 5;
 /// Rows deleted per transaction by `clear`.
@@ -570,10 +586,10 @@ impl Store for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let rows = on_session!(self, |conn| sqlx::query(
-            "SELECT queue, type, state, SUM(delta)::bigint AS n FROM offload_counts \
-             GROUP BY queue, type, state HAVING SUM(delta) <> 0",
-        )
+        let rows = on_session!(self, |conn| sqlx::query(&format!(
+            "SELECT queue, type, state, SUM(n)::bigint AS n FROM ({COUNT_ROWS}) AS counts \
+             GROUP BY queue, type, state HAVING SUM(n) <> 0"
+        ))
         .fetch_all(conn)
         .await?)?;
         let mut stats = Stats::default();
@@ -589,9 +605,9 @@ impl Store for PgStore {
     }
 
     async fn totals(&self) -> Result<Counts> {
-        let rows = on_session!(self, |conn| sqlx::query(
-            "SELECT state, SUM(delta)::bigint AS n FROM offload_counts GROUP BY state",
-        )
+        let rows = on_session!(self, |conn| sqlx::query(&format!(
+            "SELECT state, SUM(n)::bigint AS n FROM ({COUNT_ROWS}) AS counts GROUP BY state"
+        ))
         .fetch_all(conn)
         .await?)?;
         let mut total = Counts::default();
@@ -738,17 +754,14 @@ impl Store for PgStore {
 }
 
 impl PgStore {
-    /// Folds the counts ledger into one row per (queue, type, state). Rows
-    /// committed meanwhile are not touched and stay to be folded next time.
+    /// Folds the counts ledger into the totals ([`FOLD_COUNTS`]), then
+    /// deletes the totals it brought to nothing. Two statements, not one
+    /// transaction: a pass cut between them leaves rows of nothing, which
+    /// count nothing and the next pass deletes.
     async fn compact_counts(&self) -> Result<()> {
         on_session!(self, |conn| {
-            sqlx::query(
-            "WITH folded AS (DELETE FROM offload_counts RETURNING queue, type, state, delta) \
-             INSERT INTO offload_counts (queue, type, state, delta) \
-             SELECT queue, type, state, SUM(delta) FROM folded GROUP BY queue, type, state HAVING SUM(delta) <> 0",
-        )
-        .execute(conn)
-        .await?
+            sqlx::query(FOLD_COUNTS).execute(&mut *conn).await?;
+            sqlx::query(DROP_EMPTIED_TOTALS).execute(conn).await?
         })?;
         Ok(())
     }
@@ -804,7 +817,7 @@ fn list_sql(query: &ListQuery, below: Option<i64>, rows: usize) -> QueryBuilder<
     sql
 }
 
-/// A row of `offload_counts` summed by state: its `state` and its count
+/// A row of the counts ([`COUNT_ROWS`]) summed by state: its `state` and its count
 /// `n` (a sum of deltas, never below nothing).
 fn state_count(row: &sqlx::postgres::PgRow) -> Result<(State, u64)> {
     let code: i16 = row.try_get("state").map_err(storage_error)?;
