@@ -609,6 +609,24 @@ struct PendingPair {
     concurrency: Option<i32>,
 }
 
+/// A row of `offload_queues`: its name, `paused` and `concurrency`.
+type QueueSettings = (String, bool, Option<i32>);
+
+impl PendingPair {
+    /// The pairs of `queue` and each of `types`, with the queue's settings.
+    fn of_queue(
+        (queue, paused, concurrency): QueueSettings,
+        types: Vec<String>,
+    ) -> impl Iterator<Item = PendingPair> {
+        types.into_iter().map(move |task_type| PendingPair {
+            queue: queue.clone(),
+            task_type,
+            paused,
+            concurrency,
+        })
+    }
+}
+
 /// The (queue, type) pairs with pending tasks that a claim asks for, by
 /// queue: of the queues it names, or of all.
 async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingPair>> {
@@ -620,7 +638,7 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingP
         // Among few queues, the types named are asked for in each: the
         // walk of the pending pairs cost a burn-down over one queue 8% of
         // its rate, stepping over the entries of the tasks just claimed.
-        let queues: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
+        let queues: Vec<QueueSettings> = sqlx::query_as(
             "SELECT name, paused, concurrency FROM offload_queues ORDER BY name LIMIT $1",
         )
         .bind(FEW_QUEUES as i64 + 1)
@@ -629,14 +647,7 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingP
         if queues.len() <= FEW_QUEUES {
             return Ok(queues
                 .into_iter()
-                .flat_map(|(queue, paused, concurrency)| {
-                    types_named.iter().map(move |task_type| PendingPair {
-                        queue: queue.clone(),
-                        task_type: task_type.clone(),
-                        paused,
-                        concurrency,
-                    })
-                })
+                .flat_map(|queue| PendingPair::of_queue(queue, types_named.clone()))
                 .collect());
         }
     }
@@ -658,33 +669,29 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingP
     let mut named: Vec<&String> = req.queues.iter().collect();
     named.sort_unstable();
     named.dedup();
-    let settings: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
+    let settings: Vec<QueueSettings> = sqlx::query_as(
         "SELECT name, paused, concurrency FROM offload_queues WHERE name = ANY($1) ORDER BY name",
     )
     .bind(&named)
     .fetch_all(&mut *tx.conn)
     .await?;
     let mut pairs = Vec::new();
-    for (queue, paused, concurrency) in settings {
-        let types = if paused {
+    for settings in settings {
+        let (queue, paused, _) = &settings;
+        let types = if *paused {
             Vec::new()
         } else if req.types.is_empty() {
-            pending_types(tx, &queue).await?
+            pending_types(tx, queue).await?
         } else if req.types.len() > FEW_TYPES {
             // One walk of the types pending here rather than a statement for
             // each type named: a fetch naming 50,000 types took 4 s.
-            let mut types = pending_types(tx, &queue).await?;
+            let mut types = pending_types(tx, queue).await?;
             types.retain(|t| wanted.contains(t.as_str()));
             types
         } else {
             types_named.clone()
         };
-        pairs.extend(types.into_iter().map(|task_type| PendingPair {
-            queue: queue.clone(),
-            task_type,
-            paused,
-            concurrency,
-        }));
+        pairs.extend(PendingPair::of_queue(settings, types));
     }
     Ok(pairs)
 }
