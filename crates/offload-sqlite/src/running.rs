@@ -304,16 +304,16 @@ impl RunningSet {
     pub fn commit(&self) {
         let mut inner = self.inner();
         let inner = &mut *inner;
-        let changes = std::mem::take(&mut inner.changes);
+        let mut changes = std::mem::take(&mut inner.changes);
         let rolled_back = std::mem::take(&mut inner.emptied_by_rollback);
         inner.free_idle(
             changes
-                .iter()
+                .drain(..)
                 .filter_map(|change| change.before.map(|before| before.queue))
                 .chain(rolled_back),
         );
+        // The log's allocation is kept for the next transaction.
         inner.changes = changes;
-        inner.changes.clear();
     }
 }
 
