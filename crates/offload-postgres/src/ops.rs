@@ -363,12 +363,53 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     if req.limit == 0 {
         return Ok(Vec::new());
     }
-    // Only the queues with pending tasks, with their settings: a claim
-    // read every queue and asked each for its pending types, two
-    // statements a queue, and with 1,000 queues took 108 ms.
+    let admitted = match pending_pairs(tx, req).await? {
+        Some(pairs) => admit_from_pairs(tx, req, pairs).await?,
+        None => admit_in_claim_order(tx, req).await?,
+    };
+    let mut page = PageFill::new(req.limit);
+    let mut claimed = Vec::new();
+    let mut unread_payloads = HashMap::new();
+    for (mut stored, payload_bytes) in admitted {
+        let read = stored.task.payload.get().len();
+        let bulk_bytes = stored.task.bulk_bytes() - read + payload_bytes as usize;
+        if !page.take_sized(bulk_bytes) {
+            break;
+        }
+        if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
+            unread_payloads.insert(stored.seq, claimed.len());
+        }
+        stored.task.claim(&req.worker_id, req.lease, tx.now)?;
+        claimed.push((stored, State::Pending));
+    }
+    if !unread_payloads.is_empty() {
+        let seqs: Vec<i64> = unread_payloads.keys().copied().collect();
+        let rows = sqlx::query("SELECT seq, payload FROM offload_tasks WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .fetch_all(&mut *tx.conn)
+            .await?;
+        for row in rows {
+            let at = unread_payloads[&row.try_get::<i64, _>("seq")?];
+            claimed[at].0.task.payload = payload(&row)?;
+        }
+    }
+    let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
+    tx.save(claimed).await?;
+    Ok(tasks)
+}
+
+/// A claim's first tasks in claim order, each with its payload's size,
+/// among the pending tasks of `pairs` (sorted by queue): the free queues'
+/// first tasks in one walk across them, each limited queue's within its
+/// room.
+async fn admit_from_pairs(
+    tx: &mut Tx,
+    req: &ClaimRequest,
+    pairs: Vec<PendingPair>,
+) -> PgResult<Vec<(StoredTask, i32)>> {
     let mut free: Vec<(String, String)> = Vec::new();
     let mut limited: Vec<(String, i32, Vec<String>)> = Vec::new();
-    for pair in pending_pairs(tx, req).await? {
+    for pair in pairs {
         match pair.concurrency {
             _ if pair.paused => {}
             Some(limit) => match limited.last_mut() {
@@ -383,15 +424,9 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     let mut push = |rows: Vec<sqlx::postgres::PgRow>,
                     queue_index: &mut dyn FnMut(&str) -> usize| {
         for row in &rows {
-            let stored = decode(row)?;
-            let payload_bytes: i32 = row.try_get("payload_bytes")?;
-            candidates.push(Candidate {
-                queue: queue_index(&stored.task.queue),
-                priority: stored.task.priority,
-                run_at: stored.task.run_at,
-                position: stored.seq,
-                item: (stored, payload_bytes),
-            });
+            let mut candidate = candidate(row, 0)?;
+            candidate.queue = queue_index(&candidate.item.0.task.queue);
+            candidates.push(candidate);
         }
         PgResult::Ok(())
     };
@@ -443,35 +478,33 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
             push(rows, &mut |_| queue_index)?;
         }
     }
-    let mut page = PageFill::new(req.limit);
-    let mut claimed = Vec::new();
-    let mut unread_payloads = HashMap::new();
-    for (mut stored, payload_bytes) in admit(candidates, capacity, req.limit) {
-        let read = stored.task.payload.get().len();
-        let bulk_bytes = stored.task.bulk_bytes() - read + payload_bytes as usize;
-        if !page.take_sized(bulk_bytes) {
-            break;
-        }
-        if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
-            unread_payloads.insert(stored.seq, claimed.len());
-        }
-        stored.task.claim(&req.worker_id, req.lease, tx.now)?;
-        claimed.push((stored, State::Pending));
-    }
-    if !unread_payloads.is_empty() {
-        let seqs: Vec<i64> = unread_payloads.keys().copied().collect();
-        let rows = sqlx::query("SELECT seq, payload FROM offload_tasks WHERE seq = ANY($1)")
-            .bind(&seqs)
-            .fetch_all(&mut *tx.conn)
-            .await?;
-        for row in rows {
-            let at = unread_payloads[&row.try_get::<i64, _>("seq")?];
-            claimed[at].0.task.payload = payload(&row)?;
-        }
-    }
-    let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
-    tx.save(claimed).await?;
-    Ok(tasks)
+    Ok(admit(candidates, capacity, req.limit))
+}
+
+/// A pending task's row read with [`CANDIDATE_COLUMNS`], as a candidate of
+/// the claim's `queue`th queue, with its payload's size.
+fn candidate(row: &sqlx::postgres::PgRow, queue: usize) -> PgResult<Candidate<(StoredTask, i32)>> {
+    let stored = decode(row)?;
+    let payload_bytes: i32 = row.try_get("payload_bytes")?;
+    Ok(Candidate {
+        queue,
+        priority: stored.task.priority,
+        run_at: stored.task.run_at,
+        position: stored.seq,
+        item: (stored, payload_bytes),
+    })
+}
+
+/// The rows of the tasks `seqs` still pending, locked, but for those
+/// another claim holds.
+async fn lock_pending(tx: &mut Tx, seqs: &[i64]) -> PgResult<Vec<sqlx::postgres::PgRow>> {
+    Ok(sqlx::query(&format!(
+        "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
+         FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(seqs)
+    .fetch_all(&mut *tx.conn)
+    .await?)
 }
 
 /// The rows of up to `room` pending tasks of each (queue, type) of
@@ -492,13 +525,7 @@ async fn candidates_of_pairs(
 ) -> PgResult<Vec<sqlx::postgres::PgRow>> {
     if pairs.len() > 1 {
         let first = first_pending_of_pairs(tx, pairs, room).await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
-             FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&first)
-        .fetch_all(&mut *tx.conn)
-        .await?;
+        let rows = lock_pending(tx, &first).await?;
         if rows.len() == first.len() {
             return Ok(rows);
         }
@@ -628,8 +655,9 @@ impl PendingPair {
 }
 
 /// The (queue, type) pairs with pending tasks that a claim asks for, by
-/// queue: of the queues it names, or of all.
-async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingPair>> {
+/// queue: of the queues it names, or of few; `None` for a claim from all
+/// of many queues, which [`admit_in_claim_order`] serves.
+async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Option<Vec<PendingPair>>> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
     let mut types_named: Vec<String> = req.types.clone();
     types_named.sort_unstable();
@@ -645,26 +673,16 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingP
         .fetch_all(&mut *tx.conn)
         .await?;
         if queues.len() <= FEW_QUEUES {
-            return Ok(queues
-                .into_iter()
-                .flat_map(|queue| PendingPair::of_queue(queue, types_named.clone()))
-                .collect());
+            return Ok(Some(
+                queues
+                    .into_iter()
+                    .flat_map(|queue| PendingPair::of_queue(queue, types_named.clone()))
+                    .collect(),
+            ));
         }
     }
     if req.queues.is_empty() {
-        let pairs: Vec<(String, String, bool, Option<i32>)> = sqlx::query_as(PENDING_PAIRS)
-            .fetch_all(&mut *tx.conn)
-            .await?;
-        return Ok(pairs
-            .into_iter()
-            .filter(|(_, t, _, _)| wanted.is_empty() || wanted.contains(t.as_str()))
-            .map(|(queue, task_type, paused, concurrency)| PendingPair {
-                queue,
-                task_type,
-                paused,
-                concurrency,
-            })
-            .collect());
+        return Ok(None);
     }
     let mut named: Vec<&String> = req.queues.iter().collect();
     named.sort_unstable();
@@ -693,8 +711,159 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingP
         };
         pairs.extend(PendingPair::of_queue(settings, types));
     }
-    Ok(pairs)
+    Ok(Some(pairs))
 }
+
+/// Every (queue, type) with pending tasks of a type `req` asks for, with
+/// its queue's settings, sorted by queue: a walk that visits every pair.
+async fn all_pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<PendingPair>> {
+    let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
+    let pairs: Vec<(String, String, bool, Option<i32>)> = sqlx::query_as(PENDING_PAIRS)
+        .fetch_all(&mut *tx.conn)
+        .await?;
+    Ok(pairs
+        .into_iter()
+        .filter(|(_, t, _, _)| wanted.is_empty() || wanted.contains(t.as_str()))
+        .map(|(queue, task_type, paused, concurrency)| PendingPair {
+            queue,
+            task_type,
+            paused,
+            concurrency,
+        })
+        .collect())
+}
+
+/// A claim from all of many queues: its first tasks in claim order, each
+/// with its payload's size.
+///
+/// Walking every pending (queue, type) took a claim of 1,000 among 100,000
+/// queues, each with a task pending, 0.5–1.1 s (48 ms this way). Instead it
+/// reads the first pending tasks in claim order
+/// (`offload_tasks_claim_order`), a window of them, and claims from the
+/// pairs the window holds as from named pairs. That is the claim from all
+/// pairs when it took as many as it asked for and all lie within the
+/// window (a pair outside the window has nothing before the window's end),
+/// or when the window held every pending task.
+/// Otherwise (tasks of other types, paused queues or limited queues
+/// without room fill the window) the window grows fourfold, up to
+/// [`CLAIM_WINDOW_MOST`] tasks, past which the claim walks every pair.
+async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(StoredTask, i32)>> {
+    let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
+    let mut window = req.limit + 1;
+    loop {
+        let entries: Vec<(String, String, i16, i64, i64)> =
+            sqlx::query_as(crate::sql::CLAIM_ORDER_WINDOW)
+                .bind(window as i64)
+                .fetch_all(&mut *tx.conn)
+                .await?;
+        let whole = entries.len() < window;
+        let Some(&(_, _, priority, run_at, seq)) = entries.last() else {
+            return Ok(Vec::new());
+        };
+        let window_end = claim_order_key(priority, run_at, seq);
+        let mut queues: Vec<&str> = entries.iter().map(|(queue, ..)| queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        let settings: HashMap<String, (bool, Option<i32>)> = sqlx::query_as(
+            "SELECT name, paused, concurrency FROM offload_queues WHERE name = ANY($1)",
+        )
+        .bind(&queues)
+        .fetch_all(&mut *tx.conn)
+        .await?
+        .into_iter()
+        .map(|(name, paused, concurrency)| (name, (paused, concurrency)))
+        .collect();
+        let settings_of = |queue: &str| settings.get(queue).copied().unwrap_or((false, None));
+        // Tasks the window holds that the claim could take, each limited
+        // queue counted up to its limit: while fewer than the claim asks
+        // for, the window is too short whatever the queues' rooms.
+        let mut takeable = 0;
+        let mut counted: HashMap<&str, i32> = HashMap::new();
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        // The first takeable tasks, up to the claim's limit: what it takes
+        // when no limited queue is among them, and no other claim holds one.
+        let mut first: Vec<i64> = Vec::new();
+        let mut limited_among_first = false;
+        for (queue, task_type, _, _, seq) in &entries {
+            if !wanted.is_empty() && !wanted.contains(task_type.as_str()) {
+                continue;
+            }
+            let (paused, concurrency) = settings_of(queue);
+            if paused {
+                continue;
+            }
+            pairs.push((queue, task_type));
+            let count = counted.entry(queue).or_default();
+            if concurrency.is_none_or(|limit| *count < limit) {
+                *count += 1;
+                takeable += 1;
+                if first.len() < req.limit {
+                    first.push(*seq);
+                    limited_among_first |= concurrency.is_some();
+                }
+            }
+        }
+        let last_window = window >= CLAIM_WINDOW_MOST;
+        if !whole && takeable < req.limit && !last_window {
+            window = (window * 4).min(CLAIM_WINDOW_MOST);
+            continue;
+        }
+        if !whole && takeable < req.limit {
+            let pairs = all_pending_pairs(tx, req).await?;
+            return admit_from_pairs(tx, req, pairs).await;
+        }
+        if !limited_among_first {
+            let rows = lock_pending(tx, &first).await?;
+            if rows.len() == first.len() {
+                let candidates = rows
+                    .iter()
+                    .map(|row| candidate(row, 0))
+                    .collect::<PgResult<_>>()?;
+                return Ok(admit(candidates, vec![req.limit], req.limit));
+            }
+        }
+        pairs.sort_unstable();
+        pairs.dedup();
+        let pairs = pairs
+            .into_iter()
+            .map(|(queue, task_type)| {
+                let (paused, concurrency) = settings_of(queue);
+                PendingPair {
+                    queue: queue.to_owned(),
+                    task_type: task_type.to_owned(),
+                    paused,
+                    concurrency,
+                }
+            })
+            .collect();
+        let admitted = admit_from_pairs(tx, req, pairs).await?;
+        let within_window = |(stored, _): &(StoredTask, i32)| {
+            let task = &stored.task;
+            claim_order_key(
+                i16::from(task.priority),
+                task.run_at.as_millis(),
+                stored.seq,
+            ) <= window_end
+        };
+        if whole || (admitted.len() == req.limit && admitted.iter().all(within_window)) {
+            return Ok(admitted);
+        }
+        if last_window {
+            let pairs = all_pending_pairs(tx, req).await?;
+            return admit_from_pairs(tx, req, pairs).await;
+        }
+        window = (window * 4).min(CLAIM_WINDOW_MOST);
+    }
+}
+
+/// A pending task's place in claim order, first first.
+fn claim_order_key(priority: i16, run_at: i64, seq: i64) -> (std::cmp::Reverse<i16>, i64, i64) {
+    (std::cmp::Reverse(priority), run_at, seq)
+}
+
+/// The largest window of pending tasks a claim from all of many queues
+/// reads in claim order before it walks every pending pair instead.
+const CLAIM_WINDOW_MOST: usize = 16_384;
 
 /// Every (queue, type) with pending tasks, in order, with its queue's
 /// settings: one short walk of offload_tasks_ready_by_type per pair (a

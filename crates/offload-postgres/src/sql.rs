@@ -21,3 +21,9 @@ pub const BY_ID_NOT_CARRYING_SEQ: &str = "id = ANY($1) AND NOT offload_id_carrie
 /// A node's keep-alive to itself on its notification channel ($1); the
 /// payload ($2) is `k` and the node's id, which every node ignores.
 pub const NOTIFY_KEEPALIVE: &str = "SELECT pg_notify($1, $2)";
+
+/// The first `$1` pending tasks in claim order, across queues: their queue,
+/// type and place in that order; through `offload_tasks_claim_order`,
+/// without a sort of every pending task.
+pub const CLAIM_ORDER_WINDOW: &str = "SELECT queue, type, priority, run_at, seq \
+     FROM offload_tasks WHERE state = 2 ORDER BY priority DESC, run_at, seq LIMIT $1";

@@ -476,6 +476,26 @@ async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
     );
 }
 
+/// A claim from all of many queues reads the first pending tasks through
+/// the index that holds them in claim order, not by sorting them all.
+#[tokio::test]
+async fn a_claim_reads_the_first_pending_tasks_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let plan = generic_plan(
+        &url,
+        "bigint",
+        offload_postgres::sql::CLAIM_ORDER_WINDOW,
+        "1001",
+    )
+    .await;
+    assert!(
+        plan.contains("offload_tasks_claim_order") && !plan.contains("Sort"),
+        "the first pending tasks are not read in the claim order index's order:\n{plan}"
+    );
+}
+
 /// An id that carries no seq (stored before schema version 3) is found
 /// through the index of such ids, not by a scan of every task.
 #[tokio::test]

@@ -77,6 +77,7 @@ macro_rules! conformance_tests {
             a_dependency_deleted_after_completing_does_not_hold_its_dependent,
             paused_queue_and_concurrency_limit,
             claims_across_many_queues_come_in_claim_order,
+            a_claim_from_all_queues_looks_past_tasks_it_may_not_take,
             list_filters_and_keyset_pagination,
             a_label_filter_matches_whole_keys_and_values,
             a_page_ends_where_its_bytes_reach_the_budget,
