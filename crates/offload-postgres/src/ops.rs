@@ -453,15 +453,12 @@ async fn admit_from_pairs(
             .bind(&names)
             .execute(&mut *tx.conn)
             .await?;
-        let running: HashMap<String, i64> = sqlx::query_as(
-            "SELECT queue, COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = ANY($1) \
-             GROUP BY queue",
-        )
-        .bind(&names)
-        .fetch_all(&mut *tx.conn)
-        .await?
-        .into_iter()
-        .collect();
+        let running: HashMap<String, i64> = sqlx::query_as(RUNNING_IN_QUEUES)
+            .bind(&names)
+            .fetch_all(&mut *tx.conn)
+            .await?
+            .into_iter()
+            .collect();
         for (name, limit, types) in limited {
             let running = running.get(&name).copied().unwrap_or(0);
             let room = usize::try_from(i64::from(limit) - running)
@@ -737,30 +734,35 @@ async fn all_pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Pend
 /// with its payload's size.
 ///
 /// Walking every pending (queue, type) took a claim of 1,000 among 100,000
-/// queues, each with a task pending, 0.5–1.1 s (48 ms this way). Instead it
-/// reads the first pending tasks in claim order
-/// (`offload_tasks_claim_order`), a window of them, and claims from the
-/// pairs the window holds as from named pairs. That is the claim from all
-/// pairs when it took as many as it asked for and all lie within the
-/// window (a pair outside the window has nothing before the window's end),
-/// or when the window held every pending task.
-/// Otherwise (tasks of other types, paused queues or limited queues
-/// without room fill the window) the window grows fourfold, up to
-/// [`CLAIM_WINDOW_MOST`] tasks, past which the claim walks every pair.
+/// queues, each with a task pending, 0.5–1.1 s. Instead it reads the first
+/// pending tasks in claim order (`offload_tasks_claim_order`), a window of
+/// them. Of free queues only, it locks the first it may take that no other
+/// claim holds, as `SKIP LOCKED` would. Past the first task of a limited
+/// queue, it claims from the pairs the window holds as from named pairs:
+/// the claim from all pairs when the window holds as many tasks as it asks
+/// for, each limited queue's counted up to its room, or every pending task
+/// (a pair outside the window has nothing before the window's end). While
+/// it does not (tasks of other types, paused queues, limited queues without
+/// room, or tasks other claims hold fill it), the window grows fourfold, up
+/// to [`CLAIM_WINDOW_MOST`] tasks, past which the claim walks every pair.
 async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(StoredTask, i32)>> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
     let mut window = req.limit + 1;
+    // The rows of free queues' tasks this claim locked, and every task it
+    // tried to lock, across windows.
+    let mut taken: Vec<sqlx::postgres::PgRow> = Vec::new();
+    let mut tried: HashSet<i64> = HashSet::new();
     loop {
+        let last_window = window >= CLAIM_WINDOW_MOST;
         let entries: Vec<(String, String, i16, i64, i64)> =
             sqlx::query_as(crate::sql::CLAIM_ORDER_WINDOW)
                 .bind(window as i64)
                 .fetch_all(&mut *tx.conn)
                 .await?;
         let whole = entries.len() < window;
-        let Some(&(_, _, priority, run_at, seq)) = entries.last() else {
+        if entries.is_empty() {
             return Ok(Vec::new());
-        };
-        let window_end = claim_order_key(priority, run_at, seq);
+        }
         let mut queues: Vec<&str> = entries.iter().map(|(queue, ..)| queue.as_str()).collect();
         queues.sort_unstable();
         queues.dedup();
@@ -774,16 +776,35 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
         .map(|(name, paused, concurrency)| (name, (paused, concurrency)))
         .collect();
         let settings_of = |queue: &str| settings.get(queue).copied().unwrap_or((false, None));
+        // The room of each limited queue in the window, read without
+        // taking turns on the queues' rows: a claim takes its turn on them
+        // once (`admit_from_pairs`), as one that locked some and then more
+        // could deadlock with another doing the same.
+        let limited: Vec<&str> = queues
+            .iter()
+            .copied()
+            .filter(|queue| matches!(settings_of(queue), (false, Some(_))))
+            .collect();
+        let running: HashMap<String, i64> = if limited.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as(RUNNING_IN_QUEUES)
+                .bind(&limited)
+                .fetch_all(&mut *tx.conn)
+                .await?
+                .into_iter()
+                .collect()
+        };
         // Tasks the window holds that the claim could take, each limited
-        // queue counted up to its limit: while fewer than the claim asks
-        // for, the window is too short whatever the queues' rooms.
+        // queue's up to its room: while fewer than the claim asks for, the
+        // window is too short.
         let mut takeable = 0;
-        let mut counted: HashMap<&str, i32> = HashMap::new();
+        let mut counted: HashMap<&str, i64> = HashMap::new();
         let mut pairs: Vec<(&str, &str)> = Vec::new();
-        // The first takeable tasks, up to the claim's limit: what it takes
-        // when no limited queue is among them, and no other claim holds one.
-        let mut first: Vec<i64> = Vec::new();
-        let mut limited_among_first = false;
+        // The takeable tasks before the first of a limited queue, not yet
+        // tried.
+        let mut free_run: Vec<i64> = Vec::new();
+        let mut limited_seen = false;
         for (queue, task_type, _, _, seq) in &entries {
             if !wanted.is_empty() && !wanted.contains(task_type.as_str()) {
                 continue;
@@ -794,59 +815,59 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
             }
             pairs.push((queue, task_type));
             let count = counted.entry(queue).or_default();
-            if concurrency.is_none_or(|limit| *count < limit) {
+            let room = |limit: i32| i64::from(limit) - running.get(queue).copied().unwrap_or(0);
+            if concurrency.is_none_or(|limit| *count < room(limit)) {
                 *count += 1;
                 takeable += 1;
-                if first.len() < req.limit {
-                    first.push(*seq);
-                    limited_among_first |= concurrency.is_some();
+                limited_seen |= concurrency.is_some();
+                if !limited_seen && !tried.contains(seq) {
+                    free_run.push(*seq);
                 }
             }
         }
-        let last_window = window >= CLAIM_WINDOW_MOST;
-        if !whole && takeable < req.limit && !last_window {
+        if !whole && takeable < req.limit {
+            if last_window {
+                let pairs = all_pending_pairs(tx, req).await?;
+                return admit_from_pairs(tx, req, pairs).await;
+            }
             window = (window * 4).min(CLAIM_WINDOW_MOST);
             continue;
         }
-        if !whole && takeable < req.limit {
-            let pairs = all_pending_pairs(tx, req).await?;
+        let mut next = 0;
+        while taken.len() < req.limit && next < free_run.len() {
+            let upto = (next + req.limit - taken.len()).min(free_run.len());
+            tried.extend(&free_run[next..upto]);
+            taken.extend(lock_pending(tx, &free_run[next..upto]).await?);
+            next = upto;
+        }
+        if taken.len() == req.limit || (whole && !limited_seen) {
+            let candidates = taken
+                .iter()
+                .map(|row| candidate(row, 0))
+                .collect::<PgResult<_>>()?;
+            return Ok(admit(candidates, vec![req.limit], req.limit));
+        }
+        if limited_seen {
+            pairs.sort_unstable();
+            pairs.dedup();
+            let pairs = pairs
+                .into_iter()
+                .map(|(queue, task_type)| {
+                    let (paused, concurrency) = settings_of(queue);
+                    PendingPair {
+                        queue: queue.to_owned(),
+                        task_type: task_type.to_owned(),
+                        paused,
+                        concurrency,
+                    }
+                })
+                .collect();
+            // The claim's one turn on the limited queues' rows: what it
+            // admits is the claim from all pairs unless another claim took
+            // some of their room since it was read, when it takes fewer, or
+            // later ones of the window's pairs, rather than take a second
+            // turn.
             return admit_from_pairs(tx, req, pairs).await;
-        }
-        if !limited_among_first {
-            let rows = lock_pending(tx, &first).await?;
-            if rows.len() == first.len() {
-                let candidates = rows
-                    .iter()
-                    .map(|row| candidate(row, 0))
-                    .collect::<PgResult<_>>()?;
-                return Ok(admit(candidates, vec![req.limit], req.limit));
-            }
-        }
-        pairs.sort_unstable();
-        pairs.dedup();
-        let pairs = pairs
-            .into_iter()
-            .map(|(queue, task_type)| {
-                let (paused, concurrency) = settings_of(queue);
-                PendingPair {
-                    queue: queue.to_owned(),
-                    task_type: task_type.to_owned(),
-                    paused,
-                    concurrency,
-                }
-            })
-            .collect();
-        let admitted = admit_from_pairs(tx, req, pairs).await?;
-        let within_window = |(stored, _): &(StoredTask, i32)| {
-            let task = &stored.task;
-            claim_order_key(
-                i16::from(task.priority),
-                task.run_at.as_millis(),
-                stored.seq,
-            ) <= window_end
-        };
-        if whole || (admitted.len() == req.limit && admitted.iter().all(within_window)) {
-            return Ok(admitted);
         }
         if last_window {
             let pairs = all_pending_pairs(tx, req).await?;
@@ -856,10 +877,9 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
     }
 }
 
-/// A pending task's place in claim order, first first.
-fn claim_order_key(priority: i16, run_at: i64, seq: i64) -> (std::cmp::Reverse<i16>, i64, i64) {
-    (std::cmp::Reverse(priority), run_at, seq)
-}
+/// The number of running tasks of each queue of `$1` that has any.
+const RUNNING_IN_QUEUES: &str =
+    "SELECT queue, COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = ANY($1) GROUP BY queue";
 
 /// The largest window of pending tasks a claim from all of many queues
 /// reads in claim order before it walks every pending pair instead.
