@@ -293,6 +293,58 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
 
+/// A claim from all queues takes the first tasks no other claim holds, in
+/// claim order, past those another transaction has locked: the window of
+/// the first pending tasks it reads holds the locked ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_from_all_queues_takes_the_first_tasks_no_other_claim_holds() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let specs = (0..10)
+        .map(|i| {
+            NewTask::new("t")
+                .queue(format!("q{i}"))
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<Uuid> = store
+        .enqueue(specs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(task, _)| task.id)
+        .collect();
+    let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(&format!("SET search_path = {schema}"))
+        .execute(&mut other)
+        .await
+        .expect("search_path");
+    let mut holding = other.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM offload_tasks ORDER BY seq LIMIT 3 FOR UPDATE")
+        .execute(&mut *holding)
+        .await
+        .expect("lock the first three");
+    let claim = |limit| {
+        let store = Arc::clone(&store);
+        async move {
+            let claimed = store.claim(&claim_by("w", limit)).await.unwrap();
+            claimed.into_iter().map(|t| t.id).collect::<Vec<Uuid>>()
+        }
+    };
+    assert_eq!(claim(2).await, ids[3..5], "the two after the held three");
+    assert_eq!(claim(4).await, ids[5..9]);
+    holding.rollback().await.expect("rollback");
+    assert_eq!(
+        claim(10).await,
+        [&ids[0..3], &ids[9..]].concat(),
+        "the three let go, then the last"
+    );
+}
+
 /// Three nodes sharing a schema of their own.
 async fn three_nodes() -> [Arc<PgStore>; 3] {
     let schema = fresh_schema();
