@@ -27,6 +27,15 @@ async fn fixture(factory: &dyn StoreFactory) -> Fixture {
     Fixture { store, clock }
 }
 
+/// A queue's settings, both given: paused or not, and its limit of
+/// running tasks (`None`: no limit).
+fn queue_settings(paused: bool, concurrency: Option<u32>) -> QueuePatch {
+    QueuePatch {
+        paused: Some(paused),
+        concurrency: Some(concurrency),
+    }
+}
+
 impl Fixture {
     fn now(&self) -> Timestamp {
         offload_core::Clock::now(&*self.clock)
@@ -1337,14 +1346,13 @@ pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFa
         }
         f.advance(1);
     }
-    let set = |paused, concurrency| QueuePatch {
-        paused: Some(paused),
-        concurrency: Some(concurrency),
-    };
-    f.store.update_queue("q5", set(true, None)).await.unwrap();
+    f.store
+        .update_queue("q5", queue_settings(true, None))
+        .await
+        .unwrap();
     // q9 runs one at a time: of its six tasks, one is claimed.
     f.store
-        .update_queue("q9", set(false, Some(1)))
+        .update_queue("q9", queue_settings(false, Some(1)))
         .await
         .unwrap();
     let q9_first = f.claim_from("other", 1, &[], &["q9"]).await;
@@ -1361,7 +1369,10 @@ pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFa
     assert!(f.claim("w", 10).await.is_empty(), "q5 is paused, q9 full");
 
     // Of one type, across the queues, the same order.
-    f.store.update_queue("q5", set(false, None)).await.unwrap();
+    f.store
+        .update_queue("q5", queue_settings(false, None))
+        .await
+        .unwrap();
     let q5_b: Vec<Uuid> = f
         .claim_from("w", 2, &["b"], &[])
         .await
@@ -1429,13 +1440,12 @@ pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &
             .collect(),
     )
     .await;
-    let set = |paused, concurrency| QueuePatch {
-        paused: Some(paused),
-        concurrency: Some(concurrency),
-    };
-    f.store.update_queue("held", set(true, None)).await.unwrap();
     f.store
-        .update_queue("busy", set(false, Some(1)))
+        .update_queue("held", queue_settings(true, None))
+        .await
+        .unwrap();
+    f.store
+        .update_queue("busy", queue_settings(false, Some(1)))
         .await
         .unwrap();
     assert_eq!(f.claim_from("other", 1, &[], &["busy"]).await.len(), 1);
@@ -1459,7 +1469,7 @@ pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &
     assert_eq!(ids(f.claim("w", 2).await), b[3..5]);
     assert_eq!(ids(f.claim_from("w", 1, &["b"], &[]).await), b[5..6]);
     f.store
-        .update_queue("held", set(false, None))
+        .update_queue("held", queue_settings(false, None))
         .await
         .unwrap();
     assert_eq!(
