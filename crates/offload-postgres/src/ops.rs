@@ -527,21 +527,35 @@ async fn candidates_of_pairs(
             return Ok(rows);
         }
     }
-    let mut rows = Vec::new();
-    for (queue, task_type) in pairs {
-        rows.extend(
-            sqlx::query(&format!(
-                "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
-                 ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
-            ))
-            .bind(queue)
-            .bind(task_type)
-            .bind(room as i64)
-            .fetch_all(&mut *tx.conn)
-            .await?,
-        );
+    if let [(queue, task_type)] = pairs {
+        return Ok(sqlx::query(&format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+             ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(queue)
+        .bind(task_type)
+        .bind(room as i64)
+        .fetch_all(&mut *tx.conn)
+        .await?);
     }
-    Ok(rows)
+    // Of several pairs, one statement for them all, where a statement a
+    // pair made a round trip a pair.
+    let (queues, types): (Vec<&str>, Vec<&str>) = pairs
+        .iter()
+        .map(|(queue, task_type)| (queue.as_str(), task_type.as_str()))
+        .unzip();
+    Ok(sqlx::query(&format!(
+        "SELECT c.* FROM unnest($1::text[], $2::text[]) AS p(queue, type) CROSS JOIN LATERAL ( \
+           SELECT {CANDIDATE_COLUMNS} FROM offload_tasks \
+           WHERE state = 2 AND queue = p.queue AND type = p.type \
+           ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED \
+         ) c"
+    ))
+    .bind(&queues)
+    .bind(&types)
+    .bind(room as i64)
+    .fetch_all(&mut *tx.conn)
+    .await?)
 }
 
 /// The seqs of the first `room` pending tasks in claim order among those

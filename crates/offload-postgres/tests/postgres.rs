@@ -293,11 +293,12 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
 
-/// A claim from all queues takes the first tasks no other claim holds, in
-/// claim order, past those another transaction has locked: the window of
-/// the first pending tasks it reads holds the locked ones too.
+/// A claim takes the first tasks no other claim holds, in claim order,
+/// past those another transaction has locked: from all queues, the window
+/// of the first pending tasks it reads holds the locked ones too; naming
+/// its queues, so do the first of each pair it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_from_all_queues_takes_the_first_tasks_no_other_claim_holds() {
+async fn a_claim_takes_the_first_tasks_no_other_claim_holds() {
     let Some(url) = database_url() else {
         return;
     };
@@ -337,12 +338,20 @@ async fn a_claim_from_all_queues_takes_the_first_tasks_no_other_claim_holds() {
     };
     assert_eq!(claim(2).await, ids[3..5], "the two after the held three");
     assert_eq!(claim(4).await, ids[5..9]);
-    holding.rollback().await.expect("rollback");
+    // Naming the queues, the claim meets the held three among the first
+    // of its pairs, and locks each pair's first it may take instead.
+    let naming_queues = ClaimRequest {
+        queues: (0..10).map(|i| format!("q{i}")).collect(),
+        ..claim_by("w", 5)
+    };
+    let claimed = store.claim(&naming_queues).await.unwrap();
     assert_eq!(
-        claim(10).await,
-        [&ids[0..3], &ids[9..]].concat(),
-        "the three let go, then the last"
+        claimed.into_iter().map(|t| t.id).collect::<Vec<Uuid>>(),
+        ids[9..],
+        "naming the queues, the last past the held three"
     );
+    holding.rollback().await.expect("rollback");
+    assert_eq!(claim(10).await, ids[0..3], "the three let go");
 }
 
 /// Three nodes sharing a schema of their own.
