@@ -453,12 +453,7 @@ async fn admit_from_pairs(
             .bind(&names)
             .execute(&mut *tx.conn)
             .await?;
-        let running: HashMap<String, i64> = sqlx::query_as(RUNNING_IN_QUEUES)
-            .bind(&names)
-            .fetch_all(&mut *tx.conn)
-            .await?
-            .into_iter()
-            .collect();
+        let running = running_in_queues(tx, &names).await?;
         for (name, limit, types) in limited {
             let running = running.get(&name).copied().unwrap_or(0);
             let room = usize::try_from(i64::from(limit) - running)
@@ -698,14 +693,8 @@ async fn pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Option<Vec<P
     let mut named: Vec<&String> = req.queues.iter().collect();
     named.sort_unstable();
     named.dedup();
-    let settings: Vec<QueueSettings> = sqlx::query_as(
-        "SELECT name, paused, concurrency FROM offload_queues WHERE name = ANY($1) ORDER BY name",
-    )
-    .bind(&named)
-    .fetch_all(&mut *tx.conn)
-    .await?;
     let mut pairs = Vec::new();
-    for settings in settings {
+    for settings in queue_settings(tx, &named).await? {
         let (queue, paused, _) = &settings;
         let types = if *paused {
             Vec::new()
@@ -780,15 +769,11 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
         let mut queues: Vec<&str> = entries.iter().map(|(queue, ..)| queue.as_str()).collect();
         queues.sort_unstable();
         queues.dedup();
-        let settings: HashMap<String, (bool, Option<i32>)> = sqlx::query_as(
-            "SELECT name, paused, concurrency FROM offload_queues WHERE name = ANY($1)",
-        )
-        .bind(&queues)
-        .fetch_all(&mut *tx.conn)
-        .await?
-        .into_iter()
-        .map(|(name, paused, concurrency)| (name, (paused, concurrency)))
-        .collect();
+        let settings: HashMap<String, (bool, Option<i32>)> = queue_settings(tx, &queues)
+            .await?
+            .into_iter()
+            .map(|(name, paused, concurrency)| (name, (paused, concurrency)))
+            .collect();
         let settings_of = |queue: &str| settings.get(queue).copied().unwrap_or((false, None));
         // The room of each limited queue in the window, read without
         // taking turns on the queues' rows: a claim takes its turn on them
@@ -799,15 +784,10 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
             .copied()
             .filter(|queue| matches!(settings_of(queue), (false, Some(_))))
             .collect();
-        let running: HashMap<String, i64> = if limited.is_empty() {
+        let running = if limited.is_empty() {
             HashMap::new()
         } else {
-            sqlx::query_as(RUNNING_IN_QUEUES)
-                .bind(&limited)
-                .fetch_all(&mut *tx.conn)
-                .await?
-                .into_iter()
-                .collect()
+            running_in_queues(tx, &limited).await?
         };
         // Tasks the window holds that the claim could take, each limited
         // queue's up to its room: while fewer than the claim asks for, the
@@ -891,9 +871,29 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
     }
 }
 
-/// The number of running tasks of each queue of `$1` that has any.
-const RUNNING_IN_QUEUES: &str =
-    "SELECT queue, COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = ANY($1) GROUP BY queue";
+/// The number of running tasks of each of `queues` that has any.
+async fn running_in_queues(tx: &mut Tx, queues: &[&str]) -> PgResult<HashMap<String, i64>> {
+    Ok(sqlx::query_as(
+        "SELECT queue, COUNT(*) FROM offload_tasks WHERE state = 3 AND queue = ANY($1) \
+         GROUP BY queue",
+    )
+    .bind(queues)
+    .fetch_all(&mut *tx.conn)
+    .await?
+    .into_iter()
+    .collect())
+}
+
+/// The settings of those of `names` that have a row, in name order.
+async fn queue_settings<S: AsRef<str>>(tx: &mut Tx, names: &[S]) -> PgResult<Vec<QueueSettings>> {
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    Ok(sqlx::query_as(
+        "SELECT name, paused, concurrency FROM offload_queues WHERE name = ANY($1) ORDER BY name",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx.conn)
+    .await?)
+}
 
 /// The largest window of pending tasks a claim from all of many queues
 /// reads in claim order before it walks every pending pair instead.
