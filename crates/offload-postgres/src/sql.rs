@@ -27,3 +27,19 @@ pub const NOTIFY_KEEPALIVE: &str = "SELECT pg_notify($1, $2)";
 /// without a sort of every pending task.
 pub const CLAIM_ORDER_WINDOW: &str = "SELECT queue, type, priority, run_at, seq \
      FROM offload_tasks WHERE state = 2 ORDER BY priority DESC, run_at, seq LIMIT $1";
+
+/// The types with pending tasks in each of the queues `$1` (an array), as
+/// (queue, type) rows in no order: per queue, one short walk of
+/// `offload_tasks_ready_by_type` per type (a loose index scan) rather than
+/// a visit of every pending task.
+pub const PENDING_TYPES_OF_QUEUES: &str = "WITH RECURSIVE pending(queue, type) AS ( \
+       SELECT q.name, f.type FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL ( \
+         SELECT t.type FROM offload_tasks t WHERE t.state = 2 AND t.queue = q.name \
+         ORDER BY t.type LIMIT 1 \
+       ) f \
+       UNION ALL \
+       SELECT p.queue, n.type FROM pending p CROSS JOIN LATERAL ( \
+         SELECT t.type FROM offload_tasks t WHERE t.state = 2 AND t.queue = p.queue \
+         AND t.type > p.type ORDER BY t.type LIMIT 1 \
+       ) n \
+     ) SELECT queue, type FROM pending";

@@ -354,6 +354,97 @@ async fn a_claim_takes_the_first_tasks_no_other_claim_holds() {
     assert_eq!(claim(10).await, ids[0..3], "the three let go");
 }
 
+/// A claim of several (queue, type) pairs whose first tasks another
+/// transaction holds locks only the tasks it takes: locking as many of
+/// each pair as it asks for, four fetchers each claiming 1,000 from the
+/// same 1,000 queues locked every pending task, and kept each other's
+/// claims and acks waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_several_pairs_past_held_tasks_locks_only_what_it_takes() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let specs = (0..20)
+        .map(|i| {
+            NewTask::new("t")
+                .queue(format!("q{}", i % 2))
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<Uuid> = store
+        .enqueue(specs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(task, _)| task.id)
+        .collect();
+    let connect = || async {
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::query(&format!("SET search_path = {schema}"))
+            .execute(&mut conn)
+            .await
+            .expect("search_path");
+        conn
+    };
+    let (mut holder, mut blocker, mut looker) = (connect().await, connect().await, connect().await);
+    let mut holding = holder.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM offload_tasks ORDER BY seq LIMIT 3 FOR UPDATE")
+        .execute(&mut *holding)
+        .await
+        .expect("lock the first three");
+    // The claim's last statement, its counts, waits for this table lock:
+    // until then it holds every row it locked.
+    let mut blocking = blocker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE offload_counts IN EXCLUSIVE MODE")
+        .execute(&mut *blocking)
+        .await
+        .expect("lock the counts");
+    let naming_queues = ClaimRequest {
+        queues: vec!["q0".into(), "q1".into()],
+        ..claim_by("w", 2)
+    };
+    let claiming = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.claim(&naming_queues).await.unwrap() }
+    });
+    let waiting =
+        "SELECT count(*) FROM pg_locks WHERE relation = 'offload_counts'::regclass AND NOT granted";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sqlx::query_scalar::<_, i64>(waiting)
+        .fetch_one(&mut looker)
+        .await
+        .expect("pg_stat_activity")
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never reached its counts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut looking = looker.begin().await.expect("begin");
+    let free: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM offload_tasks WHERE state = 2 \
+         FOR UPDATE SKIP LOCKED) free",
+    )
+    .fetch_one(&mut *looking)
+    .await
+    .expect("count the rows no one holds");
+    looking.rollback().await.expect("rollback");
+    assert_eq!(
+        free,
+        20 - 3 - 2,
+        "the claim holds more rows than the two it takes"
+    );
+    blocking.rollback().await.expect("rollback");
+    let claimed: Vec<Uuid> = claiming.await.unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(claimed, ids[3..5], "the two after the held three");
+    holding.rollback().await.expect("rollback");
+}
+
 /// Three nodes sharing a schema of their own.
 async fn three_nodes() -> [Arc<PgStore>; 3] {
     let schema = fresh_schema();
@@ -554,6 +645,26 @@ async fn a_claim_reads_the_first_pending_tasks_by_index_under_a_generic_plan() {
     assert!(
         plan.contains("offload_tasks_claim_order") && !plan.contains("Sort"),
         "the first pending tasks are not read in the claim order index's order:\n{plan}"
+    );
+}
+
+/// A claim naming many queues reads the types pending in each by walking
+/// the index of pending tasks by queue and type, not by sorting them.
+#[tokio::test]
+async fn a_claim_reads_the_types_pending_in_named_queues_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let plan = generic_plan(
+        &url,
+        "text[]",
+        offload_postgres::sql::PENDING_TYPES_OF_QUEUES,
+        "ARRAY['a', 'b']",
+    )
+    .await;
+    assert!(
+        plan.contains("offload_tasks_ready_by_type") && !plan.contains("Sort"),
+        "the types pending in named queues are not read in the index's order:\n{plan}"
     );
 }
 
