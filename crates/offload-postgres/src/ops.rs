@@ -400,8 +400,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
 
 /// A claim's first tasks in claim order, each with its payload's size,
 /// among the pending tasks of `pairs` (sorted by queue): the free queues'
-/// first tasks in one walk across them, each limited queue's within its
-/// room.
+/// and each limited queue's within its room, in one walk across them.
 async fn admit_from_pairs(
     tx: &mut Tx,
     req: &ClaimRequest,
@@ -419,34 +418,26 @@ async fn admit_from_pairs(
             None => free.push((pair.queue, pair.task_type)),
         }
     }
-    let mut candidates = Vec::new();
-    let mut capacity: Vec<usize> = Vec::new();
-    let mut push = |rows: Vec<sqlx::postgres::PgRow>,
-                    queue_index: &mut dyn FnMut(&str) -> usize| {
-        for row in &rows {
-            let mut candidate = candidate(row, 0)?;
-            candidate.queue = queue_index(&candidate.item.0.task.queue);
-            candidates.push(candidate);
-        }
-        PgResult::Ok(())
-    };
-    // The free queues' first tasks, in one walk across them.
+    // The pairs to claim from, each in a group with room of its own: the
+    // free queues' in the first, whose room is the claim's, each limited
+    // queue's in one of its own.
+    let mut claimed: Vec<(String, String)> = Vec::new();
+    let mut group_of: Vec<usize> = Vec::new();
+    let mut rooms: Vec<usize> = Vec::new();
+    let mut group_of_queue: HashMap<String, usize> = HashMap::new();
     if !free.is_empty() {
-        let rows = candidates_of_pairs(tx, &free, req.limit).await?;
-        let mut index_of: HashMap<String, usize> = HashMap::new();
-        push(rows, &mut |queue| {
-            *index_of.entry(queue.to_owned()).or_insert_with(|| {
-                capacity.push(req.limit);
-                capacity.len() - 1
-            })
-        })?;
+        rooms.push(req.limit);
+        for (queue, task_type) in free {
+            group_of_queue.insert(queue.clone(), 0);
+            claimed.push((queue, task_type));
+            group_of.push(0);
+        }
     }
-    // The limited queues, each within its room. Claims on a limited queue
-    // take turns on its row, so that two nodes cannot both see its last
-    // free slot; the rows are locked, and the running tasks counted, for
-    // all of them at once (two statements a queue took a claim among
-    // 1,000 full queues 93 ms), the rows in name order as every claim
-    // takes them.
+    // Claims on a limited queue take turns on its row, so that two nodes
+    // cannot both see its last free slot; the rows are locked, and the
+    // running tasks counted, for all of them at once (two statements a
+    // queue took a claim among 1,000 full queues 93 ms), the rows in name
+    // order as every claim takes them.
     if !limited.is_empty() {
         let names: Vec<&str> = limited.iter().map(|(name, _, _)| name.as_str()).collect();
         sqlx::query("SELECT 1 FROM offload_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE")
@@ -462,15 +453,33 @@ async fn admit_from_pairs(
             if room == 0 {
                 continue;
             }
-            let pairs: Vec<(String, String)> =
-                types.into_iter().map(|t| (name.clone(), t)).collect();
-            let rows = candidates_of_pairs(tx, &pairs, room).await?;
-            let queue_index = capacity.len();
-            capacity.push(room);
-            push(rows, &mut |_| queue_index)?;
+            let group = rooms.len();
+            rooms.push(room);
+            group_of_queue.insert(name.clone(), group);
+            for task_type in types {
+                claimed.push((name.clone(), task_type));
+                group_of.push(group);
+            }
         }
     }
-    Ok(admit(candidates, capacity, req.limit))
+    if claimed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = candidates_of_pairs(tx, &claimed, &group_of, &rooms, req.limit).await?;
+    let candidates = rows
+        .iter()
+        .map(|row| {
+            let mut candidate = candidate(row, 0)?;
+            // Every row is of a pair claimed from; a queue out of range
+            // would be admitted nothing.
+            candidate.queue = group_of_queue
+                .get(&candidate.item.0.task.queue)
+                .copied()
+                .unwrap_or(usize::MAX);
+            Ok(candidate)
+        })
+        .collect::<PgResult<_>>()?;
+    Ok(admit(candidates, rooms, req.limit))
 }
 
 /// A pending task's row read with [`CANDIDATE_COLUMNS`], as a candidate of
@@ -500,20 +509,24 @@ async fn lock_pending(tx: &mut Tx, seqs: &[i64]) -> PgResult<Vec<sqlx::postgres:
 }
 
 /// The rows of the first `room` pending tasks in claim order among those
-/// of the (queue, type) `pairs` that no other claim holds, locked.
+/// of the (queue, type) `pairs` that no other claim holds, at most
+/// `rooms[g]` of the pairs of group `g` (`group_of` each pair), locked.
 ///
 /// Of several types, locking `room` rows of each was most of a claim's
 /// cost: a burn-down of 20,000 tasks of 20 types, fetched 500 at a time,
 /// ran at 6.9k tasks a second where one type ran at 17.9k. So it picks the
-/// `room` first in claim order among them all, unlocked and without their
-/// rows, and locks those; where another claim holds some, it picks as many
-/// more past every task it tried, until it has `room` or none is left.
-/// Locking `room` of each pair instead, when four fetchers each claimed
-/// 1,000 from the same 1,000 queues, locked every pending task of them
-/// (66 ms a claim) and kept the others' claims and acks waiting.
+/// first in claim order among them all, unlocked and without their rows,
+/// and locks those; where another claim holds some, it picks as many more
+/// past every task it tried, until it has `room` or none is left. Locking
+/// `room` of each pair instead, when four fetchers each claimed 1,000 from
+/// the same 1,000 queues, locked every pending task of them (66 ms a
+/// claim) and kept the others' claims and acks waiting; and a statement a
+/// limited queue took a claim among 1,000 of them 148 ms.
 async fn candidates_of_pairs(
     tx: &mut Tx,
     pairs: &[(String, String)],
+    group_of: &[usize],
+    rooms: &[usize],
     room: usize,
 ) -> PgResult<Vec<sqlx::postgres::PgRow>> {
     if let [(queue, task_type)] = pairs {
@@ -523,26 +536,33 @@ async fn candidates_of_pairs(
         ))
         .bind(queue)
         .bind(task_type)
-        .bind(room as i64)
+        .bind(room.min(rooms[group_of[0]]) as i64)
         .fetch_all(&mut *tx.conn)
         .await?);
     }
     let mut taken = Vec::new();
+    let mut left = rooms.to_vec();
     let mut tried = Tried {
         seqs: HashSet::new(),
         of_pair: vec![0; pairs.len()],
     };
     while taken.len() < room {
-        let first = first_pending_of_pairs(tx, pairs, room - taken.len(), &tried).await?;
+        let first =
+            first_pending_of_pairs(tx, pairs, group_of, &left, room - taken.len(), &tried).await?;
         if first.is_empty() {
             break;
         }
         let seqs: Vec<i64> = first.iter().map(|(seq, _)| *seq).collect();
+        let pair_of: HashMap<i64, usize> = first.iter().copied().collect();
         for (seq, pair) in first {
             tried.seqs.insert(seq);
             tried.of_pair[pair] += 1;
         }
-        taken.extend(lock_pending(tx, &seqs).await?);
+        let rows = lock_pending(tx, &seqs).await?;
+        for row in &rows {
+            left[group_of[pair_of[&row.try_get::<i64, _>("seq")?]]] -= 1;
+        }
+        taken.extend(rows);
     }
     Ok(taken)
 }
@@ -555,21 +575,23 @@ struct Tried {
 }
 
 /// The seqs of the first `room` pending tasks in claim order among those
-/// of the (queue, type) `pairs` not `tried`, each with the index of its
-/// pair, unlocked: a walk of offload_tasks_ready_by_type for each pair,
-/// merged.
+/// of the (queue, type) `pairs` not `tried`, at most `rooms[g]` of the
+/// pairs of group `g`, each with the index of its pair, unlocked: a walk
+/// of offload_tasks_ready_by_type for each pair, merged.
 ///
 /// A walk of `room` entries of each type would always be enough, and was
 /// most of a claim's cost over many types: 50,000 tasks of 200 types,
 /// fetched 500 at a time, ran at 10.1k tasks a second where one type ran
-/// at 21.5k. So each walk first reads a fair share of `room` and one entry
-/// more, past the pair's tasks tried. A type whose last entry read is not
-/// among the first `room` of all read has nothing more that would be (its
-/// others come after it); one whose last entry is among them is read
-/// again, four times as far.
+/// at 21.5k. So each walk first reads a fair share of `room` (at most its
+/// group's room) and one entry more, past the pair's tasks tried. A type
+/// whose last entry read is not among those picked has nothing more that
+/// would be (its others come after it); one whose last entry is among
+/// them is read again, four times as far.
 async fn first_pending_of_pairs(
     tx: &mut Tx,
     pairs: &[(String, String)],
+    group_of: &[usize],
+    rooms: &[usize],
     room: usize,
     tried: &Tried,
 ) -> PgResult<Vec<(i64, usize)>> {
@@ -579,60 +601,77 @@ async fn first_pending_of_pairs(
         run_at: i64,
         seq: i64,
     }
-    let share = room.div_ceil(pairs.len()) + 1;
-    let mut walks: Vec<usize> = tried.of_pair.iter().map(|tried| share + tried).collect();
+    let share = room.div_ceil(pairs.len());
+    // The most a pair's walk reads: past that many entries not tried, the
+    // last comes after the first the pair or its group may give, so it is
+    // never picked.
+    let most = |t: usize| room.min(rooms[group_of[t]]) + 1 + tried.of_pair[t];
+    let mut walks: Vec<usize> = (0..pairs.len())
+        .map(|t| (share.min(rooms[group_of[t]]) + 1 + tried.of_pair[t]).min(most(t)))
+        .collect();
     // Entries not tried, and how many the walk read, of each pair.
     let mut read: Vec<Vec<Entry>> = vec![Vec::new(); pairs.len()];
     let mut walked = vec![0; pairs.len()];
-    let mut to_read: Vec<usize> = (0..pairs.len()).collect();
+    let mut to_read: Vec<usize> = (0..pairs.len())
+        .filter(|&t| rooms[group_of[t]] > 0)
+        .collect();
     loop {
-        let queues: Vec<&str> = to_read.iter().map(|&t| pairs[t].0.as_str()).collect();
-        let types: Vec<&str> = to_read.iter().map(|&t| pairs[t].1.as_str()).collect();
-        let limits: Vec<i64> = to_read.iter().map(|&t| walks[t] as i64).collect();
-        let rows = sqlx::query(PENDING_OF_PAIRS)
-            .bind(&queues)
-            .bind(&types)
-            .bind(&limits)
-            .fetch_all(&mut *tx.conn)
-            .await?;
-        for &t in &to_read {
-            read[t].clear();
-            walked[t] = 0;
-        }
-        for row in &rows {
-            let nth: i64 = row.try_get("nth")?;
-            let t = to_read[nth as usize - 1];
-            walked[t] += 1;
-            let seq = row.try_get("seq")?;
-            if !tried.seqs.contains(&seq) {
-                read[t].push(Entry {
-                    priority: row.try_get("priority")?,
-                    run_at: row.try_get("run_at")?,
-                    seq,
-                });
+        if !to_read.is_empty() {
+            let queues: Vec<&str> = to_read.iter().map(|&t| pairs[t].0.as_str()).collect();
+            let types: Vec<&str> = to_read.iter().map(|&t| pairs[t].1.as_str()).collect();
+            let limits: Vec<i64> = to_read.iter().map(|&t| walks[t] as i64).collect();
+            let rows = sqlx::query(PENDING_OF_PAIRS)
+                .bind(&queues)
+                .bind(&types)
+                .bind(&limits)
+                .fetch_all(&mut *tx.conn)
+                .await?;
+            for &t in &to_read {
+                read[t].clear();
+                walked[t] = 0;
+            }
+            for row in &rows {
+                let nth: i64 = row.try_get("nth")?;
+                let t = to_read[nth as usize - 1];
+                walked[t] += 1;
+                let seq = row.try_get("seq")?;
+                if !tried.seqs.contains(&seq) {
+                    read[t].push(Entry {
+                        priority: row.try_get("priority")?,
+                        run_at: row.try_get("run_at")?,
+                        seq,
+                    });
+                }
             }
         }
-        let mut first: Vec<(Entry, usize)> = read
+        let mut all: Vec<(Entry, usize)> = read
             .iter()
             .enumerate()
             .flat_map(|(t, entries)| entries.iter().map(move |e| (*e, t)))
             .collect();
-        first.sort_unstable_by_key(|(e, _)| (std::cmp::Reverse(e.priority), e.run_at, e.seq));
-        first.truncate(room);
+        all.sort_unstable_by_key(|(e, _)| (std::cmp::Reverse(e.priority), e.run_at, e.seq));
+        let mut picked = Vec::with_capacity(room);
         let mut kept = vec![0; pairs.len()];
-        for (_, t) in &first {
-            kept[*t] += 1;
+        let mut left = rooms.to_vec();
+        for (entry, t) in all {
+            if picked.len() == room {
+                break;
+            }
+            if left[group_of[t]] > 0 {
+                left[group_of[t]] -= 1;
+                kept[t] += 1;
+                picked.push((entry.seq, t));
+            }
         }
+        // At its most, a pair's walk has read an entry it does not pick.
         to_read = (0..pairs.len())
-            .filter(|&t| walked[t] == walks[t] && kept[t] == read[t].len())
+            .filter(|&t| walked[t] == walks[t] && kept[t] == read[t].len() && walks[t] < most(t))
             .collect();
         if to_read.is_empty() {
-            return Ok(first.into_iter().map(|(e, t)| (e.seq, t)).collect());
+            return Ok(picked);
         }
         for &t in &to_read {
-            // Past room + 1 entries not tried, the last comes after the
-            // type's first room, so it is never among the first room of all.
-            walks[t] = (walks[t] * 4).min(room + 1 + tried.of_pair[t]);
+            walks[t] = (walks[t] * 4).min(most(t));
         }
     }
 }

@@ -1550,6 +1550,60 @@ pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {
     assert!(f.claim("w", 10).await.is_empty());
 }
 
+/// A claim takes each limited queue's tasks up to its room and fills the
+/// rest from other queues, in claim order, whether it names the queues,
+/// names the types, or names neither: the tasks a limited queue has beyond
+/// its room do not take the places of others'.
+pub async fn a_claim_fills_past_limited_queues_rooms_from_other_queues(factory: &dyn StoreFactory) {
+    for (types, queues) in [
+        (&[][..], &["busy", "free", "tight"][..]),
+        (&["a", "b", "c"][..], &[][..]),
+        (&[][..], &[][..]),
+    ] {
+        let f = fixture(factory).await;
+        let mut busy = Vec::new();
+        for n in 0..6 {
+            let task_type = if n % 2 == 0 { "a" } else { "b" };
+            busy.push(
+                f.enqueue(NewTask::new(task_type).queue("busy").priority(9))
+                    .await
+                    .id,
+            );
+        }
+        let mut tight = Vec::new();
+        for _ in 0..2 {
+            tight.push(
+                f.enqueue(NewTask::new("c").queue("tight").priority(5))
+                    .await
+                    .id,
+            );
+        }
+        let mut free = Vec::new();
+        for _ in 0..4 {
+            free.push(f.enqueue(NewTask::new("a").queue("free")).await.id);
+        }
+        f.store
+            .update_queue("busy", queue_settings(false, Some(2)))
+            .await
+            .unwrap();
+        f.store
+            .update_queue("tight", queue_settings(false, Some(1)))
+            .await
+            .unwrap();
+        let claimed: Vec<Uuid> = f
+            .claim_from("w", 6, types, queues)
+            .await
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        let expected: Vec<Uuid> = [&busy[..2], &tight[..1], &free[..3]].concat();
+        assert_eq!(
+            claimed, expected,
+            "naming types {types:?} and queues {queues:?}: busy's room, tight's, then free's"
+        );
+    }
+}
+
 // ---- listing and counting --------------------------------------------------------
 
 pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {

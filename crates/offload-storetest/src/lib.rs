@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             a_retried_dependent_waits_for_its_dependencies_again,
             a_dependency_deleted_after_completing_does_not_hold_its_dependent,
             paused_queue_and_concurrency_limit,
+            a_claim_fills_past_limited_queues_rooms_from_other_queues,
             claims_across_many_queues_come_in_claim_order,
             a_claim_from_all_queues_looks_past_tasks_it_may_not_take,
             list_filters_and_keyset_pagination,
