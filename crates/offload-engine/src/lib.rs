@@ -17,6 +17,8 @@ use offload_core::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod relay;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub limits: Limits,
@@ -70,6 +72,8 @@ pub struct Engine {
     config: EngineConfig,
     stop: CancellationToken,
     duties: Mutex<Vec<JoinHandle<()>>>,
+    /// Fetches waiting on a store that does not park claims.
+    relay: Arc<relay::Relay>,
 }
 
 /// Tasks handed to the store per chunk of a streamed batch: one of the
@@ -138,6 +142,7 @@ impl Engine {
             config,
             stop: CancellationToken::new(),
             duties: Mutex::new(Vec::new()),
+            relay: Arc::default(),
         });
         let duties = vec![
             tokio::spawn(promoter(Arc::clone(&engine))),
@@ -236,6 +241,9 @@ impl Engine {
         }
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = self.store.hub().watch_ready();
+        // Where the store does not park the claim, this fetch's place among
+        // the others waiting (`relay`), taken once it first finds nothing.
+        let mut place: Option<relay::Place> = None;
         loop {
             // Marked seen before looking, so a task made ready while we look
             // still wakes us.
@@ -243,6 +251,11 @@ impl Engine {
             let ticket = match self.store.claim_or_park(request).await? {
                 Claim::Now(claimed) => {
                     if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+                        if let Some(place) =
+                            place.as_ref().filter(|_| claimed.len() == request.limit)
+                        {
+                            place.pass_on();
+                        }
                         return Ok(claimed);
                     }
                     None
@@ -251,9 +264,26 @@ impl Engine {
             };
             let fallback = tokio::time::Instant::now() + self.config.fetch_fallback_poll;
             let Some(mut ticket) = ticket else {
+                let place = place.get_or_insert_with(|| {
+                    let fallback = self.config.fetch_fallback_poll;
+                    self.relay
+                        .join(request, &ready, fallback, &self.stop, |dispatcher| {
+                            self.duties
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(dispatcher);
+                        })
+                });
+                // A signal that came while this fetch looked may have been
+                // passed on before it took its place.
+                if ready.has_changed().unwrap_or(false) {
+                    continue;
+                }
+                // The relay's turns include the look in case a signal was
+                // lost.
                 tokio::select! {
-                    _ = ready.changed() => {}
-                    _ = tokio::time::sleep_until(deadline.min(fallback)) => {}
+                    () = place.turn() => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
                     _ = stop.cancelled() => return Ok(Vec::new()),
                     _ = self.stop.cancelled() => return Ok(Vec::new()),
                 }

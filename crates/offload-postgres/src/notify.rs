@@ -165,8 +165,9 @@ async fn pause(stop: &CancellationToken) -> bool {
 
 async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: &str) {
     match payload.as_bytes().first() {
-        Some(b'r') => node.hub.notify_ready(),
-        Some(b's') => node.hub.notify_scheduled(),
+        // Unsigned from a node older than the signature.
+        Some(b'r') if payload[1..] != *node.id => node.hub.notify_ready(),
+        Some(b's') if payload[1..] != *node.id => node.hub.notify_scheduled(),
         Some(b'c') => {
             if let Ok(id) = Uuid::parse_str(&payload[1..]) {
                 node.hub.notify_cancel(id);

@@ -382,11 +382,14 @@ impl Tx {
     /// `e<node>|<kind><id>,…` changed tasks.
     fn notifications(&self) -> Vec<String> {
         let mut out = Vec::new();
+        // Signed with the node's id: the node signalled itself when it
+        // committed, and a second ready signal woke its waiting fetches
+        // twice.
         if self.effects.ready {
-            out.push("r".to_owned());
+            out.push(format!("r{}", self.node.id));
         }
         if self.effects.scheduled {
-            out.push("s".to_owned());
+            out.push(format!("s{}", self.node.id));
         }
         for id in &self.effects.cancels {
             out.push(format!("c{id}"));

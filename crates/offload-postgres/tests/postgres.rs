@@ -445,6 +445,169 @@ async fn a_claim_of_several_pairs_past_held_tasks_locks_only_what_it_takes() {
     holding.rollback().await.expect("rollback");
 }
 
+/// A store that counts the claims made of it, and passes every call on.
+#[derive(Debug)]
+struct CountingClaims {
+    inner: Arc<PgStore>,
+    claims: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for CountingClaims {
+    async fn enqueue(
+        &self,
+        tasks: Vec<TaskSpec>,
+    ) -> offload_core::Result<Vec<(offload_core::Task, bool)>> {
+        self.inner.enqueue(tasks).await
+    }
+    async fn claim(&self, request: &ClaimRequest) -> offload_core::Result<Vec<offload_core::Task>> {
+        self.claims
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.claim(request).await
+    }
+    async fn heartbeat(
+        &self,
+        request: offload_core::HeartbeatRequest,
+    ) -> offload_core::Result<offload_core::HeartbeatAck> {
+        self.inner.heartbeat(request).await
+    }
+    async fn ack(
+        &self,
+        worker_id: &str,
+        acks: Vec<Ack>,
+    ) -> offload_core::Result<Vec<offload_core::AckOutcome>> {
+        self.inner.ack(worker_id, acks).await
+    }
+    async fn cancel(&self, id: Uuid) -> offload_core::Result<offload_core::Task> {
+        self.inner.cancel(id).await
+    }
+    async fn retry(&self, id: Uuid) -> offload_core::Result<offload_core::Task> {
+        self.inner.retry(id).await
+    }
+    async fn get(&self, id: Uuid) -> offload_core::Result<Option<offload_core::Task>> {
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        query: &offload_core::ListQuery,
+    ) -> offload_core::Result<offload_core::TaskPage> {
+        self.inner.list(query).await
+    }
+    async fn stats(&self) -> offload_core::Result<offload_core::Stats> {
+        self.inner.stats().await
+    }
+    async fn delete(&self, id: Uuid) -> offload_core::Result<()> {
+        self.inner.delete(id).await
+    }
+    async fn clear(&self, request: &offload_core::ClearRequest) -> offload_core::Result<u64> {
+        self.inner.clear(request).await
+    }
+    async fn queues(&self) -> offload_core::Result<Vec<offload_core::QueueInfo>> {
+        self.inner.queues().await
+    }
+    async fn update_queue(
+        &self,
+        name: &str,
+        patch: QueuePatch,
+    ) -> offload_core::Result<offload_core::QueueInfo> {
+        self.inner.update_queue(name, patch).await
+    }
+    async fn promote_due(&self) -> offload_core::Result<offload_core::PromoteReport> {
+        self.inner.promote_due().await
+    }
+    async fn recover_expired(&self) -> offload_core::Result<Vec<offload_core::Task>> {
+        self.inner.recover_expired().await
+    }
+    fn take_finished(&self) -> Vec<(String, String, offload_core::Finished)> {
+        self.inner.take_finished()
+    }
+    async fn purge_finished(
+        &self,
+        retention: &offload_core::Retention,
+        batch: usize,
+    ) -> offload_core::Result<u64> {
+        self.inner.purge_finished(retention, batch).await
+    }
+    async fn count_stuck(&self, expired_for: Duration) -> offload_core::Result<u64> {
+        self.inner.count_stuck(expired_for).await
+    }
+    fn is_leader(&self) -> bool {
+        self.inner.is_leader()
+    }
+    fn hub(&self) -> &offload_core::Hub {
+        self.inner.hub()
+    }
+}
+
+/// Fetches waiting on PostgreSQL, which does not park claims, are woken a
+/// few at a time: a task enqueued while 50 wait costs a claim or three,
+/// not one for each (which took a client enqueueing one task at a time,
+/// with 200 fetches waiting, from 633 tasks a second to 32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_made_ready_costs_waiting_fetches_a_few_claims_not_one_each() {
+    if !available() {
+        return;
+    }
+    let store = Arc::new(CountingClaims {
+        inner: node(&fresh_schema()).await,
+        claims: Default::default(),
+    });
+    let config = offload_engine::EngineConfig {
+        // No look at the store but the one a ready signal brings.
+        fetch_fallback_poll: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let engine = offload_engine::Engine::start(Arc::clone(&store) as Arc<dyn Store>, config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fetches: Vec<_> = (0..50)
+        .map(|i| {
+            let (engine, stop) = (Arc::clone(&engine), stop.clone());
+            tokio::spawn(async move {
+                let request = claim_by(&format!("w{i}"), 1);
+                engine
+                    .fetch(&request, Duration::from_secs(600), &stop)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let claims = || store.claims.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while claims() < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetches never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every fetch has looked once and found nothing; let them settle into
+    // their waits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = claims();
+    engine.enqueue(NewTask::new("t")).await.unwrap();
+    while !fetches.iter().any(|f| f.is_finished()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fetch got the task"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Time for any other fetch woken to claim too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let made = claims() - before;
+    assert!(
+        (1..=3).contains(&made),
+        "one task made {made} claims of 50 waiting fetches"
+    );
+    stop.cancel();
+    let mut got = 0;
+    for fetch in fetches {
+        got += fetch.await.unwrap().len();
+    }
+    assert_eq!(got, 1, "one fetch got the task");
+    engine.shutdown().await;
+}
+
 /// Three nodes sharing a schema of their own.
 async fn three_nodes() -> [Arc<PgStore>; 3] {
     let schema = fresh_schema();
