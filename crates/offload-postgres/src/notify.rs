@@ -165,7 +165,8 @@ async fn pause(stop: &CancellationToken) -> bool {
 
 async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: &str) {
     match payload.as_bytes().first() {
-        // Unsigned from a node older than the signature.
+        // Another node's, or unsigned (sent by a node older than the
+        // signature); this node's own were announced at its commit.
         Some(b'r') if payload[1..] != *node.id => node.hub.notify_ready(),
         Some(b's') if payload[1..] != *node.id => node.hub.notify_scheduled(),
         Some(b'c') => {

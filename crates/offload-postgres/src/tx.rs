@@ -377,14 +377,14 @@ impl Tx {
         Ok(())
     }
 
-    /// Notifications for every node (this one ignores its own events, which
-    /// it announces directly): `r` ready, `s` scheduled, `c<id>` cancel,
-    /// `e<node>|<kind><id>,…` changed tasks.
+    /// Notifications for every node (this one ignores its own, whose
+    /// effects it announces directly): `r<node>` ready, `s<node>`
+    /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
     fn notifications(&self) -> Vec<String> {
         let mut out = Vec::new();
-        // Signed with the node's id: the node signalled itself when it
-        // committed, and a second ready signal woke its waiting fetches
-        // twice.
+        // Ready and scheduled are signed with the node's id: unsigned, the
+        // node took its own back as a second signal, which woke its waiting
+        // fetches twice.
         if self.effects.ready {
             out.push(format!("r{}", self.node.id));
         }
