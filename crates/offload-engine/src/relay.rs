@@ -155,37 +155,73 @@ mod tests {
     /// A fallback that never comes during a test.
     const LONG: Duration = Duration::from_secs(600);
 
-    fn request(types: &[&str]) -> ClaimRequest {
-        ClaimRequest {
-            worker_id: "w".into(),
-            types: types.iter().map(|t| t.to_string()).collect(),
-            queues: vec![],
-            limit: 1,
-            lease: Duration::from_secs(30),
+    /// A relay, the ready signal it passes on, and the stop that ends its
+    /// dispatcher when the test ends.
+    struct Setup {
+        relay: Arc<Relay>,
+        signal: watch::Sender<u64>,
+        ready: watch::Receiver<u64>,
+        stop: CancellationToken,
+    }
+
+    impl Setup {
+        fn new() -> Self {
+            let (signal, ready) = watch::channel(0_u64);
+            Self {
+                relay: Arc::new(Relay::default()),
+                signal,
+                ready,
+                stop: CancellationToken::new(),
+            }
+        }
+
+        /// A place for a fetch of one task of `types`.
+        fn join(&self, types: &[&str], fallback: Duration) -> Place {
+            let request = ClaimRequest {
+                worker_id: "w".into(),
+                types: types.iter().map(|t| t.to_string()).collect(),
+                queues: vec![],
+                limit: 1,
+                lease: Duration::from_secs(30),
+            };
+            self.relay
+                .join(&request, &self.ready, fallback, &self.stop, |_| {})
+        }
+
+        fn send_signal(&self) {
+            self.signal.send_modify(|n| *n += 1);
+        }
+
+        /// Waiters of `types` counting their turns in `turns`; each passes
+        /// its turn on, as a fetch that claimed all it asked for does, when
+        /// `passing`.
+        fn waiters(
+            &self,
+            types: &[&str],
+            n: usize,
+            turns: &Arc<AtomicUsize>,
+            passing: bool,
+        ) -> Vec<JoinHandle<()>> {
+            (0..n)
+                .map(|_| {
+                    let place = self.join(types, LONG);
+                    let turns = Arc::clone(turns);
+                    tokio::spawn(async move {
+                        place.turn().await;
+                        turns.fetch_add(1, Ordering::SeqCst);
+                        if passing {
+                            place.pass_on();
+                        }
+                    })
+                })
+                .collect()
         }
     }
 
-    /// Waiters of `types` each counting their turns in `turns`; each
-    /// passes its turn on when `passing` says so.
-    fn waiters(
-        relay: &Arc<Relay>,
-        ready: &watch::Receiver<u64>,
-        stop: &CancellationToken,
-        types: &[&str],
-        n: usize,
-        turns: &Arc<AtomicUsize>,
-    ) -> Vec<JoinHandle<()>> {
-        (0..n)
-            .map(|_| {
-                let place = relay.join(&request(types), ready, LONG, stop, |_| {});
-                let turns = Arc::clone(turns);
-                tokio::spawn(async move {
-                    place.turn().await;
-                    turns.fetch_add(1, Ordering::SeqCst);
-                    place.pass_on();
-                })
-            })
-            .collect()
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
     }
 
     /// Lets every woken task run to its next await.
@@ -197,21 +233,18 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_ready_signal_wakes_one_of_each_group_and_each_full_claim_two_more() {
-        let relay = Arc::new(Relay::default());
-        let (signal, ready) = watch::channel(0_u64);
-        let stop = CancellationToken::new();
+        let setup = Setup::new();
         let a = Arc::new(AtomicUsize::new(0));
         let b = Arc::new(AtomicUsize::new(0));
-        // Each waiter here passes its turn on as a full claim does: the
-        // turns spread 1, 2, 4, ... through the group, never to more than
-        // it holds.
-        let _a = waiters(&relay, &ready, &stop, &["a"], 7, &a);
+        // The turns spread 1, 2, 4, ... through a group, never to more
+        // than it holds.
+        let _a = setup.waiters(&["a"], 7, &a, true);
         // The same types in another order are the same group.
-        let _b = waiters(&relay, &ready, &stop, &["c", "b", "c"], 1, &b);
-        let _b2 = waiters(&relay, &ready, &stop, &["b", "c"], 2, &b);
+        let _b = setup.waiters(&["c", "b", "c"], 1, &b, true);
+        let _b2 = setup.waiters(&["b", "c"], 2, &b, true);
         settle().await;
         assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (0, 0));
-        signal.send_modify(|n| *n += 1);
+        setup.send_signal();
         settle().await;
         assert_eq!(
             a.load(Ordering::SeqCst),
@@ -219,80 +252,57 @@ mod tests {
             "the turns reach every waiter of a"
         );
         assert_eq!(b.load(Ordering::SeqCst), 3, "and of b");
-        stop.cancel();
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_waiter_that_claims_fewer_than_it_asked_wakes_no_one() {
-        let relay = Arc::new(Relay::default());
-        let (signal, ready) = watch::channel(0_u64);
-        let stop = CancellationToken::new();
+        let setup = Setup::new();
         let turns = Arc::new(AtomicUsize::new(0));
-        let _waiting: Vec<_> = (0..5)
-            .map(|_| {
-                let place = relay.join(&request(&["a"]), &ready, LONG, &stop, |_| {});
-                let turns = Arc::clone(&turns);
-                tokio::spawn(async move {
-                    place.turn().await;
-                    turns.fetch_add(1, Ordering::SeqCst);
-                })
-            })
-            .collect();
+        let _waiting = setup.waiters(&["a"], 5, &turns, false);
         settle().await;
-        signal.send_modify(|n| *n += 1);
+        setup.send_signal();
         settle().await;
         assert_eq!(turns.load(Ordering::SeqCst), 1, "one claim for one signal");
-        signal.send_modify(|n| *n += 1);
+        setup.send_signal();
         settle().await;
         assert_eq!(turns.load(Ordering::SeqCst), 2);
-        stop.cancel();
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_signal_while_a_group_claims_gives_its_next_waiter_a_turn_at_once() {
-        let relay = Arc::new(Relay::default());
-        let (signal, ready) = watch::channel(0_u64);
-        let stop = CancellationToken::new();
-        let place = relay.join(&request(&["a"]), &ready, LONG, &stop, |_| {});
+        let setup = Setup::new();
+        let place = setup.join(&["a"], LONG);
         settle().await;
         // No one of the group waits: the turn is kept for the next.
-        signal.send_modify(|n| *n += 1);
+        setup.send_signal();
         settle().await;
         tokio::time::timeout(Duration::from_secs(5), place.turn())
             .await
             .expect("the turn kept for the group");
-        stop.cancel();
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn without_signals_each_group_gets_a_turn_every_fallback() {
-        let relay = Arc::new(Relay::default());
-        let (_signal, ready) = watch::channel(0_u64);
-        let stop = CancellationToken::new();
-        let short = Duration::from_millis(20);
-        let place = relay.join(&request(&["a"]), &ready, short, &stop, |_| {});
+        let setup = Setup::new();
+        let place = setup.join(&["a"], Duration::from_millis(20));
         for _ in 0..3 {
             tokio::time::timeout(Duration::from_secs(5), place.turn())
                 .await
                 .expect("a turn in case a signal was lost");
         }
-        stop.cancel();
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_group_leaves_with_its_last_member() {
-        let relay = Arc::new(Relay::default());
-        let (_signal, ready) = watch::channel(0_u64);
-        let stop = CancellationToken::new();
-        let first = relay.join(&request(&["a"]), &ready, LONG, &stop, |_| {});
-        let second = relay.join(&request(&["a"]), &ready, LONG, &stop, |_| {});
-        let other = relay.join(&request(&["b"]), &ready, LONG, &stop, |_| {});
-        let groups = || relay.groups.lock().unwrap().len();
+        let setup = Setup::new();
+        let first = setup.join(&["a"], LONG);
+        let second = setup.join(&["a"], LONG);
+        let other = setup.join(&["b"], LONG);
+        let groups = || setup.relay.groups.lock().unwrap().len();
         assert_eq!(groups(), 2);
         drop(first);
         assert_eq!(groups(), 2);
         drop((second, other));
         assert_eq!(groups(), 0);
-        stop.cancel();
     }
 }

@@ -798,17 +798,12 @@ async fn a_claim_reads_the_first_pending_tasks_by_index_under_a_generic_plan() {
     let Some(url) = database_url() else {
         return;
     };
-    let plan = generic_plan(
+    assert_walks_index_in_order(
         &url,
-        "bigint",
-        offload_postgres::sql::CLAIM_ORDER_WINDOW,
-        "1001",
+        ("bigint", offload_postgres::sql::CLAIM_ORDER_WINDOW, "1001"),
+        "offload_tasks_claim_order",
     )
     .await;
-    assert!(
-        plan.contains("offload_tasks_claim_order") && !plan.contains("Sort"),
-        "the first pending tasks are not read in the claim order index's order:\n{plan}"
-    );
 }
 
 /// A claim naming many queues reads the types pending in each by walking
@@ -818,16 +813,30 @@ async fn a_claim_reads_the_types_pending_in_named_queues_by_index_under_a_generi
     let Some(url) = database_url() else {
         return;
     };
-    let plan = generic_plan(
+    assert_walks_index_in_order(
         &url,
-        "text[]",
-        offload_postgres::sql::PENDING_TYPES_OF_QUEUES,
-        "ARRAY['a', 'b']",
+        (
+            "text[]",
+            offload_postgres::sql::PENDING_TYPES_OF_QUEUES,
+            "ARRAY['a', 'b']",
+        ),
+        "offload_tasks_ready_by_type",
     )
     .await;
+}
+
+/// That `statement` (its parameters' types, itself, the arguments it is
+/// run with), under a generic plan, reads through `index` in the index's
+/// order, sorting nothing.
+async fn assert_walks_index_in_order(
+    url: &str,
+    (types, statement, args): (&str, &str, &str),
+    index: &str,
+) {
+    let plan = generic_plan(url, types, statement, args).await;
     assert!(
-        plan.contains("offload_tasks_ready_by_type") && !plan.contains("Sort"),
-        "the types pending in named queues are not read in the index's order:\n{plan}"
+        plan.contains(index) && !plan.contains("Sort"),
+        "not read through {index} in its order:\n{plan}"
     );
 }
 
