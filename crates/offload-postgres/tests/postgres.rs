@@ -293,6 +293,45 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
 
+/// A connection of its own to the tables of `schema`.
+async fn connection_in(url: &str, schema: &str) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query(&format!("SET search_path = {schema}"))
+        .execute(&mut conn)
+        .await
+        .expect("search_path");
+    conn
+}
+
+/// A task of type `t` in each of `queues`, enqueued in one batch; their
+/// ids, in order.
+async fn enqueue_in(store: &PgStore, queues: impl Iterator<Item = String>) -> Vec<Uuid> {
+    let specs = queues
+        .map(|queue| {
+            NewTask::new("t")
+                .queue(queue)
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    store
+        .enqueue(specs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(task, _)| task.id)
+        .collect()
+}
+
+/// Locks the rows of the first three tasks stored, as a claim under way
+/// on another node would, until `holding` ends.
+async fn hold_the_first_three(holding: &mut sqlx::PgConnection) {
+    sqlx::query("SELECT 1 FROM offload_tasks ORDER BY seq LIMIT 3 FOR UPDATE")
+        .execute(holding)
+        .await
+        .expect("lock the first three");
+}
+
 /// A claim takes the first tasks no other claim holds, in claim order,
 /// past those another transaction has locked: from all queues, the window
 /// of the first pending tasks it reads holds the locked ones too; naming
@@ -304,31 +343,10 @@ async fn a_claim_takes_the_first_tasks_no_other_claim_holds() {
     };
     let schema = fresh_schema();
     let store = node(&schema).await;
-    let specs = (0..10)
-        .map(|i| {
-            NewTask::new("t")
-                .queue(format!("q{i}"))
-                .validate(&Limits::default(), Position::Alone)
-                .unwrap()
-        })
-        .collect();
-    let ids: Vec<Uuid> = store
-        .enqueue(specs)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(task, _)| task.id)
-        .collect();
-    let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
-    sqlx::query(&format!("SET search_path = {schema}"))
-        .execute(&mut other)
-        .await
-        .expect("search_path");
+    let ids = enqueue_in(&store, (0..10).map(|i| format!("q{i}"))).await;
+    let mut other = connection_in(&url, &schema).await;
     let mut holding = other.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM offload_tasks ORDER BY seq LIMIT 3 FOR UPDATE")
-        .execute(&mut *holding)
-        .await
-        .expect("lock the first three");
+    hold_the_first_three(&mut holding).await;
     let claim = |limit| {
         let store = Arc::clone(&store);
         async move {
@@ -366,35 +384,12 @@ async fn a_claim_of_several_pairs_past_held_tasks_locks_only_what_it_takes() {
     };
     let schema = fresh_schema();
     let store = node(&schema).await;
-    let specs = (0..20)
-        .map(|i| {
-            NewTask::new("t")
-                .queue(format!("q{}", i % 2))
-                .validate(&Limits::default(), Position::Alone)
-                .unwrap()
-        })
-        .collect();
-    let ids: Vec<Uuid> = store
-        .enqueue(specs)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(task, _)| task.id)
-        .collect();
-    let connect = || async {
-        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-        sqlx::query(&format!("SET search_path = {schema}"))
-            .execute(&mut conn)
-            .await
-            .expect("search_path");
-        conn
-    };
-    let (mut holder, mut blocker, mut looker) = (connect().await, connect().await, connect().await);
+    let ids = enqueue_in(&store, (0..20).map(|i| format!("q{}", i % 2))).await;
+    let mut holder = connection_in(&url, &schema).await;
+    let mut blocker = connection_in(&url, &schema).await;
+    let mut looker = connection_in(&url, &schema).await;
     let mut holding = holder.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM offload_tasks ORDER BY seq LIMIT 3 FOR UPDATE")
-        .execute(&mut *holding)
-        .await
-        .expect("lock the first three");
+    hold_the_first_three(&mut holding).await;
     // The claim's last statement, its counts, waits for this table lock:
     // until then it holds every row it locked.
     let mut blocking = blocker.begin().await.expect("begin");
@@ -1834,11 +1829,7 @@ async fn folding_the_counts_writes_only_the_pairs_that_changed() {
     };
     let schema = fresh_schema();
     let store = node(&schema).await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-    sqlx::query(&format!("SET search_path = {schema}"))
-        .execute(&mut conn)
-        .await
-        .expect("search_path");
+    let mut conn = connection_in(&url, &schema).await;
     let enqueue = |queue: &str| {
         let spec = NewTask::new("t")
             .queue(queue)
