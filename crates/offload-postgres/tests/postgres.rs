@@ -576,8 +576,9 @@ async fn a_task_made_ready_costs_waiting_fetches_a_few_claims_not_one_each() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Every fetch has looked once and found nothing; let them settle into
-    // their waits.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // their waits (one still on its way there when the task comes looks
+    // again, a claim more than the relay's).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = claims();
     engine.enqueue(NewTask::new("t")).await.unwrap();
     while !fetches.iter().any(|f| f.is_finished()) {
