@@ -424,11 +424,9 @@ async fn admit_from_pairs(
     let mut claimed: Vec<(String, String)> = Vec::new();
     let mut group_of: Vec<usize> = Vec::new();
     let mut rooms: Vec<usize> = Vec::new();
-    let mut group_of_queue: HashMap<String, usize> = HashMap::new();
     if !free.is_empty() {
         rooms.push(req.limit);
         for (queue, task_type) in free {
-            group_of_queue.insert(queue.clone(), 0);
             claimed.push((queue, task_type));
             group_of.push(0);
         }
@@ -455,7 +453,6 @@ async fn admit_from_pairs(
             }
             let group = rooms.len();
             rooms.push(room);
-            group_of_queue.insert(name.clone(), group);
             for task_type in types {
                 claimed.push((name.clone(), task_type));
                 group_of.push(group);
@@ -468,16 +465,7 @@ async fn admit_from_pairs(
     let rows = candidates_of_pairs(tx, &claimed, &group_of, &rooms, req.limit).await?;
     let candidates = rows
         .iter()
-        .map(|row| {
-            let mut candidate = candidate(row, 0)?;
-            // Every row is of a pair claimed from; a queue out of range
-            // would be admitted nothing.
-            candidate.queue = group_of_queue
-                .get(&candidate.item.0.task.queue)
-                .copied()
-                .unwrap_or(usize::MAX);
-            Ok(candidate)
-        })
+        .map(|(row, group)| candidate(row, *group))
         .collect::<PgResult<_>>()?;
     Ok(admit(candidates, rooms, req.limit))
 }
@@ -510,7 +498,8 @@ async fn lock_pending(tx: &mut Tx, seqs: &[i64]) -> PgResult<Vec<sqlx::postgres:
 
 /// The rows of the first `room` pending tasks in claim order among those
 /// of the (queue, type) `pairs` that no other claim holds, at most
-/// `rooms[g]` of the pairs of group `g` (`group_of` each pair), locked.
+/// `rooms[g]` of the pairs of group `g` (`group_of` each pair), locked,
+/// each with its group.
 ///
 /// Of several types, locking `room` rows of each was most of a claim's
 /// cost: a burn-down of 20,000 tasks of 20 types, fetched 500 at a time,
@@ -528,9 +517,9 @@ async fn candidates_of_pairs(
     group_of: &[usize],
     rooms: &[usize],
     room: usize,
-) -> PgResult<Vec<sqlx::postgres::PgRow>> {
+) -> PgResult<Vec<(sqlx::postgres::PgRow, usize)>> {
     if let [(queue, task_type)] = pairs {
-        return Ok(sqlx::query(&format!(
+        let rows = sqlx::query(&format!(
             "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
              ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
         ))
@@ -538,7 +527,8 @@ async fn candidates_of_pairs(
         .bind(task_type)
         .bind(room.min(rooms[group_of[0]]) as i64)
         .fetch_all(&mut *tx.conn)
-        .await?);
+        .await?;
+        return Ok(rows.into_iter().map(|row| (row, group_of[0])).collect());
     }
     let mut taken = Vec::new();
     let mut left = rooms.to_vec();
@@ -558,11 +548,11 @@ async fn candidates_of_pairs(
             tried.seqs.insert(seq);
             tried.of_pair[pair] += 1;
         }
-        let rows = lock_pending(tx, &seqs).await?;
-        for row in &rows {
-            left[group_of[pair_of[&row.try_get::<i64, _>("seq")?]]] -= 1;
+        for row in lock_pending(tx, &seqs).await? {
+            let group = group_of[pair_of[&row.try_get::<i64, _>("seq")?]];
+            left[group] -= 1;
+            taken.push((row, group));
         }
-        taken.extend(rows);
     }
     Ok(taken)
 }
@@ -607,7 +597,7 @@ async fn first_pending_of_pairs(
     // never picked.
     let most = |t: usize| room.min(rooms[group_of[t]]) + 1 + tried.of_pair[t];
     let mut walks: Vec<usize> = (0..pairs.len())
-        .map(|t| (share.min(rooms[group_of[t]]) + 1 + tried.of_pair[t]).min(most(t)))
+        .map(|t| share.min(rooms[group_of[t]]) + 1 + tried.of_pair[t])
         .collect();
     // Entries not tried, and how many the walk read, of each pair.
     let mut read: Vec<Vec<Entry>> = vec![Vec::new(); pairs.len()];
