@@ -41,9 +41,10 @@ impl Connector {
         // a claim's or an ack's 500 seqs or ids looked cheaper to hash
         // against a sequential scan of every task than to look up one by
         // one, ~10 ms a batch on 60,000 tasks, on each of the pool's
-        // connections. The generic plan, which PostgreSQL settles on after
-        // those five for most statements, looks them up by index, and
-        // every statement here is written for it (see `sql`).
+        // connections. So each statement is planned once, generically, and
+        // every statement here is written for that plan; a generic plan made
+        // while the tables are small must not read them whole either, which
+        // is what `sql::PLANNER_SETTINGS` (and the `sql` module) is about.
         //
         // PostgreSQL's notices (a `CREATE … IF NOT EXISTS` that found its
         // object, on every start) are not the operator's concern; warnings
@@ -61,10 +62,11 @@ impl Connector {
         // its locks, even where something between still keeps the
         // connection up.
         let settings = format!(
-            "SET search_path = {schema}; SET plan_cache_mode = force_generic_plan; \
+            "SET search_path = {schema}; {} \
              SET client_min_messages = warning; SET tcp_keepalives_idle = 15; \
              SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; \
-             SET idle_in_transaction_session_timeout = {idle_in_transaction}"
+             SET idle_in_transaction_session_timeout = {idle_in_transaction}",
+            crate::sql::PLANNER_SETTINGS
         );
         Ok(Self {
             options,

@@ -43,7 +43,8 @@ pub(crate) async fn find(
     let mut found = HashMap::with_capacity(ids.len());
     if !seqs.is_empty() {
         let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE seq = ANY($1){}",
+            "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE {}{}",
+            crate::sql::BY_SEQ,
             lock.clause()
         ))
         .bind(&seqs)

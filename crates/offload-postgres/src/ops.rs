@@ -488,10 +488,11 @@ fn candidate(row: &sqlx::postgres::PgRow, queue: usize) -> PgResult<Candidate<(S
 /// another claim holds.
 async fn lock_pending(tx: &mut Tx, seqs: &[i64]) -> PgResult<Vec<sqlx::postgres::PgRow>> {
     Ok(sqlx::query(&format!(
-        "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE seq = ANY($1) AND state = 2 \
-         FOR UPDATE SKIP LOCKED"
+        "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE {} FOR UPDATE SKIP LOCKED",
+        crate::sql::PENDING_BY_SEQ
     ))
     .bind(seqs)
+    .bind(State::Pending.code() as i16)
     .fetch_all(&mut *tx.conn)
     .await?)
 }

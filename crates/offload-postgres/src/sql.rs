@@ -6,6 +6,53 @@
 //! times) does not know the value of `$1`, so `state = $1` alone does not
 //! prove `state >= 4`. Statements that take the state as a parameter repeat
 //! the index's condition literally.
+//!
+//! A session plans each statement once, at its first run, and keeps the
+//! plan while the connection lives (until an `ANALYZE` or `VACUUM` of the
+//! table). A node's first runs often come while its tables are new or nearly
+//! empty, and on a table PostgreSQL thinks small, reading all of it, or all
+//! of a partial index, looks cheaper than looking rows up by key. Such
+//! plans then read every task at each ack and every pending task at each
+//! claim: a node that ran a few tasks before a burst of 50,000 burned it
+//! down at 2.7–14k a second where it could at 21k, and 20,000 tasks falling
+//! due at once waited 3–10 s for their workers, not one. Hence
+//! [`PLANNER_SETTINGS`], and lookups by seq that take the state they want
+//! as a parameter.
+
+/// How every session of a node plans its statements: generically, each
+/// statement once (see `connect`), and never by reading a whole table where
+/// an index serves, whatever size the table had when the plan was made.
+/// Without JIT: a scan priced out that way (the counts ledger has no index
+/// to read instead) costs a statement more than PostgreSQL's threshold for
+/// compiling it, tens of milliseconds each run for statements of a few.
+pub const PLANNER_SETTINGS: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off;";
+
+/// The condition that finds the tasks `$1` (an array of seqs) by primary
+/// key.
+pub const BY_SEQ: &str = "seq = ANY($1)";
+
+/// The condition that finds the tasks `$1` (an array of seqs) still in
+/// state `$2`, by primary key. The state is a parameter so that it proves
+/// no partial index on one state: a walk of all of one would read every
+/// task in that state.
+pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
+
+/// Writes back the tasks `$1` (an array of seqs), found by primary key,
+/// each with its state, attempts, times and outcome from `$2`–`$16`.
+pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state, \
+     attempt = u.attempt, max_attempts = u.max_attempts, run_at = u.run_at, \
+     progress = u.progress, result = u.result, error = u.error, errors = u.errors, \
+     cancel_requested = u.cancel_requested, updated_at = u.updated_at, \
+     started_at = u.started_at, finished_at = u.finished_at, \
+     lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, worker_id = u.worker_id \
+     FROM UNNEST($1::bigint[], $2::smallint[], $3::int[], $4::int[], $5::bigint[], $6::text[], \
+       $7::text[], $8::text[], $9::text[], $10::bool[], $11::bigint[], $12::bigint[], \
+       $13::bigint[], $14::bigint[], $15::bigint[], $16::text[]) \
+     AS u(seq, state, attempt, max_attempts, run_at, progress, result, error, errors, \
+       cancel_requested, updated_at, started_at, finished_at, lease_expires_at, deadline_at, \
+       worker_id) \
+     WHERE t.seq = u.seq";
 
 /// Finished tasks of one state (`$1`) finished by `$2`, at most `$3` of them,
 /// deleted; through `offload_tasks_finished`.

@@ -154,37 +154,25 @@ impl Tx {
             deadline_at.push(t.deadline().map(|x| x.as_millis()));
             worker_id.push(t.worker_id.clone());
         }
-        sqlx::query(
-            "UPDATE offload_tasks AS t SET state = u.state, attempt = u.attempt, max_attempts = u.max_attempts, \
-             run_at = u.run_at, progress = u.progress, result = u.result, error = u.error, errors = u.errors, \
-             cancel_requested = u.cancel_requested, updated_at = u.updated_at, started_at = u.started_at, \
-             finished_at = u.finished_at, lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, \
-             worker_id = u.worker_id \
-             FROM UNNEST($1::bigint[], $2::smallint[], $3::int[], $4::int[], $5::bigint[], $6::text[], \
-                         $7::text[], $8::text[], $9::text[], $10::bool[], $11::bigint[], $12::bigint[], \
-                         $13::bigint[], $14::bigint[], $15::bigint[], $16::text[]) \
-               AS u(seq, state, attempt, max_attempts, run_at, progress, result, error, errors, \
-                    cancel_requested, updated_at, started_at, finished_at, lease_expires_at, deadline_at, worker_id) \
-             WHERE t.seq = u.seq",
-        )
-        .bind(seq)
-        .bind(state)
-        .bind(attempt)
-        .bind(max_attempts)
-        .bind(run_at)
-        .bind(progress)
-        .bind(result)
-        .bind(error)
-        .bind(errors)
-        .bind(cancel_requested)
-        .bind(updated_at)
-        .bind(started_at)
-        .bind(finished_at)
-        .bind(lease_expires_at)
-        .bind(deadline_at)
-        .bind(worker_id)
-        .execute(&mut *self.conn)
-        .await?;
+        sqlx::query(crate::sql::WRITE_TASK_ROWS)
+            .bind(seq)
+            .bind(state)
+            .bind(attempt)
+            .bind(max_attempts)
+            .bind(run_at)
+            .bind(progress)
+            .bind(result)
+            .bind(error)
+            .bind(errors)
+            .bind(cancel_requested)
+            .bind(updated_at)
+            .bind(started_at)
+            .bind(finished_at)
+            .bind(lease_expires_at)
+            .bind(deadline_at)
+            .bind(worker_id)
+            .execute(&mut *self.conn)
+            .await?;
         Ok(())
     }
 

@@ -699,11 +699,11 @@ async fn generic_plan(url: &str, types: &str, statement: &str, args: &str) -> St
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
     for setting in [
         format!("SET search_path = {schema}"),
-        "SET plan_cache_mode = force_generic_plan".to_owned(),
-        "SET enable_seqscan = off".to_owned(),
+        offload_postgres::sql::PLANNER_SETTINGS.to_owned(),
         format!("PREPARE statement ({types}) AS {statement}"),
     ] {
-        sqlx::query(&setting)
+        // By the simple protocol, which takes several statements.
+        sqlx::raw_sql(&setting)
             .execute(&mut conn)
             .await
             .expect(&setting);
@@ -834,6 +834,50 @@ async fn assert_walks_index_in_order(
         plan.contains(index) && !plan.contains("Sort"),
         "not read through {index} in its order:\n{plan}"
     );
+}
+
+/// The statements that look tasks up by seq (an ack's and a read's, a
+/// claim's lock of the tasks it picked, every write of tasks' rows), planned
+/// as a node's sessions plan them on a new, empty schema, read through the
+/// primary key alone. A plan made while the table is small is kept: one
+/// that read the whole table, or the whole index of pending tasks, did so
+/// at every ack or claim once thousands were stored.
+#[tokio::test]
+async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    use offload_postgres::sql::{BY_SEQ, PENDING_BY_SEQ, WRITE_TASK_ROWS};
+    let write_types = "bigint[], smallint[], int[], int[], bigint[], text[], text[], text[], \
+                       text[], bool[], bigint[], bigint[], bigint[], bigint[], bigint[], text[]";
+    let statements = [
+        (
+            "bigint[]",
+            format!("SELECT seq FROM offload_tasks WHERE {BY_SEQ} FOR UPDATE"),
+            "'{1,2}'".to_owned(),
+        ),
+        (
+            "bigint[], smallint",
+            format!("SELECT seq FROM offload_tasks WHERE {PENDING_BY_SEQ} FOR UPDATE SKIP LOCKED"),
+            "'{1,2}', 2".to_owned(),
+        ),
+        (
+            write_types,
+            WRITE_TASK_ROWS.to_owned(),
+            vec!["NULL"; 16].join(", "),
+        ),
+    ];
+    for (types, statement, args) in statements {
+        let plan = generic_plan(&url, types, &statement, &args).await;
+        let indexes_read = plan.matches("offload_tasks_").count();
+        let primary_key_read = plan.matches("offload_tasks_pkey").count();
+        assert!(
+            primary_key_read > 0
+                && indexes_read == primary_key_read
+                && !plan.contains("Seq Scan on offload_tasks"),
+            "{statement}\nreads more than the primary key's entries:\n{plan}"
+        );
+    }
 }
 
 /// An id that carries no seq (stored before schema version 3) is found
