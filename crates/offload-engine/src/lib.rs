@@ -248,7 +248,13 @@ impl Engine {
             // Marked seen before looking, so a task made ready while we look
             // still wakes us.
             ready.borrow_and_update();
-            let ticket = match self.store.claim_or_park(request).await? {
+            let claim = self.store.claim_or_park(request).await;
+            if let (Err(_), Some(place)) = (&claim, &place) {
+                // This fetch's turn ends with its error; the next of its
+                // group takes it, where it would wait for another signal.
+                place.hand_on();
+            }
+            let ticket = match claim? {
                 Claim::Now(claimed) => {
                     if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
                         if let Some(place) =

@@ -10,7 +10,8 @@
 //! and queues, and each ready signal wakes the longest waiting of each
 //! group. A fetch that then claims as many tasks as it asked for wakes two
 //! more of its group, as more may be ready; one that claims fewer wakes no
-//! one, as its group would find nothing more. A burst of tasks reaches
+//! one, as its group would find nothing more; one whose claim fails gives
+//! its turn to the next. A burst of tasks reaches
 //! idle fetches in a number of rounds that grows with the logarithm of its
 //! size, and a lone task costs a claim or three, however many wait. The
 //! look a waiting fetch takes in case a signal was lost goes the same way:
@@ -130,6 +131,12 @@ impl Place {
     /// and more tasks may be ready.
     pub(crate) fn pass_on(&self) {
         self.turn.notify_one();
+        self.turn.notify_one();
+    }
+
+    /// Gives this fetch's turn to the next of its group: this fetch's claim
+    /// failed, and the tasks that came with the turn are still there.
+    pub(crate) fn hand_on(&self) {
         self.turn.notify_one();
     }
 }

@@ -445,6 +445,8 @@ async fn a_claim_of_several_pairs_past_held_tasks_locks_only_what_it_takes() {
 struct CountingClaims {
     inner: Arc<PgStore>,
     claims: std::sync::atomic::AtomicUsize,
+    /// How many of the next claims fail, as one that lost its connection.
+    failing: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -456,8 +458,15 @@ impl Store for CountingClaims {
         self.inner.enqueue(tasks).await
     }
     async fn claim(&self, request: &ClaimRequest) -> offload_core::Result<Vec<offload_core::Task>> {
-        self.claims
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.claims.fetch_add(1, SeqCst);
+        if self
+            .failing
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(offload_core::Error::Storage("connection lost".into()));
+        }
         self.inner.claim(request).await
     }
     async fn heartbeat(
@@ -534,6 +543,53 @@ impl Store for CountingClaims {
     }
 }
 
+/// An engine on PostgreSQL, which does not park claims, with `n` fetches
+/// of one task each waiting in it, each having claimed once and found
+/// nothing; no look at the store comes but the one a ready signal brings.
+async fn waiting_fetches(
+    n: usize,
+) -> (
+    Arc<CountingClaims>,
+    Arc<offload_engine::Engine>,
+    tokio_util::sync::CancellationToken,
+    Vec<tokio::task::JoinHandle<offload_core::Result<Vec<offload_core::Task>>>>,
+) {
+    let store = Arc::new(CountingClaims {
+        inner: node(&fresh_schema()).await,
+        claims: Default::default(),
+        failing: Default::default(),
+    });
+    let config = offload_engine::EngineConfig {
+        fetch_fallback_poll: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let engine = offload_engine::Engine::start(Arc::clone(&store) as Arc<dyn Store>, config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fetches = (0..n)
+        .map(|i| {
+            let (engine, stop) = (Arc::clone(&engine), stop.clone());
+            tokio::spawn(async move {
+                let request = claim_by(&format!("w{i}"), 1);
+                engine
+                    .fetch(&request, Duration::from_secs(600), &stop)
+                    .await
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.claims.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetches never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let them settle into their waits (one still on its way there when a
+    // task comes looks again, a claim more than the relay's).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (store, engine, stop, fetches)
+}
+
 /// Fetches waiting on PostgreSQL, which does not park claims, are woken a
 /// few at a time: a task enqueued while 50 wait costs a claim or three,
 /// not one for each (which took a client enqueueing one task at a time,
@@ -543,44 +599,11 @@ async fn a_task_made_ready_costs_waiting_fetches_a_few_claims_not_one_each() {
     if !available() {
         return;
     }
-    let store = Arc::new(CountingClaims {
-        inner: node(&fresh_schema()).await,
-        claims: Default::default(),
-    });
-    let config = offload_engine::EngineConfig {
-        // No look at the store but the one a ready signal brings.
-        fetch_fallback_poll: Duration::from_secs(600),
-        ..Default::default()
-    };
-    let engine = offload_engine::Engine::start(Arc::clone(&store) as Arc<dyn Store>, config);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let fetches: Vec<_> = (0..50)
-        .map(|i| {
-            let (engine, stop) = (Arc::clone(&engine), stop.clone());
-            tokio::spawn(async move {
-                let request = claim_by(&format!("w{i}"), 1);
-                engine
-                    .fetch(&request, Duration::from_secs(600), &stop)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
+    let (store, engine, stop, fetches) = waiting_fetches(50).await;
     let claims = || store.claims.load(std::sync::atomic::Ordering::SeqCst);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while claims() < 50 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fetches never claimed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Every fetch has looked once and found nothing; let them settle into
-    // their waits (one still on its way there when the task comes looks
-    // again, a claim more than the relay's).
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = claims();
     engine.enqueue(NewTask::new("t")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !fetches.iter().any(|f| f.is_finished()) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -598,9 +621,34 @@ async fn a_task_made_ready_costs_waiting_fetches_a_few_claims_not_one_each() {
     stop.cancel();
     let mut got = 0;
     for fetch in fetches {
-        got += fetch.await.unwrap().len();
+        got += fetch.await.unwrap().unwrap().len();
     }
     assert_eq!(got, 1, "one fetch got the task");
+    engine.shutdown().await;
+}
+
+/// A waiting fetch whose claim fails when its turn comes hands the turn
+/// on: another of its group claims the task at once, where it waited for
+/// the next ready signal or the look in case one was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fetch_whose_claim_fails_hands_its_turn_on() {
+    if !available() {
+        return;
+    }
+    let (store, engine, stop, mut fetches) = waiting_fetches(2).await;
+    store.failing.store(1, std::sync::atomic::Ordering::SeqCst);
+    engine.enqueue(NewTask::new("t")).await.unwrap();
+    let (first, _, rest) = futures::future::select_all(fetches.drain(..)).await;
+    assert!(first.unwrap().is_err(), "the fetch given the turn failed");
+    let second = tokio::time::timeout(Duration::from_secs(10), rest.into_iter().next().unwrap())
+        .await
+        .expect("the other fetch never got the turn");
+    assert_eq!(
+        second.unwrap().unwrap().len(),
+        1,
+        "the other fetch got the task"
+    );
+    stop.cancel();
     engine.shutdown().await;
 }
 
