@@ -54,6 +54,12 @@ pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state
        worker_id) \
      WHERE t.seq = u.seq";
 
+/// Of the blocked tasks `$1` (an array of seqs), those with a dependency
+/// not completed, each once: through the dependencies' index by task and
+/// the primary key.
+pub const WITH_UNMET_DEPENDENCIES: &str = "SELECT DISTINCT d.task_seq FROM offload_task_deps d \
+     JOIN offload_tasks t ON t.seq = d.dep_seq WHERE d.task_seq = ANY($1) AND t.state <> 4";
+
 /// Finished tasks of one state (`$1`) finished by `$2`, at most `$3` of them,
 /// deleted; through `offload_tasks_finished`.
 pub const DELETE_FINISHED: &str = "DELETE FROM offload_tasks WHERE seq IN (SELECT seq \

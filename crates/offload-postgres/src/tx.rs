@@ -5,7 +5,7 @@
 //! are gathered here and take effect only with the commit. Writes go out in
 //! bulk (`UPDATE … FROM UNNEST(…)`): one round trip for a whole batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use offload_core::{Error, EventKind, State, Task, TaskEvent};
@@ -239,6 +239,9 @@ impl Tx {
         for (id, state) in finished {
             finished_state.entry(*id).or_insert(*state);
         }
+        // Dependents one of whose dependencies completed: unblocked below
+        // if none is left unmet.
+        let mut met_one = Vec::new();
         for row in &rows {
             let dep_id: Uuid = sqlx::Row::try_get(row, "dep_id")?;
             let dep_state = finished_state
@@ -255,18 +258,32 @@ impl Tx {
                 continue;
             }
             if dep_state == State::Completed {
-                let unmet: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM offload_task_deps d JOIN offload_tasks t ON t.seq = d.dep_seq \
-                     WHERE d.task_seq = $1 AND t.state <> 4",
-                )
-                .bind(seq)
-                .fetch_one(&mut *self.conn)
-                .await?;
-                if unmet == 0 {
-                    entry.task.unblock(self.now)?;
+                // Rows come in seq order: a dependent's rows are together.
+                if met_one.last() != Some(&seq) {
+                    met_one.push(seq);
                 }
             } else {
                 entry.task.fail_dependency(dep_id, dep_state, self.now)?;
+            }
+        }
+        met_one.retain(|seq| {
+            moved
+                .get(seq)
+                .is_some_and(|s| s.task.state == State::Blocked)
+        });
+        if !met_one.is_empty() {
+            // One statement for all: a fan-out of 20,000 dependents asked
+            // one at a time took its dependency's ack 2.5 s.
+            let unmet: HashSet<i64> = sqlx::query_scalar(crate::sql::WITH_UNMET_DEPENDENCIES)
+                .bind(&met_one)
+                .fetch_all(&mut *self.conn)
+                .await?
+                .into_iter()
+                .collect();
+            for seq in met_one.iter().filter(|seq| !unmet.contains(seq)) {
+                if let Some(dependent) = moved.get_mut(seq) {
+                    dependent.task.unblock(self.now)?;
+                }
             }
         }
         Ok(order

@@ -1241,6 +1241,65 @@ pub async fn finished_tasks_are_counted_every_way_a_task_finishes(factory: &dyn 
     );
 }
 
+/// One ack that completes one dependency and fails another moves each of
+/// their dependents once, by all it depends on: one whose dependencies all
+/// completed is pending, one with a failed dependency cancelled (however
+/// many of its others completed), one still waiting for another stays
+/// blocked.
+pub async fn one_ack_finishing_several_dependencies_moves_each_dependent_by_all_it_depends_on(
+    factory: &dyn StoreFactory,
+) {
+    let f = fixture(factory).await;
+    let done = f.enqueue(NewTask::new("done")).await;
+    let broken = f.enqueue(NewTask::new("broken")).await;
+    let unfinished = f.enqueue(NewTask::new("unfinished")).await;
+    let of = |name: &str, deps: &[Uuid]| {
+        deps.iter()
+            .fold(NewTask::new(name), |task, dep| task.depends_on(*dep))
+    };
+    let freed = f.enqueue(of("freed", &[done.id])).await;
+    let freed_too = f.enqueue(of("freed_too", &[done.id])).await;
+    let of_both = f.enqueue(of("of_both", &[done.id, broken.id])).await;
+    let of_broken = f.enqueue(of("of_broken", &[broken.id])).await;
+    let still_waiting = f
+        .enqueue(of("still_waiting", &[done.id, unfinished.id]))
+        .await;
+    assert_eq!(
+        f.claim_from("w", 2, &["done", "broken"], &[]).await.len(),
+        2
+    );
+    let failure = Failure {
+        message: "it broke".into(),
+        kind: FailureKind::Error,
+        retry: Some(false),
+        retry_in: None,
+    };
+    let acks = vec![
+        Ack::Complete {
+            id: done.id,
+            result: None,
+        },
+        Ack::Fail {
+            id: broken.id,
+            failure,
+        },
+    ];
+    f.store.ack("w", acks).await.expect("ack");
+    for (task, state) in [
+        (&freed, State::Pending),
+        (&freed_too, State::Pending),
+        (&of_both, State::Cancelled),
+        (&of_broken, State::Cancelled),
+        (&still_waiting, State::Blocked),
+    ] {
+        assert_eq!(f.state(task.id).await, state, "{}", task.task_type);
+    }
+    assert_eq!(
+        f.get(of_both.id).await.error.unwrap().kind,
+        ErrorKind::DependencyFailed
+    );
+}
+
 /// A dependency that completed and was then deleted (by retention, a day
 /// after completion by default, or by hand) while another dependency was
 /// still running does not hold its dependent back once the other completes.

@@ -75,6 +75,7 @@ macro_rules! conformance_tests {
             failed_dependency_cancels_dependents_transitively,
             a_retried_dependent_waits_for_its_dependencies_again,
             a_dependency_deleted_after_completing_does_not_hold_its_dependent,
+            one_ack_finishing_several_dependencies_moves_each_dependent_by_all_it_depends_on,
             paused_queue_and_concurrency_limit,
             a_claim_fills_past_limited_queues_rooms_from_other_queues,
             claims_across_many_queues_come_in_claim_order,
