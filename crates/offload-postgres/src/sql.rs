@@ -60,6 +60,13 @@ pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state
 pub const WITH_UNMET_DEPENDENCIES: &str = "SELECT DISTINCT d.task_seq FROM offload_task_deps d \
      JOIN offload_tasks t ON t.seq = d.dep_seq WHERE d.task_seq = ANY($1) AND t.state <> 4";
 
+/// The condition that finds the active tasks holding the unique keys of
+/// queues `$1` and keys `$2` (arrays, pairwise), through
+/// `offload_tasks_unique_key`, whose own condition it repeats.
+pub const HOLDING_UNIQUE_KEYS: &str = "(queue, unique_key) IN \
+     (SELECT * FROM unnest($1::text[], $2::text[])) \
+     AND unique_key IS NOT NULL AND state <= 3 AND NOT cancel_requested";
+
 /// Finished tasks of one state (`$1`) finished by `$2`, at most `$3` of them,
 /// deleted; through `offload_tasks_finished`.
 pub const DELETE_FINISHED: &str = "DELETE FROM offload_tasks WHERE seq IN (SELECT seq \

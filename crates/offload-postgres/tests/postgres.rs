@@ -932,6 +932,29 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
     }
 }
 
+/// The holders of the unique keys a batch names are found through the
+/// index of held keys, whatever the table's size when planned.
+#[tokio::test]
+async fn held_unique_keys_are_found_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let plan = generic_plan(
+        &url,
+        "text[], text[]",
+        &format!(
+            "SELECT seq FROM offload_tasks WHERE {} ORDER BY seq FOR UPDATE",
+            offload_postgres::sql::HOLDING_UNIQUE_KEYS
+        ),
+        "'{default}', '{k}'",
+    )
+    .await;
+    assert!(
+        plan.contains("offload_tasks_unique_key") && !plan.contains("Seq Scan"),
+        "held keys are not looked up by index:\n{plan}"
+    );
+}
+
 /// An id that carries no seq (stored before schema version 3) is found
 /// through the index of such ids, not by a scan of every task.
 #[tokio::test]

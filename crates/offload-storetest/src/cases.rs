@@ -1091,6 +1091,61 @@ pub async fn a_batch_answers_the_task_its_own_replace_cancelled(factory: &dyn St
     assert_eq!(replacement.state, State::Pending);
 }
 
+/// A batch meets the keys stored tasks hold, each as often as it names
+/// it, and its tasks' dependencies as they stand after its own replaces.
+pub async fn a_batch_meets_held_keys_and_dependencies_as_tasks_one_at_a_time_would(
+    factory: &dyn StoreFactory,
+) {
+    let f = fixture(factory).await;
+    let keyed = |key: &str, on_conflict| NewTask::new("t").unique_key(key, on_conflict);
+    let kept = f.enqueue(keyed("kept", OnConflict::Keep)).await;
+    let running = f
+        .enqueue(NewTask::new("r").unique_key("running", OnConflict::Keep))
+        .await;
+    assert_eq!(f.claim_from("w", 1, &["r"], &[]).await.len(), 1);
+    let pending = f.enqueue(keyed("pending", OnConflict::Keep)).await;
+    let batch = [
+        keyed("kept", OnConflict::Keep),
+        keyed("kept", OnConflict::Keep),
+        keyed("running", OnConflict::Replace),
+        keyed("running", OnConflict::Keep),
+        keyed("new", OnConflict::Keep),
+        keyed("pending", OnConflict::Replace),
+        NewTask::new("after_kept").depends_on(kept.id),
+        NewTask::new("after_replaced").depends_on(pending.id),
+    ];
+    let specs = batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, task)| {
+            task.validate(&Limits::default(), Position::InBatch(i))
+                .expect("a valid task")
+        })
+        .collect();
+    let answers = f.store.enqueue(specs).await.expect("enqueue");
+    let created: Vec<bool> = answers.iter().map(|(_, created)| *created).collect();
+    assert_eq!(created, [false, false, true, false, true, true, true, true]);
+    let answered = |i: usize| &answers[i].0;
+    assert_eq!((answered(0).id, answered(1).id), (kept.id, kept.id));
+    assert_eq!(
+        answered(3).id,
+        answered(2).id,
+        "the batch's own replacement"
+    );
+    let running = f.get(running.id).await;
+    assert!(running.cancel_requested && running.state == State::Running);
+    assert_eq!(f.state(pending.id).await, State::Cancelled);
+    assert_eq!(answered(6).state, State::Blocked);
+    assert_eq!(
+        answered(7).state,
+        State::Cancelled,
+        "depends on a task the batch replaced"
+    );
+    for (answer, _) in &answers {
+        assert_same(&f.get(answer.id).await, answer, "answered as stored");
+    }
+}
+
 /// Writers that name one key at once take turns: every replace succeeds,
 /// and exactly one task holds the key after them.
 pub async fn concurrent_replaces_of_one_key_all_succeed(factory: &dyn StoreFactory) {

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             unique_key_keep_returns_existing,
             unique_key_replace_cancels_existing,
             a_batch_answers_the_task_its_own_replace_cancelled,
+            a_batch_meets_held_keys_and_dependencies_as_tasks_one_at_a_time_would,
             concurrent_replaces_of_one_key_all_succeed,
             dependencies_block_until_completed,
             failed_dependency_cancels_dependents_transitively,
