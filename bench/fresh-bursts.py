@@ -18,22 +18,12 @@ dropped first and used (`postgres://postgres@127.0.0.1:5432/test`).
 
 import datetime
 import http.client
-import json
 import sys
 import tempfile
 import threading
 import time
 
-from probe_server import serve
-
-
-def post(conn, path, body):
-    conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
-    answer = conn.getresponse()
-    data = answer.read()
-    if answer.status >= 300:
-        raise SystemExit(f"{path}: {answer.status} {data[:300]!r}")
-    return json.loads(data)
+from probe_server import post, serve
 
 
 def enqueue(conn, tasks, task):

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from probe_server import serve
+from probe_server import post, serve
 
 
 def main():
@@ -32,15 +32,6 @@ def main():
     limited = int(sys.argv[7]) if len(sys.argv) > 7 else None
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         client = http.client.HTTPConnection("127.0.0.1", port)
-
-        def post(conn, path, body, headers=None):
-            conn.request("POST", path, json.dumps(body),
-                         {"content-type": "application/json", **(headers or {})})
-            answer = conn.getresponse()
-            data = answer.read()
-            if answer.status >= 300:
-                raise SystemExit(f"{path}: {answer.status} {data[:300]!r}")
-            return json.loads(data) if data else None
 
         for start in range(0, tasks, 1000):
             batch = [{"type": "t", "queue": f"c{i % queues}"}

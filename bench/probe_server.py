@@ -1,7 +1,8 @@
 """`offload serve` for the probes in this folder: on a free port, on a
-fresh SQLite file or a fresh PostgreSQL schema."""
+fresh SQLite file or a fresh PostgreSQL schema; and their requests to it."""
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -34,3 +35,15 @@ def serve(binary, db, tmp):
     finally:
         server.terminate()
         server.wait()
+
+
+def post(conn, path, body, headers=None):
+    """`POST path` with a JSON body on the kept-alive connection `conn`;
+    the answer's JSON (None when empty), or the probe ends on an error."""
+    conn.request("POST", path, json.dumps(body),
+                 {"content-type": "application/json", **(headers or {})})
+    answer = conn.getresponse()
+    data = answer.read()
+    if answer.status >= 300:
+        raise SystemExit(f"{path}: {answer.status} {data[:300]!r}")
+    return json.loads(data) if data else None

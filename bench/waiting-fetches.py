@@ -14,13 +14,12 @@ is dropped first and used (`postgres://postgres@127.0.0.1:5432/test`).
 """
 
 import http.client
-import json
 import sys
 import tempfile
 import threading
 import time
 
-from probe_server import serve
+from probe_server import post, serve
 
 
 def main():
@@ -29,14 +28,6 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         got, stop = {}, threading.Event()
         arrived = threading.Condition()
-
-        def post(conn, path, body):
-            conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
-            answer = conn.getresponse()
-            data = answer.read()
-            if answer.status >= 300:
-                raise SystemExit(f"{path}: {answer.status} {data[:300]!r}")
-            return json.loads(data)
 
         def fetcher(k):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
