@@ -54,8 +54,10 @@ def main():
             while len(acked) < count and time.time() < limit:
                 time.sleep(0.005)
 
-        for k in range(fetchers):
-            threading.Thread(target=fetcher, args=(k,), daemon=True).start()
+        threads = [threading.Thread(target=fetcher, args=(k,), daemon=True)
+                   for k in range(fetchers)]
+        for thread in threads:
+            thread.start()
         client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         if mode == "trickle":
             for i in range(warm):
@@ -79,6 +81,9 @@ def main():
                   f"first {at[0]:.3f} s, p50 {at[1]:.3f}, p99 {at[2]:.3f}, "
                   f"last {got[-1] - due:.3f}")
         stop.set()
+        # Each fetch under way ends within its wait, before the server does.
+        for thread in threads:
+            thread.join()
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ def main():
                         got[task["id"]] = now
                         arrived.notify_all()
 
-        for k in range(fetchers):
-            threading.Thread(target=fetcher, args=(k,), daemon=True).start()
+        threads = [threading.Thread(target=fetcher, args=(k,), daemon=True)
+                   for k in range(fetchers)]
+        for thread in threads:
+            thread.start()
         time.sleep(2)
         client = http.client.HTTPConnection("127.0.0.1", port)
         started = time.perf_counter()
@@ -67,6 +69,9 @@ def main():
         print(f"{fetchers} fetchers waiting: pickup p50 {pickups[100] * 1000:.2f} ms, "
               f"p99 {pickups[198] * 1000:.2f} ms")
         stop.set()
+        # Each fetch under way ends within its wait, before the server does.
+        for thread in threads:
+            thread.join()
 
 
 if __name__ == "__main__":
