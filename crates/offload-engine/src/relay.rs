@@ -11,11 +11,11 @@
 //! group. A fetch that then claims as many tasks as it asked for wakes two
 //! more of its group, as more may be ready; one that claims fewer wakes no
 //! one, as its group would find nothing more; one whose claim fails gives
-//! its turn to the next. A burst of tasks reaches
-//! idle fetches in a number of rounds that grows with the logarithm of its
-//! size, and a lone task costs a claim or three, however many wait. The
-//! look a waiting fetch takes in case a signal was lost goes the same way:
-//! one fetch of each group, every `fallback`, rather than each fetch.
+//! its turn to the next. A burst of tasks reaches idle fetches in a number
+//! of rounds that grows with the logarithm of its size, and a lone task
+//! costs a claim or three, however many wait. The look a waiting fetch
+//! takes in case a signal was lost goes the same way: one fetch of each
+//! group, every `fallback`, rather than each fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
