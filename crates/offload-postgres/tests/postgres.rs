@@ -744,9 +744,8 @@ async fn concurrent_claims_from_several_nodes_keep_each_queues_limit() {
 async fn generic_plan(url: &str, types: &str, statement: &str, args: &str) -> String {
     let schema = fresh_schema();
     let _store = node(&schema).await;
-    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    let mut conn = connection_in(url, &schema).await;
     for setting in [
-        format!("SET search_path = {schema}"),
         offload_postgres::sql::PLANNER_SETTINGS.to_owned(),
         format!("PREPARE statement ({types}) AS {statement}"),
     ] {

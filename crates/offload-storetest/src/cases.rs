@@ -127,12 +127,7 @@ impl Fixture {
         retry: Option<bool>,
         retry_in: Option<u64>,
     ) -> Result<Task, Error> {
-        let failure = Failure {
-            message: "it broke".into(),
-            kind: FailureKind::Error,
-            retry,
-            retry_in: retry_in.map(Duration::from_secs),
-        };
+        let failure = it_broke(retry, retry_in);
         self.ack_one(worker, Ack::Fail { id, failure }).await
     }
 
@@ -142,6 +137,17 @@ impl Fixture {
 
     async fn state(&self, id: Uuid) -> State {
         self.get(id).await.state
+    }
+}
+
+/// A worker's report that an attempt failed with an error, retried as
+/// `retry` and `retry_in` (seconds) say.
+fn it_broke(retry: Option<bool>, retry_in: Option<u64>) -> Failure {
+    Failure {
+        message: "it broke".into(),
+        kind: FailureKind::Error,
+        retry,
+        retry_in: retry_in.map(Duration::from_secs),
     }
 }
 
@@ -1323,12 +1329,6 @@ pub async fn one_ack_finishing_several_dependencies_moves_each_dependent_by_all_
         f.claim_from("w", 2, &["done", "broken"], &[]).await.len(),
         2
     );
-    let failure = Failure {
-        message: "it broke".into(),
-        kind: FailureKind::Error,
-        retry: Some(false),
-        retry_in: None,
-    };
     let acks = vec![
         Ack::Complete {
             id: done.id,
@@ -1336,7 +1336,7 @@ pub async fn one_ack_finishing_several_dependencies_moves_each_dependent_by_all_
         },
         Ack::Fail {
             id: broken.id,
-            failure,
+            failure: it_broke(Some(false), None),
         },
     ];
     f.store.ack("w", acks).await.expect("ack");
