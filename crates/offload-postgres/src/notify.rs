@@ -182,7 +182,13 @@ async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: 
             if origin == node.id || !node.hub.has_listeners() {
                 return;
             }
-            stream_changes(node, store, streamed, changed_tasks(changes)).await;
+            let mut changed = changed_tasks(changes);
+            // Read only what someone here watches: a task's page open on
+            // this node does not make it read every task the others change.
+            changed.retain(|(id, _)| node.hub.wants(*id));
+            if !changed.is_empty() {
+                stream_changes(node, store, streamed, changed).await;
+            }
         }
         // A node's keep-alive (`k`): arriving is all it is for.
         _ => {}

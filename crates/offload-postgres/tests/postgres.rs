@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, Clock, Limits, ManualClock, NewTask, Position, QueuePatch, State, Store,
-    SystemClock, TaskSpec,
+    Ack, ClaimRequest, Clock, Interest, Limits, ManualClock, NewTask, Position, QueuePatch, State,
+    Store, SystemClock, TaskSpec,
 };
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
@@ -194,6 +194,49 @@ async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
         .expect("node b heard of the cancel")
         .unwrap();
     assert_eq!(heard, running.id);
+}
+
+/// A node reads another's changed tasks only for what someone watches on
+/// it; a watch of one task, and of one queue, hears the other node's
+/// changes to them among many it makes to tasks nobody watches here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_one_node_hears_another_nodes_changes_to_what_it_names() {
+    if !available() {
+        return;
+    }
+    let (a, b) = two_nodes().await;
+    let plain = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    let watched = a.enqueue(vec![plain.clone()]).await.unwrap().remove(0).0;
+    let mut task_watch = b.hub().watch(Interest::Task(watched.id));
+    let mut queue_watch = b.hub().watch(Interest::Queue("reports".into()));
+    a.enqueue(vec![plain.clone(); 200]).await.unwrap();
+    let report = NewTask::new("t")
+        .queue("reports")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    let report = a.enqueue(vec![report]).await.unwrap().remove(0).0;
+    a.cancel(watched.id).await.unwrap();
+    // The task's creation may be heard first: its notification can come
+    // after the watch began.
+    let cancelled = async {
+        loop {
+            let heard = task_watch.recv().await.unwrap();
+            assert_eq!(heard.task.id, watched.id);
+            if heard.task.state == State::Cancelled {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), cancelled)
+        .await
+        .expect("node b streams node a's change to the watched task");
+    let heard = tokio::time::timeout(Duration::from_secs(10), queue_watch.recv())
+        .await
+        .expect("node b streams node a's task in the watched queue")
+        .unwrap();
+    assert_eq!(heard.task.id, report.id);
 }
 
 /// Another node reads a changed task when the notification comes, which

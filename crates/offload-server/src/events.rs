@@ -12,7 +12,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use futures::StreamExt;
-use offload_core::{EventKind, TaskEvent};
+use offload_core::{EventKind, Interest, TaskEvent, Watch};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
@@ -46,7 +47,7 @@ pub async fn task_events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let id = task_id(&id)?;
-    let mut changes = state.store().hub().subscribe();
+    let mut changes = state.store().hub().watch(Interest::Task(id));
     let current = state
         .store()
         .get(id)
@@ -65,8 +66,7 @@ pub async fn task_events(
                 _ = tx.closed() => return,
             };
             let change = match received {
-                Ok(change) if change.task.id == id => change,
-                Ok(_) => continue,
+                Ok(change) => change,
                 // Missed events: the task as it is now stands in for them.
                 Err(RecvError::Lagged(_)) => match store.get(id).await {
                     Ok(Some(task)) => TaskEvent::new(EventKind::State, task),
@@ -97,7 +97,15 @@ pub async fn all_events(
             _ => owner = Some(owner_filter(value)?),
         }
     }
-    let mut changes = state.store().hub().subscribe();
+    // A stream filtered by owner, type or queue is woken by that one's
+    // changes alone; the rest of its filter is checked here.
+    let hub = state.store().hub();
+    let mut changes = match (&owner, &task_type, &queue) {
+        (Some(owner), _, _) => Changes::Some(hub.watch(Interest::Owner(owner.clone()))),
+        (None, Some(task_type), _) => Changes::Some(hub.watch(Interest::Type(task_type.clone()))),
+        (None, None, Some(queue)) => Changes::Some(hub.watch(Interest::Queue(queue.clone()))),
+        (None, None, None) => Changes::All(hub.subscribe()),
+    };
     let stream = async_stream(move |tx| async move {
         loop {
             let received = tokio::select! {
@@ -128,6 +136,22 @@ pub async fn all_events(
         }
     });
     Ok(sse(stream, state.stop.clone()))
+}
+
+/// What a stream of many tasks' changes hears: every change, or those of
+/// one owner's, type's or queue's tasks.
+enum Changes {
+    All(broadcast::Receiver<TaskEvent>),
+    Some(Watch),
+}
+
+impl Changes {
+    async fn recv(&mut self) -> Result<TaskEvent, RecvError> {
+        match self {
+            Self::All(every) => every.recv().await,
+            Self::Some(watch) => watch.recv().await,
+        }
+    }
 }
 
 fn sse(

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use offload_core::{
     Ack, Claim, ClaimRequest, ClearRequest, Error, ErrorKind, EventKind, Failure, FailureKind,
-    Finished, HeartbeatAck, HeartbeatRequest, Limits, ListQuery, ManualClock, NewTask, OnConflict,
-    PAGE_BYTES, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task, TaskPage,
-    Timestamp,
+    Finished, HeartbeatAck, HeartbeatRequest, Interest, Limits, ListQuery, ManualClock, NewTask,
+    OnConflict, PAGE_BYTES, Position, ProgressUpdate, QueuePatch, Retention, State, Store, Task,
+    TaskPage, Timestamp,
 };
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -2337,6 +2337,46 @@ pub async fn changes_are_published_as_events(factory: &dyn StoreFactory) {
         "only the cancel request follows"
     );
     assert!(events.try_recv().is_err());
+}
+
+/// A watch of one task, owner, queue or type hears that one's changes
+/// alone, and a store builds events for watches as for a stream of every
+/// change.
+pub async fn each_watch_hears_the_changes_of_what_it_names(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let watched = f.enqueue(NewTask::new("t")).await;
+    let hub = f.store.hub();
+    let mut watches = [
+        hub.watch(Interest::Task(watched.id)),
+        hub.watch(Interest::Owner("alice".into())),
+        hub.watch(Interest::Queue("reports".into())),
+        hub.watch(Interest::Type("mail".into())),
+    ];
+    assert!(hub.has_listeners());
+    let alices = f.enqueue(NewTask::new("t").owner("alice")).await;
+    let reports = f.enqueue(NewTask::new("t").queue("reports")).await;
+    let mail = f.enqueue(NewTask::new("mail")).await;
+    f.enqueue(NewTask::new("t").owner("bob")).await;
+    f.store.cancel(watched.id).await.unwrap();
+    let heard: Vec<Vec<(Uuid, State)>> = watches
+        .iter_mut()
+        .map(|watch| {
+            std::iter::from_fn(|| watch.try_recv().ok())
+                .map(|event| (event.task.id, event.task.state))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        heard,
+        [
+            vec![(watched.id, State::Cancelled)],
+            vec![(alices.id, State::Pending)],
+            vec![(reports.id, State::Pending)],
+            vec![(mail.id, State::Pending)],
+        ]
+    );
+    drop(watches);
+    assert!(!hub.has_listeners(), "the last watch gone, nobody listens");
 }
 
 pub async fn ack_batch_answers_each_item(factory: &dyn StoreFactory) {

@@ -92,6 +92,7 @@ macro_rules! conformance_tests {
             retention_deletes_old_finished_tasks_in_batches,
             unknown_ids_are_not_found,
             changes_are_published_as_events,
+            each_watch_hears_the_changes_of_what_it_names,
             ack_batch_answers_each_item,
             batched_claims_and_acks_store_each_task_as_answered,
             an_operation_dropped_by_its_caller_publishes_what_it_committed,

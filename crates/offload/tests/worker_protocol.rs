@@ -307,25 +307,38 @@ fn task_events_stream_each_change_and_end_after_the_last() {
 }
 
 #[test]
-fn the_all_events_stream_filters_by_queue() {
+fn the_all_events_stream_filters_by_queue_and_owner() {
     let server = Server::start();
     let http = server.http();
-    let response = reqwest::blocking::Client::new()
-        .get(format!("{}/v1/events?queue=watched", server.url))
-        .timeout(Duration::from_secs(60))
-        .send()
-        .unwrap();
-    let mut lines = BufReader::new(response).lines();
+    let stream = |query: &str| {
+        let response = reqwest::blocking::Client::new()
+            .get(format!("{}/v1/events?{query}", server.url))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .unwrap();
+        BufReader::new(response).lines().map(|l| l.unwrap())
+    };
+    fn first_task(mut lines: impl Iterator<Item = String>) -> Value {
+        let data = lines
+            .find_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+            .unwrap();
+        serde_json::from_str(&data).unwrap()
+    }
+    let by_queue = stream("queue=watched");
+    // Woken by alice's tasks, it still checks their queue.
+    let by_owner_and_queue = stream("owner=alice&queue=watched");
     http.enqueue(json!({"type": "t", "queue": "ignored"}));
+    http.enqueue(json!({"type": "t", "queue": "ignored", "owner": "alice"}));
     let watched = http.enqueue(json!({"type": "t", "queue": "watched"}));
-    let data = lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .find_map(|l| l.strip_prefix("data: ").map(str::to_owned))
-        .unwrap();
-    let task: Value = serde_json::from_str(&data).unwrap();
+    let alices = http.enqueue(json!({"type": "t", "queue": "watched", "owner": "alice"}));
     assert_eq!(
-        task["id"], watched["id"],
+        first_task(by_queue)["id"],
+        watched["id"],
         "only the watched queue's task is streamed"
+    );
+    assert_eq!(
+        first_task(by_owner_and_queue)["id"],
+        alices["id"],
+        "only alice's task in the watched queue is streamed"
     );
 }
