@@ -10,17 +10,19 @@ import urllib.request
 
 
 @contextlib.contextmanager
-def serve(binary, db, tmp):
+def serve(binary, db, tmp, fresh=True):
     """`offload serve` on a free port, on a fresh SQLite file in `tmp` or
-    PostgreSQL schema `probe`; yields the port."""
+    PostgreSQL schema `probe` (kept as it is for another node of the same
+    schema when not `fresh`); yields the port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if db == "sqlite":
         db = f"{tmp}/probe.db"
     else:
-        subprocess.run(["psql", "-q", db.split("?")[0], "-c", "DROP SCHEMA IF EXISTS probe CASCADE"],
-                       check=True, capture_output=True)
+        if fresh:
+            subprocess.run(["psql", "-q", db.split("?")[0], "-c", "DROP SCHEMA IF EXISTS probe CASCADE"],
+                           check=True, capture_output=True)
         db += ("&" if "?" in db else "?") + "schema=probe"
     server = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--db", db],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
