@@ -1668,6 +1668,57 @@ pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {
 /// rest from other queues, in claim order, whether it names the queues,
 /// names the types, or names neither: the tasks a limited queue has beyond
 /// its room do not take the places of others'.
+/// A claim of a type over several queues, one of which alone holds tasks
+/// of it, takes them in claim order within that queue's room, and a second
+/// claim at the same time takes the next ones.
+pub async fn a_claim_from_queues_of_which_one_holds_its_type_takes_them_in_order(
+    factory: &dyn StoreFactory,
+) {
+    for limit in [None, Some(5)] {
+        let f = fixture(factory).await;
+        f.enqueue(NewTask::new("other").queue("empty-of-it")).await;
+        let mut held = Vec::new();
+        for priority in [1, 7, 4, 7, 9, 2] {
+            let task = NewTask::new("t").queue("holds-it").priority(priority);
+            held.push((priority, f.enqueue(task).await.id));
+        }
+        f.store
+            .update_queue("holds-it", queue_settings(false, limit))
+            .await
+            .unwrap();
+        // Highest priority first, the earliest first among equals.
+        held.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
+        let in_order: Vec<Uuid> = held.into_iter().map(|(_, id)| id).collect();
+        let ids = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let (first, second) = tokio::join!(
+            f.claim_from("w1", 2, &["t"], &[]),
+            f.claim_from("w2", 2, &["t"], &[]),
+        );
+        let position = |id: &Uuid| in_order.iter().position(|x| x == id);
+        let mut both = Vec::new();
+        for claimed in [ids(first), ids(second)] {
+            assert!(
+                claimed.is_sorted_by_key(position),
+                "a claim takes its tasks in claim order ({limit:?})"
+            );
+            both.extend(claimed);
+        }
+        both.sort_by_key(position);
+        assert_eq!(
+            both,
+            in_order[..4],
+            "two claims of 2 at once take the first four ({limit:?})"
+        );
+        let third = ids(f.claim_from("w3", 10, &["t"], &[]).await);
+        let room = limit.map_or(2, |limit| limit as usize - 4);
+        assert_eq!(
+            third,
+            in_order[4..4 + room],
+            "then what is left, within the queue's room ({limit:?})"
+        );
+    }
+}
+
 pub async fn a_claim_fills_past_limited_queues_rooms_from_other_queues(factory: &dyn StoreFactory) {
     for (types, queues) in [
         (&[][..], &["busy", "free", "tight"][..]),

@@ -79,6 +79,7 @@ macro_rules! conformance_tests {
             one_ack_finishing_several_dependencies_moves_each_dependent_by_all_it_depends_on,
             paused_queue_and_concurrency_limit,
             a_claim_fills_past_limited_queues_rooms_from_other_queues,
+            a_claim_from_queues_of_which_one_holds_its_type_takes_them_in_order,
             claims_across_many_queues_come_in_claim_order,
             a_claim_from_all_queues_looks_past_tasks_it_may_not_take,
             list_filters_and_keyset_pagination,
