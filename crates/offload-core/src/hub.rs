@@ -110,17 +110,19 @@ impl Hub {
     }
 
     /// Whether anyone listens for events; stores skip building them if not.
-    /// They build every task's, not only a watched task's: a watcher reads
-    /// its task once it is watched, which may be before a commit whose
-    /// events were built (or not) a moment before it was.
+    /// While anyone does they build every task's, not only a watched
+    /// task's: a stream reads its task once it watches it, and that read
+    /// may come before the commit of a change whose events were built (or
+    /// not) before the watch began.
     pub fn has_listeners(&self) -> bool {
         self.events.receiver_count() > 0 || self.watchers.any()
     }
 
-    /// Whether anyone may listen for task `id`'s events (a watcher of an
-    /// owner, queue or type may: the task is not read to tell): after a
-    /// commit, another node's told of by notification, a watcher that
-    /// comes later reads what it wrote.
+    /// Whether anyone may listen for task `id`'s events: yes while anyone
+    /// watches an owner, a queue or a type, as the task is not read to
+    /// tell. For changes already committed (another node's, told of by
+    /// notification), whose events a watch that begins later needs not:
+    /// it reads the task as they left it.
     pub fn wants(&self, id: Uuid) -> bool {
         self.events.receiver_count() > 0 || self.watchers.may_want(id)
     }
@@ -187,8 +189,8 @@ impl Hub {
 /// yet; one that falls further behind hears that it lagged.
 const TASK_CAPACITY: usize = 64;
 /// The same for the events of an owner's, a queue's or a type's tasks.
-/// A channel holds its places from the start (~56 bytes each): a thousand
-/// owners watched take ~57 MB.
+/// A channel holds its places from the start, a few dozen bytes each: a
+/// thousand owners watched take some 50 MB.
 const GROUP_CAPACITY: usize = 1024;
 
 /// What a watcher wants to hear of.
