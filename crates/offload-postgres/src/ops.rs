@@ -639,7 +639,7 @@ enum FirstPending {
     /// Picked unlocked, two workers fetching the same tasks of one type
     /// over two queues, one of them empty, picked the same tasks, and the
     /// one that lost to the other's locks read and picked again: 24.7–38.5k
-    /// tasks a second where one queue ran at 46.8–54.7k.
+    /// tasks a second where one queue ran at 41.7–54.7k.
     OnlyOf(usize),
 }
 
