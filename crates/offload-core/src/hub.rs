@@ -12,15 +12,23 @@
 //! a thousand people each watching their task's page, on one stream
 //! filtered a thousand times, took a node's batch enqueues from 400,000 a
 //! second to 3,500.
+//!
+//! Where nobody watches, stores build no events at all; a store that
+//! commits changes unheard holds an [`Unheard`] pass until it has
+//! published, and a watch that begins meanwhile waits for every such pass
+//! to go. A watcher that then reads a task reads it as those changes left
+//! it: without the wait, a task's page opened as its last change
+//! committed read it before that commit, heard no event of it, and stayed
+//! open past the task's end.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use serde::Serialize;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use uuid::Uuid;
 
@@ -85,7 +93,6 @@ impl TaskEvent {
 
 #[derive(Debug)]
 pub struct Hub {
-    events: broadcast::Sender<TaskEvent>,
     watchers: Arc<Watchers>,
     ready: watch::Sender<u64>,
     scheduled: watch::Sender<u64>,
@@ -101,58 +108,75 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Self {
         Self {
-            events: broadcast::channel(4096).0,
-            watchers: Arc::default(),
+            watchers: Arc::new(Watchers {
+                every: broadcast::channel(EVERY_CAPACITY).0,
+                channels: Mutex::default(),
+                tasks: AtomicUsize::new(0),
+                groups: AtomicUsize::new(0),
+                gate: Arc::default(),
+            }),
             ready: watch::channel(0).0,
             scheduled: watch::channel(0).0,
             cancels: broadcast::channel(1024).0,
         }
     }
 
-    /// Whether anyone listens for events; stores skip building them if not.
-    /// While anyone does they build every task's, not only a watched
-    /// task's: a stream reads its task once it watches it, and that read
-    /// may come before the commit of a change whose events were built (or
-    /// not) before the watch began.
+    /// Whether anyone watches, for a change already committed: one who
+    /// begins to watch later reads the task as it left it. A store about
+    /// to commit asks [`Hub::unheard`] instead.
     pub fn has_listeners(&self) -> bool {
-        self.events.receiver_count() > 0 || self.watchers.any()
+        self.watchers.gate.listening()
+    }
+
+    /// A pass to build no events for the changes the caller is about to
+    /// commit, given where nobody watches; `None` where anyone does, and
+    /// then the caller builds every change's event, not only a watched
+    /// task's (a watch that began during the change may read its task
+    /// before the commit). The caller holds the pass until it has
+    /// published what it committed, or dropped it: a watch that begins
+    /// meanwhile waits for it.
+    pub fn unheard(&self) -> Option<Unheard> {
+        self.watchers.gate.pass().then(|| Unheard {
+            gate: Arc::clone(&self.watchers.gate),
+        })
     }
 
     /// Whether anyone may listen for task `id`'s events: yes while anyone
-    /// watches an owner, a queue or a type, as the task is not read to
-    /// tell. For changes already committed (another node's, told of by
-    /// notification), whose events a watch that begins later needs not:
-    /// it reads the task as they left it.
+    /// watches every task or an owner, a queue or a type, as the task is
+    /// not read to tell. For changes already committed (another node's,
+    /// told of by notification), whose events a watch that begins later
+    /// needs not: it reads the task as they left it.
     pub fn wants(&self, id: Uuid) -> bool {
-        self.events.receiver_count() > 0 || self.watchers.may_want(id)
+        self.watchers.may_want(id)
     }
 
     pub fn publish(&self, event: TaskEvent) {
-        self.watchers.send(&event);
-        // No receiver is not an error: events are for whoever listens now.
-        let _ = self.events.send(event);
-    }
-
-    /// Every task's events.
-    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
-        self.events.subscribe()
+        self.watchers.send(event);
     }
 
     /// The events of what `interest` names, from now on, on a channel of
     /// its own: other tasks' changes neither wake the watcher nor crowd its
-    /// own out of its channel.
-    pub fn watch(&self, interest: Interest) -> Watch {
+    /// own out of its channel. Returns once every change committed
+    /// unheard before it began is published (see [`Hub::unheard`]): what
+    /// the watcher reads then, it reads as those changes left it, and
+    /// every later change it hears.
+    pub async fn watch(&self, interest: Interest) -> Watch {
         let changes = {
             let mut channels = self.watchers.lock();
-            let changes = channels.join(&interest);
+            let changes = channels.join(&self.watchers.every, &interest);
             self.watchers.count(&channels);
             changes
         };
-        Watch {
+        let watch = Watch {
             interest,
             changes,
             watchers: Arc::clone(&self.watchers),
-        }
+        };
+        // Counted before the wait, so that no pass is given after it; a
+        // watch dropped while it waits is uncounted by its drop.
+        self.watchers.gate.watch_began();
+        self.watchers.gate.unheard_published().await;
+        watch
     }
 
     /// Tasks may have become claimable.
@@ -185,6 +209,8 @@ impl Hub {
     }
 }
 
+/// Every task's events buffered for a watcher of them all.
+const EVERY_CAPACITY: usize = 4096;
 /// A task's own events buffered for a watcher that has not read them
 /// yet; one that falls further behind hears that it lagged.
 const TASK_CAPACITY: usize = 64;
@@ -196,6 +222,8 @@ const GROUP_CAPACITY: usize = 1024;
 /// What a watcher wants to hear of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interest {
+    /// Every task's events.
+    Every,
     /// One task's events.
     Task(Uuid),
     /// The events of the tasks of one owner, …
@@ -209,13 +237,89 @@ pub enum Interest {
 type Channel = broadcast::Sender<TaskEvent>;
 
 /// The channels of what someone watches.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Watchers {
+    /// Every task's events.
+    every: Channel,
     channels: Mutex<Channels>,
     /// How many tasks are watched, and how many owners, queues and types,
     /// read without the lock: where nobody watches, publishing takes none.
     tasks: AtomicUsize,
     groups: AtomicUsize,
+    gate: Arc<Gate>,
+}
+
+/// How many watch, and how many changes are on their way unheard, in one
+/// word: a pass is given only while nobody watches, and a watch counted
+/// waits for the passes given before it.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Watches in the high 32 bits, passes held in the low 32.
+    state: AtomicU64,
+    /// Told when the last pass goes while anyone watches.
+    published: Notify,
+}
+
+const ONE_WATCH: u64 = 1 << 32;
+const PASSES: u64 = ONE_WATCH - 1;
+
+impl Gate {
+    fn listening(&self) -> bool {
+        self.state.load(Ordering::Acquire) >= ONE_WATCH
+    }
+
+    /// Takes a pass if nobody watches.
+    fn pass(&self) -> bool {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state < ONE_WATCH).then_some(state + 1)
+            })
+            .is_ok()
+    }
+
+    fn pass_returned(&self) {
+        let before = self.state.fetch_sub(1, Ordering::AcqRel);
+        if before & PASSES == 1 && before >= ONE_WATCH {
+            self.published.notify_waiters();
+        }
+    }
+
+    fn watch_began(&self) {
+        self.state.fetch_add(ONE_WATCH, Ordering::AcqRel);
+    }
+
+    fn watch_ended(&self) {
+        self.state.fetch_sub(ONE_WATCH, Ordering::AcqRel);
+    }
+
+    /// Returns once no pass is held.
+    async fn unheard_published(&self) {
+        loop {
+            let published = self.published.notified();
+            tokio::pin!(published);
+            // Registered before the look, so a pass returned between the
+            // two still wakes it.
+            published.as_mut().enable();
+            if self.state.load(Ordering::Acquire) & PASSES == 0 {
+                return;
+            }
+            published.await;
+        }
+    }
+}
+
+/// Held by a store from a change it built no event for, as nobody
+/// watched, until it has published what it committed (see
+/// [`Hub::unheard`]).
+#[derive(Debug)]
+pub struct Unheard {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Unheard {
+    fn drop(&mut self) {
+        self.gate.pass_returned();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -228,8 +332,9 @@ struct Channels {
 
 impl Channels {
     /// A receiver of `interest`'s channel, which it opens if none is.
-    fn join(&mut self, interest: &Interest) -> broadcast::Receiver<TaskEvent> {
+    fn join(&mut self, every: &Channel, interest: &Interest) -> broadcast::Receiver<TaskEvent> {
         match interest {
+            Interest::Every => every.subscribe(),
             Interest::Task(id) => join(&mut self.tasks, *id, TASK_CAPACITY),
             Interest::Owner(name) => join(&mut self.owners, name.clone(), GROUP_CAPACITY),
             Interest::Queue(name) => join(&mut self.queues, name.clone(), GROUP_CAPACITY),
@@ -240,6 +345,7 @@ impl Channels {
     /// Closes `interest`'s channel if the receiver that leaves is its last.
     fn leave(&mut self, interest: &Interest) {
         match interest {
+            Interest::Every => {}
             Interest::Task(id) => leave(&mut self.tasks, id),
             Interest::Owner(name) => leave(&mut self.owners, name.as_str()),
             Interest::Queue(name) => leave(&mut self.queues, name.as_str()),
@@ -281,23 +387,25 @@ impl Watchers {
         self.groups.store(groups, Ordering::Release);
     }
 
-    fn any(&self) -> bool {
-        self.tasks.load(Ordering::Acquire) > 0 || self.groups.load(Ordering::Acquire) > 0
-    }
-
     fn may_want(&self, id: Uuid) -> bool {
-        self.groups.load(Ordering::Acquire) > 0
+        self.every.receiver_count() > 0
+            || self.groups.load(Ordering::Acquire) > 0
             || (self.tasks.load(Ordering::Acquire) > 0 && self.lock().tasks.contains_key(&id))
     }
 
-    fn send(&self, event: &TaskEvent) {
+    fn send(&self, event: TaskEvent) {
         let (tasks, groups) = (
             self.tasks.load(Ordering::Acquire),
             self.groups.load(Ordering::Acquire),
         );
-        if tasks == 0 && groups == 0 {
-            return;
+        if tasks > 0 || groups > 0 {
+            self.send_to_watchers(&event, tasks, groups);
         }
+        // No receiver is not an error: events are for whoever listens now.
+        let _ = self.every.send(event);
+    }
+
+    fn send_to_watchers(&self, event: &TaskEvent, tasks: usize, groups: usize) {
         let channels = self.lock();
         let task = &event.task;
         let mut heard_by = [None; 4];
@@ -344,6 +452,7 @@ impl Drop for Watch {
         let mut channels = self.watchers.lock();
         channels.leave(&self.interest);
         self.watchers.count(&channels);
+        self.watchers.gate.watch_ended();
     }
 }
 
@@ -352,8 +461,8 @@ mod tests {
     use super::*;
     use crate::{Limits, NewTask, Position, Timestamp};
 
-    #[test]
-    fn an_event_is_written_as_json_once_for_every_receiver() {
+    #[tokio::test]
+    async fn an_event_is_written_as_json_once_for_every_receiver() {
         let spec = NewTask::new("report")
             .payload(&serde_json::json!({"rows": [1, 2], "note": "a\nb"}))
             .unwrap()
@@ -361,7 +470,10 @@ mod tests {
             .unwrap();
         let task = Task::new_from_spec(Uuid::now_v7(), spec, Timestamp::from_millis(5), false);
         let hub = Hub::new();
-        let (mut first, mut second) = (hub.subscribe(), hub.subscribe());
+        let (mut first, mut second) = (
+            hub.watch(Interest::Every).await,
+            hub.watch(Interest::Every).await,
+        );
         hub.publish(TaskEvent::new(EventKind::State, task.clone()));
         let (a, b) = (first.try_recv().unwrap(), second.try_recv().unwrap());
         let written = a.json_line().unwrap();
@@ -383,7 +495,7 @@ mod tests {
     async fn a_task_watch_hears_its_task_alone_however_many_others_change() {
         let hub = Hub::new();
         let (watched, other) = (task_of("watched"), task_of("other"));
-        let mut watch = hub.watch(Interest::Task(watched.id));
+        let mut watch = hub.watch(Interest::Task(watched.id)).await;
         assert!(hub.wants(watched.id));
         assert!(!hub.wants(other.id), "nobody watches every task");
         // More changes than the stream of every change holds, and than
@@ -402,23 +514,66 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_task_is_wanted_until_its_last_watch_goes() {
+    #[tokio::test]
+    async fn a_task_is_wanted_until_its_last_watch_goes() {
         let hub = Hub::new();
         let task = task_of("watched");
-        let first = hub.watch(Interest::Task(task.id));
-        let second = hub.watch(Interest::Task(task.id));
+        let first = hub.watch(Interest::Task(task.id)).await;
+        let second = hub.watch(Interest::Task(task.id)).await;
         drop(first);
         assert!(hub.wants(task.id), "the second watch still wants it");
         drop(second);
         assert!(!hub.wants(task.id));
         assert!(!hub.has_listeners());
-        let third = hub.watch(Interest::Task(task.id));
+        let third = hub.watch(Interest::Task(task.id)).await;
         assert!(hub.has_listeners(), "a task watched again is wanted again");
         drop(third);
         assert!(!hub.has_listeners());
-        let _all = hub.subscribe();
+        let _all = hub.watch(Interest::Every).await;
         assert!(hub.wants(task.id), "a stream of every change wants each");
+    }
+
+    #[tokio::test]
+    async fn a_watch_begins_once_the_changes_committed_unheard_are_published() {
+        let hub = Hub::new();
+        let (first, second) = (hub.unheard(), hub.unheard());
+        assert!(first.is_some() && second.is_some(), "nobody watches");
+        let mut watch = std::pin::pin!(hub.watch(Interest::Task(task_of("t").id)));
+        assert!(futures_poll_once(watch.as_mut()).is_none());
+        assert!(hub.unheard().is_none(), "a watch waiting is a watch");
+        drop(first);
+        assert!(
+            futures_poll_once(watch.as_mut()).is_none(),
+            "a pass is still held"
+        );
+        drop(second);
+        let watch = futures_poll_once(watch.as_mut()).expect("every pass returned");
+        assert!(hub.unheard().is_none());
+        drop(watch);
+        assert!(hub.unheard().is_some(), "the watch gone, nobody listens");
+    }
+
+    #[tokio::test]
+    async fn a_watch_dropped_while_it_waits_is_no_longer_counted() {
+        let hub = Hub::new();
+        let pass = hub.unheard();
+        let mut watch = Box::pin(hub.watch(Interest::Owner("alice".into())));
+        assert!(futures_poll_once(watch.as_mut()).is_none());
+        drop(watch);
+        drop(pass);
+        assert!(!hub.has_listeners());
+        assert!(hub.unheard().is_some());
+    }
+
+    /// Polls `future` once, as a runtime would when first woken.
+    fn futures_poll_once<F: std::future::Future>(
+        future: std::pin::Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.poll(&mut context) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
     }
 
     #[test]

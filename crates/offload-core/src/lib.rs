@@ -27,7 +27,7 @@ pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
 pub use claim::{Candidate, admit};
 pub use error::{Error, Result};
 pub use finished::{Finished, FinishedTally};
-pub use hub::{EventKind, Hub, Interest, TaskEvent, Watch};
+pub use hub::{EventKind, Hub, Interest, TaskEvent, Unheard, Watch};
 pub use log_throttle::{LOG_LINES_PER_SECOND, LogThrottle};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, MAX_RETRY_DELAY, transition_allowed};
 pub use new_task::{

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use offload_core::{Error, EventKind, State, Task, TaskEvent};
+use offload_core::{Error, EventKind, State, Task, TaskEvent, Unheard};
 use uuid::Uuid;
 
 use crate::Node;
@@ -23,6 +23,9 @@ const NOTIFY_CHUNK: usize = 7000;
 #[derive(Default)]
 struct Effects {
     events: Vec<TaskEvent>,
+    /// Held from a change whose event was not built, as nobody watched,
+    /// until the transaction's effects are published (see `Hub::unheard`).
+    unheard: Option<Unheard>,
     cancels: Vec<Uuid>,
     ready: bool,
     scheduled: bool,
@@ -90,8 +93,12 @@ impl Tx {
             },
             task.id,
         ));
-        if self.node.hub.has_listeners() {
-            self.effects.events.push(TaskEvent::new(kind, task.clone()));
+        let effects = &mut self.effects;
+        if effects.unheard.is_none() {
+            match self.node.hub.unheard() {
+                Some(pass) => effects.unheard = Some(pass),
+                None => effects.events.push(TaskEvent::new(kind, task.clone())),
+            }
         }
     }
 

@@ -138,7 +138,7 @@ async fn a_task_enqueued_on_one_node_wakes_a_waiter_on_another() {
     let (a, b) = two_nodes().await;
     let mut ready = b.hub().watch_ready();
     ready.borrow_and_update();
-    let mut events = b.hub().subscribe();
+    let mut events = b.hub().watch(Interest::Every).await;
     let spec = NewTask::new("t")
         .validate(&Limits::default(), Position::Alone)
         .unwrap();
@@ -166,7 +166,7 @@ async fn every_change_of_a_batch_and_a_cancel_reach_another_node() {
         return;
     }
     let (a, b) = two_nodes().await;
-    let mut events = b.hub().subscribe();
+    let mut events = b.hub().watch(Interest::Every).await;
     let mut cancels = b.hub().subscribe_cancels();
     let spec = NewTask::new("t")
         .validate(&Limits::default(), Position::Alone)
@@ -209,8 +209,8 @@ async fn a_watch_on_one_node_hears_another_nodes_changes_to_what_it_names() {
         .validate(&Limits::default(), Position::Alone)
         .unwrap();
     let watched = a.enqueue(vec![plain.clone()]).await.unwrap().remove(0).0;
-    let mut task_watch = b.hub().watch(Interest::Task(watched.id));
-    let mut queue_watch = b.hub().watch(Interest::Queue("reports".into()));
+    let mut task_watch = b.hub().watch(Interest::Task(watched.id)).await;
+    let mut queue_watch = b.hub().watch(Interest::Queue("reports".into())).await;
     a.enqueue(vec![plain.clone(); 200]).await.unwrap();
     let report = NewTask::new("t")
         .queue("reports")
@@ -239,6 +239,77 @@ async fn a_watch_on_one_node_hears_another_nodes_changes_to_what_it_names() {
     assert_eq!(heard.task.id, report.id);
 }
 
+/// A watch that begins while a change is on its way to commit with no
+/// event built for it (nobody watched when it was made) begins once that
+/// change is published, so the task it then reads is as the change left
+/// it. It began at once and read the task before the commit, and never
+/// heard the change: a task's page opened as its task ended stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_begun_while_an_unheard_change_commits_reads_what_it_left() {
+    if !available() {
+        return;
+    }
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = NewTask::new("t")
+        .validate(&Limits::default(), Position::Alone)
+        .unwrap();
+    let task = store.enqueue(vec![spec]).await.unwrap().remove(0).0;
+    // Holds the cancel's transaction open after its change, where it
+    // records the counts just before COMMIT.
+    let url = database_url().expect("checked");
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    let counts = format!("\"{schema}\".offload_counts");
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {counts} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let cancelling = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.cancel(task.id).await }
+    });
+    let mut observer = sqlx::PgConnection::connect(&url).await.unwrap();
+    let held_at_counts = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted",
+            )
+            .bind(&counts)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), held_at_counts)
+        .await
+        .expect("the cancel waits at the counts");
+    let watching = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let watch = store.hub().watch(Interest::Task(task.id)).await;
+            let read = store.get(task.id).await.unwrap().unwrap();
+            (watch, read)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !watching.is_finished(),
+        "the watch waits for the change on its way to commit"
+    );
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    cancelling.await.unwrap().unwrap();
+    let (_watch, read) = tokio::time::timeout(Duration::from_secs(10), watching)
+        .await
+        .expect("the watch begins once the change is published")
+        .unwrap();
+    assert_eq!(read.state, State::Cancelled);
+}
+
 /// Another node reads a changed task when the notification comes, which
 /// may be after later changes: tasks enqueued, claimed and completed in
 /// quick turns were read completed three times each, and streamed as
@@ -249,7 +320,7 @@ async fn another_node_streams_each_version_of_a_task_once() {
         return;
     }
     let (a, b) = two_nodes().await;
-    let mut events = b.hub().subscribe();
+    let mut events = b.hub().watch(Interest::Every).await;
     let spec = NewTask::new("t")
         .validate(&Limits::default(), Position::Alone)
         .unwrap();
@@ -1293,7 +1364,7 @@ async fn a_node_listens_again_when_its_notification_connection_goes_silent() {
     )
     .await
     .expect("open through the relay");
-    let mut events = relayed.hub().subscribe();
+    let mut events = relayed.hub().watch(Interest::Every).await;
     silence();
     let spec = NewTask::new("t")
         .validate(&Limits::default(), Position::Alone)

@@ -1,7 +1,9 @@
 //! Server-sent events (SPEC §4.2): one task's changes, or every change.
 //!
-//! A stream subscribes before it reads the task's current state, so no
-//! change can fall between the two. A per-task stream ends after the task's
+//! A stream watches before it reads the task's current state, so no
+//! change can fall between the two: the watch begins once every change
+//! committed unheard is published (`Hub::watch`), and every later change
+//! is heard. A per-task stream ends after the task's
 //! terminal event; every stream ends when the server stops, so that a
 //! graceful shutdown never waits on one.
 
@@ -12,8 +14,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use futures::StreamExt;
-use offload_core::{EventKind, Interest, TaskEvent, Watch};
-use tokio::sync::broadcast;
+use offload_core::{EventKind, Interest, TaskEvent};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
@@ -47,7 +48,7 @@ pub async fn task_events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let id = task_id(&id)?;
-    let mut changes = state.store().hub().watch(Interest::Task(id));
+    let mut changes = state.store().hub().watch(Interest::Task(id)).await;
     let current = state
         .store()
         .get(id)
@@ -100,12 +101,13 @@ pub async fn all_events(
     // A stream filtered by owner, type or queue is woken by that one's
     // changes alone; the rest of its filter is checked here.
     let hub = state.store().hub();
-    let mut changes = match (&owner, &task_type, &queue) {
-        (Some(owner), _, _) => Changes::Some(hub.watch(Interest::Owner(owner.clone()))),
-        (None, Some(task_type), _) => Changes::Some(hub.watch(Interest::Type(task_type.clone()))),
-        (None, None, Some(queue)) => Changes::Some(hub.watch(Interest::Queue(queue.clone()))),
-        (None, None, None) => Changes::All(hub.subscribe()),
+    let interest = match (&owner, &task_type, &queue) {
+        (Some(owner), _, _) => Interest::Owner(owner.clone()),
+        (None, Some(task_type), _) => Interest::Type(task_type.clone()),
+        (None, None, Some(queue)) => Interest::Queue(queue.clone()),
+        (None, None, None) => Interest::Every,
     };
+    let mut changes = hub.watch(interest).await;
     let stream = async_stream(move |tx| async move {
         loop {
             let received = tokio::select! {
@@ -136,22 +138,6 @@ pub async fn all_events(
         }
     });
     Ok(sse(stream, state.stop.clone()))
-}
-
-/// What a stream of many tasks' changes hears: every change, or those of
-/// one owner's, type's or queue's tasks.
-enum Changes {
-    All(broadcast::Receiver<TaskEvent>),
-    Some(Watch),
-}
-
-impl Changes {
-    async fn recv(&mut self) -> Result<TaskEvent, RecvError> {
-        match self {
-            Self::All(every) => every.recv().await,
-            Self::Some(watch) => watch.recv().await,
-        }
-    }
 }
 
 fn sse(

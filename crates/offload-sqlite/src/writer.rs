@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use offload_core::{
     Backoff, ClaimRequest, Clock, Counts, Durable, Error, EventKind, FinishedTally, Hub, Limits,
     LogThrottle, ParkedClaim, Result, State, TakenClaim, Task, TaskEvent, Tentative, Timestamp,
-    WriteFailure,
+    Unheard, WriteFailure,
 };
 use rusqlite::{Connection, Statement};
 use tokio::sync::oneshot;
@@ -143,6 +143,9 @@ pub(crate) struct Effects {
     pairs: PairNames,
     deltas: Vec<Delta>,
     events: Vec<TaskEvent>,
+    /// Held from a change whose event was not built, as nobody watched,
+    /// until the group is published (see `Hub::unheard`).
+    unheard: Option<Unheard>,
     cancels: Vec<Uuid>,
     ready: bool,
     /// A change that may make any claim succeed (a queue resumed or its
@@ -559,8 +562,12 @@ impl<'c> WriteCtx<'c, '_> {
     }
 
     pub fn event(&mut self, kind: EventKind, task: &Task) {
-        if self.shared.hub.has_listeners() {
-            self.effects.events.push(TaskEvent::new(kind, task.clone()));
+        let effects = &mut *self.effects;
+        if effects.unheard.is_none() {
+            match self.shared.hub.unheard() {
+                Some(pass) => effects.unheard = Some(pass),
+                None => effects.events.push(TaskEvent::new(kind, task.clone())),
+            }
         }
     }
 

@@ -2343,7 +2343,7 @@ pub async fn unknown_ids_are_not_found(factory: &dyn StoreFactory) {
 
 pub async fn changes_are_published_as_events(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
-    let mut events = f.store.hub().subscribe();
+    let mut events = f.store.hub().watch(Interest::Every).await;
     let mut ready = f.store.hub().watch_ready();
     ready.borrow_and_update();
     let task = f.enqueue(NewTask::new("t")).await;
@@ -2398,10 +2398,10 @@ pub async fn each_watch_hears_the_changes_of_what_it_names(factory: &dyn StoreFa
     let watched = f.enqueue(NewTask::new("t")).await;
     let hub = f.store.hub();
     let mut watches = [
-        hub.watch(Interest::Task(watched.id)),
-        hub.watch(Interest::Owner("alice".into())),
-        hub.watch(Interest::Queue("reports".into())),
-        hub.watch(Interest::Type("mail".into())),
+        hub.watch(Interest::Task(watched.id)).await,
+        hub.watch(Interest::Owner("alice".into())).await,
+        hub.watch(Interest::Queue("reports".into())).await,
+        hub.watch(Interest::Type("mail".into())).await,
     ];
     assert!(hub.has_listeners());
     let alices = f.enqueue(NewTask::new("t").owner("alice")).await;
@@ -2583,7 +2583,7 @@ pub async fn an_operation_dropped_by_its_caller_publishes_what_it_committed(
 ) {
     const MAX_POLLS: usize = 1000;
     let f = fixture(factory).await;
-    let mut events = f.store.hub().subscribe();
+    let mut events = f.store.hub().watch(Interest::Every).await;
     for polls in 0.. {
         assert!(
             polls < MAX_POLLS,
