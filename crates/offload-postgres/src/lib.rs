@@ -155,6 +155,7 @@ pub struct PgStore {
     pool: PgPool,
     node: Arc<Node>,
     stop: CancellationToken,
+    heartbeats: Arc<Heartbeats>,
 }
 
 /// How long an operation waits for a connection of the pool's.
@@ -229,6 +230,7 @@ impl PgStore {
             pool: pool.clone(),
             node: Arc::clone(&node),
             stop: stop.clone(),
+            heartbeats: Arc::default(),
         });
         if follows_database {
             tokio::spawn(clock::follow(clock, pool.clone(), stop.clone()));
@@ -497,6 +499,10 @@ macro_rules! in_tx {
     }};
 }
 
+// After `in_tx!`, which it uses.
+mod heartbeats;
+use heartbeats::Heartbeats;
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn enqueue(&self, tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
@@ -517,7 +523,7 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
         validate_worker_id(&request.worker_id)?;
-        in_tx!(self, |tx| ops::heartbeat(&mut tx, request.clone()).await?)
+        self.heartbeats.send(request, &self.pool, &self.node).await
     }
 
     async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {

@@ -1083,24 +1083,51 @@ async fn pending_types(tx: &mut Tx, queues: &[&str]) -> PgResult<HashMap<String,
 
 // ---- the worker's reports ---------------------------------------------------
 
-pub(crate) async fn heartbeat(tx: &mut Tx, req: HeartbeatRequest) -> PgResult<HeartbeatAck> {
-    let mut stored = load_one(tx, req.id).await?;
-    let progress = req
-        .progress
-        .map(|p| p.checked(&tx.node.limits))
-        .transpose()?;
-    let reported = progress.is_some();
-    stored
-        .task
-        .heartbeat(&req.worker_id, req.lease, progress, tx.now)?;
-    tx.write_rows(&[&stored]).await?;
-    if reported {
-        tx.event(EventKind::Progress, &stored.task);
+/// Heartbeats of one transaction, each answered apart: one refused (its
+/// worker no longer holds the task, its progress too large) leaves the
+/// others as they are. A task heartbeated twice takes both, in order.
+pub(crate) async fn heartbeats(
+    tx: &mut Tx,
+    requests: &[HeartbeatRequest],
+) -> PgResult<Vec<offload_core::Result<HeartbeatAck>>> {
+    let ids: Vec<Uuid> = requests.iter().map(|req| req.id).collect();
+    let mut loaded = tx.load_for_update(&ids).await?;
+    let mut changed = HashSet::new();
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for req in requests {
+        let Some(stored) = loaded.get_mut(&req.id) else {
+            outcomes.push(Err(Error::task_not_found(req.id)));
+            continue;
+        };
+        let beat = req
+            .progress
+            .clone()
+            .map(|p| p.checked(&tx.node.limits))
+            .transpose()
+            .and_then(|progress| {
+                let reported = progress.is_some();
+                stored
+                    .task
+                    .heartbeat(&req.worker_id, req.lease, progress, tx.now)?;
+                Ok(reported)
+            });
+        outcomes.push(beat.map(|reported| {
+            if reported {
+                tx.event(EventKind::Progress, &stored.task);
+            }
+            changed.insert(req.id);
+            HeartbeatAck {
+                cancel_requested: stored.task.cancel_requested,
+                lease_expires_at: stored.task.lease_expires_at.unwrap_or(tx.now),
+            }
+        }));
     }
-    Ok(HeartbeatAck {
-        cancel_requested: stored.task.cancel_requested,
-        lease_expires_at: stored.task.lease_expires_at.unwrap_or(tx.now),
-    })
+    let written: Vec<&StoredTask> = loaded
+        .values()
+        .filter(|stored| changed.contains(&stored.task.id))
+        .collect();
+    tx.write_rows(&written).await?;
+    Ok(outcomes)
 }
 
 pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResult<Vec<AckOutcome>> {

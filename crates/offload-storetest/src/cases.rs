@@ -869,6 +869,76 @@ pub async fn heartbeat_extends_lease_and_records_progress(factory: &dyn StoreFac
     assert_invalid(bad, "progress.percent");
 }
 
+/// Heartbeats sent at once, which a store may write together, are
+/// answered each as if sent alone: one refused leaves the others, and a
+/// task heartbeated several times takes them in the order sent.
+pub async fn heartbeats_sent_at_once_are_answered_each_apart(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    for _ in 0..4 {
+        f.enqueue(NewTask::new("t")).await;
+    }
+    let tasks = f.claim("w", 4).await;
+    let mut watch = f.store.hub().watch(Interest::Task(tasks[0].id)).await;
+    f.advance(5);
+    let beat = |id: Uuid, worker: &str, percent: f64| HeartbeatRequest {
+        id,
+        worker_id: worker.into(),
+        progress: Some(ProgressUpdate {
+            percent: Some(percent),
+            ..Default::default()
+        }),
+        lease: Duration::from_secs(30),
+    };
+    let mut requests = Vec::new();
+    for round in 0..3 {
+        for (i, task) in tasks.iter().enumerate() {
+            requests.push(beat(task.id, "w", (10 * i + round) as f64));
+        }
+    }
+    let refused = requests.len();
+    requests.push(beat(tasks[0].id, "other", 99.0));
+    requests.push(beat(tasks[1].id, "w", 101.0));
+    requests.push(beat(Uuid::now_v7(), "w", 1.0));
+    let answers = futures::future::join_all(
+        requests
+            .into_iter()
+            .map(|request| f.store.heartbeat(request)),
+    )
+    .await;
+    let lease_end = f.now().saturating_add(Duration::from_secs(30));
+    for answer in &answers[..refused] {
+        let ack = answer
+            .as_ref()
+            .expect("each heartbeat of the holder is taken");
+        assert_eq!(ack.lease_expires_at, lease_end);
+    }
+    let mut refusals = answers.into_iter().skip(refused);
+    assert!(matches!(refusals.next(), Some(Err(Error::Conflict(_)))));
+    assert_invalid(refusals.next().unwrap(), "progress.percent");
+    assert!(matches!(refusals.next(), Some(Err(Error::NotFound(_)))));
+    for (i, task) in tasks.iter().enumerate() {
+        let stored = f.get(task.id).await;
+        assert_eq!(stored.worker_id.as_deref(), Some("w"));
+        assert_eq!(
+            stored.progress.and_then(|p| p.percent),
+            Some((10 * i + 2) as f64),
+            "the last of task {i}'s heartbeats stands"
+        );
+    }
+    let heard: Vec<_> = std::iter::from_fn(|| watch.try_recv().ok())
+        .map(|event| {
+            (
+                event.kind,
+                event.task.progress.as_ref().and_then(|p| p.percent),
+            )
+        })
+        .collect();
+    assert_eq!(
+        heard,
+        [0.0, 1.0, 2.0].map(|percent| (EventKind::Progress, Some(percent)))
+    );
+}
+
 pub async fn timeout_fails_the_attempt(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     let task = f

@@ -62,6 +62,7 @@ macro_rules! conformance_tests {
             retry_false_and_retry_in_are_honoured,
             expired_lease_fails_the_attempt_and_fences_the_old_worker,
             heartbeat_extends_lease_and_records_progress,
+            heartbeats_sent_at_once_are_answered_each_apart,
             timeout_fails_the_attempt,
             cancel_pending_and_running,
             finished_tasks_are_counted_every_way_a_task_finishes,
