@@ -128,13 +128,13 @@ impl Hub {
         self.watchers.gate.listening()
     }
 
-    /// A pass to build no events for the changes the caller is about to
-    /// commit, given where nobody watches; `None` where anyone does, and
-    /// then the caller builds every change's event, not only a watched
-    /// task's (a watch that began during the change may read its task
-    /// before the commit). The caller holds the pass until it has
-    /// published what it committed, or dropped it: a watch that begins
-    /// meanwhile waits for it.
+    /// Where nobody watches, a pass to build no events for the changes the
+    /// caller is about to commit; `None` where anyone does, and the caller
+    /// then builds every change's event, not only a watched task's (a
+    /// watch that began during the change may read its task before the
+    /// commit). The caller holds the pass until it has published what it
+    /// committed, or given it up: a watch that begins meanwhile waits for
+    /// it.
     pub fn unheard(&self) -> Option<Unheard> {
         self.watchers.gate.pass().then(|| Unheard {
             gate: Arc::clone(&self.watchers.gate),
