@@ -24,70 +24,76 @@ import time
 from probe_server import post, serve
 
 
-def until(t):
-    while time.monotonic() < t:
-        pass
+def at_set_moments(pipe, act):
+    """For each (task id, moment) the pipe brings, waits for the moment
+    (spinning: a sleep wakes too late), acts on the task and sends back
+    what `act` returned; until the pipe brings None."""
+    while (message := pipe.recv()) is not None:
+        task, moment = message
+        while time.monotonic() < moment:
+            pass
+        pipe.send(act(task))
+
 
 def acker(port, pipe):
     conn = http.client.HTTPConnection("127.0.0.1", port)
-    while True:
-        msg = pipe.recv()
-        if msg is None:
-            return
-        tid, at = msg
-        until(at)
-        post(conn, "/v1/ack", {"worker_id": "w", "completed": [{"id": tid}]})
-        pipe.send(True)
+    at_set_moments(pipe, lambda task: post(
+        conn, "/v1/ack", {"worker_id": "w", "completed": [{"id": task}]}))
 
-def streamer(port, pipe):
-    while True:
-        msg = pipe.recv()
-        if msg is None:
-            return
-        tid, at = msg
-        until(at)
-        s = socket.create_connection(("127.0.0.1", port))
+
+def open_stream(port, task):
+    """How the task's stream went: "r" it read the task running and then
+    heard it complete, "c" it read it completed, "STUCK" no end in 2 s."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
         s.settimeout(2)
-        s.sendall(f"GET /v1/tasks/{tid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET /v1/tasks/{task}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         data = b""
-        outcome = None
         try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
+            while chunk := s.recv(65536):
                 data += chunk
                 if b'"completed"' in data and data.endswith(b"0\r\n\r\n"):
                     break
-            r, c = data.find(b'"running"'), data.find(b'"completed"')
-            outcome = "r" if r != -1 and r < c else "c"
         except socket.timeout:
-            outcome = "STUCK"
-        s.close()
-        pipe.send(outcome)
+            return "STUCK"
+    running, completed = data.find(b'"running"'), data.find(b'"completed"')
+    return "r" if -1 < running < completed else "c"
+
+
+def streamer(port, pipe):
+    at_set_moments(pipe, lambda task: open_stream(port, task))
+
+
+def main():
+    binary, db, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    lo, hi = float(sys.argv[4]), float(sys.argv[5])
+    with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
+        to_acker, acker_end = mp.Pipe()
+        to_streamer, streamer_end = mp.Pipe()
+        helpers = [mp.Process(target=acker, args=(port, acker_end)),
+                   mp.Process(target=streamer, args=(port, streamer_end))]
+        for helper in helpers:
+            helper.start()
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        by_offset = collections.Counter()
+        for _ in range(rounds):
+            task = post(conn, "/v1/tasks", {"type": "t"})["id"]
+            post(conn, "/v1/fetch", {"worker_id": "w", "limit": 1})
+            offset = random.uniform(lo, hi)
+            ack_at = time.monotonic() + 0.003
+            to_acker.send((task, ack_at))
+            to_streamer.send((task, ack_at + offset))
+            to_acker.recv()
+            by_offset[(round(offset * 1e4), to_streamer.recv())] += 1
+        to_acker.send(None)
+        to_streamer.send(None)
+        for helper in helpers:
+            helper.join()
+        print(sorted(by_offset.items()))
+        outcomes = collections.Counter()
+        for (_, outcome), n in by_offset.items():
+            outcomes[outcome] += n
+        print(f"{rounds} streams opened as their task completed: {dict(outcomes)}")
+
 
 if __name__ == "__main__":
-    binary, db, rounds, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-    with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
-        a_here, a_there = mp.Pipe()
-        s_here, s_there = mp.Pipe()
-        procs = [mp.Process(target=acker, args=(port, a_there)), mp.Process(target=streamer, args=(port, s_there))]
-        for p in procs:
-            p.start()
-        conn = http.client.HTTPConnection("127.0.0.1", port)
-        seen = collections.Counter()
-        for i in range(rounds):
-            tid = post(conn, "/v1/tasks", {"type": "t"})["id"]
-            post(conn, "/v1/fetch", {"worker_id": "w", "limit": 1})
-            d = random.uniform(lo, hi)
-            t0 = time.monotonic() + 0.003
-            a_here.send((tid, t0))
-            s_here.send((tid, t0 + d))
-            a_here.recv()
-            seen[(round(d * 1e4), s_here.recv())] += 1
-        a_here.send(None); s_here.send(None)
-        for p in procs:
-            p.join()
-        print(sorted(seen.items()))
-        by = collections.Counter(o for (_, o), n in seen.items() for _ in range(n))
-        print(f"{rounds} streams opened as their task completed: {dict(by)}")
+    main()
