@@ -141,6 +141,25 @@ impl Hub {
         })
     }
 
+    /// The event of a change the caller is about to commit, or `None`
+    /// once `unheard` holds a pass: where nobody watches, it takes one
+    /// (see [`Hub::unheard`]), which the caller keeps with the commit's
+    /// effects and drops once they are published.
+    pub fn event_of(
+        &self,
+        unheard: &mut Option<Unheard>,
+        kind: EventKind,
+        task: &Task,
+    ) -> Option<TaskEvent> {
+        if unheard.is_some() {
+            return None;
+        }
+        *unheard = self.unheard();
+        unheard
+            .is_none()
+            .then(|| TaskEvent::new(kind, task.clone()))
+    }
+
     /// Whether anyone may listen for task `id`'s events: yes while anyone
     /// watches every task or an owner, a queue or a type, as the task is
     /// not read to tell. For changes already committed (another node's,

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::rows::PgError;
 use crate::tx::Tx;
-use crate::{MAX_TRIES, Node, ops, session};
+use crate::{MAX_TRIES, Node, ops};
 
 /// The most heartbeats one transaction takes; the rest wait for the next.
 const MOST_IN_ONE: usize = 1_000;
@@ -117,8 +117,7 @@ impl Writer {
     }
 
     async fn begin(&self) -> Result<Tx, PgError> {
-        let session = session::begin(&self.pool).await?;
-        Ok(Tx::new(session, Arc::clone(&self.node)))
+        Tx::begin(&self.pool, &self.node).await
     }
 
     async fn write(&self, requests: &[HeartbeatRequest]) -> Result<Vec<Result<HeartbeatAck>>> {

@@ -256,8 +256,7 @@ impl PgStore {
     }
 
     async fn begin(&self) -> Result<Tx, PgError> {
-        let session = session::begin(&self.pool).await?;
-        Ok(Tx::new(session, Arc::clone(&self.node)))
+        Tx::begin(&self.pool, &self.node).await
     }
 
     /// Stops listening and leading; the pool closes when the store drops.

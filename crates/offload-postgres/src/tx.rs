@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use offload_core::{Error, EventKind, State, Task, TaskEvent, Unheard};
+use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 use crate::Node;
@@ -46,7 +47,13 @@ pub(crate) struct Tx {
 }
 
 impl Tx {
-    pub fn new(conn: Session, node: Arc<Node>) -> Self {
+    /// A transaction on a connection of `pool`'s.
+    pub async fn begin(pool: &PgPool, node: &Arc<Node>) -> PgResult<Self> {
+        let session = session::begin(pool).await?;
+        Ok(Self::new(session, Arc::clone(node)))
+    }
+
+    fn new(conn: Session, node: Arc<Node>) -> Self {
         Self {
             conn,
             now: node.clock.now(),
@@ -94,11 +101,8 @@ impl Tx {
             task.id,
         ));
         let effects = &mut self.effects;
-        if effects.unheard.is_none() {
-            match self.node.hub.unheard() {
-                Some(pass) => effects.unheard = Some(pass),
-                None => effects.events.push(TaskEvent::new(kind, task.clone())),
-            }
+        if let Some(event) = self.node.hub.event_of(&mut effects.unheard, kind, task) {
+            effects.events.push(event);
         }
     }
 

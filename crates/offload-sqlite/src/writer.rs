@@ -563,11 +563,8 @@ impl<'c> WriteCtx<'c, '_> {
 
     pub fn event(&mut self, kind: EventKind, task: &Task) {
         let effects = &mut *self.effects;
-        if effects.unheard.is_none() {
-            match self.shared.hub.unheard() {
-                Some(pass) => effects.unheard = Some(pass),
-                None => effects.events.push(TaskEvent::new(kind, task.clone())),
-            }
+        if let Some(event) = self.shared.hub.event_of(&mut effects.unheard, kind, task) {
+            effects.events.push(event);
         }
     }
 
