@@ -19,9 +19,11 @@ use crate::{MAX_TRIES, Node, ops};
 const MOST_IN_ONE: usize = 1_000;
 
 /// The heartbeats waiting for a transaction, and whether one is running.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Heartbeats {
     waiting: Mutex<Waiting>,
+    pool: PgPool,
+    node: Arc<Node>,
 }
 
 #[derive(Debug, Default)]
@@ -38,14 +40,17 @@ struct Beat {
 }
 
 impl Heartbeats {
+    pub(crate) fn new(pool: PgPool, node: Arc<Node>) -> Self {
+        Self {
+            waiting: Mutex::default(),
+            pool,
+            node,
+        }
+    }
+
     /// Writes `request` with whatever other heartbeats wait beside it, and
     /// answers once their transaction commits.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
-        request: HeartbeatRequest,
-        pool: &PgPool,
-        node: &Arc<Node>,
-    ) -> Result<HeartbeatAck> {
+    pub(crate) async fn send(self: &Arc<Self>, request: HeartbeatRequest) -> Result<HeartbeatAck> {
         let (answer, answered) = oneshot::channel();
         let start_writer = {
             let mut waiting = self.lock();
@@ -55,12 +60,7 @@ impl Heartbeats {
         if start_writer {
             // A task of its own: a request dropped when its client goes
             // away must not take the others' transaction with it.
-            let writer = Writer {
-                heartbeats: Arc::clone(self),
-                pool: pool.clone(),
-                node: Arc::clone(node),
-            };
-            tokio::spawn(writer.run());
+            tokio::spawn(Arc::clone(self).write_waiting());
         }
         answered.await.unwrap_or_else(|_| {
             Err(Error::Storage(
@@ -74,21 +74,18 @@ impl Heartbeats {
     }
 }
 
-struct Writer {
-    heartbeats: Arc<Heartbeats>,
-    pool: PgPool,
-    node: Arc<Node>,
-}
-
-impl Writer {
-    async fn run(self) {
+impl Heartbeats {
+    /// Writes the waiting heartbeats, a transaction at a time, until none
+    /// waits.
+    async fn write_waiting(self: Arc<Self>) {
+        let heartbeats = &*self;
         let mut ends = WriterEnds {
-            heartbeats: &self.heartbeats,
+            heartbeats,
             finished: false,
         };
         loop {
             let beats = {
-                let mut waiting = self.heartbeats.lock();
+                let mut waiting = heartbeats.lock();
                 if waiting.beats.is_empty() {
                     waiting.writing = false;
                     ends.finished = true;
@@ -101,7 +98,7 @@ impl Writer {
                 .into_iter()
                 .map(|beat| (beat.request, beat.answer))
                 .unzip();
-            match self.write(&requests).await {
+            match heartbeats.write(&requests).await {
                 Ok(outcomes) => {
                     for (answer, outcome) in answers.into_iter().zip(outcomes) {
                         let _ = answer.send(outcome);
@@ -120,6 +117,7 @@ impl Writer {
         Tx::begin(&self.pool, &self.node).await
     }
 
+    /// One transaction of `requests`, retried as every operation is.
     async fn write(&self, requests: &[HeartbeatRequest]) -> Result<Vec<Result<HeartbeatAck>>> {
         in_tx!(self, |tx| ops::heartbeats(&mut tx, requests).await?)
     }

@@ -230,7 +230,7 @@ impl PgStore {
             pool: pool.clone(),
             node: Arc::clone(&node),
             stop: stop.clone(),
-            heartbeats: Arc::default(),
+            heartbeats: Arc::new(Heartbeats::new(pool.clone(), Arc::clone(&node))),
         });
         if follows_database {
             tokio::spawn(clock::follow(clock, pool.clone(), stop.clone()));
@@ -522,7 +522,7 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
         validate_worker_id(&request.worker_id)?;
-        self.heartbeats.send(request, &self.pool, &self.node).await
+        self.heartbeats.send(request).await
     }
 
     async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
