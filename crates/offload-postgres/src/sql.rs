@@ -103,3 +103,17 @@ pub const PENDING_TYPES_OF_QUEUES: &str = "WITH RECURSIVE pending(queue, type) A
          AND t.type > p.type ORDER BY t.type LIMIT 1 \
        ) n \
      ) SELECT queue, type FROM pending";
+
+/// A commit's last statement: adds its count deltas (`$1`–`$4`) to the
+/// ledger, sends its notifications (`$6`) on channel `$5`, and answers
+/// whether a running task it ended was of a queue with a concurrency
+/// limit among `$7`, sending the ready notification `$8` too if so. The
+/// notifications are counted only to have them sent.
+pub const COUNT_AND_NOTIFY: &str = "WITH counted AS (\
+       INSERT INTO offload_counts (queue, type, state, delta) \
+       SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::bigint[])), \
+     room AS (SELECT EXISTS (SELECT 1 FROM offload_queues \
+       WHERE name = ANY($7::text[]) AND concurrency IS NOT NULL) AS freed), \
+     sent AS (SELECT pg_notify($5, payload) FROM UNNEST($6::text[]) AS payload \
+       UNION ALL SELECT pg_notify($5, $8) FROM room WHERE freed) \
+   SELECT (SELECT freed FROM room), (SELECT count(*) FROM sent)";

@@ -29,6 +29,11 @@ struct Effects {
     unheard: Option<Unheard>,
     cancels: Vec<Uuid>,
     ready: bool,
+    /// Queues a running task left: where one has a concurrency limit, the
+    /// slot it freed may let a pending task be claimed. Elsewhere the end
+    /// of a task makes nothing ready, and waking waiting fetches for it
+    /// cost each task acked a claim that found nothing.
+    freed: HashSet<String>,
     scheduled: bool,
 }
 
@@ -87,7 +92,7 @@ impl Tx {
             _ => {}
         }
         if from == Some(State::Running) && to != Some(State::Running) {
-            self.effects.ready = true;
+            self.effects.freed.insert(queue.to_owned());
         }
     }
 
@@ -343,7 +348,13 @@ impl Tx {
     async fn commit_and_publish(mut self) -> PgResult<()> {
         let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
         let notifications = self.notifications();
-        if !deltas.is_empty() || !notifications.is_empty() {
+        // Asked only when the commit does not signal readiness anyway.
+        let freed: Vec<String> = if self.effects.ready {
+            Vec::new()
+        } else {
+            self.effects.freed.drain().collect()
+        };
+        if !deltas.is_empty() || !notifications.is_empty() || !freed.is_empty() {
             let (mut queues, mut types, mut states, mut values) = (vec![], vec![], vec![], vec![]);
             for ((queue, task_type, state), delta) in deltas {
                 queues.push(queue);
@@ -351,21 +362,22 @@ impl Tx {
                 states.push(state);
                 values.push(delta);
             }
-            // The counts and every notification in one round trip: a
-            // single enqueue's rate is bound by its round trips.
-            sqlx::query(
-                "WITH counted AS (INSERT INTO offload_counts (queue, type, state, delta) \
-                   SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::bigint[])) \
-                 SELECT pg_notify($5, payload) FROM UNNEST($6::text[]) AS payload",
-            )
-            .bind(queues)
-            .bind(types)
-            .bind(states)
-            .bind(values)
-            .bind(&self.node.channel)
-            .bind(notifications)
-            .execute(&mut *self.conn)
-            .await?;
+            // The counts, every notification and whether a freed slot
+            // was a limited queue's (then signalled as ready too) in one
+            // round trip: a single enqueue's rate is bound by its round
+            // trips.
+            let (room_freed, _sent): (bool, i64) = sqlx::query_as(crate::sql::COUNT_AND_NOTIFY)
+                .bind(queues)
+                .bind(types)
+                .bind(states)
+                .bind(values)
+                .bind(&self.node.channel)
+                .bind(notifications)
+                .bind(freed)
+                .bind(self.ready_notification())
+                .fetch_one(&mut *self.conn)
+                .await?;
+            self.effects.ready |= room_freed;
         }
         session::end(&mut self.conn, "COMMIT").await?;
         if !self.changed.is_empty() {
@@ -393,6 +405,10 @@ impl Tx {
         Ok(())
     }
 
+    fn ready_notification(&self) -> String {
+        format!("r{}", self.node.id)
+    }
+
     /// Notifications for every node (this one ignores its own, whose
     /// effects it announces directly): `r<node>` ready, `s<node>`
     /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
@@ -402,7 +418,7 @@ impl Tx {
         // node took its own back as a second signal, which woke its waiting
         // fetches twice.
         if self.effects.ready {
-            out.push(format!("r{}", self.node.id));
+            out.push(self.ready_notification());
         }
         if self.effects.scheduled {
             out.push(format!("s{}", self.node.id));

@@ -766,6 +766,75 @@ async fn a_waiting_fetch_whose_claim_fails_hands_its_turn_on() {
     engine.shutdown().await;
 }
 
+/// A running task's end wakes waiting fetches (here and on other nodes)
+/// only where its queue has a concurrency limit, whose slot it frees:
+/// elsewhere it makes nothing ready, and the signal cost each task a
+/// claim of a waiting fetch that found nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ending_signals_ready_only_where_its_queue_has_a_limit() {
+    if !available() {
+        return;
+    }
+    let (a, b) = two_nodes().await;
+    let in_queue = |queue: &str| {
+        NewTask::new("t")
+            .queue(queue)
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
+    let specs = vec![in_queue("free"), in_queue("limited"), in_queue("limited")];
+    a.enqueue(specs).await.unwrap();
+    let limit_one = QueuePatch {
+        concurrency: Some(Some(1)),
+        ..Default::default()
+    };
+    a.update_queue("limited", limit_one).await.unwrap();
+    let claim_from = |queue: &str| ClaimRequest {
+        queues: vec![queue.into()],
+        ..claim_by("w", 10)
+    };
+    let free = a.claim(&claim_from("free")).await.unwrap().remove(0);
+    let limited = a.claim(&claim_from("limited")).await.unwrap();
+    assert_eq!(limited.len(), 1, "the limited queue's one slot");
+    let (mut here, mut there) = (a.hub().watch_ready(), b.hub().watch_ready());
+    here.borrow_and_update();
+    there.borrow_and_update();
+    let mut heard_there = b.hub().watch(Interest::Every).await;
+    let complete = |id| vec![Ack::Complete { id, result: None }];
+    a.ack("w", complete(free.id)).await.unwrap();
+    assert!(
+        !here.has_changed().unwrap(),
+        "a task of a queue without a limit ended, and this node signalled ready"
+    );
+    // Node b hears a commit's notifications in the order sent, the ready
+    // signal before the changes: once it has the change, a signal sent
+    // with it has come. (The claims' changes may come before it.)
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = heard_there.recv().await.unwrap();
+            if (event.task.id, event.task.state) == (free.id, State::Completed) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("node b heard the completion");
+    assert!(
+        !there.has_changed().unwrap(),
+        "a task of a queue without a limit ended, and another node signalled ready"
+    );
+    a.ack("w", complete(limited[0].id)).await.unwrap();
+    assert!(
+        here.has_changed().unwrap(),
+        "a limited queue's slot came free, and this node did not signal ready"
+    );
+    tokio::time::timeout(Duration::from_secs(10), there.changed())
+        .await
+        .expect("a limited queue's slot came free, and node b heard no ready signal")
+        .unwrap();
+    assert_eq!(b.claim(&claim_from("limited")).await.unwrap().len(), 1);
+}
+
 /// Three nodes sharing a schema of their own.
 async fn three_nodes() -> [Arc<PgStore>; 3] {
     let schema = fresh_schema();
