@@ -440,7 +440,15 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Tentative<T> {
 #[derive(Debug)]
 pub enum Claim {
     /// Claimed these tasks (perhaps none) at once.
-    Now(Vec<Task>),
+    Now {
+        tasks: Vec<Task>,
+        /// Whether ready tasks the claim did not take may remain: then
+        /// other fetches waiting for them are woken (a store that cannot
+        /// tell says so when the claim took all it asked for). A lone task
+        /// taken by a fetch of one woke two more, whose claims found
+        /// nothing.
+        more: bool,
+    },
     /// Found nothing and parked the claim; the ticket brings the answer.
     Parked(crate::ClaimTicket),
 }
@@ -478,7 +486,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Stores without parking answer at once; the caller then waits for the
     /// hub's ready signal.
     async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
-        self.claim(request).await.map(Claim::Now)
+        let tasks = self.claim(request).await?;
+        let more = tasks.len() == request.limit;
+        Ok(Claim::Now { tasks, more })
     }
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck>;

@@ -255,11 +255,12 @@ impl Engine {
                 place.hand_on();
             }
             let ticket = match claim? {
-                Claim::Now(claimed) => {
+                Claim::Now {
+                    tasks: claimed,
+                    more,
+                } => {
                     if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
-                        if let Some(place) =
-                            place.as_ref().filter(|_| claimed.len() == request.limit)
-                        {
+                        if let Some(place) = place.as_ref().filter(|_| more) {
                             place.pass_on();
                         }
                         return Ok(claimed);

@@ -8,12 +8,13 @@
 //!
 //! So waiting fetches join a group of those that ask for the same types
 //! and queues, and each ready signal wakes the longest waiting of each
-//! group. A fetch that then claims as many tasks as it asked for wakes two
-//! more of its group, as more may be ready; one that claims fewer wakes no
-//! one, as its group would find nothing more; one whose claim fails gives
-//! its turn to the next. A burst of tasks reaches idle fetches in a number
-//! of rounds that grows with the logarithm of its size, and a lone task
-//! costs a claim or three, however many wait. The look a waiting fetch
+//! group. A fetch whose claim leaves ready tasks behind (as the store
+//! tells, [`offload_core::Claim::Now`]) wakes two more of its group; one
+//! that took all there was wakes no one, as its group would find nothing
+//! more; one whose claim fails gives its turn to the next. A burst of
+//! tasks reaches idle fetches in a number of rounds that grows with the
+//! logarithm of its size, and a lone task costs one claim, however many
+//! wait, where the store can tell it took all there was. The look a waiting fetch
 //! takes in case a signal was lost goes the same way: one fetch of each
 //! group, every `fallback`, rather than each fetch.
 
@@ -127,8 +128,7 @@ impl Place {
         self.turn.notified().await;
     }
 
-    /// Wakes two more of the group: this fetch claimed all it asked for,
-    /// and more tasks may be ready.
+    /// Wakes two more of the group: this fetch's claim left tasks ready.
     pub(crate) fn pass_on(&self) {
         self.turn.notify_one();
         self.turn.notify_one();
@@ -200,7 +200,7 @@ mod tests {
         }
 
         /// Waiters of `types` counting their turns in `turns`; each passes
-        /// its turn on, as a fetch that claimed all it asked for does, when
+        /// its turn on, as a fetch whose claim left tasks ready does, when
         /// `passing`.
         fn waiters(
             &self,

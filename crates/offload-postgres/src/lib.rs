@@ -31,10 +31,10 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use offload_core::{
-    Ack, AckOutcome, Backoff, ClaimRequest, ClearRequest, Clock, Counts, Error, HeartbeatAck,
-    HeartbeatRequest, Hub, Limits, ListQuery, PageFill, PromoteReport, QueueInfo, QueuePatch,
-    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
-    encode_cursor, validate_queue_name, validate_worker_id,
+    Ack, AckOutcome, Backoff, Claim, ClaimRequest, ClearRequest, Clock, Counts, Error,
+    HeartbeatAck, HeartbeatRequest, Hub, Limits, ListQuery, PageFill, PromoteReport, QueueInfo,
+    QueuePatch, Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec,
+    decode_cursor, encode_cursor, validate_queue_name, validate_worker_id,
 };
 use sqlx::postgres::{PgPool, Postgres};
 use sqlx::{Connection, QueryBuilder, Row};
@@ -513,11 +513,14 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Task>> {
-        validate_worker_id(&request.worker_id)?;
-        for (i, queue) in request.queues.iter().enumerate() {
-            validate_queue_name(format_args!("queues[{i}]"), queue)?;
-        }
-        in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
+        Ok(self.claim_telling_more(request).await?.tasks)
+    }
+
+    /// Claims at once, never parked, telling waiting fetches whether the
+    /// claim left ready tasks behind.
+    async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
+        let ops::Claimed { tasks, more } = self.claim_telling_more(request).await?;
+        Ok(Claim::Now { tasks, more })
     }
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck> {
@@ -770,6 +773,14 @@ impl PgStore {
             sqlx::query(DROP_EMPTIED_TOTALS).execute(conn).await?
         })?;
         Ok(())
+    }
+
+    async fn claim_telling_more(&self, request: &ClaimRequest) -> Result<ops::Claimed> {
+        validate_worker_id(&request.worker_id)?;
+        for (i, queue) in request.queues.iter().enumerate() {
+            validate_queue_name(format_args!("queues[{i}]"), queue)?;
+        }
+        in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
     }
 }
 

@@ -409,11 +409,25 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
 
 // ---- claiming ---------------------------------------------------------------
 
-pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>> {
+/// A claim's tasks, and whether ready tasks it did not take may remain
+/// (as [`offload_core::Claim::Now`] tells waiting fetches).
+pub(crate) struct Claimed {
+    pub tasks: Vec<Task>,
+    pub more: bool,
+}
+
+/// Candidates a claim admitted, each with its payload's size, and whether
+/// it saw ready tasks past them (or cannot tell).
+type Admitted = (Vec<(StoredTask, i32)>, bool);
+
+pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Claimed> {
     if req.limit == 0 {
-        return Ok(Vec::new());
+        return Ok(Claimed {
+            tasks: Vec::new(),
+            more: false,
+        });
     }
-    let admitted = match pending_pairs(tx, req).await? {
+    let (admitted, mut more) = match pending_pairs(tx, req).await? {
         Some(pairs) => admit_from_pairs(tx, req, pairs).await?,
         None => admit_in_claim_order(tx, req).await?,
     };
@@ -424,6 +438,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
         let read = stored.task.payload.get().len();
         let bulk_bytes = stored.task.bulk_bytes() - read + payload_bytes as usize;
         if !page.take_sized(bulk_bytes) {
+            more = true;
             break;
         }
         if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
@@ -445,7 +460,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Task>
     }
     let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
     tx.save(claimed).await?;
-    Ok(tasks)
+    Ok(Claimed { tasks, more })
 }
 
 /// A claim's first tasks in claim order, each with its payload's size,
@@ -455,7 +470,7 @@ async fn admit_from_pairs(
     tx: &mut Tx,
     req: &ClaimRequest,
     pairs: Vec<PendingPair>,
-) -> PgResult<Vec<(StoredTask, i32)>> {
+) -> PgResult<Admitted> {
     let mut free: Vec<(String, String)> = Vec::new();
     let mut limited: Vec<(String, i32, Vec<String>)> = Vec::new();
     for pair in pairs {
@@ -510,14 +525,17 @@ async fn admit_from_pairs(
         }
     }
     if claimed.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
-    let rows = candidates_of_pairs(tx, &claimed, &group_of, &rooms, req.limit).await?;
-    let candidates = rows
+    let (rows, more) = candidates_of_pairs(tx, &claimed, &group_of, &rooms, req.limit).await?;
+    let candidates: Vec<_> = rows
         .iter()
         .map(|(row, group)| candidate(row, *group))
         .collect::<PgResult<_>>()?;
-    Ok(admit(candidates, rooms, req.limit))
+    let locked = candidates.len();
+    let admitted = admit(candidates, rooms, req.limit);
+    let more = more || admitted.len() < locked;
+    Ok((admitted, more))
 }
 
 /// A pending task's row read with [`CANDIDATE_COLUMNS`], as a candidate of
@@ -568,11 +586,13 @@ async fn candidates_of_pairs(
     group_of: &[usize],
     rooms: &[usize],
     room: usize,
-) -> PgResult<Vec<(sqlx::postgres::PgRow, usize)>> {
+) -> PgResult<(Vec<(sqlx::postgres::PgRow, usize)>, bool)> {
+    let of_group = |(rows, more): (Vec<_>, bool), group| {
+        (rows.into_iter().map(|row| (row, group)).collect(), more)
+    };
     if let [(queue, task_type)] = pairs {
-        let rows =
-            first_pending_of_pair(tx, queue, task_type, room.min(rooms[group_of[0]])).await?;
-        return Ok(rows.into_iter().map(|row| (row, group_of[0])).collect());
+        let first = first_pending_of_pair(tx, queue, task_type, room.min(rooms[group_of[0]]));
+        return Ok(of_group(first.await?, group_of[0]));
     }
     let mut taken = Vec::new();
     let mut left = rooms.to_vec();
@@ -589,8 +609,8 @@ async fn candidates_of_pairs(
                 FirstPending::OnlyOf(t) => {
                     let (queue, task_type) = &pairs[t];
                     let each = room.min(rooms[group_of[t]]);
-                    let rows = first_pending_of_pair(tx, queue, task_type, each).await?;
-                    return Ok(rows.into_iter().map(|row| (row, group_of[t])).collect());
+                    let first = first_pending_of_pair(tx, queue, task_type, each).await?;
+                    return Ok(of_group(first, group_of[t]));
                 }
             };
         if first.is_empty() {
@@ -608,27 +628,47 @@ async fn candidates_of_pairs(
             taken.push((row, group));
         }
     }
-    Ok(taken)
+    // Across pairs it cannot tell cheaply.
+    let more = taken.len() >= room;
+    Ok((taken, more))
 }
 
 /// The rows of the first `room` pending tasks of `queue` and `task_type`
-/// in claim order that no other claim holds, locked.
+/// in claim order that no other claim holds, locked; and whether the pair
+/// has pending tasks past them (those other claims hold count), looked
+/// for among its first [`LEFT_BEHIND_LOOK`] and one.
 async fn first_pending_of_pair(
     tx: &mut Tx,
     queue: &str,
     task_type: &str,
     room: usize,
-) -> PgResult<Vec<sqlx::postgres::PgRow>> {
-    Ok(sqlx::query(&format!(
-        "SELECT {CANDIDATE_COLUMNS} FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+) -> PgResult<(Vec<sqlx::postgres::PgRow>, bool)> {
+    let look = room.min(LEFT_BEHIND_LOOK) + 1;
+    let rows = sqlx::query(&format!(
+        "SELECT {CANDIDATE_COLUMNS}, (SELECT count(*) FROM (SELECT 1 FROM offload_tasks \
+           WHERE state = 2 AND queue = $1 AND type = $2 LIMIT $4) AS pending) AS pending_seen \
+         FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
          ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
     ))
     .bind(queue)
     .bind(task_type)
     .bind(room as i64)
+    .bind(look as i64)
     .fetch_all(&mut *tx.conn)
-    .await?)
+    .await?;
+    let more = match rows.first() {
+        None => false,
+        Some(_) if rows.len() >= LEFT_BEHIND_LOOK => true,
+        Some(first) => first.try_get::<i64, _>("pending_seen")? > rows.len() as i64,
+    };
+    Ok((rows, more))
 }
+
+/// How far past the tasks it locked a claim of one pair looks to tell
+/// whether it left ready tasks behind, and so whether to wake other
+/// fetches waiting; one that locked this many is taken to have. Small:
+/// what it saves is the waste of claims that each take a task or a few.
+const LEFT_BEHIND_LOOK: usize = 16;
 
 /// What a claim's read of its pairs' first pending tasks, unlocked, found.
 enum FirstPending {
@@ -901,7 +941,7 @@ async fn all_pending_pairs(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<Pend
 /// it does not (tasks of other types, paused queues, limited queues without
 /// room, or tasks other claims hold fill it), the window grows fourfold, up
 /// to [`CLAIM_WINDOW_MOST`] tasks, past which the claim walks every pair.
-async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(StoredTask, i32)>> {
+async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admitted> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
     let mut window = req.limit + 1;
     // The rows of free queues' tasks this claim locked, and every task it
@@ -917,7 +957,7 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
                 .await?;
         let whole = entries.len() < window;
         if entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
         let mut queues: Vec<&str> = entries.iter().map(|(queue, ..)| queue.as_str()).collect();
         queues.sort_unstable();
@@ -992,7 +1032,11 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Vec<(
                 .iter()
                 .map(|row| candidate(row, 0))
                 .collect::<PgResult<_>>()?;
-            return Ok(admit(candidates, vec![req.limit], req.limit));
+            // The window holds one task more than the claim asks for:
+            // what it could take past what it took, other claims' among
+            // them, is left behind.
+            let more = takeable > taken.len();
+            return Ok((admit(candidates, vec![req.limit], req.limit), more));
         }
         if limited_seen {
             pairs.sort_unstable();

@@ -498,7 +498,10 @@ impl Store for SqliteStore {
     async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
         validate_claim(request)?;
         if request.limit == 0 {
-            return Ok(Claim::Now(Vec::new()));
+            return Ok(Claim::Now {
+                tasks: Vec::new(),
+                more: false,
+            });
         }
         if !self.may_have_ready(request) {
             // Parked without a trip to the writer. A group that made tasks
@@ -513,7 +516,11 @@ impl Store for SqliteStore {
             .run(move |ctx| {
                 let claimed = ctx.claim(&request)?;
                 if !claimed.is_empty() {
-                    return Ok(Claim::Now(claimed));
+                    let more = claimed.len() == request.limit;
+                    return Ok(Claim::Now {
+                        tasks: claimed,
+                        more,
+                    });
                 }
                 let (parked, ticket) = offload_core::park(request);
                 ctx.shared.park(parked);

@@ -663,7 +663,7 @@ pub async fn parked_claim_is_answered_by_the_next_ready_task(factory: &dyn Store
     // With something ready, the claim is answered at once.
     let second = f.enqueue(NewTask::new("t")).await;
     match f.store.claim_or_park(&request("w2", &["t"])).await.unwrap() {
-        Claim::Now(claimed) => assert_eq!(claimed[0].id, second.id),
+        Claim::Now { tasks, .. } => assert_eq!(tasks[0].id, second.id),
         Claim::Parked(_) => panic!("a ready task must be claimed at once"),
     }
 }
