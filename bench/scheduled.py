@@ -5,7 +5,7 @@ ack what they get. One client enqueues TASKS tasks in batches of 1,000,
 each with a `run_at` spread evenly over SPREAD seconds starting 3 s from
 then (SPREAD 0: all due at the same moment). Each task's lateness is
 when a fetch's answer brought it less its `run_at` (SPEC §1.3: within
-100 ms); the probe prints its p50, p99 and largest, how many came later
+100 ms); the probe prints its smallest, p50, p99 and largest, how many came later
 than 100 ms, and the server's CPU time over the wait.
 
     python3 bench/scheduled.py target/release/offload DB FETCHERS TASKS SPREAD
