@@ -11,9 +11,12 @@ fetch's answer arriving).
 
 DB is `sqlite` (a fresh file) or a PostgreSQL URL, whose schema `probe`
 is dropped first and used (`postgres://postgres@127.0.0.1:5432/test`).
+With TYPES=1 in the environment the fetches name the tasks' type, as a
+worker with a handler for it does; without, they take any type.
 """
 
 import http.client
+import os
 import sys
 import tempfile
 import threading
@@ -29,11 +32,14 @@ def main():
         got, stop = {}, threading.Event()
         arrived = threading.Condition()
 
+        fetch = {"limit": 1, "wait_ms": 2000}
+        if os.environ.get("TYPES"):
+            fetch["types"] = ["t"]
+
         def fetcher(k):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             while not stop.is_set():
-                claimed = post(conn, "/v1/fetch",
-                               {"worker_id": f"w{k}", "limit": 1, "wait_ms": 2000})["tasks"]
+                claimed = post(conn, "/v1/fetch", {"worker_id": f"w{k}", **fetch})["tasks"]
                 now = time.perf_counter()
                 for task in claimed:
                     post(conn, "/v1/ack", {"worker_id": f"w{k}", "completed": [{"id": task["id"]}]})
