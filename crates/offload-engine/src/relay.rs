@@ -14,9 +14,9 @@
 //! more; one whose claim fails gives its turn to the next. A burst of
 //! tasks reaches idle fetches in a number of rounds that grows with the
 //! logarithm of its size, and a lone task costs one claim, however many
-//! wait, where the store can tell it took all there was. The look a waiting fetch
-//! takes in case a signal was lost goes the same way: one fetch of each
-//! group, every `fallback`, rather than each fetch.
+//! wait, where the store can tell it took all there was. The look a
+//! waiting fetch takes in case a signal was lost goes the same way: one
+//! fetch of each group, every `fallback`, rather than each fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
