@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from probe_server import post, serve
+from probe_server import fetch_and_ack, post, serve
 
 
 def enqueue(conn, tasks, task):
@@ -41,12 +41,8 @@ def main():
         def fetcher(k):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             while not stop.is_set():
-                claimed = post(conn, "/v1/fetch",
-                               {"worker_id": f"w{k}", "limit": 500, "wait_ms": 1000})["tasks"]
-                now = time.time()
+                claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 500, "wait_ms": 1000})
                 if claimed:
-                    post(conn, "/v1/ack", {"worker_id": f"w{k}",
-                                           "completed": [{"id": t["id"]} for t in claimed]})
                     with lock:
                         acked.extend([now] * len(claimed))
 

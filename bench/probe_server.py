@@ -49,3 +49,15 @@ def post(conn, path, body, headers=None):
     if answer.status >= 300:
         raise SystemExit(f"{path}: {answer.status} {data[:300]!r}")
     return json.loads(data) if data else None
+
+
+def fetch_and_ack(conn, worker_id, fetch):
+    """One `POST /v1/fetch` of `fetch` (its limit, wait and filters) on
+    `conn` as `worker_id`, and the ack of every task it brought: the
+    tasks, and when they arrived (`time.time()`, before the ack)."""
+    claimed = post(conn, "/v1/fetch", {"worker_id": worker_id, **fetch})["tasks"]
+    arrived = time.time()
+    if claimed:
+        post(conn, "/v1/ack", {"worker_id": worker_id,
+                               "completed": [{"id": task["id"]} for task in claimed]})
+    return claimed, arrived

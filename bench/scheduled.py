@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from probe_server import post, serve
+from probe_server import fetch_and_ack, post, serve
 
 
 def rfc3339(at):
@@ -47,12 +47,7 @@ def main():
         def fetcher(k):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             while not stop.is_set():
-                claimed = post(conn, "/v1/fetch",
-                               {"worker_id": f"w{k}", "limit": 1000, "wait_ms": 2000})["tasks"]
-                now = time.time()
-                if claimed:
-                    post(conn, "/v1/ack", {"worker_id": f"w{k}",
-                                           "completed": [{"id": task["id"]} for task in claimed]})
+                claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 1000, "wait_ms": 2000})
                 with arrived:
                     for task in claimed:
                         got[task["id"]] = now

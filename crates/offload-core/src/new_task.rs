@@ -265,7 +265,7 @@ impl NewTask {
                 ));
             }
             (Some(text), None) => Schedule::At(
-                Timestamp::parse_given(&text)
+                Timestamp::parse_given_not_before(&text)
                     .map_err(|rule| Error::invalid(field("run_at"), rule))?,
             ),
             (None, Some(secs)) if (0..=MAX_DELAY_SECS).contains(&secs) => {
@@ -637,6 +637,17 @@ mod tests {
         assert_eq!(spec.timeout_secs, 1800);
         assert_eq!(spec.payload.get(), "null");
         assert_eq!(spec.schedule, Schedule::Now);
+    }
+
+    #[test]
+    fn a_run_at_finer_than_a_millisecond_is_never_early() {
+        let spec = check(NewTask {
+            run_at: Some("2026-01-15T10:30:05.123456Z".into()),
+            ..NewTask::new("t")
+        })
+        .unwrap();
+        let due = Timestamp::parse("2026-01-15T10:30:05.124Z").unwrap();
+        assert_eq!(spec.schedule, Schedule::At(due));
     }
 
     #[test]

@@ -53,11 +53,25 @@ impl Timestamp {
     /// Parses any RFC 3339 timestamp (any offset, any sub-second precision),
     /// truncating to milliseconds: what an answer holds.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_rounded(text, false)
+    }
+
+    /// Parses as [`Timestamp::parse`], a time finer than a millisecond
+    /// rounded up rather than down when `up`.
+    fn parse_rounded(text: &str, up: bool) -> Result<Self, String> {
         if let Some(ts) = Self::parse_rfc3339_millis(text.as_bytes()) {
             return Ok(ts);
         }
         let ts = jiff::Timestamp::from_str(text).map_err(|e| e.to_string())?;
-        Ok(Self(ts.as_millisecond()))
+        // `as_millisecond` drops the fraction toward zero: down after 1970,
+        // already up before it, where the fraction is negative.
+        let below_a_millisecond = ts.subsec_nanosecond() % 1_000_000;
+        let ms = ts.as_millisecond();
+        Ok(Self(if up && below_a_millisecond > 0 {
+            ms + 1
+        } else {
+            ms
+        }))
     }
 
     /// Parses a timestamp a caller gives (`run_at`, a list's
@@ -66,7 +80,19 @@ impl Timestamp {
     /// back. The error is the rule, for a message that names the field
     /// before it.
     pub fn parse_given(text: &str) -> Result<Self, String> {
-        let parsed = match Self::parse(text) {
+        Self::given(text, false)
+    }
+
+    /// Parses a time a task may not run before (`run_at`) as
+    /// [`Timestamp::parse_given`] does, but one finer than a millisecond
+    /// rounds up: rounded down, a task given `…05.123456Z` came due at
+    /// `…05.123Z` and a waiting worker could have it before the time given.
+    pub fn parse_given_not_before(text: &str) -> Result<Self, String> {
+        Self::given(text, true)
+    }
+
+    fn given(text: &str, round_up: bool) -> Result<Self, String> {
+        let parsed = match Self::parse_rounded(text, round_up) {
             Ok(ts) => ts,
             Err(_) if is_past_jiffs_range(text) => return Err(out_of_range(text)),
             Err(e) => {
@@ -329,6 +355,41 @@ mod tests {
         assert_eq!(ts.to_string(), "2026-01-15T10:30:05.123Z");
         let whole = Timestamp::parse("2026-01-15T10:30:05Z").unwrap();
         assert_eq!(whole.to_string(), "2026-01-15T10:30:05.000Z");
+    }
+
+    #[test]
+    fn a_time_not_to_run_before_rounds_a_fraction_of_a_millisecond_up() {
+        let not_before = |text| Timestamp::parse_given_not_before(text).unwrap().to_string();
+        assert_eq!(
+            not_before("2026-01-15T10:30:05.123001Z"),
+            "2026-01-15T10:30:05.124Z"
+        );
+        assert_eq!(
+            not_before("2026-01-15T11:30:05.9999+01:00"),
+            "2026-01-15T10:30:06.000Z"
+        );
+        // Whole milliseconds, in any form, stay as they are.
+        assert_eq!(
+            not_before("2026-01-15T10:30:05.123000Z"),
+            "2026-01-15T10:30:05.123Z"
+        );
+        assert_eq!(
+            not_before("2026-01-15T10:30:05.123Z"),
+            "2026-01-15T10:30:05.123Z"
+        );
+        assert_eq!(
+            not_before("2026-01-15T10:30:05Z"),
+            "2026-01-15T10:30:05.000Z"
+        );
+        // Before 1970 the fraction is dropped toward the later time already.
+        let early = Timestamp::parse_given_not_before("1969-12-31T23:59:59.9995Z").unwrap();
+        assert_eq!(early.as_millis(), 0);
+        // Rounded up past the latest time an answer can name, it is refused.
+        assert!(Timestamp::parse_given_not_before("9999-12-30T22:00:00.0001Z").is_err());
+        assert!(Timestamp::parse_given("9999-12-30T22:00:00.0001Z").is_ok());
+        // Other times given (a list's bounds) still round down.
+        let bound = Timestamp::parse_given("2026-01-15T10:30:05.123001Z").unwrap();
+        assert_eq!(bound.to_string(), "2026-01-15T10:30:05.123Z");
     }
 
     #[test]
