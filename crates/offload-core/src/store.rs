@@ -453,6 +453,16 @@ pub enum Claim {
     Parked(crate::ClaimTicket),
 }
 
+impl Claim {
+    /// Tasks claimed at once for `request` by a store that cannot tell
+    /// whether it left ready tasks behind: it may have when it took all it
+    /// asked for.
+    pub fn took(tasks: Vec<Task>, request: &ClaimRequest) -> Self {
+        let more = tasks.len() == request.limit;
+        Claim::Now { tasks, more }
+    }
+}
+
 /// A task store. Every method is one durable transaction: when it returns
 /// `Ok`, the change survives a crash (unless the backend runs relaxed).
 #[async_trait::async_trait]
@@ -486,9 +496,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Stores without parking answer at once; the caller then waits for the
     /// hub's ready signal.
     async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
-        let tasks = self.claim(request).await?;
-        let more = tasks.len() == request.limit;
-        Ok(Claim::Now { tasks, more })
+        Ok(Claim::took(self.claim(request).await?, request))
     }
 
     async fn heartbeat(&self, request: HeartbeatRequest) -> Result<HeartbeatAck>;

@@ -761,13 +761,25 @@ async fn a_task_made_ready_costs_one_claim_of(types: &[&str]) {
         made, 1,
         "one task made {made} claims of 50 waiting fetches of {types:?}"
     );
+    assert_eq!(
+        tasks_fetched(&stop, fetches).await,
+        1,
+        "one fetch got the task"
+    );
+    engine.shutdown().await;
+}
+
+/// Stops the waiting `fetches` and counts the tasks they got.
+async fn tasks_fetched(
+    stop: &tokio_util::sync::CancellationToken,
+    fetches: Vec<tokio::task::JoinHandle<offload_core::Result<Vec<offload_core::Task>>>>,
+) -> usize {
     stop.cancel();
     let mut got = 0;
     for fetch in fetches {
         got += fetch.await.unwrap().unwrap().len();
     }
-    assert_eq!(got, 1, "one fetch got the task");
-    engine.shutdown().await;
+    got
 }
 
 /// A burst of tasks made ready at once reaches as many waiting fetches,
@@ -791,12 +803,11 @@ async fn a_burst_made_ready_reaches_as_many_waiting_fetches() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        stop.cancel();
-        let mut got = 0;
-        for fetch in fetches {
-            got += fetch.await.unwrap().unwrap().len();
-        }
-        assert_eq!(got, 10, "each task claimed once");
+        assert_eq!(
+            tasks_fetched(&stop, fetches).await,
+            10,
+            "each task claimed once"
+        );
         engine.shutdown().await;
     }
 }

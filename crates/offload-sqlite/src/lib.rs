@@ -516,11 +516,7 @@ impl Store for SqliteStore {
             .run(move |ctx| {
                 let claimed = ctx.claim(&request)?;
                 if !claimed.is_empty() {
-                    let more = claimed.len() == request.limit;
-                    return Ok(Claim::Now {
-                        tasks: claimed,
-                        more,
-                    });
+                    return Ok(Claim::took(claimed, &request));
                 }
                 let (parked, ticket) = offload_core::park(request);
                 ctx.shared.park(parked);
