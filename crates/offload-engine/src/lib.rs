@@ -242,9 +242,22 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = self.store.hub().watch_ready();
         // Where the store does not park the claim, this fetch's place among
-        // the others waiting (`relay`), taken once it first finds nothing.
-        let mut place: Option<relay::Place> = None;
+        // the others waiting (`relay`), taken once it first finds nothing,
+        // or at once behind others of its group that wait for a turn: it
+        // then waits for its own before it looks (`Relay::behind_waiters`).
+        // Its look cost each task given to fetches one at a time a claim
+        // that found nothing.
+        let mut place = self.relay.behind_waiters(request);
+        let mut look = place.is_none();
         loop {
+            if let (false, Some(place)) = (std::mem::replace(&mut look, true), &place) {
+                tokio::select! {
+                    () = place.turn() => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = stop.cancelled() => return Ok(Vec::new()),
+                    _ = self.stop.cancelled() => return Ok(Vec::new()),
+                }
+            }
             // Marked seen before looking, so a task made ready while we look
             // still wakes us.
             ready.borrow_and_update();
@@ -271,7 +284,7 @@ impl Engine {
             };
             let fallback = tokio::time::Instant::now() + self.config.fetch_fallback_poll;
             let Some(mut ticket) = ticket else {
-                let place = place.get_or_insert_with(|| {
+                place.get_or_insert_with(|| {
                     let fallback = self.config.fetch_fallback_poll;
                     self.relay
                         .join(request, &ready, fallback, &self.stop, |dispatcher| {
@@ -283,16 +296,10 @@ impl Engine {
                 });
                 // A signal that came while this fetch looked may have been
                 // passed on before it took its place.
-                if ready.has_changed().unwrap_or(false) {
-                    continue;
-                }
-                // The relay's turns include the look in case a signal was
-                // lost.
-                tokio::select! {
-                    () = place.turn() => {}
-                    _ = tokio::time::sleep_until(deadline) => {}
-                    _ = stop.cancelled() => return Ok(Vec::new()),
-                    _ = self.stop.cancelled() => return Ok(Vec::new()),
+                if !ready.has_changed().unwrap_or(false) {
+                    // The relay's turns include the look in case a signal
+                    // was lost.
+                    look = false;
                 }
                 continue;
             };

@@ -14,9 +14,13 @@
 //! more; one whose claim fails gives its turn to the next. A burst of
 //! tasks reaches idle fetches in a number of rounds that grows with the
 //! logarithm of its size, and a lone task costs one claim, however many
-//! wait, where the store can tell it took all there was. The look a
-//! waiting fetch takes in case a signal was lost goes the same way: one
-//! fetch of each group, every `fallback`, rather than each fetch.
+//! wait, where the store can tell it took all there was. A fetch that
+//! comes while others of its group wait for a turn takes its place behind
+//! them without looking first: a worker given tasks one at a time came
+//! back for the next and found nothing each time, as the task had gone to
+//! a waiting fetch. The look a waiting fetch takes in case a signal was
+//! lost goes the same way as a signal: one fetch of each group, every
+//! `fallback`, rather than each fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,9 +36,17 @@ type Filter = (Vec<String>, Vec<String>);
 
 #[derive(Debug, Default)]
 pub(crate) struct Relay {
-    /// Each group's turn, and how many fetches are in it.
-    groups: Mutex<HashMap<Filter, (Arc<Notify>, usize)>>,
+    groups: Mutex<HashMap<Filter, Group>>,
     dispatcher: OnceLock<()>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    turn: Arc<Notify>,
+    /// Fetches with a place in the group.
+    members: usize,
+    /// Members waiting for a turn, not claiming.
+    waiting: usize,
 }
 
 impl Relay {
@@ -59,10 +71,10 @@ impl Relay {
         });
         let filter = filter_of(request);
         let turn = {
-            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-            let (turn, members) = groups.entry(filter.clone()).or_default();
-            *members += 1;
-            Arc::clone(turn)
+            let mut groups = self.lock();
+            let group = groups.entry(filter.clone()).or_default();
+            group.members += 1;
+            Arc::clone(&group.turn)
         };
         Place {
             relay: Arc::clone(self),
@@ -71,12 +83,35 @@ impl Relay {
         }
     }
 
+    /// A place behind the fetches of `request`'s group, when some of them
+    /// wait for a turn. Each of those found nothing when it last looked,
+    /// and the group has been given a turn for every ready signal since,
+    /// so a look of a fetch joining them would find only what a turn
+    /// already brings one of them: it waits behind them instead.
+    pub(crate) fn behind_waiters(self: &Arc<Self>, request: &ClaimRequest) -> Option<Place> {
+        let filter = filter_of(request);
+        let turn = {
+            let mut groups = self.lock();
+            let group = groups.get_mut(&filter).filter(|g| g.waiting > 0)?;
+            group.members += 1;
+            Arc::clone(&group.turn)
+        };
+        Some(Place {
+            relay: Arc::clone(self),
+            filter,
+            turn,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Filter, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Wakes the longest waiting fetch of each group (or the next of each
     /// to wait, when all are busy claiming).
     fn wake_each_group(&self) {
-        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-        for (turn, _) in groups.values() {
-            turn.notify_one();
+        for group in self.lock().values() {
+            group.turn.notify_one();
         }
     }
 }
@@ -125,6 +160,7 @@ impl Place {
     /// Resolves when it is this fetch's turn to claim. A turn dropped
     /// unused (the fetch's wait ended) goes to the next of the group.
     pub(crate) async fn turn(&self) {
+        let _waiting = Waiting::new(self);
         self.turn.notified().await;
     }
 
@@ -139,17 +175,40 @@ impl Place {
     pub(crate) fn hand_on(&self) {
         self.turn.notify_one();
     }
+
+    fn change_waiting(&self, change: impl FnOnce(usize) -> usize) {
+        if let Some(group) = self.relay.lock().get_mut(&self.filter) {
+            group.waiting = change(group.waiting);
+        }
+    }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut groups = self.relay.groups.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, members)) = groups.get_mut(&self.filter) {
-            *members -= 1;
-            if *members == 0 {
+        let mut groups = self.relay.lock();
+        if let Some(group) = groups.get_mut(&self.filter) {
+            group.members -= 1;
+            if group.members == 0 {
                 groups.remove(&self.filter);
             }
         }
+    }
+}
+
+/// Counts a place among its group's waiting ones while its wait for a
+/// turn lasts, however it ends.
+struct Waiting<'a>(&'a Place);
+
+impl<'a> Waiting<'a> {
+    fn new(place: &'a Place) -> Self {
+        place.change_waiting(|n| n + 1);
+        Self(place)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.change_waiting(|n| n - 1);
     }
 }
 
@@ -184,15 +243,8 @@ mod tests {
 
         /// A place for a fetch of one task of `types`.
         fn join(&self, types: &[&str], fallback: Duration) -> Place {
-            let request = ClaimRequest {
-                worker_id: "w".into(),
-                types: types.iter().map(|t| t.to_string()).collect(),
-                queues: vec![],
-                limit: 1,
-                lease: Duration::from_secs(30),
-            };
             self.relay
-                .join(&request, &self.ready, fallback, &self.stop, |_| {})
+                .join(&request(types), &self.ready, fallback, &self.stop, |_| {})
         }
 
         fn send_signal(&self) {
@@ -228,6 +280,16 @@ mod tests {
     impl Drop for Setup {
         fn drop(&mut self) {
             self.stop.cancel();
+        }
+    }
+
+    fn request(types: &[&str]) -> ClaimRequest {
+        ClaimRequest {
+            worker_id: "w".into(),
+            types: types.iter().map(|t| t.to_string()).collect(),
+            queues: vec![],
+            limit: 1,
+            lease: Duration::from_secs(30),
         }
     }
 
@@ -297,6 +359,28 @@ mod tests {
                 .await
                 .expect("a turn in case a signal was lost");
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_place_behind_is_given_only_while_some_of_the_group_wait() {
+        let setup = Setup::new();
+        let behind = |types: &[&str]| setup.relay.behind_waiters(&request(types)).is_some();
+        assert!(!behind(&["a"]), "no group yet");
+        let place = setup.join(&["a"], LONG);
+        assert!(!behind(&["a"]), "its one member claims");
+        // The place outlives its turn, kept in the task's output.
+        let waiter = tokio::spawn(async move {
+            place.turn().await;
+            place
+        });
+        settle().await;
+        assert!(behind(&["a"]), "its member waits");
+        assert!(!behind(&["b"]), "another group");
+        setup.send_signal();
+        settle().await;
+        assert!(waiter.is_finished(), "the signal gave the waiter its turn");
+        assert!(!behind(&["a"]), "none waits once the turn came");
+        drop(waiter.await);
     }
 
     #[tokio::test(flavor = "current_thread")]
