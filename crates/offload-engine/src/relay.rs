@@ -40,6 +40,8 @@ pub(crate) struct Relay {
     dispatcher: OnceLock<()>,
 }
 
+/// The fetches waiting for tasks of the same types and queues, and the
+/// turns given them.
 #[derive(Debug, Default)]
 struct Group {
     turn: Arc<Notify>,

@@ -672,6 +672,9 @@ impl Store for CountingClaims {
     }
 }
 
+/// A fetch under way in an engine: the tasks it will answer with.
+type Fetch = tokio::task::JoinHandle<offload_core::Result<Vec<offload_core::Task>>>;
+
 /// An engine on PostgreSQL, which does not park claims, with `n` fetches
 /// of one task each (of `types`, or any) waiting in it: the first has
 /// claimed and found nothing, the others came when it waited. No look at
@@ -683,7 +686,7 @@ async fn waiting_fetches(
     Arc<CountingClaims>,
     Arc<offload_engine::Engine>,
     tokio_util::sync::CancellationToken,
-    Vec<tokio::task::JoinHandle<offload_core::Result<Vec<offload_core::Task>>>>,
+    Vec<Fetch>,
 ) {
     let store = Arc::new(CountingClaims {
         inner: node(&fresh_schema()).await,
@@ -745,14 +748,7 @@ async fn a_fetch_joining_waiting_fetches_waits_its_turn_before_it_looks() {
         claims() - 1
     );
     engine.enqueue(NewTask::new("t")).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !fetches.iter().any(|f| f.is_finished()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no fetch got the task"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_ended(&fetches, 1, "the task").await;
     assert_eq!(tasks_fetched(&stop, fetches).await, 1);
     assert_eq!(claims(), 2, "the task cost one claim");
     engine.shutdown().await;
@@ -780,14 +776,7 @@ async fn a_task_made_ready_costs_one_claim_of(types: &[&str]) {
     let claims = || store.claims.load(std::sync::atomic::Ordering::SeqCst);
     let before = claims();
     engine.enqueue(NewTask::new("t")).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !fetches.iter().any(|f| f.is_finished()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no fetch got the task"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_ended(&fetches, 1, "the task").await;
     // Time for any other fetch woken to claim too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let made = claims() - before;
@@ -803,11 +792,26 @@ async fn a_task_made_ready_costs_one_claim_of(types: &[&str]) {
     engine.shutdown().await;
 }
 
+/// Waits until `n` of the waiting `fetches` have ended, as each given a
+/// task does, for at most 20 s.
+async fn until_ended(fetches: &[Fetch], n: usize, given: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ended = fetches.iter().filter(|f| f.is_finished()).count();
+        if ended >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "of {} waiting fetches given {given}, {ended} ended, not {n}",
+            fetches.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Stops the waiting `fetches` and counts the tasks they got.
-async fn tasks_fetched(
-    stop: &tokio_util::sync::CancellationToken,
-    fetches: Vec<tokio::task::JoinHandle<offload_core::Result<Vec<offload_core::Task>>>>,
-) -> usize {
+async fn tasks_fetched(stop: &tokio_util::sync::CancellationToken, fetches: Vec<Fetch>) -> usize {
     stop.cancel();
     let mut got = 0;
     for fetch in fetches {
@@ -828,15 +832,7 @@ async fn a_burst_made_ready_reaches_as_many_waiting_fetches() {
         let (_store, engine, stop, fetches) = waiting_fetches(20, types).await;
         let burst = (0..10).map(|_| NewTask::new("t")).collect();
         engine.enqueue_batch(burst).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while fetches.iter().filter(|f| f.is_finished()).count() < 10 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "of 20 fetches of {types:?} waiting, {} got one of 10 tasks",
-                fetches.iter().filter(|f| f.is_finished()).count()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_ended(&fetches, 10, &format!("10 tasks for fetches of {types:?}")).await;
         assert_eq!(
             tasks_fetched(&stop, fetches).await,
             10,
