@@ -248,9 +248,11 @@ impl Engine {
         // Its look cost each task given to fetches one at a time a claim
         // that found nothing.
         let mut place = self.relay.behind_waiters(request);
-        let mut look = place.is_none();
+        let mut wait_first = place.is_some();
         loop {
-            if let (false, Some(place)) = (std::mem::replace(&mut look, true), &place) {
+            if std::mem::take(&mut wait_first)
+                && let Some(place) = &place
+            {
                 tokio::select! {
                     () = place.turn() => {}
                     _ = tokio::time::sleep_until(deadline) => {}
@@ -296,11 +298,9 @@ impl Engine {
                 });
                 // A signal that came while this fetch looked may have been
                 // passed on before it took its place.
-                if !ready.has_changed().unwrap_or(false) {
-                    // The relay's turns include the look in case a signal
-                    // was lost.
-                    look = false;
-                }
+                // The relay's turns include the look in case a signal was
+                // lost.
+                wait_first = !ready.has_changed().unwrap_or(false);
                 continue;
             };
             let answered = tokio::select! {
