@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from probe_server import fetch_and_ack, post, serve
+from probe_server import fetch_and_ack, fetching, post, serve
 
 
 def enqueue(conn, tasks, task):
@@ -36,50 +36,41 @@ def main():
     tasks, fetchers = int(sys.argv[4]), int(sys.argv[5])
     warm = int(sys.argv[6]) if len(sys.argv) > 6 else 30
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
-        acked, lock, stop = [], threading.Lock(), threading.Event()
+        acked, lock = [], threading.Lock()
 
-        def fetcher(k):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            while not stop.is_set():
-                claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 500, "wait_ms": 1000})
-                if claimed:
-                    with lock:
-                        acked.extend([now] * len(claimed))
+        def fetch_once(k, conn):
+            claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 500, "wait_ms": 1000})
+            if claimed:
+                with lock:
+                    acked.extend([now] * len(claimed))
 
         def wait_for(count, limit):
             while len(acked) < count and time.time() < limit:
                 time.sleep(0.005)
 
-        threads = [threading.Thread(target=fetcher, args=(k,), daemon=True)
-                   for k in range(fetchers)]
-        for thread in threads:
-            thread.start()
-        client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        if mode == "trickle":
-            for i in range(warm):
-                post(client, "/v1/tasks", {"type": "t"})
-                wait_for(i + 1, time.time() + 30)
-            started = time.time()
-            enqueue(client, tasks, {"type": "t"})
-            wait_for(warm + tasks, started + 600)
-            took = time.time() - started
-            print(f"{warm} tasks one at a time, then {tasks} to {fetchers} fetchers: "
-                  f"all done after {took:.1f} s, {tasks / took:.0f} a second")
-        else:
-            due = time.time() + 5 + tasks / 20000
-            run_at = datetime.datetime.fromtimestamp(due, datetime.timezone.utc)
-            run_at = run_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            enqueue(client, tasks, {"type": "t", "run_at": run_at})
-            wait_for(tasks, due + 600)
-            got = sorted(acked)
-            at = [got[min(len(got) - 1, int(p * len(got)))] - due for p in (0, 0.5, 0.99)]
-            print(f"{tasks} tasks due at once, {fetchers} fetchers: got after run_at "
-                  f"first {at[0]:.3f} s, p50 {at[1]:.3f}, p99 {at[2]:.3f}, "
-                  f"last {got[-1] - due:.3f}")
-        stop.set()
-        # Each fetch under way ends within its wait, before the server does.
-        for thread in threads:
-            thread.join()
+        with fetching(port, fetchers, fetch_once):
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            if mode == "trickle":
+                for i in range(warm):
+                    post(client, "/v1/tasks", {"type": "t"})
+                    wait_for(i + 1, time.time() + 30)
+                started = time.time()
+                enqueue(client, tasks, {"type": "t"})
+                wait_for(warm + tasks, started + 600)
+                took = time.time() - started
+                print(f"{warm} tasks one at a time, then {tasks} to {fetchers} fetchers: "
+                      f"all done after {took:.1f} s, {tasks / took:.0f} a second")
+            else:
+                due = time.time() + 5 + tasks / 20000
+                run_at = datetime.datetime.fromtimestamp(due, datetime.timezone.utc)
+                run_at = run_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                enqueue(client, tasks, {"type": "t", "run_at": run_at})
+                wait_for(tasks, due + 600)
+                got = sorted(acked)
+                at = [got[min(len(got) - 1, int(p * len(got)))] - due for p in (0, 0.5, 0.99)]
+                print(f"{tasks} tasks due at once, {fetchers} fetchers: got after run_at "
+                      f"first {at[0]:.3f} s, p50 {at[1]:.3f}, p99 {at[2]:.3f}, "
+                      f"last {got[-1] - due:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 fresh SQLite file or a fresh PostgreSQL schema; and their requests to it."""
 
 import contextlib
+import http.client
 import json
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -61,3 +63,27 @@ def fetch_and_ack(conn, worker_id, fetch):
         post(conn, "/v1/ack", {"worker_id": worker_id,
                                "completed": [{"id": task["id"]} for task in claimed]})
     return claimed, arrived
+
+
+@contextlib.contextmanager
+def fetching(port, n, fetch_once):
+    """`n` threads, each on a kept-alive connection of its own, calling
+    `fetch_once(k, conn)` (k its number) over and over until the block
+    ends; the block's end waits for the fetches under way, each of which
+    ends within its wait, before the server does."""
+    stop = threading.Event()
+
+    def run(k):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while not stop.is_set():
+            fetch_once(k, conn)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

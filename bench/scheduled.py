@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from probe_server import fetch_and_ack, post, serve
+from probe_server import fetch_and_ack, fetching, post, serve
 
 
 def rfc3339(at):
@@ -41,47 +41,39 @@ def main():
     binary, db = sys.argv[1], sys.argv[2]
     fetchers, tasks, spread = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
-        due, got, stop = {}, {}, threading.Event()
+        due, got = {}, {}
         arrived = threading.Condition()
 
-        def fetcher(k):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            while not stop.is_set():
-                claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 1000, "wait_ms": 2000})
-                with arrived:
-                    for task in claimed:
-                        got[task["id"]] = now
-                    arrived.notify_all()
+        def fetch_once(k, conn):
+            claimed, now = fetch_and_ack(conn, f"w{k}", {"limit": 1000, "wait_ms": 2000})
+            with arrived:
+                for task in claimed:
+                    got[task["id"]] = now
+                arrived.notify_all()
 
-        threads = [threading.Thread(target=fetcher, args=(k,), daemon=True)
-                   for k in range(fetchers)]
-        for thread in threads:
-            thread.start()
-        client = http.client.HTTPConnection("127.0.0.1", port)
-        first = time.time() + 3
-        for start in range(0, tasks, 1000):
-            batch = []
-            for i in range(start, min(start + 1000, tasks)):
-                at = first + (spread * i / tasks if spread else 0)
-                batch.append({"type": "t", "run_at": rfc3339(at)})
-            for task, sent in zip(post(client, "/v1/tasks/batch", {"tasks": batch})["tasks"], batch):
-                due[task["id"]] = datetime.datetime.fromisoformat(sent["run_at"]).timestamp()
-        if time.time() > first:
-            raise SystemExit("the enqueues took longer than 3 s; fewer tasks")
-        cpu_before = server_cpu_secs(port)
-        with arrived:
-            while len(got) < tasks:
-                arrived.wait(1)
-        cpu = server_cpu_secs(port) - cpu_before
-        late = sorted(got[id] - due[id] for id in due)
-        over = sum(1 for lateness in late if lateness > 0.1)
-        print(f"{fetchers} fetchers, {tasks} tasks due over {spread} s: lateness smallest {late[0] * 1000:.1f} ms, p50 "
-              f"{late[len(late) // 2] * 1000:.1f} ms, p99 {late[len(late) * 99 // 100] * 1000:.1f} ms, "
-              f"largest {late[-1] * 1000:.1f} ms; {over} later than 100 ms; "
-              f"server CPU {cpu:.2f} s")
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with fetching(port, fetchers, fetch_once):
+            client = http.client.HTTPConnection("127.0.0.1", port)
+            first = time.time() + 3
+            for start in range(0, tasks, 1000):
+                batch = []
+                for i in range(start, min(start + 1000, tasks)):
+                    at = first + (spread * i / tasks if spread else 0)
+                    batch.append({"type": "t", "run_at": rfc3339(at)})
+                for task, sent in zip(post(client, "/v1/tasks/batch", {"tasks": batch})["tasks"], batch):
+                    due[task["id"]] = datetime.datetime.fromisoformat(sent["run_at"]).timestamp()
+            if time.time() > first:
+                raise SystemExit("the enqueues took longer than 3 s; fewer tasks")
+            cpu_before = server_cpu_secs(port)
+            with arrived:
+                while len(got) < tasks:
+                    arrived.wait(1)
+            cpu = server_cpu_secs(port) - cpu_before
+            late = sorted(got[id] - due[id] for id in due)
+            over = sum(1 for lateness in late if lateness > 0.1)
+            print(f"{fetchers} fetchers, {tasks} tasks due over {spread} s: lateness smallest {late[0] * 1000:.1f} ms, p50 "
+                  f"{late[len(late) // 2] * 1000:.1f} ms, p99 {late[len(late) * 99 // 100] * 1000:.1f} ms, "
+                  f"largest {late[-1] * 1000:.1f} ms; {over} later than 100 ms; "
+                  f"server CPU {cpu:.2f} s")
 
 
 if __name__ == "__main__":

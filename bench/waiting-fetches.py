@@ -22,62 +22,53 @@ import tempfile
 import threading
 import time
 
-from probe_server import post, serve
+from probe_server import fetching, post, serve
 
 
 def main():
     binary, db, fetchers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tasks = int(sys.argv[4]) if len(sys.argv) > 4 else 2000
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
-        got, stop = {}, threading.Event()
+        got = {}
         arrived = threading.Condition()
 
         fetch = {"limit": 1, "wait_ms": 2000}
         if os.environ.get("TYPES"):
             fetch["types"] = ["t"]
 
-        def fetcher(k):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            while not stop.is_set():
-                claimed = post(conn, "/v1/fetch", {"worker_id": f"w{k}", **fetch})["tasks"]
-                now = time.perf_counter()
-                for task in claimed:
-                    post(conn, "/v1/ack", {"worker_id": f"w{k}", "completed": [{"id": task["id"]}]})
-                    with arrived:
-                        got[task["id"]] = now
-                        arrived.notify_all()
+        def fetch_once(k, conn):
+            claimed = post(conn, "/v1/fetch", {"worker_id": f"w{k}", **fetch})["tasks"]
+            now = time.perf_counter()
+            for task in claimed:
+                post(conn, "/v1/ack", {"worker_id": f"w{k}", "completed": [{"id": task["id"]}]})
+                with arrived:
+                    got[task["id"]] = now
+                    arrived.notify_all()
 
-        threads = [threading.Thread(target=fetcher, args=(k,), daemon=True)
-                   for k in range(fetchers)]
-        for thread in threads:
-            thread.start()
-        time.sleep(2)
-        client = http.client.HTTPConnection("127.0.0.1", port)
-        started = time.perf_counter()
-        for _ in range(tasks):
-            post(client, "/v1/tasks", {"type": "t"})
-        enqueued = time.perf_counter() - started
-        with arrived:
-            while len(got) < tasks:
-                arrived.wait(1)
-        print(f"{fetchers} fetchers waiting: {tasks} single enqueues at {tasks / enqueued:.0f} a second, "
-              f"all done after {time.perf_counter() - started:.2f} s")
-        pickups = []
-        for _ in range(200):
-            time.sleep(0.01)
-            sent = time.perf_counter()
-            task = post(client, "/v1/tasks", {"type": "t"})
+        with fetching(port, fetchers, fetch_once):
+            time.sleep(2)
+            client = http.client.HTTPConnection("127.0.0.1", port)
+            started = time.perf_counter()
+            for _ in range(tasks):
+                post(client, "/v1/tasks", {"type": "t"})
+            enqueued = time.perf_counter() - started
             with arrived:
-                while task["id"] not in got:
-                    arrived.wait(5)
-            pickups.append(got[task["id"]] - sent)
-        pickups.sort()
-        print(f"{fetchers} fetchers waiting: pickup p50 {pickups[100] * 1000:.2f} ms, "
-              f"p99 {pickups[198] * 1000:.2f} ms")
-        stop.set()
-        # Each fetch under way ends within its wait, before the server does.
-        for thread in threads:
-            thread.join()
+                while len(got) < tasks:
+                    arrived.wait(1)
+            print(f"{fetchers} fetchers waiting: {tasks} single enqueues at {tasks / enqueued:.0f} a second, "
+                  f"all done after {time.perf_counter() - started:.2f} s")
+            pickups = []
+            for _ in range(200):
+                time.sleep(0.01)
+                sent = time.perf_counter()
+                task = post(client, "/v1/tasks", {"type": "t"})
+                with arrived:
+                    while task["id"] not in got:
+                        arrived.wait(5)
+                pickups.append(got[task["id"]] - sent)
+            pickups.sort()
+            print(f"{fetchers} fetchers waiting: pickup p50 {pickups[100] * 1000:.2f} ms, "
+                  f"p99 {pickups[198] * 1000:.2f} ms")
 
 
 if __name__ == "__main__":
