@@ -36,13 +36,13 @@ use offload_core::{
     QueuePatch, Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec,
     decode_cursor, encode_cursor, validate_queue_name, validate_worker_id,
 };
-use sqlx::postgres::{PgPool, Postgres};
-use sqlx::{Connection, QueryBuilder, Row};
+use sqlx::postgres::PgPool;
+use sqlx::{Connection, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::connect::{Connector, connect_options};
-use crate::rows::{PgError, TASK_COLUMNS, decode, storage_error};
+use crate::rows::{PgError, decode, storage_error};
 use crate::session::on_session;
 use crate::tx::Tx;
 
@@ -564,7 +564,7 @@ impl Store for PgStore {
             let mut more = false;
             while !more {
                 let asked = page.rows_to_ask();
-                let mut sql = list_sql(query, below, asked);
+                let mut sql = sql::list_tasks(query, below, asked);
                 let mut rows = sql.build().fetch(&mut *conn);
                 let mut sent = 0;
                 while let Some(row) = rows.try_next().await.map_err(storage_error)? {
@@ -782,56 +782,6 @@ impl PgStore {
         }
         in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
     }
-}
-
-/// The tasks `query` lists below seq `below`, newest first, `rows` of
-/// them at most.
-fn list_sql(query: &ListQuery, below: Option<i64>, rows: usize) -> QueryBuilder<'static, Postgres> {
-    let mut sql = QueryBuilder::new(format!(
-        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE true"
-    ));
-    if let Some(below) = below {
-        sql.push(" AND seq < ").push_bind(below);
-    }
-    match query.states.as_slice() {
-        [] => {}
-        // Running tasks are few, and only offload_tasks_running holds them.
-        [State::Running] => {
-            sql.push(" AND state = 3");
-        }
-        states => {
-            let codes: Vec<i16> = states.iter().map(|s| s.code() as i16).collect();
-            sql.push(" AND state = ANY(").push_bind(codes).push(")");
-            // Spelled as offload_tasks_by_state's own condition, so the
-            // planner sees that the partial index covers the query.
-            if !states.contains(&State::Running) {
-                sql.push(" AND state <> 3");
-            }
-        }
-    }
-    if let Some(t) = &query.task_type {
-        sql.push(" AND type = ").push_bind(t.clone());
-    }
-    if let Some(q) = &query.queue {
-        sql.push(" AND queue = ").push_bind(q.clone());
-    }
-    if let Some(o) = &query.owner {
-        sql.push(" AND owner = ").push_bind(o.clone());
-    }
-    for (key, value) in &query.labels {
-        let wanted = serde_json::json!({ key: value });
-        sql.push(" AND labels @> ")
-            .push_bind(wanted)
-            .push("::jsonb");
-    }
-    if let Some(after) = query.created_after {
-        sql.push(" AND created_at > ").push_bind(after.as_millis());
-    }
-    if let Some(before) = query.created_before {
-        sql.push(" AND created_at < ").push_bind(before.as_millis());
-    }
-    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
-    sql
 }
 
 /// A row of the counts ([`COUNT_ROWS`]) summed by state: its `state` and its count

@@ -1118,6 +1118,38 @@ async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
     );
 }
 
+/// A list of one state or of several reaches each state's tasks newest
+/// first through `offload_tasks_by_state`, not by walking the primary key
+/// past every newer task of the other states.
+#[tokio::test]
+async fn lists_of_states_read_the_state_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    for states in [
+        vec![State::Completed],
+        vec![State::Failed, State::Completed],
+        vec![State::Cancelled, State::Pending, State::Cancelled],
+    ] {
+        let query = offload_core::ListQuery {
+            states: states.clone(),
+            limit: 50,
+            ..Default::default()
+        };
+        let list = offload_postgres::sql::list_tasks(&query, Some(1_000_000), 51);
+        let statement = list.sql().to_owned();
+        // Every parameter of a list of states alone is a seq or a row count.
+        let parameters = statement.matches('$').count();
+        let types = vec!["bigint"; parameters].join(", ");
+        let args = vec!["51"; parameters].join(", ");
+        let plan = generic_plan(&url, &types, &statement, &args).await;
+        assert!(
+            plan.contains("offload_tasks_by_state") && !plan.contains("offload_tasks_pkey"),
+            "a list of {states:?} does not read offload_tasks_by_state:\n{plan}"
+        );
+    }
+}
+
 /// A claim from all of many queues reads the first pending tasks through
 /// the index that holds them in claim order, not by sorting them all.
 #[tokio::test]

@@ -1970,6 +1970,71 @@ pub async fn list_filters_and_keyset_pagination(factory: &dyn StoreFactory) {
     );
 }
 
+/// A list of several states (named in any order, one of them twice) holds
+/// each task of those states once, newest first across the states, page by
+/// page, with its other filters applied to every state.
+pub async fn several_states_are_listed_together_newest_first(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let mut made = Vec::new();
+    for i in 0..14 {
+        let task = NewTask::new(if i % 2 == 0 { "a" } else { "b" }).max_attempts(1);
+        made.push(f.enqueue(task).await);
+        f.clock.advance(Duration::from_millis(10));
+    }
+    let mut claimed = ids(&f.claim("w", 9).await);
+    claimed.sort_unstable();
+    let mut oldest: Vec<Uuid> = made[..9].iter().map(|t| t.id).collect();
+    oldest.sort_unstable();
+    assert_eq!(claimed, oldest, "a claim takes the oldest tasks");
+    // Of the nine claimed: completed, failed, left running, in turn.
+    for (i, task) in made[..9].iter().enumerate() {
+        match i % 3 {
+            0 => drop(f.complete("w", task.id, None).await.expect("complete")),
+            1 => drop(f.fail("w", task.id, Some(false), None).await.expect("fail")),
+            _ => {}
+        }
+    }
+    f.store.cancel(made[13].id).await.expect("cancel");
+    let mut now = Vec::new();
+    for task in &made {
+        now.push(f.get(task.id).await);
+    }
+    for states in [
+        vec![State::Failed, State::Completed, State::Failed],
+        vec![State::Completed, State::Running, State::Pending],
+        vec![State::Cancelled, State::Failed, State::Running],
+    ] {
+        for task_type in [None, Some("a")] {
+            let pages = every_page(
+                &*f.store,
+                ListQuery {
+                    states: states.clone(),
+                    task_type: task_type.map(str::to_owned),
+                    limit: 2,
+                    ..Default::default()
+                },
+            )
+            .await;
+            let seen: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
+            let expected: Vec<Uuid> = now
+                .iter()
+                .rev()
+                .filter(|t| states.contains(&t.state))
+                .filter(|t| task_type.is_none_or(|wanted| t.task_type == wanted))
+                .map(|t| t.id)
+                .collect();
+            assert!(
+                expected.len() >= 3,
+                "the case lists a few tasks: {states:?}"
+            );
+            assert_eq!(
+                seen, expected,
+                "{states:?} of type {task_type:?}: each once, newest first"
+            );
+        }
+    }
+}
+
 /// A label filter matches a whole key and a whole value, whatever they
 /// hold (quotes, backslashes, text beyond ASCII, a colon, a value that
 /// begins another), among a task's other labels, in every state's list.

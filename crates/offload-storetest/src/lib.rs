@@ -84,6 +84,7 @@ macro_rules! conformance_tests {
             claims_across_many_queues_come_in_claim_order,
             a_claim_from_all_queues_looks_past_tasks_it_may_not_take,
             list_filters_and_keyset_pagination,
+            several_states_are_listed_together_newest_first,
             a_label_filter_matches_whole_keys_and_values,
             a_page_ends_where_its_bytes_reach_the_budget,
             a_claim_ends_where_its_bytes_reach_the_budget,
