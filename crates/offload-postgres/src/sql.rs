@@ -59,11 +59,22 @@ pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state
        worker_id) \
      WHERE t.seq = u.seq";
 
-/// Of the blocked tasks `$1` (an array of seqs), those with a dependency
-/// not completed, each once: through the dependencies' index by task and
-/// the primary key.
-pub const WITH_UNMET_DEPENDENCIES: &str = "SELECT DISTINCT d.task_seq FROM offload_task_deps d \
-     JOIN offload_tasks t ON t.seq = d.dep_seq WHERE d.task_seq = ANY($1) AND t.state <> 4";
+/// The tasks in state `$2` (blocked) that depend on any of `$1` (an array
+/// of ids), each once: through the dependencies' primary key and the
+/// tasks'. The state is a parameter so that no plan walks every blocked
+/// task through `offload_tasks_by_state` instead.
+pub const BLOCKED_DEPENDENTS_OF: &str =
+    "seq IN (SELECT task_seq FROM offload_task_deps WHERE dep_id = ANY($1)) AND state = $2";
+
+/// Of the blocked tasks `$1` (an array of seqs), those that still wait for
+/// a dependency stored and not completed, each once: through the
+/// dependencies' index by task and the primary key, stopping at a task's
+/// first such dependency. A completed dependency's rows go when it
+/// completes (`Tx::resolve_dependents`), so that is the task's first row
+/// unless an earlier version left some.
+pub const WAITING_FOR_MORE: &str = "SELECT w.seq FROM unnest($1::bigint[]) AS w(seq) \
+     WHERE EXISTS (SELECT 1 FROM offload_task_deps d JOIN offload_tasks t ON t.seq = d.dep_seq \
+       WHERE d.task_seq = w.seq AND t.state <> 4)";
 
 /// The condition that finds the active tasks holding the unique keys of
 /// queues `$1` and keys `$2` (arrays, pairwise), through

@@ -100,6 +100,112 @@ async fn two_nodes() -> (Arc<PgStore>, Arc<PgStore>) {
     (node(&schema).await, node(&schema).await)
 }
 
+/// The last two dependencies of a task completed at the same moment on two
+/// nodes unblock it: whichever ack comes second sees the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependencies_completed_at_once_on_two_nodes_unblock_their_dependent() {
+    if !available() {
+        return;
+    }
+    let (first, second) = two_nodes().await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    for round in 0..30 {
+        let parents = first
+            .enqueue(vec![
+                spec(NewTask::new("parent")),
+                spec(NewTask::new("parent")),
+            ])
+            .await
+            .unwrap();
+        let (a, b) = (parents[0].0.id, parents[1].0.id);
+        let (dependent, _) = first
+            .enqueue(vec![spec(
+                NewTask::new("child").depends_on(a).depends_on(b),
+            )])
+            .await
+            .unwrap()
+            .remove(0);
+        let on_first = first.claim(&claim_by("one", 1)).await.unwrap();
+        let on_second = second.claim(&claim_by("two", 1)).await.unwrap();
+        let complete = |task: &offload_core::Task| {
+            vec![Ack::Complete {
+                id: task.id,
+                result: None,
+            }]
+        };
+        let (one, two) = tokio::join!(
+            first.ack("one", complete(&on_first[0])),
+            second.ack("two", complete(&on_second[0])),
+        );
+        assert!(one.unwrap()[0].is_ok() && two.unwrap()[0].is_ok());
+        let state = first.get(dependent.id).await.unwrap().unwrap().state;
+        assert_eq!(
+            state,
+            State::Pending,
+            "round {round}: the dependent is {state}"
+        );
+        let child = first.claim(&claim_by("one", 1)).await.unwrap();
+        assert_eq!(child[0].id, dependent.id);
+        first.ack("one", complete(&child[0])).await.unwrap();
+    }
+}
+
+/// A schema written before completed dependencies' rows left
+/// `offload_task_deps` as they completed still holds such rows for tasks
+/// blocked then; those tasks are unblocked when their last dependency
+/// completes.
+#[tokio::test]
+async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_dependent() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let parents = store
+        .enqueue(vec![
+            spec(NewTask::new("parent")),
+            spec(NewTask::new("parent")),
+        ])
+        .await
+        .unwrap();
+    let (first, second) = (parents[0].0.clone(), parents[1].0.clone());
+    let (dependent, _) = store
+        .enqueue(vec![spec(
+            NewTask::new("child")
+                .depends_on(first.id)
+                .depends_on(second.id),
+        )])
+        .await
+        .unwrap()
+        .remove(0);
+    let complete = |id| vec![Ack::Complete { id, result: None }];
+    assert_eq!(
+        store.claim(&claim_by("w", 1)).await.unwrap()[0].id,
+        first.id
+    );
+    assert!(store.ack("w", complete(first.id)).await.unwrap()[0].is_ok());
+    // What an earlier version left: the completed dependency's row.
+    let mut conn = connection_in(&url, &schema).await;
+    sqlx::query("INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) VALUES ($1, $2, $3)")
+        .bind(first.id)
+        .bind(offload_core::seq_carried_by(first.id).unwrap())
+        .bind(offload_core::seq_carried_by(dependent.id).unwrap())
+        .execute(&mut conn)
+        .await
+        .expect("the completed dependency's row was gone, and goes back");
+    assert_eq!(
+        store.claim(&claim_by("w", 1)).await.unwrap()[0].id,
+        second.id
+    );
+    assert!(store.ack("w", complete(second.id)).await.unwrap()[0].is_ok());
+    assert_eq!(
+        store.get(dependent.id).await.unwrap().unwrap().state,
+        State::Pending,
+        "unblocked once its last dependency completed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_failover_when_it_goes() {
     if !available() {
@@ -1211,7 +1317,9 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
     let Some(url) = database_url() else {
         return;
     };
-    use offload_postgres::sql::{BY_SEQ, PENDING_BY_SEQ, WITH_UNMET_DEPENDENCIES, WRITE_TASK_ROWS};
+    use offload_postgres::sql::{
+        BLOCKED_DEPENDENTS_OF, BY_SEQ, PENDING_BY_SEQ, WAITING_FOR_MORE, WRITE_TASK_ROWS,
+    };
     let write_types = "bigint[], smallint[], int[], int[], bigint[], text[], text[], text[], \
                        text[], bool[], bigint[], bigint[], bigint[], bigint[], bigint[], text[]";
     let statements = [
@@ -1232,8 +1340,13 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
         ),
         (
             "bigint[]",
-            WITH_UNMET_DEPENDENCIES.to_owned(),
+            WAITING_FOR_MORE.to_owned(),
             "'{1,2}'".to_owned(),
+        ),
+        (
+            "uuid[], smallint",
+            format!("SELECT seq FROM offload_tasks WHERE {BLOCKED_DEPENDENTS_OF} FOR UPDATE"),
+            format!("'{{{}}}', 0", Uuid::now_v7()),
         ),
     ];
     for (types, statement, args) in statements {

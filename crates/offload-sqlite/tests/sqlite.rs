@@ -577,6 +577,81 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
     assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
 }
 
+/// A database written before completed dependencies' rows left
+/// `task_deps` when they completed still holds such rows for tasks blocked
+/// then; those tasks are unblocked when their last dependency completes.
+#[tokio::test]
+async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_dependent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let (first, second, dependent) = {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let mut parents = store
+            .enqueue(vec![
+                spec(NewTask::new("parent")),
+                spec(NewTask::new("parent")),
+            ])
+            .await
+            .unwrap();
+        let (second, first) = (parents.remove(1).0.id, parents.remove(0).0.id);
+        let (dependent, _) = store
+            .enqueue(vec![spec(
+                NewTask::new("child").depends_on(first).depends_on(second),
+            )])
+            .await
+            .unwrap()
+            .remove(0);
+        let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
+        assert_eq!(claimed[0].id, first);
+        let acked = store
+            .ack(
+                "w",
+                vec![Ack::Complete {
+                    id: first,
+                    result: None,
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(acked[0].is_ok());
+        (first, second, dependent.id)
+    };
+    {
+        // What an earlier version left: the completed dependency's row.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let dependent_seq = offload_core::seq_carried_by(dependent);
+        conn.execute(
+            "INSERT INTO task_deps (dep_id, task_seq) VALUES (?1, ?2)",
+            rusqlite::params![first.as_bytes().as_slice(), dependent_seq],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(
+        store.get(dependent).await.unwrap().unwrap().state,
+        State::Blocked
+    );
+    let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
+    assert_eq!(claimed[0].id, second);
+    let acked = store
+        .ack(
+            "w",
+            vec![Ack::Complete {
+                id: second,
+                result: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(acked[0].is_ok());
+    assert_eq!(
+        store.get(dependent).await.unwrap().unwrap().state,
+        State::Pending,
+        "unblocked once its last dependency completed"
+    );
+}
+
 /// A claim by worker `w` of one task of any type and queue.
 fn up_to_one_for_w() -> ClaimRequest {
     ClaimRequest {
