@@ -288,13 +288,13 @@ impl Tx {
             .fetch_all(&mut *self.conn)
             .await?;
             for (dep_id, seq) in edges {
-                if let Some(dependent) = moved
+                let dependent = moved
                     .get_mut(&seq)
-                    .filter(|d| d.task.state == State::Blocked)
-                {
+                    .filter(|d| d.task.state == State::Blocked);
+                if let (Some(dependent), Some(dep_state)) = (dependent, not_met.get(&dep_id)) {
                     dependent
                         .task
-                        .fail_dependency(dep_id, not_met[&dep_id], self.now)?;
+                        .fail_dependency(dep_id, *dep_state, self.now)?;
                 }
             }
         }
@@ -306,7 +306,11 @@ impl Tx {
             let blocked: Vec<i64> = order
                 .iter()
                 .copied()
-                .filter(|seq| moved[seq].task.state == State::Blocked)
+                .filter(|seq| {
+                    moved
+                        .get(seq)
+                        .is_some_and(|d| d.task.state == State::Blocked)
+                })
                 .collect();
             let waiting: HashSet<i64> = sqlx::query_scalar(crate::sql::WAITING_FOR_MORE)
                 .bind(&blocked)
