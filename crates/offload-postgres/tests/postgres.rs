@@ -108,36 +108,14 @@ async fn dependencies_completed_at_once_on_two_nodes_unblock_their_dependent() {
         return;
     }
     let (first, second) = two_nodes().await;
-    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
     for round in 0..30 {
-        let parents = first
-            .enqueue(vec![
-                spec(NewTask::new("parent")),
-                spec(NewTask::new("parent")),
-            ])
-            .await
-            .unwrap();
-        let (a, b) = (parents[0].0.id, parents[1].0.id);
-        let (dependent, _) = first
-            .enqueue(vec![spec(
-                NewTask::new("child").depends_on(a).depends_on(b),
-            )])
-            .await
-            .unwrap()
-            .remove(0);
+        let (_, _, dependent) = offload_storetest::a_child_of_two(&*first).await;
         let on_first = first.claim(&claim_by("one", 1)).await.unwrap();
         let on_second = second.claim(&claim_by("two", 1)).await.unwrap();
-        let complete = |task: &offload_core::Task| {
-            vec![Ack::Complete {
-                id: task.id,
-                result: None,
-            }]
-        };
-        let (one, two) = tokio::join!(
-            first.ack("one", complete(&on_first[0])),
-            second.ack("two", complete(&on_second[0])),
+        tokio::join!(
+            offload_storetest::complete(&*first, "one", on_first[0].id),
+            offload_storetest::complete(&*second, "two", on_second[0].id),
         );
-        assert!(one.unwrap()[0].is_ok() && two.unwrap()[0].is_ok());
         let state = first.get(dependent.id).await.unwrap().unwrap().state;
         assert_eq!(
             state,
@@ -146,7 +124,7 @@ async fn dependencies_completed_at_once_on_two_nodes_unblock_their_dependent() {
         );
         let child = first.claim(&claim_by("one", 1)).await.unwrap();
         assert_eq!(child[0].id, dependent.id);
-        first.ack("one", complete(&child[0])).await.unwrap();
+        offload_storetest::complete(&*first, "one", dependent.id).await;
     }
 }
 
@@ -161,30 +139,12 @@ async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_d
     };
     let schema = fresh_schema();
     let store = node(&schema).await;
-    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
-    let parents = store
-        .enqueue(vec![
-            spec(NewTask::new("parent")),
-            spec(NewTask::new("parent")),
-        ])
-        .await
-        .unwrap();
-    let (first, second) = (parents[0].0.clone(), parents[1].0.clone());
-    let (dependent, _) = store
-        .enqueue(vec![spec(
-            NewTask::new("child")
-                .depends_on(first.id)
-                .depends_on(second.id),
-        )])
-        .await
-        .unwrap()
-        .remove(0);
-    let complete = |id| vec![Ack::Complete { id, result: None }];
+    let (first, second, dependent) = offload_storetest::a_child_of_two(&*store).await;
     assert_eq!(
         store.claim(&claim_by("w", 1)).await.unwrap()[0].id,
         first.id
     );
-    assert!(store.ack("w", complete(first.id)).await.unwrap()[0].is_ok());
+    offload_storetest::complete(&*store, "w", first.id).await;
     // What an earlier version left: the completed dependency's row.
     let mut conn = connection_in(&url, &schema).await;
     sqlx::query("INSERT INTO offload_task_deps (dep_id, dep_seq, task_seq) VALUES ($1, $2, $3)")
@@ -198,7 +158,7 @@ async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_d
         store.claim(&claim_by("w", 1)).await.unwrap()[0].id,
         second.id
     );
-    assert!(store.ack("w", complete(second.id)).await.unwrap()[0].is_ok());
+    offload_storetest::complete(&*store, "w", second.id).await;
     assert_eq!(
         store.get(dependent.id).await.unwrap().unwrap().state,
         State::Pending,

@@ -584,38 +584,13 @@ async fn tasks_stored_before_ids_carried_their_seq_are_still_found_by_id() {
 async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_dependent() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("offload.db");
-    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
     let (first, second, dependent) = {
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let mut parents = store
-            .enqueue(vec![
-                spec(NewTask::new("parent")),
-                spec(NewTask::new("parent")),
-            ])
-            .await
-            .unwrap();
-        let (second, first) = (parents.remove(1).0.id, parents.remove(0).0.id);
-        let (dependent, _) = store
-            .enqueue(vec![spec(
-                NewTask::new("child").depends_on(first).depends_on(second),
-            )])
-            .await
-            .unwrap()
-            .remove(0);
+        let (first, second, child) = offload_storetest::a_child_of_two(&store).await;
         let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
-        assert_eq!(claimed[0].id, first);
-        let acked = store
-            .ack(
-                "w",
-                vec![Ack::Complete {
-                    id: first,
-                    result: None,
-                }],
-            )
-            .await
-            .unwrap();
-        assert!(acked[0].is_ok());
-        (first, second, dependent.id)
+        assert_eq!(claimed[0].id, first.id);
+        offload_storetest::complete(&store, "w", first.id).await;
+        (first.id, second.id, child.id)
     };
     {
         // What an earlier version left: the completed dependency's row.
@@ -634,17 +609,7 @@ async fn rows_of_dependencies_completed_under_an_earlier_version_do_not_hold_a_d
     );
     let claimed = store.claim(&up_to_one_for_w()).await.unwrap();
     assert_eq!(claimed[0].id, second);
-    let acked = store
-        .ack(
-            "w",
-            vec![Ack::Complete {
-                id: second,
-                result: None,
-            }],
-        )
-        .await
-        .unwrap();
-    assert!(acked[0].is_ok());
+    offload_storetest::complete(&store, "w", second).await;
     assert_eq!(
         store.get(dependent).await.unwrap().unwrap().state,
         State::Pending,

@@ -53,16 +53,7 @@ impl Fixture {
 
     /// Two tasks, `first` and `second`, and a `child` that depends on both.
     async fn a_child_of_two(&self) -> (Task, Task, Task) {
-        let first = self.enqueue(NewTask::new("first")).await;
-        let second = self.enqueue(NewTask::new("second")).await;
-        let child = self
-            .enqueue(
-                NewTask::new("child")
-                    .depends_on(first.id)
-                    .depends_on(second.id),
-            )
-            .await;
-        (first, second, child)
+        crate::a_child_of_two(&*self.store).await
     }
 
     async fn enqueue(&self, task: NewTask) -> Task {

@@ -21,13 +21,44 @@ pub mod relay;
 
 use std::sync::Arc;
 
-use offload_core::{ManualClock, Store, Timestamp};
+use offload_core::{Ack, Limits, ManualClock, NewTask, Position, Store, Task, Timestamp};
 
 /// Opens fresh, empty stores for the suite.
 #[async_trait::async_trait]
 pub trait StoreFactory: Send + Sync + 'static {
     /// A new empty store whose time comes from `clock`.
     async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn Store>;
+}
+
+/// Two tasks, `first` and `second`, and a `child` that depends on both,
+/// enqueued on `store` in that order: for a backend's own tests of
+/// dependencies, as for the suite's.
+pub async fn a_child_of_two(store: &dyn Store) -> (Task, Task, Task) {
+    let enqueue = |task: NewTask| async move {
+        let spec = task
+            .validate(&Limits::default(), Position::Alone)
+            .expect("a valid task");
+        let mut answers = store.enqueue(vec![spec]).await.expect("enqueue");
+        answers.pop().expect("one answer per task").0
+    };
+    let first = enqueue(NewTask::new("first")).await;
+    let second = enqueue(NewTask::new("second")).await;
+    let child = enqueue(
+        NewTask::new("child")
+            .depends_on(first.id)
+            .depends_on(second.id),
+    )
+    .await;
+    (first, second, child)
+}
+
+/// Completes task `id`, which `worker` holds, without a result.
+pub async fn complete(store: &dyn Store, worker: &str, id: uuid::Uuid) -> Task {
+    let mut outcomes = store
+        .ack(worker, vec![Ack::Complete { id, result: None }])
+        .await
+        .expect("ack");
+    outcomes.remove(0).expect("the worker held the task")
 }
 
 /// 2026-01-15T10:00:00Z, where every case's clock starts.
