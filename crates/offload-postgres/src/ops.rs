@@ -155,6 +155,9 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     let mut answers = Vec::with_capacity(specs.len());
     // Keys taken by tasks earlier in this batch.
     let mut batch_keys: HashMap<(String, String), usize> = HashMap::new();
+    // Held tasks the batch replaces, cancelled and written back together:
+    // one at a time, a batch of 1,000 replaces made 3,000 round trips.
+    let mut replaced_holders = Vec::new();
     for spec in specs {
         if let Some(key) = &spec.unique_key {
             let slot = (spec.queue.clone(), key.clone());
@@ -179,7 +182,7 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
                     if holder.task.cancel(tx.now)? == CancelEffect::Requested {
                         tx.cancel_requested(holder.task.id);
                     }
-                    tx.save(vec![(holder, before)]).await?;
+                    replaced_holders.push((holder, before));
                 }
             }
             batch_keys.insert(slot, planned.len());
@@ -188,6 +191,7 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
         planned.push((spec, false));
     }
 
+    tx.save(replaced_holders).await?;
     // Read after the replaces above, which a task of the batch may depend
     // on.
     let found = dependencies_of(tx, planned.iter().map(|(spec, _)| spec)).await?;
