@@ -39,8 +39,9 @@ pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use store::{
     Ack, AckOutcome, Claim, ClaimRequest, ClearRequest, Counts, Durable, Enqueueing, Failure,
     FailureKind, HeartbeatAck, HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS,
-    PAGE_BYTES, PageFill, ProgressUpdate, PromoteReport, QueueInfo, QueuePatch, Retention, Stats,
-    Store, TaskPage, Tentative, decode_cursor, encode_cursor, truncate_message,
+    OWNER_LIST_STATE_WALK, PAGE_BYTES, PageFill, ProgressUpdate, PromoteReport, QueueInfo,
+    QueuePatch, Retention, Stats, Store, TaskPage, Tentative, decode_cursor, encode_cursor,
+    truncate_message,
 };
 pub use task::{AttemptError, ErrorKind, Json, Progress, State, Task, TaskError, json_null};
 pub use task_id::{id_carrying_seq, seq_carried_by};

@@ -551,6 +551,9 @@ impl Store for PgStore {
     async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
         query.check_limit()?;
         let mut below = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let owner_first = query.owner.is_some()
+            && !query.states.is_empty()
+            && self.tasks_in(&query.states).await? > offload_core::OWNER_LIST_STATE_WALK;
         // Rows are taken as they arrive, so that a page that fills up on
         // bytes stops there; the first row it has no room for tells that
         // another page follows. They are asked for in rounds sized by
@@ -564,7 +567,7 @@ impl Store for PgStore {
             let mut more = false;
             while !more {
                 let asked = page.rows_to_ask();
-                let mut sql = sql::list_tasks(query, below, asked);
+                let mut sql = sql::list_tasks(query, below, asked, owner_first);
                 let mut rows = sql.build().fetch(&mut *conn);
                 let mut sent = 0;
                 while let Some(row) = rows.try_next().await.map_err(storage_error)? {
@@ -763,6 +766,15 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// How many tasks the database holds in `states`, from its counts.
+    async fn tasks_in(&self, states: &[State]) -> Result<u64> {
+        let mut states = states.to_vec();
+        states.sort_unstable_by_key(|state| state.code());
+        states.dedup();
+        let totals = self.totals().await?;
+        Ok(states.iter().map(|state| totals.get(*state)).sum())
+    }
+
     /// Folds the counts ledger into the totals ([`FOLD_COUNTS`]), then
     /// deletes the totals it brought to nothing. Two statements, not one
     /// transaction: a pass cut between them leaves rows of nothing, which

@@ -1202,7 +1202,7 @@ async fn lists_of_states_read_the_state_index_under_a_generic_plan() {
             limit: 50,
             ..Default::default()
         };
-        let list = offload_postgres::sql::list_tasks(&query, Some(1_000_000), 51);
+        let list = offload_postgres::sql::list_tasks(&query, Some(1_000_000), 51, false);
         let statement = list.sql().to_owned();
         // Every parameter of a list of states alone is a seq or a row count.
         let parameters = statement.matches('$').count();
@@ -1214,6 +1214,37 @@ async fn lists_of_states_read_the_state_index_under_a_generic_plan() {
             "a list of {states:?} does not read offload_tasks_by_state:\n{plan}"
         );
     }
+}
+
+/// A list of one owner's tasks in some states, read owner first, walks
+/// `offload_tasks_by_owner` newest first and no index of states.
+#[tokio::test]
+async fn an_owners_list_read_owner_first_reads_the_owner_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let query = offload_core::ListQuery {
+        states: vec![State::Failed, State::Completed],
+        owner: Some("alice".into()),
+        limit: 50,
+        ..Default::default()
+    };
+    let list = offload_postgres::sql::list_tasks(&query, Some(1_000_000), 51, true);
+    let statement = list.sql().to_owned();
+    // A seq, the states, the owner, the row count.
+    let plan = generic_plan(
+        &url,
+        "bigint, smallint[], text, bigint",
+        &statement,
+        "1000000, '{4,5}', 'alice', 51",
+    )
+    .await;
+    assert!(
+        plan.contains("Index Scan Backward using offload_tasks_by_owner")
+            && !plan.contains("offload_tasks_by_state")
+            && !plan.contains("offload_tasks_finished"),
+        "an owner's list does not walk offload_tasks_by_owner:\n{plan}"
+    );
 }
 
 /// A claim from all of many queues reads the first pending tasks through

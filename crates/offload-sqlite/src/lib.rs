@@ -222,6 +222,18 @@ impl SqliteStore {
     /// (looked at now, not only by the writer's check once a second).
     /// Neither mends itself before a restart, so `/health` reports them
     /// (through [`Store::count_stuck`]).
+    /// How many tasks the node holds in `states`, from the counts it keeps.
+    fn tasks_in(&self, states: &[State]) -> u64 {
+        let mut states = states.to_vec();
+        states.sort_unstable_by_key(|state| state.code());
+        states.dedup();
+        self.shared
+            .counts()
+            .values()
+            .map(|counts| states.iter().map(|state| counts.get(*state)).sum::<u64>())
+            .sum()
+    }
+
     fn check_writable(&self) -> Result<()> {
         self.shared.check_database_file();
         match self.shared.writes_stopped.get() {
@@ -575,6 +587,9 @@ impl Store for SqliteStore {
         {
             self.write_claims_before_read(None).await?;
         }
+        let owner_first = query.owner.is_some()
+            && !query.states.is_empty()
+            && self.tasks_in(&query.states) > offload_core::OWNER_LIST_STATE_WALK;
         let query = query.clone();
         let shared = Arc::clone(&self.shared);
         self.readers
@@ -583,7 +598,7 @@ impl Store for SqliteStore {
                     pending: &shared.pending,
                     running: &shared.running,
                 };
-                read::list(conn, &query, &memory)
+                read::list(conn, &query, &memory, owner_first)
             })
             .await
     }

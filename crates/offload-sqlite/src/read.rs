@@ -103,10 +103,15 @@ fn label_text(key: &str, value: &str) -> String {
     format!("{}:{}", quoted(key), quoted(value))
 }
 
+/// The page of tasks `query` asks for. `owner_first`: its owner's tasks are
+/// read through `tasks_by_owner` and their states checked as they come,
+/// rather than its states' tasks through `tasks_by_state` and their owner
+/// checked ([`offload_core::OWNER_LIST_STATE_WALK`]).
 pub(crate) fn list(
     conn: &Connection,
     query: &ListQuery,
     memory: &InMemory<'_>,
+    owner_first: bool,
 ) -> Result<TaskPage> {
     query.check_limit()?;
     let below = query.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -134,6 +139,11 @@ pub(crate) fn list(
         }
         match query.states.as_slice() {
             [] => {}
+            // `+` keeps SQLite off the states' index.
+            states if owner_first => {
+                let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
+                sql.push_str(&format!(" AND +state IN ({})", codes.join(",")));
+            }
             states => {
                 let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
                 sql.push_str(&format!(" AND state IN ({})", codes.join(",")));

@@ -2026,6 +2026,114 @@ pub async fn several_states_are_listed_together_newest_first(factory: &dyn Store
     }
 }
 
+/// A list of one owner's tasks in some states holds the same tasks whether
+/// the store reads them through the states' index or the owner's, which it
+/// does once the states hold more than
+/// [`offload_core::OWNER_LIST_STATE_WALK`] tasks: here the completed ones
+/// do and the failed ones do not.
+pub async fn an_owners_list_of_states_is_the_same_through_either_index(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let specs = |owner: &str, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| {
+                NewTask::new(if i % 2 == 0 { "a" } else { "b" })
+                    .owner(owner)
+                    .max_attempts(1)
+                    .validate(&Limits::default(), Position::Alone)
+                    .expect("a valid task")
+            })
+            .collect()
+    };
+    let mut small = Vec::new();
+    for (task, _) in f.store.enqueue(specs("small", 40)).await.expect("enqueue") {
+        small.push(task.id);
+    }
+    let big = offload_core::OWNER_LIST_STATE_WALK as usize + 1;
+    for start in (0..big).step_by(5_000) {
+        f.store
+            .enqueue(specs("big", (big - start).min(5_000)))
+            .await
+            .expect("enqueue");
+    }
+    // Every fourth of small's fails; every other task completes.
+    let failing: std::collections::HashSet<Uuid> = small.iter().copied().step_by(4).collect();
+    loop {
+        let claimed = f.claim("w", 1000).await;
+        if claimed.is_empty() {
+            break;
+        }
+        let acks = claimed
+            .iter()
+            .map(|task| {
+                if failing.contains(&task.id) {
+                    Ack::Fail {
+                        id: task.id,
+                        failure: it_broke(Some(false), None),
+                    }
+                } else {
+                    Ack::Complete {
+                        id: task.id,
+                        result: None,
+                    }
+                }
+            })
+            .collect();
+        for outcome in f.store.ack("w", acks).await.expect("ack") {
+            outcome.expect("the worker held the task");
+        }
+    }
+    let newest_first = |wanted: &dyn Fn(&Uuid) -> bool| -> Vec<Uuid> {
+        small
+            .iter()
+            .rev()
+            .copied()
+            .filter(|id| wanted(id))
+            .collect()
+    };
+    for (states, task_type, expected) in [
+        (
+            vec![State::Completed],
+            None,
+            newest_first(&|id| !failing.contains(id)),
+        ),
+        (
+            vec![State::Failed, State::Completed],
+            None,
+            newest_first(&|_| true),
+        ),
+        (
+            vec![State::Failed],
+            None,
+            newest_first(&|id| failing.contains(id)),
+        ),
+        (
+            vec![State::Completed, State::Pending],
+            Some("a"),
+            small
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|(i, id)| i % 2 == 0 && !failing.contains(*id))
+                .map(|(_, id)| *id)
+                .collect(),
+        ),
+    ] {
+        let pages = every_page(
+            &*f.store,
+            ListQuery {
+                states: states.clone(),
+                task_type: task_type.map(str::to_owned),
+                owner: Some("small".into()),
+                limit: 7,
+                ..Default::default()
+            },
+        )
+        .await;
+        let seen: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
+        assert_eq!(seen, expected, "{states:?} of small's, type {task_type:?}");
+    }
+}
+
 /// A label filter matches a whole key and a whole value, whatever they
 /// hold (quotes, backslashes, text beyond ASCII, a colon, a value that
 /// begins another), among a task's other labels, in every state's list.

@@ -116,6 +116,7 @@ macro_rules! conformance_tests {
             a_claim_from_all_queues_looks_past_tasks_it_may_not_take,
             list_filters_and_keyset_pagination,
             several_states_are_listed_together_newest_first,
+            an_owners_list_of_states_is_the_same_through_either_index,
             a_label_filter_matches_whole_keys_and_values,
             a_page_ends_where_its_bytes_reach_the_budget,
             a_claim_ends_where_its_bytes_reach_the_budget,
