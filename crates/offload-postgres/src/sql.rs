@@ -230,7 +230,13 @@ fn list_branch(
         sql.push(" AND queue = ").push_bind(q.clone());
     }
     if let Some(o) = &query.owner {
-        sql.push(" AND owner = ").push_bind(o.clone());
+        // A state's branch checks the owner on each task its index brings:
+        // spelled so that no plan reads offload_tasks_by_owner beside it.
+        let owner = match listed {
+            Listed::Indexed(_) => " AND (owner || '') = ",
+            Listed::Every | Listed::Checked(_) => " AND owner = ",
+        };
+        sql.push(owner).push_bind(o.clone());
     }
     for (key, value) in &query.labels {
         let wanted = serde_json::json!({ key: value });

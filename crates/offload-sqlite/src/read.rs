@@ -162,7 +162,14 @@ pub(crate) fn list(
         bind(&mut sql, " AND queue = ?", Value::Text(q.clone()));
     }
     if let Some(o) = &query.owner {
-        bind(&mut sql, " AND owner = ?", Value::Text(o.clone()));
+        // States first (see `owner_first`): `+` keeps SQLite off the
+        // owner's index, which it otherwise takes for two states and more.
+        let clause = if owner_first || query.states.is_empty() || from_memory.is_some() {
+            " AND owner = ?"
+        } else {
+            " AND +owner = ?"
+        };
+        bind(&mut sql, clause, Value::Text(o.clone()));
     }
     for (key, value) in &query.labels {
         // A row's labels are serde_json's compact text of its map, where a
