@@ -287,6 +287,20 @@ impl Counts {
         }
     }
 
+    /// The tasks in `states`, each state counted once however often named.
+    pub fn in_states(&self, states: &[State]) -> u64 {
+        let mut seen = 0_u8;
+        let mut n = 0;
+        for state in states {
+            let bit = 1 << state.code();
+            if seen & bit == 0 {
+                seen |= bit;
+                n += self.get(*state);
+            }
+        }
+        n
+    }
+
     pub fn slot(&mut self, state: State) -> &mut u64 {
         match state {
             State::Blocked => &mut self.blocked,
@@ -599,4 +613,25 @@ pub fn decode_cursor(cursor: &str) -> Result<i64> {
 
 pub fn encode_cursor(position: i64) -> String {
     format!("c{position}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_named_twice_is_counted_once() {
+        let counts = Counts {
+            completed: 7,
+            failed: 3,
+            pending: 100,
+            ..Counts::default()
+        };
+        assert_eq!(
+            counts.in_states(&[State::Completed, State::Failed, State::Completed]),
+            10
+        );
+        assert_eq!(counts.in_states(&[]), 0);
+        assert_eq!(counts.in_states(&[State::Pending]), 100);
+    }
 }

@@ -768,11 +768,7 @@ impl Store for PgStore {
 impl PgStore {
     /// How many tasks the database holds in `states`, from its counts.
     async fn tasks_in(&self, states: &[State]) -> Result<u64> {
-        let mut states = states.to_vec();
-        states.sort_unstable_by_key(|state| state.code());
-        states.dedup();
-        let totals = self.totals().await?;
-        Ok(states.iter().map(|state| totals.get(*state)).sum())
+        Ok(self.totals().await?.in_states(states))
     }
 
     /// Folds the counts ledger into the totals ([`FOLD_COUNTS`]), then

@@ -217,23 +217,20 @@ impl SqliteStore {
         })
     }
 
+    /// How many tasks the node holds in `states`, from the counts it keeps.
+    fn tasks_in(&self, states: &[State]) -> u64 {
+        self.shared
+            .counts()
+            .values()
+            .map(|counts| counts.in_states(states))
+            .sum()
+    }
+
     /// Why this store no longer writes, if it does not: its WAL could not
     /// be synced, or the database's path no longer names the file it opened
     /// (looked at now, not only by the writer's check once a second).
     /// Neither mends itself before a restart, so `/health` reports them
     /// (through [`Store::count_stuck`]).
-    /// How many tasks the node holds in `states`, from the counts it keeps.
-    fn tasks_in(&self, states: &[State]) -> u64 {
-        let mut states = states.to_vec();
-        states.sort_unstable_by_key(|state| state.code());
-        states.dedup();
-        self.shared
-            .counts()
-            .values()
-            .map(|counts| states.iter().map(|state| counts.get(*state)).sum::<u64>())
-            .sum()
-    }
-
     fn check_writable(&self) -> Result<()> {
         self.shared.check_database_file();
         match self.shared.writes_stopped.get() {
