@@ -137,16 +137,15 @@ pub(crate) fn list(
         if let Some(below) = below {
             bind(&mut sql, " AND seq < ?", Value::Integer(below));
         }
-        match query.states.as_slice() {
-            [] => {}
-            // `+` keeps SQLite off the states' index.
-            states if owner_first => {
-                let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
-                sql.push_str(&format!(" AND +state IN ({})", codes.join(",")));
-            }
-            states => {
-                let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
-                sql.push_str(&format!(" AND state IN ({})", codes.join(",")));
+        let states = &query.states;
+        if !states.is_empty() {
+            let codes: Vec<String> = states.iter().map(|s| s.code().to_string()).collect();
+            let codes = codes.join(",");
+            if owner_first {
+                // `+` keeps SQLite off the states' index.
+                sql.push_str(&format!(" AND +state IN ({codes})"));
+            } else {
+                sql.push_str(&format!(" AND state IN ({codes})"));
                 // Spelled as tasks_by_state's own condition, so SQLite sees
                 // that the partial index covers the query.
                 if !states.contains(&State::Pending) && !states.contains(&State::Running) {
