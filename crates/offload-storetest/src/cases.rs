@@ -1568,90 +1568,111 @@ pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFa
 /// tasks ahead of them in claim order. PostgreSQL reads a window of the
 /// first pending tasks and grows it while they are not enough, past
 /// 16,384 walking every pending (queue, type) instead; the answer must be
-/// the same either way.
+/// the same either way. Among at most 64 pending (queue, type) pairs it
+/// claims from those once its first window is short; past that it reads
+/// windows: the case runs with the `b` tasks in 70 queues and in 3.
 pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &dyn StoreFactory) {
-    let f = fixture(factory).await;
-    let enqueue_many = |tasks: Vec<NewTask>| {
-        let store = Arc::clone(&f.store);
-        async move {
-            let limits = Limits::default();
-            let specs = tasks
-                .into_iter()
-                .enumerate()
-                .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
-                .collect();
-            let answers = store.enqueue(specs).await.expect("enqueue");
-            answers
-                .into_iter()
-                .map(|(task, _)| task.id)
-                .collect::<Vec<Uuid>>()
-        }
-    };
-    // 251 so that a window of 256 ends with the free queue's tasks: it
-    // holds three tasks a claim of three might take, one of which the full
-    // queue's, and nothing of the queues after.
-    let held = enqueue_many(
-        (0..251)
-            .map(|_| NewTask::new("a").queue("held").priority(10))
-            .collect(),
-    )
-    .await;
-    enqueue_many(
-        (0..4)
-            .map(|_| NewTask::new("a").queue("busy").priority(9))
-            .collect(),
-    )
-    .await;
-    let free_x = enqueue_many(
-        (0..2)
-            .map(|_| NewTask::new("x").queue("free").priority(8))
-            .collect(),
-    )
-    .await;
-    // More queues than a claim naming its types asks one by one.
-    let b = enqueue_many(
-        (0..70)
-            .map(|q| NewTask::new("b").queue(format!("q{q}")).priority(5))
-            .collect(),
-    )
-    .await;
-    f.store
-        .update_queue("held", queue_settings(true, None))
-        .await
-        .unwrap();
-    f.store
-        .update_queue("busy", queue_settings(false, Some(1)))
-        .await
-        .unwrap();
-    assert_eq!(f.claim_from("other", 1, &[], &["busy"]).await.len(), 1);
-    let ids = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.id).collect::<Vec<Uuid>>();
-
-    assert_eq!(ids(f.claim_from("w", 2, &["b"], &[]).await), b[0..2]);
-    assert_eq!(
-        ids(f.claim("w", 3).await),
-        [free_x[0], free_x[1], b[2]],
-        "past the paused queue, the full one, then the next in claim order"
-    );
-    // More tasks of the paused queue ahead than the largest window.
-    for _ in 0..2 {
-        enqueue_many(
-            (0..8_500)
+    for b_queues in [70, 3] {
+        let f = fixture(factory).await;
+        let enqueue_many = |tasks: Vec<NewTask>| {
+            let store = Arc::clone(&f.store);
+            async move {
+                let limits = Limits::default();
+                let specs = tasks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
+                    .collect();
+                let answers = store.enqueue(specs).await.expect("enqueue");
+                answers
+                    .into_iter()
+                    .map(|(task, _)| task.id)
+                    .collect::<Vec<Uuid>>()
+            }
+        };
+        // 251 so that a window of 256 ends with the free queue's tasks: it
+        // holds three tasks a claim of three might take, one of which the full
+        // queue's, and nothing of the queues after.
+        let held = enqueue_many(
+            (0..251)
                 .map(|_| NewTask::new("a").queue("held").priority(10))
                 .collect(),
         )
         .await;
+        enqueue_many(
+            (0..4)
+                .map(|_| NewTask::new("a").queue("busy").priority(9))
+                .collect(),
+        )
+        .await;
+        let free_x = enqueue_many(
+            (0..2)
+                .map(|_| NewTask::new("x").queue("free").priority(8))
+                .collect(),
+        )
+        .await;
+        // In 70 queues, more than a claim naming its types asks one by
+        // one, and with the others more pending pairs than 64.
+        let b = enqueue_many(
+            (0..70)
+                .map(|n| {
+                    NewTask::new("b")
+                        .queue(format!("q{}", n % b_queues))
+                        .priority(5)
+                })
+                .collect(),
+        )
+        .await;
+        f.store
+            .update_queue("held", queue_settings(true, None))
+            .await
+            .unwrap();
+        f.store
+            .update_queue("busy", queue_settings(false, Some(1)))
+            .await
+            .unwrap();
+        assert_eq!(f.claim_from("other", 1, &[], &["busy"]).await.len(), 1);
+        let ids = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.id).collect::<Vec<Uuid>>();
+
+        assert_eq!(
+            ids(f.claim_from("w", 2, &["b"], &[]).await),
+            b[0..2],
+            "b in {b_queues} queues"
+        );
+        assert_eq!(
+            ids(f.claim("w", 3).await),
+            [free_x[0], free_x[1], b[2]],
+            "past the paused queue, the full one, then the next in claim order (b in {b_queues} queues)"
+        );
+        // More tasks of the paused queue ahead than the largest window.
+        for _ in 0..2 {
+            enqueue_many(
+                (0..8_500)
+                    .map(|_| NewTask::new("a").queue("held").priority(10))
+                    .collect(),
+            )
+            .await;
+        }
+        assert_eq!(
+            ids(f.claim("w", 2).await),
+            b[3..5],
+            "behind 17,251 of the paused queue's (b in {b_queues} queues)"
+        );
+        assert_eq!(
+            ids(f.claim_from("w", 1, &["b"], &[]).await),
+            b[5..6],
+            "b in {b_queues} queues"
+        );
+        f.store
+            .update_queue("held", queue_settings(false, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(f.claim("w", 1).await),
+            held[0..1],
+            "resumed, first again (b in {b_queues} queues)"
+        );
     }
-    assert_eq!(ids(f.claim("w", 2).await), b[3..5]);
-    assert_eq!(ids(f.claim_from("w", 1, &["b"], &[]).await), b[5..6]);
-    f.store
-        .update_queue("held", queue_settings(false, None))
-        .await
-        .unwrap();
-    assert_eq!(
-        ids(f.claim("w", 1).await),
-        held[0..1],
-        "resumed, first again"
-    );
 }
 
 pub async fn paused_queue_and_concurrency_limit(factory: &dyn StoreFactory) {
