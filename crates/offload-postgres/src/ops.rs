@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::ids::{self, Lock};
 use crate::rows::{
-    CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, TASK_COLUMNS, decode,
-    encode_json, payload,
+    CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, StoredTexts, TASK_COLUMNS,
+    decode, encode_json, payload,
 };
 use crate::tx::Tx;
 
@@ -239,9 +239,11 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             deps_task.push(item.seq);
         }
         if let Some((dep, dep_state)) = item.broken {
+            // Inserted with no progress, error or history to leave.
             let mut stored = StoredTask {
                 seq: item.seq,
                 task: item.task.clone(),
+                as_stored: StoredTexts::default(),
             };
             stored.task.fail_dependency(dep, dep_state, tx.now)?;
             broken.push((stored, State::Blocked));

@@ -43,7 +43,33 @@ pub(crate) const CANDIDATE_COLUMNS: &str = task_columns!(
 pub(crate) struct StoredTask {
     pub seq: i64,
     pub task: Task,
+    /// Its row's texts of the columns that may grow large, as read.
+    pub as_stored: StoredTexts,
 }
+
+/// The texts of a row's `progress`, `error` and `errors` as read: a
+/// write-back leaves each column the task's own text still matches in
+/// place (see [`crate::sql::WRITE_TASK_ROWS`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoredTexts {
+    pub progress: Option<String>,
+    pub error: Option<String>,
+    pub errors: Option<String>,
+}
+
+/// What a write-back gives for a column whose text is `new`, read as
+/// `stored`: the mark that leaves the column in place when they are the
+/// same text, `new` otherwise.
+pub(crate) fn unless_stored(new: Option<String>, stored: &Option<String>) -> Option<String> {
+    match (&new, stored) {
+        (Some(new), Some(stored)) if new == stored => Some(KEEP_STORED.to_owned()),
+        _ => new,
+    }
+}
+
+/// Never JSON, so never a column's text: the mark of a column left as it
+/// is stored.
+pub(crate) const KEEP_STORED: &str = "";
 
 /// Errors inside the store: those worth a fresh transaction, and the rest.
 #[derive(Debug)]
@@ -143,9 +169,9 @@ fn raw_json(text: Option<String>, name: &str) -> Result<Option<Json>, Error> {
     .transpose()
 }
 
-fn json_text<T: DeserializeOwned>(text: Option<String>, name: &str) -> Result<Option<T>, Error> {
+fn json_text<T: DeserializeOwned>(text: Option<&str>, name: &str) -> Result<Option<T>, Error> {
     text.map(|t| {
-        serde_json::from_str(&t)
+        serde_json::from_str(t)
             .map_err(|e| Error::Storage(format!("column {name} is not valid: {e}")))
     })
     .transpose()
@@ -173,6 +199,11 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
     let max_attempts: i32 = column(row, "max_attempts")?;
     let timeout_secs: i32 = column(row, "timeout_secs")?;
     let priority: i16 = column(row, "priority")?;
+    let as_stored = StoredTexts {
+        progress: column(row, "progress")?,
+        error: column(row, "error")?,
+        errors: column(row, "errors")?,
+    };
     Ok(StoredTask {
         seq: column(row, "seq")?,
         task: Task {
@@ -190,10 +221,10 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
             labels,
             unique_key: column(row, "unique_key")?,
             depends_on: column::<Option<Vec<Uuid>>>(row, "depends_on")?.unwrap_or_default(),
-            progress: json_text(column(row, "progress")?, "progress")?,
+            progress: json_text(as_stored.progress.as_deref(), "progress")?,
             result: raw_json(column(row, "result")?, "result")?,
-            error: json_text(column(row, "error")?, "error")?,
-            errors: json_text(column(row, "errors")?, "errors")?.unwrap_or_default(),
+            error: json_text(as_stored.error.as_deref(), "error")?,
+            errors: json_text(as_stored.errors.as_deref(), "errors")?.unwrap_or_default(),
             cancel_requested: column(row, "cancel_requested")?,
             created_at: Timestamp::from_millis(column(row, "created_at")?),
             updated_at: Timestamp::from_millis(column(row, "updated_at")?),
@@ -202,6 +233,7 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredTask, Error> {
             lease_expires_at: ts(column(row, "lease_expires_at")?),
             worker_id: column(row, "worker_id")?,
         },
+        as_stored,
     })
 }
 

@@ -44,10 +44,18 @@ pub const BY_SEQ: &str = "seq = ANY($1)";
 pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
 
 /// Writes back the tasks `$1` (an array of seqs), found by primary key,
-/// each with its state, attempts, times and outcome from `$2`–`$16`.
+/// each with its state, attempts, times and outcome from `$2`–`$16`. A
+/// `progress`, `error` or `errors` given as the empty text, which no JSON
+/// is, is the row's own ([`crate::rows::KEEP_STORED`]), left in place:
+/// given again, PostgreSQL stored a task's error history anew (its TOAST
+/// rows) at every claim, heartbeat and ack, the cost of each growing with
+/// the attempts that failed.
 pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state, \
      attempt = u.attempt, max_attempts = u.max_attempts, run_at = u.run_at, \
-     progress = u.progress, result = u.result, error = u.error, errors = u.errors, \
+     progress = CASE WHEN u.progress = '' THEN t.progress ELSE u.progress END, \
+     result = u.result, \
+     error = CASE WHEN u.error = '' THEN t.error ELSE u.error END, \
+     errors = CASE WHEN u.errors = '' THEN t.errors ELSE u.errors END, \
      cancel_requested = u.cancel_requested, updated_at = u.updated_at, \
      started_at = u.started_at, finished_at = u.finished_at, \
      lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, worker_id = u.worker_id \

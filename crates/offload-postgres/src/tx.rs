@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use crate::Node;
 use crate::ids::Lock;
-use crate::rows::{PgError, PgResult, StoredTask, TASK_COLUMNS, decode, encode_json};
+use crate::rows::{
+    PgError, PgResult, StoredTask, TASK_COLUMNS, decode, encode_json, unless_stored,
+};
 use crate::session::{self, Session};
 
 /// PostgreSQL's limit on a NOTIFY payload is 8000 bytes; stay well below.
@@ -154,14 +156,22 @@ impl Tx {
             attempt.push(t.attempt as i32);
             max_attempts.push(t.max_attempts as i32);
             run_at.push(t.run_at.as_millis());
-            progress.push(t.progress.as_ref().map(encode_json).transpose()?);
+            let stored_as = &stored.as_stored;
+            progress.push(unless_stored(
+                t.progress.as_ref().map(encode_json).transpose()?,
+                &stored_as.progress,
+            ));
             result.push(t.result.as_ref().map(|r| r.get().to_owned()));
-            error.push(t.error.as_ref().map(encode_json).transpose()?);
-            errors.push(if t.errors.is_empty() {
+            error.push(unless_stored(
+                t.error.as_ref().map(encode_json).transpose()?,
+                &stored_as.error,
+            ));
+            let history = if t.errors.is_empty() {
                 None
             } else {
                 Some(encode_json(&t.errors)?)
-            });
+            };
+            errors.push(unless_stored(history, &stored_as.errors));
             cancel_requested.push(t.cancel_requested);
             updated_at.push(t.updated_at.as_millis());
             started_at.push(t.started_at.map(|x| x.as_millis()));

@@ -2430,3 +2430,92 @@ async fn count_totals(conn: &mut sqlx::PgConnection) -> Vec<(String, i16, i64, S
     .await
     .expect("the folded counts")
 }
+
+/// A task's error history is written when it grows, and else left in
+/// place: after three failed attempts, its next claim, heartbeats and
+/// completion store no copy of it (PostgreSQL stored one at each when the
+/// write-back gave the history again, `TOAST` rows that only grow).
+#[tokio::test]
+async fn a_tasks_error_history_is_stored_again_only_when_it_grows() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = NewTask::new("flaky")
+        .validate(&Limits::default(), Position::Alone)
+        .expect("a valid task");
+    let id = store.enqueue(vec![spec]).await.unwrap()[0].0.id;
+    // Hardly compressible, so that each history takes many TOAST pages.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut noise = || {
+        (0..offload_core::MAX_MESSAGE_CHARS)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'!' + (state % 90) as u8)
+            })
+            .collect::<String>()
+    };
+    for _ in 0..3 {
+        assert_eq!(store.claim(&claim_by("w", 1)).await.unwrap()[0].id, id);
+        let failure = offload_core::Failure {
+            message: noise(),
+            kind: offload_core::FailureKind::Error,
+            retry: Some(false),
+            retry_in: None,
+        };
+        store
+            .ack("w", vec![Ack::Fail { id, failure }])
+            .await
+            .unwrap()
+            .remove(0)
+            .expect("the worker held the task");
+        store.retry(id).await.expect("a manual retry");
+    }
+    let mut conn = connection_in(&url, &schema).await;
+    let toast_bytes = "SELECT pg_relation_size(reltoastrelid) FROM pg_class \
+                       WHERE oid = 'offload_tasks'::regclass";
+    let (before,): (i64,) = sqlx::query_as(toast_bytes)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let (history,): (i32,) = sqlx::query_as("SELECT pg_column_size(errors) FROM offload_tasks")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        history > 30_000,
+        "a history of {history} bytes is too small to tell"
+    );
+    let claimed = store.claim(&claim_by("w", 1)).await.unwrap();
+    assert_eq!(claimed[0].errors.len(), 3);
+    for _ in 0..5 {
+        store
+            .heartbeat(offload_core::HeartbeatRequest {
+                id,
+                worker_id: "w".into(),
+                progress: None,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .expect("heartbeat");
+    }
+    let completed = offload_storetest::complete(&*store, "w", id).await;
+    assert_eq!(completed.errors.len(), 3, "the history is kept");
+    let (after,): (i64,) = sqlx::query_as(toast_bytes)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        after - before < i64::from(history),
+        "TOAST grew {} bytes, a history is {history}",
+        after - before
+    );
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().errors,
+        completed.errors,
+        "the history read back is the one answered"
+    );
+}
