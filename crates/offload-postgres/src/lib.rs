@@ -18,6 +18,7 @@
 mod clock;
 mod connect;
 mod ids;
+mod lists;
 mod notify;
 mod ops;
 mod rows;
@@ -29,12 +30,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use offload_core::{
     Ack, AckOutcome, Backoff, Claim, ClaimRequest, ClearRequest, Clock, Counts, Error,
-    HeartbeatAck, HeartbeatRequest, Hub, Limits, ListQuery, PageFill, PromoteReport, QueueInfo,
-    QueuePatch, Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec,
-    decode_cursor, encode_cursor, validate_queue_name, validate_worker_id,
+    HeartbeatAck, HeartbeatRequest, Hub, Limits, ListQuery, PromoteReport, QueueInfo, QueuePatch,
+    Result, Retention, State, Stats, Store, SystemClock, Task, TaskPage, TaskSpec, decode_cursor,
+    encode_cursor, validate_queue_name, validate_worker_id,
 };
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, Row};
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::connect::{Connector, connect_options};
-use crate::rows::{PgError, decode, storage_error};
+use crate::rows::{PgError, storage_error};
 use crate::session::on_session;
 use crate::tx::Tx;
 
@@ -550,51 +550,18 @@ impl Store for PgStore {
 
     async fn list(&self, query: &ListQuery) -> Result<TaskPage> {
         query.check_limit()?;
-        let mut below = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let below = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let owner_first = query.owner.is_some()
             && !query.states.is_empty()
             && self.tasks_in(&query.states).await? > offload_core::OWNER_LIST_STATE_WALK;
-        // Rows are taken as they arrive, so that a page that fills up on
-        // bytes stops there; the first row it has no room for tells that
-        // another page follows. They are asked for in rounds sized by
-        // what the page has room for: rows past the page are still sent
-        // by PostgreSQL and read off the connection, a gigabyte a page
-        // for tasks of the largest payloads if every page asked for
-        // `limit`.
         let (tasks, more) = on_session!(self, |conn| {
-            let mut page = PageFill::new(query.limit);
-            let mut tasks = Vec::new();
-            let mut more = false;
-            while !more {
-                let asked = page.rows_to_ask();
-                let mut sql = sql::list_tasks(query, below, asked, owner_first);
-                let mut rows = sql.build().fetch(&mut *conn);
-                let mut sent = 0;
-                while let Some(row) = rows.try_next().await.map_err(storage_error)? {
-                    sent += 1;
-                    let stored = decode(&row)?;
-                    if !page.take(&stored.task) {
-                        more = true;
-                        break;
-                    }
-                    below = Some(stored.seq);
-                    tasks.push(stored);
-                }
-                if sent < asked {
-                    break;
-                }
+            if query.labels.is_empty() {
+                lists::page(conn, query, below, owner_first).await?
+            } else {
+                lists::labelled_page(conn, query, below, owner_first).await?
             }
-            (tasks, more)
         })?;
-        let next_cursor = if more {
-            tasks.last().map(|last| encode_cursor(last.seq))
-        } else {
-            None
-        };
-        Ok(TaskPage {
-            tasks: tasks.into_iter().map(|s| s.task).collect(),
-            next_cursor,
-        })
+        Ok(page_of(tasks, more))
     }
 
     async fn stats(&self) -> Result<Stats> {
@@ -794,6 +761,20 @@ impl PgStore {
 
 /// A row of the counts ([`COUNT_ROWS`]) summed by state: its `state` and its count
 /// `n` (a sum of deltas, never below nothing).
+/// The page of `tasks`, newest first, with a cursor past the last when
+/// `more` tells that another page follows.
+fn page_of(tasks: Vec<rows::StoredTask>, more: bool) -> TaskPage {
+    let next_cursor = if more {
+        tasks.last().map(|last| encode_cursor(last.seq))
+    } else {
+        None
+    };
+    TaskPage {
+        tasks: tasks.into_iter().map(|s| s.task).collect(),
+        next_cursor,
+    }
+}
+
 fn state_count(row: &sqlx::postgres::PgRow) -> Result<(State, u64)> {
     let code: i16 = row.try_get("state").map_err(storage_error)?;
     let n: i64 = row.try_get("n").map_err(storage_error)?;

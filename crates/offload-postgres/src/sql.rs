@@ -165,16 +165,126 @@ pub fn list_tasks(
     rows: usize,
     owner_first: bool,
 ) -> QueryBuilder<'static, Postgres> {
+    let mut sql = QueryBuilder::new("");
+    push_list(&mut sql, query, below, rows, owner_first, Listing::Rows);
+    sql
+}
+
+/// The first round of a list with label filters: of the newest
+/// [`LABEL_WALK`] tasks [`list_tasks`] would list but for the labels,
+/// those that bear them, `rows` at most. Fewer than `rows` tells that the
+/// labels are rare there, and the list reads their index instead
+/// ([`labelled_below`]).
+pub fn list_newest_for_labels(
+    query: &ListQuery,
+    below: Option<i64>,
+    rows: usize,
+    owner_first: bool,
+) -> QueryBuilder<'static, Postgres> {
+    let mut sql = QueryBuilder::new("SELECT * FROM (");
+    push_list(
+        &mut sql,
+        query,
+        below,
+        LABEL_WALK,
+        owner_first,
+        Listing::Unlabelled,
+    );
+    sql.push(") AS newest WHERE true");
+    push_labels(&mut sql, &query.labels);
+    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
+    sql
+}
+
+/// Tasks a window of a list with label filters walks newest first,
+/// checking their labels (`crate::lists`): a label on one task in 40
+/// fills a page of 50 within one window, as fast as a list without
+/// labels; a window that brings less than an eighth of what the page asks
+/// for sends the list to the labels' index.
+pub const LABEL_WALK: usize = 2_000;
+
+/// Seqs a round of [`labelled_below`] reads: the tasks of the label,
+/// newest first, whose other filters are then checked by primary key.
+pub const LABELLED_ROUND: usize = 1_000;
+
+/// The seqs of the tasks below `below` that bear every label of
+/// `labels`, newest first, `rows` of them at most: every such task found
+/// through `offload_tasks_labels`, then sorted. The materialized step
+/// keeps the planner from walking the primary key in order instead, as
+/// the list of a label did under a generic plan, past every task without
+/// it (16–18 ms a page for 100 tasks behind 100,000 others,
+/// `bench/label-lists.py`).
+pub fn labelled_below(
+    labels: &[(String, String)],
+    below: Option<i64>,
+    rows: usize,
+) -> QueryBuilder<'static, Postgres> {
+    let mut sql = QueryBuilder::new(
+        "WITH labelled AS MATERIALIZED (SELECT seq FROM offload_tasks WHERE true",
+    );
+    push_labels(&mut sql, labels);
+    if let Some(below) = below {
+        // Spelled off the primary key, which a plan made on a small table
+        // read for the range, checking the labels of every task in it.
+        sql.push(" AND seq + 0 < ").push_bind(below);
+    }
+    sql.push(") SELECT seq FROM labelled ORDER BY seq DESC LIMIT ")
+        .push_bind(rows as i64);
+    sql
+}
+
+/// Those of the tasks `seqs` that `query` lists, every filter checked on
+/// each, in no order: found by primary key, the owner and the labels
+/// spelled so that no plan reads their indexes instead (one made on an
+/// empty table read the owner's).
+pub fn listed_among(query: &ListQuery, seqs: Vec<i64>) -> QueryBuilder<'static, Postgres> {
+    let mut sql = QueryBuilder::new(format!(
+        "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE seq = ANY("
+    ));
+    sql.push_bind(seqs).push(")");
+    if !query.states.is_empty() {
+        let codes: Vec<i16> = query.states.iter().map(|s| s.code() as i16).collect();
+        sql.push(" AND state = ANY(").push_bind(codes).push(")");
+    }
+    // Not `owner || ''`, which proves `owner IS NOT NULL` and so let a
+    // plan read all of `offload_tasks_by_owner` for the seqs.
+    push_filters(&mut sql, query, " AND coalesce(owner, '') = ");
+    for (key, value) in &query.labels {
+        let wanted = serde_json::json!({ key: value });
+        sql.push(" AND coalesce(labels, '{}') @> ")
+            .push_bind(wanted)
+            .push("::jsonb");
+    }
+    sql
+}
+
+/// Which of the tasks a list statement reads.
+#[derive(Clone, Copy)]
+enum Listing {
+    /// Those that pass every filter.
+    Rows,
+    /// Those that pass every filter but the labels.
+    Unlabelled,
+}
+
+/// [`list_tasks`] of the tasks `listing` says, pushed onto `sql`.
+fn push_list(
+    sql: &mut QueryBuilder<'static, Postgres>,
+    query: &ListQuery,
+    below: Option<i64>,
+    rows: usize,
+    owner_first: bool,
+    listing: Listing,
+) {
     let mut states: Vec<State> = query.states.clone();
     states.sort_unstable_by_key(|state| state.code());
     states.dedup();
-    let mut sql = QueryBuilder::new("");
     match states.as_slice() {
-        [] => list_branch(&mut sql, query, below, Listed::Every, rows),
+        [] => list_branch(sql, query, below, Listed::Every, rows, listing),
         states if owner_first => {
-            list_branch(&mut sql, query, below, Listed::Checked(states), rows);
+            list_branch(sql, query, below, Listed::Checked(states), rows, listing);
         }
-        [state] => list_branch(&mut sql, query, below, Listed::Indexed(*state), rows),
+        [state] => list_branch(sql, query, below, Listed::Indexed(*state), rows, listing),
         states => {
             sql.push("SELECT * FROM (");
             for (k, state) in states.iter().enumerate() {
@@ -182,14 +292,13 @@ pub fn list_tasks(
                     sql.push(" UNION ALL ");
                 }
                 sql.push("(");
-                list_branch(&mut sql, query, below, Listed::Indexed(*state), rows);
+                list_branch(sql, query, below, Listed::Indexed(*state), rows, listing);
                 sql.push(")");
             }
             sql.push(") AS listed ORDER BY seq DESC LIMIT ")
                 .push_bind(rows as i64);
         }
     }
-    sql
 }
 
 /// The states a branch of a list reads.
@@ -208,6 +317,7 @@ fn list_branch(
     below: Option<i64>,
     listed: Listed<'_>,
     rows: usize,
+    listing: Listing,
 ) {
     sql.push(format!(
         "SELECT {TASK_COLUMNS} FROM offload_tasks WHERE true"
@@ -231,6 +341,22 @@ fn list_branch(
             sql.push(" AND state = ANY(").push_bind(codes).push(")");
         }
     }
+    // A state's branch checks the owner on each task its index brings:
+    // spelled so that no plan reads offload_tasks_by_owner beside it.
+    let owner = match listed {
+        Listed::Indexed(_) => " AND (owner || '') = ",
+        Listed::Every | Listed::Checked(_) => " AND owner = ",
+    };
+    push_filters(sql, query, owner);
+    if let Listing::Rows = listing {
+        push_labels(sql, &query.labels);
+    }
+    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
+}
+
+/// `query`'s filters of type, queue, owner (as `owner` spells it) and
+/// creation time.
+fn push_filters(sql: &mut QueryBuilder<'static, Postgres>, query: &ListQuery, owner: &str) {
     if let Some(t) = &query.task_type {
         sql.push(" AND type = ").push_bind(t.clone());
     }
@@ -238,19 +364,7 @@ fn list_branch(
         sql.push(" AND queue = ").push_bind(q.clone());
     }
     if let Some(o) = &query.owner {
-        // A state's branch checks the owner on each task its index brings:
-        // spelled so that no plan reads offload_tasks_by_owner beside it.
-        let owner = match listed {
-            Listed::Indexed(_) => " AND (owner || '') = ",
-            Listed::Every | Listed::Checked(_) => " AND owner = ",
-        };
         sql.push(owner).push_bind(o.clone());
-    }
-    for (key, value) in &query.labels {
-        let wanted = serde_json::json!({ key: value });
-        sql.push(" AND labels @> ")
-            .push_bind(wanted)
-            .push("::jsonb");
     }
     if let Some(after) = query.created_after {
         sql.push(" AND created_at > ").push_bind(after.as_millis());
@@ -258,5 +372,14 @@ fn list_branch(
     if let Some(before) = query.created_before {
         sql.push(" AND created_at < ").push_bind(before.as_millis());
     }
-    sql.push(" ORDER BY seq DESC LIMIT ").push_bind(rows as i64);
+}
+
+/// ` AND labels @> …` for each label of `labels`.
+fn push_labels(sql: &mut QueryBuilder<'static, Postgres>, labels: &[(String, String)]) {
+    for (key, value) in labels {
+        let wanted = serde_json::json!({ key: value });
+        sql.push(" AND labels @> ")
+            .push_bind(wanted)
+            .push("::jsonb");
+    }
 }

@@ -1351,6 +1351,57 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
     }
 }
 
+/// A list with label filters past its walk of the newest tasks finds the
+/// labels' tasks through `offload_tasks_labels`, not by walking the
+/// primary key past every task without them; and it reads the rows of
+/// those tasks by primary key, with every filter a list may have.
+#[tokio::test]
+async fn a_labels_tasks_are_found_through_the_labels_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let labels = vec![
+        ("project".to_owned(), "p1".to_owned()),
+        ("team".to_owned(), "t".to_owned()),
+    ];
+    let found = offload_postgres::sql::labelled_below(&labels, Some(1_000_000), 1_000);
+    let plan = generic_plan(
+        &url,
+        "jsonb, jsonb, bigint, bigint",
+        found.sql(),
+        r#"'{"project": "p1"}', '{"team": "t"}', 1000000, 1000"#,
+    )
+    .await;
+    assert!(
+        plan.contains("offload_tasks_labels") && !plan.contains("offload_tasks_pkey"),
+        "a label's tasks are not found through offload_tasks_labels:\n{plan}"
+    );
+    let query = offload_core::ListQuery {
+        states: vec![State::Completed, State::Pending],
+        task_type: Some("t".into()),
+        queue: Some("q".into()),
+        owner: Some("o".into()),
+        labels,
+        created_after: Some(offload_core::Timestamp::from_millis(0)),
+        created_before: Some(offload_core::Timestamp::from_millis(1)),
+        limit: 50,
+        ..Default::default()
+    };
+    let rows = offload_postgres::sql::listed_among(&query, vec![1, 2]);
+    let plan = generic_plan(
+        &url,
+        "bigint[], smallint[], text, text, text, bigint, bigint, jsonb, jsonb",
+        rows.sql(),
+        r#"'{1,2}', '{4,2}', 't', 'q', 'o', 0, 1, '{"project": "p1"}', '{"team": "t"}'"#,
+    )
+    .await;
+    assert!(
+        plan.matches("offload_tasks_").count() == plan.matches("offload_tasks_pkey").count()
+            && plan.contains("offload_tasks_pkey"),
+        "the listed tasks' rows are not read by primary key alone:\n{plan}"
+    );
+}
+
 /// The holders of the unique keys a batch names are found through the
 /// index of held keys, whatever the table's size when planned.
 #[tokio::test]

@@ -2158,6 +2158,131 @@ pub async fn an_owners_list_of_states_is_the_same_through_either_index(factory: 
 /// A label filter matches a whole key and a whole value, whatever they
 /// hold (quotes, backslashes, text beyond ASCII, a colon, a value that
 /// begins another), among a task's other labels, in every state's list.
+/// A label borne by older tasks only, behind more newer tasks than a list
+/// walks before it reads the labels' index on PostgreSQL, and by more of
+/// them than one round of that index brings, is listed page by page,
+/// newest first, each of its tasks once, with and without other filters;
+/// so is a label borne by newer and older tasks alike.
+pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
+    factory: &dyn StoreFactory,
+) {
+    let f = fixture(factory).await;
+    let enqueue_all = |tasks: Vec<NewTask>| {
+        let store = Arc::clone(&f.store);
+        async move {
+            let limits = Limits::default();
+            let specs = tasks
+                .into_iter()
+                .enumerate()
+                .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
+                .collect();
+            let answers = store.enqueue(specs).await.expect("enqueue");
+            answers
+                .into_iter()
+                .map(|(task, _)| task.id)
+                .collect::<Vec<Uuid>>()
+        }
+    };
+    let alike = |n: usize, task_type: &str, p: Option<&str>| {
+        (0..n)
+            .map(|_| {
+                let task = NewTask::new(task_type);
+                match p {
+                    Some(p) => task.label("p", p),
+                    None => task,
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    // Oldest first: 1,200 rare tasks of type `b`, the first 300 of them
+    // completed; 1,000 rare ones of type `a`; 1,200 common ones of type
+    // `a`; then 2,500 of type `b`, every other one common, the others
+    // without labels.
+    let rare_b = enqueue_all(alike(1_200, "b", Some("rare"))).await;
+    let claimed = f.claim("w", 300).await;
+    assert_eq!(ids(&claimed), rare_b[..300]);
+    let acks = claimed
+        .iter()
+        .map(|t| Ack::Complete {
+            id: t.id,
+            result: None,
+        })
+        .collect();
+    for outcome in f.store.ack("w", acks).await.expect("ack") {
+        outcome.expect("the worker held the task");
+    }
+    let rare_a = enqueue_all(alike(1_000, "a", Some("rare"))).await;
+    let common_a = enqueue_all(alike(1_200, "a", Some("common"))).await;
+    let mut common_b = Vec::new();
+    for _ in 0..5 {
+        common_b.extend(enqueue_all(alike(250, "b", Some("common"))).await);
+        enqueue_all(alike(250, "b", None)).await;
+    }
+    let newest_first = |groups: &[&[Uuid]]| {
+        let mut ids: Vec<Uuid> = groups.concat();
+        ids.reverse();
+        ids
+    };
+    // A list of type `b` walks the newest 2,000 of the last 2,500 first;
+    // then the first round of the labels' index brings the rare tasks of
+    // type `a`, none of them listed.
+    // The label's value, the states, the type, the page's limit, and the
+    // tasks listed.
+    type Case<'a> = (&'a str, Vec<State>, Option<&'a str>, usize, Vec<Uuid>);
+    let cases: Vec<Case> = vec![
+        ("rare", vec![], None, 50, newest_first(&[&rare_b, &rare_a])),
+        ("rare", vec![], Some("b"), 100, newest_first(&[&rare_b])),
+        (
+            "rare",
+            vec![State::Completed],
+            None,
+            40,
+            newest_first(&[&rare_b[..300]]),
+        ),
+        (
+            "rare",
+            vec![State::Completed, State::Pending],
+            Some("zzz"),
+            50,
+            vec![],
+        ),
+        (
+            "common",
+            vec![],
+            None,
+            500,
+            newest_first(&[&common_a, &common_b]),
+        ),
+    ];
+    for (p, states, task_type, limit, wanted) in cases {
+        let query = ListQuery {
+            labels: vec![("p".to_owned(), p.to_owned())],
+            states: states.clone(),
+            task_type: task_type.map(str::to_owned),
+            limit,
+            ..Default::default()
+        };
+        let pages = every_page(&*f.store, query).await;
+        let listed: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
+        assert_eq!(
+            listed.len(),
+            wanted.len(),
+            "p: {p}, states {states:?}, type {task_type:?}: how many"
+        );
+        assert!(
+            listed == wanted,
+            "p: {p}, states {states:?}, type {task_type:?}: each once, newest first"
+        );
+        assert!(
+            pages.iter().all(|page| page.tasks.len() <= limit)
+                && pages[..pages.len() - 1]
+                    .iter()
+                    .all(|page| page.tasks.len() == limit),
+            "p: {p}, states {states:?}, type {task_type:?}: full pages but the last"
+        );
+    }
+}
+
 pub async fn a_label_filter_matches_whole_keys_and_values(factory: &dyn StoreFactory) {
     let f = fixture(factory).await;
     type Labels<'a> = &'a [(&'a str, &'a str)];

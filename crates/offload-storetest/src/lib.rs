@@ -118,6 +118,7 @@ macro_rules! conformance_tests {
             several_states_are_listed_together_newest_first,
             an_owners_list_of_states_is_the_same_through_either_index,
             a_label_filter_matches_whole_keys_and_values,
+            a_labels_tasks_behind_many_without_it_are_listed_page_by_page,
             a_page_ends_where_its_bytes_reach_the_budget,
             a_claim_ends_where_its_bytes_reach_the_budget,
             pending_and_running_tasks_are_listed_page_by_page_newest_first,
