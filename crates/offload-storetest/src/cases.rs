@@ -2247,6 +2247,13 @@ pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
             vec![],
         ),
         (
+            "rare",
+            vec![State::Pending, State::Completed],
+            Some("b"),
+            70,
+            newest_first(&[&rare_b]),
+        ),
+        (
             "common",
             vec![],
             None,
