@@ -26,9 +26,10 @@ const FEW_TYPES: usize = 8;
 /// it names; past this it walks the pending (queue, type) pairs instead.
 const FEW_QUEUES: usize = 64;
 /// Pending (queue, type) pairs a claim from all queues, its first window
-/// short of tasks it may take, claims from one by one rather than read
-/// larger windows.
-const FEW_PENDING_PAIRS: i64 = 64;
+/// held back by paused or full queues, claims from one by one rather than
+/// read larger windows (`bench/held-back.py`): a walk of the pairs costs
+/// a few µs a pair, wasted where there are more.
+const FEW_PENDING_PAIRS: i64 = 256;
 /// Rows a duty handles per transaction.
 const DUTY_BATCH: i64 = 1000;
 /// Advisory locks that writes naming a unique key take turns on.
@@ -969,8 +970,9 @@ async fn pending_pairs_up_to(
 /// it does not (tasks of other types, paused queues, limited queues without
 /// room, or tasks other claims hold fill it), the window grows fourfold, up
 /// to [`CLAIM_WINDOW_MOST`] tasks, past which the claim walks every pair;
-/// but when its first window is short of tasks it may take and at most
-/// [`FEW_PENDING_PAIRS`] pairs hold pending tasks, it claims from those.
+/// but when its first window is short of tasks it may take, paused or full
+/// queues' among them, and at most [`FEW_PENDING_PAIRS`] pairs hold
+/// pending tasks, it claims from those.
 async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admitted> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
     let mut window = req.limit + 1;
@@ -1023,12 +1025,16 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
         // tried.
         let mut free_run: Vec<i64> = Vec::new();
         let mut limited_seen = false;
+        // Whether tasks of a paused queue, or of a limited one past its
+        // room, are in the window.
+        let mut held_back = false;
         for (queue, task_type, _, _, seq) in &entries {
             if !wanted.is_empty() && !wanted.contains(task_type.as_str()) {
                 continue;
             }
             let (paused, concurrency) = settings_of(queue);
             if paused {
+                held_back = true;
                 continue;
             }
             pairs.push((queue, task_type));
@@ -1041,6 +1047,8 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
                 if !limited_seen && !tried.contains(seq) {
                     free_run.push(*seq);
                 }
+            } else {
+                held_back = true;
             }
         }
         if !whole && takeable < req.limit {
@@ -1048,12 +1056,13 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
                 let pairs = all_pending_pairs(tx, req).await?;
                 return admit_from_pairs(tx, req, pairs).await;
             }
-            // Tasks the claim cannot take fill the window's front (a paused
-            // queue's backlog, a full limited queue's): every claim would
-            // read them again in ever larger windows, 13.5 ms a claim
-            // behind 100,000 of a paused queue's. Among few pairs, it
-            // claims from each pair's own first tasks instead.
-            if taken.is_empty() && !pairs_counted {
+            // A paused queue's backlog, or a full limited queue's, fills
+            // the window's front: every claim would read it again in ever
+            // larger windows, 13.5 ms a claim behind 100,000 of a paused
+            // queue's. Among few pairs, it claims from each pair's own
+            // first tasks instead. (Not for other types' tasks alone,
+            // which a larger window passes sooner than a walk of pairs.)
+            if held_back && taken.is_empty() && !pairs_counted {
                 pairs_counted = true;
                 if let Some(pairs) = pending_pairs_up_to(tx, req, FEW_PENDING_PAIRS).await? {
                     return admit_from_pairs(tx, req, pairs).await;

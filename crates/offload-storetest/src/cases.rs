@@ -1568,11 +1568,11 @@ pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFa
 /// tasks ahead of them in claim order. PostgreSQL reads a window of the
 /// first pending tasks and grows it while they are not enough, past
 /// 16,384 walking every pending (queue, type) instead; the answer must be
-/// the same either way. Among at most 64 pending (queue, type) pairs it
+/// the same either way. Among at most 256 pending (queue, type) pairs it
 /// claims from those once its first window is short; past that it reads
-/// windows: the case runs with the `b` tasks in 70 queues and in 3.
+/// windows: the case runs with the `b` tasks in 300 queues and in 3.
 pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &dyn StoreFactory) {
-    for b_queues in [70, 3] {
+    for b_queues in [300, 3] {
         let f = fixture(factory).await;
         let enqueue_many = |tasks: Vec<NewTask>| {
             let store = Arc::clone(&f.store);
@@ -1611,10 +1611,10 @@ pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &
                 .collect(),
         )
         .await;
-        // In 70 queues, more than a claim naming its types asks one by
-        // one, and with the others more pending pairs than 64.
+        // In 300 queues, more than a claim naming its types asks one by
+        // one, and more pending pairs than 256.
         let b = enqueue_many(
-            (0..70)
+            (0..300)
                 .map(|n| {
                     NewTask::new("b")
                         .queue(format!("q{}", n % b_queues))
