@@ -759,8 +759,6 @@ impl PgStore {
     }
 }
 
-/// A row of the counts ([`COUNT_ROWS`]) summed by state: its `state` and its count
-/// `n` (a sum of deltas, never below nothing).
 /// The page of `tasks`, newest first, with a cursor past the last when
 /// `more` tells that another page follows.
 fn page_of(tasks: Vec<rows::StoredTask>, more: bool) -> TaskPage {
@@ -775,6 +773,8 @@ fn page_of(tasks: Vec<rows::StoredTask>, more: bool) -> TaskPage {
     }
 }
 
+/// A row of the counts ([`COUNT_ROWS`]) summed by state: its `state` and its count
+/// `n` (a sum of deltas, never below nothing).
 fn state_count(row: &sqlx::postgres::PgRow) -> Result<(State, u64)> {
     let code: i16 = row.try_get("state").map_err(storage_error)?;
     let n: i64 = row.try_get("n").map_err(storage_error)?;

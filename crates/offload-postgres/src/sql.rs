@@ -170,11 +170,9 @@ pub fn list_tasks(
     sql
 }
 
-/// The first round of a list with label filters: of the newest
-/// [`LABEL_WALK`] tasks [`list_tasks`] would list but for the labels,
-/// those that bear them, `rows` at most. Fewer than `rows` tells that the
-/// labels are rare there, and the list reads their index instead
-/// ([`labelled_below`]).
+/// A window of a list with label filters (`crate::lists`): of the newest
+/// [`LABEL_WALK`] tasks below `below` that [`list_tasks`] would list but
+/// for the labels, those that bear them, `rows` at most, newest first.
 pub fn list_newest_for_labels(
     query: &ListQuery,
     below: Option<i64>,

@@ -156,22 +156,22 @@ impl Tx {
             attempt.push(t.attempt as i32);
             max_attempts.push(t.max_attempts as i32);
             run_at.push(t.run_at.as_millis());
-            let stored_as = &stored.as_stored;
+            let read = &stored.as_stored;
             progress.push(unless_stored(
                 t.progress.as_ref().map(encode_json).transpose()?,
-                &stored_as.progress,
+                &read.progress,
             ));
             result.push(t.result.as_ref().map(|r| r.get().to_owned()));
             error.push(unless_stored(
                 t.error.as_ref().map(encode_json).transpose()?,
-                &stored_as.error,
+                &read.error,
             ));
             let history = if t.errors.is_empty() {
                 None
             } else {
                 Some(encode_json(&t.errors)?)
             };
-            errors.push(unless_stored(history, &stored_as.errors));
+            errors.push(unless_stored(history, &read.errors));
             cancel_requested.push(t.cancel_requested);
             updated_at.push(t.updated_at.as_millis());
             started_at.push(t.started_at.map(|x| x.as_millis()));
