@@ -46,7 +46,7 @@ pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
 /// Writes back the tasks `$1` (an array of seqs), found by primary key,
 /// each with its state, attempts, times and outcome from `$2`–`$16`. A
 /// `progress`, `error` or `errors` given as the empty text, which no JSON
-/// is, is the row's own ([`crate::rows::KEEP_STORED`]), left in place:
+/// is, is the row's own (`rows::KEEP_STORED`), left in place:
 /// given again, PostgreSQL stored a task's error history anew (its TOAST
 /// rows) at every claim, heartbeat and ack, the cost of each growing with
 /// the attempts that failed.
