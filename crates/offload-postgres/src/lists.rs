@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use futures::TryStreamExt;
 use offload_core::{ListQuery, PageFill};
 use sqlx::postgres::PgConnection;
+use sqlx::{Postgres, QueryBuilder};
 
 use crate::rows::{PgError, PgResult, StoredTask, decode};
 use crate::sql::{
@@ -73,13 +74,11 @@ pub(crate) async fn labelled_page(
     // within eight windows. A rarer one is read from its index.
     loop {
         let asked = page.rows_to_ask();
-        let newest: Vec<StoredTask> = list_newest_for_labels(query, below, asked, owner_first)
-            .build()
-            .fetch(&mut *conn)
-            .map_err(PgError::from)
-            .and_then(|row| async move { Ok(decode(&row)?) })
-            .try_collect()
-            .await?;
+        let newest = tasks_of(
+            conn,
+            list_newest_for_labels(query, below, asked, owner_first),
+        )
+        .await?;
         let found = newest.len();
         for stored in newest {
             if !page.take(&stored.task) {
@@ -113,13 +112,7 @@ pub(crate) async fn labelled_page(
         }
         let asked = page.rows_to_ask().min(candidates.len());
         let among: Vec<i64> = candidates.drain(..asked).collect();
-        let mut rows: Vec<StoredTask> = listed_among(query, among)
-            .build()
-            .fetch(&mut *conn)
-            .map_err(PgError::from)
-            .and_then(|row| async move { Ok(decode(&row)?) })
-            .try_collect()
-            .await?;
+        let mut rows = tasks_of(conn, listed_among(query, among)).await?;
         rows.sort_unstable_by_key(|stored| std::cmp::Reverse(stored.seq));
         for stored in rows {
             if !page.take(&stored.task) {
@@ -128,4 +121,17 @@ pub(crate) async fn labelled_page(
             tasks.push(stored);
         }
     }
+}
+
+/// Every task `sql` reads.
+async fn tasks_of(
+    conn: &mut PgConnection,
+    mut sql: QueryBuilder<'static, Postgres>,
+) -> PgResult<Vec<StoredTask>> {
+    sql.build()
+        .fetch(conn)
+        .map_err(PgError::from)
+        .and_then(|row| async move { Ok(decode(&row)?) })
+        .try_collect()
+        .await
 }

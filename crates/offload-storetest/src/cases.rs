@@ -60,6 +60,32 @@ impl Fixture {
         self.try_enqueue(task).await.expect("enqueue").0
     }
 
+    /// `tasks` enqueued in one batch; their ids, in order.
+    async fn enqueue_all(&self, tasks: Vec<NewTask>) -> Vec<Uuid> {
+        let limits = Limits::default();
+        let specs = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
+            .collect();
+        let answers = self.store.enqueue(specs).await.expect("enqueue");
+        answers.into_iter().map(|(task, _)| task.id).collect()
+    }
+
+    /// Completes `tasks`, which `worker` holds, in one ack.
+    async fn complete_all(&self, worker: &str, tasks: &[Task]) {
+        let acks = tasks
+            .iter()
+            .map(|t| Ack::Complete {
+                id: t.id,
+                result: None,
+            })
+            .collect();
+        for outcome in self.store.ack(worker, acks).await.expect("ack") {
+            outcome.expect("the worker held the task");
+        }
+    }
+
     async fn claim_from(
         &self,
         worker: &str,
@@ -1574,55 +1600,42 @@ pub async fn claims_across_many_queues_come_in_claim_order(factory: &dyn StoreFa
 pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &dyn StoreFactory) {
     for b_queues in [300, 3] {
         let f = fixture(factory).await;
-        let enqueue_many = |tasks: Vec<NewTask>| {
-            let store = Arc::clone(&f.store);
-            async move {
-                let limits = Limits::default();
-                let specs = tasks
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
-                    .collect();
-                let answers = store.enqueue(specs).await.expect("enqueue");
-                answers
-                    .into_iter()
-                    .map(|(task, _)| task.id)
-                    .collect::<Vec<Uuid>>()
-            }
-        };
         // 251 so that a window of 256 ends with the free queue's tasks: it
         // holds three tasks a claim of three might take, one of which the full
         // queue's, and nothing of the queues after.
-        let held = enqueue_many(
-            (0..251)
-                .map(|_| NewTask::new("a").queue("held").priority(10))
-                .collect(),
-        )
-        .await;
-        enqueue_many(
+        let held = f
+            .enqueue_all(
+                (0..251)
+                    .map(|_| NewTask::new("a").queue("held").priority(10))
+                    .collect(),
+            )
+            .await;
+        f.enqueue_all(
             (0..4)
                 .map(|_| NewTask::new("a").queue("busy").priority(9))
                 .collect(),
         )
         .await;
-        let free_x = enqueue_many(
-            (0..2)
-                .map(|_| NewTask::new("x").queue("free").priority(8))
-                .collect(),
-        )
-        .await;
+        let free_x = f
+            .enqueue_all(
+                (0..2)
+                    .map(|_| NewTask::new("x").queue("free").priority(8))
+                    .collect(),
+            )
+            .await;
         // In 300 queues, more than a claim naming its types asks one by
         // one, and more pending pairs than 256.
-        let b = enqueue_many(
-            (0..300)
-                .map(|n| {
-                    NewTask::new("b")
-                        .queue(format!("q{}", n % b_queues))
-                        .priority(5)
-                })
-                .collect(),
-        )
-        .await;
+        let b = f
+            .enqueue_all(
+                (0..300)
+                    .map(|n| {
+                        NewTask::new("b")
+                            .queue(format!("q{}", n % b_queues))
+                            .priority(5)
+                    })
+                    .collect(),
+            )
+            .await;
         f.store
             .update_queue("held", queue_settings(true, None))
             .await
@@ -1646,7 +1659,7 @@ pub async fn a_claim_from_all_queues_looks_past_tasks_it_may_not_take(factory: &
         );
         // More tasks of the paused queue ahead than the largest window.
         for _ in 0..2 {
-            enqueue_many(
+            f.enqueue_all(
                 (0..8_500)
                     .map(|_| NewTask::new("a").queue("held").priority(10))
                     .collect(),
@@ -2167,22 +2180,6 @@ pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
     factory: &dyn StoreFactory,
 ) {
     let f = fixture(factory).await;
-    let enqueue_all = |tasks: Vec<NewTask>| {
-        let store = Arc::clone(&f.store);
-        async move {
-            let limits = Limits::default();
-            let specs = tasks
-                .into_iter()
-                .enumerate()
-                .map(|(i, task)| task.validate(&limits, Position::InBatch(i)).unwrap())
-                .collect();
-            let answers = store.enqueue(specs).await.expect("enqueue");
-            answers
-                .into_iter()
-                .map(|(task, _)| task.id)
-                .collect::<Vec<Uuid>>()
-        }
-    };
     let alike = |n: usize, task_type: &str, p: Option<&str>| {
         (0..n)
             .map(|_| {
@@ -2198,25 +2195,16 @@ pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
     // completed; 1,000 rare ones of type `a`; 1,200 common ones of type
     // `a`; then 2,500 of type `b`, every other one common, the others
     // without labels.
-    let rare_b = enqueue_all(alike(1_200, "b", Some("rare"))).await;
+    let rare_b = f.enqueue_all(alike(1_200, "b", Some("rare"))).await;
     let claimed = f.claim("w", 300).await;
     assert_eq!(ids(&claimed), rare_b[..300]);
-    let acks = claimed
-        .iter()
-        .map(|t| Ack::Complete {
-            id: t.id,
-            result: None,
-        })
-        .collect();
-    for outcome in f.store.ack("w", acks).await.expect("ack") {
-        outcome.expect("the worker held the task");
-    }
-    let rare_a = enqueue_all(alike(1_000, "a", Some("rare"))).await;
-    let common_a = enqueue_all(alike(1_200, "a", Some("common"))).await;
+    f.complete_all("w", &claimed).await;
+    let rare_a = f.enqueue_all(alike(1_000, "a", Some("rare"))).await;
+    let common_a = f.enqueue_all(alike(1_200, "a", Some("common"))).await;
     let mut common_b = Vec::new();
     for _ in 0..5 {
-        common_b.extend(enqueue_all(alike(250, "b", Some("common"))).await);
-        enqueue_all(alike(250, "b", None)).await;
+        common_b.extend(f.enqueue_all(alike(250, "b", Some("common"))).await);
+        f.enqueue_all(alike(250, "b", None)).await;
     }
     let newest_first = |groups: &[&[Uuid]]| {
         let mut ids: Vec<Uuid> = groups.concat();
