@@ -393,14 +393,9 @@ async fn another_node_streams_each_version_of_a_task_once() {
     let enqueued = a.enqueue(vec![spec; 500]).await.unwrap();
     let claimed = a.claim(&claim_by("w", 500)).await.unwrap();
     assert_eq!(claimed.len(), enqueued.len());
-    let acks = claimed
-        .iter()
-        .map(|t| Ack::Complete {
-            id: t.id,
-            result: None,
-        })
-        .collect();
-    a.ack("w", acks).await.unwrap();
+    a.ack("w", offload_storetest::completions(&claimed))
+        .await
+        .unwrap();
     // Each task's state events: its state and updated_at in each.
     type Streamed = std::collections::HashMap<Uuid, Vec<(State, String)>>;
     let mut state_events = Streamed::new();

@@ -461,13 +461,7 @@ fn crash_child(path: &str) {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
-                    let acks = claimed
-                        .iter()
-                        .map(|t| Ack::Complete {
-                            id: t.id,
-                            result: None,
-                        })
-                        .collect();
+                    let acks = offload_storetest::completions(&claimed);
                     let outcomes = store.ack(&worker_id, acks).await.unwrap();
                     for outcome in outcomes {
                         let _ = lines.send(format!("completed {}", outcome.unwrap().id));

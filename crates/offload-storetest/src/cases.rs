@@ -74,13 +74,7 @@ impl Fixture {
 
     /// Completes `tasks`, which `worker` holds, in one ack.
     async fn complete_all(&self, worker: &str, tasks: &[Task]) {
-        let acks = tasks
-            .iter()
-            .map(|t| Ack::Complete {
-                id: t.id,
-                result: None,
-            })
-            .collect();
+        let acks = crate::completions(tasks);
         for outcome in self.store.ack(worker, acks).await.expect("ack") {
             outcome.expect("the worker held the task");
         }

@@ -52,6 +52,17 @@ pub async fn a_child_of_two(store: &dyn Store) -> (Task, Task, Task) {
     (first, second, child)
 }
 
+/// Acks completing each of `tasks`, without a result.
+pub fn completions(tasks: &[Task]) -> Vec<Ack> {
+    tasks
+        .iter()
+        .map(|t| Ack::Complete {
+            id: t.id,
+            result: None,
+        })
+        .collect()
+}
+
 /// Completes task `id`, which `worker` holds, without a result.
 pub async fn complete(store: &dyn Store, worker: &str, id: uuid::Uuid) -> Task {
     let mut outcomes = store
