@@ -12,7 +12,9 @@ fetch's answer arriving).
 DB is `sqlite` (a fresh file) or a PostgreSQL URL, whose schema `probe`
 is dropped first and used (`postgres://postgres@127.0.0.1:5432/test`).
 With TYPES=1 in the environment the fetches name the tasks' type, as a
-worker with a handler for it does; without, they take any type.
+worker with a handler for it does; without, they take any type. With
+OTHER_TYPES=N, N more fetchers wait as well, each for a type of its own
+that no task has: the workers of an application's other handlers.
 """
 
 import http.client
@@ -45,7 +47,12 @@ def main():
                     got[task["id"]] = now
                     arrived.notify_all()
 
-        with fetching(port, fetchers, fetch_once):
+        def fetch_other(k, conn):
+            post(conn, "/v1/fetch", {"worker_id": f"o{k}", "types": [f"other-{k}"],
+                                     "limit": 1, "wait_ms": 2000})
+
+        others = int(os.environ.get("OTHER_TYPES", "0"))
+        with fetching(port, others, fetch_other), fetching(port, fetchers, fetch_once):
             time.sleep(2)
             client = http.client.HTTPConnection("127.0.0.1", port)
             started = time.perf_counter()

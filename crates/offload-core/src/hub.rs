@@ -33,6 +33,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use uuid::Uuid;
 
 use crate::Task;
+use crate::readiness::{PAIRS_PER_SIGNAL, ReadyLog, SignalPairs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum EventKind {
@@ -95,6 +96,8 @@ impl TaskEvent {
 pub struct Hub {
     watchers: Arc<Watchers>,
     ready: watch::Sender<u64>,
+    /// What each ready signal is about, under the counter's value it took.
+    ready_log: ReadyLog,
     scheduled: watch::Sender<u64>,
     cancels: broadcast::Sender<Uuid>,
 }
@@ -116,6 +119,7 @@ impl Hub {
                 gate: Arc::default(),
             }),
             ready: watch::channel(0).0,
+            ready_log: ReadyLog::default(),
             scheduled: watch::channel(0).0,
             cancels: broadcast::channel(1024).0,
         }
@@ -198,9 +202,41 @@ impl Hub {
         watch
     }
 
-    /// Tasks may have become claimable.
+    /// Tasks of any queue and type may have become claimable.
     pub fn notify_ready(&self) {
-        self.ready.send_modify(|n| *n = n.wrapping_add(1));
+        self.signal_ready(None);
+    }
+
+    /// Tasks of these (queue, type) pairs may have become claimable, and
+    /// no others: waiting fetches that ask for none of them sleep on
+    /// (see [`crate::Readiness`]). Beyond [`PAIRS_PER_SIGNAL`] pairs it
+    /// says anything may have.
+    pub fn notify_ready_in<'a>(&self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let pairs: Vec<(Box<str>, Box<str>)> = pairs
+            .into_iter()
+            .take(PAIRS_PER_SIGNAL + 1)
+            .map(|(queue, task_type)| (queue.into(), task_type.into()))
+            .collect();
+        match pairs.len() {
+            0 => {}
+            n if n > PAIRS_PER_SIGNAL => self.signal_ready(None),
+            _ => self.signal_ready(Some(pairs.into())),
+        }
+    }
+
+    fn signal_ready(&self, pairs: Option<SignalPairs>) {
+        // Recorded inside the counter's change, so that the log's entries
+        // follow the counter's values in order.
+        self.ready.send_modify(|n| {
+            *n = n.wrapping_add(1);
+            self.ready_log.record(*n, pairs);
+        });
+    }
+
+    /// What the ready signals say became claimable, read after the values
+    /// of [`Hub::watch_ready`]'s counter.
+    pub fn ready_log(&self) -> ReadyLog {
+        self.ready_log.clone()
     }
 
     pub fn watch_ready(&self) -> watch::Receiver<u64> {

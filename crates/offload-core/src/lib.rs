@@ -16,6 +16,7 @@ mod log_throttle;
 mod machine;
 mod new_task;
 mod park;
+mod readiness;
 mod store;
 mod task;
 mod task_id;
@@ -36,6 +37,7 @@ pub use new_task::{
     validate_queue_name, validate_task_type, validate_worker_id,
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
+pub use readiness::{PAIRS_PER_SIGNAL, Readiness, ReadyLog};
 pub use store::{
     Ack, AckOutcome, Claim, ClaimRequest, ClearRequest, Counts, Durable, Enqueueing, Failure,
     FailureKind, HeartbeatAck, HeartbeatRequest, ListQuery, MAX_LIST_LIMIT, MAX_MESSAGE_CHARS,

@@ -241,6 +241,7 @@ impl Engine {
         }
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = self.store.hub().watch_ready();
+        let ready_log = self.store.hub().ready_log();
         // Where the store does not park the claim, this fetch's place among
         // the others waiting (`relay`), taken once it first finds nothing,
         // or at once behind others of its group that wait for a turn: it
@@ -262,7 +263,7 @@ impl Engine {
             }
             // Marked seen before looking, so a task made ready while we look
             // still wakes us.
-            ready.borrow_and_update();
+            let seen = *ready.borrow_and_update();
             let claim = self.store.claim_or_park(request).await;
             if let (Err(_), Some(place)) = (&claim, &place) {
                 // This fetch's turn ends with its error; the next of its
@@ -286,21 +287,27 @@ impl Engine {
             };
             let fallback = tokio::time::Instant::now() + self.config.fetch_fallback_poll;
             let Some(mut ticket) = ticket else {
-                place.get_or_insert_with(|| {
+                let place = place.get_or_insert_with(|| {
                     let fallback = self.config.fetch_fallback_poll;
-                    self.relay
-                        .join(request, &ready, fallback, &self.stop, |dispatcher| {
+                    self.relay.join(
+                        request,
+                        (&ready, &ready_log),
+                        fallback,
+                        &self.stop,
+                        |dispatcher| {
                             self.duties
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .push(dispatcher);
-                        })
+                        },
+                    )
                 });
                 // A signal that came while this fetch looked may have been
-                // passed on before it took its place.
-                // The relay's turns include the look in case a signal was
-                // lost.
-                wait_first = !ready.has_changed().unwrap_or(false);
+                // passed on before it took its place: it looks again at
+                // once if one is about what it asks for. The relay's turns
+                // include the look in case a signal was lost.
+                let (_, since) = ready_log.since(seen);
+                wait_first = !place.concerned_by(&since);
                 continue;
             };
             let answered = tokio::select! {

@@ -8,7 +8,10 @@
 //!
 //! So waiting fetches join a group of those that ask for the same types
 //! and queues, and each ready signal wakes the longest waiting of each
-//! group. A fetch whose claim leaves ready tasks behind (as the store
+//! group that asks for what the signal says became ready (the (queue,
+//! type) pairs of [`offload_core::Readiness`]): woken for any signal, ten
+//! workers each waiting for a type of its own made ten claims for each
+//! task that became ready. A fetch whose claim leaves ready tasks behind (as the store
 //! tells, [`offload_core::Claim::Now`]) wakes two more of its group; one
 //! that took all there was wakes no one, as its group would find nothing
 //! more; one whose claim fails gives its turn to the next. A burst of
@@ -26,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use offload_core::ClaimRequest;
+use offload_core::{ClaimRequest, Readiness, ReadyLog};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +61,7 @@ impl Relay {
     pub(crate) fn join(
         self: &Arc<Self>,
         request: &ClaimRequest,
-        ready: &watch::Receiver<u64>,
+        ready: (&watch::Receiver<u64>, &ReadyLog),
         fallback: Duration,
         stop: &CancellationToken,
         started: impl FnOnce(JoinHandle<()>),
@@ -66,7 +69,7 @@ impl Relay {
         self.dispatcher.get_or_init(|| {
             started(tokio::spawn(dispatch(
                 Arc::clone(self),
-                ready.clone(),
+                (ready.0.clone(), ready.1.clone()),
                 fallback,
                 stop.clone(),
             )));
@@ -109,11 +112,13 @@ impl Relay {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes the longest waiting fetch of each group (or the next of each
-    /// to wait, when all are busy claiming).
-    fn wake_each_group(&self) {
-        for group in self.lock().values() {
-            group.turn.notify_one();
+    /// Wakes the longest waiting fetch (or the next to wait, when all are
+    /// busy claiming) of each group that asks for what became `ready`.
+    fn wake_groups(&self, ready: &Readiness) {
+        for ((types, queues), group) in self.lock().iter() {
+            if ready.concerns(types, queues) {
+                group.turn.notify_one();
+            }
         }
     }
 }
@@ -128,25 +133,31 @@ fn filter_of(request: &ClaimRequest) -> Filter {
     (sorted(&request.types), sorted(&request.queues))
 }
 
-/// Passes each ready signal on to the groups, and gives each a turn every
-/// `fallback` without one, until the engine stops.
+/// Passes each ready signal on to the groups it concerns, and gives each
+/// group a turn every `fallback` without one, until the engine stops.
 async fn dispatch(
     relay: Arc<Relay>,
-    mut ready: watch::Receiver<u64>,
+    (mut ready, log): (watch::Receiver<u64>, ReadyLog),
     fallback: Duration,
     stop: CancellationToken,
 ) {
+    let mut seen = *ready.borrow_and_update();
     loop {
-        tokio::select! {
+        let readiness = tokio::select! {
             changed = ready.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                // Signals sent since `changed` are read here too; the next
+                // `changed` then finds nothing new and wakes no one.
+                let (last, readiness) = log.since(seen);
+                seen = last;
+                readiness
             }
-            () = tokio::time::sleep(fallback) => {}
+            () = tokio::time::sleep(fallback) => Readiness::Anything,
             () = stop.cancelled() => return,
-        }
-        relay.wake_each_group();
+        };
+        relay.wake_groups(&readiness);
     }
 }
 
@@ -164,6 +175,11 @@ impl Place {
     pub(crate) async fn turn(&self) {
         let _waiting = Waiting::new(self);
         self.turn.notified().await;
+    }
+
+    /// Whether `ready` is about tasks this fetch asks for.
+    pub(crate) fn concerned_by(&self, ready: &Readiness) -> bool {
+        ready.concerns(&self.filter.0, &self.filter.1)
     }
 
     /// Wakes two more of the group: this fetch's claim left tasks ready.
@@ -218,39 +234,45 @@ impl Drop for Waiting<'_> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use offload_core::Hub;
+
     use super::*;
 
     /// A fallback that never comes during a test.
     const LONG: Duration = Duration::from_secs(600);
 
-    /// A relay, the ready signal it passes on, and the stop that ends its
-    /// dispatcher when the test ends.
+    /// A relay, the hub whose ready signals it passes on, and the stop
+    /// that ends its dispatcher when the test ends.
     struct Setup {
         relay: Arc<Relay>,
-        signal: watch::Sender<u64>,
-        ready: watch::Receiver<u64>,
+        hub: Hub,
         stop: CancellationToken,
     }
 
     impl Setup {
         fn new() -> Self {
-            let (signal, ready) = watch::channel(0_u64);
             Self {
                 relay: Arc::new(Relay::default()),
-                signal,
-                ready,
+                hub: Hub::new(),
                 stop: CancellationToken::new(),
             }
         }
 
         /// A place for a fetch of one task of `types`.
         fn join(&self, types: &[&str], fallback: Duration) -> Place {
-            self.relay
-                .join(&request(types), &self.ready, fallback, &self.stop, |_| {})
+            let ready = self.hub.watch_ready();
+            self.relay.join(
+                &request(types),
+                (&ready, &self.hub.ready_log()),
+                fallback,
+                &self.stop,
+                |_| {},
+            )
         }
 
+        /// A signal that anything may be ready.
         fn send_signal(&self) {
-            self.signal.send_modify(|n| *n += 1);
+            self.hub.notify_ready();
         }
 
         /// Waiters of `types` counting their turns in `turns`; each passes
@@ -323,6 +345,36 @@ mod tests {
             "the turns reach every waiter of a"
         );
         assert_eq!(b.load(Ordering::SeqCst), 3, "and of b");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_signal_of_pairs_wakes_only_the_groups_that_ask_for_one_of_them() {
+        let setup = Setup::new();
+        let counters = || Arc::new(AtomicUsize::new(0));
+        let (a, b, any) = (counters(), counters(), counters());
+        let _a = setup.waiters(&["a"], 2, &a, false);
+        let _b = setup.waiters(&["b"], 2, &b, false);
+        let _any = setup.waiters(&[], 2, &any, false);
+        let turns = || [&a, &b, &any].map(|n| n.load(Ordering::SeqCst));
+        settle().await;
+        setup.hub.notify_ready_in([("default", "a")]);
+        settle().await;
+        assert_eq!(turns(), [1, 0, 1], "a's group and the one of any type");
+        setup
+            .hub
+            .notify_ready_in([("default", "b"), ("other", "b")]);
+        settle().await;
+        assert_eq!(turns(), [1, 1, 2], "one turn a group for the two pairs");
+        setup.hub.notify_ready_in([("default", "c")]);
+        settle().await;
+        assert_eq!(
+            turns(),
+            [1, 1, 2],
+            "no group asks for c but the one of any type, now empty"
+        );
+        setup.send_signal();
+        settle().await;
+        assert_eq!(turns(), [2, 2, 2], "anything wakes every group");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -163,11 +163,29 @@ async fn pause(stop: &CancellationToken) -> bool {
     }
 }
 
+/// A ready notification, `<node>` or `<node>|<queue> <type>,…`: passed
+/// on when another node's, or unsigned (sent by a node older than the
+/// signature); this node's own were announced at its commit. One whose
+/// pairs do not read as such (sent by a later version) says anything.
+fn ready(node: &Node, signed: &str) {
+    let (origin, pairs) = match signed.split_once('|') {
+        Some((origin, pairs)) => (origin, Some(pairs)),
+        None => (signed, None),
+    };
+    if origin == node.id {
+        return;
+    }
+    let pairs: Option<Vec<(&str, &str)>> =
+        pairs.and_then(|pairs| pairs.split(',').map(|pair| pair.split_once(' ')).collect());
+    match pairs {
+        Some(pairs) if !pairs.is_empty() => node.hub.notify_ready_in(pairs),
+        _ => node.hub.notify_ready(),
+    }
+}
+
 async fn handle(node: &Node, store: &PgStore, streamed: &mut Streamed, payload: &str) {
     match payload.as_bytes().first() {
-        // Another node's, or unsigned (sent by a node older than the
-        // signature); this node's own were announced at its commit.
-        Some(b'r') if payload[1..] != *node.id => node.hub.notify_ready(),
+        Some(b'r') => ready(node, &payload[1..]),
         Some(b's') if payload[1..] != *node.id => node.hub.notify_scheduled(),
         Some(b'c') => {
             if let Ok(id) = Uuid::parse_str(&payload[1..]) {

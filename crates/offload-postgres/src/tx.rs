@@ -30,7 +30,7 @@ struct Effects {
     /// until the transaction's effects are published (see `Hub::unheard`).
     unheard: Option<Unheard>,
     cancels: Vec<Uuid>,
-    ready: bool,
+    ready: Ready,
     /// Queues a running task left: where one has a concurrency limit, the
     /// slot it freed may let a pending task be claimed. Elsewhere the end
     /// of a task makes nothing ready, and waking waiting fetches for it
@@ -38,6 +38,36 @@ struct Effects {
     freed: HashSet<String>,
     scheduled: bool,
 }
+
+/// What a transaction made claimable, announced to waiting fetches.
+#[derive(Default)]
+enum Ready {
+    #[default]
+    Nothing,
+    /// Tasks of these (queue, type) pairs became pending.
+    In(HashSet<(String, String)>),
+    /// Anything may be claimable: a queue resumed, a limit raised, a
+    /// limited queue's slot freed.
+    Anything,
+}
+
+impl Ready {
+    fn add(&mut self, queue: &str, task_type: &str) {
+        match self {
+            Self::Anything => {}
+            Self::In(pairs) => {
+                pairs.insert((queue.to_owned(), task_type.to_owned()));
+            }
+            Self::Nothing => {
+                *self = Self::In(HashSet::from([(queue.to_owned(), task_type.to_owned())]));
+            }
+        }
+    }
+}
+
+/// A ready notification names its pairs while it stays this short;
+/// longer, it says anything may be ready.
+const READY_PAIRS_BYTES: usize = 2000;
 
 pub(crate) struct Tx {
     /// In a transaction from `new` until `commit` or `rollback` ends it.
@@ -83,7 +113,7 @@ impl Tx {
             }
         }
         match to {
-            Some(State::Pending) => self.effects.ready = true,
+            Some(State::Pending) => self.effects.ready.add(queue, task_type),
             Some(State::Scheduled) => self.effects.scheduled = true,
             Some(state) if state.is_finished() => {
                 *self
@@ -118,7 +148,7 @@ impl Tx {
     }
 
     pub fn wake_workers(&mut self) {
-        self.effects.ready = true;
+        self.effects.ready = Ready::Anything;
     }
 
     /// Loads tasks by id, locked for update, in no particular order.
@@ -380,8 +410,8 @@ impl Tx {
     async fn commit_and_publish(mut self) -> PgResult<()> {
         let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
         let notifications = self.notifications();
-        // Asked only when the commit does not signal readiness anyway.
-        let freed: Vec<String> = if self.effects.ready {
+        // Asked only when the commit does not wake every fetch anyway.
+        let freed: Vec<String> = if matches!(self.effects.ready, Ready::Anything) {
             Vec::new()
         } else {
             self.effects.freed.drain().collect()
@@ -409,7 +439,9 @@ impl Tx {
                 .bind(self.ready_notification())
                 .fetch_one(&mut *self.conn)
                 .await?;
-            self.effects.ready |= room_freed;
+            if room_freed {
+                self.effects.ready = Ready::Anything;
+            }
         }
         session::end(&mut self.conn, "COMMIT").await?;
         if !self.changed.is_empty() {
@@ -431,26 +463,53 @@ impl Tx {
         if self.effects.scheduled {
             hub.notify_scheduled();
         }
-        if self.effects.ready {
-            hub.notify_ready();
+        match &self.effects.ready {
+            Ready::Nothing => {}
+            Ready::In(pairs) => {
+                hub.notify_ready_in(pairs.iter().map(|(q, t)| (q.as_str(), t.as_str())))
+            }
+            Ready::Anything => hub.notify_ready(),
         }
         Ok(())
     }
 
+    /// `r<node>`: anything may be ready. See [`Tx::notifications`].
     fn ready_notification(&self) -> String {
         format!("r{}", self.node.id)
     }
 
+    /// `r<node>|<queue> <type>,…`, the pairs made ready, or
+    /// [`Tx::ready_notification`] when they would not be short. Neither a
+    /// queue's nor a type's name holds a space, a comma or a bar.
+    fn ready_pairs_notification(&self, pairs: &HashSet<(String, String)>) -> String {
+        let mut out = format!("r{}|", self.node.id);
+        for (queue, task_type) in pairs {
+            if out.len() + queue.len() + task_type.len() + 2 > READY_PAIRS_BYTES {
+                return self.ready_notification();
+            }
+            if !out.ends_with('|') {
+                out.push(',');
+            }
+            out.push_str(queue);
+            out.push(' ');
+            out.push_str(task_type);
+        }
+        out
+    }
+
     /// Notifications for every node (this one ignores its own, whose
-    /// effects it announces directly): `r<node>` ready, `s<node>`
+    /// effects it announces directly): `r<node>` anything ready,
+    /// `r<node>|<queue> <type>,…` tasks of those pairs ready, `s<node>`
     /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
     fn notifications(&self) -> Vec<String> {
         let mut out = Vec::new();
         // Ready and scheduled are signed with the node's id: unsigned, the
         // node took its own back as a second signal, which woke its waiting
         // fetches twice.
-        if self.effects.ready {
-            out.push(self.ready_notification());
+        match &self.effects.ready {
+            Ready::Nothing => {}
+            Ready::In(pairs) => out.push(self.ready_pairs_notification(pairs)),
+            Ready::Anything => out.push(self.ready_notification()),
         }
         if self.effects.scheduled {
             out.push(format!("s{}", self.node.id));
