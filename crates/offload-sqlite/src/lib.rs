@@ -72,6 +72,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/0006_pending_in_memory_only.sql"),
     ),
     (7, include_str!("../migrations/0007_claims.sql")),
+    (8, include_str!("../migrations/0008_label_index.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.

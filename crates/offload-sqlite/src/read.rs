@@ -96,6 +96,32 @@ impl InMemory<'_> {
     }
 }
 
+/// A label carried by fewer tasks than this is listed through
+/// `task_labels` (schema version 8): its tasks alone are walked, at most
+/// this many. One carried by more is met often enough walking every task
+/// newest first, which keeps a list's other filters on their own indexes
+/// (an owner's tasks, a state's).
+const RARE_LABEL_TASKS: i64 = 5_000;
+
+/// Of `labels`, the one fewest tasks carry, as `task_labels` names it,
+/// when fewer than [`RARE_LABEL_TASKS`] do.
+fn rarest_label(conn: &Connection, labels: &[(String, String)]) -> Result<Option<String>> {
+    let mut rarest: Option<(i64, String)> = None;
+    for (key, value) in labels {
+        let label = format!("{key}:{value}");
+        let tasks: i64 = conn
+            .prepare_cached(sql::LABEL_TASKS_UP_TO)
+            .and_then(|mut stmt| {
+                stmt.query_row(rusqlite::params![label, RARE_LABEL_TASKS], |r| r.get(0))
+            })
+            .map_err(storage_error)?;
+        if tasks < RARE_LABEL_TASKS && rarest.as_ref().is_none_or(|(fewest, _)| tasks < *fewest) {
+            rarest = Some((tasks, label));
+        }
+    }
+    Ok(rarest.map(|(_, label)| label))
+}
+
 /// How one label reads in the `labels` column, which `ops.rs` writes with
 /// serde_json.
 fn label_text(key: &str, value: &str) -> String {
@@ -121,13 +147,29 @@ pub(crate) fn list(
         [state @ (State::Pending | State::Running)] => Some(*state),
         _ => None,
     };
-    let (mut sql, mut args) = match from_memory {
+    // A list with a label few tasks carry walks that label's tasks.
+    let rare_label = match from_memory {
+        None if !query.labels.is_empty() => rarest_label(conn, &query.labels)?,
+        _ => None,
+    };
+    let (mut sql, mut args) = match (from_memory, &rare_label) {
         // `?1` is bound below, one slice of the seqs at a time.
-        Some(_) => (sql::SEQS_AMONG.to_owned(), vec![Value::Null]),
-        None => (
+        (Some(_), _) => (sql::SEQS_AMONG.to_owned(), vec![Value::Null]),
+        (None, Some(label)) => (
+            sql::LIST_BY_LABEL.to_owned(),
+            vec![Value::Text(label.clone())],
+        ),
+        (None, None) => (
             format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1"),
             Vec::new(),
         ),
+    };
+    // The seq the list is ordered and paged by: the label's entries' own,
+    // walked in order, where it walks a label.
+    let seq = if rare_label.is_some() {
+        "task_labels.task_seq"
+    } else {
+        "seq"
     };
     let mut bind = |sql: &mut String, clause: &str, value: Value| {
         args.push(value);
@@ -135,7 +177,7 @@ pub(crate) fn list(
     };
     if from_memory.is_none() {
         if let Some(below) = below {
-            bind(&mut sql, " AND seq < ?", Value::Integer(below));
+            bind(&mut sql, &format!(" AND {seq} < ?"), Value::Integer(below));
         }
         let states = &query.states;
         if !states.is_empty() {
@@ -247,7 +289,7 @@ pub(crate) fn list(
             }
         }
         None => {
-            sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit + 1));
+            sql.push_str(&format!(" ORDER BY {seq} DESC LIMIT {}", query.limit + 1));
             let mut statement = conn.prepare_cached(&sql).map_err(storage_error)?;
             let found = statement
                 .query_map(rusqlite::params_from_iter(&args), decode)

@@ -74,6 +74,21 @@ pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 /// candidate's payload from its overflow pages.
 pub const SEQS_AMONG: &str = "SELECT seq FROM tasks WHERE seq IN (SELECT value FROM json_each(?1))";
 
+/// How many tasks carry label `?1` (`key:value`), counted up to `?2`:
+/// through `task_labels`, whose entries for one label are adjacent.
+pub const LABEL_TASKS_UP_TO: &str =
+    "SELECT count(*) FROM (SELECT 1 FROM task_labels WHERE label = ?1 LIMIT ?2)";
+
+/// The opening of a list that walks the tasks of label `?1` through
+/// `task_labels`, newest first, each task's row read by its seq: `CROSS
+/// JOIN` keeps SQLite from reaching the tasks another way first.
+pub const LIST_BY_LABEL: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM task_labels CROSS JOIN tasks ON tasks.seq = task_labels.task_seq \
+     WHERE task_labels.label = ?1"
+);
+
 /// The task of seq `?1` if it is still in state `?2`.
 pub const TASK_IN_STATE: &str = concat!(
     "SELECT ",
@@ -200,6 +215,8 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("TASKS_BY_SEQ", TASKS_BY_SEQ_8),
     ("SEQS_AMONG", SEQS_AMONG),
     ("TASK_IN_STATE", TASK_IN_STATE),
+    ("LABEL_TASKS_UP_TO", LABEL_TASKS_UP_TO),
+    ("LIST_BY_LABEL", LIST_BY_LABEL),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),
     ("WRITE_ROW", WRITE_ROW),

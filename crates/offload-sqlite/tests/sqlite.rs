@@ -99,6 +99,108 @@ async fn hot_statements_never_scan_the_tasks_table() {
     }
 }
 
+/// A list of a rare label walks that label's entries in `task_labels` in
+/// seq order and reads each task by its seq, whatever else it filters on:
+/// no sort of what it found, no other way into `tasks`.
+#[tokio::test]
+async fn a_rare_labels_list_walks_the_label_index_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let _store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let statement = format!(
+        "EXPLAIN QUERY PLAN {} AND task_labels.task_seq < ?2 AND state IN (4, 5) \
+         AND owner = ?3 AND type = ?4 ORDER BY task_labels.task_seq DESC LIMIT 51",
+        offload_sqlite::sql::LIST_BY_LABEL
+    );
+    let plan: Vec<String> = conn
+        .prepare(&statement)
+        .unwrap()
+        .query_map(rusqlite::params!["p:rare", 100, "o", "t"], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        plan,
+        [
+            "SEARCH task_labels USING PRIMARY KEY (label=? AND task_seq<?)",
+            "SEARCH tasks USING INTEGER PRIMARY KEY (rowid=?)",
+        ],
+        "{statement}"
+    );
+}
+
+/// Labelled tasks stored before schema version 8 are listed by label once
+/// it is applied, and a task's entries in `task_labels` go with it,
+/// whichever statement deletes it (a task's delete, a clear of finished
+/// tasks).
+#[tokio::test]
+async fn task_labels_follow_tasks_from_before_version_8_to_their_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let labelled = |labels: &[(&str, &str)]| {
+        labels
+            .iter()
+            .fold(NewTask::new("t"), |task, (k, v)| task.label(*k, *v))
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
+    let mut specs: Vec<_> = (0..3).map(|_| labelled(&[("p", "rare")])).collect();
+    specs.push(labelled(&[("p", "rare"), ("team", "a: b")]));
+    specs.extend((0..2).map(|_| labelled(&[])));
+    let stored: Vec<Uuid> = {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let stored = store.enqueue(specs).await.unwrap();
+        stored.iter().map(|(task, _)| task.id).collect()
+    };
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    // The database as version 7 left it: no label entries.
+    conn.execute_batch(
+        "DROP TRIGGER task_labels_added; DROP TRIGGER task_labels_removed; \
+         DROP TABLE task_labels; PRAGMA user_version = 7;",
+    )
+    .unwrap();
+    let entries = || -> i64 {
+        conn.query_row("SELECT count(*) FROM task_labels", [], |r| r.get(0))
+            .unwrap()
+    };
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(entries(), 5, "one entry for each label of each task");
+    let listed = |key: &str, value: &str| {
+        let query = offload_core::ListQuery {
+            labels: vec![(key.to_owned(), value.to_owned())],
+            limit: 10,
+            ..Default::default()
+        };
+        let store = &store;
+        async move {
+            let page = store.list(&query).await.unwrap();
+            page.tasks.iter().map(|t| t.id).collect::<Vec<_>>()
+        }
+    };
+    let rare: Vec<Uuid> = stored[..4].iter().rev().copied().collect();
+    assert_eq!(listed("p", "rare").await, rare, "newest first");
+    assert_eq!(listed("team", "a: b").await, [stored[3]]);
+    assert!(
+        listed("team", "a").await.is_empty(),
+        "a label is matched whole"
+    );
+    let claimed = store.claim(&up_to_ten_for_w()).await.unwrap();
+    assert_eq!(claimed.len(), 6);
+    store
+        .ack("w", offload_storetest::completions(&claimed))
+        .await
+        .unwrap();
+    store.delete(stored[3]).await.unwrap();
+    assert_eq!(entries(), 3, "the deleted task's two entries went with it");
+    let clear = offload_core::ClearRequest {
+        states: vec![State::Completed],
+        older_than: None,
+    };
+    assert_eq!(store.clear(&clear).await.unwrap(), 5);
+    assert_eq!(entries(), 0, "the cleared tasks' entries went with them");
+}
+
 /// Tasks, counts and what the writer keeps in memory (`src/ready.rs`,
 /// `src/running.rs`) outlive a reopen: the pending and the running task are
 /// listed, the running one counts against its queue's concurrency and is
