@@ -46,6 +46,15 @@ impl<K: Ord + Copy> AppendSet<K> {
         self.tree.insert(key)
     }
 
+    /// Whether `key` is held.
+    pub fn contains(&self, key: &K) -> bool {
+        if self.tail.front().is_some_and(|front| key >= front) {
+            self.tail.binary_search(key).is_ok()
+        } else {
+            self.tree.contains(key)
+        }
+    }
+
     /// Takes `key` out; false if it was not there.
     pub fn remove(&mut self, key: &K) -> bool {
         match self.tail.front() {
@@ -142,6 +151,7 @@ mod tests {
                     }
                 }
                 prop_assert!(set.iter().copied().eq(model.iter().copied()));
+                prop_assert_eq!(set.contains(&key), model.contains(&key));
             }
             prop_assert!(set.iter().rev().copied().eq(model.iter().rev().copied()));
             prop_assert!(set.below(bound).copied().eq(model.range(..bound).rev().copied()));

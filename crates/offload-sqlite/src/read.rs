@@ -94,6 +94,33 @@ impl InMemory<'_> {
             _ => self.running.newest_first(below, limit),
         }
     }
+
+    /// Whether task `seq` is in `state` (pending or running).
+    fn holds(&self, state: State, seq: i64) -> bool {
+        match state {
+            State::Pending => self.pending.contains(seq),
+            _ => self.running.contains(seq),
+        }
+    }
+}
+
+/// Up to `limit` seqs of the tasks of `label` (as `task_labels` names it)
+/// below `below`, newest first, whatever their state.
+fn label_seqs(
+    conn: &Connection,
+    label: &str,
+    below: Option<i64>,
+    limit: usize,
+) -> Result<Vec<i64>> {
+    conn.prepare_cached(sql::LABEL_SEQS_BELOW)
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                rusqlite::params![label, below.unwrap_or(i64::MAX), limit as i64],
+                |r| r.get(0),
+            )?
+            .collect()
+        })
+        .map_err(storage_error)
 }
 
 /// A label carried by fewer tasks than this is listed through
@@ -147,10 +174,12 @@ pub(crate) fn list(
         [state @ (State::Pending | State::Running)] => Some(*state),
         _ => None,
     };
-    // A list with a label few tasks carry walks that label's tasks.
-    let rare_label = match from_memory {
-        None if !query.labels.is_empty() => rarest_label(conn, &query.labels)?,
-        _ => None,
+    // A list with a label few tasks carry walks that label's tasks: of a
+    // state kept in memory, those the writer's memory holds in it.
+    let rare_label = if query.labels.is_empty() {
+        None
+    } else {
+        rarest_label(conn, &query.labels)?
     };
     let (mut sql, mut args) = match (from_memory, &rare_label) {
         // `?1` is bound below, one slice of the seqs at a time.
@@ -254,11 +283,17 @@ pub(crate) fn list(
             let mut candidates = Vec::new().into_iter();
             loop {
                 let Some(seq) = candidates.next() else {
-                    let seqs = memory.newest_first(state, below, SEQS_PER_READ);
+                    let mut seqs = match &rare_label {
+                        Some(label) => label_seqs(conn, label, below, SEQS_PER_READ)?,
+                        None => memory.newest_first(state, below, SEQS_PER_READ),
+                    };
                     let Some(&oldest) = seqs.last() else {
                         break;
                     };
                     below = Some(oldest);
+                    if rare_label.is_some() {
+                        seqs.retain(|&seq| memory.holds(state, seq));
+                    }
                     let seqs_json = serde_json::to_string(&seqs)
                         .map_err(|e| Error::Storage(format!("cannot list seqs as JSON: {e}")))?;
                     args[0] = Value::Text(seqs_json);

@@ -79,6 +79,11 @@ impl PendingSeqs {
         seqs.below(below).take(limit).copied().collect()
     }
 
+    /// Whether task `seq` is pending.
+    pub fn contains(&self, seq: i64) -> bool {
+        self.seqs().contains(&seq)
+    }
+
     fn set(&self, seq: i64, pending: bool) {
         let mut seqs = self.seqs();
         if pending {

@@ -194,6 +194,11 @@ impl RunningSet {
             .count() as u64
     }
 
+    /// Whether task `seq` is running.
+    pub fn contains(&self, seq: i64) -> bool {
+        self.inner().tasks.contains_key(&seq)
+    }
+
     /// Up to `limit` running tasks' seqs below `below` (from the newest
     /// when `None`), newest first: the order tasks are listed in.
     pub fn newest_first(&self, below: Option<i64>, limit: usize) -> Vec<i64> {

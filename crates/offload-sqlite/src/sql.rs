@@ -74,10 +74,17 @@ pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 /// candidate's payload from its overflow pages.
 pub const SEQS_AMONG: &str = "SELECT seq FROM tasks WHERE seq IN (SELECT value FROM json_each(?1))";
 
+/// Task `?2`'s entry for its label `?1` (`key:value`).
+pub const ADD_LABEL_ENTRY: &str = "INSERT INTO task_labels (label, task_seq) VALUES (?1, ?2)";
+
 /// How many tasks carry label `?1` (`key:value`), counted up to `?2`:
 /// through `task_labels`, whose entries for one label are adjacent.
 pub const LABEL_TASKS_UP_TO: &str =
     "SELECT count(*) FROM (SELECT 1 FROM task_labels WHERE label = ?1 LIMIT ?2)";
+
+/// Up to `?3` seqs of the tasks of label `?1` below `?2`, newest first.
+pub const LABEL_SEQS_BELOW: &str = "SELECT task_seq FROM task_labels \
+     WHERE label = ?1 AND task_seq < ?2 ORDER BY task_seq DESC LIMIT ?3";
 
 /// The opening of a list that walks the tasks of label `?1` through
 /// `task_labels`, newest first, each task's row read by its seq: `CROSS
@@ -217,6 +224,7 @@ pub const PLANNED: &[(&str, &str)] = &[
     ("TASK_IN_STATE", TASK_IN_STATE),
     ("LABEL_TASKS_UP_TO", LABEL_TASKS_UP_TO),
     ("LIST_BY_LABEL", LIST_BY_LABEL),
+    ("LABEL_SEQS_BELOW", LABEL_SEQS_BELOW),
     ("DUE", DUE),
     ("NEXT_DUE", NEXT_DUE),
     ("WRITE_ROW", WRITE_ROW),

@@ -156,8 +156,8 @@ async fn task_labels_follow_tasks_from_before_version_8_to_their_deletion() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     // The database as version 7 left it: no label entries.
     conn.execute_batch(
-        "DROP TRIGGER task_labels_added; DROP TRIGGER task_labels_removed; \
-         DROP TABLE task_labels; PRAGMA user_version = 7;",
+        "DROP TRIGGER task_labels_removed; DROP TABLE task_labels; \
+         PRAGMA user_version = 7;",
     )
     .unwrap();
     let entries = || -> i64 {

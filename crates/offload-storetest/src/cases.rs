@@ -2200,6 +2200,9 @@ pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
         common_b.extend(f.enqueue_all(alike(250, "b", Some("common"))).await);
         f.enqueue_all(alike(250, "b", None)).await;
     }
+    // Then 5,100 of type `c` labelled `many`: more than SQLite walks a
+    // label's own entries for, so its walk of every task finds them.
+    let many = f.enqueue_all(alike(5_100, "c", Some("many"))).await;
     let newest_first = |groups: &[&[Uuid]]| {
         let mut ids: Vec<Uuid> = groups.concat();
         ids.reverse();
@@ -2242,34 +2245,91 @@ pub async fn a_labels_tasks_behind_many_without_it_are_listed_page_by_page(
             500,
             newest_first(&[&common_a, &common_b]),
         ),
+        // Pending tasks, which SQLite lists from its writer's memory.
+        (
+            "rare",
+            vec![State::Pending],
+            Some("b"),
+            60,
+            newest_first(&[&rare_b[300..]]),
+        ),
+        (
+            "rare",
+            vec![State::Pending],
+            None,
+            50,
+            newest_first(&[&rare_b[300..], &rare_a]),
+        ),
+        ("many", vec![], None, 1_000, newest_first(&[&many])),
+        (
+            "many",
+            vec![State::Pending],
+            Some("c"),
+            1_000,
+            newest_first(&[&many]),
+        ),
+        ("many", vec![State::Completed], None, 50, vec![]),
     ];
-    for (p, states, task_type, limit, wanted) in cases {
-        let query = ListQuery {
-            labels: vec![("p".to_owned(), p.to_owned())],
-            states: states.clone(),
-            task_type: task_type.map(str::to_owned),
-            limit,
-            ..Default::default()
-        };
-        let pages = every_page(&*f.store, query).await;
-        let listed: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
-        assert_eq!(
-            listed.len(),
-            wanted.len(),
-            "p: {p}, states {states:?}, type {task_type:?}: how many"
-        );
-        assert!(
-            listed == wanted,
-            "p: {p}, states {states:?}, type {task_type:?}: each once, newest first"
-        );
-        assert!(
-            pages.iter().all(|page| page.tasks.len() <= limit)
-                && pages[..pages.len() - 1]
-                    .iter()
-                    .all(|page| page.tasks.len() == limit),
-            "p: {p}, states {states:?}, type {task_type:?}: full pages but the last"
-        );
+    for case in cases {
+        assert_label_listed(&*f.store, case).await;
     }
+    // Claimed, a task is listed as running, not as pending: on SQLite its
+    // row says pending until its next write, and the writer's memory tells.
+    let claimed = f.claim("w", 10).await;
+    assert_eq!(ids(&claimed), rare_b[300..310]);
+    let cases: Vec<Case> = vec![
+        (
+            "rare",
+            vec![State::Pending],
+            Some("b"),
+            100,
+            newest_first(&[&rare_b[310..]]),
+        ),
+        (
+            "rare",
+            vec![State::Running],
+            None,
+            4,
+            newest_first(&[&rare_b[300..310]]),
+        ),
+    ];
+    for case in cases {
+        assert_label_listed(&*f.store, case).await;
+    }
+}
+
+/// Every page of the list of label `p` (with `states`, `task_type`, and
+/// `limit` a page) holds `wanted`, each once, newest first, in full pages
+/// but the last.
+async fn assert_label_listed(
+    store: &dyn Store,
+    (p, states, task_type, limit, wanted): (&str, Vec<State>, Option<&str>, usize, Vec<Uuid>),
+) {
+    let query = ListQuery {
+        labels: vec![("p".to_owned(), p.to_owned())],
+        states: states.clone(),
+        task_type: task_type.map(str::to_owned),
+        limit,
+        ..Default::default()
+    };
+    let pages = every_page(store, query).await;
+    let listed: Vec<Uuid> = pages.iter().flat_map(|page| ids(&page.tasks)).collect();
+    assert_eq!(
+        listed.len(),
+        wanted.len(),
+        "p: {p}, states {states:?}, type {task_type:?}: how many"
+    );
+    assert!(
+        listed == wanted,
+        "p: {p}, states {states:?}, type {task_type:?}: each once, newest first"
+    );
+    assert!(
+        pages.iter().all(|page| page.tasks.len() <= limit)
+            && pages[..pages.len() - 1]
+                .iter()
+                .all(|page| page.tasks.len() == limit),
+        "p: {p}, states {states:?}, type {task_type:?}: full pages but the last"
+    );
 }
 
 pub async fn a_label_filter_matches_whole_keys_and_values(factory: &dyn StoreFactory) {
