@@ -167,16 +167,14 @@ async fn task_labels_follow_tasks_from_before_version_8_to_their_deletion() {
     let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
     assert_eq!(entries(), 5, "one entry for each label of each task");
     let listed = |key: &str, value: &str| {
-        let query = offload_core::ListQuery {
-            labels: vec![(key.to_owned(), value.to_owned())],
-            limit: 10,
-            ..Default::default()
-        };
-        let store = &store;
-        async move {
-            let page = store.list(&query).await.unwrap();
-            page.tasks.iter().map(|t| t.id).collect::<Vec<_>>()
-        }
+        listed_ids(
+            &store,
+            offload_core::ListQuery {
+                labels: vec![(key.to_owned(), value.to_owned())],
+                limit: 10,
+                ..Default::default()
+            },
+        )
     };
     let rare: Vec<Uuid> = stored[..4].iter().rev().copied().collect();
     assert_eq!(listed("p", "rare").await, rare, "newest first");
@@ -246,16 +244,14 @@ async fn reopening_keeps_tasks_counts_and_running_tasks() {
         "counted by queue and state again at open"
     );
     let listed = |state: State| {
-        let query = offload_core::ListQuery {
-            states: vec![state],
-            limit: 10,
-            ..Default::default()
-        };
-        let store = &store;
-        async move {
-            let page = store.list(&query).await.unwrap();
-            page.tasks.iter().map(|t| t.id).collect::<Vec<_>>()
-        }
+        listed_ids(
+            &store,
+            offload_core::ListQuery {
+                states: vec![state],
+                limit: 10,
+                ..Default::default()
+            },
+        )
     };
     assert_eq!(listed(State::Running).await, [claimed]);
     assert_eq!(listed(State::Pending).await, [waiting]);
@@ -722,6 +718,12 @@ fn up_to_one_for_w() -> ClaimRequest {
 }
 
 /// A claim by worker `w` of up to ten tasks of any type and queue.
+/// The ids of the first page of `query`, in the order listed.
+async fn listed_ids(store: &SqliteStore, query: offload_core::ListQuery) -> Vec<Uuid> {
+    let page = store.list(&query).await.unwrap();
+    page.tasks.iter().map(|t| t.id).collect()
+}
+
 fn up_to_ten_for_w() -> ClaimRequest {
     ClaimRequest {
         worker_id: "w".into(),
