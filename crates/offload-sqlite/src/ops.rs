@@ -577,7 +577,7 @@ impl WriteCtx<'_, '_> {
             .prepare_cached(sql::ADD_LABEL_ENTRY)
             .map_err(storage_error)?;
         for (key, value) in &task.labels {
-            add.execute(params![format!("{key}:{value}"), seq])
+            add.execute(params![sql::label_entry(key, value), seq])
                 .map_err(storage_error)?;
         }
         Ok(())

@@ -135,7 +135,7 @@ const RARE_LABEL_TASKS: i64 = 5_000;
 fn rarest_label(conn: &Connection, labels: &[(String, String)]) -> Result<Option<String>> {
     let mut rarest: Option<(i64, String)> = None;
     for (key, value) in labels {
-        let label = format!("{key}:{value}");
+        let label = sql::label_entry(key, value);
         let tasks: i64 = conn
             .prepare_cached(sql::LABEL_TASKS_UP_TO)
             .and_then(|mut stmt| {

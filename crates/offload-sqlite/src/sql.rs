@@ -74,7 +74,13 @@ pub const NEXT_DUE: &str = "SELECT MIN(run_at) FROM tasks WHERE state = 1";
 /// candidate's payload from its overflow pages.
 pub const SEQS_AMONG: &str = "SELECT seq FROM tasks WHERE seq IN (SELECT value FROM json_each(?1))";
 
-/// Task `?2`'s entry for its label `?1` (`key:value`).
+/// How `task_labels` names the label `key`: `value` (a key holds no ':'),
+/// as schema version 8's backfill and trigger spell it in SQL.
+pub fn label_entry(key: &str, value: &str) -> String {
+    format!("{key}:{value}")
+}
+
+/// Task `?2`'s entry for its label `?1` ([`label_entry`]).
 pub const ADD_LABEL_ENTRY: &str = "INSERT INTO task_labels (label, task_seq) VALUES (?1, ?2)";
 
 /// How many tasks carry label `?1` (`key:value`), counted up to `?2`:
