@@ -273,7 +273,19 @@ fn health_says_when_writes_fail_and_when_they_go_through_again() {
     }
     let (status, answer) = refused.expect("a write past the files' limit");
     assert_eq!(status, 503, "{answer}");
-    let (status, health) = http.get("/health");
+    // A refused batch leaves its frames' room in the log unused, and
+    // `/health`'s own write, one page, may still fit there: it then goes
+    // through, and rightly says so. Smaller writes fill that room until
+    // `/health`'s fails too.
+    let mut health = http.get("/health");
+    for _ in 0..200 {
+        if health.0 != 200 {
+            break;
+        }
+        http.post("/v1/tasks", json!({"type": "fill"}));
+        health = http.get("/health");
+    }
+    let (status, health) = health;
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["status"], "unavailable");
     let cause = health["database"].as_str().unwrap();
