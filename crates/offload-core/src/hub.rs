@@ -33,7 +33,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use uuid::Uuid;
 
 use crate::Task;
-use crate::readiness::{PAIRS_PER_SIGNAL, ReadyLog, SignalPairs};
+use crate::readiness::{PAIRS_PER_SIGNAL, Readiness, ReadyLog, SignalPairs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum EventKind {
@@ -209,7 +209,7 @@ impl Hub {
 
     /// Tasks of these (queue, type) pairs may have become claimable, and
     /// no others: waiting fetches that ask for none of them sleep on
-    /// (see [`crate::Readiness`]). Beyond [`PAIRS_PER_SIGNAL`] pairs it
+    /// (see [`Readiness`]). Beyond [`PAIRS_PER_SIGNAL`] pairs it
     /// says anything may have.
     pub fn notify_ready_in<'a>(&self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) {
         let pairs: Vec<(Box<str>, Box<str>)> = pairs
@@ -221,6 +221,17 @@ impl Hub {
             0 => {}
             n if n > PAIRS_PER_SIGNAL => self.signal_ready(None),
             _ => self.signal_ready(Some(pairs.into())),
+        }
+    }
+
+    /// Signals what `ready` says became claimable, if anything.
+    pub fn notify_readiness(&self, ready: &Readiness) {
+        match ready {
+            Readiness::Nothing => {}
+            Readiness::Of(pairs) => {
+                self.notify_ready_in(pairs.iter().map(|(q, t)| (q.as_str(), t.as_str())));
+            }
+            Readiness::Anything => self.notify_ready(),
         }
     }
 

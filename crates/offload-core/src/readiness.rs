@@ -54,6 +54,19 @@ impl Readiness {
         }
     }
 
+    /// Adds tasks of (`queue`, `task_type`) to what became ready.
+    pub fn add_pair(&mut self, queue: &str, task_type: &str) {
+        match self {
+            Self::Anything => {}
+            Self::Of(pairs) => {
+                pairs.insert((queue.to_owned(), task_type.to_owned()));
+            }
+            Self::Nothing => {
+                *self = Self::Of(BTreeSet::from([(queue.to_owned(), task_type.to_owned())]));
+            }
+        }
+    }
+
     fn add(&mut self, pairs: Option<&[(Box<str>, Box<str>)]>) {
         match (pairs, &mut *self) {
             (_, Self::Anything) => {}
@@ -183,6 +196,14 @@ mod tests {
         assert!(!asks(&["other"], &[]));
         assert!(!asks(&[], &["other"]));
         assert!(Readiness::Anything.concerns(&names(&["other"]), &[]));
+        let mut added = Readiness::Nothing;
+        added.add_pair("mail", "send");
+        added.add_pair("default", "report");
+        added.add_pair("mail", "send");
+        assert_eq!(added, ready, "each pair once");
+        added = Readiness::Anything;
+        added.add_pair("mail", "send");
+        assert_eq!(added, Readiness::Anything, "anything stays anything");
         assert!(!Readiness::Nothing.concerns(&[], &[]));
     }
 }

@@ -5,10 +5,10 @@
 //! are gathered here and take effect only with the commit. Writes go out in
 //! bulk (`UPDATE … FROM UNNEST(…)`): one round trip for a whole batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use offload_core::{Error, EventKind, State, Task, TaskEvent, Unheard};
+use offload_core::{Error, EventKind, Readiness, State, Task, TaskEvent, Unheard};
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
@@ -30,39 +30,16 @@ struct Effects {
     /// until the transaction's effects are published (see `Hub::unheard`).
     unheard: Option<Unheard>,
     cancels: Vec<Uuid>,
-    ready: Ready,
+    /// What the transaction made claimable: tasks of the pairs that became
+    /// pending, or anything (a queue resumed, a limit raised, a limited
+    /// queue's slot freed).
+    ready: Readiness,
     /// Queues a running task left: where one has a concurrency limit, the
     /// slot it freed may let a pending task be claimed. Elsewhere the end
     /// of a task makes nothing ready, and waking waiting fetches for it
     /// cost each task acked a claim that found nothing.
     freed: HashSet<String>,
     scheduled: bool,
-}
-
-/// What a transaction made claimable, announced to waiting fetches.
-#[derive(Default)]
-enum Ready {
-    #[default]
-    Nothing,
-    /// Tasks of these (queue, type) pairs became pending.
-    In(HashSet<(String, String)>),
-    /// Anything may be claimable: a queue resumed, a limit raised, a
-    /// limited queue's slot freed.
-    Anything,
-}
-
-impl Ready {
-    fn add(&mut self, queue: &str, task_type: &str) {
-        match self {
-            Self::Anything => {}
-            Self::In(pairs) => {
-                pairs.insert((queue.to_owned(), task_type.to_owned()));
-            }
-            Self::Nothing => {
-                *self = Self::In(HashSet::from([(queue.to_owned(), task_type.to_owned())]));
-            }
-        }
-    }
 }
 
 /// A ready notification names its pairs while it stays this short;
@@ -113,7 +90,7 @@ impl Tx {
             }
         }
         match to {
-            Some(State::Pending) => self.effects.ready.add(queue, task_type),
+            Some(State::Pending) => self.effects.ready.add_pair(queue, task_type),
             Some(State::Scheduled) => self.effects.scheduled = true,
             Some(state) if state.is_finished() => {
                 *self
@@ -148,7 +125,7 @@ impl Tx {
     }
 
     pub fn wake_workers(&mut self) {
-        self.effects.ready = Ready::Anything;
+        self.effects.ready = Readiness::Anything;
     }
 
     /// Loads tasks by id, locked for update, in no particular order.
@@ -411,7 +388,7 @@ impl Tx {
         let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
         let notifications = self.notifications();
         // Asked only when the commit does not wake every fetch anyway.
-        let freed: Vec<String> = if matches!(self.effects.ready, Ready::Anything) {
+        let freed: Vec<String> = if self.effects.ready == Readiness::Anything {
             Vec::new()
         } else {
             self.effects.freed.drain().collect()
@@ -440,7 +417,7 @@ impl Tx {
                 .fetch_one(&mut *self.conn)
                 .await?;
             if room_freed {
-                self.effects.ready = Ready::Anything;
+                self.effects.ready = Readiness::Anything;
             }
         }
         session::end(&mut self.conn, "COMMIT").await?;
@@ -463,13 +440,7 @@ impl Tx {
         if self.effects.scheduled {
             hub.notify_scheduled();
         }
-        match &self.effects.ready {
-            Ready::Nothing => {}
-            Ready::In(pairs) => {
-                hub.notify_ready_in(pairs.iter().map(|(q, t)| (q.as_str(), t.as_str())))
-            }
-            Ready::Anything => hub.notify_ready(),
-        }
+        hub.notify_readiness(&self.effects.ready);
         Ok(())
     }
 
@@ -481,7 +452,7 @@ impl Tx {
     /// `r<node>|<queue> <type>,…`, the pairs made ready, or
     /// [`Tx::ready_notification`] when they would not be short. Neither a
     /// queue's nor a type's name holds a space, a comma or a bar.
-    fn ready_pairs_notification(&self, pairs: &HashSet<(String, String)>) -> String {
+    fn ready_pairs_notification(&self, pairs: &BTreeSet<(String, String)>) -> String {
         let mut out = format!("r{}|", self.node.id);
         for (queue, task_type) in pairs {
             if out.len() + queue.len() + task_type.len() + 2 > READY_PAIRS_BYTES {
@@ -507,9 +478,9 @@ impl Tx {
         // node took its own back as a second signal, which woke its waiting
         // fetches twice.
         match &self.effects.ready {
-            Ready::Nothing => {}
-            Ready::In(pairs) => out.push(self.ready_pairs_notification(pairs)),
-            Ready::Anything => out.push(self.ready_notification()),
+            Readiness::Nothing => {}
+            Readiness::Of(pairs) => out.push(self.ready_pairs_notification(pairs)),
+            Readiness::Anything => out.push(self.ready_notification()),
         }
         if self.effects.scheduled {
             out.push(format!("s{}", self.node.id));
