@@ -195,7 +195,7 @@ pub(crate) fn list(
     };
     // The seq the list is ordered and paged by: the label's entries' own,
     // walked in order, where it walks a label.
-    let seq = if rare_label.is_some() {
+    let seq_column = if rare_label.is_some() {
         "task_labels.task_seq"
     } else {
         "seq"
@@ -206,7 +206,11 @@ pub(crate) fn list(
     };
     if from_memory.is_none() {
         if let Some(below) = below {
-            bind(&mut sql, &format!(" AND {seq} < ?"), Value::Integer(below));
+            bind(
+                &mut sql,
+                &format!(" AND {seq_column} < ?"),
+                Value::Integer(below),
+            );
         }
         let states = &query.states;
         if !states.is_empty() {
@@ -324,7 +328,10 @@ pub(crate) fn list(
             }
         }
         None => {
-            sql.push_str(&format!(" ORDER BY {seq} DESC LIMIT {}", query.limit + 1));
+            sql.push_str(&format!(
+                " ORDER BY {seq_column} DESC LIMIT {}",
+                query.limit + 1
+            ));
             let mut statement = conn.prepare_cached(&sql).map_err(storage_error)?;
             let found = statement
                 .query_map(rusqlite::params_from_iter(&args), decode)
