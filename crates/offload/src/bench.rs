@@ -19,8 +19,11 @@
 //! - `server_rss_mb`: the peak resident memory of the servers it started
 //!   (the larger: the one holding `--stored` tasks, as a rule).
 //!
-//! Tasks are no-ops with a small JSON payload. Nothing here asserts a
-//! speed: it measures.
+//! Tasks are no-ops with a small JSON payload; `--payload-bytes` pads the
+//! payload of the first four phases' tasks, to see what an application's
+//! larger payloads cost (pickup, scaling and memory keep the small one, so
+//! that their figures stay comparable). Nothing here asserts a speed: it
+//! measures.
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -80,10 +83,48 @@ struct Report {
     server_rss_mb: Option<f64>,
 }
 
+/// The default payload of the run's tasks, as a web application's e-mail
+/// task might carry.
+fn small_payload() -> serde_json::Value {
+    serde_json::json!({"user_id": 42, "template": "welcome", "locale": "en"})
+}
+
 fn task() -> NewTask {
     NewTask::new(TASK_TYPE)
-        .payload(&serde_json::json!({"user_id": 42, "template": "welcome", "locale": "en"}))
+        .payload(&small_payload())
         .expect("a JSON payload")
+}
+
+/// The throughput phases' task: the default payload, or with
+/// `--payload-bytes` that payload padded to exactly that many bytes of
+/// JSON. The padding is pseudo-random letters and digits, not one letter
+/// repeated, so that a store that compresses what it keeps (PostgreSQL's
+/// TOAST) is measured on a payload it cannot shrink.
+fn throughput_task(payload_bytes: Option<usize>) -> Result<NewTask> {
+    let Some(bytes) = payload_bytes else {
+        return Ok(task());
+    };
+    let mut payload = small_payload();
+    payload["pad"] = serde_json::Value::String(String::new());
+    let unpadded = serde_json::to_string(&payload)?.len();
+    if bytes < unpadded {
+        return Err(usage(&format!(
+            "--payload-bytes: must be at least {unpadded} (the payload without padding); got {bytes}"
+        )));
+    }
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let pad: String = (0..bytes - unpadded)
+        .map(|_| {
+            // xorshift64: cheap, and the same padding in every run.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(ALPHABET[(state >> 58) as usize])
+        })
+        .collect();
+    payload["pad"] = serde_json::Value::String(pad);
+    Ok(NewTask::new(TASK_TYPE).payload(&payload)?)
 }
 
 /// The server under test: a child process this run started, or one given.
@@ -299,11 +340,12 @@ async fn measure(
     let n = args.tasks;
     let client = target.client.clone();
 
-    let enqueue_single_per_sec = enqueue_single(&target.url, n, quiet).await?;
-    let enqueue_batch_per_sec = enqueue_batch(&client, n, batch_answer, quiet).await?;
+    let task = throughput_task(args.payload_bytes)?;
+    let enqueue_single_per_sec = enqueue_single(&target.url, &task, n, quiet).await?;
+    let enqueue_batch_per_sec = enqueue_batch(&client, &task, n, batch_answer, quiet).await?;
     let process_http_per_sec = process_http(&client, 2 * n, quiet, "process over HTTP").await?;
     let process_embedded_per_sec = match &target.child {
-        Some(_) => Some(process_embedded(args, n, quiet, made).await?),
+        Some(_) => Some(process_embedded(args, &task, n, quiet, made).await?),
         None => None,
     };
     let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
@@ -409,7 +451,7 @@ async fn claim_scaling(
     let to_store = stored + 2 * SCALING_SAMPLE * SCALING_ROUNDS;
     let fill = |client: Client| async move {
         let progress = bar(to_store, "store for scaling", quiet);
-        enqueue_counted(&client, to_store, BatchAnswer::Ids, &progress).await?;
+        enqueue_counted(&client, &task(), to_store, BatchAnswer::Ids, &progress).await?;
         progress.finish();
         anyhow::Ok(())
     };
@@ -463,10 +505,10 @@ fn median(mut rates: Vec<f64>) -> f64 {
 /// own: how a sequential client runs. On this command's multi-threaded
 /// runtime each request hopped between threads: 5–14% fewer requests a
 /// second against the same server (bench/HISTORY.md).
-async fn enqueue_single(url: &str, n: usize, quiet: bool) -> Result<f64> {
+async fn enqueue_single(url: &str, task: &NewTask, n: usize, quiet: bool) -> Result<f64> {
     let progress = bar(n, "enqueue, one per request", quiet);
     let url = url.to_owned();
-    let task = task();
+    let task = task.clone();
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -500,11 +542,12 @@ enum BatchAnswer {
 
 async fn enqueue_counted(
     client: &Client,
+    task: &NewTask,
     n: usize,
     answer: BatchAnswer,
     progress: &ProgressBar,
 ) -> Result<f64> {
-    let batch = vec![task(); BATCH];
+    let batch = vec![task.clone(); BATCH];
     let started = Instant::now();
     let mut left = n;
     while left > 0 {
@@ -519,16 +562,22 @@ async fn enqueue_counted(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn enqueue_batch(client: &Client, n: usize, answer: BatchAnswer, quiet: bool) -> Result<f64> {
+async fn enqueue_batch(
+    client: &Client,
+    task: &NewTask,
+    n: usize,
+    answer: BatchAnswer,
+    quiet: bool,
+) -> Result<f64> {
     let progress = bar(n, "enqueue, batches of 1000", quiet);
-    let rate = enqueue_counted(client, n, answer, &progress).await?;
+    let rate = enqueue_counted(client, task, n, answer, &progress).await?;
     progress.finish();
     Ok(rate)
 }
 
 /// Fills the store for a later phase; the tasks are not needed back.
 async fn enqueue_quietly(client: &Client, n: usize) -> Result<()> {
-    enqueue_counted(client, n, BatchAnswer::Ids, &ProgressBar::hidden())
+    enqueue_counted(client, &task(), n, BatchAnswer::Ids, &ProgressBar::hidden())
         .await
         .map(drop)
 }
@@ -691,13 +740,14 @@ async fn open_embedded(
 
 async fn process_embedded(
     args: &BenchArgs,
+    task: &NewTask,
     n: usize,
     quiet: bool,
     made: &MadeSchemas,
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = open_embedded(args, dir.path(), made).await?;
-    let spec = task().validate(&Limits::default(), offload_core::Position::Alone)?;
+    let spec = task.clone().validate(&Limits::default(), offload_core::Position::Alone)?;
     let mut left = n;
     while left > 0 {
         let size = left.min(BATCH);

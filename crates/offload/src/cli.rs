@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// or ids (`Prefer: return=minimal`).
     #[arg(long, default_value = "tasks")]
     pub batch_answer: String,
+    /// Pad the throughput phases' payloads to this many bytes of JSON
+    /// [default: a 49-byte payload]
+    #[arg(long)]
+    pub payload_bytes: Option<usize>,
 }
 
 #[derive(Debug, Args)]
