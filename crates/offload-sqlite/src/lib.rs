@@ -73,6 +73,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (7, include_str!("../migrations/0007_claims.sql")),
     (8, include_str!("../migrations/0008_label_index.sql")),
+    (9, include_str!("../migrations/0009_payloads_apart.sql")),
 ];
 
 /// Rows deleted per transaction by `clear`.

@@ -11,10 +11,15 @@ use uuid::Uuid;
 
 /// Every column a [`Task`] is read from, in the order [`decode`] expects; a
 /// macro so that statements are whole `&'static str`s made at compile time
-/// (`concat!`), not strings built and hashed on every call.
+/// (`concat!`), not strings built and hashed on every call. A payload kept
+/// apart (schema version 9, [`crate::sql::INLINE_PAYLOAD_BYTES`]) is read
+/// from `task_payloads`, by the seq of a row whose own `payload` is ''.
 macro_rules! task_columns {
     () => {
-        "seq, id, type, queue, payload, priority, state, attempt, max_attempts, timeout_secs, \
+        "seq, id, type, queue, \
+         coalesce(nullif(payload, ''), \
+             (SELECT payload FROM task_payloads WHERE task_payloads.task_seq = tasks.seq)), \
+         priority, state, attempt, max_attempts, timeout_secs, \
          run_at, owner, labels, unique_key, depends_on, progress, result, error, errors, \
          cancel_requested, created_at, updated_at, started_at, finished_at, lease_expires_at, \
          worker_id"

@@ -101,7 +101,7 @@ async fn hot_statements_never_scan_the_tasks_table() {
 
 /// A list of a rare label walks that label's entries in `task_labels` in
 /// seq order and reads each task by its seq, whatever else it filters on:
-/// no sort of what it found, no other way into `tasks`.
+/// no sort of what it found, no other way into `tasks` or `task_payloads`.
 #[tokio::test]
 async fn a_rare_labels_list_walks_the_label_index_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,6 +125,9 @@ async fn a_rare_labels_list_walks_the_label_index_in_order() {
         [
             "SEARCH task_labels USING PRIMARY KEY (label=? AND task_seq<?)",
             "SEARCH tasks USING INTEGER PRIMARY KEY (rowid=?)",
+            // A payload kept apart, read by its task's seq.
+            "CORRELATED SCALAR SUBQUERY 1",
+            "SEARCH task_payloads USING INTEGER PRIMARY KEY (rowid=?)",
         ],
         "{statement}"
     );
@@ -154,9 +157,12 @@ async fn task_labels_follow_tasks_from_before_version_8_to_their_deletion() {
         stored.iter().map(|(task, _)| task.id).collect()
     };
     let conn = rusqlite::Connection::open(&path).unwrap();
-    // The database as version 7 left it: no label entries.
+    // The database as version 7 left it: no label entries (and no table of
+    // payloads kept apart, version 9's, which these small ones never
+    // reach).
     conn.execute_batch(
-        "DROP TRIGGER task_labels_removed; DROP TABLE task_labels; \
+        "DROP TRIGGER task_payloads_removed; DROP TABLE task_payloads; \
+         DROP TRIGGER task_labels_removed; DROP TABLE task_labels; \
          PRAGMA user_version = 7;",
     )
     .unwrap();
@@ -197,6 +203,103 @@ async fn task_labels_follow_tasks_from_before_version_8_to_their_deletion() {
     };
     assert_eq!(store.clear(&clear).await.unwrap(), 5);
     assert_eq!(entries(), 0, "the cleared tasks' entries went with them");
+}
+
+/// A payload longer than the bound is written once to `task_payloads` and
+/// its row holds '' (schema version 9); one of the bound's length stays in
+/// its row. Every read gives each payload back whole, from the table after
+/// a reopen (the writer's memory empty), acks leave the entries be, and an
+/// entry goes with its task, whichever statement deletes it.
+#[tokio::test]
+async fn payloads_past_the_inline_bound_are_kept_apart_and_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offload.db");
+    let bound = offload_sqlite::sql::INLINE_PAYLOAD_BYTES;
+    // `{"b":"…"}` is 8 bytes besides the text.
+    let payload = |bytes: usize| {
+        let text =
+            serde_json::to_string(&serde_json::json!({ "b": "y".repeat(bytes - 8) })).unwrap();
+        assert_eq!(text.len(), bytes);
+        text
+    };
+    let plain = |bytes: usize| {
+        NewTask::new("t")
+            .payload(&serde_json::from_str::<serde_json::Value>(&payload(bytes)).unwrap())
+            .unwrap()
+    };
+    let specs = vec![
+        plain(9),
+        plain(bound),
+        plain(bound + 1),
+        plain(100_000),
+        // A unique key takes the writer's one-row insert.
+        plain(2 * bound).unique_key("k", offload_core::OnConflict::Keep),
+    ];
+    let sizes = [9, bound, bound + 1, 100_000, 2 * bound];
+    let specs: Vec<_> = specs
+        .into_iter()
+        .map(|t| t.validate(&Limits::default(), Position::Alone).unwrap())
+        .collect();
+    let ids: Vec<Uuid> = {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let stored = store.enqueue(specs).await.unwrap();
+        stored.iter().map(|(task, _)| task.id).collect()
+    };
+    let wanted = |id: Uuid| payload(sizes[ids.iter().position(|i| *i == id).unwrap()]);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let apart = || -> (i64, i64) {
+        conn.query_row(
+            "SELECT (SELECT count(*) FROM tasks WHERE payload = ''), \
+                    (SELECT count(*) FROM task_payloads)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(apart(), (3, 3), "the three payloads past the bound, apart");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    for &id in &ids {
+        let task = store.get(id).await.unwrap().unwrap();
+        assert_eq!(task.payload.get(), wanted(id), "read by id");
+    }
+    let listed = store
+        .list(&offload_core::ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.tasks.len(), 5);
+    for task in &listed.tasks {
+        assert_eq!(task.payload.get(), wanted(task.id), "listed");
+    }
+    let claimed = store.claim(&up_to_ten_for_w()).await.unwrap();
+    assert_eq!(claimed.len(), 5);
+    for task in &claimed {
+        assert_eq!(task.payload.get(), wanted(task.id), "claimed");
+    }
+    store
+        .ack("w", offload_storetest::completions(&claimed))
+        .await
+        .unwrap();
+    for &id in &ids {
+        let task = store.get(id).await.unwrap().unwrap();
+        assert_eq!(task.state, State::Completed);
+        assert_eq!(task.payload.get(), wanted(id), "read once completed");
+    }
+    assert_eq!(apart(), (3, 3), "an ack leaves the payloads apart be");
+    store.delete(ids[3]).await.unwrap();
+    assert_eq!(apart(), (2, 2), "the deleted task's payload went with it");
+    let clear = offload_core::ClearRequest {
+        states: vec![State::Completed],
+        older_than: None,
+    };
+    assert_eq!(store.clear(&clear).await.unwrap(), 4);
+    assert_eq!(
+        apart(),
+        (0, 0),
+        "the cleared tasks' payloads went with them"
+    );
 }
 
 /// Tasks, counts and what the writer keeps in memory (`src/ready.rs`,

@@ -108,7 +108,7 @@ fn throughput_task(payload_bytes: Option<usize>) -> Result<NewTask> {
     payload["pad"] = serde_json::Value::String(String::new());
     let unpadded = serde_json::to_string(&payload)?.len();
     if bytes < unpadded {
-        return Err(usage(&format!(
+        return Err(usage(format!(
             "--payload-bytes: must be at least {unpadded} (the payload without padding); got {bytes}"
         )));
     }
@@ -747,7 +747,9 @@ async fn process_embedded(
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = open_embedded(args, dir.path(), made).await?;
-    let spec = task.clone().validate(&Limits::default(), offload_core::Position::Alone)?;
+    let spec = task
+        .clone()
+        .validate(&Limits::default(), offload_core::Position::Alone)?;
     let mut left = n;
     while left > 0 {
         let size = left.min(BATCH);
