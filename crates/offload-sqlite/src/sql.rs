@@ -97,9 +97,9 @@ pub fn row_payload(payload: &str) -> &str {
 }
 
 /// `rows` payloads kept apart, each a seq and its payload, in one
-/// statement: one INSERT a payload cost a batch of 600-byte payloads a
-/// fifth of its rate. `rows` is 1 or a multiple of [`ROWS_ROUNDING`] up to
-/// [`MANY_ROWS`], so that few shapes reach the statement cache.
+/// statement, as a batch's rows are ([`insert_plain_rows`]). `rows` is 1
+/// or a multiple of [`ROWS_ROUNDING`] up to [`MANY_ROWS`], so that few
+/// shapes reach the statement cache.
 pub fn add_payloads_apart(rows: usize) -> String {
     debug_assert!(rows == 1 || (rows.is_multiple_of(ROWS_ROUNDING) && rows <= MANY_ROWS));
     let mut sql = String::from("INSERT INTO task_payloads (task_seq, payload) VALUES ");
