@@ -2,7 +2,7 @@
 -- their tasks' rows.
 --
 -- SQLite writes a whole row at every update, so each write of a task's
--- state (its claim's lease, a progress report, its ack) copied its
+-- state (a heartbeat, a progress report, its completion) copied its
 -- payload again into the log and, at the checkpoint, into the database:
 -- with 2,000-byte payloads a burn-down processed a fifth as many tasks a
 -- second as with 49-byte ones (`offload bench --payload-bytes`,

@@ -564,12 +564,6 @@ impl WriteCtx<'_, '_> {
         Ok(())
     }
 
-    /// The entries of `task_labels` (schema version 8) for the labels of
-    /// task `seq`, just inserted. Written here rather than by a trigger on
-    /// `tasks`: a trigger, even one whose condition no row met, took a
-    /// batch of 1,000 tasks without labels from 1.45–1.49 ms to 1.74–1.78
-    /// (`bench/batch-time.py`). The task's delete takes them with it (the
-    /// migration's trigger).
     /// Writes the payloads of `tasks` (each with its seq) that their rows
     /// hold '' for ([`sql::row_payload`]) apart from the rows.
     fn add_payloads_apart<'t>(
@@ -601,6 +595,12 @@ impl WriteCtx<'_, '_> {
         Ok(())
     }
 
+    /// The entries of `task_labels` (schema version 8) for the labels of
+    /// task `seq`, just inserted. Written here rather than by a trigger on
+    /// `tasks`: a trigger, even one whose condition no row met, took a
+    /// batch of 1,000 tasks without labels from 1.45–1.49 ms to 1.74–1.78
+    /// (`bench/batch-time.py`). The task's delete takes them with it (the
+    /// migration's trigger).
     fn add_label_entries(&mut self, seq: i64, task: &Task) -> Result<()> {
         if task.labels.is_empty() {
             return Ok(());

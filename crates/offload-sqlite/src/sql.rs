@@ -80,11 +80,11 @@ pub fn label_entry(key: &str, value: &str) -> String {
     format!("{key}:{value}")
 }
 
-/// Task `?2`'s entry for its label `?1` ([`label_entry`]).
 /// The longest payload kept in its task's row; a longer one is written to
 /// `task_payloads` once (schema version 9), so that the writes of the
-/// task's state do not copy it again. A payload this short costs less to
-/// copy with the row than to read by a second lookup.
+/// task's state do not copy it again. Kept apart from 512 bytes, payloads
+/// of 600 and 1,000 cost batch enqueues 13–39% of their rate, about what
+/// their processing gained (bench/HISTORY.md, round 68).
 pub const INLINE_PAYLOAD_BYTES: usize = 1024;
 
 /// What a row's `payload` holds: the payload, or '' where it is kept apart.
@@ -112,6 +112,7 @@ pub fn add_payloads_apart(rows: usize) -> String {
     sql
 }
 
+/// Task `?2`'s entry for its label `?1` ([`label_entry`]).
 pub const ADD_LABEL_ENTRY: &str = "INSERT INTO task_labels (label, task_seq) VALUES (?1, ?2)";
 
 /// How many tasks carry label `?1` (`key:value`), counted up to `?2`:
