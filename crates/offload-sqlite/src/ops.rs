@@ -435,11 +435,7 @@ impl WriteCtx<'_, '_> {
         self.flush_rows()?;
         let mut rest = tasks.as_slice();
         while !rest.is_empty() {
-            let rows = if rest.len() >= sql::MANY_ROWS {
-                sql::MANY_ROWS
-            } else {
-                rest.len() / sql::ROWS_ROUNDING * sql::ROWS_ROUNDING
-            };
+            let rows = sql::rows_per_statement(rest.len());
             let (chunk, after) = rest.split_at(rows.max(1));
             if rows == 0 {
                 let (seq, task) = &chunk[0];
@@ -578,8 +574,7 @@ impl WriteCtx<'_, '_> {
         let conn = self.conn_beside_tasks();
         let mut rest = apart.as_slice();
         while !rest.is_empty() {
-            let rows =
-                (rest.len().min(sql::MANY_ROWS) / sql::ROWS_ROUNDING * sql::ROWS_ROUNDING).max(1);
+            let rows = sql::rows_per_statement(rest.len()).max(1);
             let (chunk, after) = rest.split_at(rows);
             let mut add = conn
                 .prepare_cached(&sql::add_payloads_apart(rows))

@@ -22,6 +22,13 @@ pub const MANY_ROWS: usize = 64;
 /// distinct statements reach the statement cache.
 pub const ROWS_ROUNDING: usize = 8;
 
+/// How many of `left` rows the next of those statements takes: as many as
+/// it may, rounded down to [`ROWS_ROUNDING`]; 0 where fewer than that
+/// are left, for a statement of one row each.
+pub fn rows_per_statement(left: usize) -> usize {
+    left.min(MANY_ROWS) / ROWS_ROUNDING * ROWS_ROUNDING
+}
+
 /// Panics unless `rows` is a size those statements take.
 fn check_rows(rows: usize) {
     assert!(
