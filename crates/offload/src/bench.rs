@@ -298,11 +298,12 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
         "ids" => BatchAnswer::Ids,
         _ => return Err(usage("--batch-answer: must be tasks or ids")),
     };
+    let task = throughput_task(args.payload_bytes)?;
     let made = MadeSchemas::default();
     // Interrupted or failed, the servers this run started are killed as
     // their handles drop, before the schemas they used are dropped.
     let measured = tokio::select! {
-        measured = measure(&args, url, batch_answer, json, &made) => measured,
+        measured = measure(&args, url, &task, batch_answer, json, &made) => measured,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     made.drop_all().await;
@@ -318,6 +319,7 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
 async fn measure(
     args: &BenchArgs,
     url: Option<String>,
+    task: &NewTask,
     batch_answer: BatchAnswer,
     quiet: bool,
     made: &MadeSchemas,
@@ -340,12 +342,11 @@ async fn measure(
     let n = args.tasks;
     let client = target.client.clone();
 
-    let task = throughput_task(args.payload_bytes)?;
-    let enqueue_single_per_sec = enqueue_single(&target.url, &task, n, quiet).await?;
-    let enqueue_batch_per_sec = enqueue_batch(&client, &task, n, batch_answer, quiet).await?;
+    let enqueue_single_per_sec = enqueue_single(&target.url, task, n, quiet).await?;
+    let enqueue_batch_per_sec = enqueue_batch(&client, task, n, batch_answer, quiet).await?;
     let process_http_per_sec = process_http(&client, 2 * n, quiet, "process over HTTP").await?;
     let process_embedded_per_sec = match &target.child {
-        Some(_) => Some(process_embedded(args, &task, n, quiet, made).await?),
+        Some(_) => Some(process_embedded(args, task, n, quiet, made).await?),
         None => None,
     };
     let pickup_ms = pickup(&client, n.min(PICKUP_SAMPLES), quiet).await?;
