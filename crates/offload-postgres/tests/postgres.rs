@@ -468,6 +468,73 @@ async fn concurrent_claims_from_several_nodes_never_share_a_task() {
     assert_eq!(unique.len(), 300, "no task claimed twice");
 }
 
+/// Single enqueues that come together share transactions, each answered
+/// with its own task; one whose dependency is not there fails alone, and
+/// one with a unique key is answered as it always was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_enqueues_that_come_together_share_transactions() {
+    if !available() {
+        return;
+    }
+    let url = database_url().expect("checked");
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let plain = (0..200).map(|n| {
+        let store = Arc::clone(&store);
+        let spec = spec(
+            NewTask::new("t")
+                .payload(&serde_json::json!({ "n": n }))
+                .unwrap(),
+        );
+        async move { store.enqueue(vec![spec]).await }
+    });
+    let missing = spec(NewTask::new("t").depends_on(Uuid::now_v7()));
+    let keyed = spec(NewTask::new("t").unique_key("k", offload_core::OnConflict::Keep));
+    let (plain, missing, keyed) = tokio::join!(
+        futures::future::join_all(plain),
+        store.enqueue(vec![missing]),
+        store.enqueue(vec![keyed]),
+    );
+
+    let missing = missing.expect_err("a dependency that is not there");
+    assert!(missing.to_string().contains("depends_on[0]"), "{missing}");
+    let keyed = keyed.expect("the keyed task");
+    assert!(keyed[0].1, "created");
+    let mut ids = Vec::new();
+    for (n, answer) in plain.into_iter().enumerate() {
+        let answer = answer.expect("a plain task");
+        let [(task, created)] = &answer[..] else {
+            panic!("one answer for one task: {answer:?}");
+        };
+        assert!(created);
+        assert_eq!(
+            task.payload.get(),
+            format!(r#"{{"n":{n}}}"#),
+            "its own task"
+        );
+        let stored = store.get(task.id).await.unwrap().expect("stored");
+        assert_eq!(stored.payload.get(), task.payload.get());
+        ids.push(task.id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+
+    let mut conn = connection_in(&url, &schema).await;
+    let (tasks, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM offload_tasks")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(tasks, 201);
+    // The keyed task's own transaction and at least one that took many.
+    assert!(
+        transactions < 100,
+        "201 tasks written by {transactions} transactions"
+    );
+}
+
 /// A connection of its own to the tables of `schema`.
 async fn connection_in(url: &str, schema: &str) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
@@ -2388,12 +2455,18 @@ impl LimitedNode {
         locker
     }
 
-    /// `n` enqueues of one task each, started together.
+    /// `n` enqueues of one task each, started together, each with a
+    /// unique key of its own: so each takes a transaction, and a
+    /// connection, of its own, where tasks without one share them.
     fn enqueues_at_once(&self, n: usize) -> Vec<tokio::task::JoinHandle<offload_core::Result<()>>> {
         (0..n)
-            .map(|_| {
+            .map(|i| {
                 let store = Arc::clone(&self.store);
-                tokio::spawn(async move { store.enqueue(one_task()).await.map(drop) })
+                let task = NewTask::new("t")
+                    .unique_key(format!("k{i}"), offload_core::OnConflict::Keep)
+                    .validate(&Limits::default(), Position::Alone)
+                    .unwrap();
+                tokio::spawn(async move { store.enqueue(vec![task]).await.map(drop) })
             })
             .collect()
     }
