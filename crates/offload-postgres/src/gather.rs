@@ -1,9 +1,11 @@
 //! Small writes gathered into shared transactions. Workers heartbeat one
-//! task at a time, and web applications enqueue one task a request, from
-//! many handlers at once. Each in a transaction of its own took its
-//! statements and a commit alone: eight clients heartbeating running tasks
-//! got 1,464 a second, sixteen enqueueing one task a request 1,691, where
-//! a SQLite node, whose writer gathers every write, got 4,407 and 9,505.
+//! task at a time, web applications enqueue one task a request from many
+//! handlers at once, and workers that report each task on its own ack one
+//! at a time. Each in a transaction of its own took its statements and a
+//! commit alone: eight clients heartbeating running tasks got 1,464 a
+//! second, sixteen enqueueing one task a request 1,691, sixteen completing
+//! one 1,513, where a SQLite node, whose writer gathers every write, got
+//! 4,407 and 15,551 (`bench/heartbeats.py`, `bench/concurrent-writes.py`).
 //! Writes of one kind that come while a transaction of them runs go
 //! together in the next, each answered apart; one that comes alone runs
 //! at once, as before.
@@ -12,7 +14,9 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use offload_core::{Error, HeartbeatAck, HeartbeatRequest, Result, Task, TaskSpec};
+use offload_core::{
+    Ack, AckOutcome, Error, HeartbeatAck, HeartbeatRequest, Result, Task, TaskSpec,
+};
 use sqlx::postgres::PgPool;
 use tokio::sync::oneshot;
 
@@ -223,5 +227,34 @@ impl Gathered for Enqueues {
         let writes = &self.0;
         let created = in_tx!(writes, |tx| ops::enqueue(&mut tx, specs.to_vec()).await?)?;
         Ok(created.into_iter().map(Ok).collect())
+    }
+}
+
+/// Acks sent one a request (`POST /v1/tasks/{id}/complete` and `/fail`,
+/// and a worker's batch of one), from any worker: each answered apart, as
+/// the acks of one batch are, one refused leaving the others to go
+/// through. The answer is the ack's outcome, so that a refusal (the task
+/// no longer held) stays apart from a transaction that failed, which the
+/// worker sends again.
+#[derive(Debug)]
+pub(crate) struct Acks(pub(crate) Writes);
+
+impl Gathered for Acks {
+    /// The worker that sends the ack, and the ack.
+    type Request = (String, Ack);
+    type Answer = AckOutcome;
+    const WHAT: &'static str = "acks";
+    const MOST_IN_ONE: usize = 1_000;
+
+    async fn write(&self, acks: &[(String, Ack)]) -> Result<Vec<Result<AckOutcome>>> {
+        let writes = &self.0;
+        let outcomes = in_tx!(writes, |tx| ops::ack_from(
+            &mut tx,
+            acks.iter()
+                .map(|(worker, ack)| (worker.as_str(), ack.clone()))
+                .collect()
+        )
+        .await?)?;
+        Ok(outcomes.into_iter().map(Ok).collect())
     }
 }

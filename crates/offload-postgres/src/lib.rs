@@ -157,6 +157,7 @@ pub struct PgStore {
     stop: CancellationToken,
     heartbeats: Arc<Gather<Heartbeats>>,
     enqueues: Arc<Gather<Enqueues>>,
+    acks: Arc<Gather<Acks>>,
 }
 
 /// How long an operation waits for a connection of the pool's.
@@ -236,6 +237,10 @@ impl PgStore {
                 Arc::clone(&node),
             )))),
             enqueues: Arc::new(Gather::new(Enqueues(Writes::new(
+                pool.clone(),
+                Arc::clone(&node),
+            )))),
+            acks: Arc::new(Gather::new(Acks(Writes::new(
                 pool.clone(),
                 Arc::clone(&node),
             )))),
@@ -508,7 +513,7 @@ macro_rules! in_tx {
 
 // After `in_tx!`, which it uses.
 mod gather;
-use gather::{Enqueues, Gather, Heartbeats, Writes};
+use gather::{Acks, Enqueues, Gather, Heartbeats, Writes};
 
 #[async_trait::async_trait]
 impl Store for PgStore {
@@ -542,9 +547,15 @@ impl Store for PgStore {
         self.heartbeats.send(request).await
     }
 
-    async fn ack(&self, worker_id: &str, acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
+    async fn ack(&self, worker_id: &str, mut acks: Vec<Ack>) -> Result<Vec<AckOutcome>> {
         validate_worker_id(worker_id)?;
         self.node.limits.check_batch("acks", acks.len())?;
+        if acks.len() == 1
+            && let Some(alone) = acks.pop()
+        {
+            let outcome = self.acks.send((worker_id.to_owned(), alone)).await?;
+            return Ok(vec![outcome]);
+        }
         in_tx!(self, |tx| ops::ack(&mut tx, worker_id, acks.clone())
             .await?)
     }

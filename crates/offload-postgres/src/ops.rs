@@ -1227,12 +1227,18 @@ pub(crate) async fn heartbeats(
 }
 
 pub(crate) async fn ack(tx: &mut Tx, worker_id: &str, acks: Vec<Ack>) -> PgResult<Vec<AckOutcome>> {
-    let ids: Vec<Uuid> = acks.iter().map(Ack::id).collect();
+    ack_from(tx, acks.into_iter().map(|ack| (worker_id, ack)).collect()).await
+}
+
+/// [`ack`] of acks each sent by the worker beside it, applied in their
+/// order: of two acks of one task, the second meets what the first left.
+pub(crate) async fn ack_from(tx: &mut Tx, acks: Vec<(&str, Ack)>) -> PgResult<Vec<AckOutcome>> {
+    let ids: Vec<Uuid> = acks.iter().map(|(_, ack)| ack.id()).collect();
     let mut loaded = tx.load_for_update(&ids).await?;
     let mut outcomes = Vec::with_capacity(acks.len());
     let mut changed: Vec<Uuid> = Vec::new();
     let mut before: HashMap<Uuid, State> = HashMap::new();
-    for ack in acks {
+    for (worker_id, ack) in acks {
         let id = ack.id();
         let Some(stored) = loaded.get_mut(&id) else {
             outcomes.push(Err(Error::task_not_found(id)));

@@ -535,6 +535,134 @@ async fn single_enqueues_that_come_together_share_transactions() {
     );
 }
 
+/// Acks sent one a request by several workers at once share
+/// transactions, each answered apart: one of a task its worker does not
+/// hold is refused alone. A transaction that fails is the call's error,
+/// which a worker sends again, not a refusal of its ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_acks_from_several_workers_share_transactions_each_answered_apart() {
+    if !available() {
+        return;
+    }
+    let url = database_url().expect("checked");
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let specs = (0..100)
+        .map(|_| {
+            NewTask::new("t")
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    store.enqueue(specs).await.unwrap();
+    let mut acks = Vec::new();
+    for w in 0..50 {
+        let worker = format!("w{w}");
+        let held = store.claim(&claim_by(&worker, 2)).await.unwrap();
+        let result = serde_json::value::to_raw_value(&w).unwrap();
+        acks.push((
+            worker.clone(),
+            Ack::Complete {
+                id: held[0].id,
+                result: Some(result),
+            },
+        ));
+        let failure = offload_core::Failure {
+            message: format!("{worker} gave up"),
+            kind: offload_core::FailureKind::Error,
+            retry: Some(false),
+            retry_in: None,
+        };
+        acks.push((
+            worker,
+            Ack::Fail {
+                id: held[1].id,
+                failure,
+            },
+        ));
+    }
+    // w0 acks a task that w1 holds.
+    let stale = acks[2].1.id();
+    acks.insert(
+        1,
+        (
+            "w0".into(),
+            Ack::Complete {
+                id: stale,
+                result: None,
+            },
+        ),
+    );
+    let sent = acks.iter().map(|(worker, ack)| {
+        let store = Arc::clone(&store);
+        let (worker, ack) = (worker.clone(), ack.clone());
+        async move { store.ack(&worker, vec![ack]).await }
+    });
+    let answers = futures::future::join_all(sent).await;
+
+    for ((worker, ack), answer) in acks.iter().zip(answers) {
+        let [outcome] = &answer.expect("no transaction failed")[..] else {
+            panic!("one outcome for one ack");
+        };
+        match ack {
+            Ack::Complete { id, .. } if *id == stale && worker == "w0" => {
+                let refused = outcome.as_ref().expect_err("w0 does not hold it");
+                assert!(
+                    matches!(refused, offload_core::Error::Conflict(_)),
+                    "{refused}"
+                );
+            }
+            Ack::Complete { id, result } => {
+                let task = outcome.as_ref().expect("completed");
+                assert_eq!((task.id, task.state), (*id, State::Completed));
+                assert_eq!(
+                    task.result.as_ref().map(|r| r.get()),
+                    result.as_ref().map(|r| r.get())
+                );
+            }
+            Ack::Fail { id, .. } => {
+                let task = outcome.as_ref().expect("failed");
+                assert_eq!((task.id, task.state), (*id, State::Failed));
+                assert_eq!(task.errors[0].message, format!("{worker} gave up"));
+            }
+        }
+    }
+    let mut conn = connection_in(&url, &schema).await;
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM offload_tasks")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        transactions < 50,
+        "100 acks written by {transactions} transactions"
+    );
+
+    // Every count the commit writes refused, as on a full disk.
+    store.enqueue(one_task()).await.unwrap();
+    let held = store.claim(&claim_by("w0", 1)).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {schema}.full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; \
+         END $$; \
+         CREATE TRIGGER full_disk BEFORE INSERT ON {schema}.offload_counts \
+           FOR EACH STATEMENT EXECUTE FUNCTION {schema}.full_disk();"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let ack = Ack::Complete {
+        id: held[0].id,
+        result: None,
+    };
+    match store.ack("w0", vec![ack]).await {
+        Err(offload_core::Error::Unavailable(message)) => {
+            assert!(message.contains("No space left on device"), "{message}");
+        }
+        other => panic!("expected the call to fail, to be sent again: {other:?}"),
+    }
+}
+
 /// A connection of its own to the tables of `schema`.
 async fn connection_in(url: &str, schema: &str) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Writes of one task a request from many clients at once: CLIENTS
+processes, each on a kept-alive connection, for SECONDS; prints writes a
+second and each one's p50 and p99.
+
+    python3 bench/concurrent-writes.py target/release/offload DB [CLIENTS] [SECONDS] [WHAT]
+
+WHAT is `enqueue` (the default: `POST /v1/tasks`, as a web application's
+request handlers enqueue) or `complete` (`POST /v1/tasks/{id}/complete`,
+as workers that report each task on its own do: 2,000 tasks a client are
+enqueued and fetched for it first). DB is `sqlite` (a fresh file) or a
+PostgreSQL URL (schema `probe`, made afresh).
+"""
+
+import http.client
+import json
+import multiprocessing
+import socket
+import sys
+import tempfile
+import time
+
+from probe_server import post, serve
+
+TASKS_A_CLIENT = 2000
+
+
+def request(path, body):
+    """A request written out once and read back with as little parsing as
+    will do: http.client cost the clients more CPU than the server spent."""
+    body = body.encode()
+    return (b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+
+
+ENQUEUE = request("/v1/tasks", '{"type": "probe.noop", "payload": {"n": 1}}')
+
+
+def answer(sock, buffered):
+    """Reads one answer off `sock`; its status and the bytes read past it."""
+    while b"\r\n\r\n" not in buffered:
+        buffered += sock.recv(65536)
+    head, rest = buffered.split(b"\r\n\r\n", 1)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head[9:12]), rest[length:]
+
+
+def client(port, seconds, start, out, held):
+    """Writes until `start + seconds`: enqueues, or completions of the
+    tasks `held` (fetched as worker `w<i>`) while they last."""
+    requests = iter([request(f"/v1/tasks/{task_id}/complete", json.dumps({"worker_id": worker}))
+                     for worker, task_id in held]) if held else None
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    latencies = []
+    buffered = b""
+    while time.time() < start:
+        time.sleep(0.001)
+    end = start + seconds
+    while time.time() < end:
+        sent = ENQUEUE if requests is None else next(requests, None)
+        if sent is None:
+            break
+        t0 = time.perf_counter()
+        sock.sendall(sent)
+        status, buffered = answer(sock, buffered)
+        if status not in (200, 201):
+            raise SystemExit(f"the write answered {status}")
+        latencies.append(time.perf_counter() - t0)
+    out.put(latencies)
+
+
+def main():
+    binary, db = sys.argv[1], sys.argv[2]
+    clients = int(sys.argv[3]) if len(sys.argv) > 3 else 16
+    seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
+    what = sys.argv[5] if len(sys.argv) > 5 else "enqueue"
+    with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
+        held = [[] for _ in range(clients)]
+        if what == "complete":
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            for i in range(clients):
+                post(conn, "/v1/tasks/batch", {"tasks": [{"type": "probe.noop"}] * TASKS_A_CLIENT})
+                while len(held[i]) < TASKS_A_CLIENT:
+                    fetched = post(conn, "/v1/fetch", {"worker_id": f"w{i}", "limit": 1000, "lease_secs": 3600})
+                    held[i] += [(f"w{i}", task["id"]) for task in fetched["tasks"]]
+        out = multiprocessing.Queue()
+        start = time.time() + 1.0
+        procs = [multiprocessing.Process(target=client, args=(port, seconds, start, out, held[i]))
+                 for i in range(clients)]
+        for p in procs:
+            p.start()
+        latencies = []
+        for _ in procs:
+            latencies.extend(out.get())
+        for p in procs:
+            p.join()
+    latencies.sort()
+    n = len(latencies)
+    print(f"{clients} clients: {n / seconds:,.0f} {what}s a second, "
+          f"p50 {1000 * latencies[n // 2]:.2f} ms, p99 {1000 * latencies[int(n * 0.99)]:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
