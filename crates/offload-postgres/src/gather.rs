@@ -5,7 +5,8 @@
 //! commit alone: eight clients heartbeating running tasks got 1,464 a
 //! second, sixteen enqueueing one task a request 1,691, sixteen completing
 //! one 1,513, where a SQLite node, whose writer gathers every write, got
-//! 4,407 and 15,551 (`bench/heartbeats.py`, `bench/concurrent-writes.py`).
+//! 4,407, 15,551 and 10,667 (`bench/heartbeats.py`,
+//! `bench/concurrent-writes.py`).
 //! Writes of one kind that come while a transaction of them runs go
 //! together in the next, each answered apart; one that comes alone runs
 //! at once, as before.
