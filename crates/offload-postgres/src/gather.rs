@@ -83,6 +83,22 @@ impl<W: Gathered> Gather<W> {
     /// Writes `request` with whatever others wait beside it, and answers
     /// once their transaction commits.
     pub(crate) async fn send(self: &Arc<Self>, request: W::Request) -> Result<W::Answer> {
+        let alone = {
+            let mut waiting = self.lock();
+            let alone = !waiting.writing && waiting.requests.is_empty();
+            waiting.writing |= alone;
+            alone
+        };
+        if alone {
+            // Written in the caller's own task: handed to a writer task and
+            // answered back, it woke another thread twice, which put a
+            // PostgreSQL node's pickup p50 at 2.21-2.55 ms against 2.08-2.16.
+            let _ends = AloneEnds { gather: self };
+            let outcome = self.writes.write(std::slice::from_ref(&request)).await;
+            return outcome?.pop().unwrap_or_else(|| {
+                Err(Error::Storage(format!("the {} answered nothing", W::WHAT)))
+            });
+        }
         let (answer, answered) = oneshot::channel();
         let start_writer = {
             let mut waiting = self.lock();
@@ -136,6 +152,33 @@ impl<W: Gathered> Gather<W> {
                         let _ = answer.send(Err(e.clone()));
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Where a request written alone ends, answered or dropped: those that
+/// came meanwhile get a writer of their own.
+struct AloneEnds<'a, W: Gathered> {
+    gather: &'a Arc<Gather<W>>,
+}
+
+impl<W: Gathered> Drop for AloneEnds<'_, W> {
+    fn drop(&mut self) {
+        let mut waiting = self.gather.lock();
+        if waiting.requests.is_empty() {
+            waiting.writing = false;
+            return;
+        }
+        drop(waiting);
+        // Still `writing`: what comes now joins these.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(Arc::clone(self.gather).write_waiting())),
+            // The runtime is going away, and every request with it.
+            Err(_) => {
+                let mut waiting = self.gather.lock();
+                waiting.writing = false;
+                waiting.requests.clear();
             }
         }
     }

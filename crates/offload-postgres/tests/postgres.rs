@@ -491,11 +491,15 @@ async fn single_enqueues_that_come_together_share_transactions() {
     });
     let missing = spec(NewTask::new("t").depends_on(Uuid::now_v7()));
     let keyed = spec(NewTask::new("t").unique_key("k", offload_core::OnConflict::Keep));
-    let (plain, missing, keyed) = tokio::join!(
-        futures::future::join_all(plain),
-        store.enqueue(vec![missing]),
-        store.enqueue(vec![keyed]),
-    );
+    let (plain, missing, keyed) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            futures::future::join_all(plain),
+            store.enqueue(vec![missing]),
+            store.enqueue(vec![keyed]),
+        )
+    })
+    .await
+    .expect("every enqueue answered");
 
     let missing = missing.expect_err("a dependency that is not there");
     assert!(missing.to_string().contains("depends_on[0]"), "{missing}");
@@ -533,6 +537,48 @@ async fn single_enqueues_that_come_together_share_transactions() {
         transactions < 100,
         "201 tasks written by {transactions} transactions"
     );
+}
+
+/// A single enqueue written alone whose caller goes away midway leaves
+/// those that came meanwhile to a writer of their own: they are written
+/// once the table it waited on is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueues_waiting_behind_one_dropped_midway_are_written() {
+    if !available() {
+        return;
+    }
+    let url = database_url().expect("checked");
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let mut locker = connection_in(&url, &schema).await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE offload_tasks IN ACCESS EXCLUSIVE MODE;")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let enqueue = || {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.enqueue(one_task()).await })
+    };
+    let alone = enqueue();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let behind: Vec<_> = (0..3).map(|_| enqueue()).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!alone.is_finished(), "held by the lock");
+    alone.abort();
+    assert!(alone.await.unwrap_err().is_cancelled());
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    for waiting in behind {
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("answered once the table is free")
+            .unwrap()
+            .expect("written");
+    }
+    // The dropped one, written in its caller's own task, went with it.
+    assert_eq!(store.stats().await.unwrap().total.pending, 3);
 }
 
 /// Acks sent one a request by several workers at once share
@@ -598,7 +644,9 @@ async fn single_acks_from_several_workers_share_transactions_each_answered_apart
         let (worker, ack) = (worker.clone(), ack.clone());
         async move { store.ack(&worker, vec![ack]).await }
     });
-    let answers = futures::future::join_all(sent).await;
+    let answers = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(sent))
+        .await
+        .expect("every ack answered");
 
     for ((worker, ack), answer) in acks.iter().zip(answers) {
         let [outcome] = &answer.expect("no transaction failed")[..] else {
