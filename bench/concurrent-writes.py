@@ -7,8 +7,9 @@ second and each one's p50 and p99.
 
 WHAT is `enqueue` (the default: `POST /v1/tasks`, as a web application's
 request handlers enqueue) or `complete` (`POST /v1/tasks/{id}/complete`,
-as workers that report each task on its own do: 2,000 tasks a client are
-enqueued and fetched for it first). DB is `sqlite` (a fresh file) or a
+as workers that report each task on its own do: 40,000 tasks over the
+clients, and 2,000 a client at least, are enqueued and fetched for them
+first; a client that runs out says so). DB is `sqlite` (a fresh file) or a
 PostgreSQL URL (schema `probe`, made afresh).
 """
 
@@ -22,7 +23,8 @@ import time
 
 from probe_server import post, serve
 
-TASKS_A_CLIENT = 2000
+TASKS = 40000
+LEAST_A_CLIENT = 2000
 
 
 def request(path, body):
@@ -62,6 +64,7 @@ def client(port, seconds, start, out, held):
     while time.time() < end:
         sent = ENQUEUE if requests is None else next(requests, None)
         if sent is None:
+            print(f"a client ran out of tasks after {time.time() - start:.1f} s", file=sys.stderr)
             break
         t0 = time.perf_counter()
         sock.sendall(sent)
@@ -81,9 +84,11 @@ def main():
         held = [[] for _ in range(clients)]
         if what == "complete":
             conn = http.client.HTTPConnection("127.0.0.1", port)
+            each = max(TASKS // clients, LEAST_A_CLIENT)
             for i in range(clients):
-                post(conn, "/v1/tasks/batch", {"tasks": [{"type": "probe.noop"}] * TASKS_A_CLIENT})
-                while len(held[i]) < TASKS_A_CLIENT:
+                for _ in range(0, each, 1000):
+                    post(conn, "/v1/tasks/batch", {"tasks": [{"type": "probe.noop"}] * 1000})
+                while len(held[i]) < each:
                     fetched = post(conn, "/v1/fetch", {"worker_id": f"w{i}", "limit": 1000, "lease_secs": 3600})
                     held[i] += [(f"w{i}", task["id"]) for task in fetched["tasks"]]
         out = multiprocessing.Queue()
