@@ -487,8 +487,9 @@ impl Claim {
     }
 }
 
-/// A task store. Every method is one durable transaction: when it returns
-/// `Ok`, the change survives a crash (unless the backend runs relaxed).
+/// A task store. Every method is one durable transaction, which a store
+/// may share with other callers' writes: when it returns `Ok`, the change
+/// survives a crash (unless the backend runs relaxed).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Enqueues all or nothing. Each answer says whether the task was created

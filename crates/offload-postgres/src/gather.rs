@@ -96,7 +96,10 @@ impl<W: Gathered> Gather<W> {
             let _ends = AloneEnds { gather: self };
             let outcome = self.writes.write(std::slice::from_ref(&request)).await;
             return outcome?.pop().unwrap_or_else(|| {
-                Err(Error::Storage(format!("the {} answered nothing", W::WHAT)))
+                Err(Error::Storage(format!(
+                    "the transaction of {} answered nothing",
+                    W::WHAT
+                )))
             });
         }
         let (answer, answered) = oneshot::channel();

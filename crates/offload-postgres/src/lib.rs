@@ -228,22 +228,14 @@ impl PgStore {
             write_failure: offload_core::WriteFailure::default(),
         });
         let stop = CancellationToken::new();
+        let writes = || Writes::new(pool.clone(), Arc::clone(&node));
         let store = Arc::new(Self {
             pool: pool.clone(),
             node: Arc::clone(&node),
             stop: stop.clone(),
-            heartbeats: Arc::new(Gather::new(Heartbeats(Writes::new(
-                pool.clone(),
-                Arc::clone(&node),
-            )))),
-            enqueues: Arc::new(Gather::new(Enqueues(Writes::new(
-                pool.clone(),
-                Arc::clone(&node),
-            )))),
-            acks: Arc::new(Gather::new(Acks(Writes::new(
-                pool.clone(),
-                Arc::clone(&node),
-            )))),
+            heartbeats: Arc::new(Gather::new(Heartbeats(writes()))),
+            enqueues: Arc::new(Gather::new(Enqueues(writes()))),
+            acks: Arc::new(Gather::new(Acks(writes()))),
         });
         if follows_database {
             tokio::spawn(clock::follow(clock, pool.clone(), stop.clone()));
