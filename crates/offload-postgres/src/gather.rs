@@ -246,33 +246,24 @@ impl Gathered for Heartbeats {
 }
 
 /// Tasks enqueued one a request that can only fail together: with no
-/// unique key and no dependencies ([`Enqueues::take`]), nothing one caller
+/// unique key and no dependencies ([`ops::is_plain`]), nothing one caller
 /// sends can fail another's task (what a task may hold was checked before
-/// it reached the store), and a transaction of them goes through or fails
+/// it reached the store), and a statement of them goes through or fails
 /// whole, as a batch does.
 #[derive(Debug)]
 pub(crate) struct Enqueues(pub(crate) Writes);
-
-impl Enqueues {
-    /// Whether `spec`, enqueued alone, may share a transaction: a unique
-    /// key's holder or a dependency that is not there are answers about
-    /// that one task.
-    pub(crate) fn take(spec: &TaskSpec) -> bool {
-        spec.unique_key.is_none() && spec.depends_on.is_empty()
-    }
-}
 
 impl Gathered for Enqueues {
     type Request = TaskSpec;
     type Answer = (Task, bool);
     const WHAT: &'static str = "enqueues";
-    /// As many as a batch of the benchmark's: a transaction of them takes
+    /// As many as a batch of the benchmark's: a statement of them takes
     /// a few milliseconds, which the first caller of the next waits.
     const MOST_IN_ONE: usize = 1_000;
 
     async fn write(&self, specs: &[TaskSpec]) -> Result<Vec<Result<(Task, bool)>>> {
-        let writes = &self.0;
-        let created = in_tx!(writes, |tx| ops::enqueue(&mut tx, specs.to_vec()).await?)?;
+        let Writes { pool, node } = &self.0;
+        let created = crate::enqueue_plain(pool, node, specs.to_vec()).await?;
         Ok(created.into_iter().map(Ok).collect())
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! - Operations are transactions over a connection pool; claims take rows
 //!   with `FOR UPDATE SKIP LOCKED`, so nodes never wait on each other's
-//!   claims, and batches are read and written in one statement each.
+//!   claims, and batches are read and written in one statement each. An
+//!   enqueue of tasks with no unique key and no dependencies is a single
+//!   statement, outside any transaction.
 //! - Each node LISTENs on one channel: commits that make tasks ready, that
 //!   schedule, cancel or change tasks NOTIFY it, so a long poll on one node
 //!   wakes for a task enqueued on another.
@@ -503,6 +505,47 @@ macro_rules! in_tx {
     }};
 }
 
+/// Enqueues `specs`, each [`ops::is_plain`], in the one statement of
+/// [`ops::enqueue_plain`], and announces them once it has answered; again
+/// when it met a serialization failure or a deadlock, as [`in_tx!`] does.
+/// On a task of its own, as a commit is ([`Tx::commit`]): a caller gone
+/// while the statement's answer is on its way would leave tasks written
+/// and never announced, and a worker waiting for them asleep.
+pub(crate) async fn enqueue_plain(
+    pool: &PgPool,
+    node: &Arc<Node>,
+    specs: Vec<TaskSpec>,
+) -> Result<Vec<(Task, bool)>> {
+    let specs = Arc::new(specs);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (pool, writer, specs) = (pool.clone(), Arc::clone(node), Arc::clone(&specs));
+        let written = tokio::spawn(session::within(node.operation_timeout, async move {
+            let mut session = session::Session::acquire(&pool)
+                .await
+                .map_err(PgError::Core)?;
+            let (created, changes) = ops::enqueue_plain(&mut session, &writer, &specs).await?;
+            session.settle();
+            changes.publish(&writer);
+            Ok(created)
+        }))
+        .await
+        .map_err(|e| Error::Storage(format!("enqueueing: {e}")))?;
+        match written {
+            Ok(created) => return Ok(created),
+            Err(PgError::Retry(_)) if tries < MAX_TRIES => {}
+            Err(e) => {
+                let e = e.into_core();
+                if matches!(e, Error::Unavailable(_)) {
+                    node.write_failure.note(Some(&e));
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
 // After `in_tx!`, which it uses.
 mod gather;
 use gather::{Acks, Enqueues, Gather, Heartbeats, Writes};
@@ -511,14 +554,16 @@ use gather::{Acks, Enqueues, Gather, Heartbeats, Writes};
 impl Store for PgStore {
     async fn enqueue(&self, mut tasks: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>> {
         self.node.limits.check_batch("tasks", tasks.len())?;
-        if let [alone] = &tasks[..]
-            && Enqueues::take(alone)
-            && let Some(alone) = tasks.pop()
-        {
-            return Ok(vec![self.enqueues.send(alone).await?]);
-        }
         if tasks.is_empty() {
             return Ok(Vec::new());
+        }
+        if tasks.iter().all(ops::is_plain) {
+            if let [_] = &tasks[..]
+                && let Some(alone) = tasks.pop()
+            {
+                return Ok(vec![self.enqueues.send(alone).await?]);
+            }
+            return enqueue_plain(&self.pool, &self.node, tasks).await;
         }
         in_tx!(self, |tx| ops::enqueue(&mut tx, tasks.clone()).await?)
     }

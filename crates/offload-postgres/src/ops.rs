@@ -1,4 +1,5 @@
-//! The write operations, each inside one transaction ([`Tx`]). They follow
+//! The write operations, each inside one transaction ([`Tx`]), but for
+//! [`enqueue_plain`], whose one statement is its transaction. They follow
 //! the SQLite store's operations step for step; the conformance suite holds
 //! the two to the same behaviour.
 
@@ -10,14 +11,16 @@ use offload_core::{
     TaskSpec, Timestamp, admit, check_json, id_carrying_seq,
 };
 use sqlx::Row;
+use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
+use crate::Node;
 use crate::ids::{self, Lock};
 use crate::rows::{
     CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, StoredTexts, TASK_COLUMNS,
     decode, encode_json, payload,
 };
-use crate::tx::Tx;
+use crate::tx::{Changes, Tx, changed_prefix};
 
 /// Types a claim may name and still read candidates for each named one;
 /// past this it reads them for the named ones pending in the queue.
@@ -263,6 +266,112 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
             Answer::Fresh(i, created) => (fresh[i].task.clone(), created),
         })
         .collect())
+}
+
+/// Whether `spec` may be enqueued by [`enqueue_plain`]: a task with a
+/// unique key meets its key's holder, one with dependencies reads them.
+pub(crate) fn is_plain(spec: &TaskSpec) -> bool {
+    spec.unique_key.is_none() && spec.depends_on.is_empty()
+}
+
+/// Enqueues tasks that are all [`is_plain`] in one statement
+/// ([`crate::sql::ENQUEUE_PLAIN`]), outside any transaction: the
+/// statement is one. Answers the tasks and what they change besides their
+/// rows, to announce in this process once the statement has answered.
+pub(crate) async fn enqueue_plain(
+    conn: &mut PgConnection,
+    node: &Node,
+    specs: &[TaskSpec],
+) -> PgResult<(Vec<(Task, bool)>, Changes)> {
+    let now = node.clock.now();
+    let mut changes = Changes::default();
+    let n = specs.len();
+    let mut tasks = Vec::with_capacity(n);
+    let mut queue_names = Vec::with_capacity(n);
+    let mut task_type = Vec::with_capacity(n);
+    let mut queue = Vec::with_capacity(n);
+    let mut payload = Vec::with_capacity(n);
+    let mut priority = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut timeout_secs = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut owner = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    for spec in specs {
+        debug_assert!(is_plain(spec));
+        // The id is the statement's to make, from the seq it takes.
+        let task = Task::new_from_spec(Uuid::nil(), spec.clone(), now, false);
+        if !matches!(task.state, State::Pending | State::Scheduled) {
+            return Err(Error::Storage(format!(
+                "a new task without dependencies is pending or scheduled, not {}",
+                task.state
+            ))
+            .into());
+        }
+        changes.count(&task.queue, &task.task_type, None, Some(task.state));
+        queue_names.push(task.queue.clone());
+        task_type.push(task.task_type.clone());
+        queue.push(task.queue.clone());
+        payload.push(task.payload.get().to_owned());
+        priority.push(task.priority as i16);
+        state.push(task.state.code() as i16);
+        max_attempts.push(task.max_attempts as i32);
+        timeout_secs.push(task.timeout_secs as i32);
+        run_at.push(task.run_at.as_millis());
+        owner.push(task.owner.clone());
+        labels.push(if task.labels.is_empty() {
+            None
+        } else {
+            Some(encode_json(&task.labels)?)
+        });
+        tasks.push(task);
+    }
+    queue_names.sort();
+    queue_names.dedup();
+    // Taken before the tasks' events, which the statement announces to
+    // the other nodes itself, by the ids it makes.
+    let notifications = changes.notifications(&node.id);
+    let (count_queues, count_types, count_states, count_deltas) = changes.count_rows();
+    let (seqs, _sent): (Vec<i64>, i64) = sqlx::query_as(crate::sql::ENQUEUE_PLAIN)
+        .bind(queue_names)
+        .bind(now.as_millis())
+        .bind(task_type)
+        .bind(queue)
+        .bind(payload)
+        .bind(priority)
+        .bind(state)
+        .bind(max_attempts)
+        .bind(timeout_secs)
+        .bind(run_at)
+        .bind(owner)
+        .bind(labels)
+        .bind(count_queues)
+        .bind(count_types)
+        .bind(count_states)
+        .bind(count_deltas)
+        .bind(&node.channel)
+        .bind(notifications)
+        .bind(changed_prefix(&node.id))
+        .bind(crate::sql::CHANGED_PER_NOTIFICATION)
+        .fetch_one(&mut *conn)
+        .await?;
+    if seqs.len() != tasks.len() {
+        return Err(Error::Storage(format!(
+            "{} tasks enqueued answered with {} seqs",
+            tasks.len(),
+            seqs.len()
+        ))
+        .into());
+    }
+    for (task, seq) in tasks.iter_mut().zip(seqs) {
+        task.id = id_carrying_seq(now, seq);
+        changes.event(&node.hub, EventKind::State, task);
+    }
+    Ok((
+        tasks.into_iter().map(|task| (task, true)).collect(),
+        changes,
+    ))
 }
 
 /// Records that each task of `task_seqs` waits for the dependency beside

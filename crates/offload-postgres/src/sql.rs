@@ -133,6 +133,53 @@ pub const PENDING_TYPES_OF_QUEUES: &str = "WITH RECURSIVE pending(queue, type) A
        ) n \
      ) SELECT queue, type FROM pending";
 
+/// Tasks changed that one notification names at most: 180 of `s<id>,`
+/// (38 bytes each) after `e<node>|` (14) stay under the 7,000 bytes a
+/// notification is kept to (`tx::NOTIFY_CHUNK`).
+pub const CHANGED_PER_NOTIFICATION: i64 = 180;
+
+/// Enqueues tasks with no unique key and no dependencies, in one
+/// statement and so one transaction of PostgreSQL's own, where an
+/// enqueue in a transaction took five round trips (BEGIN, the seqs, the
+/// rows, the counts and notifications, COMMIT): nothing is read first
+/// (no key's holder, no dependency), so the seqs, the ids that carry them,
+/// the rows, the counts and the notifications all fit in the statement.
+///
+/// `$1` the queues named, `$2` the time (ms), `$3`–`$12` the tasks'
+/// columns in their order, `$13`–`$16` the count deltas, `$17` the
+/// channel, `$18` the notifications known before the ids, `$19` the
+/// prefix of those that name the new tasks, `$20` how many each names
+/// ([`CHANGED_PER_NOTIFICATION`]). Answers the seqs, in the
+/// tasks' order. Each id is [`offload_core::id_carrying_seq`] of the time
+/// and the seq: the time's 48 bits, version 7, then the seq under the
+/// variant's bits. The subquery that takes the seqs is not merged into
+/// its callers (a volatile function stops that), so each task takes one.
+pub const ENQUEUE_PLAIN: &str = "WITH queues AS (\
+       INSERT INTO offload_queues (name, created_at) \
+       SELECT unnest($1::text[]), $2::bigint ON CONFLICT DO NOTHING), \
+     fresh AS (SELECT s.*, (lpad(to_hex($2::bigint), 12, '0') || '7000' || \
+         lpad(to_hex(s.seq | (1::bigint << 63)), 16, '0'))::uuid AS id \
+       FROM (SELECT nextval('offload_tasks_seq_seq') AS seq, u.* FROM (\
+         SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::smallint[], $7::smallint[], \
+                              $8::int[], $9::int[], $10::bigint[], $11::text[], $12::text[]) \
+           WITH ORDINALITY AS u(type, queue, payload, priority, state, max_attempts, timeout_secs, \
+                                run_at, owner, labels, ord) \
+         ORDER BY ord) u) s), \
+     inserted AS (\
+       INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, \
+         max_attempts, timeout_secs, run_at, owner, labels, depends_on, created_at, updated_at) \
+       OVERRIDING SYSTEM VALUE \
+       SELECT seq, id, type, queue, payload, priority, state, 0, max_attempts, timeout_secs, \
+              run_at, owner, labels::jsonb, '{}', $2, $2 FROM fresh), \
+     counted AS (\
+       INSERT INTO offload_counts (queue, type, state, delta) \
+       SELECT * FROM UNNEST($13::text[], $14::text[], $15::smallint[], $16::bigint[])), \
+     sent AS (SELECT pg_notify($17, payload) FROM UNNEST($18::text[]) AS payload \
+       UNION ALL \
+       SELECT pg_notify($17, $19 || string_agg('s' || id::text, ',' ORDER BY ord)) \
+       FROM fresh GROUP BY (ord - 1) / $20) \
+   SELECT array_agg(seq ORDER BY ord), (SELECT count(*) FROM sent) FROM fresh";
+
 /// A commit's last statement: adds its count deltas (`$1`–`$4`) to the
 /// ledger, sends its notifications (`$6`) on channel `$5`, and answers
 /// whether a running task it ended was of a queue with a concurrency

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use offload_core::{Error, EventKind, Readiness, State, Task, TaskEvent, Unheard};
+use offload_core::{Error, EventKind, Hub, Readiness, State, Task, TaskEvent, Unheard};
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
@@ -46,11 +46,10 @@ struct Effects {
 /// longer, it says anything may be ready.
 const READY_PAIRS_BYTES: usize = 2000;
 
-pub(crate) struct Tx {
-    /// In a transaction from `new` until `commit` or `rollback` ends it.
-    pub conn: Session,
-    pub now: offload_core::Timestamp,
-    pub node: Arc<Node>,
+/// What a write changes besides rows: counts, events and wake-ups,
+/// announced to the other nodes by its commit and in this process after it.
+#[derive(Default)]
+pub(crate) struct Changes {
     deltas: HashMap<(String, String, i16), i64>,
     /// Tasks that entered a finished state, apart from the net `deltas`:
     /// a transaction may both finish a task of a pair and delete another.
@@ -60,25 +59,7 @@ pub(crate) struct Tx {
     changed: Vec<(char, Uuid)>,
 }
 
-impl Tx {
-    /// A transaction on a connection of `pool`'s.
-    pub async fn begin(pool: &PgPool, node: &Arc<Node>) -> PgResult<Self> {
-        let session = session::begin(pool).await?;
-        Ok(Self::new(session, Arc::clone(node)))
-    }
-
-    fn new(conn: Session, node: Arc<Node>) -> Self {
-        Self {
-            conn,
-            now: node.clock.now(),
-            node,
-            deltas: HashMap::new(),
-            finished: HashMap::new(),
-            effects: Effects::default(),
-            changed: Vec::new(),
-        }
-    }
-
+impl Changes {
     /// Records that a task of (queue, type) left `from` and entered `to`.
     pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
         for (state, delta) in [(from, -1), (to, 1)] {
@@ -105,7 +86,7 @@ impl Tx {
         }
     }
 
-    pub fn event(&mut self, kind: EventKind, task: &Task) {
+    pub fn event(&mut self, hub: &Hub, kind: EventKind, task: &Task) {
         self.changed.push((
             if kind == EventKind::Progress {
                 'p'
@@ -115,17 +96,156 @@ impl Tx {
             task.id,
         ));
         let effects = &mut self.effects;
-        if let Some(event) = self.node.hub.event_of(&mut effects.unheard, kind, task) {
+        if let Some(event) = hub.event_of(&mut effects.unheard, kind, task) {
             effects.events.push(event);
         }
     }
 
+    /// The count changes, net of each other, as the columns of
+    /// `offload_counts`' rows: queues, types, states, deltas.
+    pub fn count_rows(&mut self) -> (Vec<String>, Vec<String>, Vec<i16>, Vec<i64>) {
+        let (mut queues, mut types, mut states, mut values) = (vec![], vec![], vec![], vec![]);
+        for ((queue, task_type, state), delta) in self.deltas.drain() {
+            if delta != 0 {
+                queues.push(queue);
+                types.push(task_type);
+                states.push(state);
+                values.push(delta);
+            }
+        }
+        (queues, types, states, values)
+    }
+
+    /// Announces the committed changes in this process.
+    pub fn publish(self, node: &Node) {
+        if !self.changed.is_empty() {
+            // A commit that changed tasks went through: writes do.
+            node.write_failure.note(None);
+        }
+        node.finished
+            .record(self.finished.iter().map(|((queue, task_type, state), n)| {
+                (queue.as_str(), task_type.as_str(), *state, *n)
+            }));
+        let hub = &node.hub;
+        for event in self.effects.events {
+            hub.publish(event);
+        }
+        for id in self.effects.cancels {
+            hub.notify_cancel(id);
+        }
+        if self.effects.scheduled {
+            hub.notify_scheduled();
+        }
+        hub.notify_readiness(&self.effects.ready);
+    }
+
+    /// `r<node>`: anything may be ready. See [`Changes::notifications`].
+    fn ready_notification(node: &str) -> String {
+        format!("r{node}")
+    }
+
+    /// `r<node>|<queue> <type>,…`, the pairs made ready, or
+    /// [`Changes::ready_notification`] when they would not be short.
+    /// Neither a queue's nor a type's name holds a space, a comma or a bar.
+    fn ready_pairs_notification(node: &str, pairs: &BTreeSet<(String, String)>) -> String {
+        let mut out = format!("r{node}|");
+        for (queue, task_type) in pairs {
+            if out.len() + queue.len() + task_type.len() + 2 > READY_PAIRS_BYTES {
+                return Self::ready_notification(node);
+            }
+            if !out.ends_with('|') {
+                out.push(',');
+            }
+            out.push_str(queue);
+            out.push(' ');
+            out.push_str(task_type);
+        }
+        out
+    }
+
+    /// Notifications for every node (the sending one ignores its own,
+    /// whose effects it announces directly): `r<node>` anything ready,
+    /// `r<node>|<queue> <type>,…` tasks of those pairs ready, `s<node>`
+    /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
+    pub fn notifications(&self, node: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        // Ready and scheduled are signed with the node's id: unsigned, the
+        // node took its own back as a second signal, which woke its waiting
+        // fetches twice.
+        match &self.effects.ready {
+            Readiness::Nothing => {}
+            Readiness::Of(pairs) => out.push(Self::ready_pairs_notification(node, pairs)),
+            Readiness::Anything => out.push(Self::ready_notification(node)),
+        }
+        if self.effects.scheduled {
+            out.push(format!("s{node}"));
+        }
+        for id in &self.effects.cancels {
+            out.push(format!("c{id}"));
+        }
+        let prefix = changed_prefix(node);
+        let mut current = prefix.clone();
+        for (kind, id) in &self.changed {
+            if current.len() + 38 > NOTIFY_CHUNK {
+                out.push(std::mem::replace(&mut current, prefix.clone()));
+            }
+            if current.len() > prefix.len() {
+                current.push(',');
+            }
+            current.push(*kind);
+            current.push_str(&id.to_string());
+        }
+        if current.len() > prefix.len() {
+            out.push(current);
+        }
+        out
+    }
+}
+
+/// What a notification of changed tasks sent by `node` starts with.
+pub(crate) fn changed_prefix(node: &str) -> String {
+    format!("e{node}|")
+}
+
+pub(crate) struct Tx {
+    /// In a transaction from `new` until `commit` or `rollback` ends it.
+    pub conn: Session,
+    pub now: offload_core::Timestamp,
+    pub node: Arc<Node>,
+    changes: Changes,
+}
+
+impl Tx {
+    /// A transaction on a connection of `pool`'s.
+    pub async fn begin(pool: &PgPool, node: &Arc<Node>) -> PgResult<Self> {
+        let session = session::begin(pool).await?;
+        Ok(Self::new(session, Arc::clone(node)))
+    }
+
+    fn new(conn: Session, node: Arc<Node>) -> Self {
+        Self {
+            conn,
+            now: node.clock.now(),
+            node,
+            changes: Changes::default(),
+        }
+    }
+
+    /// Records that a task of (queue, type) left `from` and entered `to`.
+    pub fn count(&mut self, queue: &str, task_type: &str, from: Option<State>, to: Option<State>) {
+        self.changes.count(queue, task_type, from, to);
+    }
+
+    pub fn event(&mut self, kind: EventKind, task: &Task) {
+        self.changes.event(&self.node.hub, kind, task);
+    }
+
     pub fn cancel_requested(&mut self, id: Uuid) {
-        self.effects.cancels.push(id);
+        self.changes.effects.cancels.push(id);
     }
 
     pub fn wake_workers(&mut self) {
-        self.effects.ready = Readiness::Anything;
+        self.changes.effects.ready = Readiness::Anything;
     }
 
     /// Loads tasks by id, locked for update, in no particular order.
@@ -385,25 +505,19 @@ impl Tx {
     }
 
     async fn commit_and_publish(mut self) -> PgResult<()> {
-        let deltas: Vec<_> = self.deltas.drain().filter(|(_, d)| *d != 0).collect();
-        let notifications = self.notifications();
+        let changes = &mut self.changes;
+        let notifications = changes.notifications(&self.node.id);
         // Asked only when the commit does not wake every fetch anyway.
-        let freed: Vec<String> = if self.effects.ready == Readiness::Anything {
+        let freed: Vec<String> = if changes.effects.ready == Readiness::Anything {
             Vec::new()
         } else {
-            self.effects.freed.drain().collect()
+            changes.effects.freed.drain().collect()
         };
-        if !deltas.is_empty() || !notifications.is_empty() || !freed.is_empty() {
-            let (mut queues, mut types, mut states, mut values) = (vec![], vec![], vec![], vec![]);
-            for ((queue, task_type, state), delta) in deltas {
-                queues.push(queue);
-                types.push(task_type);
-                states.push(state);
-                values.push(delta);
-            }
+        let (queues, types, states, values) = changes.count_rows();
+        if !queues.is_empty() || !notifications.is_empty() || !freed.is_empty() {
             // The counts, every notification and whether a freed slot
             // was a limited queue's (then signalled as ready too) in one
-            // round trip: a single enqueue's rate is bound by its round
+            // round trip: a single write's rate is bound by its round
             // trips.
             let (room_freed, _sent): (bool, i64) = sqlx::query_as(crate::sql::COUNT_AND_NOTIFY)
                 .bind(queues)
@@ -413,96 +527,15 @@ impl Tx {
                 .bind(&self.node.channel)
                 .bind(notifications)
                 .bind(freed)
-                .bind(self.ready_notification())
+                .bind(Changes::ready_notification(&self.node.id))
                 .fetch_one(&mut *self.conn)
                 .await?;
             if room_freed {
-                self.effects.ready = Readiness::Anything;
+                changes.effects.ready = Readiness::Anything;
             }
         }
         session::end(&mut self.conn, "COMMIT").await?;
-        if !self.changed.is_empty() {
-            // A commit that changed tasks went through: writes do.
-            self.node.write_failure.note(None);
-        }
-        self.node
-            .finished
-            .record(self.finished.iter().map(|((queue, task_type, state), n)| {
-                (queue.as_str(), task_type.as_str(), *state, *n)
-            }));
-        let hub = &self.node.hub;
-        for event in self.effects.events {
-            hub.publish(event);
-        }
-        for id in self.effects.cancels {
-            hub.notify_cancel(id);
-        }
-        if self.effects.scheduled {
-            hub.notify_scheduled();
-        }
-        hub.notify_readiness(&self.effects.ready);
+        self.changes.publish(&self.node);
         Ok(())
-    }
-
-    /// `r<node>`: anything may be ready. See [`Tx::notifications`].
-    fn ready_notification(&self) -> String {
-        format!("r{}", self.node.id)
-    }
-
-    /// `r<node>|<queue> <type>,…`, the pairs made ready, or
-    /// [`Tx::ready_notification`] when they would not be short. Neither a
-    /// queue's nor a type's name holds a space, a comma or a bar.
-    fn ready_pairs_notification(&self, pairs: &BTreeSet<(String, String)>) -> String {
-        let mut out = format!("r{}|", self.node.id);
-        for (queue, task_type) in pairs {
-            if out.len() + queue.len() + task_type.len() + 2 > READY_PAIRS_BYTES {
-                return self.ready_notification();
-            }
-            if !out.ends_with('|') {
-                out.push(',');
-            }
-            out.push_str(queue);
-            out.push(' ');
-            out.push_str(task_type);
-        }
-        out
-    }
-
-    /// Notifications for every node (this one ignores its own, whose
-    /// effects it announces directly): `r<node>` anything ready,
-    /// `r<node>|<queue> <type>,…` tasks of those pairs ready, `s<node>`
-    /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
-    fn notifications(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        // Ready and scheduled are signed with the node's id: unsigned, the
-        // node took its own back as a second signal, which woke its waiting
-        // fetches twice.
-        match &self.effects.ready {
-            Readiness::Nothing => {}
-            Readiness::Of(pairs) => out.push(self.ready_pairs_notification(pairs)),
-            Readiness::Anything => out.push(self.ready_notification()),
-        }
-        if self.effects.scheduled {
-            out.push(format!("s{}", self.node.id));
-        }
-        for id in &self.effects.cancels {
-            out.push(format!("c{id}"));
-        }
-        let prefix = format!("e{}|", self.node.id);
-        let mut current = prefix.clone();
-        for (kind, id) in &self.changed {
-            if current.len() + 38 > NOTIFY_CHUNK {
-                out.push(std::mem::replace(&mut current, prefix.clone()));
-            }
-            if current.len() > prefix.len() {
-                current.push(',');
-            }
-            current.push(*kind);
-            current.push_str(&id.to_string());
-        }
-        if current.len() > prefix.len() {
-            out.push(current);
-        }
-        out
     }
 }
