@@ -43,6 +43,29 @@ pub const BY_SEQ: &str = "seq = ANY($1)";
 /// task in that state.
 pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
 
+/// The text of [`WRITE_TASK_ROWS`], which
+/// [`WRITE_TASK_ROWS_FINDING_DEPENDENTS`] takes in.
+macro_rules! write_task_rows {
+    () => {
+        "UPDATE offload_tasks AS t SET state = u.state, \
+         attempt = u.attempt, max_attempts = u.max_attempts, run_at = u.run_at, \
+         progress = CASE WHEN u.progress = '' THEN t.progress ELSE u.progress END, \
+         result = u.result, \
+         error = CASE WHEN u.error = '' THEN t.error ELSE u.error END, \
+         errors = CASE WHEN u.errors = '' THEN t.errors ELSE u.errors END, \
+         cancel_requested = u.cancel_requested, updated_at = u.updated_at, \
+         started_at = u.started_at, finished_at = u.finished_at, \
+         lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, worker_id = u.worker_id \
+         FROM UNNEST($1::bigint[], $2::smallint[], $3::int[], $4::int[], $5::bigint[], $6::text[], \
+           $7::text[], $8::text[], $9::text[], $10::bool[], $11::bigint[], $12::bigint[], \
+           $13::bigint[], $14::bigint[], $15::bigint[], $16::text[]) \
+         AS u(seq, state, attempt, max_attempts, run_at, progress, result, error, errors, \
+           cancel_requested, updated_at, started_at, finished_at, lease_expires_at, deadline_at, \
+           worker_id) \
+         WHERE t.seq = u.seq"
+    };
+}
+
 /// Writes back the tasks `$1` (an array of seqs), found by primary key,
 /// each with its state, attempts, times and outcome from `$2`–`$16`. A
 /// `progress`, `error` or `errors` given as the empty text, which no JSON
@@ -50,22 +73,20 @@ pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
 /// given again, PostgreSQL stored a task's error history anew (its TOAST
 /// rows) at every claim, heartbeat and ack, the cost of each growing with
 /// the attempts that failed.
-pub const WRITE_TASK_ROWS: &str = "UPDATE offload_tasks AS t SET state = u.state, \
-     attempt = u.attempt, max_attempts = u.max_attempts, run_at = u.run_at, \
-     progress = CASE WHEN u.progress = '' THEN t.progress ELSE u.progress END, \
-     result = u.result, \
-     error = CASE WHEN u.error = '' THEN t.error ELSE u.error END, \
-     errors = CASE WHEN u.errors = '' THEN t.errors ELSE u.errors END, \
-     cancel_requested = u.cancel_requested, updated_at = u.updated_at, \
-     started_at = u.started_at, finished_at = u.finished_at, \
-     lease_expires_at = u.lease_expires_at, deadline_at = u.deadline_at, worker_id = u.worker_id \
-     FROM UNNEST($1::bigint[], $2::smallint[], $3::int[], $4::int[], $5::bigint[], $6::text[], \
-       $7::text[], $8::text[], $9::text[], $10::bool[], $11::bigint[], $12::bigint[], \
-       $13::bigint[], $14::bigint[], $15::bigint[], $16::text[]) \
-     AS u(seq, state, attempt, max_attempts, run_at, progress, result, error, errors, \
-       cancel_requested, updated_at, started_at, finished_at, lease_expires_at, deadline_at, \
-       worker_id) \
-     WHERE t.seq = u.seq";
+pub const WRITE_TASK_ROWS: &str = write_task_rows!();
+
+/// [`WRITE_TASK_ROWS`], answering whether any task depends on the tasks
+/// `$17` (an array of ids) that the write finishes: an ack's look for
+/// blocked dependents ([`BLOCKED_DEPENDENTS_OF`]) in the write's round
+/// trip, where most acks find none. Read after the ack locked what it
+/// finishes, as a statement of its own would read it: an enqueue of a
+/// dependent locks its dependencies too, so one that committed first is
+/// seen here and one that comes after sees them finished.
+pub const WRITE_TASK_ROWS_FINDING_DEPENDENTS: &str = concat!(
+    "WITH written AS (",
+    write_task_rows!(),
+    ") SELECT EXISTS (SELECT 1 FROM offload_task_deps WHERE dep_id = ANY($17))"
+);
 
 /// The tasks in state `$2` (blocked) that depend on any of `$1` (an array
 /// of ids), each once: through the dependencies' primary key and the

@@ -256,8 +256,21 @@ impl Tx {
     /// Writes back every column the state machine may change, for all of
     /// `tasks` in one statement.
     pub async fn write_rows(&mut self, tasks: &[&StoredTask]) -> PgResult<()> {
+        self.write_rows_finding_dependents(tasks, &[])
+            .await
+            .map(drop)
+    }
+
+    /// Writes back `tasks` as [`Tx::write_rows`] does, and answers whether
+    /// any task depends on one of `finishing` (ids among them) in the same
+    /// round trip (`sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS`).
+    async fn write_rows_finding_dependents(
+        &mut self,
+        tasks: &[&StoredTask],
+        finishing: &[Uuid],
+    ) -> PgResult<bool> {
         if tasks.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let n = tasks.len();
         let mut seq = Vec::with_capacity(n);
@@ -307,7 +320,12 @@ impl Tx {
             deadline_at.push(t.deadline().map(|x| x.as_millis()));
             worker_id.push(t.worker_id.clone());
         }
-        sqlx::query(crate::sql::WRITE_TASK_ROWS)
+        let statement = if finishing.is_empty() {
+            crate::sql::WRITE_TASK_ROWS
+        } else {
+            crate::sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS
+        };
+        let write = sqlx::query(statement)
             .bind(seq)
             .bind(state)
             .bind(attempt)
@@ -323,10 +341,13 @@ impl Tx {
             .bind(finished_at)
             .bind(lease_expires_at)
             .bind(deadline_at)
-            .bind(worker_id)
-            .execute(&mut *self.conn)
-            .await?;
-        Ok(())
+            .bind(worker_id);
+        if finishing.is_empty() {
+            write.execute(&mut *self.conn).await?;
+            return Ok(false);
+        }
+        let row = write.bind(finishing).fetch_one(&mut *self.conn).await?;
+        Ok(sqlx::Row::try_get(&row, 0)?)
     }
 
     /// Writes back tasks the state machine changed (each with the state it
@@ -335,10 +356,19 @@ impl Tx {
     pub async fn save(&mut self, changed: Vec<(StoredTask, State)>) -> PgResult<()> {
         let mut pending = changed;
         while !pending.is_empty() {
-            self.write_rows(&pending.iter().map(|(s, _)| s).collect::<Vec<_>>())
+            let finished: Vec<(Uuid, State)> = pending
+                .iter()
+                .filter(|(stored, before)| {
+                    *before != stored.task.state && stored.task.state.is_finished()
+                })
+                .map(|(stored, _)| (stored.task.id, stored.task.state))
+                .collect();
+            let finishing: Vec<Uuid> = finished.iter().map(|(id, _)| *id).collect();
+            let rows: Vec<&StoredTask> = pending.iter().map(|(s, _)| s).collect();
+            let dependents = self
+                .write_rows_finding_dependents(&rows, &finishing)
                 .await?;
             let mut left_blocked = Vec::new();
-            let mut finished = Vec::new();
             for (stored, before) in &pending {
                 let after = stored.task.state;
                 if *before != after {
@@ -351,9 +381,6 @@ impl Tx {
                     if *before == State::Blocked {
                         left_blocked.push(stored.seq);
                     }
-                    if after.is_finished() {
-                        finished.push((stored.task.id, after));
-                    }
                 }
                 self.event(EventKind::State, &stored.task);
             }
@@ -363,7 +390,11 @@ impl Tx {
                     .execute(&mut *self.conn)
                     .await?;
             }
-            pending = self.resolve_dependents(&finished).await?;
+            pending = if dependents {
+                self.resolve_dependents(&finished).await?
+            } else {
+                Vec::new()
+            };
         }
         Ok(())
     }
