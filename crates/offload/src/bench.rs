@@ -300,11 +300,13 @@ pub async fn run(args: BenchArgs, url: Option<String>, json: bool) -> Result<Exi
     };
     let task = throughput_task(args.payload_bytes)?;
     let made = MadeSchemas::default();
-    // Interrupted or failed, the servers this run started are killed as
-    // their handles drop, before the schemas they used are dropped.
+    // Interrupted (Ctrl-C, or SIGTERM, which would otherwise end this
+    // process and leave its servers running) or failed, the servers this
+    // run started are killed as their handles drop, before the schemas
+    // they used are dropped.
     let measured = tokio::select! {
         measured = measure(&args, url, &task, batch_answer, json, &made) => measured,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        () = crate::commands::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     made.drop_all().await;
     let (report, scaling) = measured?;

@@ -751,7 +751,9 @@ fn bench_runs_and_prints_every_key() {
     if let (Some(url), Some(before)) = (&pg_url, schemas_before) {
         let left: Vec<String> = bench_schemas(url).difference(&before).cloned().collect();
         assert!(left.is_empty(), "bench left {left:?}");
-        interrupted_bench_drops_its_schemas(url, &before);
+        for signal in [Signal::SIGINT, Signal::SIGTERM] {
+            interrupted_bench_drops_its_schemas(url, &before, signal);
+        }
     }
 }
 
@@ -781,15 +783,23 @@ fn bench_against_a_server_runs_the_tasks_it_left_there() {
     }
 }
 
-/// A run stopped with Ctrl-C half-way (its first schema made, its server
-/// busy) fails, and drops what it made all the same. Part of the test
-/// above: two runs at once would see each other's schemas.
-fn interrupted_bench_drops_its_schemas(url: &str, before: &std::collections::BTreeSet<String>) {
-    let bench = Command::new(BIN)
+/// A run stopped half-way by `signal` (its first schema made, its server
+/// busy) fails, stops the servers it started and drops what it made all
+/// the same. Part of the test above: two runs at once would see each
+/// other's schemas.
+fn interrupted_bench_drops_its_schemas(
+    url: &str,
+    before: &std::collections::BTreeSet<String>,
+    signal: Signal,
+) {
+    // Its errors go to a file, not a pipe: a server it left running would
+    // hold a pipe open, and reading it to its end would never end.
+    let errors = tempfile::NamedTempFile::new().unwrap();
+    let mut bench = Command::new(BIN)
         .args(["bench", "--tasks", "20000", "--json", "--db", url])
         .env_remove("OFFLOAD_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(errors.reopen().unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -800,14 +810,59 @@ fn interrupted_bench_drops_its_schemas(url: &str, before: &std::collections::BTr
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    kill(Pid::from_raw(bench.id() as i32), Signal::SIGINT).unwrap();
-    let output = bench.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let made: Vec<String> = bench_schemas(url).difference(before).cloned().collect();
+    kill(Pid::from_raw(bench.id() as i32), signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = bench.kill();
+            panic!("the bench did not end within a minute of {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(errors.path()).unwrap();
     assert!(
-        !output.status.success(),
-        "an interrupted run succeeded: {stderr}"
+        !status.success(),
+        "a run stopped by {signal} succeeded: {stderr}"
     );
-    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{signal}: {stderr}");
     let left: Vec<String> = bench_schemas(url).difference(before).cloned().collect();
-    assert!(left.is_empty(), "the interrupted bench left {left:?}");
+    assert!(
+        left.is_empty(),
+        "the bench stopped by {signal} left {left:?}"
+    );
+    // Its servers were given their schema in their environment; killed,
+    // they may take a moment to go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut running = processes_with_environment_naming(&made);
+    while !running.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        running = processes_with_environment_naming(&made);
+    }
+    assert!(
+        running.is_empty(),
+        "the bench stopped by {signal} left its servers {running:?} running"
+    );
+}
+
+/// The processes whose environment names any of `names`, from `/proc`.
+fn processes_with_environment_naming(names: &[String]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let environment = std::fs::read(entry.path().join("environ")).ok()?;
+            let environment = String::from_utf8_lossy(&environment);
+            names
+                .iter()
+                .any(|name| environment.contains(name.as_str()))
+                .then_some(pid)
+        })
+        .collect()
 }
