@@ -288,16 +288,7 @@ pub(crate) async fn enqueue_plain(
     let n = specs.len();
     let mut tasks = Vec::with_capacity(n);
     let mut queue_names = Vec::with_capacity(n);
-    let mut task_type = Vec::with_capacity(n);
-    let mut queue = Vec::with_capacity(n);
-    let mut payload = Vec::with_capacity(n);
-    let mut priority = Vec::with_capacity(n);
-    let mut state = Vec::with_capacity(n);
-    let mut max_attempts = Vec::with_capacity(n);
-    let mut timeout_secs = Vec::with_capacity(n);
-    let mut run_at = Vec::with_capacity(n);
-    let mut owner = Vec::with_capacity(n);
-    let mut labels = Vec::with_capacity(n);
+    let mut columns = NewTaskColumns::with_capacity(n);
     for spec in specs {
         debug_assert!(is_plain(spec));
         // The id is the statement's to make, from the seq it takes.
@@ -311,20 +302,7 @@ pub(crate) async fn enqueue_plain(
         }
         changes.count(&task.queue, &task.task_type, None, Some(task.state));
         queue_names.push(task.queue.clone());
-        task_type.push(task.task_type.clone());
-        queue.push(task.queue.clone());
-        payload.push(task.payload.get().to_owned());
-        priority.push(task.priority as i16);
-        state.push(task.state.code() as i16);
-        max_attempts.push(task.max_attempts as i32);
-        timeout_secs.push(task.timeout_secs as i32);
-        run_at.push(task.run_at.as_millis());
-        owner.push(task.owner.clone());
-        labels.push(if task.labels.is_empty() {
-            None
-        } else {
-            Some(encode_json(&task.labels)?)
-        });
+        columns.push(&task)?;
         tasks.push(task);
     }
     queue_names.sort();
@@ -333,19 +311,11 @@ pub(crate) async fn enqueue_plain(
     // the other nodes itself, by the ids it makes.
     let notifications = changes.notifications(&node.id);
     let (count_queues, count_types, count_states, count_deltas) = changes.count_rows();
-    let (seqs, _sent): (Vec<i64>, i64) = sqlx::query_as(crate::sql::ENQUEUE_PLAIN)
+    let statement = sqlx::query(crate::sql::ENQUEUE_PLAIN)
         .bind(queue_names)
-        .bind(now.as_millis())
-        .bind(task_type)
-        .bind(queue)
-        .bind(payload)
-        .bind(priority)
-        .bind(state)
-        .bind(max_attempts)
-        .bind(timeout_secs)
-        .bind(run_at)
-        .bind(owner)
-        .bind(labels)
+        .bind(now.as_millis());
+    let answer = columns
+        .bind(statement)
         .bind(count_queues)
         .bind(count_types)
         .bind(count_states)
@@ -356,6 +326,7 @@ pub(crate) async fn enqueue_plain(
         .bind(crate::sql::CHANGED_PER_NOTIFICATION)
         .fetch_one(&mut *conn)
         .await?;
+    let seqs: Vec<i64> = answer.try_get(0)?;
     if seqs.len() != tasks.len() {
         return Err(Error::Storage(format!(
             "{} tasks enqueued answered with {} seqs",
@@ -443,6 +414,74 @@ fn dependencies(spec: &TaskSpec, found: &HashMap<Uuid, StoredTask>) -> PgResult<
     Ok(Standing { unmet, broken })
 }
 
+/// The columns a new task's row takes from the task alone, an array each
+/// as `UNNEST` takes them: `$3`–`$12` of both statements that insert
+/// tasks ([`insert`], [`crate::sql::ENQUEUE_PLAIN`]).
+struct NewTaskColumns {
+    task_type: Vec<String>,
+    queue: Vec<String>,
+    payload: Vec<String>,
+    priority: Vec<i16>,
+    state: Vec<i16>,
+    max_attempts: Vec<i32>,
+    timeout_secs: Vec<i32>,
+    run_at: Vec<i64>,
+    owner: Vec<Option<String>>,
+    labels: Vec<Option<String>>,
+}
+
+impl NewTaskColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            task_type: Vec::with_capacity(n),
+            queue: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+            priority: Vec::with_capacity(n),
+            state: Vec::with_capacity(n),
+            max_attempts: Vec::with_capacity(n),
+            timeout_secs: Vec::with_capacity(n),
+            run_at: Vec::with_capacity(n),
+            owner: Vec::with_capacity(n),
+            labels: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, task: &Task) -> PgResult<()> {
+        self.task_type.push(task.task_type.clone());
+        self.queue.push(task.queue.clone());
+        self.payload.push(task.payload.get().to_owned());
+        self.priority.push(task.priority as i16);
+        self.state.push(task.state.code() as i16);
+        self.max_attempts.push(task.max_attempts as i32);
+        self.timeout_secs.push(task.timeout_secs as i32);
+        self.run_at.push(task.run_at.as_millis());
+        self.owner.push(task.owner.clone());
+        self.labels.push(if task.labels.is_empty() {
+            None
+        } else {
+            Some(encode_json(&task.labels)?)
+        });
+        Ok(())
+    }
+
+    /// `statement` with the columns bound next, in their order.
+    fn bind(self, statement: PgQuery<'_>) -> PgQuery<'_> {
+        statement
+            .bind(self.task_type)
+            .bind(self.queue)
+            .bind(self.payload)
+            .bind(self.priority)
+            .bind(self.state)
+            .bind(self.max_attempts)
+            .bind(self.timeout_secs)
+            .bind(self.run_at)
+            .bind(self.owner)
+            .bind(self.labels)
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
     if fresh.is_empty() {
         return Ok(());
@@ -450,16 +489,7 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
     let n = fresh.len();
     let mut seq = Vec::with_capacity(n);
     let mut id = Vec::with_capacity(n);
-    let mut task_type = Vec::with_capacity(n);
-    let mut queue = Vec::with_capacity(n);
-    let mut payload = Vec::with_capacity(n);
-    let mut priority = Vec::with_capacity(n);
-    let mut state = Vec::with_capacity(n);
-    let mut max_attempts = Vec::with_capacity(n);
-    let mut timeout_secs = Vec::with_capacity(n);
-    let mut run_at = Vec::with_capacity(n);
-    let mut owner = Vec::with_capacity(n);
-    let mut labels = Vec::with_capacity(n);
+    let mut columns = NewTaskColumns::with_capacity(n);
     let mut unique_key = Vec::with_capacity(n);
     let mut depends_on = Vec::with_capacity(n);
     let mut error = Vec::with_capacity(n);
@@ -468,20 +498,7 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
         let t = &item.task;
         seq.push(item.seq);
         id.push(t.id);
-        task_type.push(t.task_type.clone());
-        queue.push(t.queue.clone());
-        payload.push(t.payload.get().to_owned());
-        priority.push(t.priority as i16);
-        state.push(t.state.code() as i16);
-        max_attempts.push(t.max_attempts as i32);
-        timeout_secs.push(t.timeout_secs as i32);
-        run_at.push(t.run_at.as_millis());
-        owner.push(t.owner.clone());
-        labels.push(if t.labels.is_empty() {
-            None
-        } else {
-            Some(encode_json(&t.labels)?)
-        });
+        columns.push(t)?;
         unique_key.push(t.unique_key.clone());
         // Arrays of arrays do not unnest; the ids go as JSON text.
         depends_on.push(if t.depends_on.is_empty() {
@@ -492,7 +509,7 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
         error.push(t.error.as_ref().map(encode_json).transpose()?);
         finished_at.push(t.finished_at.map(|f| f.as_millis()));
     }
-    sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, max_attempts, \
          timeout_secs, run_at, owner, labels, unique_key, depends_on, error, finished_at, created_at, updated_at) \
          OVERRIDING SYSTEM VALUE \
@@ -506,24 +523,16 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
                 unique_key, depends_on, error, finished_at)",
     )
     .bind(seq)
-    .bind(id)
-    .bind(task_type)
-    .bind(queue)
-    .bind(payload)
-    .bind(priority)
-    .bind(state)
-    .bind(max_attempts)
-    .bind(timeout_secs)
-    .bind(run_at)
-    .bind(owner)
-    .bind(labels)
-    .bind(unique_key)
-    .bind(depends_on)
-    .bind(error)
-    .bind(finished_at)
-    .bind(tx.now.as_millis())
-    .execute(&mut *tx.conn)
-    .await?;
+    .bind(id);
+    columns
+        .bind(statement)
+        .bind(unique_key)
+        .bind(depends_on)
+        .bind(error)
+        .bind(finished_at)
+        .bind(tx.now.as_millis())
+        .execute(&mut *tx.conn)
+        .await?;
     Ok(())
 }
 
