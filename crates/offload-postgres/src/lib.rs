@@ -463,6 +463,16 @@ async fn apply_migrations(pool: PgPool) -> Result<i32, sqlx::Error> {
     Ok(current)
 }
 
+/// The error of a write given up on; one that found the database out of
+/// reach is noted as the node's write failure, which `/health` reports.
+fn given_up(node: &Node, e: PgError) -> Error {
+    let e = e.into_core();
+    if matches!(e, Error::Unavailable(_)) {
+        node.write_failure.note(Some(&e));
+    }
+    e
+}
+
 /// Runs `$body` (which uses `$tx`) in a transaction, commits, announces the
 /// effects, and runs it again in a fresh transaction when it met a
 /// serialization failure, a deadlock or a unique-key race.
@@ -493,13 +503,7 @@ macro_rules! in_tx {
             match outcome {
                 Ok(value) => break Ok(value),
                 Err(PgError::Retry(_)) if tries < MAX_TRIES => continue,
-                Err(e) => {
-                    let e = e.into_core();
-                    if matches!(e, Error::Unavailable(_)) {
-                        $store.node.write_failure.note(Some(&e));
-                    }
-                    break Err(e);
-                }
+                Err(e) => break Err(crate::given_up(&$store.node, e)),
             }
         }
     }};
@@ -535,13 +539,7 @@ pub(crate) async fn enqueue_plain(
         match written {
             Ok(created) => return Ok(created),
             Err(PgError::Retry(_)) if tries < MAX_TRIES => {}
-            Err(e) => {
-                let e = e.into_core();
-                if matches!(e, Error::Unavailable(_)) {
-                    node.write_failure.note(Some(&e));
-                }
-                return Err(e);
-            }
+            Err(e) => return Err(given_up(node, e)),
         }
     }
 }
