@@ -309,7 +309,7 @@ pub(crate) async fn enqueue_plain(
     queue_names.dedup();
     // Taken before the tasks' events, which the statement announces to
     // the other nodes itself, by the ids it makes.
-    let notifications = changes.notifications(&node.id);
+    let notifications = changes.take_notifications(&node.id);
     let (count_queues, count_types, count_states, count_deltas) = changes.count_rows();
     let statement = sqlx::query(crate::sql::ENQUEUE_PLAIN)
         .bind(queue_names)

@@ -201,19 +201,73 @@ pub const ENQUEUE_PLAIN: &str = "WITH queues AS (\
        FROM fresh GROUP BY (ord - 1) / $20) \
    SELECT array_agg(seq ORDER BY ord), (SELECT count(*) FROM sent) FROM fresh";
 
-/// A commit's last statement: adds its count deltas (`$1`–`$4`) to the
-/// ledger, sends its notifications (`$6`) on channel `$5`, and answers
-/// whether a running task it ended was of a queue with a concurrency
-/// limit among `$7`, sending the ready notification `$8` too if so. The
-/// notifications are counted only to have them sent.
-pub const COUNT_AND_NOTIFY: &str = "WITH counted AS (\
-       INSERT INTO offload_counts (queue, type, state, delta) \
-       SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::bigint[])), \
-     room AS (SELECT EXISTS (SELECT 1 FROM offload_queues \
-       WHERE name = ANY($7::text[]) AND concurrency IS NOT NULL) AS freed), \
-     sent AS (SELECT pg_notify($5, payload) FROM UNNEST($6::text[]) AS payload \
-       UNION ALL SELECT pg_notify($5, $8) FROM room WHERE freed) \
-   SELECT (SELECT freed FROM room), (SELECT count(*) FROM sent)";
+/// The common table expressions that record what a transaction changes
+/// besides rows: add the count deltas (the parameters numbered `$queues`,
+/// `$types`, `$states`, `$deltas`) to the ledger, send the notifications
+/// `$notes` on channel `$channel`, and find whether a running task that
+/// ended was of a queue with a concurrency limit among `$freed`, sending
+/// the ready notification `$ready` too if so. Named `counted`, `room` and
+/// `sent`; a statement that takes them in answers `room`'s `freed` and
+/// counts `sent`, which has the notifications sent (a CTE that nothing
+/// reads is not run).
+macro_rules! record_changes {
+    ($queues:literal, $types:literal, $states:literal, $deltas:literal,
+     $channel:literal, $notes:literal, $freed:literal, $ready:literal) => {
+        concat!(
+            "counted AS (INSERT INTO offload_counts (queue, type, state, delta) \
+               SELECT * FROM UNNEST($",
+            $queues,
+            "::text[], $",
+            $types,
+            "::text[], $",
+            $states,
+            "::smallint[], $",
+            $deltas,
+            "::bigint[])), \
+             room AS (SELECT EXISTS (SELECT 1 FROM offload_queues \
+               WHERE name = ANY($",
+            $freed,
+            "::text[]) AND concurrency IS NOT NULL) AS freed), \
+             sent AS (SELECT pg_notify($",
+            $channel,
+            ", payload) FROM UNNEST($",
+            $notes,
+            "::text[]) AS payload \
+               UNION ALL SELECT pg_notify($",
+            $channel,
+            ", $",
+            $ready,
+            ") FROM room WHERE freed)"
+        )
+    };
+}
+
+/// A commit's last statement, for what no write of the transaction
+/// recorded ([`WRITE_TASK_ROWS_RECORDING_CHANGES`]): adds its count deltas
+/// (`$1`–`$4`) to the ledger, sends its notifications (`$6`) on channel
+/// `$5`, and answers whether a running task it ended was of a queue with a
+/// concurrency limit among `$7`, sending the ready notification `$8` too
+/// if so.
+pub const COUNT_AND_NOTIFY: &str = concat!(
+    "WITH ",
+    record_changes!(1, 2, 3, 4, 5, 6, 7, 8),
+    " SELECT (SELECT freed FROM room), (SELECT count(*) FROM sent)"
+);
+
+/// [`WRITE_TASK_ROWS_FINDING_DEPENDENTS`] (`$1`–`$17`; `$17` may be
+/// empty) with what the transaction changed so far besides rows recorded
+/// as [`COUNT_AND_NOTIFY`] records it (`$18`–`$25`, in its order), in the
+/// write's round trip: a transaction that ends with its write (a claim, an
+/// ack, a cancel) leaves its commit nothing to send first. Answers whether
+/// a task depends on `$17`, then `room`'s `freed`.
+pub const WRITE_TASK_ROWS_RECORDING_CHANGES: &str = concat!(
+    "WITH written AS (",
+    write_task_rows!(),
+    "), ",
+    record_changes!(18, 19, 20, 21, 22, 23, 24, 25),
+    " SELECT EXISTS (SELECT 1 FROM offload_task_deps WHERE dep_id = ANY($17)), \
+       (SELECT freed FROM room), (SELECT count(*) FROM sent)"
+);
 
 /// The tasks `query` lists below seq `below`, newest first, `rows` of them
 /// at most.

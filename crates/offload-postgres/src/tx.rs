@@ -57,6 +57,53 @@ pub(crate) struct Changes {
     effects: Effects,
     /// (kind, id) of changed tasks, announced to the other nodes.
     changed: Vec<(char, Uuid)>,
+    sent: Sent,
+}
+
+/// What of a transaction's notifications an earlier statement of it sent
+/// ([`Changes::take_unrecorded`]), so that a later one sends only the rest.
+#[derive(Default)]
+struct Sent {
+    ready: Readiness,
+    scheduled: bool,
+    cancels: usize,
+    changed: usize,
+}
+
+/// What a transaction changed besides rows and no statement of it has
+/// recorded yet, as the parameters of `sql::COUNT_AND_NOTIFY`.
+pub(crate) struct Unrecorded {
+    queues: Vec<String>,
+    types: Vec<String>,
+    states: Vec<i16>,
+    deltas: Vec<i64>,
+    notifications: Vec<String>,
+    /// Queues a running task left, asked whether one has a concurrency
+    /// limit (then a ready notification goes too).
+    freed: Vec<String>,
+}
+
+impl Unrecorded {
+    fn is_empty(&self) -> bool {
+        self.queues.is_empty() && self.notifications.is_empty() && self.freed.is_empty()
+    }
+
+    /// Binds the parameters of `sql::record_changes!` in their order.
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        node: &'q Node,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.queues)
+            .bind(self.types)
+            .bind(self.states)
+            .bind(self.deltas)
+            .bind(&node.channel)
+            .bind(self.notifications)
+            .bind(self.freed)
+            .bind(Changes::ready_notification(&node.id))
+    }
 }
 
 impl Changes {
@@ -163,29 +210,39 @@ impl Changes {
         out
     }
 
-    /// Notifications for every node (the sending one ignores its own,
-    /// whose effects it announces directly): `r<node>` anything ready,
-    /// `r<node>|<queue> <type>,…` tasks of those pairs ready, `s<node>`
-    /// scheduled, `c<id>` cancel, `e<node>|<kind><id>,…` changed tasks.
-    pub fn notifications(&self, node: &str) -> Vec<String> {
+    /// Notifications for every node of what no statement has sent yet,
+    /// now taken as sent (the sending node ignores its own, whose effects
+    /// it announces directly): `r<node>` anything ready, `r<node>|<queue>
+    /// <type>,…` tasks of those pairs ready, `s<node>` scheduled, `c<id>`
+    /// cancel, `e<node>|<kind><id>,…` changed tasks. Readiness that grew
+    /// since it was sent is sent whole again.
+    pub fn take_notifications(&mut self, node: &str) -> Vec<String> {
         let mut out = Vec::new();
+        let sent = &mut self.sent;
         // Ready and scheduled are signed with the node's id: unsigned, the
         // node took its own back as a second signal, which woke its waiting
         // fetches twice.
-        match &self.effects.ready {
-            Readiness::Nothing => {}
-            Readiness::Of(pairs) => out.push(Self::ready_pairs_notification(node, pairs)),
-            Readiness::Anything => out.push(Self::ready_notification(node)),
+        if self.effects.ready != sent.ready {
+            match &self.effects.ready {
+                Readiness::Nothing => {}
+                Readiness::Of(pairs) => out.push(Self::ready_pairs_notification(node, pairs)),
+                Readiness::Anything => out.push(Self::ready_notification(node)),
+            }
+            sent.ready = self.effects.ready.clone();
         }
-        if self.effects.scheduled {
+        if self.effects.scheduled && !sent.scheduled {
             out.push(format!("s{node}"));
+            sent.scheduled = true;
         }
-        for id in &self.effects.cancels {
+        for id in &self.effects.cancels[sent.cancels..] {
             out.push(format!("c{id}"));
         }
+        sent.cancels = self.effects.cancels.len();
         let prefix = changed_prefix(node);
         let mut current = prefix.clone();
-        for (kind, id) in &self.changed {
+        let unsent = &self.changed[sent.changed..];
+        sent.changed = self.changed.len();
+        for (kind, id) in unsent {
             if current.len() + 38 > NOTIFY_CHUNK {
                 out.push(std::mem::replace(&mut current, prefix.clone()));
             }
@@ -199,6 +256,38 @@ impl Changes {
             out.push(current);
         }
         out
+    }
+
+    /// What no statement has recorded yet (count deltas, notifications,
+    /// slots freed), now taken as recorded: the statement that binds it
+    /// records it.
+    pub fn take_unrecorded(&mut self, node: &str) -> Unrecorded {
+        let notifications = self.take_notifications(node);
+        // Asked only when the commit does not wake every fetch anyway.
+        let freed: Vec<String> = if self.effects.ready == Readiness::Anything {
+            Vec::new()
+        } else {
+            self.effects.freed.drain().collect()
+        };
+        let (queues, types, states, deltas) = self.count_rows();
+        Unrecorded {
+            queues,
+            types,
+            states,
+            deltas,
+            notifications,
+            freed,
+        }
+    }
+
+    /// Takes the answer of a statement that recorded changes: whether a
+    /// slot it freed was a limited queue's, which the statement then
+    /// announced to the other nodes as anything ready.
+    fn recorded(&mut self, room_freed: bool) {
+        if room_freed {
+            self.effects.ready = Readiness::Anything;
+            self.sent.ready = Readiness::Anything;
+        }
     }
 }
 
@@ -254,7 +343,8 @@ impl Tx {
     }
 
     /// Writes back every column the state machine may change, for all of
-    /// `tasks` in one statement.
+    /// `tasks` in one statement, which records what the transaction changed
+    /// so far besides rows too.
     pub async fn write_rows(&mut self, tasks: &[&StoredTask]) -> PgResult<()> {
         self.write_rows_finding_dependents(tasks, &[])
             .await
@@ -263,7 +353,10 @@ impl Tx {
 
     /// Writes back `tasks` as [`Tx::write_rows`] does, and answers whether
     /// any task depends on one of `finishing` (ids among them) in the same
-    /// round trip (`sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS`).
+    /// round trip (`sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS`). What the
+    /// transaction changed so far besides rows goes with the write
+    /// (`sql::WRITE_TASK_ROWS_RECORDING_CHANGES`): most transactions end
+    /// with it, and their commit then has nothing to send first.
     async fn write_rows_finding_dependents(
         &mut self,
         tasks: &[&StoredTask],
@@ -320,7 +413,10 @@ impl Tx {
             deadline_at.push(t.deadline().map(|x| x.as_millis()));
             worker_id.push(t.worker_id.clone());
         }
-        let statement = if finishing.is_empty() {
+        let unrecorded = self.changes.take_unrecorded(&self.node.id);
+        let statement = if !unrecorded.is_empty() {
+            crate::sql::WRITE_TASK_ROWS_RECORDING_CHANGES
+        } else if finishing.is_empty() {
             crate::sql::WRITE_TASK_ROWS
         } else {
             crate::sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS
@@ -342,6 +438,14 @@ impl Tx {
             .bind(lease_expires_at)
             .bind(deadline_at)
             .bind(worker_id);
+        if !unrecorded.is_empty() {
+            let row = unrecorded
+                .bind(write.bind(finishing), &self.node)
+                .fetch_one(&mut *self.conn)
+                .await?;
+            self.changes.recorded(sqlx::Row::try_get(&row, 1)?);
+            return Ok(sqlx::Row::try_get(&row, 0)?);
+        }
         if finishing.is_empty() {
             write.execute(&mut *self.conn).await?;
             return Ok(false);
@@ -364,10 +468,8 @@ impl Tx {
                 .map(|(stored, _)| (stored.task.id, stored.task.state))
                 .collect();
             let finishing: Vec<Uuid> = finished.iter().map(|(id, _)| *id).collect();
-            let rows: Vec<&StoredTask> = pending.iter().map(|(s, _)| s).collect();
-            let dependents = self
-                .write_rows_finding_dependents(&rows, &finishing)
-                .await?;
+            // Counted before the write, which records the counts and
+            // notifications with the rows.
             let mut left_blocked = Vec::new();
             for (stored, before) in &pending {
                 let after = stored.task.state;
@@ -384,6 +486,10 @@ impl Tx {
                 }
                 self.event(EventKind::State, &stored.task);
             }
+            let rows: Vec<&StoredTask> = pending.iter().map(|(s, _)| s).collect();
+            let dependents = self
+                .write_rows_finding_dependents(&rows, &finishing)
+                .await?;
             if !left_blocked.is_empty() {
                 sqlx::query("DELETE FROM offload_task_deps WHERE task_seq = ANY($1)")
                     .bind(&left_blocked)
@@ -536,34 +642,17 @@ impl Tx {
     }
 
     async fn commit_and_publish(mut self) -> PgResult<()> {
-        let changes = &mut self.changes;
-        let notifications = changes.notifications(&self.node.id);
-        // Asked only when the commit does not wake every fetch anyway.
-        let freed: Vec<String> = if changes.effects.ready == Readiness::Anything {
-            Vec::new()
-        } else {
-            changes.effects.freed.drain().collect()
-        };
-        let (queues, types, states, values) = changes.count_rows();
-        if !queues.is_empty() || !notifications.is_empty() || !freed.is_empty() {
+        let unrecorded = self.changes.take_unrecorded(&self.node.id);
+        if !unrecorded.is_empty() {
             // The counts, every notification and whether a freed slot
             // was a limited queue's (then signalled as ready too) in one
             // round trip: a single write's rate is bound by its round
             // trips.
-            let (room_freed, _sent): (bool, i64) = sqlx::query_as(crate::sql::COUNT_AND_NOTIFY)
-                .bind(queues)
-                .bind(types)
-                .bind(states)
-                .bind(values)
-                .bind(&self.node.channel)
-                .bind(notifications)
-                .bind(freed)
-                .bind(Changes::ready_notification(&self.node.id))
+            let row = unrecorded
+                .bind(sqlx::query(crate::sql::COUNT_AND_NOTIFY), &self.node)
                 .fetch_one(&mut *self.conn)
                 .await?;
-            if room_freed {
-                changes.effects.ready = Readiness::Anything;
-            }
+            self.changes.recorded(sqlx::Row::try_get(&row, 0)?);
         }
         session::end(&mut self.conn, "COMMIT").await?;
         self.changes.publish(&self.node);

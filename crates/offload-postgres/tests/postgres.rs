@@ -2982,3 +2982,237 @@ async fn a_tasks_error_history_is_stored_again_only_when_it_grows() {
         "the history read back is the one answered"
     );
 }
+
+/// A relay to the PostgreSQL server `url` names that counts the
+/// statements every connection through it runs: simple queries (`Query`)
+/// and prepared statements run (`Execute`), each a round trip of the
+/// node's, where the pool's checks of a connection send neither. The URL
+/// through it, and the count.
+async fn through_counting_relay(url: &str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let statements = Arc::new(AtomicUsize::new(0));
+    let counting = Arc::clone(&statements);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(&server).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = upstream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            let counting = Arc::clone(&counting);
+            tokio::spawn(async move {
+                // With `sslmode=disable` the client opens with its startup
+                // message (a length that counts itself, no type), then
+                // sends messages of a type byte and such a length.
+                let mut typed = false;
+                loop {
+                    let kind = if typed {
+                        let Ok(kind) = client_read.read_u8().await else {
+                            return;
+                        };
+                        Some(kind)
+                    } else {
+                        None
+                    };
+                    typed = true;
+                    let Ok(length) = client_read.read_u32().await else {
+                        return;
+                    };
+                    let mut body = vec![0; length as usize - 4];
+                    if client_read.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if matches!(kind, Some(b'Q' | b'E')) {
+                        counting.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut message: Vec<u8> = kind.into_iter().collect();
+                    message.extend_from_slice(&length.to_be_bytes());
+                    message.extend_from_slice(&body);
+                    if server_write.write_all(&message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let relayed = url.replacen(
+        &format!(":{}/", options.get_port()),
+        &format!(":{port}/"),
+        1,
+    );
+    assert_ne!(relayed, url, "OFFLOAD_TEST_PG_URL names its port");
+    (relayed.replacen("localhost", "127.0.0.1", 1), statements)
+}
+
+/// A transaction that ends with its write records its counts and
+/// notifications in that write, so its commit is the statement after it:
+/// a claim of a type is five (BEGIN, the queues' settings, the locking
+/// read, the write, COMMIT), an ack four (BEGIN, the locking read, the
+/// write, COMMIT). Each is the fewest of several tries, since a node's own
+/// background work (its leader's passes, its keep-alive) may add some.
+/// Another node hears the changes and reads the counts as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_and_an_ack_send_their_counts_and_notifications_with_their_write() {
+    use std::sync::atomic::Ordering;
+    let Some(url) = database_url() else { return };
+    if url.contains("sslmode=require") || !url.contains("sslmode=disable") {
+        eprintln!("skipped: counting round trips needs OFFLOAD_TEST_PG_URL with sslmode=disable");
+        return;
+    }
+    let (counted_url, statements) = through_counting_relay(&url).await;
+    let schema = fresh_schema();
+    let options = PgOptions {
+        schema: schema.clone(),
+        max_connections: 2,
+        ..PgOptions::default()
+    };
+    let store = PgStore::open(&counted_url, options).await.expect("open");
+    let other = node(&schema).await;
+    let mut events = other.hub().watch(Interest::Every).await;
+    let specs = (0..40)
+        .map(|_| {
+            NewTask::new("t")
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    store.enqueue(specs).await.unwrap();
+    let (mut fewest_claim, mut fewest_ack) = (usize::MAX, usize::MAX);
+    for _ in 0..20 {
+        let before = statements.load(Ordering::SeqCst);
+        let mut by_type = claim_by("w", 1);
+        by_type.types = vec!["t".into()];
+        let claimed = store.claim(&by_type).await.unwrap();
+        let between = statements.load(Ordering::SeqCst);
+        let acked = store
+            .ack(
+                "w",
+                vec![Ack::Complete {
+                    id: claimed[0].id,
+                    result: None,
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(acked[0].is_ok(), "{acked:?}");
+        let after = statements.load(Ordering::SeqCst);
+        fewest_claim = fewest_claim.min(between - before);
+        fewest_ack = fewest_ack.min(after - between);
+    }
+    assert_eq!(
+        (fewest_claim, fewest_ack),
+        (5, 4),
+        "statements of a claim, of an ack"
+    );
+    store.verify_bookkeeping().await.unwrap();
+    let counts = other.stats().await.unwrap().types["t"];
+    assert_eq!((counts.pending, counts.completed), (20, 20));
+    // The other node hears each task enqueued, claimed and completed.
+    let mut heard = 0;
+    while heard < 80 {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the other node heard {heard} changes of 80"))
+            .unwrap();
+        heard += 1;
+    }
+}
+
+/// An ack whose transaction writes in passes (what it finishes, then the
+/// dependents that unblocks) records each pass's changes with its write:
+/// another node hears every pair made ready, the first pass's and the
+/// second's, and every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_hears_what_each_pass_of_an_ack_made_ready() {
+    if !available() {
+        return;
+    }
+    let (a, b) = two_nodes().await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let first = a.enqueue(vec![spec(NewTask::new("first"))]).await.unwrap()[0]
+        .0
+        .clone();
+    let again = a
+        .enqueue(vec![spec(NewTask::new("again").max_attempts(2))])
+        .await
+        .unwrap()[0]
+        .0
+        .clone();
+    let dependent = a
+        .enqueue(vec![spec(NewTask::new("after").depends_on(first.id))])
+        .await
+        .unwrap()[0]
+        .0
+        .clone();
+    assert_eq!(dependent.state, State::Blocked);
+    assert_eq!(a.claim(&claim_by("w", 10)).await.unwrap().len(), 2);
+    let mut there = b.hub().watch_ready();
+    let seen = *there.borrow_and_update();
+    let mut events = b.hub().watch(Interest::Every).await;
+    let failure = offload_core::Failure {
+        message: "once more".into(),
+        kind: offload_core::FailureKind::Error,
+        retry: Some(true),
+        retry_in: Some(Duration::ZERO),
+    };
+    let acked = a
+        .ack(
+            "w",
+            vec![
+                Ack::Fail {
+                    id: again.id,
+                    failure,
+                },
+                Ack::Complete {
+                    id: first.id,
+                    result: None,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    let pair = |task_type: &str| ("default".to_owned(), task_type.to_owned());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let heard = b.hub().ready_log().since(seen).1;
+        if heard == Readiness::Of([pair("again"), pair("after")].into()) {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, there.changed())
+                .await
+                .is_ok(),
+            "node b heard {heard:?}, not both pairs made ready"
+        );
+    }
+    let mut changed = std::collections::HashSet::new();
+    while changed.len() < 3 {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("node b heard changes of {changed:?} alone"))
+            .unwrap();
+        changed.insert(event.task.id);
+    }
+    assert_eq!(
+        changed,
+        [first.id, again.id, dependent.id].into(),
+        "node b streams the ack's changes"
+    );
+    a.verify_bookkeeping().await.unwrap();
+    let types = b.stats().await.unwrap().types;
+    assert_eq!(
+        (
+            types["again"].pending,
+            types["after"].pending,
+            types["first"].completed
+        ),
+        (1, 1, 1)
+    );
+}
