@@ -6,7 +6,9 @@ second and each one's p50 and p99.
     python3 bench/concurrent-writes.py target/release/offload DB [CLIENTS] [SECONDS] [WHAT]
 
 WHAT is `enqueue` (the default: `POST /v1/tasks`, as a web application's
-request handlers enqueue) or `complete` (`POST /v1/tasks/{id}/complete`,
+request handlers enqueue), `keyed` (the same, each task with a unique key
+of its own, which takes a transaction where a task without one takes one
+statement on PostgreSQL) or `complete` (`POST /v1/tasks/{id}/complete`,
 as workers that report each task on its own do: 40,000 tasks over the
 clients, and 2,000 a client at least, are enqueued and fetched for them
 first; a client that runs out says so). DB is `sqlite` (a fresh file) or a
@@ -49,11 +51,25 @@ def answer(sock, buffered):
     return int(head[9:12]), rest[length:]
 
 
-def client(port, seconds, start, out, held):
+def keyed(index):
+    """Enqueues of tasks with unique keys of client `index`'s own."""
+    n = 0
+    while True:
+        n += 1
+        yield request("/v1/tasks", '{"type": "probe.noop", "payload": {"n": 1}, '
+                      f'"unique_key": "c{index}-{n}"}}')
+
+
+def client(port, seconds, start, out, held, what, index):
     """Writes until `start + seconds`: enqueues, or completions of the
     tasks `held` (fetched as worker `w<i>`) while they last."""
-    requests = iter([request(f"/v1/tasks/{task_id}/complete", json.dumps({"worker_id": worker}))
-                     for worker, task_id in held]) if held else None
+    if what == "complete":
+        requests = iter([request(f"/v1/tasks/{task_id}/complete", json.dumps({"worker_id": worker}))
+                         for worker, task_id in held])
+    elif what == "keyed":
+        requests = keyed(index)
+    else:
+        requests = None
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     latencies = []
@@ -80,6 +96,8 @@ def main():
     clients = int(sys.argv[3]) if len(sys.argv) > 3 else 16
     seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
     what = sys.argv[5] if len(sys.argv) > 5 else "enqueue"
+    if what not in ("enqueue", "keyed", "complete"):
+        raise SystemExit(f"WHAT is enqueue, keyed or complete, not {what!r}")
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         held = [[] for _ in range(clients)]
         if what == "complete":
@@ -93,7 +111,7 @@ def main():
                     held[i] += [(f"w{i}", task["id"]) for task in fetched["tasks"]]
         out = multiprocessing.Queue()
         start = time.time() + 1.0
-        procs = [multiprocessing.Process(target=client, args=(port, seconds, start, out, held[i]))
+        procs = [multiprocessing.Process(target=client, args=(port, seconds, start, out, held[i], what, i))
                  for i in range(clients)]
         for p in procs:
             p.start()
@@ -104,7 +122,8 @@ def main():
             p.join()
     latencies.sort()
     n = len(latencies)
-    print(f"{clients} clients: {n / seconds:,.0f} {what}s a second, "
+    label = {"enqueue": "enqueues", "keyed": "keyed enqueues", "complete": "completes"}[what]
+    print(f"{clients} clients: {n / seconds:,.0f} {label} a second, "
           f"p50 {1000 * latencies[n // 2]:.2f} ms, p99 {1000 * latencies[int(n * 0.99)]:.2f} ms")
 
 

@@ -1,5 +1,7 @@
 """What bench/cpu-split.py and bench/pg-share.py share: CPU time read from
-/proc, and an `offload serve` of the release build started on a free port."""
+/proc, and an `offload serve` of the release build (or of the binary the
+environment's OFFLOAD names, to compare two builds) started on a free
+port."""
 
 import glob
 import http.client
@@ -8,7 +10,8 @@ import socket
 import subprocess
 import time
 
-OFFLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "offload")
+OFFLOAD = os.environ.get("OFFLOAD") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "offload")
 
 
 def cpu_ticks(pid):

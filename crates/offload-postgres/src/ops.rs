@@ -61,26 +61,33 @@ async fn lock_unique_keys<'k>(
     tx: &mut Tx,
     keys: impl IntoIterator<Item = (&'k str, &'k str)>,
 ) -> PgResult<()> {
-    let mut slots: Vec<u64> = keys
-        .into_iter()
-        .map(|(queue, key)| crate::lock_key(&format!("{queue}\0{key}")) as u64 % UNIQUE_KEY_LOCKS)
-        .collect();
-    if slots.is_empty() {
+    let locks = unique_key_locks(&tx.node, keys);
+    if locks.is_empty() {
         return Ok(());
     }
-    slots.sort_unstable();
-    slots.dedup();
-    let locks: Vec<i64> = slots
-        .into_iter()
-        .map(|slot| crate::lock_key(&format!("offload-unique:{}:{slot}", tx.node.channel)))
-        .collect();
-    // A function scan hands out the array's elements in order, so the
-    // locks are taken in the order of their slots.
-    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k")
+    sqlx::query(crate::sql::LOCK_IN_ORDER)
         .bind(&locks)
         .execute(&mut *tx.conn)
         .await?;
     Ok(())
+}
+
+/// The advisory locks of [`lock_unique_keys`] that `keys` take, in the
+/// order they are taken.
+fn unique_key_locks<'k>(
+    node: &Node,
+    keys: impl IntoIterator<Item = (&'k str, &'k str)>,
+) -> Vec<i64> {
+    let mut slots: Vec<u64> = keys
+        .into_iter()
+        .map(|(queue, key)| crate::lock_key(&format!("{queue}\0{key}")) as u64 % UNIQUE_KEY_LOCKS)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
+        .into_iter()
+        .map(|slot| crate::lock_key(&format!("offload-unique:{}:{slot}", node.channel)))
+        .collect()
 }
 
 /// The active tasks holding the unique keys `keys` (queue, key), locked,
@@ -128,29 +135,26 @@ struct Fresh {
 }
 
 pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(Task, bool)>> {
-    lock_unique_keys(
-        tx,
+    let locks = unique_key_locks(
+        &tx.node,
         specs
             .iter()
             .filter_map(|s| Some((s.queue.as_str(), s.unique_key.as_deref()?))),
-    )
-    .await?;
+    );
     let mut queue_names: Vec<String> = specs.iter().map(|s| s.queue.clone()).collect();
     queue_names.sort();
     queue_names.dedup();
     // The seqs, one a task (a task that finds its unique key taken leaves
-    // a gap), are taken first: each task's id carries its seq.
-    let mut seqs = sqlx::query_scalar::<_, i64>(
-        "WITH queues AS (INSERT INTO offload_queues (name, created_at) \
-           SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING) \
-         SELECT nextval('offload_tasks_seq_seq') FROM generate_series(1, $3)",
-    )
-    .bind(&queue_names)
-    .bind(tx.now.as_millis())
-    .bind(specs.len() as i64)
-    .fetch_all(&mut *tx.conn)
-    .await?
-    .into_iter();
+    // a gap), are taken first: each task's id carries its seq. With them
+    // the keys' locks, before the keys' holders are read.
+    let mut seqs = sqlx::query_scalar::<_, i64>(crate::sql::LOCK_AND_TAKE_SEQS)
+        .bind(&queue_names)
+        .bind(tx.now.as_millis())
+        .bind(specs.len() as i64)
+        .bind(&locks)
+        .fetch_all(&mut *tx.conn)
+        .await?
+        .into_iter();
 
     let keys: Vec<(&str, &str)> = specs
         .iter()
@@ -222,6 +226,16 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
         });
     }
 
+    for item in &fresh {
+        tx.count(
+            &item.task.queue,
+            &item.task.task_type,
+            None,
+            Some(item.task.state),
+        );
+        tx.event(EventKind::State, &item.task);
+    }
+    // Records the counts and notifications above with the rows.
     insert(tx, &fresh).await?;
     let mut deps_dep = Vec::new();
     let mut deps_dep_seq = Vec::new();
@@ -230,13 +244,6 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
     // Where each of `broken` is in `fresh`.
     let mut broken_at = Vec::new();
     for (at, item) in fresh.iter().enumerate() {
-        tx.count(
-            &item.task.queue,
-            &item.task.task_type,
-            None,
-            Some(item.task.state),
-        );
-        tx.event(EventKind::State, &item.task);
         for (dep, dep_seq) in &item.unmet {
             deps_dep.push(*dep);
             deps_dep_seq.push(*dep_seq);
@@ -509,30 +516,17 @@ async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
         error.push(t.error.as_ref().map(encode_json).transpose()?);
         finished_at.push(t.finished_at.map(|f| f.as_millis()));
     }
-    let statement = sqlx::query(
-        "INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, max_attempts, \
-         timeout_secs, run_at, owner, labels, unique_key, depends_on, error, finished_at, created_at, updated_at) \
-         OVERRIDING SYSTEM VALUE \
-         SELECT u.seq, u.id, u.type, u.queue, u.payload, u.priority, u.state, 0, u.max_attempts, u.timeout_secs, \
-                u.run_at, u.owner, u.labels::jsonb, u.unique_key, \
-                ARRAY(SELECT jsonb_array_elements_text(u.depends_on::jsonb)::uuid), u.error, u.finished_at, $17, $17 \
-         FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::smallint[], \
-                     $8::int[], $9::int[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], \
-                     $15::text[], $16::bigint[]) \
-           AS u(seq, id, type, queue, payload, priority, state, max_attempts, timeout_secs, run_at, owner, labels, \
-                unique_key, depends_on, error, finished_at)",
-    )
-    .bind(seq)
-    .bind(id);
-    columns
+    let statement = sqlx::query(crate::sql::INSERT_TASKS_RECORDING_CHANGES)
+        .bind(seq)
+        .bind(id);
+    let statement = columns
         .bind(statement)
         .bind(unique_key)
         .bind(depends_on)
         .bind(error)
         .bind(finished_at)
-        .bind(tx.now.as_millis())
-        .execute(&mut *tx.conn)
-        .await?;
+        .bind(tx.now.as_millis());
+    tx.fetch_recording(statement).await?;
     Ok(())
 }
 

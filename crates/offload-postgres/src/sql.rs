@@ -154,6 +154,24 @@ pub const PENDING_TYPES_OF_QUEUES: &str = "WITH RECURSIVE pending(queue, type) A
        ) n \
      ) SELECT queue, type FROM pending";
 
+/// Takes the advisory locks `$1` in the array's order (a function scan
+/// hands out its elements in order), until the transaction ends.
+pub const LOCK_IN_ORDER: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k";
+
+/// An enqueue's first statement in a transaction: takes the advisory
+/// locks `$4` as [`LOCK_IN_ORDER`] does, adds the queues `$1` not yet
+/// known (created at `$2`), and answers `$3` new seqs. The locks come
+/// first (an `InitPlan` runs before the rows it filters, and a write in a
+/// `WITH` that nothing reads runs after the rest), as when they were a
+/// statement of their own; the keys' holders are read by the next
+/// statement, whose snapshot sees what the locks' last holder committed.
+pub const LOCK_AND_TAKE_SEQS: &str = "WITH locked AS (\
+       SELECT bool_and(pg_advisory_xact_lock(k) IS NOT NULL) FROM unnest($4::bigint[]) AS k), \
+     queues AS (INSERT INTO offload_queues (name, created_at) \
+       SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING) \
+   SELECT nextval('offload_tasks_seq_seq') FROM generate_series(1, $3) \
+   WHERE (SELECT * FROM locked) IS NOT FALSE";
+
 /// Tasks changed that one notification names at most: 180 of `s<id>,`
 /// (38 bytes each) after `e<node>|` (14) stay under the 7,000 bytes a
 /// notification is kept to (`tx::NOTIFY_CHUNK`).
@@ -207,9 +225,9 @@ pub const ENQUEUE_PLAIN: &str = "WITH queues AS (\
 /// `$notes` on channel `$channel`, and find whether a running task that
 /// ended was of a queue with a concurrency limit among `$freed`, sending
 /// the ready notification `$ready` too if so. Named `counted`, `room` and
-/// `sent`; a statement that takes them in answers `room`'s `freed` and
-/// counts `sent`, which has the notifications sent (a CTE that nothing
-/// reads is not run).
+/// `sent`; a statement that takes them in answers [`recorded!`], which
+/// reads `room` and counts `sent`, and so has the notifications sent (a
+/// CTE that nothing reads is not run). `tx::Unrecorded` binds the eight.
 macro_rules! record_changes {
     ($queues:literal, $types:literal, $states:literal, $deltas:literal,
      $channel:literal, $notes:literal, $freed:literal, $ready:literal) => {
@@ -242,6 +260,15 @@ macro_rules! record_changes {
     };
 }
 
+/// The columns a statement that takes in [`record_changes!`] answers:
+/// `freed`, whether a running task it ended was of a limited queue, and
+/// `sent`, the notifications it sent.
+macro_rules! recorded {
+    () => {
+        "(SELECT freed FROM room) AS freed, (SELECT count(*) FROM sent) AS sent"
+    };
+}
+
 /// A commit's last statement, for what no write of the transaction
 /// recorded ([`WRITE_TASK_ROWS_RECORDING_CHANGES`]): adds its count deltas
 /// (`$1`–`$4`) to the ledger, sends its notifications (`$6`) on channel
@@ -251,7 +278,8 @@ macro_rules! record_changes {
 pub const COUNT_AND_NOTIFY: &str = concat!(
     "WITH ",
     record_changes!(1, 2, 3, 4, 5, 6, 7, 8),
-    " SELECT (SELECT freed FROM room), (SELECT count(*) FROM sent)"
+    " SELECT ",
+    recorded!()
 );
 
 /// [`WRITE_TASK_ROWS_FINDING_DEPENDENTS`] (`$1`–`$17`; `$17` may be
@@ -259,14 +287,40 @@ pub const COUNT_AND_NOTIFY: &str = concat!(
 /// as [`COUNT_AND_NOTIFY`] records it (`$18`–`$25`, in its order), in the
 /// write's round trip: a transaction that ends with its write (a claim, an
 /// ack, a cancel) leaves its commit nothing to send first. Answers whether
-/// a task depends on `$17`, then `room`'s `freed`.
+/// a task depends on `$17`, then [`recorded!`].
 pub const WRITE_TASK_ROWS_RECORDING_CHANGES: &str = concat!(
     "WITH written AS (",
     write_task_rows!(),
     "), ",
     record_changes!(18, 19, 20, 21, 22, 23, 24, 25),
-    " SELECT EXISTS (SELECT 1 FROM offload_task_deps WHERE dep_id = ANY($17)), \
-       (SELECT freed FROM room), (SELECT count(*) FROM sent)"
+    " SELECT EXISTS (SELECT 1 FROM offload_task_deps WHERE dep_id = ANY($17)), ",
+    recorded!()
+);
+
+/// Inserts the tasks `$1` (seqs) with ids `$2` and the columns `$3`–`$12`
+/// of `ops::NewTaskColumns`, unique keys `$13`, dependencies `$14` (each
+/// a JSON array of ids: arrays of arrays do not unnest), errors `$15` and
+/// finish times `$16`, created at `$17`; with what the transaction changed
+/// so far besides rows recorded as [`COUNT_AND_NOTIFY`] records it
+/// (`$18`–`$25`). Answers [`recorded!`].
+pub const INSERT_TASKS_RECORDING_CHANGES: &str = concat!(
+    "WITH inserted AS (\
+       INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, \
+         max_attempts, timeout_secs, run_at, owner, labels, unique_key, depends_on, error, \
+         finished_at, created_at, updated_at) \
+       OVERRIDING SYSTEM VALUE \
+       SELECT u.seq, u.id, u.type, u.queue, u.payload, u.priority, u.state, 0, u.max_attempts, \
+              u.timeout_secs, u.run_at, u.owner, u.labels::jsonb, u.unique_key, \
+              ARRAY(SELECT jsonb_array_elements_text(u.depends_on::jsonb)::uuid), u.error, \
+              u.finished_at, $17, $17 \
+       FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[], \
+                   $7::smallint[], $8::int[], $9::int[], $10::bigint[], $11::text[], $12::text[], \
+                   $13::text[], $14::text[], $15::text[], $16::bigint[]) \
+         AS u(seq, id, type, queue, payload, priority, state, max_attempts, timeout_secs, run_at, \
+              owner, labels, unique_key, depends_on, error, finished_at)), ",
+    record_changes!(18, 19, 20, 21, 22, 23, 24, 25),
+    " SELECT ",
+    recorded!()
 );
 
 /// The tasks `query` lists below seq `below`, newest first, `rows` of them

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use offload_core::{Error, EventKind, Hub, Readiness, State, Task, TaskEvent, Unheard};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgRow};
 use uuid::Uuid;
 
 use crate::Node;
@@ -70,6 +70,9 @@ struct Sent {
     changed: usize,
 }
 
+/// A statement with its parameters bound.
+pub(crate) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// What a transaction changed besides rows and no statement of it has
 /// recorded yet, as the parameters of `sql::COUNT_AND_NOTIFY`.
 pub(crate) struct Unrecorded {
@@ -89,17 +92,13 @@ impl Unrecorded {
     }
 
     /// Binds the parameters of `sql::record_changes!` in their order.
-    fn bind<'q>(
-        self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-        node: &'q Node,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind<'q>(self, query: PgQuery<'q>, node: &Node) -> PgQuery<'q> {
         query
             .bind(self.queues)
             .bind(self.types)
             .bind(self.states)
             .bind(self.deltas)
-            .bind(&node.channel)
+            .bind(node.channel.clone())
             .bind(self.notifications)
             .bind(self.freed)
             .bind(Changes::ready_notification(&node.id))
@@ -439,11 +438,7 @@ impl Tx {
             .bind(deadline_at)
             .bind(worker_id);
         if !unrecorded.is_empty() {
-            let row = unrecorded
-                .bind(write.bind(finishing), &self.node)
-                .fetch_one(&mut *self.conn)
-                .await?;
-            self.changes.recorded(sqlx::Row::try_get(&row, 1)?);
+            let row = self.fetch_with(write.bind(finishing), unrecorded).await?;
             return Ok(sqlx::Row::try_get(&row, 0)?);
         }
         if finishing.is_empty() {
@@ -452,6 +447,27 @@ impl Tx {
         }
         let row = write.bind(finishing).fetch_one(&mut *self.conn).await?;
         Ok(sqlx::Row::try_get(&row, 0)?)
+    }
+
+    /// Runs `statement`, which takes in `sql::record_changes!` after its
+    /// own parameters (bound) and answers `sql::recorded!`, with what the
+    /// transaction changed so far besides rows.
+    pub async fn fetch_recording(&mut self, statement: PgQuery<'_>) -> PgResult<PgRow> {
+        let unrecorded = self.changes.take_unrecorded(&self.node.id);
+        self.fetch_with(statement, unrecorded).await
+    }
+
+    async fn fetch_with(
+        &mut self,
+        statement: PgQuery<'_>,
+        unrecorded: Unrecorded,
+    ) -> PgResult<PgRow> {
+        let row = unrecorded
+            .bind(statement, &self.node)
+            .fetch_one(&mut *self.conn)
+            .await?;
+        self.changes.recorded(sqlx::Row::try_get(&row, "freed")?);
+        Ok(row)
     }
 
     /// Writes back tasks the state machine changed (each with the state it
@@ -648,11 +664,8 @@ impl Tx {
             // was a limited queue's (then signalled as ready too) in one
             // round trip: a single write's rate is bound by its round
             // trips.
-            let row = unrecorded
-                .bind(sqlx::query(crate::sql::COUNT_AND_NOTIFY), &self.node)
-                .fetch_one(&mut *self.conn)
+            self.fetch_with(sqlx::query(crate::sql::COUNT_AND_NOTIFY), unrecorded)
                 .await?;
-            self.changes.recorded(sqlx::Row::try_get(&row, 0)?);
         }
         session::end(&mut self.conn, "COMMIT").await?;
         self.changes.publish(&self.node);

@@ -3052,13 +3052,15 @@ async fn through_counting_relay(url: &str) -> (String, Arc<std::sync::atomic::At
 
 /// A transaction that ends with its write records its counts and
 /// notifications in that write, so its commit is the statement after it:
-/// a claim of a type is five (BEGIN, the queues' settings, the locking
-/// read, the write, COMMIT), an ack four (BEGIN, the locking read, the
-/// write, COMMIT). Each is the fewest of several tries, since a node's own
-/// background work (its leader's passes, its keep-alive) may add some.
-/// Another node hears the changes and reads the counts as before.
+/// a claim of a type is five statements (BEGIN, the queues' settings, the
+/// locking read, the write, COMMIT), an ack four (BEGIN, the locking read,
+/// the write, COMMIT), an enqueue with a unique key five (BEGIN, the key's
+/// lock with the seqs, the key's holder, the insert, COMMIT). Each is the
+/// fewest of several tries, since a node's own background work (its
+/// leader's passes, its keep-alive) may add some. Another node hears the
+/// changes and reads the counts as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_and_an_ack_send_their_counts_and_notifications_with_their_write() {
+async fn writes_send_their_counts_and_notifications_with_their_last_statement() {
     use std::sync::atomic::Ordering;
     let Some(url) = database_url() else { return };
     if url.contains("sslmode=require") || !url.contains("sslmode=disable") {
@@ -3083,8 +3085,16 @@ async fn a_claim_and_an_ack_send_their_counts_and_notifications_with_their_write
         })
         .collect();
     store.enqueue(specs).await.unwrap();
-    let (mut fewest_claim, mut fewest_ack) = (usize::MAX, usize::MAX);
-    for _ in 0..20 {
+    let (mut fewest_claim, mut fewest_ack, mut fewest_keyed) = (usize::MAX, usize::MAX, usize::MAX);
+    for n in 0..20 {
+        let keyed = NewTask::new("keyed")
+            .unique_key(format!("k{n}"), offload_core::OnConflict::Keep)
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
+        let before = statements.load(Ordering::SeqCst);
+        assert!(store.enqueue(vec![keyed]).await.unwrap()[0].1, "created");
+        let enqueued = statements.load(Ordering::SeqCst);
+        fewest_keyed = fewest_keyed.min(enqueued - before);
         let before = statements.load(Ordering::SeqCst);
         let mut by_type = claim_by("w", 1);
         by_type.types = vec!["t".into()];
@@ -3106,19 +3116,20 @@ async fn a_claim_and_an_ack_send_their_counts_and_notifications_with_their_write
         fewest_ack = fewest_ack.min(after - between);
     }
     assert_eq!(
-        (fewest_claim, fewest_ack),
-        (5, 4),
-        "statements of a claim, of an ack"
+        (fewest_claim, fewest_ack, fewest_keyed),
+        (5, 4, 5),
+        "statements of a claim, of an ack, of an enqueue with a unique key"
     );
     store.verify_bookkeeping().await.unwrap();
-    let counts = other.stats().await.unwrap().types["t"];
-    assert_eq!((counts.pending, counts.completed), (20, 20));
+    let types = other.stats().await.unwrap().types;
+    assert_eq!((types["t"].pending, types["t"].completed), (20, 20));
+    assert_eq!(types["keyed"].pending, 20);
     // The other node hears each task enqueued, claimed and completed.
     let mut heard = 0;
-    while heard < 80 {
+    while heard < 100 {
         tokio::time::timeout(Duration::from_secs(10), events.recv())
             .await
-            .unwrap_or_else(|_| panic!("the other node heard {heard} changes of 80"))
+            .unwrap_or_else(|_| panic!("the other node heard {heard} changes of 100"))
             .unwrap();
         heard += 1;
     }
