@@ -8,7 +8,8 @@ second and each one's p50 and p99.
 WHAT is `enqueue` (the default: `POST /v1/tasks`, as a web application's
 request handlers enqueue), `keyed` (the same, each task with a unique key
 of its own, which takes a transaction where a task without one takes one
-statement on PostgreSQL) or `complete` (`POST /v1/tasks/{id}/complete`,
+statement on PostgreSQL; `STORED=N` in the environment enqueues N tasks
+with keys of their own first, which stay pending) or `complete` (`POST /v1/tasks/{id}/complete`,
 as workers that report each task on its own do: 40,000 tasks over the
 clients, and 2,000 a client at least, are enqueued and fetched for them
 first; a client that runs out says so). DB is `sqlite` (a fresh file) or a
@@ -18,6 +19,7 @@ PostgreSQL URL (schema `probe`, made afresh).
 import http.client
 import json
 import multiprocessing
+import os
 import socket
 import sys
 import tempfile
@@ -100,6 +102,13 @@ def main():
         raise SystemExit(f"WHAT is enqueue, keyed or complete, not {what!r}")
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         held = [[] for _ in range(clients)]
+        stored = int(os.environ.get("STORED", "0"))
+        if what == "keyed" and stored:
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            for first in range(0, stored, 1000):
+                post(conn, "/v1/tasks/batch", {"tasks": [
+                    {"type": "probe.noop", "unique_key": f"s{n}"}
+                    for n in range(first, min(first + 1000, stored))]})
         if what == "complete":
             conn = http.client.HTTPConnection("127.0.0.1", port)
             each = max(TASKS // clients, LEAST_A_CLIENT)

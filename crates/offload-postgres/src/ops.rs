@@ -107,6 +107,7 @@ async fn unique_key_holders(
     ))
     .bind(&queues)
     .bind(&names)
+    .bind(State::Running.code() as i16)
     .fetch_all(&mut *tx.conn)
     .await?;
     let mut holders = HashMap::with_capacity(rows.len());

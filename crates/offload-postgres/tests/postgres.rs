@@ -1817,18 +1817,30 @@ async fn held_unique_keys_are_found_by_index_under_a_generic_plan() {
     };
     let plan = generic_plan(
         &url,
-        "text[], text[]",
+        "text[], text[], smallint",
         &format!(
             "SELECT seq FROM offload_tasks WHERE {} ORDER BY seq FOR UPDATE",
             offload_postgres::sql::HOLDING_UNIQUE_KEYS
         ),
-        "'{default}', '{k}'",
+        "'{default}', '{k}', 3",
     )
     .await;
+    // Each scan of the index searches it by queue and key: one whose
+    // condition is only the index's own reads every active keyed task.
+    let scans: Vec<&str> = plan
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| line.contains("offload_tasks_unique_key"))
+        .map(|(at, _)| plan.lines().nth(at + 1).unwrap_or(""))
+        .collect();
     assert!(
-        plan.contains("offload_tasks_unique_key") && !plan.contains("Seq Scan"),
-        "held keys are not looked up by index:\n{plan}"
+        !scans.is_empty()
+            && scans
+                .iter()
+                .all(|cond| cond.contains("queue =") && cond.contains("unique_key =")),
+        "held keys are not looked up by key:\n{plan}"
     );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
 }
 
 /// An id that carries no seq (stored before schema version 3) is found
