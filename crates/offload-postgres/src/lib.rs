@@ -55,6 +55,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../migrations/0003_ids_carry_seq.sql")),
     (4, include_str!("../migrations/0004_count_totals.sql")),
     (5, include_str!("../migrations/0005_claim_order.sql")),
+    (6, include_str!("../migrations/0006_claim_order_apart.sql")),
 ];
 /// Running tasks whose leases expired by `$1`, and whether the database
 /// takes writes, for `/health`.

@@ -768,18 +768,13 @@ async fn first_pending_of_pair(
     room: usize,
 ) -> PgResult<(Vec<sqlx::postgres::PgRow>, bool)> {
     let look = room.min(LEFT_BEHIND_LOOK) + 1;
-    let rows = sqlx::query(&format!(
-        "SELECT {CANDIDATE_COLUMNS}, (SELECT count(*) FROM (SELECT 1 FROM offload_tasks \
-           WHERE state = 2 AND queue = $1 AND type = $2 LIMIT $4) AS pending) AS pending_seen \
-         FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
-         ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(queue)
-    .bind(task_type)
-    .bind(room as i64)
-    .bind(look as i64)
-    .fetch_all(&mut *tx.conn)
-    .await?;
+    let rows = sqlx::query(&crate::sql::first_pending_of_pair())
+        .bind(queue)
+        .bind(task_type)
+        .bind(room as i64)
+        .bind(look as i64)
+        .fetch_all(&mut *tx.conn)
+        .await?;
     let more = match rows.first() {
         None => false,
         Some(_) if rows.len() >= LEFT_BEHIND_LOOK => true,
@@ -863,7 +858,7 @@ async fn first_pending_of_pairs(
             let queues: Vec<&str> = to_read.iter().map(|&t| pairs[t].0.as_str()).collect();
             let types: Vec<&str> = to_read.iter().map(|&t| pairs[t].1.as_str()).collect();
             let limits: Vec<i64> = to_read.iter().map(|&t| walks[t] as i64).collect();
-            let rows = sqlx::query(PENDING_OF_PAIRS)
+            let rows = sqlx::query(crate::sql::PENDING_OF_PAIRS)
                 .bind(&queues)
                 .bind(&types)
                 .bind(&limits)
@@ -926,16 +921,6 @@ async fn first_pending_of_pairs(
         }
     }
 }
-
-/// Up to `$3[i]` pending tasks of queue `$1[i]` of type `$2[i]` in claim
-/// order, each with the `nth` (from 1) of the pair it is of.
-const PENDING_OF_PAIRS: &str = "SELECT p.nth, c.seq, c.priority, c.run_at \
-     FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS p(queue, type, walk, nth) \
-     CROSS JOIN LATERAL ( \
-       SELECT seq, priority, run_at FROM offload_tasks \
-       WHERE state = 2 AND queue = p.queue AND type = p.type \
-       ORDER BY priority DESC, run_at, seq LIMIT p.walk \
-     ) c";
 
 /// A (queue, type) with pending tasks, and its queue's settings.
 struct PendingPair {

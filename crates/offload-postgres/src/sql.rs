@@ -22,7 +22,7 @@
 use offload_core::{ListQuery, State};
 use sqlx::{Postgres, QueryBuilder};
 
-use crate::rows::TASK_COLUMNS;
+use crate::rows::{CANDIDATE_COLUMNS, TASK_COLUMNS};
 
 /// How every session of a node plans its statements: generically, each
 /// statement once (see `connect`), and never by reading a whole table where
@@ -146,9 +146,37 @@ pub const NOTIFY_KEEPALIVE: &str = "SELECT pg_notify($1, $2)";
 
 /// The first `$1` pending tasks in claim order, across queues: their queue,
 /// type and place in that order; through `offload_tasks_claim_order`,
-/// without a sort of every pending task.
+/// without a sort of every pending task. `state + 0 = 2` is that index's
+/// condition, in its words: no other statement states it, so no claim of
+/// one (queue, type) walks this index for its pair's tasks (migration 6),
+/// and this statement cannot read the pending tasks through
+/// `offload_tasks_by_state` and sort them.
 pub const CLAIM_ORDER_WINDOW: &str = "SELECT queue, type, priority, run_at, seq \
-     FROM offload_tasks WHERE state = 2 ORDER BY priority DESC, run_at, seq LIMIT $1";
+     FROM offload_tasks WHERE state + 0 = 2 ORDER BY priority DESC, run_at, seq LIMIT $1";
+
+/// The rows of the first `$3` pending tasks of queue `$1` and type `$2` in
+/// claim order that no other claim holds, locked, through
+/// `offload_tasks_ready_by_type`; and in `pending_seen` how many of the
+/// pair's first `$4` pending tasks there are, held or not.
+pub fn first_pending_of_pair() -> String {
+    format!(
+        "SELECT {CANDIDATE_COLUMNS}, (SELECT count(*) FROM (SELECT 1 FROM offload_tasks \
+           WHERE state = 2 AND queue = $1 AND type = $2 LIMIT $4) AS pending) AS pending_seen \
+         FROM offload_tasks WHERE state = 2 AND queue = $1 AND type = $2 \
+         ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+    )
+}
+
+/// Up to `$3[i]` pending tasks of queue `$1[i]` of type `$2[i]` in claim
+/// order, each with the `nth` (from 1) of the pair it is of; through
+/// `offload_tasks_ready_by_type`.
+pub const PENDING_OF_PAIRS: &str = "SELECT p.nth, c.seq, c.priority, c.run_at \
+     FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS p(queue, type, walk, nth) \
+     CROSS JOIN LATERAL ( \
+       SELECT seq, priority, run_at FROM offload_tasks \
+       WHERE state = 2 AND queue = p.queue AND type = p.type \
+       ORDER BY priority DESC, run_at, seq LIMIT p.walk \
+     ) c";
 
 /// The types with pending tasks in each of the queues `$1` (an array), as
 /// (queue, type) rows in no order: per queue, one short walk of
