@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Tasks of one type while another type has a backlog: a node started on
+an empty database whose queue is set up first and whose worker polls
+for `fast` tasks from the start (so that the node's sessions plan their
+claims on an empty table), then BACKLOG pending `bulk` tasks
+that nobody fetches, then SAMPLES `fast` tasks enqueued, fetched and
+acked one after another. Prints the fetch's p50 and p99.
+
+    python3 bench/behind-a-backlog.py target/release/offload DB [BACKLOG] [SAMPLES]
+
+DB is `sqlite` (a fresh file) or a PostgreSQL URL (schema `probe`, made
+afresh). A session's plan of a statement is made at its first run: a
+claim first planned on an empty table kept a plan that walked every
+pending task ahead of its type's (migration 6 of the PostgreSQL store).
+"""
+
+import http.client
+import sys
+import tempfile
+import time
+
+from probe_server import post, serve
+
+
+def main():
+    binary, db = sys.argv[1], sys.argv[2]
+    backlog = int(sys.argv[3]) if len(sys.argv) > 3 else 100000
+    samples = int(sys.argv[4]) if len(sys.argv) > 4 else 300
+    with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        fetch = {"worker_id": "w", "types": ["fast"], "limit": 10}
+        # The queue is set up before anything is enqueued, as an
+        # application may do at its start, and the node's connections plan
+        # their claims from it while nothing is stored.
+        conn.request("PATCH", "/v1/queues/default", '{"concurrency": null}',
+                     {"content-type": "application/json"})
+        answer = conn.getresponse()
+        answer.read()
+        if answer.status != 200:
+            raise SystemExit(f"PATCH /v1/queues/default: {answer.status}")
+        for _ in range(20):
+            post(conn, "/v1/fetch", fetch)
+        for first in range(0, backlog, 1000):
+            post(conn, "/v1/tasks/batch",
+                 {"tasks": [{"type": "bulk"}] * min(1000, backlog - first)},
+                 {"prefer": "return=minimal"})
+        took = []
+        for _ in range(samples):
+            post(conn, "/v1/tasks", {"type": "fast"})
+            t0 = time.perf_counter()
+            tasks = post(conn, "/v1/fetch", fetch)["tasks"]
+            took.append(time.perf_counter() - t0)
+            if len(tasks) != 1:
+                raise SystemExit(f"a fetch brought {len(tasks)} tasks, not the one enqueued")
+            post(conn, "/v1/ack", {"worker_id": "w", "completed": [{"id": tasks[0]["id"]}]})
+    took.sort()
+    print(f"{backlog} bulk tasks pending: a fetch of one fast task p50 "
+          f"{1000 * took[len(took) // 2]:.2f} ms, p99 {1000 * took[int(len(took) * 0.99)]:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
