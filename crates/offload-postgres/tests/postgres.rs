@@ -2553,10 +2553,7 @@ const POOLER_TAKES: &[&str] = &[
 async fn through_pooler(url: &str) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const SSL_REQUEST: u32 = 80_877_103;
-    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
-    let server = format!("{}:{}", options.get_host(), options.get_port());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (server, listener, relayed) = relay_listener(url).await;
     let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
     let refusing = Arc::clone(&refused);
     tokio::spawn(async move {
@@ -2598,13 +2595,27 @@ async fn through_pooler(url: &str) -> (String, Arc<std::sync::Mutex<Vec<String>>
             });
         }
     });
+    (relayed, refused)
+}
+
+/// A listener for a relay to the PostgreSQL server `url` names: the
+/// server's address, the listener, and the URL through it.
+async fn relay_listener(url: &str) -> (String, tokio::net::TcpListener, String) {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     let relayed = url.replacen(
         &format!(":{}/", options.get_port()),
         &format!(":{port}/"),
         1,
     );
     assert_ne!(relayed, url, "OFFLOAD_TEST_PG_URL names its port");
-    (relayed.replacen("localhost", "127.0.0.1", 1), refused)
+    (
+        server,
+        listener,
+        relayed.replacen("localhost", "127.0.0.1", 1),
+    )
 }
 
 /// A connection pooler before PostgreSQL, PgBouncer in session mode, takes
@@ -3041,10 +3052,7 @@ async fn a_tasks_error_history_is_stored_again_only_when_it_grows() {
 async fn through_counting_relay(url: &str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
-    let server = format!("{}:{}", options.get_host(), options.get_port());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (server, listener, relayed) = relay_listener(url).await;
     let statements = Arc::new(AtomicUsize::new(0));
     let counting = Arc::clone(&statements);
     tokio::spawn(async move {
@@ -3091,13 +3099,7 @@ async fn through_counting_relay(url: &str) -> (String, Arc<std::sync::atomic::At
             });
         }
     });
-    let relayed = url.replacen(
-        &format!(":{}/", options.get_port()),
-        &format!(":{port}/"),
-        1,
-    );
-    assert_ne!(relayed, url, "OFFLOAD_TEST_PG_URL names its port");
-    (relayed.replacen("localhost", "127.0.0.1", 1), statements)
+    (relayed, statements)
 }
 
 /// A transaction that ends with its write records its counts and
