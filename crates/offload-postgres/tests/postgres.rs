@@ -667,14 +667,7 @@ async fn single_acks_from_several_workers_share_transactions_each_answered_apart
     let url = database_url().expect("checked");
     let schema = fresh_schema();
     let store = node(&schema).await;
-    let specs = (0..100)
-        .map(|_| {
-            NewTask::new("t")
-                .validate(&Limits::default(), Position::Alone)
-                .unwrap()
-        })
-        .collect();
-    store.enqueue(specs).await.unwrap();
+    store.enqueue(tasks_of_type_t(100)).await.unwrap();
     let mut acks = Vec::new();
     for w in 0..50 {
         let worker = format!("w{w}");
@@ -2353,11 +2346,18 @@ async fn small_node(url: &str, schema: &str) -> offload_core::Result<Arc<PgStore
 
 /// An enqueue of one task named `t`.
 fn one_task() -> Vec<TaskSpec> {
-    vec![
-        NewTask::new("t")
-            .validate(&Limits::default(), Position::Alone)
-            .unwrap(),
-    ]
+    tasks_of_type_t(1)
+}
+
+/// `n` tasks of type `t` with nothing else set, ready to enqueue.
+fn tasks_of_type_t(n: usize) -> Vec<TaskSpec> {
+    (0..n)
+        .map(|_| {
+            NewTask::new("t")
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect()
 }
 
 /// A database whose disk is full answers writes with an error of its own
@@ -3129,14 +3129,7 @@ async fn writes_send_their_counts_and_notifications_with_their_last_statement() 
     let store = PgStore::open(&counted_url, options).await.expect("open");
     let other = node(&schema).await;
     let mut events = other.hub().watch(Interest::Every).await;
-    let specs = (0..40)
-        .map(|_| {
-            NewTask::new("t")
-                .validate(&Limits::default(), Position::Alone)
-                .unwrap()
-        })
-        .collect();
-    store.enqueue(specs).await.unwrap();
+    store.enqueue(tasks_of_type_t(40)).await.unwrap();
     let (mut fewest_claim, mut fewest_ack, mut fewest_keyed) = (usize::MAX, usize::MAX, usize::MAX);
     for n in 0..20 {
         let keyed = NewTask::new("keyed")
