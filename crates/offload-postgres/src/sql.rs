@@ -265,7 +265,7 @@ pub const ENQUEUE_PLAIN: &str = "WITH queues AS (\
 /// `$notes` on channel `$channel`, and find whether a running task that
 /// ended was of a queue with a concurrency limit among `$freed`, sending
 /// the ready notification `$ready` too if so. Named `counted`, `room` and
-/// `sent`; a statement that takes them in answers [`recorded!`], which
+/// `sent`; a statement that takes them in answers `recorded!`, which
 /// reads `room` and counts `sent`, and so has the notifications sent (a
 /// CTE that nothing reads is not run). `tx::Unrecorded` binds the eight.
 macro_rules! record_changes {
@@ -327,7 +327,7 @@ pub const COUNT_AND_NOTIFY: &str = concat!(
 /// as [`COUNT_AND_NOTIFY`] records it (`$18`–`$25`, in its order), in the
 /// write's round trip: a transaction that ends with its write (a claim, an
 /// ack, a cancel) leaves its commit nothing to send first. Answers whether
-/// a task depends on `$17`, then [`recorded!`].
+/// a task depends on `$17`, then `recorded!`.
 pub const WRITE_TASK_ROWS_RECORDING_CHANGES: &str = concat!(
     "WITH written AS (",
     write_task_rows!(),
@@ -342,7 +342,7 @@ pub const WRITE_TASK_ROWS_RECORDING_CHANGES: &str = concat!(
 /// a JSON array of ids: arrays of arrays do not unnest), errors `$15` and
 /// finish times `$16`, created at `$17`; with what the transaction changed
 /// so far besides rows recorded as [`COUNT_AND_NOTIFY`] records it
-/// (`$18`–`$25`). Answers [`recorded!`].
+/// (`$18`–`$25`). Answers `recorded!`.
 pub const INSERT_TASKS_RECORDING_CHANGES: &str = concat!(
     "WITH inserted AS (\
        INSERT INTO offload_tasks (seq, id, type, queue, payload, priority, state, attempt, \
