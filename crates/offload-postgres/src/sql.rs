@@ -44,7 +44,7 @@ pub const BY_SEQ: &str = "seq = ANY($1)";
 pub const PENDING_BY_SEQ: &str = "seq = ANY($1) AND state = $2";
 
 /// The text of [`WRITE_TASK_ROWS`], which
-/// [`WRITE_TASK_ROWS_FINDING_DEPENDENTS`] takes in.
+/// [`WRITE_TASK_ROWS_RECORDING_CHANGES`] takes in.
 macro_rules! write_task_rows {
     () => {
         "UPDATE offload_tasks AS t SET state = u.state, \
@@ -74,19 +74,6 @@ macro_rules! write_task_rows {
 /// rows) at every claim, heartbeat and ack, the cost of each growing with
 /// the attempts that failed.
 pub const WRITE_TASK_ROWS: &str = write_task_rows!();
-
-/// [`WRITE_TASK_ROWS`], answering whether any task depends on the tasks
-/// `$17` (an array of ids) that the write finishes: an ack's look for
-/// blocked dependents ([`BLOCKED_DEPENDENTS_OF`]) in the write's round
-/// trip, where most acks find none. Read after the ack locked what it
-/// finishes, as a statement of its own would read it: an enqueue of a
-/// dependent locks its dependencies too, so one that committed first is
-/// seen here and one that comes after sees them finished.
-pub const WRITE_TASK_ROWS_FINDING_DEPENDENTS: &str = concat!(
-    "WITH written AS (",
-    write_task_rows!(),
-    ") SELECT EXISTS (SELECT 1 FROM offload_task_deps WHERE dep_id = ANY($17))"
-);
 
 /// The tasks in state `$2` (blocked) that depend on any of `$1` (an array
 /// of ids), each once: through the dependencies' primary key and the
@@ -322,12 +309,18 @@ pub const COUNT_AND_NOTIFY: &str = concat!(
     recorded!()
 );
 
-/// [`WRITE_TASK_ROWS_FINDING_DEPENDENTS`] (`$1`–`$17`; `$17` may be
-/// empty) with what the transaction changed so far besides rows recorded
-/// as [`COUNT_AND_NOTIFY`] records it (`$18`–`$25`, in its order), in the
-/// write's round trip: a transaction that ends with its write (a claim, an
-/// ack, a cancel) leaves its commit nothing to send first. Answers whether
-/// a task depends on `$17`, then `recorded!`.
+/// [`WRITE_TASK_ROWS`] (`$1`–`$16`), with what the transaction changed so
+/// far besides rows recorded as [`COUNT_AND_NOTIFY`] records it
+/// (`$18`–`$25`, in its order), in the write's round trip: a transaction
+/// that ends with its write (a claim, an ack, a cancel) leaves its commit
+/// nothing to send first. Answers whether any task depends on the tasks
+/// `$17` (an array of ids, maybe empty) that the write finishes, then
+/// `recorded!`: an ack's look for blocked dependents
+/// ([`BLOCKED_DEPENDENTS_OF`]) in the same round trip, where most acks
+/// find none. Read after the ack locked what it finishes, as a statement
+/// of its own would read it: an enqueue of a dependent locks its
+/// dependencies too, so one that committed first is seen here and one
+/// that comes after sees them finished.
 pub const WRITE_TASK_ROWS_RECORDING_CHANGES: &str = concat!(
     "WITH written AS (",
     write_task_rows!(),

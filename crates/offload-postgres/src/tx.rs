@@ -350,12 +350,11 @@ impl Tx {
             .map(drop)
     }
 
-    /// Writes back `tasks` as [`Tx::write_rows`] does, and answers whether
-    /// any task depends on one of `finishing` (ids among them) in the same
-    /// round trip (`sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS`). What the
-    /// transaction changed so far besides rows goes with the write
-    /// (`sql::WRITE_TASK_ROWS_RECORDING_CHANGES`): most transactions end
-    /// with it, and their commit then has nothing to send first.
+    /// Writes back `tasks` as [`Tx::write_rows`] does, with what the
+    /// transaction changed so far besides rows, and answers whether any
+    /// task depends on one of `finishing` (ids among them), in one round
+    /// trip (`sql::WRITE_TASK_ROWS_RECORDING_CHANGES`): most transactions
+    /// end with it, and their commit then has nothing to send first.
     async fn write_rows_finding_dependents(
         &mut self,
         tasks: &[&StoredTask],
@@ -413,12 +412,13 @@ impl Tx {
             worker_id.push(t.worker_id.clone());
         }
         let unrecorded = self.changes.take_unrecorded(&self.node.id);
-        let statement = if !unrecorded.is_empty() {
-            crate::sql::WRITE_TASK_ROWS_RECORDING_CHANGES
-        } else if finishing.is_empty() {
+        // A write with nothing else to record or ask (a heartbeat that
+        // reported nothing) is the bare update.
+        let bare = unrecorded.is_empty() && finishing.is_empty();
+        let statement = if bare {
             crate::sql::WRITE_TASK_ROWS
         } else {
-            crate::sql::WRITE_TASK_ROWS_FINDING_DEPENDENTS
+            crate::sql::WRITE_TASK_ROWS_RECORDING_CHANGES
         };
         let write = sqlx::query(statement)
             .bind(seq)
@@ -437,15 +437,11 @@ impl Tx {
             .bind(lease_expires_at)
             .bind(deadline_at)
             .bind(worker_id);
-        if !unrecorded.is_empty() {
-            let row = self.fetch_with(write.bind(finishing), unrecorded).await?;
-            return Ok(sqlx::Row::try_get(&row, 0)?);
-        }
-        if finishing.is_empty() {
+        if bare {
             write.execute(&mut *self.conn).await?;
             return Ok(false);
         }
-        let row = write.bind(finishing).fetch_one(&mut *self.conn).await?;
+        let row = self.fetch_with(write.bind(finishing), unrecorded).await?;
         Ok(sqlx::Row::try_get(&row, 0)?)
     }
 

@@ -1724,6 +1724,7 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
     };
     use offload_postgres::sql::{
         BLOCKED_DEPENDENTS_OF, BY_SEQ, PENDING_BY_SEQ, WAITING_FOR_MORE, WRITE_TASK_ROWS,
+        WRITE_TASK_ROWS_RECORDING_CHANGES,
     };
     let write_types = "bigint[], smallint[], int[], int[], bigint[], text[], text[], text[], \
                        text[], bool[], bigint[], bigint[], bigint[], bigint[], bigint[], text[]";
@@ -1742,6 +1743,14 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_an_empty_table() 
             write_types,
             WRITE_TASK_ROWS.to_owned(),
             vec!["NULL"; 16].join(", "),
+        ),
+        (
+            &format!(
+                "{write_types}, uuid[], text[], text[], smallint[], bigint[], text, text[], \
+                 text[], text"
+            ),
+            WRITE_TASK_ROWS_RECORDING_CHANGES.to_owned(),
+            vec!["NULL"; 25].join(", "),
         ),
         (
             "bigint[]",
