@@ -12,7 +12,13 @@ acked one after another. Prints the fetch's and the ack's p50 and p99.
 With KNOWN=N (PostgreSQL), N `fast` tasks are enqueued first and the
 table `ANALYZE`d (by psql) while it holds them, as autovacuum does early
 in a table's life, then they are fetched and acked, so the node's
-sessions plan their writes on a table PostgreSQL knows to be tiny.
+sessions plan their writes on a table PostgreSQL knows to be tiny. With
+QUIET=N (PostgreSQL), N tasks scheduled an hour ahead over three queues
+and three types are enqueued first and the table analyzed while nothing
+is pending, as a quiet application's table is. With ANY_TYPE=1 the
+worker's fetches name the queue `default` and no type and take one task,
+whichever comes first (a `bulk` one once the backlog is in), so the
+claims walk the types pending in the queue.
 
 DB is `sqlite` (a fresh file) or a PostgreSQL URL (schema `probe`, made
 afresh). A session's plan of a statement is made at its first run: a
@@ -36,7 +42,9 @@ def main():
     samples = int(sys.argv[4]) if len(sys.argv) > 4 else 300
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port)
-        fetch = {"worker_id": "w", "types": ["fast"], "limit": 10}
+        any_type = os.environ.get("ANY_TYPE") == "1"
+        fetch = {"worker_id": "w", "queues": ["default"], "limit": 1} if any_type else \
+            {"worker_id": "w", "types": ["fast"], "limit": 10}
         # The queue is set up before anything is enqueued, as an
         # application may do at its start, and the node's connections plan
         # their claims from it while nothing is stored.
@@ -47,8 +55,14 @@ def main():
         if answer.status != 200:
             raise SystemExit(f"PATCH /v1/queues/default: {answer.status}")
         known = int(os.environ.get("KNOWN", "0"))
+        quiet = int(os.environ.get("QUIET", "0"))
+        if quiet:
+            post(conn, "/v1/tasks/batch", {"tasks": [
+                {"type": f"t{i % 3}", "queue": f"q{i // 3 % 3}", "delay_secs": 3600}
+                for i in range(quiet)]})
         if known:
             post(conn, "/v1/tasks/batch", {"tasks": [{"type": "fast"}] * known})
+        if (known or quiet) and db.startswith("postgres"):
             subprocess.run(["psql", "-q", "-d", db.split("?")[0], "-c",
                             "ANALYZE probe.offload_tasks"], check=True)
             for _ in range(known):
@@ -68,7 +82,7 @@ def main():
             tasks = post(conn, "/v1/fetch", fetch)["tasks"]
             took.append(time.perf_counter() - t0)
             if len(tasks) != 1:
-                raise SystemExit(f"a fetch brought {len(tasks)} tasks, not the one enqueued")
+                raise SystemExit(f"a fetch brought {len(tasks)} tasks, not one")
             t0 = time.perf_counter()
             post(conn, "/v1/ack", {"worker_id": "w", "completed": [{"id": tasks[0]["id"]}]})
             acked.append(time.perf_counter() - t0)
@@ -78,7 +92,8 @@ def main():
         return (f"p50 {1000 * times[len(times) // 2]:.2f} ms, "
                 f"p99 {1000 * times[int(len(times) * 0.99)]:.2f} ms")
 
-    print(f"{backlog} bulk tasks pending: a fetch of one fast task {spread(took)}; "
+    print(f"{backlog} bulk tasks pending: a fetch of one {'' if any_type else 'fast '}task "
+          f"{spread(took)}; "
           f"its ack {spread(acked)}")
 
 

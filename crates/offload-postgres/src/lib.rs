@@ -56,6 +56,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../migrations/0004_count_totals.sql")),
     (5, include_str!("../migrations/0005_claim_order.sql")),
     (6, include_str!("../migrations/0006_claim_order_apart.sql")),
+    (
+        7,
+        include_str!("../migrations/0007_state_indexes_apart.sql"),
+    ),
 ];
 /// Running tasks whose leases expired by `$1`, and whether the database
 /// takes writes, for `/health`.

@@ -1032,7 +1032,7 @@ async fn pending_pairs_up_to(
     most: i64,
 ) -> PgResult<Option<Vec<PendingPair>>> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
-    let pairs: Vec<(String, String, bool, Option<i32>)> = sqlx::query_as(PENDING_PAIRS)
+    let pairs: Vec<(String, String, bool, Option<i32>)> = sqlx::query_as(crate::sql::PENDING_PAIRS)
         .bind(most)
         .fetch_all(&mut *tx.conn)
         .await?;
@@ -1244,22 +1244,6 @@ async fn queue_settings<S: AsRef<str>>(tx: &mut Tx, names: &[S]) -> PgResult<Vec
 /// The largest window of pending tasks a claim from all of many queues
 /// reads in claim order before it walks every pending pair instead.
 const CLAIM_WINDOW_MOST: usize = 16_384;
-
-/// Every (queue, type) with pending tasks, in order, with its queue's
-/// settings, up to `$1 + 1` of them: one short walk of
-/// offload_tasks_ready_by_type per pair (a loose index scan) rather than a
-/// visit of every pending task.
-const PENDING_PAIRS: &str = "WITH RECURSIVE pending(queue, type, walked) AS ( \
-       (SELECT queue, type, 1::bigint FROM offload_tasks WHERE state = 2 ORDER BY queue, type LIMIT 1) \
-       UNION ALL \
-       SELECT n.queue, n.type, p.walked + 1 FROM pending p CROSS JOIN LATERAL ( \
-         SELECT t.queue, t.type FROM offload_tasks t \
-         WHERE t.state = 2 AND (t.queue, t.type) > (p.queue, p.type) \
-         ORDER BY t.queue, t.type LIMIT 1 \
-       ) n WHERE p.walked <= $1 \
-     ) SELECT p.queue, p.type, COALESCE(q.paused, false) AS paused, q.concurrency \
-     FROM pending p LEFT JOIN offload_queues q ON q.name = p.queue \
-     ORDER BY p.queue, p.type";
 
 /// The types with pending tasks in each of `queues`, sorted, by queue.
 async fn pending_types(tx: &mut Tx, queues: &[&str]) -> PgResult<HashMap<String, Vec<String>>> {

@@ -5,7 +5,9 @@
 //! plan knows: a generic plan (used once a prepared statement has run a few
 //! times) does not know the value of `$1`, so `state = $1` alone does not
 //! prove `state >= 4`. Statements that take the state as a parameter repeat
-//! the index's condition literally.
+//! the index's condition literally. An index meant for one statement has a
+//! condition in words only that statement uses (`state + 0 = 2`), so that
+//! no other can be planned onto it.
 //!
 //! A session plans each statement once, at its first run, and keeps the
 //! plan while the connection lives (until an `ANALYZE` or `VACUUM` of the
@@ -122,9 +124,10 @@ pub const HOLDING_UNIQUE_KEYS: &str = "seq = ANY(ARRAY(\
      AND state <= $3 AND NOT cancel_requested";
 
 /// Finished tasks of one state (`$1`) finished by `$2`, at most `$3` of them,
-/// deleted; through `offload_tasks_finished`.
+/// deleted; through `offload_tasks_finished`, whose condition it states in
+/// that index's words, which no other statement uses (migration 7).
 pub const DELETE_FINISHED: &str = "DELETE FROM offload_tasks WHERE seq IN (SELECT seq \
-     FROM offload_tasks WHERE state = $1 AND state >= 4 AND finished_at <= $2 LIMIT $3 \
+     FROM offload_tasks WHERE state = $1 AND state + 0 >= 4 AND finished_at <= $2 LIMIT $3 \
      FOR UPDATE SKIP LOCKED) RETURNING queue, type";
 
 /// The condition that finds tasks by id (`$1`, an array) among those whose
@@ -169,6 +172,23 @@ pub const PENDING_OF_PAIRS: &str = "SELECT p.nth, c.seq, c.priority, c.run_at \
        WHERE state = 2 AND queue = p.queue AND type = p.type \
        ORDER BY priority DESC, run_at, seq LIMIT p.walk \
      ) c";
+
+/// Every (queue, type) with pending tasks, in order, with its queue's
+/// settings, up to `$1 + 1` of them: one short walk of
+/// offload_tasks_ready_by_type per pair (a loose index scan) rather than a
+/// visit of every pending task. Past `$1 + 1` pairs a claim reads a
+/// window of the claim order instead ([`CLAIM_ORDER_WINDOW`]).
+pub const PENDING_PAIRS: &str = "WITH RECURSIVE pending(queue, type, walked) AS ( \
+       (SELECT queue, type, 1::bigint FROM offload_tasks WHERE state = 2 ORDER BY queue, type LIMIT 1) \
+       UNION ALL \
+       SELECT n.queue, n.type, p.walked + 1 FROM pending p CROSS JOIN LATERAL ( \
+         SELECT t.queue, t.type FROM offload_tasks t \
+         WHERE t.state = 2 AND (t.queue, t.type) > (p.queue, p.type) \
+         ORDER BY t.queue, t.type LIMIT 1 \
+       ) n WHERE p.walked <= $1 \
+     ) SELECT p.queue, p.type, COALESCE(q.paused, false) AS paused, q.concurrency \
+     FROM pending p LEFT JOIN offload_queues q ON q.name = p.queue \
+     ORDER BY p.queue, p.type";
 
 /// The types with pending tasks in each of the queues `$1` (an array), as
 /// (queue, type) rows in no order: per queue, one short walk of
@@ -548,9 +568,11 @@ fn list_branch(
             sql.push(" AND state = 3");
         }
         // With offload_tasks_by_state's own condition spelled out, so the
-        // planner sees that the partial index covers the branch.
+        // planner sees that the partial index covers the branch: in words
+        // no other statement uses, so that no other reads that index
+        // (migration 7).
         Listed::Indexed(state) => {
-            sql.push(format!(" AND state = {} AND state <> 3", state.code()));
+            sql.push(format!(" AND state = {} AND state + 0 <> 3", state.code()));
         }
         // A parameter, which proves no partial index of states.
         Listed::Checked(states) => {

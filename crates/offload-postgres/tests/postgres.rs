@@ -1462,23 +1462,44 @@ async fn concurrent_claims_from_several_nodes_keep_each_queues_limit() {
     assert!(over.is_empty(), "queues running past their limit: {over:?}");
 }
 
-/// The plan of `statement` (parameters of `types`, run with `args`) under a
+/// The plans of `statement` (parameters of `types`, run with `args`) under a
 /// generic plan (what a prepared statement gets after a few runs, and what
 /// the store asks for) with sequential scans priced out, in a schema of
-/// Offload's tables: a plan that cannot use the index meant for it shows
-/// as a scan without that index's condition.
-async fn generic_plan(url: &str, types: &str, statement: &str, args: &str) -> String {
-    generic_plan_beside(url, 0, types, statement, args).await
+/// Offload's tables, each headed by what the table held: one made on an
+/// empty table, and one beside each of two sets of tasks that the table's
+/// statistics count (`ANALYZE`d, as autovacuum does early in a table's life
+/// and a migration's `CREATE INDEX` does): three pending, and 300
+/// scheduled over three queues and three types, none pending. A session
+/// keeps the plan it made at its first run, and a table PostgreSQL knows to
+/// be tiny, or to hold nothing pending, invites plans that an empty one,
+/// which it assumes to be of some pages, does not. A plan that cannot use
+/// the index meant for it shows as a scan without that index's condition.
+async fn generic_plans(url: &str, types: &str, statement: &str, args: &str) -> Vec<String> {
+    let scheduled = (0..300)
+        .map(|i| {
+            NewTask::new(format!("t{}", i % 3))
+                .queue(format!("q{}", i / 3 % 3))
+                .delay(Duration::from_secs(3600))
+                .validate(&Limits::default(), Position::Alone)
+                .unwrap()
+        })
+        .collect();
+    let mut plans = Vec::new();
+    for (held, tasks) in [
+        ("nothing", Vec::new()),
+        ("3 pending tasks", tasks_of_type_t(3)),
+        ("300 scheduled tasks", scheduled),
+    ] {
+        let plan = generic_plan_beside(url, tasks, types, statement, args).await;
+        plans.push(format!("(planned beside {held})\n{plan}"));
+    }
+    plans
 }
 
-/// As [`generic_plan`], planned beside `stored` tasks that the table's
-/// statistics count (`ANALYZE`d, as autovacuum does early in a table's
-/// life and a migration's `CREATE INDEX` does): a table PostgreSQL knows
-/// to be tiny invites plans an empty one, which it assumes to be of some
-/// pages, does not.
+/// One of [`generic_plans`], beside `tasks`.
 async fn generic_plan_beside(
     url: &str,
-    stored: usize,
+    tasks: Vec<TaskSpec>,
     types: &str,
     statement: &str,
     args: &str,
@@ -1486,11 +1507,8 @@ async fn generic_plan_beside(
     let schema = fresh_schema();
     let store = node(&schema).await;
     let mut conn = connection_in(url, &schema).await;
-    if stored > 0 {
-        store
-            .enqueue(tasks_of_type_t(stored))
-            .await
-            .expect("enqueue");
+    if !tasks.is_empty() {
+        store.enqueue(tasks).await.expect("enqueue");
         sqlx::raw_sql("ANALYZE offload_tasks")
             .execute(&mut conn)
             .await
@@ -1569,20 +1587,22 @@ async fn retention_finds_finished_tasks_by_index_under_a_generic_plan() {
     let Some(url) = database_url() else {
         return;
     };
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "smallint, bigint, bigint",
         offload_postgres::sql::DELETE_FINISHED,
         "4, 0, 1000",
     )
-    .await;
-    let bounded_by_state = plan
-        .lines()
-        .any(|line| line.contains("Index Cond") && line.contains("state"));
-    assert!(
-        bounded_by_state && !plan.contains("Seq Scan on offload_tasks"),
-        "the retention pass does not reach finished tasks through a state index:\n{plan}"
-    );
+    .await
+    {
+        let bounded_by_state = plan
+            .lines()
+            .any(|line| line.contains("Index Cond") && line.contains("state"));
+        assert!(
+            bounded_by_state && !plan.contains("Seq Scan on offload_tasks"),
+            "the retention pass does not reach finished tasks through a state index:\n{plan}"
+        );
+    }
 }
 
 /// A list of one state or of several reaches each state's tasks newest
@@ -1609,11 +1629,12 @@ async fn lists_of_states_read_the_state_index_under_a_generic_plan() {
         let parameters = statement.matches('$').count();
         let types = vec!["bigint"; parameters].join(", ");
         let args = vec!["51"; parameters].join(", ");
-        let plan = generic_plan(&url, &types, &statement, &args).await;
-        assert!(
-            plan.contains("offload_tasks_by_state") && !plan.contains("offload_tasks_pkey"),
-            "a list of {states:?} does not read offload_tasks_by_state:\n{plan}"
-        );
+        for plan in generic_plans(&url, &types, &statement, &args).await {
+            assert!(
+                plan.contains("offload_tasks_by_state") && !plan.contains("offload_tasks_pkey"),
+                "a list of {states:?} does not read offload_tasks_by_state:\n{plan}"
+            );
+        }
     }
 }
 
@@ -1633,19 +1654,21 @@ async fn an_owners_list_read_owner_first_reads_the_owner_index_under_a_generic_p
     let list = offload_postgres::sql::list_tasks(&query, Some(1_000_000), 51, true);
     let statement = list.sql().to_owned();
     // A seq, the states, the owner, the row count.
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "bigint, smallint[], text, bigint",
         &statement,
         "1000000, '{4,5}', 'alice', 51",
     )
-    .await;
-    assert!(
-        plan.contains("Index Scan Backward using offload_tasks_by_owner")
-            && !plan.contains("offload_tasks_by_state")
-            && !plan.contains("offload_tasks_finished"),
-        "an owner's list does not walk offload_tasks_by_owner:\n{plan}"
-    );
+    .await
+    {
+        assert!(
+            plan.contains("Index Scan Backward using offload_tasks_by_owner")
+                && !plan.contains("offload_tasks_by_state")
+                && !plan.contains("offload_tasks_finished"),
+            "an owner's list does not walk offload_tasks_by_owner:\n{plan}"
+        );
+    }
 }
 
 /// A claim from all of many queues reads the first pending tasks through
@@ -1664,10 +1687,11 @@ async fn a_claim_reads_the_first_pending_tasks_by_index_under_a_generic_plan() {
 }
 
 /// A claim of one (queue, type), and of several, planned as a node's
-/// sessions plan it on a new, empty schema, searches the pending tasks of
-/// its pairs by queue and type: walking the claim order of every pending
-/// task instead, it filtered its way past every other pair's (74 ms a
-/// claim behind 100,000 pending tasks of another type).
+/// sessions plan it on a new schema ([`generic_plans`]), searches
+/// the pending tasks of its pairs by queue and type: walking the claim
+/// order of every pending task instead, it filtered its way past every
+/// other pair's (74 ms a claim behind 100,000 pending tasks of another
+/// type).
 #[tokio::test]
 async fn a_claim_of_pairs_searches_them_by_queue_and_type_though_planned_on_an_empty_table() {
     let Some(url) = database_url() else {
@@ -1685,19 +1709,20 @@ async fn a_claim_of_pairs_searches_them_by_queue_and_type_though_planned_on_an_e
             "'{default,mail}', '{t,u}', '{10,10}'",
         ),
     ] {
-        let plan = generic_plan(&url, types, &statement, args).await;
-        let scans: Vec<&str> = plan
-            .lines()
-            .filter(|line| line.contains(" on offload_tasks"))
-            .collect();
-        assert!(
-            !scans.is_empty()
-                && scans
-                    .iter()
-                    .all(|scan| scan.contains("offload_tasks_ready_by_type")),
-            "a claim of pairs does not search them by queue and type:\n{plan}"
-        );
-        assert!(!plan.contains("Sort"), "{plan}");
+        for plan in generic_plans(&url, types, &statement, args).await {
+            let scans: Vec<&str> = plan
+                .lines()
+                .filter(|line| line.contains(" on offload_tasks"))
+                .collect();
+            assert!(
+                !scans.is_empty()
+                    && scans
+                        .iter()
+                        .all(|scan| scan.contains("offload_tasks_ready_by_type")),
+                "a claim of pairs does not search them by queue and type:\n{plan}"
+            );
+            assert!(!plan.contains("Sort"), "{plan}");
+        }
     }
 }
 
@@ -1720,6 +1745,32 @@ async fn a_claim_reads_the_types_pending_in_named_queues_by_index_under_a_generi
     .await;
 }
 
+/// A claim from all queues, while few (queue, type) pairs hold pending
+/// tasks, walks them through the index of pending tasks by queue and
+/// type, reading no other index of tasks: planned beside a table
+/// analyzed with nothing pending, it read every pending task through
+/// `offload_tasks_by_state` and sorted them, at each claim (migration 7).
+/// The plan sorts the pairs it found, which are few, and nothing else.
+#[tokio::test]
+async fn a_claim_walks_the_pending_pairs_by_index_under_a_generic_plan() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    for plan in generic_plans(&url, "bigint", offload_postgres::sql::PENDING_PAIRS, "257").await {
+        let scans: Vec<&str> = plan
+            .lines()
+            .filter(|line| line.contains(" on offload_tasks"))
+            .collect();
+        assert!(
+            !scans.is_empty()
+                && scans
+                    .iter()
+                    .all(|scan| scan.contains("offload_tasks_ready_by_type")),
+            "the pending pairs are not walked through offload_tasks_ready_by_type:\n{plan}"
+        );
+    }
+}
+
 /// That `statement` (its parameters' types, itself, the arguments it is
 /// run with), under a generic plan, reads through `index` in the index's
 /// order, sorting nothing.
@@ -1728,18 +1779,19 @@ async fn assert_walks_index_in_order(
     (types, statement, args): (&str, &str, &str),
     index: &str,
 ) {
-    let plan = generic_plan(url, types, statement, args).await;
-    assert!(
-        plan.contains(index) && !plan.contains("Sort"),
-        "not read through {index} in its order:\n{plan}"
-    );
+    for plan in generic_plans(url, types, statement, args).await {
+        assert!(
+            plan.contains(index) && !plan.contains("Sort"),
+            "not read through {index} in its order:\n{plan}"
+        );
+    }
 }
 
 /// The statements that look tasks up by seq (an ack's and a read's, a
 /// claim's lock of the tasks it picked, every write of tasks' rows, the
 /// check of dependents' unmet dependencies), planned as a node's sessions
-/// plan them on a new, empty schema, or beside three tasks the statistics
-/// know of, read no task but through the primary key, each read a search.
+/// plan them on a new schema ([`generic_plans`]), read no task but through
+/// the primary key, each read a search.
 /// A plan made while the table is small is kept: one that read the whole
 /// table, or the whole index of pending tasks, did so at every ack or claim
 /// once thousands were stored.
@@ -1789,9 +1841,8 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_a_new_table() {
             format!("'{{{}}}', 0", Uuid::now_v7()),
         ),
     ];
-    for stored in [0, 3] {
-        for (types, statement, args) in &statements {
-            let plan = generic_plan_beside(&url, stored, types, statement, args).await;
+    for (types, statement, args) in statements {
+        for plan in generic_plans(&url, types, &statement, &args).await {
             let indexes_read = plan.matches("offload_tasks_").count();
             let primary_key_read = plan.matches("offload_tasks_pkey").count();
             assert!(
@@ -1799,8 +1850,7 @@ async fn lookups_by_seq_read_the_primary_key_though_planned_on_a_new_table() {
                     && indexes_read == primary_key_read
                     && !plan.contains("Seq Scan")
                     && every_primary_key_read_is_a_search(&plan),
-                "{statement}\nplanned beside {stored} tasks, reads more than the primary \
-                 key's entries:\n{plan}"
+                "{statement}\nreads more than the primary key's entries:\n{plan}"
             );
         }
     }
@@ -1840,17 +1890,19 @@ async fn a_labels_tasks_are_found_through_the_labels_index_under_a_generic_plan(
         ("team".to_owned(), "t".to_owned()),
     ];
     let found = offload_postgres::sql::labelled_below(&labels, Some(1_000_000), 1_000);
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "jsonb, jsonb, bigint, bigint",
         found.sql(),
         r#"'{"project": "p1"}', '{"team": "t"}', 1000000, 1000"#,
     )
-    .await;
-    assert!(
-        plan.contains("offload_tasks_labels") && !plan.contains("offload_tasks_pkey"),
-        "a label's tasks are not found through offload_tasks_labels:\n{plan}"
-    );
+    .await
+    {
+        assert!(
+            plan.contains("offload_tasks_labels") && !plan.contains("offload_tasks_pkey"),
+            "a label's tasks are not found through offload_tasks_labels:\n{plan}"
+        );
+    }
     let query = offload_core::ListQuery {
         states: vec![State::Completed, State::Pending],
         task_type: Some("t".into()),
@@ -1863,18 +1915,20 @@ async fn a_labels_tasks_are_found_through_the_labels_index_under_a_generic_plan(
         ..Default::default()
     };
     let rows = offload_postgres::sql::listed_among(&query, vec![1, 2]);
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "bigint[], smallint[], text, text, text, bigint, bigint, jsonb, jsonb",
         rows.sql(),
         r#"'{1,2}', '{4,2}', 't', 'q', 'o', 0, 1, '{"project": "p1"}', '{"team": "t"}'"#,
     )
-    .await;
-    assert!(
-        plan.matches("offload_tasks_").count() == plan.matches("offload_tasks_pkey").count()
-            && plan.contains("offload_tasks_pkey"),
-        "the listed tasks' rows are not read by primary key alone:\n{plan}"
-    );
+    .await
+    {
+        assert!(
+            plan.matches("offload_tasks_").count() == plan.matches("offload_tasks_pkey").count()
+                && plan.contains("offload_tasks_pkey"),
+            "the listed tasks' rows are not read by primary key alone:\n{plan}"
+        );
+    }
 }
 
 /// The holders of the unique keys a batch names are found through the
@@ -1884,7 +1938,7 @@ async fn held_unique_keys_are_found_by_index_under_a_generic_plan() {
     let Some(url) = database_url() else {
         return;
     };
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "text[], text[], smallint",
         &format!(
@@ -1893,23 +1947,25 @@ async fn held_unique_keys_are_found_by_index_under_a_generic_plan() {
         ),
         "'{default}', '{k}', 3",
     )
-    .await;
-    // Each scan of the index searches it by queue and key: one whose
-    // condition is only the index's own reads every active keyed task.
-    let scans: Vec<&str> = plan
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| line.contains("offload_tasks_unique_key"))
-        .map(|(at, _)| plan.lines().nth(at + 1).unwrap_or(""))
-        .collect();
-    assert!(
-        !scans.is_empty()
-            && scans
-                .iter()
-                .all(|cond| cond.contains("queue =") && cond.contains("unique_key =")),
-        "held keys are not looked up by key:\n{plan}"
-    );
-    assert!(!plan.contains("Seq Scan"), "{plan}");
+    .await
+    {
+        // Each scan of the index searches it by queue and key: one whose
+        // condition is only the index's own reads every active keyed task.
+        let scans: Vec<&str> = plan
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| line.contains("offload_tasks_unique_key"))
+            .map(|(at, _)| plan.lines().nth(at + 1).unwrap_or(""))
+            .collect();
+        assert!(
+            !scans.is_empty()
+                && scans
+                    .iter()
+                    .all(|cond| cond.contains("queue =") && cond.contains("unique_key =")),
+            "held keys are not looked up by key:\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
 }
 
 /// An id that carries no seq (stored before schema version 3) is found
@@ -1919,7 +1975,7 @@ async fn ids_that_carry_no_seq_are_found_by_index_under_a_generic_plan() {
     let Some(url) = database_url() else {
         return;
     };
-    let plan = generic_plan(
+    for plan in generic_plans(
         &url,
         "uuid[]",
         &format!(
@@ -1928,11 +1984,13 @@ async fn ids_that_carry_no_seq_are_found_by_index_under_a_generic_plan() {
         ),
         &format!("'{{{}}}'", uuid::Uuid::now_v7()),
     )
-    .await;
-    assert!(
-        plan.contains("offload_tasks_id_not_carrying_seq") && !plan.contains("Seq Scan"),
-        "ids without a seq are not looked up by index:\n{plan}"
-    );
+    .await
+    {
+        assert!(
+            plan.contains("offload_tasks_id_not_carrying_seq") && !plan.contains("Seq Scan"),
+            "ids without a seq are not looked up by index:\n{plan}"
+        );
+    }
 }
 
 /// Tasks stored under schema version 2, whose ids carry no seq, are found
