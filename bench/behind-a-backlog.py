@@ -18,7 +18,9 @@ and three types are enqueued first and the table analyzed while nothing
 is pending, as a quiet application's table is. With ANY_TYPE=1 the
 worker's fetches name the queue `default` and no type and take one task,
 whichever comes first (a `bulk` one once the backlog is in), so the
-claims walk the types pending in the queue.
+claims walk the types pending in the queue. BACKLOG_TYPE names the
+backlog's type (`bulk` unless given; `fast` puts the backlog ahead of
+the fetches' own tasks, in their pair, and each fetch takes one).
 
 DB is `sqlite` (a fresh file) or a PostgreSQL URL (schema `probe`, made
 afresh). A session's plan of a statement is made at its first run: a
@@ -43,8 +45,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port)
         any_type = os.environ.get("ANY_TYPE") == "1"
+        backlog_type = os.environ.get("BACKLOG_TYPE", "bulk")
+        # One task a fetch where the backlog is of what the fetch takes.
         fetch = {"worker_id": "w", "queues": ["default"], "limit": 1} if any_type else \
-            {"worker_id": "w", "types": ["fast"], "limit": 10}
+            {"worker_id": "w", "types": ["fast"], "limit": 1 if backlog_type == "fast" else 10}
         # The queue is set up before anything is enqueued, as an
         # application may do at its start, and the node's connections plan
         # their claims from it while nothing is stored.
@@ -73,7 +77,7 @@ def main():
             post(conn, "/v1/fetch", fetch)
         for first in range(0, backlog, 1000):
             post(conn, "/v1/tasks/batch",
-                 {"tasks": [{"type": "bulk"}] * min(1000, backlog - first)},
+                 {"tasks": [{"type": backlog_type}] * min(1000, backlog - first)},
                  {"prefer": "return=minimal"})
         took, acked = [], []
         for _ in range(samples):
@@ -92,7 +96,7 @@ def main():
         return (f"p50 {1000 * times[len(times) // 2]:.2f} ms, "
                 f"p99 {1000 * times[int(len(times) * 0.99)]:.2f} ms")
 
-    print(f"{backlog} bulk tasks pending: a fetch of one {'' if any_type else 'fast '}task "
+    print(f"{backlog} {backlog_type} tasks pending: a fetch of one {'' if any_type else 'fast '}task "
           f"{spread(took)}; "
           f"its ack {spread(acked)}")
 
