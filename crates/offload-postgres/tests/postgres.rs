@@ -1484,6 +1484,8 @@ async fn generic_plans(url: &str, types: &str, statement: &str, args: &str) -> V
 /// table's life and a migration's `CREATE INDEX` does).
 #[derive(Clone, Copy, Debug)]
 enum Held {
+    /// A new table, never analyzed, which PostgreSQL takes to be of a few
+    /// pages.
     Nothing,
     /// A table PostgreSQL knows to be tiny.
     ThreePending,
@@ -1505,11 +1507,8 @@ impl Held {
 
     async fn store_in(self, store: &PgStore) {
         let (pending, scheduled) = match self {
-            Held::Nothing => (0, 0),
-            Held::ThreePending => {
-                store.enqueue(tasks_of_type_t(3)).await.expect("enqueue");
-                return;
-            }
+            Held::Nothing => return,
+            Held::ThreePending => (3, 0),
             Held::ScheduledOnly => (0, 300),
             Held::ThirdPending => (300, 600),
         };
@@ -1521,9 +1520,7 @@ impl Held {
                 task.validate(&Limits::default(), Position::Alone).unwrap()
             })
             .collect::<Vec<_>>();
-        if !tasks.is_empty() {
-            store.enqueue(tasks).await.expect("enqueue");
-        }
+        store.enqueue(tasks).await.expect("enqueue");
     }
 }
 
@@ -1538,11 +1535,13 @@ async fn generic_plan_beside(
     let schema = fresh_schema();
     let store = node(&schema).await;
     let mut conn = connection_in(url, &schema).await;
-    held.store_in(&store).await;
-    sqlx::raw_sql("ANALYZE offload_tasks")
-        .execute(&mut conn)
-        .await
-        .expect("analyze");
+    if !matches!(held, Held::Nothing) {
+        held.store_in(&store).await;
+        sqlx::raw_sql("ANALYZE offload_tasks")
+            .execute(&mut conn)
+            .await
+            .expect("analyze");
+    }
     for setting in [
         offload_postgres::sql::PLANNER_SETTINGS.to_owned(),
         format!("PREPARE statement ({types}) AS {statement}"),
