@@ -20,7 +20,7 @@ use crate::rows::{
     CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, StoredTexts, TASK_COLUMNS,
     decode, encode_json, payload,
 };
-use crate::tx::{Changes, Tx, changed_prefix};
+use crate::tx::{Changes, PgQuery, Tx, changed_prefix};
 
 /// Types a claim may name and still read candidates for each named one;
 /// past this it reads them for the named ones pending in the queue.
@@ -487,8 +487,6 @@ impl NewTaskColumns {
             .bind(self.labels)
     }
 }
-
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 async fn insert(tx: &mut Tx, fresh: &[Fresh]) -> PgResult<()> {
     if fresh.is_empty() {

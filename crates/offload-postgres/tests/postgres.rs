@@ -1505,7 +1505,9 @@ impl Held {
     /// replans it).
     const EVERY_TEST: [Held; 3] = [Held::Nothing, Held::ThreePending, Held::ScheduledOnly];
 
-    async fn store_in(self, store: &PgStore) {
+    /// Stores what `self` says with `store` and analyzes the table over
+    /// `conn`; leaves a new table as it is.
+    async fn store_in(self, store: &PgStore, conn: &mut sqlx::PgConnection) {
         let (pending, scheduled) = match self {
             Held::Nothing => return,
             Held::ThreePending => (3, 0),
@@ -1521,6 +1523,10 @@ impl Held {
             })
             .collect::<Vec<_>>();
         store.enqueue(tasks).await.expect("enqueue");
+        sqlx::raw_sql("ANALYZE offload_tasks")
+            .execute(conn)
+            .await
+            .expect("analyze");
     }
 }
 
@@ -1535,13 +1541,7 @@ async fn generic_plan_beside(
     let schema = fresh_schema();
     let store = node(&schema).await;
     let mut conn = connection_in(url, &schema).await;
-    if !matches!(held, Held::Nothing) {
-        held.store_in(&store).await;
-        sqlx::raw_sql("ANALYZE offload_tasks")
-            .execute(&mut conn)
-            .await
-            .expect("analyze");
-    }
+    held.store_in(&store, &mut conn).await;
     for setting in [
         offload_postgres::sql::PLANNER_SETTINGS.to_owned(),
         format!("PREPARE statement ({types}) AS {statement}"),
