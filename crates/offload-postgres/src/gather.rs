@@ -268,6 +268,32 @@ impl Gathered for Enqueues {
     }
 }
 
+/// Tasks with a unique key and no dependencies, enqueued one a request
+/// (applications that give every task an idempotency key): each comes
+/// as if in a transaction of its own ([`ops::enqueue_apart`]), and none
+/// can fail another's: a key's holder is found, kept or cancelled, and a
+/// task made, whatever the others sent. A task with dependencies may be
+/// refused for one of them, which would fail every caller's task with it.
+/// One at a time, sixteen clients enqueueing keyed tasks got a third of
+/// what plain ones got.
+#[derive(Debug)]
+pub(crate) struct KeyedEnqueues(pub(crate) Writes);
+
+impl Gathered for KeyedEnqueues {
+    type Request = TaskSpec;
+    type Answer = (Task, bool);
+    const WHAT: &'static str = "keyed enqueues";
+    /// As [`Enqueues`]; the keys' locks are at most
+    /// [`ops::UNIQUE_KEY_LOCKS`] whatever their number.
+    const MOST_IN_ONE: usize = 1_000;
+
+    async fn write(&self, specs: &[TaskSpec]) -> Result<Vec<Result<(Task, bool)>>> {
+        let writes = &self.0;
+        let created = in_tx!(writes, |tx| ops::enqueue_apart(&mut tx, specs).await?)?;
+        Ok(created.into_iter().map(Ok).collect())
+    }
+}
+
 /// Acks sent one a request (`POST /v1/tasks/{id}/complete` and `/fail`,
 /// and a worker's batch of one), from any worker: each answered apart, as
 /// the acks of one batch are, one refused leaving the others to go

@@ -36,7 +36,7 @@ const FEW_PENDING_PAIRS: i64 = 256;
 /// Rows a duty handles per transaction.
 const DUTY_BATCH: i64 = 1000;
 /// Advisory locks that writes naming a unique key take turns on.
-const UNIQUE_KEY_LOCKS: u64 = 64;
+pub(crate) const UNIQUE_KEY_LOCKS: u64 = 64;
 
 async fn load_one(tx: &mut Tx, id: Uuid) -> PgResult<StoredTask> {
     tx.load_for_update(&[id])
@@ -135,13 +135,54 @@ struct Fresh {
     broken: Option<(Uuid, State)>,
 }
 
+/// The (queue, unique key) of `spec`, where it names one.
+fn queue_and_key(spec: &TaskSpec) -> Option<(&str, &str)> {
+    Some((spec.queue.as_str(), spec.unique_key.as_deref()?))
+}
+
+/// Enqueues `specs` as one batch: a task that meets a key taken earlier in
+/// the batch meets that task (SPEC §1.2).
 pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(Task, bool)>> {
-    let locks = unique_key_locks(
-        &tx.node,
-        specs
+    let locks = unique_key_locks(&tx.node, specs.iter().filter_map(queue_and_key));
+    enqueue_holding(tx, specs, &locks).await
+}
+
+/// Enqueues `specs`, each as if it came in a request of its own, one after
+/// another, in one transaction: the keyed enqueues of several callers
+/// gathered ([`crate::gather::KeyedEnqueues`]). Where a key comes again,
+/// the tasks from there on go in a later batch of the transaction, which
+/// meets the earlier one's task as a later request would: in one batch a
+/// replace would cancel the task the earlier caller is answered with
+/// before that caller learned of it.
+///
+/// Every key's lock is taken with the first batch, in the one sorted order
+/// every enqueue takes them in: taken batch by batch, two transactions
+/// could each hold a lock the other waits for.
+pub(crate) async fn enqueue_apart(tx: &mut Tx, specs: &[TaskSpec]) -> PgResult<Vec<(Task, bool)>> {
+    let mut locks = unique_key_locks(&tx.node, specs.iter().filter_map(queue_and_key));
+    let mut answers = Vec::with_capacity(specs.len());
+    let mut rest = specs;
+    while !rest.is_empty() {
+        let mut keys = HashSet::new();
+        let apart = rest
             .iter()
-            .filter_map(|s| Some((s.queue.as_str(), s.unique_key.as_deref()?))),
-    );
+            .position(|spec| queue_and_key(spec).is_some_and(|key| !keys.insert(key)))
+            .unwrap_or(rest.len());
+        let (batch, later) = rest.split_at(apart);
+        // Locks held already are not taken again.
+        answers.extend(enqueue_holding(tx, batch.to_vec(), &std::mem::take(&mut locks)).await?);
+        rest = later;
+    }
+    Ok(answers)
+}
+
+/// [`enqueue`], taking the advisory locks `locks` first (none where the
+/// transaction holds its keys' locks already).
+async fn enqueue_holding(
+    tx: &mut Tx,
+    specs: Vec<TaskSpec>,
+    locks: &[i64],
+) -> PgResult<Vec<(Task, bool)>> {
     let mut queue_names: Vec<String> = specs.iter().map(|s| s.queue.clone()).collect();
     queue_names.sort();
     queue_names.dedup();
@@ -152,15 +193,12 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
         .bind(&queue_names)
         .bind(tx.now.as_millis())
         .bind(specs.len() as i64)
-        .bind(&locks)
+        .bind(locks)
         .fetch_all(&mut *tx.conn)
         .await?
         .into_iter();
 
-    let keys: Vec<(&str, &str)> = specs
-        .iter()
-        .filter_map(|s| Some((s.queue.as_str(), s.unique_key.as_deref()?)))
-        .collect();
+    let keys: Vec<(&str, &str)> = specs.iter().filter_map(queue_and_key).collect();
     let mut holders = unique_key_holders(tx, &keys).await?;
     // The tasks to create, each cancelled (replaced by a later one of the
     // batch) or not.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_core::{
-    Ack, ClaimRequest, Clock, Interest, Limits, ManualClock, NewTask, Position, QueuePatch,
-    Readiness, State, Store, SystemClock, TaskSpec,
+    Ack, ClaimRequest, Clock, Interest, Limits, ManualClock, NewTask, OnConflict, Position,
+    QueuePatch, Readiness, State, Store, SystemClock, TaskSpec,
 };
 use offload_postgres::{PgOptions, PgStore};
 use offload_storetest::StoreFactory;
@@ -490,7 +490,7 @@ async fn single_enqueues_that_come_together_share_transactions() {
         async move { store.enqueue(vec![spec]).await }
     });
     let missing = spec(NewTask::new("t").depends_on(Uuid::now_v7()));
-    let keyed = spec(NewTask::new("t").unique_key("k", offload_core::OnConflict::Keep));
+    let keyed = spec(NewTask::new("t").unique_key("k", OnConflict::Keep));
     let (plain, missing, keyed) = tokio::time::timeout(Duration::from_secs(30), async {
         tokio::join!(
             futures::future::join_all(plain),
@@ -536,6 +536,83 @@ async fn single_enqueues_that_come_together_share_transactions() {
     assert!(
         transactions < 100,
         "201 tasks written by {transactions} transactions"
+    );
+}
+
+/// Single enqueues of tasks with unique keys that come together share
+/// transactions, each answered as if it came alone: its own task for a key
+/// of its own, and for a key another sent too, the task it met or, as a
+/// replace, its own as made; one with a dependency that is not there fails
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_single_enqueues_that_come_together_share_transactions() {
+    if !available() {
+        return;
+    }
+    let url = database_url().expect("checked");
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let keyed = |key: String, on_conflict| {
+        let store = Arc::clone(&store);
+        let spec = spec(NewTask::new("t").unique_key(key, on_conflict));
+        async move { store.enqueue(vec![spec]).await }
+    };
+    let own = (0..200).map(|n| keyed(format!("own-{n}"), OnConflict::Keep));
+    let replaces = (0..20).map(|_| keyed("replaced".into(), OnConflict::Replace));
+    let missing = spec(
+        NewTask::new("t")
+            .unique_key("missing", OnConflict::Keep)
+            .depends_on(Uuid::now_v7()),
+    );
+    let (own, replaces, missing) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            futures::future::join_all(own),
+            futures::future::join_all(replaces),
+            store.enqueue(vec![missing]),
+        )
+    })
+    .await
+    .expect("every enqueue answered");
+
+    let missing = missing.expect_err("a dependency that is not there");
+    assert!(missing.to_string().contains("depends_on[0]"), "{missing}");
+    for (n, answer) in own.into_iter().enumerate() {
+        let answer = answer.expect("a task of its own key");
+        let [(task, true)] = &answer[..] else {
+            panic!("one task made for one key: {answer:?}");
+        };
+        assert_eq!(
+            task.unique_key.as_deref(),
+            Some(format!("own-{n}").as_str())
+        );
+    }
+    let mut replaced = Vec::new();
+    for answer in replaces {
+        let answer = answer.expect("every replace goes through");
+        let [(task, true)] = &answer[..] else {
+            panic!("a replace makes its task: {answer:?}");
+        };
+        assert_eq!(task.state, State::Pending, "answered as made");
+        replaced.push(store.get(task.id).await.unwrap().expect("stored").state);
+    }
+    assert_eq!(
+        replaced.iter().filter(|s| **s == State::Pending).count(),
+        1,
+        "one task holds the replaced key: {replaced:?}"
+    );
+
+    let mut conn = connection_in(&url, &schema).await;
+    let (tasks, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM offload_tasks")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    // The last write of each replaced task is its cancellation.
+    assert_eq!(tasks, 220);
+    assert!(
+        transactions < 100,
+        "220 tasks written last by {transactions} transactions"
     );
 }
 
@@ -2899,7 +2976,7 @@ impl LimitedNode {
             .map(|i| {
                 let store = Arc::clone(&self.store);
                 let task = NewTask::new("t")
-                    .unique_key(format!("k{i}"), offload_core::OnConflict::Keep)
+                    .unique_key(format!("k{i}"), OnConflict::Keep)
                     .validate(&Limits::default(), Position::Alone)
                     .unwrap();
                 tokio::spawn(async move { store.enqueue(vec![task]).await.map(drop) })
@@ -3258,7 +3335,7 @@ async fn writes_send_their_counts_and_notifications_with_their_last_statement() 
     let (mut fewest_claim, mut fewest_ack, mut fewest_keyed) = (usize::MAX, usize::MAX, usize::MAX);
     for n in 0..20 {
         let keyed = NewTask::new("keyed")
-            .unique_key(format!("k{n}"), offload_core::OnConflict::Keep)
+            .unique_key(format!("k{n}"), OnConflict::Keep)
             .validate(&Limits::default(), Position::Alone)
             .unwrap();
         let before = statements.load(Ordering::SeqCst);

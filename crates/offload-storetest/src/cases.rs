@@ -1257,6 +1257,9 @@ pub async fn concurrent_replaces_of_one_key_all_succeed(factory: &dyn StoreFacto
             .expect("every replace succeeds");
         let (task, created) = answer.pop().expect("one answer");
         assert!(created);
+        // As made, before a later replace cancelled it: a writer is not
+        // answered with what another did after it.
+        assert_eq!(task.state, State::Pending, "answered as made");
         ids.push(task.id);
     }
     let mut states = Vec::new();
@@ -1266,6 +1269,53 @@ pub async fn concurrent_replaces_of_one_key_all_succeed(factory: &dyn StoreFacto
     let active = states.iter().filter(|s| s.is_active()).count();
     let cancelled = states.iter().filter(|s| **s == State::Cancelled).count();
     assert_eq!((active, cancelled), (1, 31), "{states:?}");
+}
+
+/// Writers that keep one key, at once beside writers of keys of their
+/// own: one task made for the shared key and every writer of it answered
+/// with that task, each other writer with a task of its own.
+pub async fn concurrent_keeps_of_one_key_meet_one_task(factory: &dyn StoreFactory) {
+    let f = fixture(factory).await;
+    let writers: Vec<_> = (0..64)
+        .map(|n| {
+            let store = Arc::clone(&f.store);
+            let key = if n % 2 == 0 {
+                "shared".to_owned()
+            } else {
+                format!("own-{n}")
+            };
+            tokio::spawn(async move {
+                let spec = NewTask::new("t")
+                    .unique_key(&key, OnConflict::Keep)
+                    .validate(&Limits::default(), Position::Alone)
+                    .expect("valid");
+                (key, store.enqueue(vec![spec]).await)
+            })
+        })
+        .collect();
+    let mut shared = Vec::new();
+    let mut own = std::collections::HashSet::new();
+    for writer in writers {
+        let (key, answer) = writer.await.expect("joined");
+        let [(task, created)] = &answer.expect("every keep succeeds")[..] else {
+            panic!("one answer for one task");
+        };
+        assert_eq!(task.unique_key.as_deref(), Some(key.as_str()));
+        assert_eq!(task.state, State::Pending);
+        if key == "shared" {
+            shared.push((task.id, *created));
+        } else {
+            assert!(created, "{key} held by no other task");
+            assert!(own.insert(task.id), "{key} answered with a task of its own");
+        }
+    }
+    let made: Vec<_> = shared.iter().filter(|(_, created)| *created).collect();
+    assert_eq!(made.len(), 1, "one task made for the shared key");
+    assert!(
+        shared.iter().all(|(id, _)| *id == made[0].0),
+        "every keep of the shared key answered with its task"
+    );
+    assert_eq!(f.state(made[0].0).await, State::Pending);
 }
 
 // ---- dependencies ------------------------------------------------------------------

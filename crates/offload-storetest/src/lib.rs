@@ -115,6 +115,7 @@ macro_rules! conformance_tests {
             a_batch_answers_the_task_its_own_replace_cancelled,
             a_batch_meets_held_keys_and_dependencies_as_tasks_one_at_a_time_would,
             concurrent_replaces_of_one_key_all_succeed,
+            concurrent_keeps_of_one_key_meet_one_task,
             dependencies_block_until_completed,
             failed_dependency_cancels_dependents_transitively,
             a_retried_dependent_waits_for_its_dependencies_again,
