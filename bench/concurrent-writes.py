@@ -9,7 +9,10 @@ WHAT is `enqueue` (the default: `POST /v1/tasks`, as a web application's
 request handlers enqueue), `keyed` (the same, each task with a unique key
 of its own, which takes a transaction where a task without one takes one
 statement on PostgreSQL; `STORED=N` in the environment enqueues N tasks
-with keys of their own first, which stay pending) or `complete` (`POST /v1/tasks/{id}/complete`,
+with keys of their own first, which stay pending), `dependent` (the
+same, each task depending on one task enqueued first, which stays
+pending, so each is blocked; a dependency is read and locked, as a key's
+holder is) or `complete` (`POST /v1/tasks/{id}/complete`,
 as workers that report each task on its own do: 40,000 tasks over the
 clients, and 2,000 a client at least, are enqueued and fetched for them
 first; a client that runs out says so). DB is `sqlite` (a fresh file) or a
@@ -17,6 +20,7 @@ PostgreSQL URL (schema `probe`, made afresh).
 """
 
 import http.client
+import itertools
 import json
 import multiprocessing
 import os
@@ -63,13 +67,16 @@ def keyed(index):
 
 
 def client(port, seconds, start, out, held, what, index):
-    """Writes until `start + seconds`: enqueues, or completions of the
-    tasks `held` (fetched as worker `w<i>`) while they last."""
+    """Writes until `start + seconds`: enqueues (of dependents, the request
+    `held`), or completions of the tasks `held` (fetched as worker `w<i>`)
+    while they last."""
     if what == "complete":
         requests = iter([request(f"/v1/tasks/{task_id}/complete", json.dumps({"worker_id": worker}))
                          for worker, task_id in held])
     elif what == "keyed":
         requests = keyed(index)
+    elif what == "dependent":
+        requests = itertools.repeat(held)
     else:
         requests = None
     sock = socket.create_connection(("127.0.0.1", port))
@@ -98,8 +105,8 @@ def main():
     clients = int(sys.argv[3]) if len(sys.argv) > 3 else 16
     seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
     what = sys.argv[5] if len(sys.argv) > 5 else "enqueue"
-    if what not in ("enqueue", "keyed", "complete"):
-        raise SystemExit(f"WHAT is enqueue, keyed or complete, not {what!r}")
+    if what not in ("enqueue", "keyed", "dependent", "complete"):
+        raise SystemExit(f"WHAT is enqueue, keyed, dependent or complete, not {what!r}")
     with tempfile.TemporaryDirectory() as tmp, serve(binary, db, tmp) as port:
         held = [[] for _ in range(clients)]
         stored = int(os.environ.get("STORED", "0"))
@@ -109,6 +116,11 @@ def main():
                 post(conn, "/v1/tasks/batch", {"tasks": [
                     {"type": "probe.noop", "unique_key": f"s{n}"}
                     for n in range(first, min(first + 1000, stored))]})
+        if what == "dependent":
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            parent = post(conn, "/v1/tasks", {"type": "probe.parent"})["id"]
+            held = [request("/v1/tasks", json.dumps({"type": "probe.noop", "depends_on": [parent]}))
+                    for _ in range(clients)]
         if what == "complete":
             conn = http.client.HTTPConnection("127.0.0.1", port)
             each = max(TASKS // clients, LEAST_A_CLIENT)
@@ -131,7 +143,8 @@ def main():
             p.join()
     latencies.sort()
     n = len(latencies)
-    label = {"enqueue": "enqueues", "keyed": "keyed enqueues", "complete": "completes"}[what]
+    label = {"enqueue": "enqueues", "keyed": "keyed enqueues", "dependent": "dependent enqueues",
+             "complete": "completes"}[what]
     print(f"{clients} clients: {n / seconds:,.0f} {label} a second, "
           f"p50 {1000 * latencies[n // 2]:.2f} ms, p99 {1000 * latencies[int(n * 0.99)]:.2f} ms")
 

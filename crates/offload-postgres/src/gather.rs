@@ -268,29 +268,26 @@ impl Gathered for Enqueues {
     }
 }
 
-/// Tasks with a unique key and no dependencies, enqueued one a request
-/// (applications that give every task an idempotency key): each comes
-/// as if in a transaction of its own ([`ops::enqueue_apart`]), and none
-/// can fail another's: a key's holder is found, kept or cancelled, and a
-/// task made, whatever the others sent. A task with dependencies may be
-/// refused for one of them, which would fail every caller's task with it.
-/// One at a time, sixteen clients enqueueing keyed tasks got a third of
-/// what plain ones got.
+/// Tasks enqueued one a request that are checked against what is stored
+/// before they are written: with a unique key (applications that give
+/// every task an idempotency key) or dependencies (a request handler that
+/// enqueues the next step of a flow). Each is written as if it came alone ([`ops::enqueue_apart`]), one refused for a dependency that
+/// is not there refused alone. One at a time, sixteen clients enqueueing
+/// keyed tasks got a third of what plain ones got.
 #[derive(Debug)]
-pub(crate) struct KeyedEnqueues(pub(crate) Writes);
+pub(crate) struct CheckedEnqueues(pub(crate) Writes);
 
-impl Gathered for KeyedEnqueues {
+impl Gathered for CheckedEnqueues {
     type Request = TaskSpec;
     type Answer = (Task, bool);
-    const WHAT: &'static str = "keyed enqueues";
+    const WHAT: &'static str = "checked enqueues";
     /// As [`Enqueues`]; the keys' locks are at most
     /// [`ops::UNIQUE_KEY_LOCKS`] whatever their number.
     const MOST_IN_ONE: usize = 1_000;
 
     async fn write(&self, specs: &[TaskSpec]) -> Result<Vec<Result<(Task, bool)>>> {
         let writes = &self.0;
-        let created = in_tx!(writes, |tx| ops::enqueue_apart(&mut tx, specs).await?)?;
-        Ok(created.into_iter().map(Ok).collect())
+        in_tx!(writes, |tx| ops::enqueue_apart(&mut tx, specs).await?)
     }
 }
 

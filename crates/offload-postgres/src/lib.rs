@@ -164,7 +164,7 @@ pub struct PgStore {
     stop: CancellationToken,
     heartbeats: Arc<Gather<Heartbeats>>,
     enqueues: Arc<Gather<Enqueues>>,
-    keyed_enqueues: Arc<Gather<KeyedEnqueues>>,
+    checked_enqueues: Arc<Gather<CheckedEnqueues>>,
     acks: Arc<Gather<Acks>>,
 }
 
@@ -243,7 +243,7 @@ impl PgStore {
             stop: stop.clone(),
             heartbeats: Arc::new(Gather::new(Heartbeats(writes()))),
             enqueues: Arc::new(Gather::new(Enqueues(writes()))),
-            keyed_enqueues: Arc::new(Gather::new(KeyedEnqueues(writes()))),
+            checked_enqueues: Arc::new(Gather::new(CheckedEnqueues(writes()))),
             acks: Arc::new(Gather::new(Acks(writes()))),
         });
         if follows_database {
@@ -553,7 +553,7 @@ pub(crate) async fn enqueue_plain(
 
 // After `in_tx!`, which it uses.
 mod gather;
-use gather::{Acks, Enqueues, Gather, Heartbeats, KeyedEnqueues, Writes};
+use gather::{Acks, CheckedEnqueues, Enqueues, Gather, Heartbeats, Writes};
 
 #[async_trait::async_trait]
 impl Store for PgStore {
@@ -570,11 +570,10 @@ impl Store for PgStore {
             }
             return enqueue_plain(&self.pool, &self.node, tasks).await;
         }
-        if let [spec] = &tasks[..]
-            && spec.depends_on.is_empty()
+        if let [_] = &tasks[..]
             && let Some(alone) = tasks.pop()
         {
-            return Ok(vec![self.keyed_enqueues.send(alone).await?]);
+            return Ok(vec![self.checked_enqueues.send(alone).await?]);
         }
         in_tx!(self, |tx| ops::enqueue(&mut tx, tasks.clone()).await?)
     }

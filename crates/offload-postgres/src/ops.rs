@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::Node;
 use crate::ids::{self, Lock};
 use crate::rows::{
-    CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgResult, StoredTask, StoredTexts, TASK_COLUMNS,
-    decode, encode_json, payload,
+    CANDIDATE_COLUMNS, CANDIDATE_PAYLOAD_BYTES, PgError, PgResult, StoredTask, StoredTexts,
+    TASK_COLUMNS, decode, encode_json, payload,
 };
 use crate::tx::{Changes, PgQuery, Tx, changed_prefix};
 
@@ -148,20 +148,50 @@ pub(crate) async fn enqueue(tx: &mut Tx, specs: Vec<TaskSpec>) -> PgResult<Vec<(
 }
 
 /// Enqueues `specs`, each as if it came in a request of its own, one after
-/// another, in one transaction: the keyed enqueues of several callers
-/// gathered ([`crate::gather::KeyedEnqueues`]). Where a key comes again,
-/// the tasks from there on go in a later batch of the transaction, which
-/// meets the earlier one's task as a later request would: in one batch a
-/// replace would cancel the task the earlier caller is answered with
-/// before that caller learned of it.
+/// another, in one transaction: the single enqueues of several callers
+/// gathered ([`crate::gather::CheckedEnqueues`]), one answer each.
 ///
-/// Every key's lock is taken with the first batch, in the one sorted order
-/// every enqueue takes them in: taken batch by batch, two transactions
-/// could each hold a lock the other waits for.
-pub(crate) async fn enqueue_apart(tx: &mut Tx, specs: &[TaskSpec]) -> PgResult<Vec<(Task, bool)>> {
-    let mut locks = unique_key_locks(&tx.node, specs.iter().filter_map(queue_and_key));
-    let mut answers = Vec::with_capacity(specs.len());
-    let mut rest = specs;
+/// A task whose dependency is not there is refused alone, before anything
+/// is written: its refusal would otherwise end the others' transaction
+/// (one written alone ends its transaction with it, as in [`enqueue`]).
+/// That look takes no locks (the writes after it lock the dependencies
+/// they read, keys first, in the order every enqueue takes them); a
+/// dependency deleted between the two runs the transaction again.
+///
+/// Where a key comes again, the tasks from there on go in a later batch
+/// of the transaction, which meets the earlier one's task as a later
+/// request would: in one batch a replace would cancel the task the earlier
+/// caller is answered with before that caller learned of it. Every key's
+/// lock is taken with the first batch, in the one sorted order every
+/// enqueue takes them in: taken batch by batch, two transactions could
+/// each hold a lock the other waits for.
+pub(crate) async fn enqueue_apart(
+    tx: &mut Tx,
+    specs: &[TaskSpec],
+) -> PgResult<Vec<Result<(Task, bool), Error>>> {
+    // One written alone is refused by its transaction's end, with no one
+    // else's task in it, and spares the look's round trip.
+    let alone = specs.len() == 1;
+    let mut refused: Vec<Option<Error>> = vec![None; specs.len()];
+    let mut named: Vec<Uuid> = specs.iter().flat_map(|s| s.depends_on.clone()).collect();
+    if !alone && !named.is_empty() {
+        named.sort_unstable();
+        named.dedup();
+        let there = ids::find(&mut tx.conn, &named, Lock::None).await?;
+        for (spec, refusal) in specs.iter().zip(&mut refused) {
+            *refusal = dependencies(spec, &there).err().map(PgError::into_core);
+        }
+    }
+    let accepted: Vec<&TaskSpec> = specs
+        .iter()
+        .zip(&refused)
+        .filter(|(_, refusal)| refusal.is_none())
+        .map(|(spec, _)| spec)
+        .collect();
+
+    let mut locks = unique_key_locks(&tx.node, accepted.iter().filter_map(|s| queue_and_key(s)));
+    let mut made = Vec::with_capacity(accepted.len());
+    let mut rest = &accepted[..];
     while !rest.is_empty() {
         let mut keys = HashSet::new();
         let apart = rest
@@ -169,11 +199,30 @@ pub(crate) async fn enqueue_apart(tx: &mut Tx, specs: &[TaskSpec]) -> PgResult<V
             .position(|spec| queue_and_key(spec).is_some_and(|key| !keys.insert(key)))
             .unwrap_or(rest.len());
         let (batch, later) = rest.split_at(apart);
+        let batch = batch.iter().map(|spec| (*spec).clone()).collect();
         // Locks held already are not taken again.
-        answers.extend(enqueue_holding(tx, batch.to_vec(), &std::mem::take(&mut locks)).await?);
+        match enqueue_holding(tx, batch, &std::mem::take(&mut locks)).await {
+            Ok(answers) => made.extend(answers),
+            Err(PgError::Core(Error::InvalidArgument { field, rule })) if !alone => {
+                return Err(PgError::Retry(format!(
+                    "a dependency went while its dependent was enqueued: {field}: {rule}"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
         rest = later;
     }
-    Ok(answers)
+    let mut made = made.into_iter();
+    refused
+        .iter_mut()
+        .map(|refusal| match refusal.take() {
+            Some(refusal) => Ok(Err(refusal)),
+            None => made
+                .next()
+                .map(Ok)
+                .ok_or_else(|| Error::Storage("fewer tasks enqueued than accepted".into()).into()),
+        })
+        .collect()
 }
 
 /// [`enqueue`], taking the advisory locks `locks` first (none where the

@@ -539,13 +539,14 @@ async fn single_enqueues_that_come_together_share_transactions() {
     );
 }
 
-/// Single enqueues of tasks with unique keys that come together share
-/// transactions, each answered as if it came alone: its own task for a key
-/// of its own, and for a key another sent too, the task it met or, as a
-/// replace, its own as made; one with a dependency that is not there fails
-/// alone.
+/// Single enqueues checked against what is stored (a unique key,
+/// dependencies) that come together share transactions, each answered as
+/// if it came alone: its own task for a key of its own, and for a key
+/// another sent too, the task it met or, as a replace, its own as made; a
+/// dependent blocked, pending or cancelled by where its dependency stands;
+/// one whose dependency is not there refused alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyed_single_enqueues_that_come_together_share_transactions() {
+async fn checked_single_enqueues_that_come_together_share_transactions() {
     if !available() {
         return;
     }
@@ -553,30 +554,48 @@ async fn keyed_single_enqueues_that_come_together_share_transactions() {
     let schema = fresh_schema();
     let store = node(&schema).await;
     let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
-    let keyed = |key: String, on_conflict| {
+    let waiting = store
+        .enqueue(vec![spec(NewTask::new("parent"))])
+        .await
+        .unwrap();
+    let cancelled = store
+        .enqueue(vec![spec(NewTask::new("parent"))])
+        .await
+        .unwrap();
+    let (waiting, cancelled) = (waiting[0].0.id, cancelled[0].0.id);
+    store.cancel(cancelled).await.unwrap();
+    let send = |task: NewTask| {
         let store = Arc::clone(&store);
-        let spec = spec(NewTask::new("t").unique_key(key, on_conflict));
+        let spec = spec(task);
         async move { store.enqueue(vec![spec]).await }
     };
-    let own = (0..200).map(|n| keyed(format!("own-{n}"), OnConflict::Keep));
-    let replaces = (0..20).map(|_| keyed("replaced".into(), OnConflict::Replace));
-    let missing = spec(
+    let own =
+        (0..200).map(|n| send(NewTask::new("t").unique_key(format!("own-{n}"), OnConflict::Keep)));
+    let replaces =
+        (0..20).map(|_| send(NewTask::new("t").unique_key("replaced", OnConflict::Replace)));
+    let dependents = (0..60).map(|n| {
+        send(NewTask::new("child").depends_on(if n % 3 == 0 { cancelled } else { waiting }))
+    });
+    let missing = send(
         NewTask::new("t")
             .unique_key("missing", OnConflict::Keep)
+            .depends_on(waiting)
             .depends_on(Uuid::now_v7()),
     );
-    let (own, replaces, missing) = tokio::time::timeout(Duration::from_secs(30), async {
-        tokio::join!(
-            futures::future::join_all(own),
-            futures::future::join_all(replaces),
-            store.enqueue(vec![missing]),
-        )
-    })
-    .await
-    .expect("every enqueue answered");
+    let (own, replaces, dependents, missing) =
+        tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(
+                futures::future::join_all(own),
+                futures::future::join_all(replaces),
+                futures::future::join_all(dependents),
+                missing,
+            )
+        })
+        .await
+        .expect("every enqueue answered");
 
     let missing = missing.expect_err("a dependency that is not there");
-    assert!(missing.to_string().contains("depends_on[0]"), "{missing}");
+    assert!(missing.to_string().contains("depends_on[1]"), "{missing}");
     for (n, answer) in own.into_iter().enumerate() {
         let answer = answer.expect("a task of its own key");
         let [(task, true)] = &answer[..] else {
@@ -601,18 +620,72 @@ async fn keyed_single_enqueues_that_come_together_share_transactions() {
         1,
         "one task holds the replaced key: {replaced:?}"
     );
+    for (n, answer) in dependents.into_iter().enumerate() {
+        let answer = answer.expect("a dependent of a task that is there");
+        let [(task, true)] = &answer[..] else {
+            panic!("a dependent is made: {answer:?}");
+        };
+        let expected = if n % 3 == 0 {
+            State::Cancelled
+        } else {
+            State::Blocked
+        };
+        assert_eq!(task.state, expected, "dependent {n}");
+        let stored = store.get(task.id).await.unwrap().expect("stored");
+        assert_eq!(stored.state, expected, "dependent {n} as answered");
+    }
+    let claimed = store
+        .claim(&ClaimRequest {
+            types: vec!["parent".into()],
+            ..claim_by("w", 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    store
+        .ack(
+            "w",
+            vec![Ack::Complete {
+                id: waiting,
+                result: None,
+            }],
+        )
+        .await
+        .unwrap();
+    let children = store
+        .claim(&ClaimRequest {
+            types: vec!["child".into()],
+            ..claim_by("w", 100)
+        })
+        .await
+        .unwrap();
+    assert_eq!(children.len(), 40, "each dependent recorded as waiting");
 
     let mut conn = connection_in(&url, &schema).await;
-    let (tasks, transactions): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM offload_tasks")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-    // The last write of each replaced task is its cancellation.
-    assert_eq!(tasks, 220);
+    let (tasks, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text) FROM offload_tasks WHERE type <> 'parent'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(tasks, 280);
+    // The last write of each replaced task is its cancellation, and of
+    // each dependent made ready the ack's and the claim's.
     assert!(
-        transactions < 100,
-        "220 tasks written last by {transactions} transactions"
+        transactions < 140,
+        "280 tasks written last by {transactions} transactions"
+    );
+    // Made cancelled by the transaction that made them.
+    let broken: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM offload_tasks WHERE type = 'child' AND state = $1",
+    )
+    .bind(State::Cancelled.code() as i16)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        broken < 10,
+        "20 dependents of a cancelled task made by {broken} transactions"
     );
 }
 
