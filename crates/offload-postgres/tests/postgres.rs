@@ -3041,18 +3041,23 @@ impl LimitedNode {
         locker
     }
 
-    /// `n` enqueues of one task each, started together, each with a
-    /// unique key of its own: so each takes a transaction, and a
-    /// connection, of its own, where tasks without one share them.
+    /// `n` enqueues of a batch of two tasks each, started together, each
+    /// task with a unique key of its own: so each takes a transaction, and
+    /// a connection, of its own, where tasks without one, and single tasks
+    /// with one, share them.
     fn enqueues_at_once(&self, n: usize) -> Vec<tokio::task::JoinHandle<offload_core::Result<()>>> {
         (0..n)
             .map(|i| {
                 let store = Arc::clone(&self.store);
-                let task = NewTask::new("t")
-                    .unique_key(format!("k{i}"), OnConflict::Keep)
-                    .validate(&Limits::default(), Position::Alone)
-                    .unwrap();
-                tokio::spawn(async move { store.enqueue(vec![task]).await.map(drop) })
+                let batch = (0..2)
+                    .map(|j| {
+                        NewTask::new("t")
+                            .unique_key(format!("k{i}-{j}"), OnConflict::Keep)
+                            .validate(&Limits::default(), Position::InBatch(j))
+                            .unwrap()
+                    })
+                    .collect();
+                tokio::spawn(async move { store.enqueue(batch).await.map(drop) })
             })
             .collect()
     }
@@ -3151,7 +3156,7 @@ async fn when_postgresql_refuses_more_connections_requests_take_the_ones_freed()
         "enqueues failed after {:?} though connections came free after 1 s: {failed:?}",
         started.elapsed()
     );
-    assert_eq!(limited.store.stats().await.unwrap().total.pending, 7);
+    assert_eq!(limited.store.stats().await.unwrap().total.pending, 1 + 6 * 2);
     limited.remove(&url).await;
 }
 
