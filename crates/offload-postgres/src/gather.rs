@@ -271,9 +271,10 @@ impl Gathered for Enqueues {
 /// Tasks enqueued one a request that are checked against what is stored
 /// before they are written: with a unique key (applications that give
 /// every task an idempotency key) or dependencies (a request handler that
-/// enqueues the next step of a flow). Each is written as if it came alone ([`ops::enqueue_apart`]), one refused for a dependency that
-/// is not there refused alone. One at a time, sixteen clients enqueueing
-/// keyed tasks got a third of what plain ones got.
+/// enqueues the next step of a flow). Each is written as if it came alone
+/// ([`ops::enqueue_apart`]); one naming a dependency that is not there is
+/// refused alone. A transaction each, sixteen clients enqueueing keyed
+/// tasks got a third of what plain ones got.
 #[derive(Debug)]
 pub(crate) struct CheckedEnqueues(pub(crate) Writes);
 

@@ -203,6 +203,8 @@ pub(crate) async fn enqueue_apart(
         // Locks held already are not taken again.
         match enqueue_holding(tx, batch, &std::mem::take(&mut locks)).await {
             Ok(answers) => made.extend(answers),
+            // Its one refusal: a dependency not there, which was there
+            // at the look.
             Err(PgError::Core(Error::InvalidArgument { field, rule })) if !alone => {
                 return Err(PgError::Retry(format!(
                     "a dependency went while its dependent was enqueued: {field}: {rule}"

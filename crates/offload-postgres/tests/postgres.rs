@@ -3156,7 +3156,10 @@ async fn when_postgresql_refuses_more_connections_requests_take_the_ones_freed()
         "enqueues failed after {:?} though connections came free after 1 s: {failed:?}",
         started.elapsed()
     );
-    assert_eq!(limited.store.stats().await.unwrap().total.pending, 1 + 6 * 2);
+    assert_eq!(
+        limited.store.stats().await.unwrap().total.pending,
+        1 + 6 * 2
+    );
     limited.remove(&url).await;
 }
 
