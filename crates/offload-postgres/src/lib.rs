@@ -165,6 +165,7 @@ pub struct PgStore {
     heartbeats: Arc<Gather<Heartbeats>>,
     enqueues: Arc<Gather<Enqueues>>,
     checked_enqueues: Arc<Gather<CheckedEnqueues>>,
+    claims: Arc<Gather<Claims>>,
     acks: Arc<Gather<Acks>>,
 }
 
@@ -244,6 +245,7 @@ impl PgStore {
             heartbeats: Arc::new(Gather::new(Heartbeats(writes()))),
             enqueues: Arc::new(Gather::new(Enqueues(writes()))),
             checked_enqueues: Arc::new(Gather::new(CheckedEnqueues(writes()))),
+            claims: Arc::new(Gather::new(Claims(writes()))),
             acks: Arc::new(Gather::new(Acks(writes()))),
         });
         if follows_database {
@@ -553,7 +555,7 @@ pub(crate) async fn enqueue_plain(
 
 // After `in_tx!`, which it uses.
 mod gather;
-use gather::{Acks, CheckedEnqueues, Enqueues, Gather, Heartbeats, Writes};
+use gather::{Acks, CheckedEnqueues, Claims, Enqueues, Gather, Heartbeats, Writes};
 
 #[async_trait::async_trait]
 impl Store for PgStore {
@@ -826,6 +828,9 @@ impl PgStore {
         validate_worker_id(&request.worker_id)?;
         for (i, queue) in request.queues.iter().enumerate() {
             validate_queue_name(format_args!("queues[{i}]"), queue)?;
+        }
+        if request.limit <= Claims::FEW_TASKS {
+            return self.claims.send(request.clone()).await;
         }
         in_tx!(self, |tx| ops::claim(&mut tx, request).await?)
     }

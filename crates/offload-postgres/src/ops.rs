@@ -631,16 +631,63 @@ pub(crate) struct Claimed {
 /// it saw ready tasks past them (or cannot tell).
 type Admitted = (Vec<(StoredTask, i32)>, bool);
 
+/// Whether a claim may take its turn on limited queues' rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QueueTurn {
+    /// It may: the transaction's first claim.
+    Now,
+    /// Not after another claim of the transaction took one: a later one
+    /// would lock its queues' rows out of the name order every claim takes
+    /// them in, and could wait on another node's claim that waits on it.
+    NotAfterAnother,
+}
+
 pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Claimed> {
+    claim_taking_turn(tx, req, QueueTurn::Now)
+        .await?
+        .ok_or_else(|| Error::Storage("a first claim put off".into()).into())
+}
+
+/// Claims for `requests` in turn, in one transaction: the claims of
+/// several fetches gathered ([`crate::gather::Claims`]). Stops before
+/// the first after the first that would take a turn on limited queues'
+/// rows ([`QueueTurn`]), before it wrote anything; answers the claims it
+/// made, for the requests from the first on, at least one.
+pub(crate) async fn claims(tx: &mut Tx, requests: &[ClaimRequest]) -> PgResult<Vec<Claimed>> {
+    let mut claimed = Vec::with_capacity(requests.len());
+    for req in requests {
+        let turn = if claimed.is_empty() {
+            QueueTurn::Now
+        } else {
+            QueueTurn::NotAfterAnother
+        };
+        match claim_taking_turn(tx, req, turn).await? {
+            Some(made) => claimed.push(made),
+            None => break,
+        }
+    }
+    Ok(claimed)
+}
+
+/// A claim, or None where it would take a turn on limited queues' rows it
+/// may not take (`turn`), before it wrote anything.
+async fn claim_taking_turn(
+    tx: &mut Tx,
+    req: &ClaimRequest,
+    turn: QueueTurn,
+) -> PgResult<Option<Claimed>> {
     if req.limit == 0 {
-        return Ok(Claimed {
+        return Ok(Some(Claimed {
             tasks: Vec::new(),
             more: false,
-        });
+        }));
     }
-    let (admitted, mut more) = match pending_pairs(tx, req).await? {
-        Some(pairs) => admit_from_pairs(tx, req, pairs).await?,
-        None => admit_in_claim_order(tx, req).await?,
+    let admitted = match pending_pairs(tx, req).await? {
+        Some(pairs) => admit_from_pairs(tx, req, pairs, turn).await?,
+        None => admit_in_claim_order(tx, req, turn).await?,
+    };
+    let Some((admitted, mut more)) = admitted else {
+        return Ok(None);
     };
     let mut page = PageFill::new(req.limit);
     let mut claimed = Vec::new();
@@ -671,7 +718,7 @@ pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Claimed> 
     }
     let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
     tx.save(claimed).await?;
-    Ok(Claimed { tasks, more })
+    Ok(Some(Claimed { tasks, more }))
 }
 
 /// A claim's first tasks in claim order, each with its payload's size,
@@ -681,7 +728,8 @@ async fn admit_from_pairs(
     tx: &mut Tx,
     req: &ClaimRequest,
     pairs: Vec<PendingPair>,
-) -> PgResult<Admitted> {
+    turn: QueueTurn,
+) -> PgResult<Option<Admitted>> {
     let mut free: Vec<(String, String)> = Vec::new();
     let mut limited: Vec<(String, i32, Vec<String>)> = Vec::new();
     for pair in pairs {
@@ -713,6 +761,9 @@ async fn admit_from_pairs(
     // queue took a claim among 1,000 full queues 93 ms), the rows in name
     // order as every claim takes them.
     if !limited.is_empty() {
+        if turn == QueueTurn::NotAfterAnother {
+            return Ok(None);
+        }
         let names: Vec<&str> = limited.iter().map(|(name, _, _)| name.as_str()).collect();
         sqlx::query("SELECT 1 FROM offload_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE")
             .bind(&names)
@@ -736,7 +787,7 @@ async fn admit_from_pairs(
         }
     }
     if claimed.is_empty() {
-        return Ok((Vec::new(), false));
+        return Ok(Some((Vec::new(), false)));
     }
     let (rows, more) = candidates_of_pairs(tx, &claimed, &group_of, &rooms, req.limit).await?;
     let candidates: Vec<_> = rows
@@ -746,7 +797,7 @@ async fn admit_from_pairs(
     let locked = candidates.len();
     let admitted = admit(candidates, rooms, req.limit);
     let more = more || admitted.len() < locked;
-    Ok((admitted, more))
+    Ok(Some((admitted, more)))
 }
 
 /// A pending task's row read with [`CANDIDATE_COLUMNS`], as a candidate of
@@ -1158,7 +1209,11 @@ async fn pending_pairs_up_to(
 /// but when its first window is short of tasks it may take, paused or full
 /// queues' among them, and at most [`FEW_PENDING_PAIRS`] pairs hold
 /// pending tasks, it claims from those.
-async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admitted> {
+async fn admit_in_claim_order(
+    tx: &mut Tx,
+    req: &ClaimRequest,
+    turn: QueueTurn,
+) -> PgResult<Option<Admitted>> {
     let wanted: HashSet<&str> = req.types.iter().map(String::as_str).collect();
     let mut window = req.limit + 1;
     // The rows of free queues' tasks this claim locked, and every task it
@@ -1175,7 +1230,7 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
                 .await?;
         let whole = entries.len() < window;
         if entries.is_empty() {
-            return Ok((Vec::new(), false));
+            return Ok(Some((Vec::new(), false)));
         }
         let mut queues: Vec<&str> = entries.iter().map(|(queue, ..)| queue.as_str()).collect();
         queues.sort_unstable();
@@ -1239,7 +1294,7 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
         if !whole && takeable < req.limit {
             if last_window {
                 let pairs = all_pending_pairs(tx, req).await?;
-                return admit_from_pairs(tx, req, pairs).await;
+                return admit_from_pairs(tx, req, pairs, turn).await;
             }
             // A paused queue's backlog, or a full limited queue's, fills
             // the window's front: every claim would read it again in ever
@@ -1250,7 +1305,7 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
             if held_back && taken.is_empty() && !pairs_counted {
                 pairs_counted = true;
                 if let Some(pairs) = pending_pairs_up_to(tx, req, FEW_PENDING_PAIRS).await? {
-                    return admit_from_pairs(tx, req, pairs).await;
+                    return admit_from_pairs(tx, req, pairs, turn).await;
                 }
             }
             window = (window * 4).min(CLAIM_WINDOW_MOST);
@@ -1272,7 +1327,7 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
             // what it could take past what it took, other claims' among
             // them, is left behind.
             let more = takeable > taken.len();
-            return Ok((admit(candidates, vec![req.limit], req.limit), more));
+            return Ok(Some((admit(candidates, vec![req.limit], req.limit), more)));
         }
         if limited_seen {
             pairs.sort_unstable();
@@ -1294,11 +1349,11 @@ async fn admit_in_claim_order(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Admit
             // some of their room since it was read, when it takes fewer, or
             // later ones of the window's pairs, rather than take a second
             // turn.
-            return admit_from_pairs(tx, req, pairs).await;
+            return admit_from_pairs(tx, req, pairs, turn).await;
         }
         if last_window {
             let pairs = all_pending_pairs(tx, req).await?;
-            return admit_from_pairs(tx, req, pairs).await;
+            return admit_from_pairs(tx, req, pairs, turn).await;
         }
         window = (window * 4).min(CLAIM_WINDOW_MOST);
     }

@@ -689,6 +689,86 @@ async fn checked_single_enqueues_that_come_together_share_transactions() {
     );
 }
 
+/// Claims of a few tasks that come together share transactions, each
+/// answered with tasks of its own; on a queue with a concurrency limit
+/// each takes a transaction of its own (its turn on the queue's row comes
+/// first in it, as in every claim), and together they keep to the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_a_few_tasks_that_come_together_share_transactions() {
+    if !available() {
+        return;
+    }
+    let url = database_url().expect("checked");
+    let schema = fresh_schema();
+    let store = node(&schema).await;
+    let spec = |queue: &str| {
+        NewTask::new("t")
+            .queue(queue)
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap()
+    };
+    store
+        .enqueue((0..200).map(|_| spec("free")).collect())
+        .await
+        .unwrap();
+    store
+        .enqueue((0..100).map(|_| spec("limited")).collect())
+        .await
+        .unwrap();
+    let limit = QueuePatch {
+        paused: None,
+        concurrency: Some(Some(30)),
+    };
+    store.update_queue("limited", limit).await.unwrap();
+    let claim = |n: usize, queue: &str, limit: usize| {
+        let store = Arc::clone(&store);
+        let request = ClaimRequest {
+            queues: vec![queue.to_owned()],
+            ..claim_by(&format!("w{n}"), limit)
+        };
+        async move { store.claim(&request).await }
+    };
+    let free = (0..100).map(|n| claim(n, "free", if n % 10 == 0 { 5 } else { 1 }));
+    let limited = (0..40).map(|n| claim(100 + n, "limited", 1));
+    let (free, limited) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            futures::future::join_all(free),
+            futures::future::join_all(limited)
+        )
+    })
+    .await
+    .expect("every claim answered");
+
+    let mut seen = std::collections::HashSet::new();
+    for (n, claimed) in free.into_iter().enumerate() {
+        let claimed = claimed.expect("a claim");
+        assert_eq!(claimed.len(), if n % 10 == 0 { 5 } else { 1 }, "claim {n}");
+        for task in claimed {
+            assert_eq!(task.worker_id.as_deref(), Some(format!("w{n}").as_str()));
+            assert!(seen.insert(task.id), "task {} claimed twice", task.id);
+        }
+    }
+    let limited: Vec<_> = limited
+        .into_iter()
+        .flat_map(|claimed| claimed.expect("a claim"))
+        .collect();
+    assert_eq!(limited.len(), 30, "the queue's limit, and no more");
+    assert!(limited.iter().all(|task| seen.insert(task.id)));
+
+    let mut conn = connection_in(&url, &schema).await;
+    let transactions = |queue: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(DISTINCT xmin::text) FROM offload_tasks WHERE queue = $1 AND state = $2",
+        )
+        .bind(queue)
+        .bind(State::Running.code() as i16)
+    };
+    let free: i64 = transactions("free").fetch_one(&mut conn).await.unwrap();
+    assert!(free < 50, "100 claims made by {free} transactions");
+    let limited: i64 = transactions("limited").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(limited, 30, "each claim on the limited queue its own");
+}
+
 /// A batch of tasks with no unique key and no dependencies is written by
 /// one statement: in the batch's order, each id carrying its row's seq,
 /// with the queue and the counts.
