@@ -643,67 +643,104 @@ enum QueueTurn {
 }
 
 pub(crate) async fn claim(tx: &mut Tx, req: &ClaimRequest) -> PgResult<Claimed> {
-    claim_taking_turn(tx, req, QueueTurn::Now)
+    claim_together(tx, std::slice::from_ref(req), QueueTurn::Now)
         .await?
+        .and_then(|mut claimed| claimed.pop())
         .ok_or_else(|| Error::Storage("a first claim put off".into()).into())
 }
 
-/// Claims for `requests` in turn, in one transaction: the claims of
-/// several fetches gathered ([`crate::gather::Claims`]). Stops before
-/// the first after the first that would take a turn on limited queues'
-/// rows ([`QueueTurn`]), before it wrote anything; answers the claims it
-/// made, for the requests from the first on, at least one.
+/// Claims for `requests` in one transaction: the claims of several
+/// fetches gathered ([`crate::gather::Claims`]). Those that come one after
+/// another asking for the same types and queues are made as one claim
+/// ([`claim_together`]). Stops before the first after the first claim that
+/// would take a turn on limited queues' rows ([`QueueTurn`]), before it
+/// wrote anything; answers the claims it made, for the requests from the
+/// first on, at least one.
 pub(crate) async fn claims(tx: &mut Tx, requests: &[ClaimRequest]) -> PgResult<Vec<Claimed>> {
     let mut claimed = Vec::with_capacity(requests.len());
-    for req in requests {
+    let mut rest = requests;
+    while let Some(first) = rest.first() {
+        let alike = rest
+            .iter()
+            .take_while(|req| req.types == first.types && req.queues == first.queues)
+            .count();
         let turn = if claimed.is_empty() {
             QueueTurn::Now
         } else {
             QueueTurn::NotAfterAnother
         };
-        match claim_taking_turn(tx, req, turn).await? {
-            Some(made) => claimed.push(made),
+        match claim_together(tx, &rest[..alike], turn).await? {
+            Some(made) => claimed.extend(made),
             None => break,
         }
+        rest = &rest[alike..];
     }
     Ok(claimed)
 }
 
-/// A claim, or None where it would take a turn on limited queues' rows it
-/// may not take (`turn`), before it wrote anything.
-async fn claim_taking_turn(
+/// Claims for `requests`, which ask for the same types and queues, as one
+/// claim of all they ask for: one walk of the pending tasks and one write
+/// for them all, where a claim each took a round of statements each. The
+/// tasks are dealt out in claim order, each request taking what its limit
+/// and its page hold, so that each gets what it would have got claiming
+/// alone, one after another. Or None where the claim would take a turn on
+/// limited queues' rows it may not take (`turn`), before it wrote
+/// anything.
+async fn claim_together(
     tx: &mut Tx,
-    req: &ClaimRequest,
+    requests: &[ClaimRequest],
     turn: QueueTurn,
-) -> PgResult<Option<Claimed>> {
-    if req.limit == 0 {
-        return Ok(Some(Claimed {
-            tasks: Vec::new(),
-            more: false,
-        }));
-    }
-    let admitted = match pending_pairs(tx, req).await? {
-        Some(pairs) => admit_from_pairs(tx, req, pairs, turn).await?,
-        None => admit_in_claim_order(tx, req, turn).await?,
+) -> PgResult<Option<Vec<Claimed>>> {
+    let asked: usize = requests.iter().map(|req| req.limit).sum();
+    let Some(first) = requests.first().filter(|_| asked > 0) else {
+        return Ok(Some(
+            requests
+                .iter()
+                .map(|_| Claimed {
+                    tasks: Vec::new(),
+                    more: false,
+                })
+                .collect(),
+        ));
     };
-    let Some((admitted, mut more)) = admitted else {
+    let together = ClaimRequest {
+        limit: asked,
+        ..first.clone()
+    };
+    let admitted = match pending_pairs(tx, &together).await? {
+        Some(pairs) => admit_from_pairs(tx, &together, pairs, turn).await?,
+        None => admit_in_claim_order(tx, &together, turn).await?,
+    };
+    let Some((admitted, more)) = admitted else {
         return Ok(None);
     };
-    let mut page = PageFill::new(req.limit);
+    let mut admitted = admitted.into_iter().peekable();
     let mut claimed = Vec::new();
     let mut unread_payloads = HashMap::new();
-    for (mut stored, payload_bytes) in admitted {
-        let read = stored.task.payload.get().len();
-        let bulk_bytes = stored.task.bulk_bytes() - read + payload_bytes as usize;
-        if !page.take_sized(bulk_bytes) {
-            more = true;
-            break;
+    // How many tasks each request took, and whether its page was full.
+    let mut dealt = Vec::with_capacity(requests.len());
+    for req in requests {
+        let mut page = PageFill::new(req.limit);
+        let mut took = 0;
+        let mut full = false;
+        while let Some((stored, payload_bytes)) = admitted.peek() {
+            let read = stored.task.payload.get().len();
+            let bulk_bytes = stored.task.bulk_bytes() - read + *payload_bytes as usize;
+            if !page.take_sized(bulk_bytes) {
+                full = true;
+                break;
+            }
+            let Some((mut stored, payload_bytes)) = admitted.next() else {
+                break;
+            };
+            if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
+                unread_payloads.insert(stored.seq, claimed.len());
+            }
+            stored.task.claim(&req.worker_id, req.lease, tx.now)?;
+            claimed.push((stored, State::Pending));
+            took += 1;
         }
-        if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
-            unread_payloads.insert(stored.seq, claimed.len());
-        }
-        stored.task.claim(&req.worker_id, req.lease, tx.now)?;
-        claimed.push((stored, State::Pending));
+        dealt.push((took, full));
     }
     if !unread_payloads.is_empty() {
         let seqs: Vec<i64> = unread_payloads.keys().copied().collect();
@@ -716,9 +753,22 @@ async fn claim_taking_turn(
             claimed[at].0.task.payload = payload(&row)?;
         }
     }
-    let tasks = claimed.iter().map(|(s, _)| s.task.clone()).collect();
+    let mut tasks = claimed
+        .iter()
+        .map(|(s, _)| s.task.clone())
+        .collect::<Vec<_>>()
+        .into_iter();
     tx.save(claimed).await?;
-    Ok(Some(Claimed { tasks, more }))
+    let mut answers = Vec::with_capacity(dealt.len());
+    for (at, &(took, full)) in dealt.iter().enumerate() {
+        // Tasks a later request took were ready past this one's.
+        let taken_later = dealt[at + 1..].iter().any(|&(later, _)| later > 0);
+        answers.push(Claimed {
+            tasks: tasks.by_ref().take(took).collect(),
+            more: more || full || taken_later,
+        });
+    }
+    Ok(Some(answers))
 }
 
 /// A claim's first tasks in claim order, each with its payload's size,

@@ -690,9 +690,10 @@ async fn checked_single_enqueues_that_come_together_share_transactions() {
 }
 
 /// Claims of a few tasks that come together share transactions, each
-/// answered with tasks of its own; on a queue with a concurrency limit
-/// each takes a transaction of its own (its turn on the queue's row comes
-/// first in it, as in every claim), and together they keep to the limit.
+/// answered with tasks of its own. A transaction takes one turn on limited
+/// queues' rows at most (its first claim's, as every claim takes them, in
+/// name order), so claims on two limited queues never share one; together
+/// they keep to each queue's limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_of_a_few_tasks_that_come_together_share_transactions() {
     if !available() {
@@ -707,19 +708,19 @@ async fn claims_of_a_few_tasks_that_come_together_share_transactions() {
             .validate(&Limits::default(), Position::Alone)
             .unwrap()
     };
-    store
-        .enqueue((0..200).map(|_| spec("free")).collect())
-        .await
-        .unwrap();
-    store
-        .enqueue((0..100).map(|_| spec("limited")).collect())
-        .await
-        .unwrap();
-    let limit = QueuePatch {
-        paused: None,
-        concurrency: Some(Some(30)),
-    };
-    store.update_queue("limited", limit).await.unwrap();
+    for (queue, n) in [("free", 200), ("limited-a", 100), ("limited-b", 100)] {
+        store
+            .enqueue((0..n).map(|_| spec(queue)).collect())
+            .await
+            .unwrap();
+    }
+    for queue in ["limited-a", "limited-b"] {
+        let limit = QueuePatch {
+            paused: None,
+            concurrency: Some(Some(15)),
+        };
+        store.update_queue(queue, limit).await.unwrap();
+    }
     let claim = |n: usize, queue: &str, limit: usize| {
         let store = Arc::clone(&store);
         let request = ClaimRequest {
@@ -729,7 +730,10 @@ async fn claims_of_a_few_tasks_that_come_together_share_transactions() {
         async move { store.claim(&request).await }
     };
     let free = (0..100).map(|n| claim(n, "free", if n % 10 == 0 { 5 } else { 1 }));
-    let limited = (0..40).map(|n| claim(100 + n, "limited", 1));
+    let limited = (0..40).map(|n| {
+        let queue = if n % 2 == 0 { "limited-a" } else { "limited-b" };
+        claim(100 + n, queue, 1)
+    });
     let (free, limited) = tokio::time::timeout(Duration::from_secs(30), async {
         tokio::join!(
             futures::future::join_all(free),
@@ -748,25 +752,51 @@ async fn claims_of_a_few_tasks_that_come_together_share_transactions() {
             assert!(seen.insert(task.id), "task {} claimed twice", task.id);
         }
     }
-    let limited: Vec<_> = limited
-        .into_iter()
-        .flat_map(|claimed| claimed.expect("a claim"))
-        .collect();
-    assert_eq!(limited.len(), 30, "the queue's limit, and no more");
-    assert!(limited.iter().all(|task| seen.insert(task.id)));
+    let mut of_queue = std::collections::HashMap::<String, usize>::new();
+    for (n, claimed) in limited.into_iter().enumerate() {
+        let claimed = claimed.expect("a claim");
+        assert!(
+            claimed.len() <= 1,
+            "claim {} took {}",
+            100 + n,
+            claimed.len()
+        );
+        for task in claimed {
+            assert_eq!(task.worker_id, Some(format!("w{}", 100 + n)));
+            assert!(seen.insert(task.id), "task {} claimed twice", task.id);
+            *of_queue.entry(task.queue).or_default() += 1;
+        }
+    }
+    assert_eq!(of_queue["limited-a"], 15, "the queue's limit, and no more");
+    assert_eq!(of_queue["limited-b"], 15, "the queue's limit, and no more");
 
     let mut conn = connection_in(&url, &schema).await;
     let transactions = |queue: &'static str| {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(DISTINCT xmin::text) FROM offload_tasks WHERE queue = $1 AND state = $2",
+        sqlx::query_scalar::<_, String>(
+            "SELECT DISTINCT xmin::text FROM offload_tasks WHERE queue = $1 AND state = $2",
         )
         .bind(queue)
         .bind(State::Running.code() as i16)
     };
-    let free: i64 = transactions("free").fetch_one(&mut conn).await.unwrap();
-    assert!(free < 50, "100 claims made by {free} transactions");
-    let limited: i64 = transactions("limited").fetch_one(&mut conn).await.unwrap();
-    assert_eq!(limited, 30, "each claim on the limited queue its own");
+    let free = transactions("free").fetch_all(&mut conn).await.unwrap();
+    assert!(
+        free.len() < 50,
+        "100 claims made by {} transactions",
+        free.len()
+    );
+    let a = transactions("limited-a")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let b = transactions("limited-b")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let both: Vec<_> = a.iter().filter(|x| b.contains(x)).collect();
+    assert!(
+        both.is_empty(),
+        "transactions {both:?} took turns on both limited queues"
+    );
 }
 
 /// A batch of tasks with no unique key and no dependencies is written by
