@@ -1,12 +1,13 @@
 //! Small writes gathered into shared transactions. Workers heartbeat one
 //! task at a time, web applications enqueue one task a request from many
-//! handlers at once, and workers that report each task on its own ack one
-//! at a time. Each in a transaction of its own took its statements and a
-//! commit alone: eight clients heartbeating running tasks got 1,464 a
-//! second, sixteen enqueueing one task a request 1,691, sixteen completing
-//! one 1,513, where a SQLite node, whose writer gathers every write, got
-//! 4,407, 15,551 and 10,667 (`bench/heartbeats.py`,
-//! `bench/concurrent-writes.py`).
+//! handlers at once, and workers that fetch a task for each free slot, or
+//! report each task on its own, claim and ack one at a time. Each in a
+//! transaction of its own took its statements and a commit alone: eight
+//! clients heartbeating running tasks got 1,464 a second, sixteen
+//! enqueueing one task a request 1,691, sixteen completing one 1,513,
+//! sixteen fetching one task and completing it 774–898, where a SQLite
+//! node, whose writer gathers every write, got 4,407, 15,551, 10,667 and
+//! 7,367 (`bench/heartbeats.py`, `bench/concurrent-writes.py`).
 //! Writes of one kind that come while a transaction of them runs go
 //! together in the next, each answered apart; one that comes alone runs
 //! at once, as before.
@@ -294,11 +295,11 @@ impl Gathered for CheckedEnqueues {
 
 /// Claims of a few tasks each ([`Claims::FEW_TASKS`] at most), from
 /// fetches that come at once: workers that fetch a task for each free
-/// slot, a process each (16 one-task fetchers got 800 tasks a second where
-/// a SQLite node gave them 7,400: each claim's commit waited its turn
-/// behind every other notifying commit, PostgreSQL's and its WAL flush).
-/// Each claim answered apart, in the order they came; a claim of many
-/// tasks already spreads its transaction over them and runs alone.
+/// slot, a process each, whose claims' commits each waited its turn behind
+/// every other notifying commit, and its WAL flush.
+/// Each claim answered apart, in the order they came, and those that ask
+/// for the same types and queues made as one ([`ops::claims`]); a claim of
+/// many tasks already spreads its transaction over them and runs alone.
 #[derive(Debug)]
 pub(crate) struct Claims(pub(crate) Writes);
 
