@@ -173,8 +173,15 @@ pub(crate) async fn enqueue_apart(
     // else's task in it, and spares the look's round trip.
     let alone = specs.len() == 1;
     let mut refused: Vec<Option<Error>> = vec![None; specs.len()];
-    let mut named: Vec<Uuid> = specs.iter().flat_map(|s| s.depends_on.clone()).collect();
-    if !alone && !named.is_empty() {
+    let mut named: Vec<Uuid> = if alone {
+        Vec::new()
+    } else {
+        specs
+            .iter()
+            .flat_map(|s| s.depends_on.iter().copied())
+            .collect()
+    };
+    if !named.is_empty() {
         named.sort_unstable();
         named.dedup();
         let there = ids::find(&mut tx.conn, &named, Lock::None).await?;
@@ -722,17 +729,10 @@ async fn claim_together(
     for req in requests {
         let mut page = PageFill::new(req.limit);
         let mut took = 0;
-        let mut full = false;
-        while let Some((stored, payload_bytes)) = admitted.peek() {
+        while let Some((mut stored, payload_bytes)) = admitted.next_if(|(stored, payload_bytes)| {
             let read = stored.task.payload.get().len();
-            let bulk_bytes = stored.task.bulk_bytes() - read + *payload_bytes as usize;
-            if !page.take_sized(bulk_bytes) {
-                full = true;
-                break;
-            }
-            let Some((mut stored, payload_bytes)) = admitted.next() else {
-                break;
-            };
+            page.take_sized(stored.task.bulk_bytes() - read + *payload_bytes as usize)
+        }) {
             if payload_bytes > CANDIDATE_PAYLOAD_BYTES {
                 unread_payloads.insert(stored.seq, claimed.len());
             }
@@ -740,6 +740,8 @@ async fn claim_together(
             claimed.push((stored, State::Pending));
             took += 1;
         }
+        // Stopped with tasks left: the page refused the next.
+        let full = admitted.peek().is_some();
         dealt.push((took, full));
     }
     if !unread_payloads.is_empty() {
@@ -753,11 +755,8 @@ async fn claim_together(
             claimed[at].0.task.payload = payload(&row)?;
         }
     }
-    let mut tasks = claimed
-        .iter()
-        .map(|(s, _)| s.task.clone())
-        .collect::<Vec<_>>()
-        .into_iter();
+    let tasks: Vec<Task> = claimed.iter().map(|(s, _)| s.task.clone()).collect();
+    let mut tasks = tasks.into_iter();
     tx.save(claimed).await?;
     let mut answers = Vec::with_capacity(dealt.len());
     for (at, &(took, full)) in dealt.iter().enumerate() {
