@@ -395,11 +395,14 @@ impl<'t> Reader<'t, '_> {
         self.timestamp().map(Some)
     }
 
-    /// Any JSON value, read by serde_json from the text its extent spans.
+    /// Any JSON value, read by serde_json, which tells where it ends: a
+    /// scan for its end first cost a worker ~550 instructions a task of
+    /// `offload bench`'s, a third of reading its payload (callgrind).
     fn value<T: DeserializeOwned>(&mut self) -> Option<T> {
-        let end = self.at + value_len(self.rest())?;
-        let value = serde_json::from_str(self.text.get(self.at..end)?).ok()?;
-        self.at = end;
+        let mut values =
+            serde_json::Deserializer::from_str(self.text.get(self.at..)?).into_iter::<T>();
+        let value = values.next()?.ok()?;
+        self.at += values.byte_offset();
         Some(value)
     }
 
@@ -409,37 +412,6 @@ impl<'t> Reader<'t, '_> {
         }
         self.value().map(Some)
     }
-}
-
-/// The length of the JSON value `bytes` starts with: up to its closing
-/// bracket or quote, or, for a number or literal, up to the next delimiter.
-/// It does not check the value; serde_json does that next.
-fn value_len(bytes: &[u8]) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'"' => {
-                i += 1;
-                loop {
-                    match *bytes.get(i)? {
-                        b'"' => break,
-                        b'\\' => i += 2,
-                        _ => i += 1,
-                    }
-                }
-            }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' | b',' if depth == 0 => return (i > 0).then_some(i),
-            b'}' | b']' => depth -= 1,
-            _ => {}
-        }
-        i += 1;
-        if depth == 0 && matches!(bytes[i - 1], b'"' | b'}' | b']') {
-            return Some(i);
-        }
-    }
-    None
 }
 
 /// A JSON string: copied whole unless it holds a quote, a backslash or a
