@@ -228,7 +228,61 @@ fn write_id(out: &mut Vec<u8>, id: &Uuid) {
     out.push(b'"');
 }
 
+/// `{"id":"…"` and then `close`, at the start of `text`: the id, and the
+/// text after `close`.
+fn read_id_item<'t>(text: &'t str, close: &str) -> Option<(Uuid, &'t str)> {
+    let rest = text.strip_prefix("{\"id\":\"")?;
+    let id = Uuid::try_parse_ascii(rest.as_bytes().get(..uuid::fmt::Hyphenated::LENGTH)?).ok()?;
+    let rest = rest
+        .get(uuid::fmt::Hyphenated::LENGTH..)?
+        .strip_prefix('"')?
+        .strip_prefix(close)?;
+    Some((id, rest))
+}
+
+/// The items of a list `text` holds, each read by `read` from where the
+/// one before ended, or `None` if one is not read or the list does not end
+/// where the last one does.
+fn read_items<T>(
+    mut text: &str,
+    item_len: usize,
+    mut read: impl FnMut(&str) -> Option<(T, &str)>,
+) -> Option<Vec<T>> {
+    let mut items = Vec::with_capacity(text.len() / item_len + 1);
+    while !text.is_empty() {
+        if !items.is_empty() {
+            text = text.strip_prefix(',')?;
+        }
+        let (item, rest) = read(text)?;
+        items.push(item);
+        text = rest;
+    }
+    Some(items)
+}
+
 impl AckBody {
+    /// The body as [`Self::write_json`] writes it for completions alone,
+    /// none with a result: the form a worker's batch of acks mostly takes.
+    /// `None` for any other, which serde_json reads. Read by serde_json, it
+    /// cost the server's request thread ~830 instructions a task acked
+    /// 500 at a time (callgrind, bench/HISTORY.md).
+    pub fn read_json(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix("{\"worker_id\":\"")?;
+        let end = rest.find(|c: char| c == '"' || c == '\\' || c < ' ')?;
+        let worker_id = rest[..end].to_owned();
+        let listed = rest[end..]
+            .strip_prefix("\",\"completed\":[")?
+            .strip_suffix("],\"failed\":[]}")?;
+        let completed = read_items(listed, 48, |item| {
+            read_id_item(item, "}").map(|(id, rest)| (AckCompleted { id, result: None }, rest))
+        })?;
+        Some(Self {
+            worker_id,
+            completed,
+            failed: Vec::new(),
+        })
+    }
+
     /// Appends the body's JSON to `out`: the bytes serde_json writes.
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"worker_id\":");
@@ -254,6 +308,26 @@ impl AckBody {
 }
 
 impl AckResults {
+    /// The answer as [`Self::write_json`] writes it where every ack went
+    /// through; `None` for any other, which serde_json reads. Read by
+    /// serde_json, it cost a worker acking hundreds of tasks at a time
+    /// ~1,000 instructions a task, 43% of its acker's (callgrind,
+    /// bench/HISTORY.md).
+    pub fn read_json(text: &str) -> Option<Self> {
+        let listed = text.strip_prefix("{\"results\":[")?.strip_suffix("]}")?;
+        let results = read_items(listed, 60, |item| {
+            read_id_item(item, ",\"ok\":true}").map(|(id, rest)| {
+                let ok = AckResult {
+                    id,
+                    ok: true,
+                    error: None,
+                };
+                (ok, rest)
+            })
+        })?;
+        Some(Self { results })
+    }
+
     /// Appends the answer's JSON to `out`: the bytes serde_json writes.
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"results\":[");
@@ -338,5 +412,118 @@ mod tests {
         same_as_serde(&AckResults { results: vec![] }, |r, out| {
             r.write_json(out).unwrap()
         });
+    }
+
+    fn written<T>(value: &T, write: impl Fn(&T, &mut Vec<u8>) -> serde_json::Result<()>) -> String {
+        let mut out = Vec::new();
+        write(value, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn completions(worker_id: &str, n: u128) -> AckBody {
+        AckBody {
+            worker_id: worker_id.into(),
+            completed: (1..=n)
+                .map(|i| AckCompleted {
+                    id: Uuid::from_u128(i << 64 | i),
+                    result: None,
+                })
+                .collect(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// An ack body as the server took it: worker, ids, results, failures.
+    fn summary(body: &AckBody) -> String {
+        serde_json::to_string(body).unwrap()
+    }
+
+    #[test]
+    fn completions_alone_are_read_in_the_form_written_and_nothing_else() {
+        for body in [
+            completions("w", 0),
+            completions("w-1", 1),
+            completions("bench-http-0-7", 3),
+        ] {
+            let text = written(&body, AckBody::write_json);
+            let read = AckBody::read_json(&text).expect("the written form is read");
+            assert_eq!(summary(&read), summary(&body));
+            let by_serde: AckBody = serde_json::from_str(&text).unwrap();
+            assert_eq!(summary(&read), summary(&by_serde));
+        }
+        let text = written(&completions("w", 2), AckBody::write_json);
+        let mut with_result = completions("w", 2);
+        with_result.completed[1].result =
+            Some(serde_json::value::RawValue::from_string("1".into()).unwrap());
+        let mut failed = completions("w", 1);
+        failed.failed.push(AckFailed {
+            id: Uuid::nil(),
+            error: serde_json::from_str(r#"{"message": "no"}"#).unwrap(),
+            retry: None,
+            retry_in_secs: None,
+        });
+        let others = [
+            written(&with_result, AckBody::write_json),
+            written(&failed, AckBody::write_json),
+            written(&completions("w \"1\"", 1), AckBody::write_json),
+            written(&completions("w\\1", 1), AckBody::write_json),
+            text.replacen("},{", "},,{", 1),
+            text.replacen("},{", "}{", 1),
+            text.replacen("\"}", "\",\"extra\":1}", 1),
+            text.replacen(":[{", ": [{", 1),
+            text.replacen("-", "", 1),
+            format!("{text} "),
+            text[..text.len() - 1].to_owned(),
+        ];
+        for other in others {
+            assert!(AckBody::read_json(&other).is_none(), "read {other}");
+        }
+    }
+
+    #[test]
+    fn answers_where_every_ack_went_through_are_read_in_the_form_written_alone() {
+        let ok = |i: u128| AckResult {
+            id: Uuid::from_u128(i),
+            ok: true,
+            error: None,
+        };
+        for results in [vec![], vec![ok(1)], vec![ok(1), ok(2), ok(3)]] {
+            let answer = AckResults { results };
+            let text = written(&answer, AckResults::write_json);
+            let read = AckResults::read_json(&text).expect("the written form is read");
+            assert_eq!(
+                serde_json::to_string(&read).unwrap(),
+                serde_json::to_string(&answer).unwrap()
+            );
+        }
+        let refused = AckResults {
+            results: vec![
+                ok(1),
+                AckResult {
+                    id: Uuid::nil(),
+                    ok: false,
+                    error: Some(ErrorDetail {
+                        code: "not_found".into(),
+                        message: "gone".into(),
+                    }),
+                },
+            ],
+        };
+        let text = written(
+            &AckResults {
+                results: vec![ok(1), ok(2)],
+            },
+            AckResults::write_json,
+        );
+        let others = [
+            written(&refused, AckResults::write_json),
+            text.replacen("},{", "},,{", 1),
+            text.replacen("true", "false", 1),
+            text.replacen("]}", ",]}", 1),
+            text[..text.len() - 1].to_owned(),
+        ];
+        for other in others {
+            assert!(AckResults::read_json(&other).is_none(), "read {other}");
+        }
     }
 }

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use offload_api::{
-    AckBody, AckResult, AckResults, BatchIds, CompleteBody, Deleted, ErrorBody, FailBody,
-    FetchRequest, Health, HeartbeatBody, QueueList, QueueUpdate, TaskList,
+    AckBody, AckResults, BatchIds, CompleteBody, Deleted, ErrorBody, FailBody, FetchRequest,
+    Health, HeartbeatBody, QueueList, QueueUpdate, TaskList,
 };
 use offload_core::{
     HeartbeatAck, Json, NewTask, QueueInfo, State, Stats, Task, TaskPage, Timestamp, TimestampMemo,
@@ -686,37 +686,9 @@ fn parse_or<T: DeserializeOwned>(
     }
 }
 
-/// An ack's answer: read as the server writes it where every ack went
-/// through, by serde_json otherwise. Read by serde_json alone, it cost a
-/// worker acking hundreds of tasks at a time ~1,000 instructions a task,
-/// 43% of its acker's and 6.5% of `offload bench`'s load generator's
-/// (callgrind, bench/HISTORY.md).
+/// An ack's answer: see [`AckResults::read_json`].
 fn parse_ack_results(bytes: &[u8]) -> ClientResult<AckResults> {
-    parse_or(bytes, read_all_ok)
-}
-
-/// `{"results":[{"id":"…","ok":true},…]}`, or `None`.
-fn read_all_ok(text: &str) -> Option<AckResults> {
-    const OPEN: &str = "{\"id\":\"";
-    const CLOSE: &str = "\",\"ok\":true}";
-    const ID_LEN: usize = 36;
-    let mut listed = text.strip_prefix("{\"results\":[")?.strip_suffix("]}")?;
-    let mut results =
-        Vec::with_capacity(listed.len() / (OPEN.len() + ID_LEN + CLOSE.len() + 1) + 1);
-    while !listed.is_empty() {
-        if !results.is_empty() {
-            listed = listed.strip_prefix(',')?;
-        }
-        let rest = listed.strip_prefix(OPEN)?;
-        let id = Uuid::try_parse_ascii(rest.as_bytes().get(..ID_LEN)?).ok()?;
-        listed = rest.get(ID_LEN..)?.strip_prefix(CLOSE)?;
-        results.push(AckResult {
-            id,
-            ok: true,
-            error: None,
-        });
-    }
-    Some(AckResults { results })
+    parse_or(bytes, AckResults::read_json)
 }
 
 /// One task: see [`Task::read_json_at`].
@@ -796,7 +768,7 @@ mod tests {
 
     use super::{
         Buffers, KEPT_BUFFER_BYTES, KEPT_BUFFERS, parse_ack_results, parse_task, parse_tasks,
-        read_all_ok, read_task_list,
+        read_task_list,
     };
 
     #[test]
@@ -963,7 +935,7 @@ mod tests {
             });
             let all_ok = results.iter().all(|r| r.ok);
             assert_eq!(
-                read_all_ok(&text).as_ref().map(summary),
+                AckResults::read_json(&text).as_ref().map(summary),
                 all_ok.then(|| expected.clone()),
                 "{text}"
             );

@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use http_body_util::BodyExt;
+use offload_api::AckBody;
 use offload_core::NewTask;
 use offload_engine::BatchSink;
 use serde::de::{
@@ -33,9 +34,10 @@ const MIN_BODY_BYTES_PER_SEC: u32 = 1024;
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-/// A JSON body of at most the batch limit (batch enqueue, ack).
+/// An ack's body, of at most the batch limit: read first in the form
+/// Offload's workers send ([`AckBody::read_json`]), then by serde_json.
 #[derive(Debug)]
-pub struct BatchBody<T>(pub T);
+pub struct AckBatchBody(pub AckBody);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
@@ -46,12 +48,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
+impl FromRequest<AppState> for AckBatchBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = read_limited(req, state.limits.batch_body_bytes, state.limits.stall).await?;
-        parse_json(&bytes).map(BatchBody)
+        if let Some(body) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(AckBody::read_json)
+        {
+            return Ok(AckBatchBody(body));
+        }
+        parse_json(&bytes).map(AckBatchBody)
     }
 }
 

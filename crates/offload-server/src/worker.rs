@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{BatchBody, JsonBody, task_id};
+use crate::extract::{AckBatchBody, JsonBody, task_id};
 use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
@@ -185,7 +185,7 @@ fn failure(
     responses((status = 200, description = "One result per ack: completed ones, then failed ones", body = AckResults), (status = 400, body = ErrorBody)))]
 pub async fn ack(
     State(state): State<AppState>,
-    BatchBody(body): BatchBody<AckBody>,
+    AckBatchBody(body): AckBatchBody,
 ) -> ApiResult<AckResultsJson> {
     validate_worker_id(&body.worker_id)?;
     let mut acks = Vec::with_capacity(body.completed.len() + body.failed.len());
