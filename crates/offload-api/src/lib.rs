@@ -228,34 +228,22 @@ fn write_id(out: &mut Vec<u8>, id: &Uuid) {
     out.push(b'"');
 }
 
-/// `{"id":"…"` and then `close`, at the start of `text`: the id, and the
-/// text after `close`.
-fn read_id_item<'t>(text: &'t str, close: &str) -> Option<(Uuid, &'t str)> {
-    let rest = text.strip_prefix("{\"id\":\"")?;
-    let id = Uuid::try_parse_ascii(rest.as_bytes().get(..uuid::fmt::Hyphenated::LENGTH)?).ok()?;
-    let rest = rest
-        .get(uuid::fmt::Hyphenated::LENGTH..)?
-        .strip_prefix('"')?
-        .strip_prefix(close)?;
-    Some((id, rest))
-}
-
-/// The items of a list `text` holds, each read by `read` from where the
-/// one before ended, or `None` if one is not read or the list does not end
-/// where the last one does.
-fn read_items<T>(
-    mut text: &str,
-    item_len: usize,
-    mut read: impl FnMut(&str) -> Option<(T, &str)>,
-) -> Option<Vec<T>> {
+/// The items of a list `text` holds, each `{"id":"…"` and then `close`,
+/// made by `make` from their ids in order; `None` if one is not in that
+/// form or the list does not end where the last one does.
+fn read_id_items<T>(mut text: &str, close: &str, make: impl Fn(Uuid) -> T) -> Option<Vec<T>> {
+    const OPEN: &str = "{\"id\":\"";
+    const ID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+    let item_len = OPEN.len() + ID_LEN + 1 + close.len() + 1;
     let mut items = Vec::with_capacity(text.len() / item_len + 1);
     while !text.is_empty() {
         if !items.is_empty() {
             text = text.strip_prefix(',')?;
         }
-        let (item, rest) = read(text)?;
-        items.push(item);
-        text = rest;
+        let rest = text.strip_prefix(OPEN)?;
+        let id = Uuid::try_parse_ascii(rest.as_bytes().get(..ID_LEN)?).ok()?;
+        text = rest.get(ID_LEN..)?.strip_prefix('"')?.strip_prefix(close)?;
+        items.push(make(id));
     }
     Some(items)
 }
@@ -273,9 +261,7 @@ impl AckBody {
         let listed = rest[end..]
             .strip_prefix("\",\"completed\":[")?
             .strip_suffix("],\"failed\":[]}")?;
-        let completed = read_items(listed, 48, |item| {
-            read_id_item(item, "}").map(|(id, rest)| (AckCompleted { id, result: None }, rest))
-        })?;
+        let completed = read_id_items(listed, "}", |id| AckCompleted { id, result: None })?;
         Some(Self {
             worker_id,
             completed,
@@ -315,15 +301,10 @@ impl AckResults {
     /// bench/HISTORY.md).
     pub fn read_json(text: &str) -> Option<Self> {
         let listed = text.strip_prefix("{\"results\":[")?.strip_suffix("]}")?;
-        let results = read_items(listed, 60, |item| {
-            read_id_item(item, ",\"ok\":true}").map(|(id, rest)| {
-                let ok = AckResult {
-                    id,
-                    ok: true,
-                    error: None,
-                };
-                (ok, rest)
-            })
+        let results = read_id_items(listed, ",\"ok\":true}", |id| AckResult {
+            id,
+            ok: true,
+            error: None,
         })?;
         Some(Self { results })
     }
