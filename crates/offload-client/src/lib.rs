@@ -868,16 +868,21 @@ mod tests {
         }
     }
 
+    /// `{"…":[{…},{…}]}` broken where a reader that stops early would
+    /// still find a shorter list: the items' comma doubled or dropped, a
+    /// comma after the last, the closing brace cut.
+    fn broken_lists(text: &str) -> Vec<String> {
+        vec![
+            text.replacen("},{", "},,{", 1),
+            text.replacen("},{", "}{", 1),
+            text.replacen("]}", ",]}", 1),
+            text[..text.len() - 1].to_owned(),
+        ]
+    }
+
     #[test]
     fn a_broken_list_is_an_error_not_a_shorter_list() {
-        let canonical = json(&[task(1), task(2)]);
-        let broken = [
-            canonical.replacen("},{", "},,{", 1),
-            canonical.replacen("},{", "}{", 1),
-            canonical.replacen("]}", ",]}", 1),
-            canonical[..canonical.len() - 1].to_owned(),
-        ];
-        for text in broken {
+        for text in broken_lists(&json(&[task(1), task(2)])) {
             assert!(parse_tasks(text.as_bytes()).is_err(), "accepted {text}");
         }
         let one = task(1);
@@ -954,13 +959,8 @@ mod tests {
     #[test]
     fn a_broken_ack_answer_is_an_error_not_fewer_results() {
         let text = ack_answer(&[ok(1), ok(2)]);
-        let broken = [
-            text.replacen("},{", "},,{", 1),
-            text.replacen("},{", "}{", 1),
-            text.replacen("]}", ",]}", 1),
-            text.replacen("-", "", 1),
-            text[..text.len() - 1].to_owned(),
-        ];
+        let mut broken = broken_lists(&text);
+        broken.push(text.replacen("-", "", 1));
         for text in broken {
             assert!(
                 parse_ack_results(text.as_bytes()).is_err(),
