@@ -15,6 +15,7 @@
 //! ```
 
 mod events;
+mod plain;
 mod source;
 
 use std::fmt::Write as _;
@@ -122,6 +123,9 @@ pub struct ListParams {
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
+    /// Requests to an `http://` server other than event streams go
+    /// through this client's own HTTP/1.1 (`plain.rs`).
+    plain: Option<Arc<plain::Plain>>,
     base: String,
     token: Option<String>,
     timeout: Duration,
@@ -215,8 +219,13 @@ impl Client {
         #[cfg(target_os = "linux")]
         let http = http.tcp_user_timeout(Duration::from_secs(30));
         let http = http.build().unwrap_or_default();
+        let plain = reqwest::Url::parse(&base)
+            .ok()
+            .and_then(|url| plain::Plain::for_url(&url))
+            .map(Arc::new);
         Self {
             http,
+            plain,
             base,
             token: None,
             timeout: DEFAULT_TIMEOUT,
@@ -261,6 +270,8 @@ impl Client {
         }
     }
 
+    /// Sends a request through reqwest; an answer other than a success is
+    /// the error it says.
     async fn send(&self, builder: RequestBuilder) -> ClientResult<reqwest::Response> {
         let response = builder.send().await.map_err(|e| self.unreachable(&e))?;
         if response.status().is_success() {
@@ -268,18 +279,93 @@ impl Client {
         }
         let status = response.status().as_u16();
         let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-        Err(match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(ErrorBody { error }) => ClientError::Api {
-                status,
-                code: error.code,
-                message: error.message,
+        Err(api_error(status, &body))
+    }
+
+    /// Sends a request and reads its whole answer: its status and body.
+    /// An answer other than a success is the error it says.
+    async fn exchange(&self, builder: RequestBuilder) -> ClientResult<(StatusCode, Body)> {
+        let request = builder.build().map_err(|e| self.unreachable(&e))?;
+        let plain = self
+            .plain
+            .as_ref()
+            .filter(|_| request.url().scheme() == "http");
+        let sent = match request.body() {
+            None => Some(&[][..]),
+            Some(body) => body.as_bytes(),
+        };
+        let (Some(plain), Some(sent)) = (plain, sent) else {
+            return self.exchange_through_reqwest(request).await;
+        };
+        let url = request.url();
+        let target = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let plain_request = plain::Request {
+            method: request.method().as_str(),
+            target: &target,
+            headers: request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes()))
+                .collect(),
+            body: sent,
+        };
+        let mut body = self.buffers.take();
+        let exchanged = plain.exchange(&plain_request, &mut body.bytes);
+        let status = match request.timeout() {
+            Some(limit) => tokio::time::timeout(*limit, exchanged).await.map_err(|_| {
+                ClientError::Unreachable {
+                    url: self.base.clone(),
+                    message: NO_ANSWER_IN_TIME.to_owned(),
+                }
+            })?,
+            None => exchanged.await,
+        };
+        let status = status.map_err(|failure| match failure {
+            plain::Failure::Io(e) => ClientError::Unreachable {
+                url: self.base.clone(),
+                message: e.to_string(),
             },
-            Err(_) => ClientError::Api {
-                status,
-                code: "http_error".into(),
-                message: String::from_utf8_lossy(&body).chars().take(300).collect(),
-            },
-        })
+            plain::Failure::Protocol(message) => ClientError::Protocol(message),
+        })?;
+        let status = StatusCode::from_u16(status)
+            .map_err(|_| ClientError::Protocol(format!("an answer with status {status}")))?;
+        if !status.is_success() {
+            return Err(api_error(status.as_u16(), &body));
+        }
+        Ok((status, body))
+    }
+
+    /// [`Client::exchange`] for a request this client's own HTTP/1.1 does
+    /// not carry: to an `https://` server, or with a streamed body.
+    async fn exchange_through_reqwest(
+        &self,
+        request: reqwest::Request,
+    ) -> ClientResult<(StatusCode, Body)> {
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+            return Err(api_error(status.as_u16(), &body));
+        }
+        let mut response = response;
+        let mut body = self.buffers.take();
+        // Room for what the server says it sends, up to what a kept buffer
+        // may hold: a length larger than that is not taken on trust.
+        if let Some(length) = response.content_length() {
+            let length = usize::try_from(length).unwrap_or(usize::MAX);
+            body.bytes.reserve(length.min(KEPT_BUFFER_BYTES));
+        }
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(&e))? {
+            body.bytes.extend_from_slice(&chunk);
+        }
+        Ok((status, body))
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> ClientError {
@@ -309,18 +395,7 @@ impl Client {
     }
 
     async fn answer(&self, builder: RequestBuilder) -> ClientResult<Body> {
-        let mut response = self.send(builder).await?;
-        let mut body = self.buffers.take();
-        // Room for what the server says it sends, up to what a kept buffer
-        // may hold: a length larger than that is not taken on trust.
-        if let Some(length) = response.content_length() {
-            let length = usize::try_from(length).unwrap_or(usize::MAX);
-            body.bytes.reserve(length.min(KEPT_BUFFER_BYTES));
-        }
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(&e))? {
-            body.bytes.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        Ok(self.exchange(builder).await?.1)
     }
 
     async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> ClientResult<T> {
@@ -342,12 +417,10 @@ impl Client {
     /// Enqueues one task; `true` when created, `false` when an active task
     /// holding its unique key was returned.
     pub async fn enqueue(&self, task: &NewTask) -> ClientResult<(Task, bool)> {
-        let response = self
-            .send(self.request(Method::POST, "/v1/tasks").json(task))
+        let (status, body) = self
+            .exchange(self.request(Method::POST, "/v1/tasks").json(task))
             .await?;
-        let created = response.status() == StatusCode::CREATED;
-        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-        Ok((parse_task(&bytes)?, created))
+        Ok((parse_task(&body)?, status == StatusCode::CREATED))
     }
 
     /// Enqueues up to 10,000 tasks, all or nothing; the answer is the
@@ -447,7 +520,7 @@ impl Client {
     }
 
     pub async fn delete(&self, id: Uuid) -> ClientResult<()> {
-        self.send(self.request(Method::DELETE, &format!("/v1/tasks/{id}")))
+        self.exchange(self.request(Method::DELETE, &format!("/v1/tasks/{id}")))
             .await
             .map(drop)
     }
@@ -668,6 +741,23 @@ impl Following<'_> {
 /// field name too) for UTF-8 on its own: 12% of the instructions of
 /// `offload bench`'s workers and producers (callgrind). One check of the
 /// whole body costs little.
+/// The error an answer other than a success says: the server's error body
+/// where it sent one, its text otherwise.
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => ClientError::Api {
+            status,
+            code: error.code,
+            message: error.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: "http_error".into(),
+            message: String::from_utf8_lossy(body).chars().take(300).collect(),
+        },
+    }
+}
+
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ClientResult<T> {
     parse_or(bytes, |_| None)
 }
