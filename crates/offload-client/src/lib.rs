@@ -288,7 +288,19 @@ impl Client {
     /// Sends a request through reqwest; an answer other than a success is
     /// the error it says.
     async fn send(&self, builder: RequestBuilder) -> ClientResult<reqwest::Response> {
-        let response = builder.send().await.map_err(|e| self.unreachable(&e))?;
+        let request = builder.build().map_err(|e| self.unreachable(&e))?;
+        self.send_through_reqwest(request).await
+    }
+
+    async fn send_through_reqwest(
+        &self,
+        request: reqwest::Request,
+    ) -> ClientResult<reqwest::Response> {
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -359,17 +371,7 @@ impl Client {
         &self,
         request: reqwest::Request,
     ) -> ClientResult<(StatusCode, Body)> {
-        let response = self
-            .http
-            .execute(request)
-            .await
-            .map_err(|e| self.unreachable(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-            return Err(api_error(status.as_u16(), &body));
-        }
-        let mut response = response;
+        let mut response = self.send_through_reqwest(request).await?;
         let mut body = self.buffers.take();
         // Room for what the server says it sends, up to what a kept buffer
         // may hold: a length larger than that is not taken on trust.
@@ -380,7 +382,7 @@ impl Client {
         while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(&e))? {
             body.bytes.extend_from_slice(&chunk);
         }
-        Ok((status, body))
+        Ok((response.status(), body))
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> ClientError {
