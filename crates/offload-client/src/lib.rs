@@ -754,10 +754,6 @@ impl Following<'_> {
     }
 }
 
-/// Parses an answer. Parsed from bytes, serde_json checks each string (each
-/// field name too) for UTF-8 on its own: 12% of the instructions of
-/// `offload bench`'s workers and producers (callgrind). One check of the
-/// whole body costs little.
 /// The error an answer other than a success says: the server's error body
 /// where it sent one, its text otherwise.
 fn api_error(status: u16, body: &[u8]) -> ClientError {
@@ -775,6 +771,10 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
     }
 }
 
+/// Parses an answer. Parsed from bytes, serde_json checks each string (each
+/// field name too) for UTF-8 on its own: 12% of the instructions of
+/// `offload bench`'s workers and producers (callgrind). One check of the
+/// whole body costs little.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ClientResult<T> {
     parse_or(bytes, |_| None)
 }
