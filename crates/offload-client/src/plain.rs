@@ -38,6 +38,10 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 const MAX_HEADERS: usize = 64;
 
+/// Requests up to this long are written with their head in one write:
+/// one segment for the small requests that wait on each other.
+const ONE_WRITE_BYTES: usize = 16 * 1024;
+
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -122,9 +126,7 @@ impl Plain {
             Some(stream) => stream,
             None => self.connect().await?,
         };
-        if request.body.len() <= 16 * 1024 {
-            // One write, one segment, for the small requests that wait on
-            // each other.
+        if request.body.len() <= ONE_WRITE_BYTES {
             head.extend_from_slice(request.body);
             stream.write_all(&head).await?;
         } else {
