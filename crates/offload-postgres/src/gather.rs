@@ -34,6 +34,11 @@ pub(crate) trait Gathered: Send + Sync + 'static {
     const WHAT: &'static str;
     /// The most requests one transaction takes; the rest wait for the next.
     const MOST_IN_ONE: usize;
+    /// Whether a request whose caller stopped waiting before its
+    /// transaction came is left out, where it would be written all the
+    /// same: a claim for a fetch whose client left held its tasks running,
+    /// for no one, until their lease ran out.
+    const FOR_ITS_CALLER_ALONE: bool = false;
 
     /// One transaction of `requests`: one answer each, in their order, or
     /// the error that ended the transaction.
@@ -142,8 +147,15 @@ impl<W: Gathered> Gather<W> {
                     return;
                 }
                 let taken = waiting.requests.len().min(W::MOST_IN_ONE);
-                waiting.requests.drain(..taken).collect::<Vec<_>>()
+                let mut taken = waiting.requests.drain(..taken).collect::<Vec<_>>();
+                if W::FOR_ITS_CALLER_ALONE {
+                    taken.retain(|(_, answer)| !answer.is_closed());
+                }
+                taken
             };
+            if taken.is_empty() {
+                continue;
+            }
             let (requests, answers): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
             match self.writes.write(&requests).await {
                 Ok(outcomes) => {
@@ -314,6 +326,7 @@ impl Gathered for Claims {
     const WHAT: &'static str = "claims";
     /// At most 1,024 tasks a transaction, as a batch of the benchmark's.
     const MOST_IN_ONE: usize = 32;
+    const FOR_ITS_CALLER_ALONE: bool = true;
 
     /// A transaction takes the claims in turn up to one that would take
     /// a second turn on limited queues' rows ([`ops::claims`]); the next
@@ -365,5 +378,80 @@ impl Gathered for Acks {
         )
         .await?)?;
         Ok(outcomes.into_iter().map(Ok).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures::FutureExt;
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// Writes that keep what each transaction took, the first held until
+    /// it is let go.
+    struct Kept<const ALONE: bool> {
+        transactions: Mutex<Vec<Vec<u32>>>,
+        first_entered: Notify,
+        let_first_go: Notify,
+    }
+
+    impl<const ALONE: bool> Gathered for Kept<ALONE> {
+        type Request = u32;
+        type Answer = u32;
+        const WHAT: &'static str = "kept writes";
+        const MOST_IN_ONE: usize = 10;
+        const FOR_ITS_CALLER_ALONE: bool = ALONE;
+
+        async fn write(&self, requests: &[u32]) -> Result<Vec<Result<u32>>> {
+            let first = {
+                let mut transactions = self.transactions.lock().unwrap();
+                transactions.push(requests.to_vec());
+                transactions.len() == 1
+            };
+            if first {
+                self.first_entered.notify_one();
+                self.let_first_go.notified().await;
+            }
+            Ok(requests.iter().map(|&r| Ok(r)).collect())
+        }
+    }
+
+    /// Requests 2 and 3 wait while 1 is written; 2's caller goes away.
+    async fn transactions<const ALONE: bool>() -> Vec<Vec<u32>> {
+        let gather = Arc::new(Gather::new(Kept::<ALONE> {
+            transactions: Mutex::new(Vec::new()),
+            first_entered: Notify::new(),
+            let_first_go: Notify::new(),
+        }));
+        let first = tokio::spawn({
+            let gather = Arc::clone(&gather);
+            async move { gather.send(1).await }
+        });
+        gather.writes.first_entered.notified().await;
+        assert!(gather.send(2).now_or_never().is_none(), "2 waits");
+        let third = tokio::spawn({
+            let gather = Arc::clone(&gather);
+            async move { gather.send(3).await }
+        });
+        while gather.lock().requests.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gather.writes.let_first_go.notify_one();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(third.await.unwrap().unwrap(), 3);
+        gather.writes.transactions.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_left_is_left_out_where_its_kind_asks() {
+        assert_eq!(transactions::<true>().await, [vec![1], vec![3]]);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_left_is_written_all_the_same_otherwise() {
+        assert_eq!(transactions::<false>().await, [vec![1], vec![2, 3]]);
     }
 }

@@ -503,7 +503,9 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let request = request.clone();
-        self.writer.run(move |ctx| ctx.claim(&request)).await
+        self.writer
+            .run_for_caller(move |ctx| ctx.claim(&request))
+            .await
     }
 
     async fn claim_or_park(&self, request: &ClaimRequest) -> Result<Claim> {
@@ -524,7 +526,7 @@ impl Store for SqliteStore {
         }
         let request = request.clone();
         self.writer
-            .run(move |ctx| {
+            .run_for_caller(move |ctx| {
                 let claimed = ctx.claim(&request)?;
                 if !claimed.is_empty() {
                     return Ok(Claim::took(claimed, &request));

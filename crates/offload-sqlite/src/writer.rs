@@ -642,14 +642,37 @@ impl Writer {
         self.submit(op).await
     }
 
+    /// Runs `op` in the next group, as [`Writer::run`] does, unless its
+    /// caller has gone away when the group comes to it: then nothing of it
+    /// runs. For a claim: one made for a fetch whose client left while it
+    /// waited its turn held its tasks running, for no one, until their
+    /// lease ran out.
+    pub async fn run_for_caller<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.queue(op, CallerGone::Skip).await
+    }
+
     /// Queues `op` for the next group now; the future answers once its
     /// commit is durable.
     pub fn submit<T: Send + 'static>(
         &self,
         op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T>> + Send + 'static {
+        self.queue(op, CallerGone::Run)
+    }
+
+    fn queue<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
+        caller_gone: CallerGone,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static {
         let (reply_tx, reply_rx) = oneshot::channel();
         let job: Job = Box::new(move |ctx: &mut WriteCtx<'_, '_>| -> Reply {
+            if caller_gone == CallerGone::Skip && reply_tx.is_closed() {
+                return Box::new(|_| {});
+            }
             let outcome = ctx.in_savepoint(op);
             Box::new(move |committed: Result<()>| {
                 let _ = reply_tx.send(committed.and(outcome));
@@ -721,6 +744,17 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// What the writer does with an operation whose caller stopped waiting for
+/// its answer before its group came to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CallerGone {
+    /// Runs it all the same: what it writes stands whether or not anyone
+    /// hears of it.
+    Run,
+    /// Leaves it out.
+    Skip,
 }
 
 fn closed() -> Error {
@@ -1342,5 +1376,58 @@ mod tests {
             .submit_tentative(|_ctx| -> Result<()> { Err(Error::invalid("field", "rule")) })
             .await;
         assert_eq!(failed.unwrap_err(), Error::invalid("field", "rule"));
+    }
+
+    /// A claim whose caller went away while it waited for the writer is
+    /// left out: its task stays pending for the next fetch, where it was
+    /// claimed for no one and held running until its lease ran out.
+    #[tokio::test]
+    async fn a_claim_whose_caller_left_before_its_turn_takes_nothing() {
+        use std::time::Duration;
+
+        use offload_core::{ClaimRequest, Limits, NewTask, Position, Store};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let spec = NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
+        let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
+        let request = ClaimRequest {
+            worker_id: "w".into(),
+            types: Vec::new(),
+            queues: Vec::new(),
+            limit: 1,
+            lease: Duration::from_secs(60),
+        };
+
+        // The writer is held inside one operation while the claim is
+        // queued behind it and its caller goes away.
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let held = store.writer.submit(move |_ctx| {
+            let _ = entered_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+            Ok(())
+        });
+        entered_rx.await.unwrap();
+        assert!(
+            store.claim(&request).now_or_never().is_none(),
+            "the claim waits for the writer"
+        );
+        assert!(
+            store.claim_or_park(&request).now_or_never().is_none(),
+            "so does a claim that may park"
+        );
+        release_tx.send(()).unwrap();
+        held.await.unwrap();
+        // The writer takes its operations in order: past this one, it has
+        // come to the two claims.
+        store.writer.run(|_ctx| Ok(())).await.unwrap();
+
+        let stored = store.get(task.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, State::Pending, "claimed for no one");
+        let claimed = store.claim(&request).await.unwrap();
+        assert_eq!(claimed.iter().map(|t| t.id).collect::<Vec<_>>(), [task.id]);
     }
 }
