@@ -1092,6 +1092,26 @@ mod tests {
         assert_eq!(count_children(&store).await, 1);
     }
 
+    /// A store in `dir` holding one pending task of type `t`, and a claim
+    /// of one task of any type.
+    async fn store_with_one_task(dir: &std::path::Path) -> (SqliteStore, Task, ClaimRequest) {
+        use offload_core::{Limits, NewTask, Position, Store};
+
+        let store = SqliteStore::open(dir.join("t.db"), SqliteOptions::default()).unwrap();
+        let spec = NewTask::new("t")
+            .validate(&Limits::default(), Position::Alone)
+            .unwrap();
+        let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
+        let request = ClaimRequest {
+            worker_id: "w".into(),
+            types: Vec::new(),
+            queues: Vec::new(),
+            limit: 1,
+            lease: std::time::Duration::from_secs(60),
+        };
+        (store, task, request)
+    }
+
     /// A completion's row goes in after its operation's savepoint is
     /// released. Refused there, it cannot be undone for that operation
     /// alone: the whole group rolls back, every operation in it hears the
@@ -1100,21 +1120,10 @@ mod tests {
     async fn a_row_write_refused_after_its_savepoint_fails_the_whole_group() {
         use std::time::Duration;
 
-        use offload_core::{Ack, ClaimRequest, Limits, NewTask, Position, Store};
+        use offload_core::{Ack, Store};
 
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
-        let spec = NewTask::new("t")
-            .validate(&Limits::default(), Position::Alone)
-            .unwrap();
-        store.enqueue(vec![spec]).await.unwrap();
-        let request = ClaimRequest {
-            worker_id: "w".into(),
-            types: Vec::new(),
-            queues: Vec::new(),
-            limit: 1,
-            lease: Duration::from_secs(60),
-        };
+        let (store, _, request) = store_with_one_task(dir.path()).await;
         let task = store.claim(&request).await.unwrap().remove(0);
         let completion = move || {
             vec![Ack::Complete {
@@ -1138,14 +1147,7 @@ mod tests {
 
         // The writer is held inside one operation, so that the two below
         // are waiting together and make the next group.
-        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let held = store.writer.submit(move |_ctx| {
-            let _ = entered_tx.send(());
-            let _ = release_rx.recv_timeout(Duration::from_secs(10));
-            Ok(())
-        });
-        entered_rx.await.unwrap();
+        let (release_tx, held) = hold_writer(&store).await;
         let store = Arc::new(store);
         let completing = tokio::spawn({
             let store = Arc::clone(&store);
@@ -1158,7 +1160,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         release_tx.send(()).unwrap();
-        held.await.unwrap();
+        held.await.unwrap().unwrap();
 
         let err = completing.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("completion refused"), "{err}");
@@ -1383,34 +1385,14 @@ mod tests {
     /// claimed for no one and held running until its lease ran out.
     #[tokio::test]
     async fn a_claim_whose_caller_left_before_its_turn_takes_nothing() {
-        use std::time::Duration;
-
-        use offload_core::{ClaimRequest, Limits, NewTask, Position, Store};
+        use offload_core::Store;
 
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("t.db"), SqliteOptions::default()).unwrap();
-        let spec = NewTask::new("t")
-            .validate(&Limits::default(), Position::Alone)
-            .unwrap();
-        let (task, _) = store.enqueue(vec![spec]).await.unwrap().remove(0);
-        let request = ClaimRequest {
-            worker_id: "w".into(),
-            types: Vec::new(),
-            queues: Vec::new(),
-            limit: 1,
-            lease: Duration::from_secs(60),
-        };
+        let (store, task, request) = store_with_one_task(dir.path()).await;
 
         // The writer is held inside one operation while the claim is
         // queued behind it and its caller goes away.
-        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let held = store.writer.submit(move |_ctx| {
-            let _ = entered_tx.send(());
-            let _ = release_rx.recv_timeout(Duration::from_secs(10));
-            Ok(())
-        });
-        entered_rx.await.unwrap();
+        let (release_tx, held) = hold_writer(&store).await;
         assert!(
             store.claim(&request).now_or_never().is_none(),
             "the claim waits for the writer"
@@ -1420,7 +1402,7 @@ mod tests {
             "so does a claim that may park"
         );
         release_tx.send(()).unwrap();
-        held.await.unwrap();
+        held.await.unwrap().unwrap();
         // The writer takes its operations in order: past this one, it has
         // come to the two claims.
         store.writer.run(|_ctx| Ok(())).await.unwrap();
