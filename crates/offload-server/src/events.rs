@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{name_filter, owner_filter, query_pairs, task_id};
+use crate::extract::{PathParam, name_filter, owner_filter, query_pairs, task_id};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -45,7 +45,7 @@ fn is_terminal(change: &TaskEvent) -> bool {
               (status = 404, body = offload_api::ErrorBody)))]
 pub async fn task_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let id = task_id(&id)?;
     let mut changes = state.store().hub().watch(Interest::Task(id)).await;

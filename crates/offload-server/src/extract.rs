@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use http_body_util::BodyExt;
 use offload_api::AckBody;
 use offload_core::NewTask;
@@ -334,6 +337,42 @@ pub fn name_filter(key: &str, value: String) -> Result<String, ApiError> {
 pub fn owner_filter(value: String) -> Result<String, ApiError> {
     offload_core::validate_owner("owner", &value)?;
     Ok(value)
+}
+
+/// The one parameter of a route's path (a task's id, a queue's name),
+/// percent-decoded. axum's own `Path<String>` refused a segment that is
+/// not UTF-8 once decoded (`/v1/tasks/%FF`) in plain text, outside the
+/// error shape every other refusal has.
+#[derive(Debug)]
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(param)) => Ok(PathParam(param)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => match e.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } => Err(ApiError::invalid(
+                    key,
+                    "must be UTF-8 text once percent-decoded",
+                )),
+                _ => Err(path_refused(e.status(), e.body_text())),
+            },
+            Err(e) => Err(path_refused(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Any other refusal of a path's parameters: a route whose pattern and
+/// handler disagree, the server's own fault.
+fn path_refused(status: StatusCode, text: String) -> ApiError {
+    let code = if status.is_server_error() {
+        "internal"
+    } else {
+        "invalid_argument"
+    };
+    ApiError::new(status, code, text)
 }
 
 pub fn task_id(raw: &str) -> Result<Uuid, ApiError> {

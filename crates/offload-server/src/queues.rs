@@ -1,13 +1,13 @@
 //! `/v1/queues…`: list queues, pause and resume them, limit their
 //! concurrency.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use offload_api::{ErrorBody, QueueList, QueueUpdate};
 use offload_core::{QueueInfo, QueuePatch};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{JsonBody, NoBody};
+use crate::extract::{JsonBody, NoBody, PathParam};
 use crate::json::Json;
 
 const MAX_CONCURRENCY: i64 = crate::config::MAX_QUEUE_CONCURRENCY as i64;
@@ -23,7 +23,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<QueueList>> {
     responses((status = 200, body = QueueInfo), (status = 400, body = ErrorBody)))]
 pub async fn pause(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
     _: NoBody,
 ) -> ApiResult<Json<QueueInfo>> {
     let patch = QueuePatch {
@@ -37,7 +37,7 @@ pub async fn pause(
     responses((status = 200, body = QueueInfo), (status = 400, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
     _: NoBody,
 ) -> ApiResult<Json<QueueInfo>> {
     let patch = QueuePatch {
@@ -51,7 +51,7 @@ pub async fn resume(
     responses((status = 200, body = QueueInfo), (status = 400, body = ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
     JsonBody(update): JsonBody<QueueUpdate>,
 ) -> ApiResult<Json<QueueInfo>> {
     let concurrency = match update.concurrency {

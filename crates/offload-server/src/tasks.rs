@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use offload_api::{BatchEnqueue, BatchIds, Deleted, ErrorBody, TaskList};
@@ -13,8 +13,8 @@ use offload_core::{
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    JsonBody, NoBody, RawBatchBody, int_param, name_filter, owner_filter, parse_json, query_pairs,
-    read_batch_streamed, task_id,
+    JsonBody, NoBody, PathParam, RawBatchBody, int_param, name_filter, owner_filter, parse_json,
+    query_pairs, read_batch_streamed, task_id,
 };
 use crate::json::{Json, TaskJson, json_bytes, task_bytes, task_list_json};
 
@@ -120,7 +120,7 @@ fn prefers_minimal_return(headers: &HeaderMap) -> bool {
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")),
     responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, description = "The node holds as many unread answers as it allows (unread_answers_limit_bytes); retry", body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get(State(state): State<AppState>, PathParam(id): PathParam) -> ApiResult<Response> {
     let id = task_id(&id)?;
     match state.store().get(id).await? {
         Some(task) => state.unread.answer(task_bytes(&task)?),
@@ -225,7 +225,7 @@ pub async fn stats(State(state): State<AppState>) -> ApiResult<Json<Stats>> {
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     _: NoBody,
 ) -> ApiResult<TaskJson> {
     let task = state.store().cancel(task_id(&id)?).await?;
@@ -236,7 +236,7 @@ pub async fn cancel(
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "Not failed or cancelled, or a dependency failed or was cancelled, or is gone from a task that never ran; a task whose dependencies are still active goes back to blocked", body = ErrorBody)))]
 pub async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     _: NoBody,
 ) -> ApiResult<TaskJson> {
     Ok(TaskJson(state.store().retry(task_id(&id)?).await?))
@@ -246,7 +246,7 @@ pub async fn retry(
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, description = "Still active", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     _: NoBody,
 ) -> ApiResult<StatusCode> {
     state.store().delete(task_id(&id)?).await?;

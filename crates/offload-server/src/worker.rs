@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use offload_api::{
     AckBody, AckResult, AckResults, AttemptErrorBody, CompleteBody, ErrorBody, FailBody,
     FetchRequest, HeartbeatBody, TaskList,
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{AckBatchBody, JsonBody, task_id};
+use crate::extract::{AckBatchBody, JsonBody, PathParam, task_id};
 use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
 const MAX_FETCH: i64 = 1000;
@@ -99,7 +99,7 @@ fn fetch_names(
     responses((status = 200, body = HeartbeatAck), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     JsonBody(body): JsonBody<HeartbeatBody>,
 ) -> ApiResult<Json<HeartbeatAck>> {
     validate_worker_id(&body.worker_id)?;
@@ -116,7 +116,7 @@ pub async fn heartbeat(
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn complete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     JsonBody(body): JsonBody<CompleteBody>,
 ) -> ApiResult<TaskJson> {
     let ack = Ack::Complete {
@@ -130,7 +130,7 @@ pub async fn complete(
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, description = "The worker no longer holds the task", body = ErrorBody)))]
 pub async fn fail(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     JsonBody(body): JsonBody<FailBody>,
 ) -> ApiResult<TaskJson> {
     let failure = failure("", body.error, body.retry, body.retry_in_secs)?;

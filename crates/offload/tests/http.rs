@@ -339,6 +339,26 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "id",
     );
+    // Not UTF-8 once percent-decoded: refused in the error shape too,
+    // naming the path's parameter.
+    assert_error(
+        http.get("/v1/tasks/%FF"),
+        400,
+        "invalid_argument",
+        "id: must be UTF-8",
+    );
+    assert_error(
+        http.post("/v1/tasks/%FF/cancel", json!({})),
+        400,
+        "invalid_argument",
+        "id: must be UTF-8",
+    );
+    assert_error(
+        http.post("/v1/queues/%FF/pause", json!({})),
+        400,
+        "invalid_argument",
+        "name: must be UTF-8",
+    );
     assert_error(
         http.get("/v1/tasks/01a2041e-d5a1-730d-971c-a89e0eec346a"),
         404,
