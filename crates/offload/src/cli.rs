@@ -158,18 +158,18 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub queue: Option<String>,
     /// 1–10, or low, normal, high.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<String>,
     /// Run no earlier than this many seconds from now.
-    #[arg(long, conflicts_with = "at")]
+    #[arg(long, conflicts_with = "at", allow_negative_numbers = true)]
     pub delay: Option<i64>,
     /// Run no earlier than this RFC 3339 time.
     #[arg(long)]
     pub at: Option<String>,
-    #[arg(long = "max-attempts")]
+    #[arg(long = "max-attempts", allow_negative_numbers = true)]
     pub max_attempts: Option<i64>,
     /// Seconds an attempt may run.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub timeout: Option<i64>,
     #[arg(long = "unique-key")]
     pub unique_key: Option<String>,

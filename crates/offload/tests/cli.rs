@@ -200,6 +200,16 @@ fn exit_codes_say_what_went_wrong() {
         (&["enqueue", "t", "--at", "tomorrow"][..], "--at: "),
         (&["enqueue", "t", "--delay", "999999999999"], "--delay: "),
         (&["enqueue", "t", "--max-attempts", "0"], "--max-attempts: "),
+        // A negative number is a value to check, not an unknown flag.
+        (
+            &["enqueue", "t", "--priority", "-3"],
+            "--priority: must be 1 to 10",
+        ),
+        (&["enqueue", "t", "--delay", "-5"], "--delay: must be 0 to"),
+        (
+            &["enqueue", "t", "--timeout", "-2"],
+            "--timeout: must be 1 to",
+        ),
         (&["enqueue", "t", "--after", "nope"], "--after: "),
         (&["enqueue", "no spaces"], "TYPE: "),
         (
