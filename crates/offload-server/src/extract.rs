@@ -310,16 +310,34 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
-            serde_json::error::Category::Data => {
-                let field = if path == "." { "body" } else { path.as_str() };
-                ApiError::invalid(field, inner)
-            }
+            serde_json::error::Category::Data => match missing_field(&inner) {
+                // serde says which field is missing in its message, not in
+                // the path, which names the object that lacks it.
+                Some(name) if path == "." => {
+                    ApiError::invalid(&name, "required; the body lacks it")
+                }
+                Some(name) => {
+                    ApiError::invalid(&format!("{path}.{name}"), "required; the object lacks it")
+                }
+                None => {
+                    let field = if path == "." { "body" } else { path.as_str() };
+                    ApiError::invalid(field, inner)
+                }
+            },
             _ => ApiError::invalid_json(format!("the request body is not valid JSON: {inner}")),
         }
     })?;
     de.end()
         .map_err(|e| ApiError::invalid_json(format!("the request body is not valid JSON: {e}")))?;
     Ok(value)
+}
+
+/// The field serde found missing, from its message (``missing field `type` at
+/// line 1 column 2``): serde_json's error carries it in no other form.
+fn missing_field(error: &serde_json::Error) -> Option<String> {
+    let message = error.to_string();
+    let name = message.strip_prefix("missing field `")?;
+    name.split_once('`').map(|(name, _)| name.to_owned())
 }
 
 /// A `type` or `queue` filter. A name no task can carry is a mistake (a

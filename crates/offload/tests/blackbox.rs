@@ -4,6 +4,7 @@
 
 mod support;
 
+mod any_input;
 mod cli;
 mod cluster;
 mod http;

@@ -339,6 +339,25 @@ fn bad_input_is_a_clear_400_never_a_500() {
         "invalid_argument",
         "id",
     );
+    // A missing field is named with its path, not as the object lacking it.
+    assert_error(
+        http.post("/v1/tasks", json!({})),
+        400,
+        "invalid_argument",
+        "type: required",
+    );
+    assert_error(
+        http.post("/v1/tasks/batch", json!({"tasks": [{"type": "t"}, {}]})),
+        400,
+        "invalid_argument",
+        "tasks[1].type: required",
+    );
+    assert_error(
+        http.post("/v1/ack", json!({"worker_id": "w", "completed": [{}]})),
+        400,
+        "invalid_argument",
+        "completed[0].id: required",
+    );
     // Not UTF-8 once percent-decoded: refused in the error shape too,
     // naming the path's parameter.
     assert_error(

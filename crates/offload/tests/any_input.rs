@@ -1,0 +1,213 @@
+//! Request bodies made at random, fields of SPEC §4 and unknown ones with
+//! values of every JSON shape: each is taken or refused in the error shape
+//! of SPEC §4, never a 500, and a refused field is named.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use serde_json::{Value, json};
+
+use crate::support::{Http, Server};
+
+/// Values of every JSON shape, with the edges validators meet: numbers
+/// past every integer type, timestamps and ids that parse and that do not,
+/// empty and control-character strings.
+fn any_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        prop_oneof![Just(-1i64), Just(0), Just(1), Just(5), Just(11), Just(1001)]
+            .prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        "[a-z0-9_.:-]{0,12}".prop_map(Value::from),
+        "\\PC{0,6}".prop_map(Value::from),
+        prop_oneof![
+            Just("2026-01-15T10:30:05.123Z"),
+            Just("9999-12-31T23:59:59Z"),
+            Just("0000-01-01T00:00:00Z"),
+            Just("01a2041e-d5a1-730d-971c-a89e0eec346a"),
+            Just("not-a-uuid"),
+            Just("replace"),
+            Just("high"),
+            Just("\u{0}"),
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z:]{0,4}", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// An object of up to four of `fields` (and sometimes one nobody knows),
+/// each with any value.
+fn any_body(fields: &'static [&'static str]) -> impl Strategy<Value = Value> {
+    let field = prop_oneof![
+        9 => proptest::sample::select(fields),
+        1 => Just("colour"),
+    ];
+    proptest::collection::vec((field, any_value()), 0..5).prop_map(|pairs| {
+        Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    })
+}
+
+const ENQUEUE_FIELDS: &[&str] = &[
+    "type",
+    "payload",
+    "queue",
+    "priority",
+    "run_at",
+    "delay_secs",
+    "max_attempts",
+    "timeout_secs",
+    "unique_key",
+    "on_conflict",
+    "labels",
+    "depends_on",
+    "owner",
+];
+
+/// A body for `POST /v1/tasks`: usually with a valid type, so that the
+/// other fields are what is judged.
+fn enqueue_body() -> impl Strategy<Value = Value> {
+    (any_body(ENQUEUE_FIELDS), any::<bool>()).prop_map(|(mut body, typed)| {
+        if let (Value::Object(fields), true) = (&mut body, typed) {
+            fields.entry("type").or_insert_with(|| json!("any.input"));
+        }
+        body
+    })
+}
+
+/// Checks one answer: taken with one of `taken`, or refused with a 4xx in
+/// the error shape, an `invalid_argument` naming a field of the route
+/// (`known`) or one `body` holds.
+fn judge(
+    answer: (u16, Value),
+    taken: &[u16],
+    known: &[&str],
+    body: &Value,
+) -> Result<(), TestCaseError> {
+    let (status, answer) = answer;
+    if taken.contains(&status) {
+        return Ok(());
+    }
+    prop_assert!(
+        (400..500).contains(&status),
+        "status {status} for {body}: {answer}"
+    );
+    let code = answer["error"]["code"].as_str().unwrap_or_default();
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    prop_assert!(
+        [
+            "invalid_argument",
+            "invalid_json",
+            "payload_too_large",
+            "not_found",
+            "conflict"
+        ]
+        .contains(&code),
+        "code {code:?} for {body}: {answer}"
+    );
+    prop_assert!(!message.is_empty(), "no message for {body}: {answer}");
+    if code == "invalid_argument" {
+        let named = message
+            .split([':', '.', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        let held = body.as_object().is_some_and(|f| f.contains_key(named));
+        prop_assert!(
+            held || known.contains(&named),
+            "{message:?} names no field of {body}"
+        );
+    }
+    Ok(())
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })
+}
+
+fn post_all(
+    http: &Http,
+    path: &str,
+    strategy: impl Strategy<Value = Value>,
+    taken: &[u16],
+    known: &[&str],
+) {
+    runner()
+        .run(&strategy, |body| {
+            judge(http.post(path, body.clone()), taken, known, &body)
+        })
+        .unwrap_or_else(|failure| panic!("POST {path}: {failure}"));
+}
+
+#[test]
+fn any_enqueue_body_is_taken_or_refused_naming_its_field() {
+    let server = Server::start();
+    let http = server.http();
+    post_all(
+        &http,
+        "/v1/tasks",
+        enqueue_body(),
+        &[200, 201],
+        ENQUEUE_FIELDS,
+    );
+    post_all(
+        &http,
+        "/v1/tasks/batch",
+        proptest::collection::vec(enqueue_body(), 0..4).prop_map(|tasks| json!({ "tasks": tasks })),
+        &[201],
+        &["tasks"],
+    );
+}
+
+#[test]
+fn any_worker_body_is_taken_or_refused_naming_its_field() {
+    let server = Server::start();
+    let http = server.http();
+    let held = http.enqueue(json!({"type": "any.input"}));
+    let id = held["id"].as_str().expect("id").to_owned();
+    let with_worker = |fields: &'static [&'static str]| {
+        any_body(fields).prop_map(|mut body| {
+            if let Value::Object(fields) = &mut body {
+                fields.entry("worker_id").or_insert_with(|| json!("w"));
+            }
+            body
+        })
+    };
+    // A fetch never waits here: its wait is bounded to none.
+    const FETCH: &[&str] = &["worker_id", "types", "queues", "limit", "lease_secs"];
+    post_all(&http, "/v1/fetch", with_worker(FETCH), &[200], FETCH);
+    const ACK_ITEM: &[&str] = &["id", "result", "error", "retry", "retry_in_secs"];
+    let ack = (
+        proptest::collection::vec(any_body(ACK_ITEM), 0..3),
+        proptest::collection::vec(any_body(ACK_ITEM), 0..3),
+    )
+        .prop_map(|(completed, failed)| json!({"worker_id": "w", "completed": completed, "failed": failed}));
+    post_all(
+        &http,
+        "/v1/ack",
+        ack,
+        &[200],
+        &["worker_id", "completed", "failed"],
+    );
+    for (action, fields) in [
+        ("heartbeat", &["worker_id", "progress", "lease_secs"][..]),
+        ("fail", &["worker_id", "error", "retry", "retry_in_secs"]),
+        ("complete", &["worker_id", "result"]),
+    ] {
+        let path = format!("/v1/tasks/{id}/{action}");
+        post_all(&http, &path, with_worker(fields), &[200], fields);
+    }
+}
