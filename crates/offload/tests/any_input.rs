@@ -1,6 +1,7 @@
-//! Request bodies made at random, fields of SPEC §4 and unknown ones with
-//! values of every JSON shape: each is taken or refused in the error shape
-//! of SPEC §4, never a 500, and a refused field is named.
+//! Requests made at random: bodies with the fields of SPEC §4 and unknown
+//! ones, values of every JSON shape, and list queries with any parameters
+//! and values. Each is taken or refused in the error shape of SPEC §4,
+//! never a 500, and a refused field or parameter is named.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -84,14 +85,15 @@ fn enqueue_body() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Checks one answer: taken with one of `taken`, or refused with a 4xx in
-/// the error shape, an `invalid_argument` naming a field of the route
-/// (`known`) or one `body` holds.
+/// Checks one answer to `request`: taken with one of `taken`, or refused
+/// with a 4xx in the error shape, an `invalid_argument` naming a field of
+/// the route (`known`) or one the request `asked` with.
 fn judge(
     answer: (u16, Value),
     taken: &[u16],
     known: &[&str],
-    body: &Value,
+    asked: &[&str],
+    request: &dyn std::fmt::Display,
 ) -> Result<(), TestCaseError> {
     let (status, answer) = answer;
     if taken.contains(&status) {
@@ -99,7 +101,7 @@ fn judge(
     }
     prop_assert!(
         (400..500).contains(&status),
-        "status {status} for {body}: {answer}"
+        "status {status} for {request}: {answer}"
     );
     let code = answer["error"]["code"].as_str().unwrap_or_default();
     let message = answer["error"]["message"].as_str().unwrap_or_default();
@@ -112,19 +114,18 @@ fn judge(
             "conflict"
         ]
         .contains(&code),
-        "code {code:?} for {body}: {answer}"
+        "code {code:?} for {request}: {answer}"
     );
-    prop_assert!(!message.is_empty(), "no message for {body}: {answer}");
+    prop_assert!(!message.is_empty(), "no message for {request}: {answer}");
     if code == "invalid_argument" {
         let named = message
             .split([':', '.', '['])
             .next()
             .unwrap_or_default()
             .trim();
-        let held = body.as_object().is_some_and(|f| f.contains_key(named));
         prop_assert!(
-            held || known.contains(&named),
-            "{message:?} names no field of {body}"
+            asked.contains(&named) || known.contains(&named),
+            "{message:?} names no field of {request}"
         );
     }
     Ok(())
@@ -147,7 +148,11 @@ fn post_all(
 ) {
     runner()
         .run(&strategy, |body| {
-            judge(http.post(path, body.clone()), taken, known, &body)
+            let asked: Vec<&str> = body
+                .as_object()
+                .map(|fields| fields.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            judge(http.post(path, body.clone()), taken, known, &asked, &body)
         })
         .unwrap_or_else(|failure| panic!("POST {path}: {failure}"));
 }
@@ -209,5 +214,94 @@ fn any_worker_body_is_taken_or_refused_naming_its_field() {
     ] {
         let path = format!("/v1/tasks/{id}/{action}");
         post_all(&http, &path, with_worker(fields), &[200], fields);
+    }
+}
+
+/// A query string's value: the forms each parameter takes, their edges,
+/// and any text.
+fn any_query_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        proptest::sample::select(
+            &[
+                "",
+                "pending",
+                "completed,failed",
+                "pending,,running",
+                "sleeping",
+                "0",
+                "1",
+                "50",
+                "1000",
+                "1001",
+                "-1",
+                "99999999999999999999",
+                "a:b",
+                "nocolon",
+                ":",
+                "2026-01-15T10:30:05.123Z",
+                "yesterday",
+                "q.1",
+                "no spaces",
+            ][..]
+        )
+        .prop_map(str::to_owned),
+        "\\PC{0,8}",
+    ]
+}
+
+/// Every byte but the unreserved ones percent-encoded.
+fn query_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn any_list_query_is_answered_or_refused_naming_its_parameter() {
+    let server = Server::start();
+    let http = server.http();
+    http.enqueue(json!({"type": "any.input", "labels": {"a": "b"}}));
+    const LIST: &[&str] = &[
+        "state",
+        "type",
+        "queue",
+        "owner",
+        "label",
+        "created_after",
+        "created_before",
+        "limit",
+        "cursor",
+    ];
+    const CLEAR: &[&str] = &["state", "older_than_secs"];
+    let param = |known: &'static [&'static str]| {
+        prop_oneof![
+            9 => proptest::sample::select(known),
+            1 => Just("colour"),
+        ]
+    };
+    for (delete, known) in [(false, LIST), (true, CLEAR)] {
+        let pairs = proptest::collection::vec((param(known), any_query_value()), 0..4);
+        runner()
+            .run(&pairs, |pairs| {
+                let query: Vec<String> = pairs
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", query_encode(v)))
+                    .collect();
+                let path = format!("/v1/tasks?{}", query.join("&"));
+                let answer = if delete {
+                    http.delete(&path)
+                } else {
+                    http.get(&path)
+                };
+                let asked: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+                judge(answer, &[200], known, &asked, &path)
+            })
+            .unwrap_or_else(|failure| panic!("delete {delete}: {failure}"));
     }
 }
