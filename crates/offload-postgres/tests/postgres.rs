@@ -689,6 +689,84 @@ async fn checked_single_enqueues_that_come_together_share_transactions() {
     );
 }
 
+/// A dependency deleted while gathered enqueues that name it are written:
+/// those callers are refused (the dependency is not there), and the
+/// others of their transaction, whose dependencies are there, are made.
+/// The transaction looks for every named dependency before it writes and
+/// locks them as it writes; one gone between the two runs it again, where
+/// the look refuses its dependents alone. Written as one, the refusal
+/// would have failed every caller the transaction gathered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_deleted_while_its_dependents_are_gathered_refuses_only_them() {
+    if !available() {
+        return;
+    }
+    let store = node(&fresh_schema()).await;
+    let spec = |task: NewTask| task.validate(&Limits::default(), Position::Alone).unwrap();
+    let mut refused = 0;
+    for round in 0..40 {
+        let kind = format!("parent-{round}");
+        let mut parents = Vec::new();
+        for _ in 0..2 {
+            let made = store
+                .enqueue(vec![spec(NewTask::new(&kind))])
+                .await
+                .unwrap();
+            parents.push(made[0].0.id);
+        }
+        let claimed = store
+            .claim(&ClaimRequest {
+                types: vec![kind.clone()],
+                ..claim_by("w", 2)
+            })
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        let acks = parents
+            .iter()
+            .map(|&id| Ack::Complete { id, result: None })
+            .collect();
+        store.ack("w", acks).await.unwrap();
+        let [deleted, kept] = parents[..] else {
+            unreachable!()
+        };
+        let send = |dependency: Uuid| {
+            let store = Arc::clone(&store);
+            let spec = spec(NewTask::new("child").depends_on(dependency));
+            async move { store.enqueue(vec![spec]).await }
+        };
+        let (of_deleted, of_kept, deletion) =
+            tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::join!(
+                    futures::future::join_all((0..6).map(|_| send(deleted))),
+                    futures::future::join_all((0..6).map(|_| send(kept))),
+                    store.delete(deleted),
+                )
+            })
+            .await
+            .expect("every enqueue answered");
+        deletion.expect("a completed task is deleted");
+        for answer in of_kept {
+            let answer = answer.expect("a dependent of a task that is there is made");
+            assert_eq!(
+                answer[0].0.state,
+                State::Pending,
+                "its dependency completed"
+            );
+        }
+        for answer in of_deleted {
+            match answer {
+                Ok(answer) => assert_eq!(answer[0].0.state, State::Pending),
+                Err(e) => {
+                    assert!(e.to_string().contains("depends_on[0]"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(refused > 0, "no enqueue ever met its dependency deleted");
+}
+
 /// Claims of a few tasks that come together share transactions, each
 /// answered with tasks of its own. A transaction takes one turn on limited
 /// queues' rows at most (its first claim's, as every claim takes them, in
