@@ -1,7 +1,8 @@
 //! Requests made at random: bodies with the fields of SPEC §4 and unknown
 //! ones, values of every JSON shape, and list queries with any parameters
 //! and values. Each is taken or refused in the error shape of SPEC §4,
-//! never a 500, and a refused field or parameter is named.
+//! never a 500, and a refused field or parameter is named. And `offload
+//! enqueue` with any flags: an id printed, or a refusal in words.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -304,4 +305,99 @@ fn any_list_query_is_answered_or_refused_naming_its_parameter() {
             })
             .unwrap_or_else(|failure| panic!("delete {delete}: {failure}"));
     }
+}
+
+/// A flag's value for the command line: the forms each flag takes, their
+/// edges, and any text.
+fn any_flag_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        proptest::sample::select(
+            &[
+                "",
+                "0",
+                "-1",
+                "5",
+                "11",
+                "high",
+                "99999999999999999999",
+                "{}",
+                "{\"a\":1}",
+                "[1,",
+                "@-",
+                "@/nonexistent/file",
+                "k=v",
+                "=v",
+                "k=",
+                "noequals",
+                "2026-01-15T10:30:05.123Z",
+                "tomorrow",
+                "01a2041e-d5a1-730d-971c-a89e0eec346a",
+                "q.1",
+                "no spaces",
+            ][..]
+        )
+        .prop_map(str::to_owned),
+        "\\PC{0,8}",
+    ]
+}
+
+/// `offload enqueue` with any flags and values: it prints an id (exit 0)
+/// or says what is wrong on stderr (exit 2, or 1 for what the server
+/// refused), never a panic.
+#[test]
+fn any_enqueue_command_line_is_taken_or_refused_in_words() {
+    let server = Server::start();
+    const FLAGS: &[&str] = &[
+        "--payload",
+        "--queue",
+        "--priority",
+        "--delay",
+        "--at",
+        "--max-attempts",
+        "--timeout",
+        "--unique-key",
+        "--label",
+        "--after",
+        "--owner",
+    ];
+    let flags =
+        proptest::collection::vec((proptest::sample::select(FLAGS), any_flag_value()), 0..4);
+    let mut runner = TestRunner::new(ProptestConfig {
+        // A process each: fewer cases than the HTTP checks.
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&(flags, any::<bool>()), |(flags, replace)| {
+            let mut args = vec!["enqueue".to_owned(), "any.input".to_owned()];
+            for (flag, value) in &flags {
+                // `--flag=value`, so that a value that looks like a flag
+                // stays the value.
+                args.push(format!("{flag}={value}"));
+            }
+            if replace {
+                args.push("--replace".to_owned());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let output = server.cli(&args);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let code = output.status.code();
+            prop_assert!(
+                matches!(code, Some(0..=2)),
+                "exit {code:?} for {args:?}: {stderr}"
+            );
+            prop_assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            if code == Some(0) {
+                let printed = String::from_utf8_lossy(&output.stdout);
+                prop_assert!(
+                    uuid::Uuid::parse_str(printed.trim()).is_ok(),
+                    "{args:?} printed {printed:?}"
+                );
+            } else {
+                prop_assert!(!stderr.trim().is_empty(), "{args:?} refused in silence");
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
 }
