@@ -236,6 +236,17 @@ fn exit_codes_say_what_went_wrong() {
         code(&["work", "--type", "t", "--queue", "no spaces", "--", "true"]),
         2
     );
+    // A name no URL's path can carry: said so, not the 404 of the route
+    // the folded path would reach.
+    for args in [["pause", ".."], ["resume", "."]] {
+        let slip = server.cli(&args);
+        assert_eq!(slip.status.code(), Some(2), "{args:?}");
+        let message = String::from_utf8_lossy(&slip.stderr);
+        assert!(
+            message.contains("cannot be named in a URL's path"),
+            "{message}"
+        );
+    }
     // The same slips, caught by the server: its 400 names the argument.
     assert_eq!(code(&["pause", "no spaces"]), 2);
     // Names that would have named another route (`/`, `?`, `#`) reach the
