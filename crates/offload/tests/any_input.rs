@@ -192,7 +192,7 @@ fn any_worker_body_is_taken_or_refused_naming_its_field() {
             body
         })
     };
-    // A fetch never waits here: its wait is bounded to none.
+    // `wait_ms` left out (0 by default): every fetch answers at once.
     const FETCH: &[&str] = &["worker_id", "types", "queues", "limit", "lease_secs"];
     post_all(&http, "/v1/fetch", with_worker(FETCH), &[200], FETCH);
     const ACK_ITEM: &[&str] = &["id", "result", "error", "retry", "retry_in_secs"];
