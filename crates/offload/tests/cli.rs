@@ -183,6 +183,13 @@ fn list_shows_as_many_tasks_as_its_limit_asks_across_pages_the_server_cut_short(
 fn exit_codes_say_what_went_wrong() {
     let server = Server::start();
     let code = |args: &[&str]| server.cli(args).status.code().unwrap();
+    // Exit 2, the reason on stderr.
+    let refused_saying = |args: &[&str], said: &str| {
+        let slip = server.cli(args);
+        assert_eq!(slip.status.code(), Some(2), "{args:?}");
+        let message = String::from_utf8_lossy(&slip.stderr);
+        assert!(message.contains(said), "{args:?}: {message}");
+    };
     // 2: bad usage, caught before anything is sent.
     assert_eq!(code(&["get", "not-an-id"]), 2);
     assert_eq!(code(&["enqueue", "t", "--priority", "11"]), 2);
@@ -225,10 +232,7 @@ fn exit_codes_say_what_went_wrong() {
             "--concurrency: must be 1 to 10000",
         ),
     ] {
-        let slip = server.cli(args);
-        assert_eq!(slip.status.code(), Some(2), "{args:?}");
-        let message = String::from_utf8_lossy(&slip.stderr);
-        assert!(message.contains(named), "{args:?}: {message}");
+        refused_saying(args, named);
     }
     let bench = server.cli(&["bench", "--batch-answer", "everything"]);
     assert_eq!(bench.status.code(), Some(2));
@@ -239,26 +243,14 @@ fn exit_codes_say_what_went_wrong() {
     // A name no URL's path can carry: said so, not the 404 of the route
     // the folded path would reach.
     for args in [["pause", ".."], ["resume", "."]] {
-        let slip = server.cli(&args);
-        assert_eq!(slip.status.code(), Some(2), "{args:?}");
-        let message = String::from_utf8_lossy(&slip.stderr);
-        assert!(
-            message.contains("cannot be named in a URL's path"),
-            "{message}"
-        );
+        refused_saying(&args, "cannot be named in a URL's path");
     }
     // The same slips, caught by the server: its 400 names the argument.
     assert_eq!(code(&["pause", "no spaces"]), 2);
     // Names that would have named another route (`/`, `?`, `#`) reach the
     // server as names all the same.
     for args in [["pause", "a/b"], ["resume", "q?x"], ["pause", "a#b"]] {
-        let slip = server.cli(&args);
-        assert_eq!(slip.status.code(), Some(2), "{args:?}");
-        let message = String::from_utf8_lossy(&slip.stderr);
-        assert!(
-            message.contains("name: must be 1 to 64"),
-            "{args:?}: {message}"
-        );
+        refused_saying(&args, "name: must be 1 to 64");
     }
     assert_eq!(code(&["clear", "--state", "pending"]), 2);
     let message = String::from_utf8_lossy(&bench.stderr);
