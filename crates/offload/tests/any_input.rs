@@ -1,6 +1,6 @@
 //! Requests made at random: bodies with the fields of SPEC §4 and unknown
-//! ones, values of every JSON shape, and list queries with any parameters
-//! and values. Each is taken or refused in the error shape of SPEC §4,
+//! ones, values of every JSON shape, and list, clear and event-stream
+//! queries with any parameters and values. Each is taken or refused in the error shape of SPEC §4,
 //! never a 500, and a refused field or parameter is named. And `offload
 //! enqueue` with any flags: an id printed, or a refusal in words.
 
@@ -264,7 +264,7 @@ fn query_encode(text: &str) -> String {
 }
 
 #[test]
-fn any_list_query_is_answered_or_refused_naming_its_parameter() {
+fn any_query_is_answered_or_refused_naming_its_parameter() {
     let server = Server::start();
     let http = server.http();
     http.enqueue(json!({"type": "any.input", "labels": {"a": "b"}}));
@@ -280,13 +280,18 @@ fn any_list_query_is_answered_or_refused_naming_its_parameter() {
         "cursor",
     ];
     const CLEAR: &[&str] = &["state", "older_than_secs"];
+    const EVENTS: &[&str] = &["queue", "type", "owner"];
     let param = |known: &'static [&'static str]| {
         prop_oneof![
             9 => proptest::sample::select(known),
             1 => Just("colour"),
         ]
     };
-    for (delete, known) in [(false, LIST), (true, CLEAR)] {
+    for (route, known) in [
+        (Route::List, LIST),
+        (Route::Clear, CLEAR),
+        (Route::Events, EVENTS),
+    ] {
         let pairs = proptest::collection::vec((param(known), any_query_value()), 0..4);
         runner()
             .run(&pairs, |pairs| {
@@ -294,17 +299,53 @@ fn any_list_query_is_answered_or_refused_naming_its_parameter() {
                     .iter()
                     .map(|(k, v)| format!("{k}={}", query_encode(v)))
                     .collect();
-                let path = format!("/v1/tasks?{}", query.join("&"));
-                let answer = if delete {
-                    http.delete(&path)
-                } else {
-                    http.get(&path)
+                let query = query.join("&");
+                let (answer, path) = match route {
+                    Route::List => {
+                        let path = format!("/v1/tasks?{query}");
+                        (http.get(&path), path)
+                    }
+                    Route::Clear => {
+                        let path = format!("/v1/tasks?{query}");
+                        (http.delete(&path), path)
+                    }
+                    Route::Events => {
+                        let path = format!("/v1/events?{query}");
+                        (stream_opened(&http, &path), path)
+                    }
                 };
                 let asked: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
                 judge(answer, &[200], known, &asked, &path)
             })
-            .unwrap_or_else(|failure| panic!("delete {delete}: {failure}"));
+            .unwrap_or_else(|failure| panic!("{route:?}: {failure}"));
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    List,
+    Clear,
+    Events,
+}
+
+/// An event stream's answer: its status, and the body of a refusal. A
+/// stream that opens is left at its headers (it lasts as long as the
+/// server does) and closed as it is dropped.
+fn stream_opened(http: &Http, path: &str) -> (u16, Value) {
+    let response = http
+        .client
+        .get(format!("{}{path}", http.base))
+        .send()
+        .expect("GET");
+    let status = response.status().as_u16();
+    if status == 200 {
+        return (status, Value::Null);
+    }
+    let text = response.text().expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// A flag's value for the command line: the forms each flag takes, their
