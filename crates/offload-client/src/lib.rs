@@ -54,6 +54,11 @@ pub enum ClientError {
         "{url:?} is not an Offload server's URL: it must be http:// or https:// and a host, as in http://127.0.0.1:6490 ({message})"
     )]
     InvalidUrl { url: String, message: String },
+    /// A name no request's URL can carry (a queue named `.` or `..`: a
+    /// URL's path folds such a segment away, percent-encoded or not, and
+    /// the request would reach another route): no request was sent.
+    #[error("{field}: {rule}")]
+    Unaddressable { field: &'static str, rule: String },
     /// The server's answer made no sense to this client.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
@@ -567,12 +572,12 @@ impl Client {
     }
 
     pub async fn pause(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(Method::POST, &queue_path(queue, "/pause")))
+        self.json(self.request(Method::POST, &queue_path(queue, "/pause")?))
             .await
     }
 
     pub async fn resume(&self, queue: &str) -> ClientResult<QueueInfo> {
-        self.json(self.request(Method::POST, &queue_path(queue, "/resume")))
+        self.json(self.request(Method::POST, &queue_path(queue, "/resume")?))
             .await
     }
 
@@ -586,7 +591,7 @@ impl Client {
             concurrency: Some(limit.map(i64::from)),
         };
         self.json(
-            self.request(Method::PATCH, &queue_path(queue, ""))
+            self.request(Method::PATCH, &queue_path(queue, "")?)
                 .json(&body),
         )
         .await
@@ -810,8 +815,18 @@ fn parse_task(bytes: &[u8]) -> ClientResult<Task> {
 /// The path of `queue`'s route, then `rest`, the name written as one
 /// percent-encoded segment: a name the server would refuse (`a/b`, `q?x`)
 /// reaches it as that name, to be told why, instead of naming another
-/// route or another queue.
-fn queue_path(queue: &str, rest: &str) -> String {
+/// route or another queue. `.` and `..` (which SPEC §1 allows) no URL can
+/// carry: they are refused here, where the server's answer would have
+/// been another route's 404 or 405.
+fn queue_path(queue: &str, rest: &str) -> ClientResult<String> {
+    if queue == "." || queue == ".." {
+        return Err(ClientError::Unaddressable {
+            field: "queue",
+            rule: format!(
+                "a queue named {queue:?} cannot be named in a URL's path, which folds . and .. away; its tasks still run, and the queue list shows it"
+            ),
+        });
+    }
     let mut path = String::from("/v1/queues/");
     for byte in queue.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
@@ -821,7 +836,7 @@ fn queue_path(queue: &str, rest: &str) -> String {
         }
     }
     path.push_str(rest);
-    path
+    Ok(path)
 }
 
 /// `POST /v1/tasks/batch`'s body, borrowed: the same JSON as
@@ -878,6 +893,18 @@ mod tests {
         parse_tasks, queue_path, read_task_list,
     };
 
+    #[test]
+    fn a_queue_no_url_can_name_is_refused_before_sending() {
+        for name in [".", ".."] {
+            let refused = queue_path(name, "/pause").unwrap_err();
+            assert!(
+                refused.to_string().starts_with("queue: a queue named"),
+                "{refused}"
+            );
+        }
+        assert!(queue_path("...", "/pause").is_ok(), "not a dot segment");
+    }
+
     /// A request's URL is the base's, its path joined to the base's own
     /// path, whether the base was parsed once or the URL is parsed whole.
     #[test]
@@ -900,7 +927,7 @@ mod tests {
             ),
             (
                 "https://example.com:8443/a/b",
-                &queue_path("emails/eu", "/pause"),
+                &queue_path("emails/eu", "/pause").unwrap(),
                 "https://example.com:8443/a/b/v1/queues/emails%2Feu/pause",
             ),
             (

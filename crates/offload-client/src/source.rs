@@ -31,6 +31,7 @@ impl From<ClientError> for Error {
         match e {
             ClientError::Unreachable { .. } => Error::Unavailable(e.to_string()),
             ClientError::InvalidUrl { .. } => Error::invalid("url", e.to_string()),
+            ClientError::Unaddressable { field, rule } => Error::invalid(field, rule),
             ClientError::Api {
                 status: 404,
                 message,

@@ -109,12 +109,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pause { queue } => {
-            addressable(&queue)?;
             output::queue(&client.pause(&queue).await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Resume { queue } => {
-            addressable(&queue)?;
             output::queue(&client.resume(&queue).await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -235,19 +233,6 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
-}
-
-/// A queue named `.` or `..` (SPEC §1 allows both) cannot be named in a
-/// URL's path: every URL parser folds such a segment away, percent-encoded
-/// or not, and the request would reach another route, whose 404 or 405
-/// says nothing of why.
-fn addressable(queue: &str) -> Result<()> {
-    if queue == "." || queue == ".." {
-        return Err(usage(format!(
-            "QUEUE: a queue named {queue:?} cannot be named in a URL's path, which folds . and .. away; its tasks still run, and `offload queues` lists it"
-        )));
-    }
-    Ok(())
 }
 
 pub fn parse_id(raw: &str) -> Result<Uuid> {

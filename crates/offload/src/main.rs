@@ -163,7 +163,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         // The server's 400 names an argument and the rule it broke: the
         // same slip as one caught here before sending, and the same code,
         // wherever the check happens to live.
-        Some(ClientError::Api { status: 400, .. }) => 2,
+        Some(ClientError::Api { status: 400, .. } | ClientError::Unaddressable { .. }) => 2,
         _ => 1,
     }
 }
