@@ -6,7 +6,7 @@
 //! Request types reject unknown fields, as SPEC §4 requires.
 
 use offload_core::{Counts, FailureKind, Json, NewTask, ProgressUpdate, QueueInfo, Task};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -64,18 +64,11 @@ pub struct QueueList {
 pub struct QueueUpdate {
     #[serde(
         default,
-        deserialize_with = "present",
+        deserialize_with = "offload_core::whole_number::present",
         skip_serializing_if = "Option::is_none"
     )]
     #[schema(value_type = Option<u32>)]
     pub concurrency: Option<Option<i64>>,
-}
-
-/// Distinguishes `"field": null` (Some(None)) from an absent field (None).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/fetch`.
@@ -93,13 +86,25 @@ pub struct FetchRequest {
     /// 1–1000, default 1. A claim also ends after the task that brings its
     /// tasks' payloads to 8 MiB (at least one task), so an answer may hold
     /// fewer while more are ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub limit: Option<i64>,
     /// 0–60000, default 0: how long to wait for a task if none is ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub wait_ms: Option<i64>,
     /// 1–3600, default 60.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub lease_secs: Option<i64>,
 }
 
@@ -110,7 +115,11 @@ pub struct HeartbeatBody {
     pub worker_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressUpdate>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub lease_secs: Option<i64>,
 }
 
@@ -145,7 +154,11 @@ pub struct FailBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<bool>,
     /// Retry after this many seconds instead of the backoff.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub retry_in_secs: Option<i64>,
 }
 
@@ -179,7 +192,11 @@ pub struct AckFailed {
     pub error: AttemptErrorBody,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "offload_core::whole_number::option"
+    )]
     pub retry_in_secs: Option<i64>,
 }
 

@@ -22,6 +22,7 @@ mod task;
 mod task_id;
 mod task_json;
 mod time;
+pub mod whole_number;
 mod write_failure;
 
 pub use batch_stream::{BatchReceiver, BatchSender, batch_stream};
@@ -32,9 +33,11 @@ pub use hub::{EventKind, Hub, Interest, TaskEvent, Unheard, Watch};
 pub use log_throttle::{LOG_LINES_PER_SECOND, LogThrottle};
 pub use machine::{AttemptFailure, Backoff, CancelEffect, MAX_RETRY_DELAY, transition_allowed};
 pub use new_task::{
-    Limits, MAX_LABEL_VALUE_CHARS, MAX_LEASE_SECS, NewTask, OnConflict, Position, PriorityInput,
-    Schedule, TaskSpec, check_json, no_nul, validate_label_key, validate_owner,
-    validate_queue_name, validate_task_type, validate_worker_id,
+    HIGHEST_MAX_ATTEMPTS, Limits, MAX_DELAY_SECS, MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS,
+    MAX_LEASE_SECS, MAX_OWNER_CHARS, MAX_QUEUE_NAME_CHARS, MAX_TASK_TYPE_CHARS, MAX_TIMEOUT_SECS,
+    MAX_UNIQUE_KEY_CHARS, MAX_WORKER_ID_CHARS, NewTask, OnConflict, Position, PriorityInput,
+    QUEUE_NAME_CHARS, Schedule, TASK_TYPE_CHARS, TaskSpec, check_json, no_nul, validate_label_key,
+    validate_owner, validate_queue_name, validate_task_type, validate_worker_id,
 };
 pub use park::{ClaimTicket, ParkedClaim, TakenClaim, park};
 pub use readiness::{PAIRS_PER_SIGNAL, Readiness, ReadyLog};

@@ -58,13 +58,28 @@ pub const DEFAULT_QUEUE: &str = "default";
 pub const DEFAULT_PRIORITY: u8 = 5;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
-const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+/// The longest `timeout_secs` a task may have: a week.
+pub const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+/// The most attempts a task may be given (`max_attempts`).
+pub const HIGHEST_MAX_ATTEMPTS: i64 = 1000;
 
 /// The longest lease a worker may hold or ask for, in seconds (SPEC §1.3:
 /// 1 to 3600); the server, its configuration, the worker runtime and
 /// `offload work` all bound it by this.
 pub const MAX_LEASE_SECS: u64 = 3600;
-const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
+/// The longest `delay_secs`: ten years.
+pub const MAX_DELAY_SECS: i64 = 10 * 366 * 24 * 3600;
+
+/// The characters of a task type, as a regular expression's class.
+pub const TASK_TYPE_CHARS: &str = "[A-Za-z0-9_.:-]";
+pub const MAX_TASK_TYPE_CHARS: usize = 128;
+/// The characters of a queue's name, as a regular expression's class.
+pub const QUEUE_NAME_CHARS: &str = "[A-Za-z0-9_.-]";
+pub const MAX_QUEUE_NAME_CHARS: usize = 64;
+pub const MAX_OWNER_CHARS: usize = 128;
+pub const MAX_UNIQUE_KEY_CHARS: usize = 256;
+pub const MAX_WORKER_ID_CHARS: usize = 128;
+pub const MAX_LABEL_KEY_CHARS: usize = 64;
 
 /// `priority` as callers may give it: a number or a name.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -96,6 +111,15 @@ impl<'de> Deserialize<'de> for PriorityInput {
                 n: u64,
             ) -> std::result::Result<PriorityInput, E> {
                 Ok(PriorityInput::Number(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+            fn visit_f64<E: serde::de::Error>(
+                self,
+                n: f64,
+            ) -> std::result::Result<PriorityInput, E> {
+                if n.fract() != 0.0 {
+                    return Err(E::invalid_type(serde::de::Unexpected::Float(n), &self));
+                }
+                crate::whole_number::from_f64(n).map(PriorityInput::Number)
             }
             fn visit_str<E: serde::de::Error>(
                 self,
@@ -141,11 +165,23 @@ pub struct NewTask {
     pub priority: Option<PriorityInput>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option"
+    )]
     pub delay_secs: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option"
+    )]
     pub max_attempts: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option"
+    )]
     pub timeout_secs: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
@@ -280,8 +316,13 @@ impl NewTask {
             (None, None) => Schedule::Now,
         };
 
-        let max_attempts = bounded(field("max_attempts"), self.max_attempts, 1, 1000)?
-            .unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let max_attempts = bounded(
+            field("max_attempts"),
+            self.max_attempts,
+            1,
+            HIGHEST_MAX_ATTEMPTS,
+        )?
+        .unwrap_or(DEFAULT_MAX_ATTEMPTS);
         let timeout_secs = bounded(
             field("timeout_secs"),
             self.timeout_secs,
@@ -291,7 +332,7 @@ impl NewTask {
         .unwrap_or(DEFAULT_TIMEOUT_SECS);
 
         if let Some(key) = &self.unique_key {
-            free_text(field("unique_key"), key, 256)?;
+            free_text(field("unique_key"), key, MAX_UNIQUE_KEY_CHARS)?;
         }
         if self.on_conflict.is_some() && self.unique_key.is_none() {
             return Err(Error::invalid(
@@ -468,8 +509,9 @@ fn bounded(
     }
 }
 
-/// Names of task types: 1–`max` characters of `[A-Za-z0-9_.-]`, plus `:`
-/// where `allow_colon`.
+/// Names of task types and queues: 1–`max` characters of
+/// [`QUEUE_NAME_CHARS`], or of [`TASK_TYPE_CHARS`] (`:` too) where
+/// `allow_colon`.
 fn validate_name(
     field: impl fmt::Display,
     value: &str,
@@ -481,9 +523,9 @@ fn validate_name(
     };
     if value.is_empty() || value.len() > max || !value.chars().all(ok_char) {
         let set = if allow_colon {
-            "[A-Za-z0-9_.:-]"
+            TASK_TYPE_CHARS
         } else {
-            "[A-Za-z0-9_.-]"
+            QUEUE_NAME_CHARS
         };
         return Err(Error::invalid(
             field.to_string(),
@@ -494,17 +536,17 @@ fn validate_name(
 }
 
 pub fn validate_queue_name(field: impl fmt::Display, value: &str) -> Result<()> {
-    validate_name(field, value, 64, false)
+    validate_name(field, value, MAX_QUEUE_NAME_CHARS, false)
 }
 
 pub fn validate_task_type(field: impl fmt::Display, value: &str) -> Result<()> {
-    validate_name(field, value, 128, true)
+    validate_name(field, value, MAX_TASK_TYPE_CHARS, true)
 }
 
 /// An owner as a task carries it, and so as a filter can match it: a
 /// filter no task could ever match is a mistake in the call, said as one.
 pub fn validate_owner(field: impl fmt::Display, value: &str) -> Result<()> {
-    free_text(field, value, 128)
+    free_text(field, value, MAX_OWNER_CHARS)
 }
 
 /// Text the caller chooses freely (an owner, a unique key, a worker id): 1
@@ -539,17 +581,19 @@ pub const MAX_LABEL_VALUE_CHARS: usize = 256;
 
 /// A label's key, on a task and in a `key:value` filter alike.
 pub fn validate_label_key(field: impl fmt::Display, key: &str) -> Result<()> {
-    if key.is_empty() || key.chars().count() > 64 || key.contains([':', '\0']) {
+    if key.is_empty() || key.chars().count() > MAX_LABEL_KEY_CHARS || key.contains([':', '\0']) {
         return Err(Error::invalid(
             field.to_string(),
-            format!("keys must be 1 to 64 characters without ':' or U+0000; got {key:?}"),
+            format!(
+                "keys must be 1 to {MAX_LABEL_KEY_CHARS} characters without ':' or U+0000; got {key:?}"
+            ),
         ));
     }
     Ok(())
 }
 
 pub fn validate_worker_id(value: &str) -> Result<()> {
-    free_text("worker_id", value, 128)
+    free_text("worker_id", value, MAX_WORKER_ID_CHARS)
 }
 
 /// Enforces the size and nesting limits on a JSON value the caller sent.

@@ -10,7 +10,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, NoBody, PathParam};
 use crate::json::Json;
 
-const MAX_CONCURRENCY: i64 = crate::config::MAX_QUEUE_CONCURRENCY as i64;
+pub(crate) const MAX_CONCURRENCY: i64 = crate::config::MAX_QUEUE_CONCURRENCY as i64;
 
 #[utoipa::path(get, path = "/v1/queues", tag = "queues", responses((status = 200, body = QueueList)))]
 pub async fn list(State(state): State<AppState>) -> ApiResult<Json<QueueList>> {

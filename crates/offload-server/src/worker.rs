@@ -19,13 +19,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{AckBatchBody, JsonBody, PathParam, task_id};
 use crate::json::{AckResultsJson, Json, TaskJson, TaskListJson};
 
-const MAX_FETCH: i64 = 1000;
+pub(crate) const MAX_FETCH: i64 = 1000;
 /// Names a fetch's `types` or `queues` may list. A worker lists the types
 /// it has handlers for; past this it is a mistake or an attack, and
 /// PostgreSQL reads a claim's candidates a type at a time.
-const MAX_FETCH_NAMES: usize = 1000;
-const MAX_WAIT_MS: i64 = 60_000;
-const MAX_RETRY_IN_SECS: i64 = offload_core::MAX_RETRY_DELAY.as_secs() as i64;
+pub(crate) const MAX_FETCH_NAMES: usize = 1000;
+pub(crate) const MAX_WAIT_MS: i64 = 60_000;
+pub(crate) const MAX_RETRY_IN_SECS: i64 = offload_core::MAX_RETRY_DELAY.as_secs() as i64;
 
 fn in_range(field: &str, value: Option<i64>, min: i64, max: i64, default: i64) -> ApiResult<i64> {
     match value {

@@ -86,17 +86,46 @@ fn enqueue_body() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Checks one answer to `request`: taken with one of `taken`, or refused
-/// with a 4xx in the error shape, an `invalid_argument` naming a field of
-/// the route (`known`) or one the request `asked` with.
+/// The statuses `/openapi.json` lists for each route, which a client
+/// generated from it expects and no other.
+struct Documented(Value);
+
+impl Documented {
+    fn read(http: &Http) -> Self {
+        let (status, doc) = http.get("/openapi.json");
+        assert_eq!(status, 200, "/openapi.json: {doc}");
+        Self(doc)
+    }
+
+    fn statuses(&self, method: &str, route: &str) -> Vec<u16> {
+        let responses = self.0["paths"][route][method]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("/openapi.json has no {method} {route}"));
+        responses
+            .keys()
+            .map(|status| status.parse().expect("a status"))
+            .collect()
+    }
+}
+
+/// Checks one answer to `request`: among the statuses `documented` for its
+/// route, and taken with one of `taken`, or refused with a 4xx in the error
+/// shape, an `invalid_argument` naming a field of the route (`known`) or
+/// one the request `asked` with.
 fn judge(
     answer: (u16, Value),
+    documented: &[u16],
     taken: &[u16],
     known: &[&str],
     asked: &[&str],
     request: &dyn std::fmt::Display,
 ) -> Result<(), TestCaseError> {
     let (status, answer) = answer;
+    prop_assert!(
+        documented.contains(&status),
+        "status {status} for {request}, which /openapi.json does not list for its route \
+         ({documented:?}): {answer}"
+    );
     if taken.contains(&status) {
         return Ok(());
     }
@@ -140,20 +169,23 @@ fn runner() -> TestRunner {
     })
 }
 
+/// Posts each body `strategy` makes to `path`, an instance of `route`.
 fn post_all(
     http: &Http,
-    path: &str,
+    (route, path): (&str, &str),
     strategy: impl Strategy<Value = Value>,
     taken: &[u16],
     known: &[&str],
 ) {
+    let documented = Documented::read(http).statuses("post", route);
     runner()
         .run(&strategy, |body| {
             let asked: Vec<&str> = body
                 .as_object()
                 .map(|fields| fields.keys().map(String::as_str).collect())
                 .unwrap_or_default();
-            judge(http.post(path, body.clone()), taken, known, &asked, &body)
+            let answer = http.post(path, body.clone());
+            judge(answer, &documented, taken, known, &asked, &body)
         })
         .unwrap_or_else(|failure| panic!("POST {path}: {failure}"));
 }
@@ -164,14 +196,14 @@ fn any_enqueue_body_is_taken_or_refused_naming_its_field() {
     let http = server.http();
     post_all(
         &http,
-        "/v1/tasks",
+        ("/v1/tasks", "/v1/tasks"),
         enqueue_body(),
         &[200, 201],
         ENQUEUE_FIELDS,
     );
     post_all(
         &http,
-        "/v1/tasks/batch",
+        ("/v1/tasks/batch", "/v1/tasks/batch"),
         proptest::collection::vec(enqueue_body(), 0..4).prop_map(|tasks| json!({ "tasks": tasks })),
         &[201],
         &["tasks"],
@@ -194,7 +226,13 @@ fn any_worker_body_is_taken_or_refused_naming_its_field() {
     };
     // `wait_ms` left out (0 by default): every fetch answers at once.
     const FETCH: &[&str] = &["worker_id", "types", "queues", "limit", "lease_secs"];
-    post_all(&http, "/v1/fetch", with_worker(FETCH), &[200], FETCH);
+    post_all(
+        &http,
+        ("/v1/fetch", "/v1/fetch"),
+        with_worker(FETCH),
+        &[200],
+        FETCH,
+    );
     const ACK_ITEM: &[&str] = &["id", "result", "error", "retry", "retry_in_secs"];
     let ack = (
         proptest::collection::vec(any_body(ACK_ITEM), 0..3),
@@ -203,7 +241,7 @@ fn any_worker_body_is_taken_or_refused_naming_its_field() {
         .prop_map(|(completed, failed)| json!({"worker_id": "w", "completed": completed, "failed": failed}));
     post_all(
         &http,
-        "/v1/ack",
+        ("/v1/ack", "/v1/ack"),
         ack,
         &[200],
         &["worker_id", "completed", "failed"],
@@ -213,8 +251,9 @@ fn any_worker_body_is_taken_or_refused_naming_its_field() {
         ("fail", &["worker_id", "error", "retry", "retry_in_secs"]),
         ("complete", &["worker_id", "result"]),
     ] {
+        let route = format!("/v1/tasks/{{id}}/{action}");
         let path = format!("/v1/tasks/{id}/{action}");
-        post_all(&http, &path, with_worker(fields), &[200], fields);
+        post_all(&http, (&route, &path), with_worker(fields), &[200], fields);
     }
 }
 
@@ -287,11 +326,17 @@ fn any_query_is_answered_or_refused_naming_its_parameter() {
             1 => Just("colour"),
         ]
     };
+    let doc = Documented::read(&http);
     for (route, known) in [
         (Route::List, LIST),
         (Route::Clear, CLEAR),
         (Route::Events, EVENTS),
     ] {
+        let documented = match route {
+            Route::List => doc.statuses("get", "/v1/tasks"),
+            Route::Clear => doc.statuses("delete", "/v1/tasks"),
+            Route::Events => doc.statuses("get", "/v1/events"),
+        };
         let pairs = proptest::collection::vec((param(known), any_query_value()), 0..4);
         runner()
             .run(&pairs, |pairs| {
@@ -315,7 +360,7 @@ fn any_query_is_answered_or_refused_naming_its_parameter() {
                     }
                 };
                 let asked: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
-                judge(answer, &[200], known, &asked, &path)
+                judge(answer, &documented, &[200], known, &asked, &path)
             })
             .unwrap_or_else(|failure| panic!("{route:?}: {failure}"));
     }
@@ -458,18 +503,116 @@ fn any_queue_name_and_update_is_taken_or_refused_naming_its_field() {
         "[a-z]{60,70}",
     ]
     .prop_filter("a dot segment", |name| name != "." && name != "..");
+    let doc = Documented::read(&http);
+    let (pause_statuses, resume_statuses, update_statuses) = (
+        doc.statuses("post", "/v1/queues/{name}/pause"),
+        doc.statuses("post", "/v1/queues/{name}/resume"),
+        doc.statuses("patch", "/v1/queues/{name}"),
+    );
     runner()
         .run(
             &(name, any_value(), any::<bool>()),
             |(name, concurrency, pause)| {
                 let path = format!("/v1/queues/{}", query_encode(&name));
-                let action = if pause { "pause" } else { "resume" };
+                let (action, documented) = if pause {
+                    ("pause", &pause_statuses)
+                } else {
+                    ("resume", &resume_statuses)
+                };
+                // An empty name leaves `/v1/queues/`, a path no route has:
+                // the answer is the server's "no such route".
+                let update_documented: &[u16] = if name.is_empty() {
+                    &[404]
+                } else {
+                    &update_statuses
+                };
                 let paused = http.post(&format!("{path}/{action}"), json!({}));
-                judge(paused, &[200], &["name"], &[], &path)?;
+                judge(paused, documented, &[200], &["name"], &[], &path)?;
                 let body = json!({ "concurrency": concurrency });
                 let updated = http.patch(&path, body.clone());
-                judge(updated, &[200], &["name", "concurrency"], &[], &body)
+                let known = ["name", "concurrency"];
+                judge(updated, update_documented, &[200], &known, &[], &body)
             },
         )
         .unwrap_or_else(|failure| panic!("{failure}"));
+}
+
+/// The bounds `/openapi.json` states for the fields of a request are the
+/// server's: a value at each bound is taken (as an integer and as JSON
+/// Schema's other way of writing one, `1000.0`), one past it is refused
+/// naming the field. Read from the document, so that a rule changed on one
+/// side alone fails here.
+#[test]
+fn the_bounds_openapi_states_are_the_servers() {
+    let server = Server::start();
+    let http = server.http();
+    let doc = Documented::read(&http);
+    let requests = [
+        ("NewTask", "/v1/tasks", json!({"type": "doc.bounds"})),
+        (
+            "FetchRequest",
+            "/v1/fetch",
+            json!({"worker_id": "w", "types": ["none.such"]}),
+        ),
+        ("QueueUpdate", "/v1/queues/doc.bounds", json!({})),
+    ];
+    for (schema, path, base) in requests {
+        let properties = doc.0["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("/openapi.json has no {schema}"));
+        let mut checked = 0;
+        for (field, rule) in properties {
+            let mut cases: Vec<(Value, bool)> = Vec::new();
+            if let (Some(min), Some(max)) = (rule["minimum"].as_i64(), rule["maximum"].as_i64()) {
+                cases.extend([
+                    (json!(min), true),
+                    (json!(max), true),
+                    (json!(max as f64), true),
+                    (json!(min - 1), false),
+                    (json!(max + 1), false),
+                ]);
+            }
+            if let Some(max) = rule["maxLength"].as_u64() {
+                let at = "a".repeat(max as usize);
+                cases.extend([(json!(at), true), (json!(format!("{at}a")), false)]);
+            }
+            if rule["minLength"].as_u64() == Some(1) {
+                cases.push((json!(""), false));
+            }
+            if let Some(max) = rule["maxProperties"].as_u64() {
+                let object =
+                    |n: u64| -> Value { (0..n).map(|i| (format!("k{i}"), json!("v"))).collect() };
+                cases.extend([(object(max), true), (object(max + 1), false)]);
+            }
+            for (value, taken) in cases {
+                // A fetch that waits its longest would hold the test a minute.
+                if (schema, field.as_str()) == ("FetchRequest", "wait_ms") && taken {
+                    continue;
+                }
+                let mut body = base.clone();
+                body[field.as_str()] = value.clone();
+                let (status, answer) = if schema == "QueueUpdate" {
+                    http.patch(path, body.clone())
+                } else {
+                    http.post(path, body.clone())
+                };
+                if taken {
+                    assert!(
+                        (200..300).contains(&status),
+                        "{schema}.{field} = {value}, within /openapi.json's rule {rule}, was \
+                         refused: {status} {answer}"
+                    );
+                } else {
+                    let message = answer["error"]["message"].as_str().unwrap_or_default();
+                    assert!(
+                        status == 400 && message.starts_with(&format!("{field}:")),
+                        "{schema}.{field} = {value}, past /openapi.json's rule {rule}, was not \
+                         refused naming {field}: {status} {answer}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "/openapi.json states no bound on {schema}");
+    }
 }
