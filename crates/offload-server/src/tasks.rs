@@ -22,7 +22,7 @@ use crate::json::{Json, TaskJson, json_bytes, task_bytes, task_list_json};
     responses(
         (status = 201, description = "Created", body = Task),
         (status = 200, description = "An active task already holds the unique key", body = Task),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+        (status = 400, description = "Refused: a field breaks its rule (named in the message), or `depends_on` names no task", body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn enqueue(
     State(state): State<AppState>,
     JsonBody(task): JsonBody<NewTask>,
@@ -42,7 +42,7 @@ pub async fn enqueue(
 #[utoipa::path(post, path = "/v1/tasks/batch", tag = "tasks", request_body = BatchEnqueue,
     params(("Prefer" = Option<String>, Header, description = "`return=minimal`: answer with the tasks' ids only")),
     responses((status = 201, description = "The tasks, or with `Prefer: return=minimal` their ids (`BatchIds`)", body = TaskList),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+        (status = 400, description = "Refused: a field breaks its rule (named in the message), or `depends_on` names no task", body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn enqueue_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
