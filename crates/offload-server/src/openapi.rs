@@ -305,12 +305,11 @@ fn state_shared_answers(doc: &mut Value) {
         answer["description"] = json!(description);
         answer
     };
-    let paths: Vec<String> = doc["paths"]
-        .as_object()
-        .map(|paths| paths.keys().cloned().collect())
-        .unwrap_or_default();
-    for path in paths {
-        let Some(methods) = doc["paths"][&path].as_object_mut() else {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, methods) in paths.iter_mut() {
+        let Some(methods) = methods.as_object_mut() else {
             continue;
         };
         for operation in methods.values_mut() {
